@@ -1,0 +1,175 @@
+"""Attention capture for timm, Hugging Face and torchvision ViTs.
+
+``AttentionCapture(adapter, on_attention)`` is a context manager. Inside it, every forward pass
+calls ``on_attention(layer_index, attn)`` once per attention layer, in execution order, with the
+post-softmax attention ``attn`` [B, heads, T, T] (rows = queries). The callback reduces it right
+away, so only one layer's N x N maps are alive at a time. Fused attention (SDPA) returns no
+weights, so it is switched off for the pass; the model is restored exactly on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+
+class NoAttentionLayersError(TypeError):
+    """The model has no attention layers that siftlens knows how to capture."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens are: prefix tokens (CLS, distillation, registers) then an h x w grid."""
+
+    prefix_names: tuple[str, ...]  # e.g. ("cls",), ("cls", "dist"), ("cls", "reg0", ..., "reg3")
+    grid: tuple[int, int]  # (h, w), row-major patch order
+    patch_size: int
+
+    @property
+    def num_prefix(self) -> int:
+        return len(self.prefix_names)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    @property
+    def cls_index(self) -> int | None:
+        return self.prefix_names.index("cls") if "cls" in self.prefix_names else None
+
+
+# --- finding attention modules -------------------------------------------------------------------
+
+def timm_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm attention blocks: they carry ``fused_attn`` and pass softmax weights through attn_drop."""
+    found = [m for m in model.modules() if hasattr(m, "fused_attn") and isinstance(
+        getattr(m, "attn_drop", None), nn.Dropout)]
+    if not found:
+        raise NoAttentionLayersError(
+            f"{type(model).__name__}: no timm attention layers found (modules with `fused_attn` "
+            "and an `attn_drop` dropout); this architecture is not supported")
+    return found
+
+
+def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Innermost HF modules named *Attention (eager attention returns (output, weights))."""
+    cands = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    inner = [m for m in cands if not any(c is not m and c in cands for c in m.modules())]
+    if not inner:
+        raise NoAttentionLayersError(f"{type(model).__name__}: no Hugging Face attention layers found")
+    return inner
+
+
+def torchvision_attention_modules(model: nn.Module) -> list[nn.Module]:
+    found = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not found:
+        raise NoAttentionLayersError(f"{type(model).__name__}: no nn.MultiheadAttention layers found")
+    return found
+
+
+ATTENTION_FINDERS = {
+    "timm": timm_attention_modules,
+    "hf": hf_attention_modules,
+    "torchvision": torchvision_attention_modules,
+}
+
+
+def detect_backend(model: nn.Module) -> str:
+    """Which family a model belongs to, from its own modules (never from its name)."""
+    mod = type(model).__module__
+    if mod.startswith("transformers."):
+        return "hf"
+    if mod.startswith("torchvision."):
+        return "torchvision"
+    if any(hasattr(m, "fused_attn") for m in model.modules()):
+        return "timm"
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return "torchvision"
+    raise NoAttentionLayersError(
+        f"{type(model).__name__}: not a timm, Hugging Face or torchvision ViT with attention layers")
+
+
+# --- the capture ---------------------------------------------------------------------------------
+
+class AttentionCapture:
+    """Context manager that streams per-layer attention maps to ``on_attention``."""
+
+    def __init__(self, model: nn.Module, backend: str,
+                 on_attention: Callable[[int, torch.Tensor], None]) -> None:
+        self.model, self.backend, self.on_attention = model, backend, on_attention
+        self.modules = ATTENTION_FINDERS[backend](model)
+        self._handles: list = []
+        self._restore: list[Callable[[], None]] = []
+        self.calls = 0
+
+    def __enter__(self) -> AttentionCapture:
+        for idx, m in enumerate(self.modules):
+            if self.backend == "timm":
+                self._setup_timm(idx, m)
+            elif self.backend == "hf":
+                self._handles.append(m.register_forward_hook(partial(self._hf_hook, idx)))
+            else:
+                self._setup_torchvision(idx, m)
+        if self.backend == "hf":
+            self._set_hf_eager()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for undo in reversed(self._restore):
+            undo()
+        self._handles, self._restore = [], []
+
+    def _emit(self, idx: int, attn: torch.Tensor) -> None:
+        self.calls += 1
+        self.on_attention(idx, attn)
+
+    # timm: switch SDPA off, read the softmax output where it passes through attn_drop (identity in eval)
+    def _setup_timm(self, idx: int, m: nn.Module) -> None:
+        old = m.fused_attn
+        m.fused_attn = False
+        self._restore.append(lambda m=m, old=old: setattr(m, "fused_attn", old))
+        self._handles.append(m.attn_drop.register_forward_hook(
+            lambda _mod, _inp, out, idx=idx: self._emit(idx, out)))
+
+    # HF: eager attention returns (attn_output, attn_weights) from the innermost *Attention module
+    def _hf_hook(self, idx: int, _mod: nn.Module, _inp, out) -> None:
+        if isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]) and out[1].dim() == 4:
+            self._emit(idx, out[1])
+
+    def _set_hf_eager(self) -> None:
+        cfg = getattr(self.model, "config", None)
+        if cfg is None:
+            return
+        old = getattr(cfg, "_attn_implementation", None)
+        if old == "eager":
+            return
+        if hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("eager")
+            self._restore.append(lambda: self.model.set_attn_implementation(old))
+        else:
+            cfg._attn_implementation = "eager"
+            self._restore.append(lambda: setattr(cfg, "_attn_implementation", old))
+
+    # torchvision: EncoderBlock calls MHA with need_weights=False; force per-head weights for the pass
+    def _setup_torchvision(self, idx: int, m: nn.MultiheadAttention) -> None:
+        original = m.forward
+
+        def forward(*args, **kwargs):
+            kwargs["need_weights"], kwargs["average_attn_weights"] = True, False
+            out = original(*args, **kwargs)
+            self._emit(idx, out[1])
+            return out
+
+        m.forward = forward
+        self._restore.append(lambda m=m: m.__dict__.pop("forward", None))
+

@@ -1,0 +1,60 @@
+"""Dataset-level reductions of the per-image table: bootstrap CIs and paired differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and percentile bootstrap CI over rows (images), per column; NaNs are skipped.
+
+    values: [N, K]. Returns (mean, lo, hi), each [K]. Resampling uses multinomial counts, so memory is
+    O(n_boot * N) however many columns there are.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[:, None]
+    valid = ~np.isnan(v)
+    x = np.where(valid, v, 0.0)
+    N = len(v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = x.sum(0) / valid.sum(0)
+        if N == 0:
+            nan = np.full(v.shape[1], np.nan)
+            return nan, nan, nan
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(N, np.full(N, 1.0 / N), size=n_boot).astype(np.float64)  # [n_boot, N]
+        boots = (counts @ x) / (counts @ valid)
+        alpha = (1 - level) / 2
+        lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0) if N > 1 else (mean, mean)
+    return mean, np.asarray(lo), np.asarray(hi)
+
+
+def per_image_layer_means(per_image: pd.DataFrame, column: str) -> pd.DataFrame:
+    """[images x layers] table of ``column`` averaged over heads."""
+    return per_image.groupby(["image_id", "layer"])[column].mean().unstack("layer").sort_index(axis=1)
+
+
+def layer_curve(per_image: pd.DataFrame, column: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per layer: mean over images of the head-averaged ``column`` with its 95% bootstrap CI."""
+    wide = per_image_layer_means(per_image, column)
+    mean, lo, hi = bootstrap_mean_ci(wide.to_numpy(), n_boot, seed=seed)
+    n = (~wide.isna()).sum(0).to_numpy()
+    return pd.DataFrame({"layer": wide.columns, "mean": mean, "lo": lo, "hi": hi, "n_images": n})
+
+
+def paired_difference(per_image: pd.DataFrame, col_a: str, col_b: str, n_boot: int = 1000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per layer: mean over images of (a - b), head-averaged, with its 95% bootstrap CI."""
+    a = per_image_layer_means(per_image, col_a)
+    b = per_image_layer_means(per_image, col_b)
+    mean, lo, hi = bootstrap_mean_ci((a - b).to_numpy(), n_boot, seed=seed)
+    return pd.DataFrame({"layer": a.columns, "mean": mean, "lo": lo, "hi": hi})
+
+
+def lift_matrices(obs: np.ndarray, exp: np.ndarray) -> np.ndarray:
+    """Dataset lift L = Σ observed / Σ expected group mass, per layer x head: [L, H, G, G]."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(exp > 0, obs / exp, np.nan)

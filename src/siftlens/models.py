@@ -1,0 +1,289 @@
+"""Load a ViT from a spec string, with its own preprocessing and token layout.
+
+Specs: ``vit_tiny_imagenette`` (bundled), ``timm:NAME``, ``hf:PATH_OR_ID``, ``torchvision:NAME``.
+Nothing touches the network unless the user names hub weights (``timm:NAME`` without
+``--checkpoint`` and without ``--random-init``, or an ``hf:`` hub id).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundled_model import BUNDLED_NAME, IMAGENETTE_NAMES, load_bundled_model
+from .capture import ATTENTION_FINDERS, TokenLayout, detect_backend
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+
+class ModelSpecError(ValueError):
+    """A model spec or checkpoint that cannot be loaded; the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    """A ViT in eval mode with everything needed to analyse it."""
+
+    module: nn.Module
+    backend: str  # timm | hf | torchvision
+    name: str
+    preprocess: Preprocess
+    label_names: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def patch_size(self) -> int:
+        return patch_size_of(self.module, self.backend)
+
+    def layout(self, input_hw: tuple[int, int] | None = None) -> TokenLayout:
+        return token_layout(self.module, self.backend, input_hw or self.preprocess.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (or the pooled output for models without a classifier head)."""
+        if self.backend == "hf":
+            kw = {}
+            cfg_size = getattr(getattr(self.module, "config", None), "image_size", None)
+            if cfg_size is not None and tuple(x.shape[-2:]) != _pair(cfg_size) and \
+                    "interpolate_pos_encoding" in self.module.forward.__code__.co_varnames:
+                kw["interpolate_pos_encoding"] = True
+            out = self.module(pixel_values=x, **kw)
+            for key in ("logits", "pooler_output", "last_hidden_state"):
+                if getattr(out, key, None) is not None:
+                    return getattr(out, key)
+            return out[0]
+        return self.module(x)
+
+    @property
+    def num_layers(self) -> int:
+        return len(ATTENTION_FINDERS[self.backend](self.module))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
+def patch_size_of(model: nn.Module, backend: str) -> int:
+    if backend == "timm":
+        pe = getattr(model, "patch_embed", None)
+        if pe is None or not hasattr(pe, "patch_size"):
+            raise ModelSpecError(f"{type(model).__name__}: timm model has no patch_embed.patch_size")
+        p = _pair(pe.patch_size)
+    elif backend == "hf":
+        p = _pair(model.config.patch_size)
+    else:
+        p = _pair(model.patch_size)
+    if p[0] != p[1]:
+        raise ModelSpecError(f"non-square patches {p} are not supported")
+    return p[0]
+
+
+def token_layout(model: nn.Module, backend: str, input_hw: tuple[int, int]) -> TokenLayout:
+    """Prefix tokens and patch grid, read from the model itself."""
+    p = patch_size_of(model, backend)
+    H, W = input_hw
+    if backend == "timm":
+        pe = model.patch_embed
+        grid = tuple(pe.dynamic_feat_size((H, W))) if hasattr(pe, "dynamic_feat_size") and \
+            getattr(pe, "dynamic_img_pad", False) else (H // p, W // p)
+        names = []
+        if getattr(model, "cls_token", None) is not None:
+            names.append("cls")
+        if getattr(model, "dist_token", None) is not None:
+            names.append("dist")
+        names += [f"reg{i}" for i in range(getattr(model, "num_reg_tokens", 0) or 0)]
+        expected = getattr(model, "num_prefix_tokens", len(names))
+        if expected != len(names):
+            raise ModelSpecError(
+                f"{type(model).__name__}: num_prefix_tokens={expected} but found tokens {names}")
+    elif backend == "hf":
+        cfg = model.config
+        grid = (H // p, W // p)
+        names = ["cls"]
+        emb = next((m for m in model.modules() if type(m).__name__.endswith("Embeddings")), None)
+        if emb is not None and getattr(emb, "distillation_token", None) is not None:
+            names.append("dist")
+        names += [f"reg{i}" for i in range(getattr(cfg, "num_register_tokens", 0) or 0)]
+    else:
+        grid = (H // p, W // p)
+        names = ["cls"] if getattr(model, "class_token", None) is not None else []
+    return TokenLayout(prefix_names=tuple(names), grid=grid, patch_size=p)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors or a torch file (weights_only=True: no code is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelSpecError(f"--checkpoint {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / pickled code / wrong format
+        raise ModelSpecError(f"--checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ModelSpecError(f"--checkpoint {path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_weights(model: nn.Module, checkpoint: str | Path, name: str) -> None:
+    sd = load_state_dict_file(checkpoint)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ModelSpecError(
+            f"--checkpoint {checkpoint} does not match {name}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}")
+
+
+def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | None = None,
+               random_init: bool = False, input_size: tuple[int, int] | None = None,
+               device: str = "cpu", preprocess: Preprocess | None = None) -> LoadedModel:
+    """Build a LoadedModel from a spec string (see module docstring) or an nn.Module."""
+    if isinstance(spec, nn.Module):
+        lm = from_module(spec, preprocess=preprocess, input_size=input_size)
+    elif spec in (BUNDLED_NAME, f"bundled:{BUNDLED_NAME}"):
+        module, meta = load_bundled_model()
+        pre = Preprocess(input_size=tuple(meta["input_size"][1:]), mean=tuple(meta["mean"]),
+                         std=tuple(meta["std"]), crop_pct=meta["crop_pct"], interpolation=meta["interpolation"])
+        labels = [IMAGENETTE_NAMES.get(c, c) for c in meta.get("label_names", [])] or None
+        lm = LoadedModel(module, "timm", BUNDLED_NAME, pre, labels,
+                         {"val_top1": meta.get("val_top1"), "bundled": True})
+    elif ":" in str(spec):
+        kind, name = str(spec).split(":", 1)
+        loader = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision}.get(kind)
+        if loader is None:
+            raise ModelSpecError(f"--model {spec}: unknown model source {kind!r} (use timm:, hf: or torchvision:)")
+        lm = loader(name, checkpoint, random_init, input_size)
+    else:
+        raise ModelSpecError(
+            f"--model {spec}: unknown model; use {BUNDLED_NAME}, timm:NAME, hf:PATH_OR_ID or torchvision:NAME")
+    if preprocess is not None:
+        lm.preprocess = preprocess
+    if input_size is not None and lm.preprocess.input_size != tuple(input_size):
+        lm.preprocess = Preprocess(tuple(input_size), lm.preprocess.mean, lm.preprocess.std,
+                                   lm.preprocess.crop_pct, lm.preprocess.interpolation)
+    lm.module.eval().to(device)
+    ATTENTION_FINDERS[lm.backend](lm.module)  # fail now, not mid-run, if nothing can be captured
+    return lm
+
+
+def from_module(module: nn.Module, preprocess: Preprocess | None = None,
+                input_size: tuple[int, int] | None = None, name: str | None = None) -> LoadedModel:
+    """Wrap a model the user built themselves."""
+    backend = detect_backend(module)
+    if preprocess is None:
+        preprocess = {"timm": _timm_preprocess, "hf": _hf_preprocess,
+                      "torchvision": _torchvision_preprocess}[backend](module, None, input_size)
+    return LoadedModel(module.eval(), backend, name or type(module).__name__, preprocess)
+
+
+def _timm_preprocess(model: nn.Module, _src, input_size) -> Preprocess:
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    hw = tuple(input_size) if input_size else tuple(cfg["input_size"][1:])
+    return Preprocess(hw, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875),
+                      cfg.get("interpolation", "bicubic"))
+
+
+def _load_timm(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
+    import timm
+
+    kwargs = {}
+    if input_size is not None:
+        kwargs["img_size"] = tuple(input_size)
+    pretrained = not random_init and checkpoint is None
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ModelSpecError(f"--model timm:{name}: unknown timm model name") from None
+        raise ModelSpecError(f"--model timm:{name}: {e}") from None
+    except Exception as e:  # hub errors when offline
+        raise ModelSpecError(
+            f"--model timm:{name}: pretrained weights could not be fetched ({type(e).__name__}: {e}); "
+            "pass --checkpoint FILE for local weights or --random-init") from None
+    if checkpoint is not None:
+        _load_weights(model, checkpoint, f"timm:{name}")
+    return LoadedModel(model, "timm", f"timm:{name}", _timm_preprocess(model, None, input_size),
+                       None, {"pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def _hf_preprocess(model: nn.Module, src: str | None, input_size) -> Preprocess:
+    cfg = model.config
+    hw = _pair(getattr(cfg, "image_size", 224))
+    mean, std, crop_pct = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
+    pp = Path(src) / "preprocessor_config.json" if src else None
+    if pp is not None and pp.is_file():
+        d = json.loads(pp.read_text())
+        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+        crop = d.get("crop_size") if d.get("do_center_crop") else None
+        size = d.get("size", {})
+        if crop:
+            hw = _pair(crop.get("height", 224)) if isinstance(crop, dict) else _pair(crop)
+            short = size.get("shortest_edge") if isinstance(size, dict) else None
+            crop_pct = hw[0] / short if short else 0.875
+        elif isinstance(size, dict) and "height" in size:
+            hw = (size["height"], size["width"])
+    if input_size:
+        hw = tuple(input_size)
+    return Preprocess(hw, mean, std, crop_pct, "bicubic" if crop_pct else "bilinear")
+
+
+def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    except ImportError:
+        raise ModelSpecError("--model hf:...: transformers is not installed (pip install siftlens[hf])") from None
+    local = Path(name).exists()
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
+        auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and \
+            any(a.endswith("ForImageClassification") for a in (config.architectures or [])) else AutoModel
+        if random_init:
+            model = auto.from_config(config, attn_implementation="eager")
+        else:
+            model = auto.from_pretrained(name, local_files_only=local, attn_implementation="eager")
+    except Exception as e:
+        raise ModelSpecError(f"--model hf:{name}: cannot load ({type(e).__name__}: {e})") from None
+    if checkpoint is not None:
+        _load_weights(model, checkpoint, f"hf:{name}")
+    labels = None
+    if getattr(model.config, "id2label", None) and len(model.config.id2label) > 2:
+        labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
+    return LoadedModel(model, "hf", f"hf:{name}", _hf_preprocess(model, name if local else None, input_size),
+                       labels, {"checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def _torchvision_preprocess(model: nn.Module, _src, input_size) -> Preprocess:
+    size = getattr(model, "image_size", 224)
+    hw = tuple(input_size) if input_size else (size, size)
+    return Preprocess(hw, IMAGENET_MEAN, IMAGENET_STD, 224 / 256, "bilinear")
+
+
+def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelSpecError(f"--model torchvision:{name}: unknown torchvision model name")
+    weights = None if (random_init or checkpoint is not None) else "DEFAULT"
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except Exception as e:
+        raise ModelSpecError(
+            f"--model torchvision:{name}: weights could not be fetched ({type(e).__name__}: {e}); "
+            "pass --checkpoint FILE or --random-init") from None
+    if checkpoint is not None:
+        _load_weights(model, checkpoint, f"torchvision:{name}")
+    return LoadedModel(model, "torchvision", f"torchvision:{name}",
+                       _torchvision_preprocess(model, None, input_size), None,
+                       {"checkpoint": str(checkpoint) if checkpoint else None})

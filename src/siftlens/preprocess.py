@@ -1,0 +1,135 @@
+"""Image loading that survives real-world files, and the model's own preprocessing.
+
+The preprocessing spec travels with the model (timm's pretrained_cfg, an HF image processor
+config, torchvision's weights transforms, or the bundled model's json).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class BadImageError(ValueError):
+    """An input image that cannot be analysed; the message names the file and the cause."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to size/crop_pct (or straight to size), centre crop, normalise."""
+
+    input_size: tuple[int, int]  # (H, W) of the model input
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float | None = 0.875  # None: resize straight to input_size (HF ViTImageProcessor)
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> normalised float tensor [3, H, W]."""
+        H, W = self.input_size
+        interp = InterpolationMode(self.interpolation)
+        if self.crop_pct is None:
+            img = TF.resize(img, [H, W], interpolation=interp)
+        else:
+            # timm's eval transform: scale so the crop covers crop_pct of the resized image
+            scale = (math.floor(H / self.crop_pct), math.floor(W / self.crop_pct))
+            if H == W:
+                img = TF.resize(img, scale[0], interpolation=interp)
+            else:
+                img = TF.resize(img, list(scale), interpolation=interp)
+            img = TF.center_crop(img, [H, W])
+        x = TF.pil_to_tensor(img).float().div_(255.0)
+        return TF.normalize(x, self.mean, self.std)
+
+    def to_uint8_gray(self, x: torch.Tensor) -> np.ndarray:
+        """Undo normalisation of a model input [3, H, W] -> 8-bit grey [H, W] (for SIFT)."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        rgb = (x.detach().cpu().float() * std + mean).clamp(0, 1)
+        gray = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R 601, as cv2.COLOR_RGB2GRAY
+        return (gray * 255.0 + 0.5).to(torch.uint8).numpy()
+
+    def to_uint8_rgb(self, x: torch.Tensor) -> np.ndarray:
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        rgb = (x.detach().cpu().float() * std + mean).clamp(0, 1)
+        return (rgb.permute(1, 2, 0) * 255.0 + 0.5).to(torch.uint8).numpy()
+
+
+def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:
+    """Open any common image file as 8-bit RGB, or raise BadImageError naming the file and cause.
+
+    Handles EXIF rotation, grayscale, RGBA/LA/palette transparency (composited on white),
+    16-bit and float images (scaled to 8 bit by their range), CMYK.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file")
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb8(im)
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data
+        raise BadImageError(f"{path}: corrupt image ({e})") from None
+    if min(rgb.size) < min_side:
+        raise BadImageError(
+            f"{path}: image {rgb.size[0]}x{rgb.size[1]} px is smaller than one patch ({min_side} px)")
+    return rgb
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if im.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
+        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def find_images(spec: str | Path | list) -> list[Path]:
+    """Image files from a file, a directory (recursively, ImageFolder trees too) or a glob."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in find_images(s)]
+    p = Path(spec)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"--images {spec}: directory contains no image files")
+        return files
+    import glob
+
+    files = sorted(Path(f) for f in glob.glob(str(spec), recursive=True) if Path(f).is_file())
+    if not files:
+        raise FileNotFoundError(f"--images {spec}: no such file, directory or matching glob")
+    return files

@@ -1,0 +1,237 @@
+"""SIFT semantic maps (METHOD.md §1) and the baseline maps they are compared with (§3).
+
+Everything here works on one image: the exact model input, un-normalised to 8-bit grey, and the
+patch grid (h, w, p). A *map* is the per-patch concentration c (length n = h*w, sums to 1), or
+None when the image gives it no mass (e.g. SIFT finds no keypoint).
+
+Coordinates: OpenCV puts pixel i's centre at i, so pixel i spans [i - 0.5, i + 0.5]. We shift by
++0.5 so that patch j spans [j*p, (j+1)*p) exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+MAP_MODES = ("point", "footprint", "count")
+BASELINE_NAMES = ("random_kp", "edges", "edges_sparse", "orb", "center", "uniform")
+
+
+@dataclass(frozen=True)
+class SiftParams:
+    """OpenCV SIFT parameters (cv2.SIFT_create)."""
+
+    nfeatures: int = 0
+    n_octave_layers: int = 3
+    contrast_threshold: float = 0.04
+    edge_threshold: float = 10.0
+    sigma: float = 1.6
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """How semantic maps are built; every choice METHOD.md leaves open is a field here."""
+
+    mode: str = "footprint"  # point | footprint | count
+    weight: str = "response"  # response | unit
+    groups: int = 4  # G: group 0 = zero mass, 1..G-1 = equal-count bins of the rest
+    sift: SiftParams = field(default_factory=SiftParams)
+    baselines: tuple[str, ...] = BASELINE_NAMES
+    center_sigma: float = 0.25  # centred Gaussian prior, sigma as a fraction of image side
+    orb_nfeatures: int = 500
+
+    def __post_init__(self) -> None:
+        if self.mode not in MAP_MODES:
+            raise ValueError(f"map mode {self.mode!r} is not one of {MAP_MODES}")
+        if self.weight not in ("response", "unit"):
+            raise ValueError(f"keypoint weight {self.weight!r} is not 'response' or 'unit'")
+        if self.groups < 2:
+            raise ValueError(f"groups must be >= 2 (got {self.groups})")
+        unknown = set(self.baselines) - set(BASELINE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown baseline maps {sorted(unknown)}; known: {BASELINE_NAMES}")
+
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        return ("sift",) + tuple(self.baselines)
+
+
+@dataclass
+class Keypoints:
+    """Keypoints in input-pixel coordinates (patch j spans [j*p, (j+1)*p))."""
+
+    xy: np.ndarray  # [K, 2] float
+    size: np.ndarray  # [K] diameter in pixels
+    response: np.ndarray  # [K]
+    octave: np.ndarray  # [K] int
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    @classmethod
+    def from_cv(cls, kps: list) -> Keypoints:
+        if not kps:
+            return cls(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+        return cls(
+            xy=np.array([k.pt for k in kps], dtype=np.float64) + 0.5,
+            size=np.array([k.size for k in kps], dtype=np.float64),
+            response=np.array([k.response for k in kps], dtype=np.float64),
+            octave=np.array([k.octave for k in kps], dtype=np.int64),
+        )
+
+
+def detect_sift(gray: np.ndarray, params: SiftParams = SiftParams()) -> Keypoints:
+    """OpenCV SIFT on an 8-bit grey image."""
+    sift = cv2.SIFT_create(
+        nfeatures=params.nfeatures, nOctaveLayers=params.n_octave_layers,
+        contrastThreshold=params.contrast_threshold, edgeThreshold=params.edge_threshold,
+        sigma=params.sigma,
+    )
+    return Keypoints.from_cv(sift.detect(gray, None))
+
+
+def detect_orb(gray: np.ndarray, nfeatures: int = 500) -> Keypoints:
+    """ORB (oriented FAST) keypoints: a non-SIFT detector as a control."""
+    orb = cv2.ORB_create(nfeatures=nfeatures, edgeThreshold=8, patchSize=15)
+    return Keypoints.from_cv(orb.detect(gray, None))
+
+
+def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = "footprint",
+                  weight: str = "response", samples: int = 128) -> np.ndarray:
+    """Semantic mass per patch, [h*w] (row-major), for keypoints on an image of h*p x w*p pixels.
+
+    footprint: keypoint k's weight is spread over its disc of diameter size_k in proportion to
+    the disc area inside each patch (area outside the image is dropped and the rest renormalised).
+    The area is integrated in x with a midpoint rule of ``samples`` vertical chords; each chord's
+    overlap with every patch row is exact.
+    """
+    h, w = grid
+    mass = np.zeros((h, w))
+    if len(kp) == 0:
+        return mass.ravel()
+    wk = kp.response.copy() if (weight == "response" and mode != "count") else np.ones(len(kp))
+    if mode in ("point", "count"):
+        col = np.clip((kp.xy[:, 0] // patch).astype(int), 0, w - 1)
+        row = np.clip((kp.xy[:, 1] // patch).astype(int), 0, h - 1)
+        np.add.at(mass, (row, col), wk)
+        return mass.ravel()
+    if mode != "footprint":
+        raise ValueError(f"map mode {mode!r} is not one of {MAP_MODES}")
+
+    r = np.maximum(kp.size / 2, 1e-6)  # [K]
+    t = (np.arange(samples) + 0.5) / samples * 2 - 1  # [S] in (-1, 1)
+    x = kp.xy[:, :1] + r[:, None] * t  # [K, S] chord positions
+    half = r[:, None] * np.sqrt(1 - t**2)  # [K, S] half chord length
+    lo, hi = kp.xy[:, 1:2] - half, kp.xy[:, 1:2] + half  # [K, S]
+    rows = np.arange(h) * patch  # [h] row tops
+    # overlap of each chord with each patch row: [K, S, h]
+    overlap = np.clip(np.minimum(hi[..., None], rows + patch) - np.maximum(lo[..., None], rows), 0, None)
+    inside_x = (x >= 0) & (x < w * patch)
+    overlap *= inside_x[..., None]
+    total = overlap.sum(axis=(1, 2))  # [K] area inside the image (up to dx)
+    keep = total > 0
+    share = overlap[keep] * (wk[keep] / total[keep])[:, None, None]  # [K', S, h]
+    col = np.clip((x[keep] // patch).astype(int), 0, w - 1)  # [K', S]
+    # scatter chords into columns: mass[row, col] += share
+    flat = np.zeros((h, w))
+    np.add.at(flat.T, col.ravel(), share.reshape(-1, h))
+    return (mass + flat).ravel()
+
+
+def concentration(mass: np.ndarray) -> np.ndarray | None:
+    """c_j = m_j / sum(m); None when the image has no mass (never divide by zero)."""
+    total = float(mass.sum())
+    if not np.isfinite(total) or total <= 0:
+        return None
+    return mass / total
+
+
+def concentration_groups(mass: np.ndarray, groups: int = 4) -> np.ndarray:
+    """Group per patch: 0 = zero mass, 1..G-1 = equal-count bins of non-zero patches by mass rank."""
+    out = np.zeros(mass.shape, dtype=np.int64)
+    nz = np.flatnonzero(mass > 0)
+    if len(nz) == 0:
+        return out
+    order = nz[np.argsort(mass[nz], kind="stable")]  # ascending mass
+    rank = np.arange(len(order))
+    out[order] = 1 + (rank * (groups - 1)) // len(order)
+    return out
+
+
+def edge_density(gray: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """Mean Sobel gradient magnitude per patch, [h*w]."""
+    g = gray.astype(np.float32)
+    mag = np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3))
+    return patch_mean(mag, grid, patch)
+
+
+def patch_mean(img: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    h, w = grid
+    return img[: h * patch, : w * patch].reshape(h, patch, w, patch).mean(axis=(1, 3)).ravel()
+
+
+def center_prior(grid: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
+    """Centred Gaussian over patch centres, sigma as a fraction of each image side."""
+    h, w = grid
+    yy = (np.arange(h) + 0.5) / h - 0.5
+    xx = (np.arange(w) + 0.5) / w - 0.5
+    return np.exp(-(yy[:, None] ** 2 + xx[None, :] ** 2) / (2 * sigma**2)).ravel()
+
+
+def random_keypoints_like(kp: Keypoints, image_hw: tuple[int, int], rng: np.random.Generator) -> Keypoints:
+    """Same count, sizes and responses as ``kp``, positions uniform over the image."""
+    H, W = image_hw
+    xy = rng.uniform(0, 1, size=(len(kp), 2)) * np.array([W, H])
+    return Keypoints(xy=xy, size=kp.size.copy(), response=kp.response.copy(), octave=kp.octave.copy())
+
+
+def sparsity_matched(values: np.ndarray, k: int) -> np.ndarray:
+    """Keep ``values`` on its k largest patches only (k = patches SIFT gives mass to)."""
+    out = np.zeros_like(values)
+    if k > 0:
+        top = np.argsort(-values, kind="stable")[:k]
+        out[top] = values[top]
+    return out
+
+
+@dataclass
+class ImageMaps:
+    """All maps of one image. ``maps[name]`` is c (sums to 1) or None where undefined."""
+
+    maps: dict[str, np.ndarray | None]
+    groups: np.ndarray  # [n] SIFT concentration group per patch
+    keypoints: Keypoints
+    sift_mass: np.ndarray  # [n]
+
+
+def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
+                 seed: int = 0) -> ImageMaps:
+    """SIFT map and every baseline map for one 8-bit grey model input."""
+    if gray.dtype != np.uint8 or gray.ndim != 2:
+        raise ValueError(f"expected an 8-bit grey image, got dtype {gray.dtype} shape {gray.shape}")
+    h, w = grid
+    if gray.shape[0] < h * patch or gray.shape[1] < w * patch:
+        raise ValueError(f"image {gray.shape} smaller than grid {grid} x patch {patch}")
+    kp = detect_sift(gray, cfg.sift)
+    mass = keypoint_mass(kp, grid, patch, cfg.mode, cfg.weight)
+    maps: dict[str, np.ndarray | None] = {"sift": concentration(mass)}
+    rng = np.random.default_rng(seed)
+    for name in cfg.baselines:
+        if name == "random_kp":
+            rk = random_keypoints_like(kp, (h * patch, w * patch), rng)
+            maps[name] = concentration(keypoint_mass(rk, grid, patch, cfg.mode, cfg.weight))
+        elif name == "edges":
+            maps[name] = concentration(edge_density(gray, grid, patch))
+        elif name == "edges_sparse":
+            k = int((mass > 0).sum())
+            maps[name] = concentration(sparsity_matched(edge_density(gray, grid, patch), k))
+        elif name == "orb":
+            okp = detect_orb(gray, cfg.orb_nfeatures)
+            maps[name] = concentration(keypoint_mass(okp, grid, patch, cfg.mode, cfg.weight))
+        elif name == "center":
+            maps[name] = concentration(center_prior(grid, cfg.center_sigma))
+        elif name == "uniform":
+            maps[name] = np.full(h * w, 1.0 / (h * w))
+    return ImageMaps(maps=maps, groups=concentration_groups(mass, cfg.groups), keypoints=kp, sift_mass=mass)

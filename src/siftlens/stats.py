@@ -1,0 +1,148 @@
+"""Weighted patch interrelation analysis (METHOD.md §2), batched over images, heads and maps.
+
+Shapes: B images, H heads, T = P + n tokens (P prefix, n patches), M maps, G groups.
+Undefined maps (an image without keypoints) are rows of NaN in ``C``; NaN propagates, so those
+statistics come out NaN and are skipped by the aggregates, never divided by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+
+EPS = 1e-12
+
+
+@dataclass
+class BatchMaps:
+    """Everything about the maps that does not depend on attention, prepared once per batch."""
+
+    C: torch.Tensor  # [B, M, n] concentrations (NaN rows where undefined)
+    groups_onehot: torch.Tensor  # [B, n, G] SIFT concentration groups
+    sift_valid: torch.Tensor  # [B] bool: image has a SIFT map
+    rankC: torch.Tensor  # [B, M, n] centred, unit-norm average ranks of each map
+    partial_basis: torch.Tensor  # [B, n, k] orthonormal basis of (1, rank edges, rank centre)
+    rank_sift_resid: torch.Tensor  # [B, n] SIFT ranks with the controls removed, unit norm
+    dist: torch.Tensor  # [n, n] patch-centre distances in input pixels
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim, ties get their average rank (as scipy.stats.rankdata)."""
+    shape, n = x.shape, x.shape[-1]
+    flat = x.reshape(-1, n)
+    sorted_x, order = flat.sort(dim=-1, stable=True)
+    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_group[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    gid = new_group.long().cumsum(-1) - 1 + torch.arange(len(flat), device=x.device)[:, None] * n
+    pos = torch.arange(n, device=x.device, dtype=x.dtype).expand_as(flat).reshape(-1)
+    sums = torch.zeros(len(flat) * n, device=x.device, dtype=x.dtype).index_add_(0, gid.reshape(-1), pos)
+    cnts = torch.zeros_like(sums).index_add_(0, gid.reshape(-1), torch.ones_like(pos))
+    avg_sorted = (sums / cnts.clamp_min(1))[gid] + 1
+    ranks = torch.empty_like(flat).scatter_(-1, order, avg_sorted)
+    return ranks.reshape(shape)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Centre and scale the last dim to unit norm (constant vectors -> NaN: correlation undefined)."""
+    v = v - v.mean(-1, keepdim=True)
+    norm = v.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 1e-9, v / norm.clamp_min(1e-12), torch.full_like(v, float("nan")))
+
+
+def patch_distances(grid: tuple[int, int], patch: int, device=None) -> torch.Tensor:
+    h, w = grid
+    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pts = torch.stack([yy.reshape(-1), xx.reshape(-1)], -1).float() * patch
+    return torch.cdist(pts, pts)
+
+
+def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ...], num_groups: int,
+                 grid: tuple[int, int], patch: int) -> BatchMaps:
+    """Ranks, residual bases and one-hot groups for a batch of maps. C: [B, M, n], groups: [B, n]."""
+    C = C.float()
+    rankC = _unit(average_ranks(torch.nan_to_num(C, nan=0.0)))
+    rankC = torch.where(torch.isnan(C).any(-1, keepdim=True), torch.nan, rankC)
+    B, _, n = C.shape
+    # partial rank correlation: remove (constant, rank of edge density, rank of centre prior)
+    controls = [torch.ones(B, n, device=C.device)]
+    for name in ("edges", "center"):
+        if name in map_names:
+            controls.append(average_ranks(torch.nan_to_num(C[:, map_names.index(name)], nan=0.0)))
+    Z = torch.stack(controls, -1)  # [B, n, k]
+    basis = torch.linalg.qr(Z).Q  # [B, n, k]
+    rs = average_ranks(torch.nan_to_num(C[:, 0], nan=0.0))
+    rs = rs - einsum(basis, einsum(basis, rs, "b n k, b n -> b k"), "b n k, b k -> b n")
+    rs = _unit(rs)
+    sift_valid = ~torch.isnan(C[:, 0]).any(-1)
+    rs = torch.where(sift_valid[:, None], rs, torch.nan)
+    onehot = torch.nn.functional.one_hot(groups.long(), num_groups).float()
+    return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device))
+
+
+def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
+                     maps: BatchMaps) -> dict[str, torch.Tensor]:
+    """All per-image, per-head statistics of one layer. attn: [B, H, T, T] post-softmax."""
+    A = attn.float()
+    P, C = num_prefix, maps.C.to(A.device)
+    pp = A[..., P:, P:]  # [B, H, n, n] patch queries -> patch keys
+    n = pp.shape[-1]
+    row = pp.sum(-1, keepdim=True)
+    At = pp / row.clamp_min(EPS)  # Ã: rows renormalised to 1
+    out: dict[str, torch.Tensor] = {"prefix_mass": (1 - row.squeeze(-1)).mean(-1)}  # [B, H]
+
+    col_mean = At.mean(-2)  # [B, H, n]: mean over queries of Ã_ij
+    out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
+    AtC = einsum(At, C, "b h i j, b m j -> b h m i")
+    out["s_ppw"] = n * einsum(C, AtC, "b m i, b h m i -> b h m")
+
+    logA = At.clamp_min(EPS).log()
+    out["entropy_pp"] = -(At * logA).sum(-1).mean(-1)
+    out["mean_dist_px"] = einsum(At, maps.dist.to(A.device), "b h i j, i j -> b h") / n
+
+    if cls_index is not None:
+        a = A[:, :, cls_index, P:]
+        a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
+        out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
+        ra = _unit(average_ranks(a))
+        out["spearman"] = einsum(ra, maps.rankC.to(A.device), "b h n, b m n -> b h m")
+        basis = maps.partial_basis.to(A.device)
+        ra_res = ra - einsum(basis, einsum(basis, ra, "b n k, b h n -> b h k"), "b n k, b h k -> b h n")
+        out["partial_spearman_sift"] = einsum(_unit(ra_res), maps.rank_sift_resid.to(A.device),
+                                              "b h n, b n -> b h")
+        out["entropy_cls"] = -(a * a.clamp_min(EPS).log()).sum(-1)
+        out["cls_attn"] = a  # kept by the caller only for example images
+
+    # group interrelation lift: observed mass between groups over the mass uniform attention gives
+    oh = maps.groups_onehot.to(A.device)  # [B, n, G]
+    to_group = einsum(At, oh, "b h i j, b j g -> b h i g")
+    obs = einsum(oh, to_group, "b i g, b h i f -> b h g f")  # Σ_{i∈g} Σ_{j∈f} Ã_ij
+    size = oh.sum(1)  # [B, G]
+    exp = einsum(size, size, "b g, b f -> b g f") / n  # |g| |f| / n
+    valid = maps.sift_valid.to(A.device)[:, None, None, None]
+    out["lift_obs"] = torch.where(valid, obs, 0.0)
+    out["lift_exp"] = torch.where(valid, exp[:, None].expand_as(obs), 0.0)
+    out["lift"] = torch.where(valid & (exp[:, None] > 0), obs / exp[:, None].clamp_min(EPS), torch.nan)
+    return out
+
+
+class RolloutState:
+    """Attention rollout (Abnar & Zuidema), accumulated layer by layer: R <- (A_mean + I)/2 · R."""
+
+    def __init__(self) -> None:
+        self.R: torch.Tensor | None = None
+
+    def update(self, attn: torch.Tensor) -> None:
+        A = attn.float().mean(1)  # [B, T, T]
+        eye = torch.eye(A.shape[-1], device=A.device)
+        A = 0.5 * A + 0.5 * eye
+        A = A / A.sum(-1, keepdim=True)
+        self.R = A if self.R is None else A @ self.R
+
+    def cls_map(self, num_prefix: int, cls_index: int | None) -> torch.Tensor | None:
+        """Rollout from the CLS token to the patches, renormalised: [B, n]."""
+        if self.R is None or cls_index is None:
+            return None
+        r = self.R[:, cls_index, num_prefix:]
+        return r / r.sum(-1, keepdim=True).clamp_min(EPS)
