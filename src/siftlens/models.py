@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .bundled_model import BUNDLED_NAME, IMAGENETTE_NAMES, load_bundled_model
-from .capture import ATTENTION_FINDERS, TokenLayout, detect_backend
+from .capture import ATTENTION_FINDERS, NoAttentionLayersError, TokenLayout, detect_backend
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -172,7 +172,10 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
         lm.preprocess = Preprocess(tuple(input_size), lm.preprocess.mean, lm.preprocess.std,
                                    lm.preprocess.crop_pct, lm.preprocess.interpolation)
     lm.module.eval().to(device)
-    ATTENTION_FINDERS[lm.backend](lm.module)  # fail now, not mid-run, if nothing can be captured
+    try:  # fail now, not mid-run, if nothing can be captured
+        ATTENTION_FINDERS[lm.backend](lm.module)
+    except NoAttentionLayersError as e:
+        raise NoAttentionLayersError(f"--model {lm.name}: {e}") from None
     return lm
 
 

@@ -99,13 +99,13 @@ def detect_orb(gray: np.ndarray, nfeatures: int = 500) -> Keypoints:
 
 
 def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = "footprint",
-                  weight: str = "response", samples: int = 128) -> np.ndarray:
+                  weight: str = "response", samples: int = 32) -> np.ndarray:
     """Semantic mass per patch, [h*w] (row-major), for keypoints on an image of h*p x w*p pixels.
 
     footprint: keypoint k's weight is spread over its disc of diameter size_k in proportion to
     the disc area inside each patch (area outside the image is dropped and the rest renormalised).
-    The area is integrated in x with a midpoint rule of ``samples`` vertical chords; each chord's
-    overlap with every patch row is exact.
+    Within each patch column the area is integrated in x with a midpoint rule of ``samples``
+    vertical chords; each chord's overlap with every patch row is exact (error ~1e-3 of the area).
     """
     h, w = grid
     mass = np.zeros((h, w))
@@ -121,23 +121,26 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
         raise ValueError(f"map mode {mode!r} is not one of {MAP_MODES}")
 
     r = np.maximum(kp.size / 2, 1e-6)  # [K]
-    t = (np.arange(samples) + 0.5) / samples * 2 - 1  # [S] in (-1, 1)
-    x = kp.xy[:, :1] + r[:, None] * t  # [K, S] chord positions
-    half = r[:, None] * np.sqrt(1 - t**2)  # [K, S] half chord length
-    lo, hi = kp.xy[:, 1:2] - half, kp.xy[:, 1:2] + half  # [K, S]
-    rows = np.arange(h) * patch  # [h] row tops
-    # overlap of each chord with each patch row: [K, S, h]
-    overlap = np.clip(np.minimum(hi[..., None], rows + patch) - np.maximum(lo[..., None], rows), 0, None)
-    inside_x = (x >= 0) & (x < w * patch)
-    overlap *= inside_x[..., None]
-    total = overlap.sum(axis=(1, 2))  # [K] area inside the image (up to dx)
+    cx, cy = kp.xy[:, 0], kp.xy[:, 1]
+    first = np.floor((cx - r) / patch).astype(int)  # first patch column the disc touches
+    span = int((np.floor((cx + r) / patch).astype(int) - first).max()) + 1
+    col = first[:, None] + np.arange(span)  # [K, C] candidate columns
+    a = np.maximum(col * patch, (cx - r)[:, None])  # [K, C] x-extent of disc within each column
+    b = np.minimum((col + 1) * patch, (cx + r)[:, None])
+    valid = (b > a) & (col >= 0) & (col < w)
+    t = (np.arange(samples) + 0.5) / samples  # [S] midpoints within each column's extent
+    x = a[..., None] + (b - a)[..., None] * t  # [K, C, S]
+    dx = np.where(valid, b - a, 0.0)[..., None] / samples  # [K, C, 1]
+    half = np.sqrt(np.clip(r[:, None, None] ** 2 - (x - cx[:, None, None]) ** 2, 0, None))
+    lo, hi = cy[:, None, None] - half, cy[:, None, None] + half  # [K, C, S] vertical chord
+    tops = np.arange(h) * patch  # [h]
+    overlap = np.clip(np.minimum(hi[..., None], tops + patch) - np.maximum(lo[..., None], tops), 0, None)
+    area = (overlap * dx[..., None]).sum(2)  # [K, C, h] disc area in each (column, row) patch
+    total = area.sum(axis=(1, 2))  # [K] area inside the image
     keep = total > 0
-    share = overlap[keep] * (wk[keep] / total[keep])[:, None, None]  # [K', S, h]
-    col = np.clip((x[keep] // patch).astype(int), 0, w - 1)  # [K', S]
-    # scatter chords into columns: mass[row, col] += share
-    flat = np.zeros((h, w))
-    np.add.at(flat.T, col.ravel(), share.reshape(-1, h))
-    return (mass + flat).ravel()
+    share = area[keep] * (wk[keep] / total[keep])[:, None, None]
+    flat_index = np.arange(h) * w + np.clip(col[keep], 0, w - 1)[..., None]  # [K', C, h]
+    return np.bincount(flat_index.ravel(), weights=share.ravel(), minlength=h * w)
 
 
 def concentration(mass: np.ndarray) -> np.ndarray | None:

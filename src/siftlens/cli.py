@@ -1,0 +1,99 @@
+"""Command line: `siftlens analyze` (more subcommands as the product grows)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .semantic_maps import MAP_MODES, SiftParams
+
+
+def _analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="analyse a ViT's attention against SIFT semantic maps and write a report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_imagenette",
+                   help="vit_tiny_imagenette (bundled), timm:NAME, hf:PATH_OR_ID or torchvision:NAME")
+    p.add_argument("--checkpoint", default=None, help="local weights (.safetensors, or a torch file loaded "
+                   "with weights_only=True) for timm:/hf:/torchvision: models; no download happens")
+    p.add_argument("--random-init", action="store_true", help="random weights (no download; for smoke tests)")
+    p.add_argument("--images", default=None, nargs="+",
+                   help="image file(s), directory (ImageFolder trees too) or glob; default: bundled images")
+    p.add_argument("--out", default="siftlens_out", help="output directory")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="model input size, e.g. 224 320 for a non-square grid (model must allow it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (SIFT runs there)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--map-mode", choices=MAP_MODES, default="footprint")
+    p.add_argument("--weight", choices=("response", "unit"), default="response",
+                   help="keypoint weight: SIFT response or 1")
+    p.add_argument("--groups", type=int, default=4, help="concentration groups G (group 0 = no keypoints)")
+    p.add_argument("--limit", type=int, default=None, help="analyse at most this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", type=int, default=4, help="images shown in the report's example figure")
+    p.add_argument("--keep-full-maps", type=int, default=0,
+                   help="save full [layers, heads, T, T] attention of this many images (attention_maps.npz)")
+    p.add_argument("--sift-contrast-threshold", type=float, default=SiftParams.contrast_threshold)
+    p.add_argument("--sift-edge-threshold", type=float, default=SiftParams.edge_threshold)
+    p.add_argument("--sift-nfeatures", type=int, default=SiftParams.nfeatures)
+    p.add_argument("--sift-octave-layers", type=int, default=SiftParams.n_octave_layers)
+    p.add_argument("--sift-sigma", type=float, default=SiftParams.sigma)
+    p.add_argument("--no-report", action="store_true", help="write tables only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analyze import AnalyzeConfig, analyze
+
+    cfg = AnalyzeConfig(
+        map_mode=args.map_mode, weight=args.weight, groups=args.groups, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, limit=args.limit, seed=args.seed, examples=args.examples,
+        keep_full_maps=args.keep_full_maps, report=not args.no_report, progress=not args.quiet,
+        sift=SiftParams(nfeatures=args.sift_nfeatures, n_octave_layers=args.sift_octave_layers,
+                        contrast_threshold=args.sift_contrast_threshold,
+                        edge_threshold=args.sift_edge_threshold, sigma=args.sift_sigma),
+    )
+    images = args.images[0] if args.images and len(args.images) == 1 else args.images
+    res = analyze(args.model, images, args.out, cfg, checkpoint=args.checkpoint,
+                  random_init=args.random_init, input_size=tuple(args.input_size) if args.input_size else None)
+    c = res.manifest["counts"]
+    print(f"analysed {c['analysed']} images ({c['skipped']} skipped, {c['no_keypoints']} without keypoints) "
+          f"-> {res.out}/" + ("report.html" if cfg.report else "per_image.parquet"))
+    for s in res.manifest["skipped"]:
+        print(f"skipped: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _analyze_parser(sub)
+    return parser
+
+
+# Errors a user can cause: print one line naming the input and the cause, exit 2.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .capture import NoAttentionLayersError
+    from .io import OutputDirError
+    from .models import ModelSpecError
+    from .preprocess import BadImageError
+
+    return (ModelSpecError, NoAttentionLayersError, OutputDirError, BadImageError, FileNotFoundError,
+            ValueError, RuntimeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"siftlens {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

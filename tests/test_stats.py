@@ -1,0 +1,173 @@
+"""Statistics of METHOD.md §2 against hand-computed cases and scipy references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import rankdata, spearmanr
+
+from siftlens.dataset_stats import bootstrap_mean_ci, lift_matrices
+from siftlens.semantic_maps import concentration_groups
+from siftlens.stats import RolloutState, average_ranks, layer_statistics, prepare_maps
+
+NAMES = ("sift", "random_kp", "edges", "edges_sparse", "orb", "center", "uniform")
+GRID, PATCH = (3, 4), 16
+N = GRID[0] * GRID[1]
+
+
+def make_maps(B=2, seed=0, zero_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.rand(B, len(NAMES), N, generator=g)
+    C[:, 0] *= (torch.rand(B, N, generator=g) > zero_frac)  # SIFT maps have empty patches
+    C[:, -1] = 1.0
+    C = C / C.sum(-1, keepdim=True)
+    groups = torch.from_numpy(np.stack([concentration_groups(C[b, 0].numpy(), 4) for b in range(B)]))
+    return prepare_maps(C, groups, NAMES, 4, GRID, PATCH), C, groups
+
+
+def attn_from_blocks(B, H, P, patch_block, prefix_share=0.0, cls_row=None):
+    """Full [B, H, P+n, P+n] attention from a patch block; patch queries give prefix_share to prefix."""
+    T = P + N
+    A = torch.zeros(B, H, T, T)
+    A[..., P:, P:] = patch_block * (1 - prefix_share)
+    if P:
+        A[..., P:, :P] = prefix_share / P
+        A[..., :P, :] = 1.0 / T
+        if cls_row is not None:
+            A[..., 0, :] = 0
+            A[..., 0, P:] = cls_row
+    return A
+
+
+def test_uniform_attention_gives_one():
+    maps, C, _ = make_maps()
+    A = attn_from_blocks(2, 3, 1, torch.full((N, N), 1.0 / N), prefix_share=0.2, cls_row=torch.full((N,), 1 / N))
+    st = layer_statistics(A, 1, 0, maps)
+    for key in ("s_cls", "s_pp", "s_ppw"):
+        torch.testing.assert_close(st[key], torch.ones_like(st[key]))
+    torch.testing.assert_close(st["prefix_mass"], torch.full((2, 3), 0.2))
+    torch.testing.assert_close(st["entropy_pp"], torch.full((2, 3), math.log(N)))
+    lift = st["lift"][torch.isfinite(st["lift"])]
+    torch.testing.assert_close(lift, torch.ones_like(lift))
+    assert torch.isfinite(st["lift"]).any()
+
+
+def test_one_hot_cls_on_densest_patch():
+    maps, C, _ = make_maps()
+    B, H = 2, 2
+    densest = C[:, 0].argmax(-1)
+    cls_rows = torch.nn.functional.one_hot(densest, N).float()  # [B, n]
+    A = torch.zeros(B, H, 1 + N, 1 + N)
+    A[..., 1:, 1:] = 1.0 / N
+    A[:, :, 0, 1:] = cls_rows[:, None]
+    st = layer_statistics(A, 1, 0, maps)
+    expect = N * C[torch.arange(B), :, densest]  # [B, M]
+    torch.testing.assert_close(st["s_cls"], expect[:, None].expand(B, H, -1))
+    assert (st["s_cls"][..., 0] > 1).all()
+    assert st["entropy_cls"].abs().max() < 1e-5
+
+
+def test_identity_patch_attention():
+    maps, C, groups = make_maps(B=1)
+    A = attn_from_blocks(1, 1, 0, torch.eye(N))
+    st = layer_statistics(A, 0, None, maps)
+    assert "s_cls" not in st  # no CLS token: CLS statistics are absent, not invented
+    torch.testing.assert_close(st["s_pp"], torch.ones(1, 1, len(NAMES)))
+    torch.testing.assert_close(st["s_ppw"][0, 0], N * (C[0] ** 2).sum(-1))
+    assert st["mean_dist_px"].abs().max() < 1e-6
+    sizes = torch.bincount(groups[0], minlength=4).float()
+    lift = st["lift"][0, 0]
+    for g in range(4):
+        for f in range(4):
+            if sizes[g] == 0 or sizes[f] == 0:
+                assert torch.isnan(lift[g, f])
+            elif g == f:
+                assert lift[g, f].item() == pytest.approx(N / sizes[g].item(), rel=1e-5)
+            else:
+                assert lift[g, f].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_distance_in_pixels():
+    maps, _, _ = make_maps(B=1)
+    block = torch.zeros(N, N)
+    block[torch.arange(N), (torch.arange(N) + 1) % N] = 1.0  # attend to the next patch in raster order
+    st = layer_statistics(attn_from_blocks(1, 1, 0, block), 0, None, maps)
+    h, w = GRID
+    d = []
+    for i in range(N):
+        j = (i + 1) % N
+        d.append(PATCH * math.hypot(i // w - j // w, i % w - j % w))
+    assert st["mean_dist_px"].item() == pytest.approx(np.mean(d), rel=1e-5)
+
+
+def test_spearman_and_partial_match_scipy():
+    maps, C, _ = make_maps(B=2, seed=3)
+    g = torch.Generator().manual_seed(1)
+    A = torch.rand(2, 3, 1 + N, 1 + N, generator=g).softmax(-1)
+    st = layer_statistics(A, 1, 0, maps)
+    for b in range(2):
+        for h in range(3):
+            a = A[b, h, 0, 1:].numpy()
+            for m, name in enumerate(NAMES[:-1]):  # uniform: undefined
+                ref = spearmanr(a, C[b, m].numpy()).statistic
+                assert st["spearman"][b, h, m].item() == pytest.approx(ref, abs=1e-5), name
+            # partial rank correlation: residualise ranks on (1, rank edges, rank centre)
+            Z = np.column_stack([np.ones(N), rankdata(C[b, 2]), rankdata(C[b, 5])])
+            res = lambda v: v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0]
+            ra, rc = res(rankdata(a)), res(rankdata(C[b, 0]))
+            ref = ra @ rc / np.linalg.norm(ra) / np.linalg.norm(rc)
+            assert st["partial_spearman_sift"][b, h].item() == pytest.approx(ref, abs=1e-4)
+    assert torch.isnan(st["spearman"][..., -1]).all()
+
+
+def test_undefined_sift_map_gives_nan_not_error():
+    maps, C, groups = make_maps(B=2)
+    C2 = C.clone()
+    C2[1, 0] = float("nan")
+    groups[1] = 0
+    maps2 = prepare_maps(C2, groups, NAMES, 4, GRID, PATCH)
+    A = torch.rand(2, 2, 1 + N, 1 + N).softmax(-1)
+    st = layer_statistics(A, 1, 0, maps2)
+    assert torch.isnan(st["s_cls"][1, :, 0]).all() and torch.isfinite(st["s_cls"][1, :, 1:]).all()
+    assert torch.isfinite(st["s_cls"][0]).all()
+    assert torch.isnan(st["lift"][1]).all() and (st["lift_exp"][1] == 0).all()
+
+
+def test_average_ranks_matches_scipy():
+    x = torch.tensor([[3.0, 1, 1, 2, 0, 0, 0, 5], [1, 1, 1, 1, 1, 1, 1, 1]])
+    for row, r in zip(x, average_ranks(x)):
+        np.testing.assert_allclose(r.numpy(), rankdata(row.numpy()))
+
+
+def test_rollout_single_layer_and_identity():
+    A = torch.rand(1, 2, 5, 5).softmax(-1)
+    ro = RolloutState()
+    ro.update(A)
+    M = 0.5 * A.mean(1) + 0.5 * torch.eye(5)
+    M = M / M.sum(-1, keepdim=True)
+    torch.testing.assert_close(ro.R, M)
+    r = ro.cls_map(1, 0)
+    torch.testing.assert_close(r, M[:, 0, 1:] / M[:, 0, 1:].sum(-1, keepdim=True))
+    ro.update(A)
+    torch.testing.assert_close(ro.R, M @ M)
+
+
+def test_bootstrap_ci():
+    mean, lo, hi = bootstrap_mean_ci(np.full((50, 2), 3.0))
+    np.testing.assert_allclose([mean, lo, hi], 3.0)
+    v = np.random.default_rng(0).normal(1.0, 1.0, size=(400, 1))
+    v[:10] = np.nan
+    mean, lo, hi = bootstrap_mean_ci(v, seed=1)
+    assert lo[0] < np.nanmean(v) < hi[0]
+    assert mean[0] == pytest.approx(np.nanmean(v))
+    assert hi[0] - lo[0] == pytest.approx(2 * 1.96 / np.sqrt(390), rel=0.2)
+    again = bootstrap_mean_ci(v, seed=1)
+    np.testing.assert_array_equal(lo, again[1])
+
+
+def test_lift_matrices_ratio_of_sums():
+    obs = np.array([[[[2.0, 0.0], [1.0, 1.0]]]])
+    exp = np.array([[[[1.0, 0.0], [1.0, 2.0]]]])
+    L = lift_matrices(obs, exp)
+    assert L[0, 0, 0, 0] == 2.0 and np.isnan(L[0, 0, 0, 1]) and L[0, 0, 1, 1] == 0.5
