@@ -114,7 +114,7 @@ def test_spearman_and_partial_match_scipy():
                 assert st["spearman"][b, h, m].item() == pytest.approx(ref, abs=1e-5), name
             # partial rank correlation: residualise ranks on (1, rank edges, rank centre)
             Z = np.column_stack([np.ones(N), rankdata(C[b, 2]), rankdata(C[b, 5])])
-            res = lambda v: v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0]
+            res = lambda v, Z=Z: v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0]
             ra, rc = res(rankdata(a)), res(rankdata(C[b, 0]))
             ref = ra @ rc / np.linalg.norm(ra) / np.linalg.norm(rc)
             assert st["partial_spearman_sift"][b, h].item() == pytest.approx(ref, abs=1e-4)
@@ -171,3 +171,36 @@ def test_lift_matrices_ratio_of_sums():
     exp = np.array([[[[1.0, 0.0], [1.0, 2.0]]]])
     L = lift_matrices(obs, exp)
     assert L[0, 0, 0, 0] == 2.0 and np.isnan(L[0, 0, 0, 1]) and L[0, 0, 1, 1] == 0.5
+
+
+def test_permutation_null_detects_map_equal_to_attention():
+    B, H = 4, 2
+    g = torch.Generator().manual_seed(5)
+    cls = torch.rand(B, N, generator=g) ** 4
+    cls = cls / cls.sum(-1, keepdim=True)
+    C = torch.full((B, len(NAMES), N), 1.0 / N)
+    C[:, 0] = cls  # the SIFT map is exactly where CLS attends
+    groups = torch.from_numpy(np.stack([concentration_groups(c.numpy()) for c in cls]))
+    maps = prepare_maps(C, groups, NAMES, 4, GRID, PATCH, null_seeds=list(range(B)), n_perm=200)
+    A = torch.full((B, H, 1 + N, 1 + N), 1.0 / (1 + N))
+    A[:, :, 0, 1:] = cls[:, None]
+    A[:, :, 0, 0] = 0
+    st = layer_statistics(A, 1, 0, maps)
+    assert (st["s_cls_p"] <= 0.02).all() and (st["s_cls_z"] > 2).all()
+    # uniform patch attention is blind to the map: S_pp = 1 = every permutation -> p = 1
+    assert (st["s_pp_p"] == 1.0).all()
+
+
+def test_permutation_p_values_are_uniform_under_the_null():
+    from scipy.stats import kstest
+
+    B, H = 100, 4
+    g = torch.Generator().manual_seed(11)
+    C = torch.rand(B, len(NAMES), N, generator=g)
+    C = C / C.sum(-1, keepdim=True)
+    groups = torch.from_numpy(np.stack([concentration_groups(c.numpy()) for c in C[:, 0]]))
+    maps = prepare_maps(C, groups, NAMES, 4, GRID, PATCH, null_seeds=list(range(B)), n_perm=200)
+    A = (3 * torch.randn(B, H, 1 + N, 1 + N, generator=g)).softmax(-1)  # independent of the map
+    p = layer_statistics(A, 1, 0, maps)["s_cls_p"].flatten().numpy()
+    assert kstest(p, "uniform").pvalue > 0.01
+    assert 0.02 < (p < 0.05).mean() < 0.09

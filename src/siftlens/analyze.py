@@ -48,6 +48,7 @@ class AnalyzeConfig:
     device: str = "cpu"
     limit: int | None = None
     seed: int = 0
+    null_permutations: int = 200  # K: SIFT map shuffled over patches -> z-score, p-value per head
     examples: int = 4  # images whose CLS attention and maps are kept for figures
     keep_full_maps: int = 0  # images whose full [L, H, T, T] attention is saved (float16)
     sift: SiftParams = field(default_factory=SiftParams)
@@ -114,7 +115,8 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-PER_HEAD_SCALARS = ("prefix_mass", "entropy_pp", "mean_dist_px", "entropy_cls", "partial_spearman_sift")
+PER_HEAD_SCALARS = ("prefix_mass", "entropy_pp", "mean_dist_px", "entropy_cls", "partial_spearman_sift",
+                    "s_cls_z", "s_cls_p", "s_pp_z", "s_pp_p")
 PER_HEAD_BY_MAP = ("s_cls", "s_pp", "s_ppw", "spearman")
 
 
@@ -244,8 +246,11 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
                 if batch["n"] == 0:
                     continue
                 x = batch["x"].to(cfg.device)
-                state["maps"] = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device),
-                                             map_names, cfg.groups, layout.grid, layout.patch_size)
+                ids = batch["index"].numpy()
+                state["maps"] = prepare_maps(
+                    batch["C"].to(cfg.device), batch["groups"].to(cfg.device), map_names, cfg.groups,
+                    layout.grid, layout.patch_size, null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids],
+                    n_perm=cfg.null_permutations)
                 state["rollout"] = RolloutState()
                 state["keep_examples"] = max(0, min(batch["n"], cfg.examples - len(examples["index"])))
                 state["keep_full"] = max(0, min(batch["n"], cfg.keep_full_maps - len(full_maps)))
@@ -257,7 +262,6 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
                     raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
                 L = len(layer_out)
                 per_layer = [layer_out[i] for i in range(L)]
-                ids = batch["index"].numpy()
                 table = rows_from_layers(per_layer, ids, map_names, cfg.groups)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp_rows, table.schema, compression="zstd")

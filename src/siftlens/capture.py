@@ -59,19 +59,50 @@ def timm_attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _hf_recorded_attention(model: nn.Module) -> tuple[type, str | None] | None:
+    """The attention class the model itself records ``attentions`` from (transformers >= 4.56).
+
+    ``_can_record_outputs["attentions"]`` is either a class or an ``OutputRecorder`` with a
+    ``target_class`` and an optional ``layer_name`` (a suffix of the module's qualified name).
+    """
+    rec = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if isinstance(rec, type):
+        return rec, None
+    target = getattr(rec, "target_class", None)
+    if isinstance(target, type):
+        return target, getattr(rec, "layer_name", None)
+    return None
+
+
 def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Innermost HF modules named *Attention (eager attention returns (output, weights))."""
+    """The HF self-attention modules whose eager forward returns (output, weights [B, heads, T, T]).
+
+    Asks the model first (the class it records ``output_attentions`` from), else falls back to the
+    innermost modules whose class name ends in ``Attention`` (older transformers).
+    """
+    rec = _hf_recorded_attention(model)
+    if rec is not None:
+        cls, layer_name = rec
+        found = [m for name, m in model.named_modules() if isinstance(m, cls) and
+                 (layer_name is None or name == layer_name or name.endswith("." + layer_name))]
+        if found:
+            return found
     cands = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
-    inner = [m for m in cands if not any(c is not m and c in cands for c in m.modules())]
+    ids = {id(m) for m in cands}
+    inner = [m for m in cands if not any(c is not m and id(c) in ids for c in m.modules())]
     if not inner:
-        raise NoAttentionLayersError(f"{type(model).__name__}: no Hugging Face attention layers found")
+        raise NoAttentionLayersError(
+            f"{type(model).__name__}: no Hugging Face attention layers found (modules whose class name "
+            "ends in 'Attention'); this architecture is not supported")
     return inner
 
 
 def torchvision_attention_modules(model: nn.Module) -> list[nn.Module]:
     found = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     if not found:
-        raise NoAttentionLayersError(f"{type(model).__name__}: no nn.MultiheadAttention layers found")
+        raise NoAttentionLayersError(
+            f"{type(model).__name__}: no attention layers found (no nn.MultiheadAttention); siftlens "
+            "analyses Vision Transformers (torchvision vit_*), not convolutional networks")
     return found
 
 
@@ -147,22 +178,33 @@ class AttentionCapture:
             self._emit(idx, out[1])
 
     def _set_hf_eager(self) -> None:
-        cfg = getattr(self.model, "config", None)
-        if cfg is None:
+        """Switch every config in the model to eager attention; remember each one's setting exactly."""
+        configs = _hf_configs(self.model)
+        if not configs or all(_get_attn_impl(c) == "eager" for c in configs):
             return
-        old = getattr(cfg, "_attn_implementation", None)
-        if old == "eager":
-            return
+        saved = [(c, _impl_key(c), c.__dict__.get(_impl_key(c), _MISSING)) for c in configs]
+
+        def restore() -> None:
+            for c, key, val in saved:
+                if val is _MISSING:
+                    c.__dict__.pop(key, None)
+                else:
+                    c.__dict__[key] = val
+
+        self._restore.append(restore)
         if hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("eager")
-            self._restore.append(lambda: self.model.set_attn_implementation(old))
-        else:
-            cfg._attn_implementation = "eager"
-            self._restore.append(lambda: setattr(cfg, "_attn_implementation", old))
+            try:
+                self.model.set_attn_implementation("eager")
+            except Exception:  # fall back to setting the configs directly below
+                pass
+        for c in configs:  # models that cannot switch dynamically, or configs not reached above
+            if _get_attn_impl(c) != "eager":
+                _set_attn_impl(c, "eager")
 
     # torchvision: EncoderBlock calls MHA with need_weights=False; force per-head weights for the pass
     def _setup_torchvision(self, idx: int, m: nn.MultiheadAttention) -> None:
-        original = m.forward
+        had_own = "forward" in m.__dict__
+        original = m.forward  # the bound method (or whatever instance forward someone set before us)
 
         def forward(*args, **kwargs):
             kwargs["need_weights"], kwargs["average_attn_weights"] = True, False
@@ -171,5 +213,39 @@ class AttentionCapture:
             return out
 
         m.forward = forward
-        self._restore.append(lambda m=m: m.__dict__.pop("forward", None))
 
+        def restore(m=m, had_own=had_own, original=original) -> None:
+            if had_own:
+                m.forward = original
+            else:
+                m.__dict__.pop("forward", None)
+
+        self._restore.append(restore)
+
+
+_MISSING = object()
+
+
+def _hf_configs(model: nn.Module) -> list:
+    """Every distinct HF config object referenced by the model or its submodules."""
+    seen: dict[int, object] = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "to_dict") and id(c) not in seen:
+            seen[id(c)] = c
+    return list(seen.values())
+
+
+def _impl_key(cfg) -> str:
+    """Where a config stores its attention implementation (a property over ``*_internal`` in HF)."""
+    if isinstance(getattr(type(cfg), "_attn_implementation", None), property):
+        return "_attn_implementation_internal"
+    return "_attn_implementation"
+
+
+def _get_attn_impl(cfg) -> str | None:
+    return getattr(cfg, "_attn_implementation", None)
+
+
+def _set_attn_impl(cfg, value: str) -> None:
+    cfg.__dict__[_impl_key(cfg)] = value

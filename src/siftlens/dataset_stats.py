@@ -58,3 +58,29 @@ def lift_matrices(obs: np.ndarray, exp: np.ndarray) -> np.ndarray:
     """Dataset lift L = Σ observed / Σ expected group mass, per layer x head: [L, H, G, G]."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(exp > 0, obs / exp, np.nan)
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH-adjusted q-values (NaNs stay NaN and do not count as tests)."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    pv = p[ok]
+    m = len(pv)
+    if m == 0:
+        return q
+    order = np.argsort(pv)
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty(m)
+    out[order] = adj
+    q[ok] = out
+    return q
+
+
+def significant_fraction(per_image: pd.DataFrame, p_column: str, alpha: float = 0.05) -> pd.DataFrame:
+    """Per layer: fraction of (image, head) tests with BH q < alpha, BH over the whole table."""
+    q = benjamini_hochberg(per_image[p_column].to_numpy())
+    df = pd.DataFrame({"layer": per_image["layer"].to_numpy(), "sig": q < alpha, "valid": ~np.isnan(q)})
+    g = df.groupby("layer")
+    return pd.DataFrame({"fraction": g["sig"].sum() / g["valid"].sum().clip(lower=1), "tests": g["valid"].sum()})

@@ -13,7 +13,10 @@ class OutputDirError(OSError):
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, or raise OutputDirError."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--out {path}: exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -23,20 +26,33 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``path`` via a temporary file in the same directory and a rename; never a partial file.
+
+    Failures (disk full, directory gone or read-only) raise OutputDirError naming ``path``.
+    """
+    path = Path(path)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here on: closed on any error
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give normal permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputDirError):
+            raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from e
         raise
 
 

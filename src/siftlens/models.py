@@ -7,6 +7,7 @@ Nothing touches the network unless the user names hub weights (``timm:NAME`` wit
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class LoadedModel:
             kw = {}
             cfg_size = getattr(getattr(self.module, "config", None), "image_size", None)
             if cfg_size is not None and tuple(x.shape[-2:]) != _pair(cfg_size) and \
-                    "interpolate_pos_encoding" in self.module.forward.__code__.co_varnames:
+                    _accepts(self.module.forward, "interpolate_pos_encoding"):
                 kw["interpolate_pos_encoding"] = True
             out = self.module(pixel_values=x, **kw)
             for key in ("logits", "pooler_output", "last_hidden_state"):
@@ -59,6 +60,14 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return len(ATTENTION_FINDERS[self.backend](self.module))
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` takes a parameter ``name`` (follows decorators' __wrapped__, unlike __code__)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _pair(v) -> tuple[int, int]:
@@ -101,8 +110,9 @@ def token_layout(model: nn.Module, backend: str, input_hw: tuple[int, int]) -> T
     elif backend == "hf":
         cfg = model.config
         grid = (H // p, W // p)
-        names = ["cls"]
         emb = next((m for m in model.modules() if type(m).__name__.endswith("Embeddings")), None)
+        # HF ViT-family embeddings: [cls] [dist] [registers] patches; cls unless the model says otherwise
+        names = [] if emb is not None and hasattr(emb, "cls_token") and emb.cls_token is None else ["cls"]
         if emb is not None and getattr(emb, "distillation_token", None) is not None:
             names.append("dist")
         names += [f"reg{i}" for i in range(getattr(cfg, "num_register_tokens", 0) or 0)]
@@ -183,6 +193,7 @@ def from_module(module: nn.Module, preprocess: Preprocess | None = None,
                 input_size: tuple[int, int] | None = None, name: str | None = None) -> LoadedModel:
     """Wrap a model the user built themselves."""
     backend = detect_backend(module)
+    ATTENTION_FINDERS[backend](module)  # NoAttentionLayersError now, with the reason, not mid-run
     if preprocess is None:
         preprocess = {"timm": _timm_preprocess, "hf": _hf_preprocess,
                       "torchvision": _torchvision_preprocess}[backend](module, None, input_size)
@@ -193,7 +204,11 @@ def _timm_preprocess(model: nn.Module, _src, input_size) -> Preprocess:
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    hw = tuple(input_size) if input_size else tuple(cfg["input_size"][1:])
+    # the size the model was built for (img_size=...), not the pretrained config's default: a model
+    # created with img_size=32 rejects 224 inputs, and pretrained_cfg is not updated by create_model
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    default = _pair(built) if built is not None else tuple(cfg["input_size"][1:])
+    hw = tuple(input_size) if input_size else default
     return Preprocess(hw, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("crop_pct", 0.875),
                       cfg.get("interpolation", "bicubic"))
 
@@ -267,10 +282,29 @@ def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedMode
                        labels, {"checkpoint": str(checkpoint) if checkpoint else None})
 
 
-def _torchvision_preprocess(model: nn.Module, _src, input_size) -> Preprocess:
+def _torchvision_preprocess(model: nn.Module, weights, input_size) -> Preprocess:
+    """The eval transform of ``weights`` (a torchvision weights enum: metadata only, nothing is
+    downloaded) when it was made for this model's image size; else ImageNet's 256 -> 224 recipe."""
     size = getattr(model, "image_size", 224)
     hw = tuple(input_size) if input_size else (size, size)
+    if weights is not None:
+        try:
+            t = weights.transforms()
+            crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+            if crop == size:
+                return Preprocess(hw, tuple(t.mean), tuple(t.std), crop / resize, t.interpolation.value)
+        except (AttributeError, TypeError, IndexError, ValueError):
+            pass
     return Preprocess(hw, IMAGENET_MEAN, IMAGENET_STD, 224 / 256, "bilinear")
+
+
+def _torchvision_default_weights(name: str):
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
 
 
 def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
@@ -287,6 +321,11 @@ def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> L
             "pass --checkpoint FILE or --random-init") from None
     if checkpoint is not None:
         _load_weights(model, checkpoint, f"torchvision:{name}")
+    default = _torchvision_default_weights(name)
+    # random init: the architecture's usual recipe is still the sensible input pipeline
+    labels = None
+    if weights is not None and default is not None:  # the pretrained weights' class names
+        labels = list(default.meta.get("categories") or []) or None
     return LoadedModel(model, "torchvision", f"torchvision:{name}",
-                       _torchvision_preprocess(model, None, input_size), None,
+                       _torchvision_preprocess(model, default, input_size), labels,
                        {"checkpoint": str(checkpoint) if checkpoint else None})

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,11 +78,13 @@ def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:
     """
     path = Path(path)
     try:
+        if path.is_dir():
+            raise BadImageError(f"{path}: is a directory, not an image file")
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file")
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            im = _exif_transpose(im)
             rgb = _to_rgb8(im)
     except BadImageError:
         raise
@@ -90,25 +92,44 @@ def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:
         raise BadImageError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data
-        raise BadImageError(f"{path}: corrupt image ({e})") from None
+    except Image.DecompressionBombError as e:  # not an OSError: would escape as a traceback
+        raise BadImageError(f"{path}: image too large ({e})") from None
+    except OSError as e:
+        if e.errno is not None:  # permission denied, I/O error, ...: the file, not its content
+            raise BadImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise BadImageError(f"{path}: corrupt image ({e})") from None  # truncated / broken data
+    except (ValueError, SyntaxError, EOFError, MemoryError) as e:  # corrupt headers, unsupported modes
+        raise BadImageError(f"{path}: corrupt or unsupported image ({type(e).__name__}: {e})") from None
     if min(rgb.size) < min_side:
         raise BadImageError(
             f"{path}: image {rgb.size[0]}x{rgb.size[1]} px is smaller than one patch ({min_side} px)")
     return rgb
 
 
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block must not cost an otherwise good image."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF raises all sorts (struct.error, KeyError, ...)
+        return im
+
+
 def _to_rgb8(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if im.mode.startswith(("I", "F")):  # I;16*, I (32-bit int), F (float): scale to 8 bit
         a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        if im.mode.startswith("I;16"):
-            lo, hi = 0.0, 65535.0
+        finite = np.isfinite(a)
+        if im.mode.startswith("I;16") and not im.mode.startswith("I;16S"):
+            lo, hi = 0.0, 65535.0  # unsigned 16 bit: the full range, so exposure is kept
+        elif finite.any():  # int32 / float: their own range; NaN and +-inf must not poison it
+            lo, hi = float(a[finite].min()), float(a[finite].max())
+        else:
+            lo = hi = 0.0
+        a = np.where(np.isnan(a), lo, np.clip(a, lo, hi))
         a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
         return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
     if im.mode == "P":
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, im).convert("RGB")

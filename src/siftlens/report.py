@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
-from .dataset_stats import layer_curve, lift_matrices, paired_difference  # noqa: E402
+from .dataset_stats import layer_curve, lift_matrices, paired_difference, significant_fraction  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 
 MAP_STYLE = {
@@ -153,6 +153,11 @@ def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_
         rows[MAP_STYLE[b]["label"]] = [_fmt(*r) for r in base[["mean", "lo", "hi"]].to_numpy()]
         rows[f"SIFT − {b}"] = [_fmt(*r) for r in diff[["mean", "lo", "hi"]].to_numpy()]
         beats &= (diff["lo"].to_numpy() > 0)
+    if f"{stat}_p" in per_image and per_image[f"{stat}_p"].notna().any():
+        z = layer_curve(per_image, f"{stat}_z")
+        sig = significant_fraction(per_image, f"{stat}_p")
+        rows["permutation z (mean)"] = [_fmt(*r) for r in z[["mean", "lo", "hi"]].to_numpy()]
+        rows["image×head significant (BH q<0.05)"] = [f"{f:.0%}" for f in sig["fraction"].to_numpy()]
     partial = layer_curve(per_image, "partial_spearman_sift") if stat == "s_cls" else None
     if partial is not None:
         rows["partial Spearman (SIFT | edges, centre)"] = [
@@ -198,7 +203,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text())
     map_names = manifest["options"]["map_names"]
-    cols = ["image_id", "layer", "head", "partial_spearman_sift"] + \
+    cols = ["image_id", "layer", "head", "partial_spearman_sift", "s_cls_z", "s_cls_p", "s_pp_z", "s_pp_p"] + \
         [f"{s}__{m}" for s in ("s_cls", "s_pp") for m in map_names]
     per_image = pd.read_parquet(out / "per_image.parquet", columns=cols)
     has_cls = per_image["s_cls__sift"].notna().any()
@@ -220,7 +225,9 @@ def write_report(out: str | Path) -> Path:
         f"weights <code>{manifest['options']['weight']}</code>, G={manifest['options']['groups']}.</p>")
     parts.append("<p class=note>S = n·Σ a_j c_j: 1 means attention is blind to the map, &gt;1 means it goes where "
                  "the map's mass is. Every curve is shown with its 95% bootstrap CI over images and next to the same "
-                 "statistic for baseline maps (uniform = null at 1). See METHOD.md for definitions.</p>")
+                 "statistic for baseline maps (uniform = null at 1). The permutation null shuffles each image's SIFT map over "
+                 "its patches (same attention): z-scores and the share of image×head tests significant after "
+                 "Benjamini–Hochberg are in the tables. See METHOD.md for definitions.</p>")
     fig = fig_examples(ex, manifest)
     if fig:
         parts.append(f"<h2>Examples</h2><img src='{fig}'>")

@@ -26,6 +26,7 @@ class BatchMaps:
     partial_basis: torch.Tensor  # [B, n, k] orthonormal basis of (1, rank edges, rank centre)
     rank_sift_resid: torch.Tensor  # [B, n] SIFT ranks with the controls removed, unit norm
     dist: torch.Tensor  # [n, n] patch-centre distances in input pixels
+    C_perm: torch.Tensor | None = None  # [B, K, n] SIFT concentration permuted over patches (the null)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +59,20 @@ def patch_distances(grid: tuple[int, int], patch: int, device=None) -> torch.Ten
     return torch.cdist(pts, pts)
 
 
+def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int) -> torch.Tensor:
+    """[B, n] -> [B, K, n]: each image's map shuffled over patches K times, seeded per image."""
+    perms = torch.stack([torch.rand(n_perm, c.shape[-1], generator=torch.Generator().manual_seed(s)).argsort(-1)
+                         for s in seeds]).to(c.device)
+    return torch.gather(c[:, None].expand(-1, n_perm, -1), 2, perms)
+
+
 def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ...], num_groups: int,
-                 grid: tuple[int, int], patch: int) -> BatchMaps:
-    """Ranks, residual bases and one-hot groups for a batch of maps. C: [B, M, n], groups: [B, n]."""
+                 grid: tuple[int, int], patch: int, null_seeds: list[int] | None = None,
+                 n_perm: int = 0) -> BatchMaps:
+    """Ranks, residual bases, one-hot groups and permutation nulls for a batch of maps.
+
+    C: [B, M, n] (map 0 is SIFT), groups: [B, n]; ``n_perm`` > 0 with one seed per image adds the null.
+    """
     C = C.float()
     rankC = _unit(average_ranks(torch.nan_to_num(C, nan=0.0)))
     rankC = torch.where(torch.isnan(C).any(-1, keepdim=True), torch.nan, rankC)
@@ -78,7 +90,17 @@ def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ..
     sift_valid = ~torch.isnan(C[:, 0]).any(-1)
     rs = torch.where(sift_valid[:, None], rs, torch.nan)
     onehot = torch.nn.functional.one_hot(groups.long(), num_groups).float()
-    return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device))
+    C_perm = permuted_maps(C[:, 0], null_seeds, n_perm) if n_perm and null_seeds is not None else None
+    return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_perm)
+
+
+def permutation_test(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z-score and one-sided p-value (attention prefers the map more than chance) of ``observed``
+    [...] against ``null`` [..., K]; p = (1 + #{null >= observed}) / (K + 1)."""
+    z = (observed - null.mean(-1)) / null.std(-1).clamp_min(1e-12)
+    tol = 1e-5 * observed.abs()[..., None]  # float ties (e.g. uniform attention) count as >=
+    p = (1 + (null >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)
+    return z, p.float()
 
 
 def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
@@ -94,6 +116,9 @@ def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
 
     col_mean = At.mean(-2)  # [B, H, n]: mean over queries of Ã_ij
     out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
+    if maps.C_perm is not None:
+        null = n * einsum(col_mean, maps.C_perm.to(A.device), "b h j, b k j -> b h k")
+        out["s_pp_z"], out["s_pp_p"] = permutation_test(out["s_pp"][..., 0], null)
     AtC = einsum(At, C, "b h i j, b m j -> b h m i")
     out["s_ppw"] = n * einsum(C, AtC, "b m i, b h m i -> b h m")
 
@@ -105,6 +130,9 @@ def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
         a = A[:, :, cls_index, P:]
         a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
         out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
+        if maps.C_perm is not None:
+            null = n * einsum(a, maps.C_perm.to(A.device), "b h j, b k j -> b h k")
+            out["s_cls_z"], out["s_cls_p"] = permutation_test(out["s_cls"][..., 0], null)
         ra = _unit(average_ranks(a))
         out["spearman"] = einsum(ra, maps.rankC.to(A.device), "b h n, b m n -> b h m")
         basis = maps.partial_basis.to(A.device)

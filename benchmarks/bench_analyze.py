@@ -1,0 +1,148 @@
+"""Throughput and memory of `siftlens analyze`, as ratios measured in one run.
+
+    python benchmarks/bench_analyze.py --model vit_tiny_imagenette --images DIR --n 256 --workers 2
+    python benchmarks/bench_analyze.py --model timm:vit_base_patch16_224 --random-init --n 64
+
+Prints, for the same model, images and batch size:
+  forward_only_tensors  images/s of model(x) on preloaded tensors (fused attention; the hard limit)
+  forward_only_loader   images/s of decode + preprocess in DataLoader workers + model(x)
+  analyze               images/s of the full analyze (SIFT + baselines in workers, capture, statistics,
+                        Parquet writing; report off)
+  ratios                analyze / forward_only_* (goal >= 0.9 with workers >= 2)
+  sift_per_core         images/s of SIFT + all baseline maps on one core, at the model's input size
+  peak RSS              of the main process for n and 10*n images (goal: flat), in subprocesses
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from siftlens.analyze import AnalyzeConfig, analyze, default_images
+from siftlens.models import load_model
+from siftlens.preprocess import find_images, load_rgb
+from siftlens.semantic_maps import MapConfig, compute_maps
+
+
+def replicate_images(src: list[Path], n: int, dst: Path) -> Path:
+    """n image files in dst, cycling through src (symlinks: no extra disk)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        f = src[i % len(src)]
+        (dst / f"{i:06d}{f.suffix}").symlink_to(f.resolve())
+    return dst
+
+
+class _Loaded(torch.utils.data.Dataset):
+    def __init__(self, paths, pre):
+        self.paths, self.pre = paths, pre
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.pre(load_rgb(self.paths[i]))
+
+
+def forward_only(lm, paths, batch_size, workers, device) -> tuple[float, float]:
+    x_all = torch.stack([lm.preprocess(load_rgb(p)) for p in paths[: max(batch_size, 64)]])
+    with torch.inference_mode():
+        lm.forward(x_all[:batch_size].to(device))  # warm-up
+        t0, done = time.perf_counter(), 0
+        while done < len(paths):
+            xb = x_all[: min(batch_size, len(paths) - done)].to(device)
+            lm.forward(xb)
+            done += len(xb)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        tensors = len(paths) / (time.perf_counter() - t0)
+        loader = DataLoader(_Loaded(paths, lm.preprocess), batch_size=batch_size, num_workers=workers,
+                            prefetch_factor=4 if workers else None)
+        t0 = time.perf_counter()
+        for xb in loader:
+            lm.forward(xb.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        with_loader = len(paths) / (time.perf_counter() - t0)
+    return tensors, with_loader
+
+
+def sift_per_core(lm, paths, n=64) -> float:
+    layout = lm.layout()
+    grays = [lm.preprocess.to_uint8_gray(lm.preprocess(load_rgb(p))) for p in paths[:n]]
+    cfg = MapConfig()
+    t0 = time.perf_counter()
+    for i, g in enumerate(grays):
+        compute_maps(g, layout.grid, layout.patch_size, cfg, seed=i)
+    return len(grays) / (time.perf_counter() - t0)
+
+
+def peak_rss_run(args, n: int, tmp: Path) -> float:
+    """Peak RSS (MiB) of a fresh process analysing n images."""
+    code = (
+        "import resource, sys, json; from siftlens.analyze import analyze;"
+        f"analyze({args.model!r}, {str(tmp / f'img{n}')!r}, {str(tmp / f'out{n}')!r}, random_init={args.random_init},"
+        f" batch_size={args.batch_size}, workers={args.workers}, report=False, progress=False, examples=0);"
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vit_tiny_imagenette")
+    ap.add_argument("--random-init", action="store_true")
+    ap.add_argument("--images", default=None, help="source images (default: bundled), cycled to --n")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS at n and 10n images")
+    args = ap.parse_args()
+
+    src = find_images(args.images or default_images())
+    tmp = Path(tempfile.mkdtemp(prefix="siftlens-bench-"))
+    try:
+        img_dir = replicate_images(src, args.n, tmp / f"img{args.n}")
+        paths = find_images(img_dir)
+        lm = load_model(args.model, random_init=args.random_init, device=args.device)
+        fwd_t, fwd_l = forward_only(lm, paths, args.batch_size, args.workers, args.device)
+        cfg = AnalyzeConfig(batch_size=args.batch_size, workers=args.workers, device=args.device,
+                            report=False, progress=False, examples=0)
+        t0 = time.perf_counter()
+        analyze(lm, img_dir, tmp / "out", cfg)
+        ana = args.n / (time.perf_counter() - t0)
+        res = {
+            "model": lm.name, "input": list(lm.preprocess.input_size), "n_images": args.n,
+            "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "forward_only_tensors_img_s": round(fwd_t, 1), "forward_only_loader_img_s": round(fwd_l, 1),
+            "analyze_img_s": round(ana, 1),
+            "ratio_vs_tensors": round(ana / fwd_t, 3), "ratio_vs_loader": round(ana / fwd_l, 3),
+            "sift_and_baselines_img_s_per_core": round(sift_per_core(lm, paths), 1),
+        }
+        if args.memory:
+            replicate_images(src, 10 * args.n, tmp / f"img{10 * args.n}")
+            r1, r10 = peak_rss_run(args, args.n, tmp), peak_rss_run(args, 10 * args.n, tmp)
+            res.update({"peak_rss_mib_1x": round(r1, 1), "peak_rss_mib_10x": round(r10, 1),
+                        "rss_ratio_10x_over_1x": round(r10 / r1, 3)})
+        print(json.dumps(res, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
