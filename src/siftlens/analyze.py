@@ -12,8 +12,12 @@ Outputs in ``out``:
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -178,18 +182,26 @@ def default_images() -> Path:
 def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
             images: str | Path | list | None = None, out: str | Path = "siftlens_out",
             config: AnalyzeConfig | None = None, checkpoint: str | None = None, random_init: bool = False,
-            input_size: tuple[int, int] | None = None, **overrides) -> AnalysisResult:
+            input_size: tuple[int, int] | None = None, **overrides) -> AnalysisResult | None:
     """Analyse ``model``'s attention on ``images`` against SIFT semantic maps; write ``out``.
 
-    ``overrides`` set AnalyzeConfig fields (e.g. ``batch_size=8, map_mode="point"``).
-    Returns the tables it wrote.
+    ``overrides`` set AnalyzeConfig fields (e.g. ``batch_size=8, map_mode="point"``). Returns the
+    tables it wrote (on rank 0; other ranks of a torchrun job return None).
+
+    Each batch is written to ``out/.parts`` as soon as it is done; a run that is killed and started
+    again with the same arguments skips the finished batches. Under torchrun (WORLD_SIZE > 1) each
+    rank takes every WORLD_SIZE-th batch and rank 0 merges the parts in batch order, so the result is
+    the same as a single-process run.
     """
     cfg = config or AnalyzeConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise TypeError(f"analyze() got an unknown option {k!r}")
         setattr(cfg, k, v)
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
     map_cfg = cfg.map_config()
+    rank, world = _distributed_setup(cfg)
     out = ensure_writable_dir(out)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
@@ -203,161 +215,31 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         paths = paths[: cfg.limit]
     map_names = map_cfg.map_names
 
+    parts = out / ".parts"
+    fingerprint = _fingerprint(lm, paths, cfg, checkpoint, random_init)
+    if rank == 0:
+        _start_or_resume(out, parts, fingerprint)
+    _barrier(world)
+    n_batches = -(-len(paths) // cfg.batch_size)
+    todo = [b for b in range(n_batches) if b % world == rank and not _part_done(parts, b)]
+    batches = [list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(paths)))) for b in todo]
+
     ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
-                        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
-
-    tmp_rows = out / ".per_image.parquet.partial"
-    writer: pq.ParquetWriter | None = None
-    image_rows: list[dict] = []
-    skipped: list[dict] = []
-    lift_obs = lift_exp = None
-    examples: dict[str, list] = {"index": [], "rgb": [], "C": [], "groups": [], "kp_xy": [], "kp_size": [],
-                                 "cls_attn": [], "rollout": []}
-    full_maps: list[np.ndarray] = []
-    layer_out: dict[int, dict] = {}
-    state: dict = {}
-
-    def on_attention(idx: int, attn: torch.Tensor) -> None:
-        if attn.shape[-1] != layout.num_tokens:
-            raise RuntimeError(
-                f"{lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
-                f"model says {layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches = "
-                f"{layout.num_tokens}; this architecture's token layout is not supported")
-        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, state["maps"])
-        state["rollout"].update(attn)
-        k = state["keep_examples"]
-        if k and "cls_attn" in st:
-            state["ex_cls"].append(st["cls_attn"][:k].cpu())
-        kf = state["keep_full"]
-        if kf:
-            state["full"].append(attn[:kf].detach().to(torch.float16).cpu())
-        st.pop("cls_attn", None)
-        layer_out[idx] = {key: v.detach().cpu() for key, v in st.items()}
-
-    n_done = 0
-    bar = tqdm(total=len(paths), desc="analyze", unit="img", disable=not cfg.progress)
-    try:
-        with torch.inference_mode(), AttentionCapture(lm.module, lm.backend, on_attention) as cap:
-            for batch in loader:
-                for i, err in batch["errors"]:
-                    skipped.append({"path": str(paths[i]), "reason": err})
-                bar.update(len(batch["errors"]))
-                if batch["n"] == 0:
-                    continue
-                x = batch["x"].to(cfg.device)
-                ids = batch["index"].numpy()
-                state["maps"] = prepare_maps(
-                    batch["C"].to(cfg.device), batch["groups"].to(cfg.device), map_names, cfg.groups,
-                    layout.grid, layout.patch_size, null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids],
-                    n_perm=cfg.null_permutations)
-                state["rollout"] = RolloutState()
-                state["keep_examples"] = max(0, min(batch["n"], cfg.examples - len(examples["index"])))
-                state["keep_full"] = max(0, min(batch["n"], cfg.keep_full_maps - len(full_maps)))
-                state["ex_cls"], state["full"] = [], []
-                layer_out.clear()
-                calls_before = cap.calls
-                logits = lm.forward(x)
-                if cap.calls == calls_before:
-                    raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
-                L = len(layer_out)
-                per_layer = [layer_out[i] for i in range(L)]
-                table = rows_from_layers(per_layer, ids, map_names, cfg.groups)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp_rows, table.schema, compression="zstd")
-                writer.write_table(table)
-
-                obs = torch.stack([lo["lift_obs"].sum(0) for lo in per_layer]).double()
-                exp = torch.stack([lo["lift_exp"].sum(0) for lo in per_layer]).double()
-                lift_obs = obs if lift_obs is None else lift_obs + obs
-                lift_exp = exp if lift_exp is None else lift_exp + exp
-
-                rollout = state["rollout"].cls_map(layout.num_prefix, layout.cls_index)
-                C = state["maps"].C
-                s_roll = (layout.num_patches * (rollout[:, None, :] * C).sum(-1)).cpu().numpy() \
-                    if rollout is not None else np.full((batch["n"], len(map_names)), np.nan)
-                probs = logits.float().softmax(-1) if logits.dim() == 2 else None
-                for b, i in enumerate(ids):
-                    row = {"image_id": int(i), "path": str(paths[i]), "n_keypoints": batch["n_keypoints"][b],
-                           "sift_coverage": float((batch["C"][b, 0] > 0).float().mean())
-                           if batch["n_keypoints"][b] else 0.0,
-                           "has_sift_map": bool(state["maps"].sift_valid[b])}
-                    if probs is not None:
-                        row["pred"] = int(probs[b].argmax())
-                        row["pred_label"] = lm.label_names[row["pred"]] if lm.label_names and \
-                            row["pred"] < len(lm.label_names) else str(row["pred"])
-                        row["confidence"] = float(probs[b].max())
-                    for m, name in enumerate(map_names):
-                        row[f"rollout_s__{name}"] = float(s_roll[b, m])
-                    image_rows.append(row)
-
-                k = state["keep_examples"]
-                if k:
-                    examples["index"] += [int(i) for i in ids[:k]]
-                    examples["rgb"] += [lm.preprocess.to_uint8_rgb(batch["x"][b]) for b in range(k)]
-                    examples["C"] += [batch["C"][b].numpy() for b in range(k)]
-                    examples["groups"] += [batch["groups"][b].numpy() for b in range(k)]
-                    examples["kp_xy"] += [batch["kp"][b][0] for b in range(k)]
-                    examples["kp_size"] += [batch["kp"][b][1] for b in range(k)]
-                    if state["ex_cls"]:
-                        cls = torch.stack(state["ex_cls"], 1)  # [k, L, H, n]
-                        examples["cls_attn"] += list(cls.numpy())
-                    if rollout is not None:
-                        examples["rollout"] += list(rollout[:k].cpu().numpy())
-                if state["keep_full"]:
-                    full_maps += list(torch.stack(state["full"], 1).numpy())
-                n_done += batch["n"]
-                bar.update(batch["n"])
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-
-    if writer is None:
-        raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
-                           f"first error: {skipped[0]['reason'] if skipped else 'none'}")
-    os.replace(tmp_rows, out / "per_image.parquet")
-    images_df = pd.DataFrame(image_rows)
-    _write_parquet(images_df, out / "images.parquet")
-    lift = {"obs": lift_obs.numpy(), "exp": lift_exp.numpy(), "map_names": np.array(map_names)}
-    _write_npz(out / "lift.npz", **lift)
-    if examples["index"]:
-        ex = {"index": np.array(examples["index"]), "map_names": np.array(map_names),
-              "grid": np.array(layout.grid), "patch": np.array(layout.patch_size)}
-        for key in ("rgb", "C", "groups", "cls_attn", "rollout"):
-            if examples[key]:
-                ex[key] = np.stack(examples[key])
-        for j, (xy, sz) in enumerate(zip(examples["kp_xy"], examples["kp_size"])):
-            ex[f"kp_xy_{j}"], ex[f"kp_size_{j}"] = xy, sz
-        _write_npz(out / "examples.npz", **ex)
-    if full_maps:
-        _write_npz(out / "attention_maps.npz", attention=np.stack(full_maps),
-                   index=np.array(examples["index"][: len(full_maps)]))
-
-    no_kp = int((~images_df["has_sift_map"]).sum())
-    manifest = {
-        "siftlens_version": __version__,
-        "model": {"name": lm.name, "backend": lm.backend, "class": type(lm.module).__name__,
-                  "num_layers": len(per_layer), "num_heads": int(per_layer[0]["prefix_mass"].shape[1]),
-                  "label_names": lm.label_names, **{k: v for k, v in lm.info.items() if v is not None}},
-        "preprocess": lm.preprocess.to_dict(),
-        "layout": {"prefix_tokens": list(layout.prefix_names), "grid": list(layout.grid),
-                   "patch_size": layout.patch_size, "num_patches": layout.num_patches},
-        "options": {**{k: v for k, v in asdict(cfg).items() if k not in ("sift",)},
-                    "sift": asdict(cfg.sift), "map_names": list(map_names)},
-        "images_source": str(images if images is not None else default_images()),
-        "counts": {"inputs": len(paths), "analysed": n_done, "skipped": len(skipped),
-                   "no_keypoints": no_kp, "rows": n_done * len(per_layer) * int(per_layer[0]["prefix_mass"].shape[1])},
-        "skipped": skipped,
-        "no_keypoints": images_df.loc[~images_df["has_sift_map"], "path"].tolist(),
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-        "device": cfg.device,
-        "seconds": round(time.time() - t_start, 2),
-        "files": ["per_image.parquet", "images.parquet", "lift.npz", "examples.npz", "report.html"],
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    result = AnalysisResult(out, pd.read_parquet(out / "per_image.parquet"), images_df, lift, manifest)
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+    runner = BatchRunner(lm, layout, map_names, cfg)
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
+               unit="img", disable=not cfg.progress)
+    with torch.inference_mode(), AttentionCapture(lm.module, lm.backend, runner.on_attention) as cap:
+        runner.capture = cap
+        for b, batch in zip(todo, loader):
+            _write_part(parts, b, runner.run(batch, paths, keep=b < max(cfg.examples, cfg.keep_full_maps)))
+            bar.update(len(batch["errors"]) + batch["n"])
+    bar.close()
+    _barrier(world)
+    if rank != 0:
+        return None
+    result = _merge_parts(out, parts, n_batches, lm, layout, map_names, paths, cfg, images, t_start)
     if cfg.report:
         from .report import write_report
 
@@ -365,17 +247,264 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     return result
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    import io as _io
+class BatchRunner:
+    """Runs one batch through the model, reducing each layer's attention inside the hook."""
 
-    buf = _io.BytesIO()
+    def __init__(self, lm: LoadedModel, layout: TokenLayout, map_names: tuple[str, ...], cfg: AnalyzeConfig):
+        self.lm, self.layout, self.map_names, self.cfg = lm, layout, map_names, cfg
+        self.capture: AttentionCapture | None = None
+        self.layer_out: dict[int, dict] = {}
+        self.state: dict = {}
+
+    def on_attention(self, idx: int, attn: torch.Tensor) -> None:
+        layout = self.layout
+        if attn.shape[-1] != layout.num_tokens:
+            raise RuntimeError(
+                f"{self.lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
+                f"model says {layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches = "
+                f"{layout.num_tokens}; this architecture's token layout is not supported")
+        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, self.state["maps"])
+        self.state["rollout"].update(attn)
+        if self.state["keep_ex"] and "cls_attn" in st:
+            self.state["ex_cls"].append(st["cls_attn"][: self.state["keep_ex"]].cpu())
+        if self.state["keep_full"]:
+            self.state["full"].append(attn[: self.state["keep_full"]].detach().to(torch.float16).cpu())
+        st.pop("cls_attn", None)
+        self.layer_out[idx] = {key: v.detach().cpu() for key, v in st.items()}
+
+    def run(self, batch: dict, paths: list[Path], keep: bool) -> dict:
+        """Everything one batch contributes: rows, lift sums, image rows, skipped inputs, examples."""
+        cfg, layout, lm = self.cfg, self.layout, self.lm
+        part: dict = {"skipped": [{"path": str(paths[i]), "reason": err} for i, err in batch["errors"]],
+                      "images": []}
+        if batch["n"] == 0:
+            return part
+        ids = batch["index"].numpy()
+        maps = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device), self.map_names, cfg.groups,
+                            layout.grid, layout.patch_size,
+                            null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids], n_perm=cfg.null_permutations)
+        keep_ex = min(batch["n"], cfg.examples) if keep else 0
+        keep_full = min(batch["n"], cfg.keep_full_maps) if keep else 0
+        self.state = {"maps": maps, "rollout": RolloutState(), "keep_ex": keep_ex, "keep_full": keep_full,
+                      "ex_cls": [], "full": []}
+        self.layer_out.clear()
+        calls_before = self.capture.calls
+        logits = lm.forward(batch["x"].to(cfg.device))
+        if self.capture.calls == calls_before:
+            raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+        per_layer = [self.layer_out[i] for i in range(len(self.layer_out))]
+        part["table"] = rows_from_layers(per_layer, ids, self.map_names, cfg.groups)
+        part["lift_obs"] = torch.stack([lo["lift_obs"].sum(0) for lo in per_layer]).double().numpy()
+        part["lift_exp"] = torch.stack([lo["lift_exp"].sum(0) for lo in per_layer]).double().numpy()
+        part["num_layers"], part["num_heads"] = len(per_layer), int(per_layer[0]["prefix_mass"].shape[1])
+
+        rollout = self.state["rollout"].cls_map(layout.num_prefix, layout.cls_index)
+        s_roll = (layout.num_patches * (rollout[:, None, :] * maps.C).sum(-1)).cpu().numpy() \
+            if rollout is not None else np.full((batch["n"], len(self.map_names)), np.nan)
+        probs = logits.float().softmax(-1).cpu() if logits.dim() == 2 else None
+        for b, i in enumerate(ids):
+            row = {"image_id": int(i), "path": str(paths[i]), "n_keypoints": batch["n_keypoints"][b],
+                   "sift_coverage": float((batch["C"][b, 0] > 0).float().mean()) if batch["n_keypoints"][b] else 0.0,
+                   "has_sift_map": bool(maps.sift_valid[b])}
+            if probs is not None:
+                row["pred"] = int(probs[b].argmax())
+                names = lm.label_names
+                row["pred_label"] = names[row["pred"]] if names and row["pred"] < len(names) else str(row["pred"])
+                row["confidence"] = float(probs[b].max())
+            for m, name in enumerate(self.map_names):
+                row[f"rollout_s__{name}"] = float(s_roll[b, m])
+            part["images"].append(row)
+
+        if keep_ex:
+            ex = {"ex_index": ids[:keep_ex], "ex_C": batch["C"][:keep_ex].numpy(),
+                  "ex_groups": batch["groups"][:keep_ex].numpy(),
+                  "ex_rgb": np.stack([lm.preprocess.to_uint8_rgb(batch["x"][b]) for b in range(keep_ex)])}
+            if self.state["ex_cls"]:
+                ex["ex_cls_attn"] = torch.stack(self.state["ex_cls"], 1).numpy()  # [k, L, H, n]
+            if rollout is not None:
+                ex["ex_rollout"] = rollout[:keep_ex].cpu().numpy()
+            for j in range(keep_ex):
+                ex[f"ex_kp_xy_{j}"], ex[f"ex_kp_size_{j}"] = batch["kp"][j]
+            part["examples"] = ex
+        if keep_full:
+            part["full_maps"] = torch.stack(self.state["full"], 1).numpy()  # [k, L, H, T, T]
+            part["full_index"] = ids[:keep_full]
+        return part
+
+
+# --- parts: one per batch, written atomically; the json is written last and marks the part done ---
+
+def _part_name(b: int) -> str:
+    return f"part-{b:07d}"
+
+
+def _part_done(parts: Path, b: int) -> bool:
+    return (parts / f"{_part_name(b)}.json").is_file()
+
+
+def _write_part(parts: Path, b: int, part: dict) -> None:
+    name = _part_name(b)
+    if "table" in part:
+        buf = io.BytesIO()
+        pq.write_table(part["table"], buf, compression="zstd")
+        atomic_write_bytes(parts / f"{name}.parquet", buf.getvalue())
+        arrays = {"lift_obs": part["lift_obs"], "lift_exp": part["lift_exp"], **part.get("examples", {})}
+        if "full_maps" in part:
+            arrays.update(full_maps=part["full_maps"], full_index=part["full_index"])
+        _write_npz(parts / f"{name}.npz", **arrays)
+    meta = {"skipped": part["skipped"], "images": part["images"], "has_rows": "table" in part,
+            "num_layers": part.get("num_layers"), "num_heads": part.get("num_heads")}
+    atomic_write_json(parts / f"{name}.json", meta)
+
+
+def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpoint, random_init) -> dict:
+    """What must match for a run to be resumed (not workers, device or progress display)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode())
+        h.update(str(p.stat().st_size if p.exists() else -1).encode())
+    opts = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "progress", "report")}
+    weights = hashlib.sha256()
+    for t in lm.module.state_dict().values():
+        weights.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
+    return {"model": lm.name, "checkpoint": str(checkpoint) if checkpoint else None, "random_init": random_init,
+            "weights_sample_sha": weights.hexdigest(), "preprocess": lm.preprocess.to_dict(),
+            "images_sha": h.hexdigest(), "n_images": len(paths), "options": json.loads(json.dumps(opts, default=str))}
+
+
+def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
+    run_file = parts / "run.json"
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        if old != fingerprint:
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k))
+            raise RuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
+                               "use another --out or delete its .parts directory to start over")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, fingerprint)
+
+
+def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout: TokenLayout,
+                 map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float
+                 ) -> AnalysisResult:
+    """Stream the parts, in batch order, into the final outputs; then remove the parts."""
+    tmp_rows = out / ".per_image.parquet.partial"
+    writer = None
+    lift_obs = lift_exp = None
+    image_rows, skipped, ex_parts, full_parts = [], [], [], []
+    num_layers = num_heads = None
+    try:
+        for b in range(n_batches):
+            name = _part_name(b)
+            if not _part_done(parts, b):
+                raise RuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
+            meta = json.loads((parts / f"{name}.json").read_text())
+            skipped += meta["skipped"]
+            image_rows += meta["images"]
+            if not meta["has_rows"]:
+                continue
+            num_layers, num_heads = meta["num_layers"], meta["num_heads"]
+            table = pq.read_table(parts / f"{name}.parquet")
+            if writer is None:
+                writer = pq.ParquetWriter(tmp_rows, table.schema, compression="zstd")
+            writer.write_table(table)
+            with np.load(parts / f"{name}.npz") as z:
+                lift_obs = z["lift_obs"] if lift_obs is None else lift_obs + z["lift_obs"]
+                lift_exp = z["lift_exp"] if lift_exp is None else lift_exp + z["lift_exp"]
+                if "ex_index" in z and sum(len(e["ex_index"]) for e in ex_parts) < cfg.examples:
+                    ex_parts.append({k: z[k] for k in z.files if k.startswith("ex_")})
+                if "full_maps" in z and sum(len(f[0]) for f in full_parts) < cfg.keep_full_maps:
+                    full_parts.append((z["full_maps"], z["full_index"]))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
+                           f"first error: {skipped[0]['reason'] if skipped else 'none'}")
+    os.replace(tmp_rows, out / "per_image.parquet")
+    images_df = pd.DataFrame(image_rows)
+    _write_parquet(images_df, out / "images.parquet")
+    lift = {"obs": lift_obs, "exp": lift_exp, "map_names": np.array(map_names)}
+    _write_npz(out / "lift.npz", **lift)
+    _write_examples(out, ex_parts, cfg.examples, map_names, layout)
+    if full_parts:
+        _write_npz(out / "attention_maps.npz",
+                   attention=np.concatenate([f[0] for f in full_parts])[: cfg.keep_full_maps],
+                   index=np.concatenate([f[1] for f in full_parts])[: cfg.keep_full_maps])
+
+    no_kp = images_df.loc[~images_df["has_sift_map"], "path"].tolist()
+    manifest = {
+        "siftlens_version": __version__,
+        "model": {"name": lm.name, "backend": lm.backend, "class": type(lm.module).__name__,
+                  "num_layers": num_layers, "num_heads": num_heads, "label_names": lm.label_names,
+                  **{k: v for k, v in lm.info.items() if v is not None}},
+        "preprocess": lm.preprocess.to_dict(),
+        "layout": {"prefix_tokens": list(layout.prefix_names), "grid": list(layout.grid),
+                   "patch_size": layout.patch_size, "num_patches": layout.num_patches},
+        "options": {**{k: v for k, v in asdict(cfg).items() if k != "sift"},
+                    "sift": asdict(cfg.sift), "map_names": list(map_names)},
+        "images_source": str(images if images is not None else default_images()),
+        "counts": {"inputs": len(paths), "analysed": len(images_df), "skipped": len(skipped),
+                   "no_keypoints": len(no_kp), "rows": len(images_df) * num_layers * num_heads},
+        "skipped": skipped,
+        "no_keypoints": no_kp,
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+        "device": cfg.device,
+        "seconds": round(time.time() - t_start, 2),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    shutil.rmtree(parts, ignore_errors=True)
+    return AnalysisResult(out, pd.read_parquet(out / "per_image.parquet"), images_df, lift, manifest)
+
+
+def _write_examples(out: Path, ex_parts: list[dict], k: int, map_names, layout: TokenLayout) -> None:
+    if not ex_parts or k <= 0:
+        return
+    ex = {"map_names": np.array(map_names), "grid": np.array(layout.grid), "patch": np.array(layout.patch_size)}
+    for key in ("index", "C", "groups", "rgb", "cls_attn", "rollout"):
+        if all(f"ex_{key}" in e for e in ex_parts):
+            ex[key] = np.concatenate([e[f"ex_{key}"] for e in ex_parts])[:k]
+    j = 0
+    for e in ex_parts:
+        for i in range(len(e["ex_index"])):
+            if j < k:
+                ex[f"kp_xy_{j}"], ex[f"kp_size_{j}"] = e[f"ex_kp_xy_{i}"], e[f"ex_kp_size_{i}"]
+            j += 1
+    _write_npz(out / "examples.npz", **ex)
+
+
+# --- torch.distributed: shard batches over ranks; parts on a shared filesystem carry the results ---
+
+def _distributed_setup(cfg: AnalyzeConfig) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())

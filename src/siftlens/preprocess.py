@@ -144,7 +144,9 @@ def find_images(spec: str | Path | list) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        # broken symlinks are kept so that the run lists them as skipped instead of silently dropping them
+        files = sorted(f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
+                       and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"--images {spec}: directory contains no image files")
         return files
