@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from siftlens.bundled_model import BUNDLED_DIR, build_bundled_architecture, BUNDLED_CONFIG
+from siftlens.bundled_model import BUNDLED_CONFIG, BUNDLED_DIR, build_bundled_architecture
 from siftlens.train import TrainConfig, evaluate, load_image_folder, train_classifier
 
 

@@ -367,9 +367,10 @@ def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpo
     weights = hashlib.sha256()
     for t in lm.module.state_dict().values():
         weights.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
-    return {"model": lm.name, "checkpoint": str(checkpoint) if checkpoint else None, "random_init": random_init,
-            "weights_sample_sha": weights.hexdigest(), "preprocess": lm.preprocess.to_dict(),
-            "images_sha": h.hexdigest(), "n_images": len(paths), "options": json.loads(json.dumps(opts, default=str))}
+    fp = {"model": lm.name, "checkpoint": str(checkpoint) if checkpoint else None, "random_init": random_init,
+          "weights_sample_sha": weights.hexdigest(), "preprocess": lm.preprocess.to_dict(),
+          "images_sha": h.hexdigest(), "n_images": len(paths), "options": opts}
+    return json.loads(json.dumps(fp, default=str))  # as it reads back from run.json
 
 
 def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:

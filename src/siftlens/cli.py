@@ -50,7 +50,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     cfg = AnalyzeConfig(
         map_mode=args.map_mode, weight=args.weight, groups=args.groups, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, limit=args.limit, null_permutations=args.null_permutations, seed=args.seed, examples=args.examples,
+        workers=args.workers, device=args.device, limit=args.limit,
+        null_permutations=args.null_permutations, seed=args.seed, examples=args.examples,
         keep_full_maps=args.keep_full_maps, report=not args.no_report, progress=not args.quiet,
         sift=SiftParams(nfeatures=args.sift_nfeatures, n_octave_layers=args.sift_octave_layers,
                         contrast_threshold=args.sift_contrast_threshold,
@@ -59,6 +60,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     images = args.images[0] if args.images and len(args.images) == 1 else args.images
     res = analyze(args.model, images, args.out, cfg, checkpoint=args.checkpoint,
                   random_init=args.random_init, input_size=tuple(args.input_size) if args.input_size else None)
+    if res is None:  # a torchrun rank other than 0: rank 0 merges and reports
+        return 0
     c = res.manifest["counts"]
     print(f"analysed {c['analysed']} images ({c['skipped']} skipped, {c['no_keypoints']} without keypoints) "
           f"-> {res.out}/" + ("report.html" if cfg.report else "per_image.parquet"))
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"siftlens {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, whatever the library put in the message
+        print(f"siftlens {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

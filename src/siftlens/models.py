@@ -135,7 +135,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt / pickled code / wrong format
-        raise ModelSpecError(f"--checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or type(e).__name__ == "UnpicklingError":
+            raise ModelSpecError(f"--checkpoint {path}: refused, it is not a plain tensor checkpoint (it would need "
+                                 f"unpickling code; convert it to safetensors): {first}") from None
+        raise ModelSpecError(f"--checkpoint {path}: cannot be loaded ({type(e).__name__}: {first})") from None
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

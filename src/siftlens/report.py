@@ -223,11 +223,12 @@ def write_report(out: str | Path) -> Path:
         f" px, patch {lay['patch_size']}, grid {lay['grid'][0]}×{lay['grid'][1]}, prefix tokens "
         f"{', '.join(lay['prefix_tokens']) or 'none'}; map mode <code>{manifest['options']['map_mode']}</code>, "
         f"weights <code>{manifest['options']['weight']}</code>, G={manifest['options']['groups']}.</p>")
-    parts.append("<p class=note>S = n·Σ a_j c_j: 1 means attention is blind to the map, &gt;1 means it goes where "
+    parts.append("<p class=note>"
+                 "S = n·Σ a_j c_j: 1 means attention is blind to the map, &gt;1 means it goes where "
                  "the map's mass is. Every curve is shown with its 95% bootstrap CI over images and next to the same "
-                 "statistic for baseline maps (uniform = null at 1). The permutation null shuffles each image's SIFT map over "
-                 "its patches (same attention): z-scores and the share of image×head tests significant after "
-                 "Benjamini–Hochberg are in the tables. See METHOD.md for definitions.</p>")
+                 "statistic for baseline maps (uniform = null at 1). The permutation null shuffles each "
+                 "image's SIFT map over its patches (same attention): z-scores and the share of image×head tests significant "
+                 "after Benjamini–Hochberg are in the tables. See METHOD.md for definitions.</p>")
     fig = fig_examples(ex, manifest)
     if fig:
         parts.append(f"<h2>Examples</h2><img src='{fig}'>")
