@@ -228,7 +228,8 @@ def write_report(out: str | Path) -> Path:
                  "the map's mass is. Every curve is shown with its 95% bootstrap CI over images and next to the same "
                  "statistic for baseline maps (uniform = null at 1). The permutation null shuffles each "
                  "image's SIFT map over its patches (same attention): z-scores and the share of "
-                 "image×head tests significant after Benjamini–Hochberg are in the tables. See METHOD.md for definitions.</p>")
+                 "image×head tests significant after Benjamini–Hochberg are in the tables. "
+                 "See METHOD.md for definitions.</p>")
     fig = fig_examples(ex, manifest)
     if fig:
         parts.append(f"<h2>Examples</h2><img src='{fig}'>")
