@@ -70,10 +70,31 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="compare two analyze runs (two models, or two checkpoints of one)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--out", default="siftlens_compare")
+    p.add_argument("--stat", default="s_cls", help="s_cls, s_pp, s_ppw, spearman, or any per_image column")
+    p.add_argument("--map", default="sift", help="map the ratio is computed against (sift or a baseline)")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    table = compare(args.run_a, args.run_b, args.out, stat=args.stat, map_name=args.map)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"-> {args.out}/compare.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
+    _compare_parser(sub)
     return parser
 
 

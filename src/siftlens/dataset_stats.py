@@ -41,7 +41,7 @@ def layer_curve(per_image: pd.DataFrame, column: str, n_boot: int = 1000, seed: 
     """Per layer: mean over images of the head-averaged ``column`` with its 95% bootstrap CI."""
     wide = per_image_layer_means(per_image, column)
     mean, lo, hi = bootstrap_mean_ci(wide.to_numpy(), n_boot, seed=seed)
-    n = (~wide.isna()).sum(0).to_numpy()
+    n = wide.notna().sum(axis=0).to_numpy()
     return pd.DataFrame({"layer": wide.columns, "mean": mean, "lo": lo, "hi": hi, "n_images": n})
 
 
