@@ -129,3 +129,21 @@ def test_map_config_validates():
         MapConfig(mode="blob")
     with pytest.raises(ValueError, match="baseline"):
         MapConfig(baselines=("edges", "nope"))
+
+
+def test_keypoint_cache_gives_identical_maps(tmp_path, monkeypatch):
+    from siftlens import semantic_maps
+    from siftlens.semantic_maps import KeypointCache
+
+    rng = np.random.default_rng(2)
+    img = cv2.GaussianBlur((rng.random((64, 64)) * 255).astype(np.uint8), (5, 5), 1.5)
+    cache = KeypointCache(tmp_path / "kp")
+    first = compute_maps(img, (4, 4), 16, MapConfig(), seed=0, cache=cache)
+    assert len(list((tmp_path / "kp").rglob("*.npz"))) == 2  # SIFT and ORB
+    monkeypatch.setattr(semantic_maps, "detect_sift", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = compute_maps(img, (4, 4), 16, MapConfig(), seed=0, cache=cache)
+    for name in first.maps:
+        np.testing.assert_array_equal(first.maps[name], again.maps[name])
+    # other parameters -> another key, not a stale hit
+    with pytest.raises(AssertionError, match="recomputed"):
+        compute_maps(img, (4, 4), 16, MapConfig(sift=semantic_maps.SiftParams(contrast_threshold=0.03)), cache=cache)

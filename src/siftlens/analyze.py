@@ -36,7 +36,7 @@ from .capture import AttentionCapture, TokenLayout
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
-from .semantic_maps import MapConfig, SiftParams, compute_maps
+from .semantic_maps import KeypointCache, MapConfig, SiftParams, compute_maps
 from .stats import RolloutState, layer_statistics, prepare_maps
 
 
@@ -56,6 +56,8 @@ class AnalyzeConfig:
     examples: int = 4  # images whose CLS attention and maps are kept for figures
     keep_full_maps: int = 0  # images whose full [L, H, T, T] attention is saved (float16)
     sift: SiftParams = field(default_factory=SiftParams)
+    keypoint_cache: str | None = None  # directory of cached keypoints (keyed by image content + params)
+    amp: bool = False  # bf16 autocast for the forward pass (statistics stay in float32)
     report: bool = True
     progress: bool = True
 
@@ -76,8 +78,9 @@ class ImageMapsDataset(Dataset):
     """Loads, preprocesses and builds all maps of one image; bad files come back as errors."""
 
     def __init__(self, paths: list[Path], preprocess: Preprocess, layout: TokenLayout,
-                 map_cfg: MapConfig, seed: int) -> None:
+                 map_cfg: MapConfig, seed: int, cache_dir: str | None = None) -> None:
         self.paths, self.preprocess, self.layout, self.map_cfg, self.seed = paths, preprocess, layout, map_cfg, seed
+        self.cache = KeypointCache(cache_dir) if cache_dir else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -89,7 +92,7 @@ class ImageMapsDataset(Dataset):
             x = self.preprocess(img)
             gray = self.preprocess.to_uint8_gray(x)
             maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
-                                seed=hash_seed(self.seed, i))
+                                seed=hash_seed(self.seed, i), cache=self.cache)
         except BadImageError as e:
             return {"index": i, "error": str(e)}
         except Exception as e:  # anything else unexpected about this one file: skip, keep going
@@ -224,7 +227,7 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     todo = [b for b in range(n_batches) if b % world == rank and not _part_done(parts, b)]
     batches = [list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(paths)))) for b in todo]
 
-    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed)
+    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cfg.keypoint_cache)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     runner = BatchRunner(lm, layout, map_names, cfg)
@@ -289,7 +292,9 @@ class BatchRunner:
                       "ex_cls": [], "full": []}
         self.layer_out.clear()
         calls_before = self.capture.calls
-        logits = lm.forward(batch["x"].to(cfg.device))
+        device_type = torch.device(cfg.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
+            logits = lm.forward(batch["x"].to(cfg.device))
         if self.capture.calls == calls_before:
             raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
         per_layer = [self.layer_out[i] for i in range(len(self.layer_out))]
@@ -363,7 +368,8 @@ def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpo
     for p in paths:
         h.update(str(p).encode())
         h.update(str(p.stat().st_size if p.exists() else -1).encode())
-    opts = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device", "progress", "report")}
+    opts = {k: v for k, v in asdict(cfg).items()
+            if k not in ("workers", "device", "progress", "report", "keypoint_cache")}
     weights = hashlib.sha256()
     for t in lm.module.state_dict().values():
         weights.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())

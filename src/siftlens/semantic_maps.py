@@ -10,7 +10,11 @@ Coordinates: OpenCV puts pixel i's centre at i, so pixel i spans [i - 0.5, i + 0
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -199,6 +203,37 @@ def sparsity_matched(values: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+class KeypointCache:
+    """On-disk keypoints keyed by the exact grey input and detector parameters (safe to share, atomic)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, gray: np.ndarray, detector: str, params) -> Path:
+        h = hashlib.sha256(gray.tobytes())
+        h.update(f"{gray.shape}|{detector}|{params!r}".encode())
+        key = h.hexdigest()
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get_or_detect(self, gray: np.ndarray, detector: str, params, detect) -> Keypoints:
+        path = self._path(gray, detector, params)
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    return Keypoints(z["xy"], z["size"], z["response"], z["octave"])
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged entry is recomputed and overwritten
+        kp = detect()
+        path.parent.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, xy=kp.xy, size=kp.size, response=kp.response, octave=kp.octave)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        return kp
+
+
 @dataclass
 class ImageMaps:
     """All maps of one image. ``maps[name]`` is c (sums to 1) or None where undefined."""
@@ -210,14 +245,17 @@ class ImageMaps:
 
 
 def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
-                 seed: int = 0) -> ImageMaps:
-    """SIFT map and every baseline map for one 8-bit grey model input."""
+                 seed: int = 0, cache: KeypointCache | None = None) -> ImageMaps:
+    """SIFT map and every baseline map for one 8-bit grey model input (keypoints from ``cache`` if given)."""
     if gray.dtype != np.uint8 or gray.ndim != 2:
         raise ValueError(f"expected an 8-bit grey image, got dtype {gray.dtype} shape {gray.shape}")
     h, w = grid
     if gray.shape[0] < h * patch or gray.shape[1] < w * patch:
         raise ValueError(f"image {gray.shape} smaller than grid {grid} x patch {patch}")
-    kp = detect_sift(gray, cfg.sift)
+    def detect(name, params, fn):
+        return cache.get_or_detect(gray, name, params, fn) if cache is not None else fn()
+
+    kp = detect("sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
     mass = keypoint_mass(kp, grid, patch, cfg.mode, cfg.weight)
     maps: dict[str, np.ndarray | None] = {"sift": concentration(mass)}
     rng = np.random.default_rng(seed)
@@ -231,7 +269,7 @@ def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapCo
             k = int((mass > 0).sum())
             maps[name] = concentration(sparsity_matched(edge_density(gray, grid, patch), k))
         elif name == "orb":
-            okp = detect_orb(gray, cfg.orb_nfeatures)
+            okp = detect("orb", cfg.orb_nfeatures, lambda: detect_orb(gray, cfg.orb_nfeatures))
             maps[name] = concentration(keypoint_mass(okp, grid, patch, cfg.mode, cfg.weight))
         elif name == "center":
             maps[name] = concentration(center_prior(grid, cfg.center_sigma))
