@@ -204,3 +204,15 @@ def test_permutation_p_values_are_uniform_under_the_null():
     p = layer_statistics(A, 1, 0, maps)["s_cls_p"].flatten().numpy()
     assert kstest(p, "uniform").pvalue > 0.01
     assert 0.02 < (p < 0.05).mean() < 0.09
+
+
+def test_chunked_statistics_equal_unchunked(monkeypatch):
+    from siftlens import stats
+
+    maps, _, _ = make_maps(B=5, seed=4)
+    A = torch.rand(5, 2, 1 + N, 1 + N, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    whole = layer_statistics(A, 1, 0, maps)
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 2 * (1 + N) ** 2 * 2)  # 2 images per chunk
+    chunked = layer_statistics(A, 1, 0, maps)
+    for k in whole:
+        torch.testing.assert_close(whole[k], chunked[k], equal_nan=True)

@@ -240,11 +240,24 @@ def _load_timm(name: str, checkpoint, random_init: bool, input_size) -> LoadedMo
                        None, {"pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None})
 
 
+def _hf_preprocessor_file(src: str) -> Path | None:
+    """preprocessor_config.json of a local model dir, or of a hub id already fetched with the model."""
+    if Path(src).is_dir():
+        return Path(src) / "preprocessor_config.json"
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(src, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        return Path(f) if f else None
+    except Exception:  # no preprocessor config on the hub: fall back to the config's defaults
+        return None
+
+
 def _hf_preprocess(model: nn.Module, src: str | None, input_size) -> Preprocess:
     cfg = model.config
     hw = _pair(getattr(cfg, "image_size", 224))
     mean, std, crop_pct = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
-    pp = Path(src) / "preprocessor_config.json" if src else None
+    pp = _hf_preprocessor_file(src) if src else None
     if pp is not None and pp.is_file():
         d = json.loads(pp.read_text())
         mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
@@ -282,7 +295,7 @@ def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedMode
     labels = None
     if getattr(model.config, "id2label", None) and len(model.config.id2label) > 2:
         labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
-    return LoadedModel(model, "hf", f"hf:{name}", _hf_preprocess(model, name if local else None, input_size),
+    return LoadedModel(model, "hf", f"hf:{name}", _hf_preprocess(model, name, input_size),
                        labels, {"checkpoint": str(checkpoint) if checkpoint else None})
 
 

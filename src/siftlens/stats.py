@@ -28,6 +28,14 @@ class BatchMaps:
     dist: torch.Tensor  # [n, n] patch-centre distances in input pixels
     C_perm: torch.Tensor | None = None  # [B, K, n] SIFT concentration permuted over patches (the null)
 
+    def narrow(self, start: int, end: int) -> BatchMaps:
+        """The same maps for images start..end-1 of the batch."""
+        def cut(t):
+            return None if t is None else t[start:end]
+
+        return BatchMaps(cut(self.C), cut(self.groups_onehot), cut(self.sift_valid), cut(self.rankC),
+                         cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_perm))
+
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks along the last dim, ties get their average rank (as scipy.stats.rankdata)."""
@@ -103,9 +111,26 @@ def permutation_test(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.
     return z, p.float()
 
 
+CHUNK_ELEMENTS = 2**25  # images per statistics chunk are chosen so each [b, H, n, n] temporary stays ~128 MB
+
+
 def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
                      maps: BatchMaps) -> dict[str, torch.Tensor]:
-    """All per-image, per-head statistics of one layer. attn: [B, H, T, T] post-softmax."""
+    """All per-image, per-head statistics of one layer. attn: [B, H, T, T] post-softmax.
+
+    Large batches of long sequences are reduced in chunks of images to bound the temporaries.
+    """
+    B, H, T, _ = attn.shape
+    chunk = max(1, CHUNK_ELEMENTS // (H * T * T))
+    if chunk >= B:
+        return _layer_statistics(attn, num_prefix, cls_index, maps)
+    parts = [_layer_statistics(attn[i:i + chunk], num_prefix, cls_index, maps.narrow(i, i + chunk))
+             for i in range(0, B, chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
+                      maps: BatchMaps) -> dict[str, torch.Tensor]:
     A = attn.float()
     P, C = num_prefix, maps.C.to(A.device)
     pp = A[..., P:, P:]  # [B, H, n, n] patch queries -> patch keys
@@ -122,8 +147,7 @@ def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
     AtC = einsum(At, C, "b h i j, b m j -> b h m i")
     out["s_ppw"] = n * einsum(C, AtC, "b m i, b h m i -> b h m")
 
-    logA = At.clamp_min(EPS).log()
-    out["entropy_pp"] = -(At * logA).sum(-1).mean(-1)
+    out["entropy_pp"] = torch.special.entr(At).sum(-1).mean(-1)
     out["mean_dist_px"] = einsum(At, maps.dist.to(A.device), "b h i j, i j -> b h") / n
 
     if cls_index is not None:
@@ -139,7 +163,7 @@ def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
         ra_res = ra - einsum(basis, einsum(basis, ra, "b n k, b h n -> b h k"), "b n k, b h k -> b h n")
         out["partial_spearman_sift"] = einsum(_unit(ra_res), maps.rank_sift_resid.to(A.device),
                                               "b h n, b n -> b h")
-        out["entropy_cls"] = -(a * a.clamp_min(EPS).log()).sum(-1)
+        out["entropy_cls"] = torch.special.entr(a).sum(-1)
         out["cls_attn"] = a  # kept by the caller only for example images
 
     # group interrelation lift: observed mass between groups over the mass uniform attention gives
