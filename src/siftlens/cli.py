@@ -94,11 +94,47 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spurious_parser(sub) -> None:
+    p = sub.add_parser("spurious", help="find keypoint motifs a classifier's decisive attention relies on",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_imagenette")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
+    p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
+    p.add_argument("--out", default="siftlens_spurious")
+    p.add_argument("--layers", default="late", help="late | middle | all | comma-separated layer indices")
+    p.add_argument("--words", type=int, default=32, help="visual words (k-means clusters of SIFT descriptors)")
+    p.add_argument("--min-per-class", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_spurious)
+
+
+def _run_spurious(args: argparse.Namespace) -> int:
+    from .spurious.discover import DiscoveryConfig
+    from .spurious.run import run_spurious
+
+    layers = [int(v) for v in args.layers.split(",")] if args.layers[0].isdigit() else args.layers
+    cfg = DiscoveryConfig(layers=layers, n_words=args.words, seed=args.seed)
+    res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
+                       cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
+    for k, name in enumerate(res.class_names):
+        top = res.motifs[res.motifs["cls"] == k].head(1)
+        if len(top):
+            r = top.iloc[0]
+            print(f"{name}: top motif word {int(r['word'])} score {r['score']:.3f} (lift {r['lift']:.2f}, "
+                  f"in-class {r['f_in']:.0%}, elsewhere {r['f_out']:.0%}, at x={r['mean_x']:.2f} y={r['mean_y']:.2f})")
+    print(f"-> {args.out}/spurious.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _compare_parser(sub)
+    _spurious_parser(sub)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""Shortcut discovery (METHOD.md §4): keypoint motifs under the decisive attention, per class.
+
+1. For every image: late-layer CLS attention over patches (mean over the chosen layers and heads),
+   SIFT keypoints with descriptors (RootSIFT), the SIFT concentration groups.
+2. Descriptors of all images are clustered into visual words (k-means, seeded).
+3. Per class and word: attention lift (mean n·a_j of the patches its keypoints sit in; 1 = uniform),
+   class specificity (frequent in this class, rare elsewhere) and position stability (a fixed
+   position is suspicious). score = lift × specificity × (0.5 + 0.5 · stability).
+4. Per image, a reliance score: the share of decisive attention on the predicted class's top motif
+   patches or on background (no / low concentration) patches, against the image's high-concentration
+   patches. High = the prediction may rest on a shortcut or on background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from scipy.cluster.vq import kmeans2, vq
+
+from ..capture import AttentionCapture
+from ..models import LoadedModel
+from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
+
+
+@dataclass
+class DiscoveryConfig:
+    layers: str | list[int] = "late"  # attention layers whose CLS row is "decisive"
+    n_words: int = 32
+    top_motifs: int = 1  # motifs per class used for reliance and token masks
+    min_class_frequency: float = 0.05  # a motif must appear in at least this share of the class's images
+    max_fit_descriptors: int = 20000
+    batch_size: int = 64
+    seed: int = 0
+    groups: int = 4
+
+
+def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
+    if isinstance(layers, str):
+        third = max(1, num_layers // 3)
+        choice = {"late": range(num_layers - third, num_layers), "middle": range(third, num_layers - third),
+                  "early": range(third), "all": range(num_layers), "last": range(num_layers - 1, num_layers)}
+        if layers not in choice:
+            raise ValueError(f"layers must be a list of ints or one of {sorted(choice)}, got {layers!r}")
+        return list(choice[layers])
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {num_layers} attention layers")
+    return list(layers)
+
+
+def sift_with_descriptors(gray: np.ndarray) -> tuple[Keypoints, np.ndarray]:
+    """SIFT keypoints (+0.5 pixel-centre shift, as semantic_maps) and RootSIFT descriptors [K, 128]."""
+    kps, desc = cv2.SIFT_create().detectAndCompute(gray, None)
+    if desc is None or not kps:
+        return Keypoints.from_cv([]), np.zeros((0, 128), np.float32)
+    desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
+    return Keypoints.from_cv(kps), np.sqrt(desc).astype(np.float32)
+
+
+@torch.no_grad()
+def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS attention over patches averaged over ``layers`` and heads [B, n], and the logits."""
+    layout = lm.layout(tuple(x.shape[-2:]))
+    if layout.cls_index is None:
+        raise ValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
+    rows: list[torch.Tensor] = []
+
+    def keep(idx: int, attn: torch.Tensor) -> None:
+        if idx in layers:
+            a = attn[:, :, layout.cls_index, layout.num_prefix:].float()
+            rows.append((a / a.sum(-1, keepdim=True)).mean(1))
+
+    with AttentionCapture(lm.module, lm.backend, keep):
+        logits = lm.forward(x)
+    return torch.stack(rows).mean(0), logits
+
+
+@dataclass
+class DiscoveryResult:
+    motifs: pd.DataFrame  # one row per (class, word), ranked within class
+    per_image: pd.DataFrame  # label, pred, confidence, reliance and its parts
+    centroids: np.ndarray  # [n_words, 128] visual words
+    class_names: list[str]
+    shortcut_words: dict[int, list[int]]  # class -> its top motif words
+    keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
+
+    def words_of(self, desc: np.ndarray) -> np.ndarray:
+        return vq(desc, self.centroids)[0] if len(desc) else np.zeros(0, int)
+
+    def shortcut_mask(self, lm: LoadedModel, x: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """bool [B, n]: patches holding a keypoint of a discovered shortcut motif (of ``classes``, or of any)."""
+        layout = lm.layout(tuple(x.shape[-2:]))
+        words = {w for k, ws in self.shortcut_words.items() if classes is None or k in classes for w in ws}
+        out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
+        for b in range(len(x)):
+            kp, desc = sift_with_descriptors(lm.preprocess.to_uint8_gray(x[b]))
+            hit = np.isin(self.words_of(desc), list(words))
+            if hit.any():
+                sub = Keypoints(kp.xy[hit], kp.size[hit], np.ones(hit.sum()), kp.octave[hit])
+                cover = keypoint_mass(sub, layout.grid, layout.patch_size, "footprint", "unit")
+                out[b] = torch.from_numpy(cover > 0.05)  # patches holding >5% of a motif keypoint's disc
+        return out
+
+
+def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray | None = None,
+                       class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None) -> DiscoveryResult:
+    """Find keypoint motifs under the decisive attention. images: normalised model inputs [N, 3, H, W]."""
+    cfg = cfg or DiscoveryConfig()
+    layout = lm.layout(tuple(images.shape[-2:]))
+    n = layout.num_patches
+    from ..capture import ATTENTION_FINDERS
+
+    layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
+
+    attn_all, probs_all, kp_rows, descs, group_rows = [], [], [], [], []
+    for s in range(0, len(images), cfg.batch_size):
+        x = images[s:s + cfg.batch_size]
+        a, logits = decisive_attention(lm, x, layers)
+        attn_all.append(a.numpy())
+        probs_all.append(logits.float().softmax(-1).numpy())
+        for b in range(len(x)):
+            gray = lm.preprocess.to_uint8_gray(x[b])
+            kp, desc = sift_with_descriptors(gray)
+            mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
+            group_rows.append(concentration_groups(mass, cfg.groups))
+            if len(kp) == 0:
+                continue
+            col = np.clip((kp.xy[:, 0] // layout.patch_size).astype(int), 0, layout.grid[1] - 1)
+            row = np.clip((kp.xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
+            patch = row * layout.grid[1] + col
+            H, W = gray.shape
+            kp_rows.append(pd.DataFrame({"image": s + b, "patch": patch, "x": kp.xy[:, 0] / W,
+                                         "y": kp.xy[:, 1] / H, "size": kp.size,
+                                         "lift": n * a[b, patch].numpy()}))
+            descs.append(desc)
+    attn = np.concatenate(attn_all)
+    probs = np.concatenate(probs_all)
+    preds = probs.argmax(1)
+    cls_of_image = np.asarray(labels) if labels is not None else preds
+    K = probs.shape[1]
+    class_names = class_names or [str(k) for k in range(K)]
+    if not descs:
+        raise ValueError("no SIFT keypoints in any image: nothing to discover")
+    kps = pd.concat(kp_rows, ignore_index=True)
+    D = np.concatenate(descs)
+
+    rng = np.random.default_rng(cfg.seed)
+    fit = D if len(D) <= cfg.max_fit_descriptors else D[rng.choice(len(D), cfg.max_fit_descriptors, replace=False)]
+    k_words = min(cfg.n_words, len(fit))
+    centroids, _ = kmeans2(fit.astype(np.float64), k_words, minit="++", seed=cfg.seed)
+    kps["word"] = vq(D.astype(np.float64), centroids)[0]
+    kps["cls"] = cls_of_image[kps["image"].to_numpy()]
+
+    motifs = motif_table(kps, cls_of_image, K, k_words, cfg.min_class_frequency)
+    motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
+    shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
+                      for k in range(K)}
+
+    groups = np.stack(group_rows)
+    per_image = reliance_scores(attn, groups, kps, preds, shortcut_words, cfg.groups)
+    per_image["pred"] = preds
+    per_image["confidence"] = probs.max(1)
+    per_image["entropy"] = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+    if labels is not None:
+        per_image["label"] = np.asarray(labels)
+    return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps)
+
+
+def motif_table(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: int,
+                min_freq: float) -> pd.DataFrame:
+    """Score every (class, word): lift × specificity × (0.5 + 0.5 · position stability)."""
+    n_images = len(cls_of_image)
+    present = np.zeros((n_images, n_words), bool)
+    present[kps["image"].to_numpy(), kps["word"].to_numpy()] = True
+    rows = []
+    for k in range(K):
+        in_k = cls_of_image == k
+        if not in_k.any():
+            continue
+        f_in = present[in_k].mean(0)
+        f_out = present[~in_k].mean(0) if (~in_k).any() else np.zeros(n_words)
+        sub = kps[kps["cls"] == k]
+        g = sub.groupby("word")
+        lift = g["lift"].mean().reindex(range(n_words)).to_numpy()
+        sd = np.sqrt(g["x"].var().reindex(range(n_words)).to_numpy() + g["y"].var().reindex(range(n_words)).to_numpy())
+        count = g.size().reindex(range(n_words)).fillna(0).to_numpy()
+        mx, my = g["x"].mean().reindex(range(n_words)).to_numpy(), g["y"].mean().reindex(range(n_words)).to_numpy()
+        for w in range(n_words):
+            if count[w] < 3 or f_in[w] < min_freq:
+                continue
+            specificity = f_in[w] * f_in[w] / (f_in[w] + f_out[w])  # frequent here, rare elsewhere
+            stability = 1.0 / (1.0 + np.nan_to_num(sd[w], nan=0.5) / 0.1)  # 1 = always the same place
+            rows.append({"cls": k, "word": w, "lift": lift[w], "f_in": f_in[w], "f_out": f_out[w],
+                         "specificity": specificity, "stability": stability, "n_keypoints": int(count[w]),
+                         "mean_x": mx[w], "mean_y": my[w],
+                         "score": lift[w] * specificity * (0.5 + 0.5 * stability)})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df.assign(rank=pd.Series(dtype=int))
+    df["rank"] = df.groupby("cls")["score"].rank(ascending=False, method="first").astype(int)
+    return df.sort_values(["cls", "rank"]).reset_index(drop=True)
+
+
+def reliance_scores(attn: np.ndarray, groups: np.ndarray, kps: pd.DataFrame, preds: np.ndarray,
+                    shortcut_words: dict[int, list[int]], G: int) -> pd.DataFrame:
+    """Share of decisive attention on shortcut-motif or background patches vs high-concentration patches."""
+    N, n = attn.shape
+    shortcut = np.zeros((N, n), bool)
+    for k, words in shortcut_words.items():
+        hit = kps[kps["word"].isin(words) & (preds[kps["image"].to_numpy()] == k)]
+        shortcut[hit["image"].to_numpy(), hit["patch"].to_numpy()] = True
+    background = (groups <= 1) & ~shortcut  # no or low SIFT concentration
+    semantic = (groups >= G - 1) & ~shortcut  # the image's own high-concentration patches
+    m_short = (attn * shortcut).sum(1)
+    m_back = (attn * background).sum(1)
+    m_sem = (attn * semantic).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reliance = (m_short + m_back) / (m_short + m_back + m_sem)
+    return pd.DataFrame({"shortcut_mass": m_short, "background_mass": m_back, "semantic_mass": m_sem,
+                         "reliance": np.nan_to_num(reliance, nan=1.0)})
+
+
+def exemplar_crops(images_uint8: np.ndarray, kps: pd.DataFrame, cls: int, word: int, k: int = 6,
+                   half: int = 10) -> list[np.ndarray]:
+    """Crops around the most attended keypoints of ``word`` in class ``cls`` images."""
+    sub = kps[(kps["cls"] == cls) & (kps["word"] == word)].sort_values("lift", ascending=False)
+    crops, seen = [], set()
+    for r in sub.itertuples():
+        if r.image in seen:
+            continue
+        img = images_uint8[r.image]
+        H, W = img.shape[:2]
+        cx, cy = int(r.x * W), int(r.y * H)
+        pad = np.pad(img, ((half, half), (half, half), (0, 0)), mode="constant")
+        crops.append(pad[cy:cy + 2 * half, cx:cx + 2 * half])
+        seen.add(r.image)
+        if len(crops) == k:
+            break
+    return crops
