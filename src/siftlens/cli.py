@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .semantic_maps import MAP_MODES, SiftParams
@@ -129,12 +130,44 @@ def _run_spurious(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_parser(sub) -> None:
+    p = sub.add_parser("prompt", help="steer attention at inference (no retraining) and compare predictions",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_imagenette")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--random-init", action="store_true")
+    p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
+    p.add_argument("--labels", default=None, help="CSV path,label; default: ImageFolder classes; 'none': no labels")
+    p.add_argument("--method", default="sift_bias",
+                   choices=("sift_bias", "edge_bias", "mask_tokens", "random_mask", "sift_suppress_lowconc",
+                            "edge_suppress_lowconc"))
+    p.add_argument("--layers", default="late", help="late | middle | early | all | comma-separated indices")
+    p.add_argument("--beta", type=float, default=1.0, help="steering strength")
+    p.add_argument("--motifs", default=None, help="output dir of `siftlens spurious` (for mask_tokens/random_mask)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="siftlens_prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_prompt)
+
+
+def _run_prompt(args: argparse.Namespace) -> int:
+    from .spurious.prompt_cli import run_prompt
+
+    layers = [int(v) for v in args.layers.split(",")] if args.layers.lstrip("-")[0].isdigit() else args.layers
+    summary = run_prompt(args.model, args.images, args.out, method=args.method, layers=layers, beta=args.beta,
+                         motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
+                         checkpoint=args.checkpoint, random_init=args.random_init)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _compare_parser(sub)
     _spurious_parser(sub)
+    _prompt_parser(sub)
     return parser
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+AUGMENTATIONS = ("crop_flip", "none")
+
 
 @dataclass
 class TrainConfig:
@@ -28,6 +30,13 @@ class TrainConfig:
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.35, 1.0)
     seed: int = 0
+    # "crop_flip": random resized crop + horizontal flip (the default); "none": centre crop to
+    # ``size`` only, so that content at a fixed pixel position (a planted cue) stays in place.
+    augment: str = "crop_flip"
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment {self.augment!r} is not one of {AUGMENTATIONS}")
 
 
 def load_image_folder(root: str | Path, short_side: int, crop: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -74,6 +83,12 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, flo
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre crop of ``size`` from a batch [B, C, H, W] (no-op when H == W == size)."""
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
 def normalize(x_uint8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     x = x_uint8.float() / 255.0
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
@@ -96,7 +111,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int,
                      mean: tuple[float, ...], std: tuple[float, ...], cfg: TrainConfig,
                      eval_fn=None, log=print) -> list[dict]:
-    """Train ``model`` on uint8 images [N,3,S,S] with random crops to ``size``. Returns a log."""
+    """Train ``model`` on uint8 images [N,3,S,S] with random crops to ``size`` (or centre crops when
+    ``cfg.augment == "none"``). Returns a log."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,7 +131,11 @@ def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch
         order = torch.randperm(len(images), generator=g)
         for i in range(0, len(images), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            x = random_resized_crop_flip(normalize(images[idx], mean, std), size, cfg.crop_scale, g)
+            x = normalize(images[idx], mean, std)
+            if cfg.augment == "crop_flip":
+                x = random_resized_crop_flip(x, size, cfg.crop_scale, g)
+            else:
+                x = center_crop(x, size)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             loss = F.cross_entropy(model(x), labels[idx], label_smoothing=cfg.label_smoothing)

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 from scipy.cluster.vq import kmeans2, vq
 
 from ..capture import AttentionCapture
+from ..io import atomic_write_bytes
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 
@@ -88,17 +91,37 @@ class DiscoveryResult:
     shortcut_words: dict[int, list[int]]  # class -> its top motif words
     keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
 
-    def words_of(self, desc: np.ndarray) -> np.ndarray:
-        return vq(desc, self.centroids)[0] if len(desc) else np.zeros(0, int)
+    def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
+        """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)."""
+        words = sorted({w for k, ws in self.shortcut_words.items() if classes is None or k in classes for w in ws})
+        return ShortcutMasker(lm, self.centroids, words)
 
-    def shortcut_mask(self, lm: LoadedModel, x: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
-        """bool [B, n]: patches holding a keypoint of a discovered shortcut motif (of ``classes``, or of any)."""
-        layout = lm.layout(tuple(x.shape[-2:]))
-        words = {w for k, ws in self.shortcut_words.items() if classes is None or k in classes for w in ws}
+    def save_words(self, path: str | Path) -> None:
+        buf = io.BytesIO()
+        words = sorted({w for ws in self.shortcut_words.values() for w in ws})
+        np.savez(buf, centroids=self.centroids, words=np.array(words, dtype=np.int64))
+        atomic_write_bytes(path, buf.getvalue())
+
+
+class ShortcutMasker:
+    """bool [B, n]: patches holding a keypoint whose descriptor falls in one of the shortcut words."""
+
+    def __init__(self, lm: LoadedModel, centroids: np.ndarray, words: list[int]) -> None:
+        self.lm, self.centroids, self.words = lm, centroids, list(words)
+
+    @classmethod
+    def load(cls, lm: LoadedModel, path: str | Path) -> ShortcutMasker:
+        with np.load(path) as z:
+            return cls(lm, z["centroids"], [int(w) for w in z["words"]])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
         for b in range(len(x)):
-            kp, desc = sift_with_descriptors(lm.preprocess.to_uint8_gray(x[b]))
-            hit = np.isin(self.words_of(desc), list(words))
+            kp, desc = sift_with_descriptors(self.lm.preprocess.to_uint8_gray(x[b]))
+            if not len(desc):
+                continue
+            hit = np.isin(vq(desc.astype(np.float64), self.centroids)[0], self.words)
             if hit.any():
                 sub = Keypoints(kp.xy[hit], kp.size[hit], np.ones(hit.sum()), kp.octave[hit])
                 cover = keypoint_mass(sub, layout.grid, layout.patch_size, "footprint", "unit")

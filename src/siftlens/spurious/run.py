@@ -93,6 +93,7 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
     res.per_image.to_parquet(buf, index=False)
     atomic_write_bytes(out / "reliance.parquet", buf.getvalue())
     atomic_write_text(out / "motifs.csv", res.motifs.to_csv(index=False))
+    res.save_words(out / "shortcut_words.npz")  # for `siftlens prompt --method mask_tokens --motifs DIR`
     rgb = np.stack([lm.preprocess.to_uint8_rgb(xi) for xi in x])
     parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>",
              "<p class=note>Per class, keypoint motifs (SIFT visual words) under the decisive (late-layer CLS) "

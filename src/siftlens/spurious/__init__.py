@@ -1,0 +1,1 @@
+"""Spurious-correlation benchmarks and tools (planted cues, discovery, attention prompting)."""

@@ -1,0 +1,75 @@
+"""`siftlens prompt`: predictions with and without attention steering, on a user's images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from ..models import load_model
+from ..preprocess import BadImageError, find_images, load_rgb
+from ..prompting import SteeredViT
+from .discover import ShortcutMasker
+from .run import read_labels
+
+
+def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
+               layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
+               labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
+               random_init: bool = False) -> dict:
+    """Write predictions.parquet (before/after) and summary.json; return the summary."""
+    out = ensure_writable_dir(out)
+    lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
+    token_mask_fn = None
+    if method in ("mask_tokens", "random_mask"):
+        if motifs is None:
+            raise ValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
+        words = Path(motifs) / "shortcut_words.npz"
+        if not words.is_file():
+            raise FileNotFoundError(f"--motifs {motifs}: no shortcut_words.npz (run `siftlens spurious` first)")
+        token_mask_fn = ShortcutMasker.load(lm, words)
+    paths = find_images(images)
+    y = None
+    if labels != "none":
+        root = Path(images) if Path(images).is_dir() else None
+        try:
+            y, _ = read_labels(paths, labels, root)
+        except ValueError:
+            if labels is not None:
+                raise
+    xs, keep, skipped = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            xs.append(lm.preprocess(load_rgb(p, min_side=lm.patch_size)))
+            keep.append(i)
+        except BadImageError as e:
+            skipped.append({"path": str(p), "reason": str(e)})
+    if not xs:
+        raise ValueError(f"--images {images}: no readable image")
+    x = torch.stack(xs)
+    steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=token_mask_fn, seed=seed)
+    before, after = [], []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            before.append(lm.forward(x[s:s + batch_size]).float().softmax(-1))
+            after.append(steered(x[s:s + batch_size]).float().softmax(-1))
+    steered.remove()
+    pb, pa = torch.cat(before).numpy(), torch.cat(after).numpy()
+    df = pd.DataFrame({"path": [str(paths[i]) for i in keep], "pred_before": pb.argmax(1),
+                       "conf_before": pb.max(1), "pred_after": pa.argmax(1), "conf_after": pa.max(1)})
+    summary = {"model": lm.name, "method": method, "layers": layers, "beta": beta, "n_images": len(df),
+               "skipped": skipped, "changed_predictions": float((df.pred_before != df.pred_after).mean())}
+    if y is not None and lm.label_names is None:
+        summary["note"] = "model has no label names: accuracy assumes label index order = class folder order"
+    if y is not None:
+        df["label"] = y[keep]
+        summary["accuracy_before"] = float((df.pred_before == df.label).mean())
+        summary["accuracy_after"] = float((df.pred_after == df.label).mean())
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "predictions.parquet", buf.getvalue())
+    atomic_write_json(out / "summary.json", summary)
+    return summary
