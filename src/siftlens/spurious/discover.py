@@ -129,29 +129,25 @@ class ShortcutMasker:
         return out
 
 
-def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray | None = None,
-                       class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None) -> DiscoveryResult:
-    """Find keypoint motifs under the decisive attention. images: normalised model inputs [N, 3, H, W]."""
-    cfg = cfg or DiscoveryConfig()
+def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size: int = 64, groups: int = 4
+            ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
+    """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
+    per keypoint: a table (image, patch, position, size, lift) and RootSIFT descriptors [K, 128]."""
     layout = lm.layout(tuple(images.shape[-2:]))
     n = layout.num_patches
-    from ..capture import ATTENTION_FINDERS
-
-    layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
-
     attn_all, probs_all, kp_rows, descs, group_rows = [], [], [], [], []
-    for s in range(0, len(images), cfg.batch_size):
-        x = images[s:s + cfg.batch_size]
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size]
         a, logits = decisive_attention(lm, x, layers)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"{lm.name}: has no classifier head (output shape {tuple(logits.shape)})")
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
             gray = lm.preprocess.to_uint8_gray(x[b])
             kp, desc = sift_with_descriptors(gray)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
-            group_rows.append(concentration_groups(mass, cfg.groups))
+            group_rows.append(concentration_groups(mass, groups))
             if len(kp) == 0:
                 continue
             col = np.clip((kp.xy[:, 0] // layout.patch_size).astype(int), 0, layout.grid[1] - 1)
@@ -162,16 +158,28 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
                                          "y": kp.xy[:, 1] / H, "size": kp.size,
                                          "lift": n * a[b, patch].numpy()}))
             descs.append(desc)
-    attn = np.concatenate(attn_all)
-    probs = np.concatenate(probs_all)
+    kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
+        columns=["image", "patch", "x", "y", "size", "lift"])
+    D = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)
+    return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.stack(group_rows)
+
+
+def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray | None = None,
+                       class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None) -> DiscoveryResult:
+    """Find keypoint motifs under the decisive attention. images: normalised model inputs [N, 3, H, W]."""
+    cfg = cfg or DiscoveryConfig()
+    from ..capture import ATTENTION_FINDERS
+
+    layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
+    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups)
     preds = probs.argmax(1)
     cls_of_image = np.asarray(labels) if labels is not None else preds
     K = probs.shape[1]
     class_names = class_names or [str(k) for k in range(K)]
-    if not descs:
+    if not len(D):
         raise ValueError("no SIFT keypoints in any image: nothing to discover")
-    kps = pd.concat(kp_rows, ignore_index=True)
-    D = np.concatenate(descs)
 
     rng = np.random.default_rng(cfg.seed)
     fit = D if len(D) <= cfg.max_fit_descriptors else D[rng.choice(len(D), cfg.max_fit_descriptors, replace=False)]
@@ -181,18 +189,35 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     kps["cls"] = cls_of_image[kps["image"].to_numpy()]
 
     motifs = motif_table(kps, cls_of_image, K, k_words, cfg.min_class_frequency)
-    motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
+    if len(motifs):
+        motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
-                      for k in range(K)}
-
-    groups = np.stack(group_rows)
-    per_image = reliance_scores(attn, groups, kps, preds, shortcut_words, cfg.groups)
-    per_image["pred"] = preds
-    per_image["confidence"] = probs.max(1)
-    per_image["entropy"] = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
-    if labels is not None:
-        per_image["label"] = np.asarray(labels)
+                      if len(motifs) else [] for k in range(K)}
+    per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels)
     return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps)
+
+
+def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
+                 cfg: DiscoveryConfig | None = None, labels: np.ndarray | None = None) -> pd.DataFrame:
+    """Reliance (and confidence, entropy) of new images, with the motifs of an earlier discovery."""
+    cfg = cfg or DiscoveryConfig()
+    from ..capture import ATTENTION_FINDERS
+
+    layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
+    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups)
+    kps["word"] = vq(D.astype(np.float64), result.centroids)[0] if len(D) else np.zeros(0, int)
+    return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels)
+
+
+def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFrame:
+    preds = probs.argmax(1)
+    df = reliance_scores(attn, groups, kps, preds, shortcut_words, G)
+    df["pred"] = preds
+    df["confidence"] = probs.max(1)
+    df["entropy"] = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+    if labels is not None:
+        df["label"] = np.asarray(labels)
+    return df
 
 
 def motif_table(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: int,

@@ -1,0 +1,214 @@
+"""Planted-shortcut benchmark: discovery rank, flagging AUROC, steering accuracy; mean ± std over seeds.
+
+    python benchmarks/bench_spurious.py --data ../shared/data/imagenette2-160.tar --kinds patch texture \
+        --seeds 0 1 2 --out runs/bench_spurious
+
+Per cue kind and seed: plant the cue (95% of class k's training images carry cue k), train the small
+ViT (project training code, CPU), then
+  discovery  rank of the planted cue among each class's motifs (a motif "is" the cue when >= 50% of
+             its keypoints in that class's cue-carrying training images lie inside the cue mask);
+  flagging   AUROC on the test set (each test image appears as aligned / absent / conflict) of the
+             reliance score, the counterfactual score (drop of the predicted class's probability when
+             shortcut-motif tokens are masked), 1 - max softmax, predictive entropy, rollout peakiness,
+             random; targets: conflict vs rest, and minority (conflict + absent) vs aligned;
+  steering   average and worst-group accuracy with no intervention and each steering method, fixed
+             settings chosen before looking at the test set (late layers, beta 1 for biases; all layers
+             for token masking, whose effect spreads through earlier layers otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from siftlens.models import LoadedModel
+from siftlens.prompting import SteeredViT
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
+from siftlens.spurious.planted import (
+    build_planted_dataset,
+    load_source_images,
+    planted_preprocess,
+    train_planted_model,
+)
+from siftlens.stats import RolloutState
+from siftlens.train import normalize
+
+STEERING = [  # (name, method, layers, beta)
+    ("none", None, None, 0.0),
+    ("sift_bias", "sift_bias", "late", 1.0),
+    ("edge_bias", "edge_bias", "late", 1.0),
+    ("mask_shortcut_tokens", "mask_tokens", "all", 1.0),
+    ("random_tokens_masked", "random_mask", "all", 1.0),
+    ("sift_suppress_lowconc", "sift_suppress_lowconc", "late", 1.0),
+    ("edge_suppress_lowconc", "edge_suppress_lowconc", "late", 1.0),
+]
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    from scipy.stats import rankdata
+
+    pos = positive.astype(bool)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(scores)
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def cue_rank(res, train, K: int) -> list[float]:
+    """Per class: rank of the first motif whose keypoints mostly sit inside the planted cue."""
+    kps = res.keypoints
+    img = kps["image"].to_numpy()
+    S = train.masks.shape[-1]
+    xi = np.clip((kps["x"].to_numpy() * S).astype(int), 0, S - 1)
+    yi = np.clip((kps["y"].to_numpy() * S).astype(int), 0, S - 1)
+    inside = train.masks.numpy()[img, yi, xi]
+    carries = (train.cue_ids.numpy()[img] == train.labels.numpy()[img])
+    kps = kps.assign(inside=inside, carries=carries)
+    ranks = []
+    for k in range(K):
+        m = res.motifs[res.motifs["cls"] == k]
+        found = float("inf")
+        for r in m.itertuples():
+            sub = kps[(kps["cls"] == k) & (kps["word"] == r.word) & kps["carries"]]
+            if len(sub) and sub["inside"].mean() >= 0.5:
+                found = float(r.rank)
+                break
+        ranks.append(found)
+    return ranks
+
+
+@torch.no_grad()
+def rollout_peakiness(lm: LoadedModel, x: torch.Tensor) -> np.ndarray:
+    from siftlens.capture import AttentionCapture
+
+    layout = lm.layout(tuple(x.shape[-2:]))
+    out = []
+    for s in range(0, len(x), 128):
+        ro = RolloutState()
+        with AttentionCapture(lm.module, lm.backend, lambda i, a, ro=ro: ro.update(a)):
+            lm.forward(x[s:s + 128])
+        r = ro.cls_map(layout.num_prefix, layout.cls_index)
+        out.append((r.max(-1).values * layout.num_patches).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def probs_of(model_fn, x: torch.Tensor, bs: int = 128) -> np.ndarray:
+    return torch.cat([model_fn(x[s:s + bs]).float().softmax(-1) for s in range(0, len(x), bs)]).numpy()
+
+
+def run_one(args, kind: str, seed: int) -> dict:
+    t0 = time.time()
+    torch.manual_seed(seed)
+    train_src = load_source_images(args.data, "train", args.classes, args.per_class, args.size, seed)
+    test_src = load_source_images(args.data, "val", train_src.class_names, args.test_per_class, args.size, seed + 1)
+    ds = build_planted_dataset(train_src, kind, 0.95, seed, test_source=test_src)
+    model, meta = train_planted_model(ds, args.epochs, seed, log=None)
+    pre = planted_preprocess(meta)
+    lm = LoadedModel(model, "timm", f"planted-{kind}-s{seed}", pre, meta["display_names"])
+    K = ds.num_classes
+    xtr = normalize(ds.train.images, pre.mean, pre.std)
+    xte = normalize(ds.test.images, pre.mean, pre.std)
+    dcfg = DiscoveryConfig(seed=seed)
+    res = discover_shortcuts(lm, xtr, ds.train.labels.numpy(), ds.class_names, dcfg)
+    ranks = cue_rank(res, ds.train, K)
+
+    groups = np.asarray(ds.test.groups)
+    labels = ds.test.labels.numpy()
+    scored = score_images(lm, xte, res, dcfg, labels)
+    masker = res.masker(lm)
+    p0 = probs_of(lm.forward, xte)
+    pred = p0.argmax(1)
+    with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=masker) as st:
+        p_mask = probs_of(st, xte)
+    counterfactual = p0[np.arange(len(pred)), pred] - p_mask[np.arange(len(pred)), pred]
+    scores = {
+        "reliance": scored["reliance"].to_numpy(),
+        "counterfactual_mask_drop": counterfactual,
+        "one_minus_max_softmax": 1 - p0.max(1),
+        "entropy": -(p0 * np.log(np.clip(p0, 1e-12, None))).sum(1),
+        "rollout_peakiness": rollout_peakiness(lm, xte),
+        "random": np.random.default_rng(seed).random(len(pred)),
+    }
+    targets = {"conflict": groups == "conflict", "minority": groups != "aligned"}
+    flag = {f"{s}|{t}": auroc(scores[s], targets[t]) for s in scores for t in targets}
+
+    steer = {}
+    for name, method, layers, beta in STEERING:
+        if method is None:
+            p = p0
+        else:
+            kw = {"token_mask_fn": masker} if method in ("mask_tokens", "random_mask") else {}
+            with SteeredViT(lm, method, layers=layers, beta=beta, seed=seed, **kw) as st:
+                p = probs_of(st, xte)
+        correct = p.argmax(1) == labels
+        per_group = {g: float(correct[groups == g].mean()) for g in ("aligned", "absent", "conflict")}
+        steer[name] = {"average": float(correct.mean()), "worst_group": min(per_group.values()), **per_group}
+    return {"kind": kind, "seed": seed, "cue_rank": ranks, "top1_rate": float(np.mean([r == 1 for r in ranks])),
+            "flag_auroc": flag, "steering": steer, "seconds": round(time.time() - t0, 1),
+            "n_train": len(ds.train.labels), "n_test": len(labels)}
+
+
+def summarise(results: list[dict]) -> str:
+    lines = []
+    for kind in sorted({r["kind"] for r in results}):
+        rs = [r for r in results if r["kind"] == kind]
+        lines.append(f"\n### cue: {kind} ({len(rs)} seeds, mean ± std)\n")
+        t1 = [r["top1_rate"] for r in rs]
+        lines.append(f"discovery: planted cue is the top-1 motif in {np.mean(t1):.0%} ± {np.std(t1):.0%} of classes; "
+                     f"ranks per seed: {[r['cue_rank'] for r in rs]}\n")
+        lines.append("| flag score | AUROC conflict vs rest | AUROC minority vs aligned |\n|---|---|---|")
+        for s in rs[0]["flag_auroc"]:
+            if s.endswith("|conflict"):
+                name = s.split("|")[0]
+                a = [r["flag_auroc"][f"{name}|conflict"] for r in rs]
+                b = [r["flag_auroc"][f"{name}|minority"] for r in rs]
+                lines.append(f"| {name} | {np.mean(a):.3f} ± {np.std(a):.3f} | {np.mean(b):.3f} ± {np.std(b):.3f} |")
+        lines.append("\n| steering | average acc | worst-group acc | aligned | absent | conflict |")
+        lines.append("|---|---|---|---|---|---|")
+        for name in rs[0]["steering"]:
+            cols = [[r["steering"][name][c] for r in rs] for c in ("average", "worst_group", "aligned", "absent",
+                                                                    "conflict")]
+            lines.append(f"| {name} | " + " | ".join(f"{np.mean(c):.3f} ± {np.std(c):.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="../shared/data/imagenette2-160.tar")
+    ap.add_argument("--kinds", nargs="+", default=["patch", "texture"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--classes", type=int, default=5)
+    ap.add_argument("--per-class", type=int, default=300)
+    ap.add_argument("--test-per-class", type=int, default=100)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--out", default="runs/bench_spurious")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for kind in args.kinds:
+        for seed in args.seeds:
+            f = out / f"{kind}_s{seed}.json"
+            if f.exists():  # resume: finished (kind, seed) runs are kept
+                results.append(json.loads(f.read_text()))
+                continue
+            r = run_one(args, kind, seed)
+            f.write_text(json.dumps(r, indent=1))
+            print(json.dumps({k: r[k] for k in ("kind", "seed", "cue_rank", "seconds")}), flush=True)
+            results.append(r)
+    table = summarise(results)
+    (out / "summary.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
