@@ -191,7 +191,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--out", default="runs/bench_spurious")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (results are reproducible per count)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
