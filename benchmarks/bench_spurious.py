@@ -29,6 +29,7 @@ import torch
 from siftlens.models import LoadedModel
 from siftlens.prompting import SteeredViT
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
+from siftlens.spurious.evaluate import auroc, planted_cue_rank
 from siftlens.spurious.planted import (
     build_planted_dataset,
     load_source_images,
@@ -47,41 +48,6 @@ STEERING = [  # (name, method, layers, beta)
     ("sift_suppress_lowconc", "sift_suppress_lowconc", "late", 1.0),
     ("edge_suppress_lowconc", "edge_suppress_lowconc", "late", 1.0),
 ]
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Probability that a positive scores above a negative (ties count half)."""
-    from scipy.stats import rankdata
-
-    pos = positive.astype(bool)
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def cue_rank(res, train, K: int) -> list[float]:
-    """Per class: rank of the first motif whose keypoints mostly sit inside the planted cue."""
-    kps = res.keypoints
-    img = kps["image"].to_numpy()
-    S = train.masks.shape[-1]
-    xi = np.clip((kps["x"].to_numpy() * S).astype(int), 0, S - 1)
-    yi = np.clip((kps["y"].to_numpy() * S).astype(int), 0, S - 1)
-    inside = train.masks.numpy()[img, yi, xi]
-    carries = (train.cue_ids.numpy()[img] == train.labels.numpy()[img])
-    kps = kps.assign(inside=inside, carries=carries)
-    ranks = []
-    for k in range(K):
-        m = res.motifs[res.motifs["cls"] == k]
-        found = float("inf")
-        for r in m.itertuples():
-            sub = kps[(kps["cls"] == k) & (kps["word"] == r.word) & kps["carries"]]
-            if len(sub) and sub["inside"].mean() >= 0.5:
-                found = float(r.rank)
-                break
-        ranks.append(found)
-    return ranks
 
 
 @torch.no_grad()
@@ -118,7 +84,7 @@ def run_one(args, kind: str, seed: int) -> dict:
     xte = normalize(ds.test.images, pre.mean, pre.std)
     dcfg = DiscoveryConfig(seed=seed)
     res = discover_shortcuts(lm, xtr, ds.train.labels.numpy(), ds.class_names, dcfg)
-    ranks = cue_rank(res, ds.train, K)
+    ranks = planted_cue_rank(res, ds.train, K)
 
     groups = np.asarray(ds.test.groups)
     labels = ds.test.labels.numpy()

@@ -1,0 +1,87 @@
+"""Discovery finds a planted cue that a tiny model learned; steering moves predictions off it."""
+
+import numpy as np
+import pytest
+import torch
+
+from siftlens.models import LoadedModel
+from siftlens.prompting import SteeredViT
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
+from siftlens.spurious.evaluate import auroc, planted_cue_rank
+from siftlens.spurious.planted import (
+    PlantedModelConfig,
+    SourceImages,
+    build_planted_dataset,
+    planted_preprocess,
+    train_planted_model,
+)
+from siftlens.train import TrainConfig, normalize
+from tests.test_planted import CLASSES, smooth_images
+
+
+@pytest.fixture(scope="module")
+def shortcut_model():
+    torch.set_num_threads(1)
+    src = SourceImages(smooth_images(90, 32, 3), torch.arange(3).repeat_interleave(30), list(CLASSES))
+    ds = build_planted_dataset(src, "patch", p_aligned=0.95, seed=0)
+    cfg = PlantedModelConfig(depth=2, embed_dim=64, num_heads=2)
+    tc = TrainConfig(batch_size=16, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.0, augment="none")
+    model, meta = train_planted_model(ds, epochs=20, seed=0, model_cfg=cfg, train_cfg=tc, log=None)
+    pre = planted_preprocess(meta)
+    lm = LoadedModel(model, "timm", "tiny-planted", pre, list(CLASSES))
+    return ds, lm, meta
+
+
+def test_discovery_ranks_the_planted_cue_first(shortcut_model):
+    ds, lm, meta = shortcut_model
+    assert meta["group_accuracy"]["conflict"] < meta["group_accuracy"]["aligned"] - 0.4  # it learned the cue
+    x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
+    res = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, DiscoveryConfig(n_words=16, layers="all"))
+    ranks = planted_cue_rank(res, ds.train, 3)
+    assert sum(r == 1 for r in ranks) >= 2, (ranks, res.motifs.head(9))
+    top = res.motifs[res.motifs["rank"] == 1]
+    assert (top["stability"] > 0.5).sum() >= 2  # a fixed-position cue is stable
+    assert set(res.per_image.columns) >= {"reliance", "shortcut_mass", "semantic_mass", "pred", "label"}
+
+
+def test_masking_shortcut_tokens_moves_conflict_predictions(shortcut_model):
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
+    res = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, DiscoveryConfig(n_words=16, layers="all"))
+    conflict = ds.test.groups == "conflict"
+    xt = normalize(ds.test.images[conflict], lm.preprocess.mean, lm.preprocess.std)
+    cue = ds.test.cue_ids[conflict]
+    with torch.no_grad():
+        p0 = lm.forward(xt).softmax(-1)
+        with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=res.masker(lm)) as st:
+            p1 = st(xt).softmax(-1)
+    idx = torch.arange(len(cue))
+    # the planted cue's class loses probability once the motif's tokens cannot be attended
+    assert p1[idx, cue].mean() < p0[idx, cue].mean() - 0.1
+    scored = score_images(lm, xt, res)
+    assert len(scored) == len(xt) and scored["reliance"].between(0, 1).all()
+
+
+def test_auroc_hand_cases():
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1])) == 0.5
+    assert auroc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+
+
+def test_spurious_cli_bad_inputs(tmp_path, capsys):
+    from PIL import Image
+
+    from siftlens.cli import main
+
+    root = tmp_path / "imgs"
+    for c, n in (("a", 6), ("b", 2)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(smooth_images(1, 64, i)[0].permute(1, 2, 0).numpy()).save(root / c / f"{i}.png")
+    base = ["spurious", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--images", str(root),
+            "--out", str(tmp_path / "o")]
+    assert main(base) == 2
+    assert "fewer than 5 images: b (2)" in capsys.readouterr().err
+    (tmp_path / "labels.csv").write_text("path,label\nnot_there.png,a\n")
+    assert main(base + ["--labels", str(tmp_path / "labels.csv")]) == 2
+    assert "no label for 8 of 8 images" in capsys.readouterr().err
