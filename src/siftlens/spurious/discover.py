@@ -1,6 +1,7 @@
 """Shortcut discovery (METHOD.md §4): keypoint motifs under the decisive attention, per class.
 
 1. For every image: late-layer CLS attention over patches (mean over the chosen layers and heads),
+   keeping the keypoints under the highest attention (patch lift >= 2 or a top-2 patch),
    SIFT keypoints with descriptors (RootSIFT), the SIFT concentration groups.
 2. Descriptors of all images are clustered into visual words (k-means, seeded).
 3. Per class and word: attention lift (mean n·a_j of the patches its keypoints sit in; 1 = uniform),
@@ -34,6 +35,8 @@ class DiscoveryConfig:
     layers: str | list[int] = "late"  # attention layers whose CLS row is "decisive"
     n_words: int = 32
     top_motifs: int = 1  # motifs per class used for reliance and token masks
+    min_lift: float = 2.0  # keypoints "under the highest attention": patch attention >= min_lift x uniform
+    top_patches: int = 2  # ... or in one of the image's top-k attended patches
     min_class_frequency: float = 0.05  # a motif must appear in at least this share of the class's images
     max_fit_descriptors: int = 20000
     batch_size: int = 64
@@ -181,14 +184,19 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     if not len(D):
         raise ValueError("no SIFT keypoints in any image: nothing to discover")
 
+    # describe only keypoints under the decisive attention: the words are then the attended motifs
+    top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
+    in_top = (top[kps["image"].to_numpy()] == kps["patch"].to_numpy()[:, None]).any(1)
+    kps["attended"] = (kps["lift"].to_numpy() >= cfg.min_lift) | in_top
+    Da = D[kps["attended"].to_numpy()]
     rng = np.random.default_rng(cfg.seed)
-    fit = D if len(D) <= cfg.max_fit_descriptors else D[rng.choice(len(D), cfg.max_fit_descriptors, replace=False)]
+    fit = Da if len(Da) <= cfg.max_fit_descriptors else Da[rng.choice(len(Da), cfg.max_fit_descriptors, replace=False)]
     k_words = min(cfg.n_words, len(fit))
     centroids, _ = kmeans2(fit.astype(np.float64), k_words, minit="++", seed=cfg.seed)
     kps["word"] = vq(D.astype(np.float64), centroids)[0]
     kps["cls"] = cls_of_image[kps["image"].to_numpy()]
 
-    motifs = motif_table(kps, cls_of_image, K, k_words, cfg.min_class_frequency)
+    motifs = motif_table(kps[kps["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency)
     if len(motifs):
         motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
