@@ -156,17 +156,16 @@ def rows_from_layers(layer_out: list[dict], image_ids: np.ndarray, map_names: tu
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import cv2
-    import timm
 
-    v = {"siftlens": __version__, "torch": torch.__version__, "timm": timm.__version__,
-         "opencv": cv2.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    try:
-        import transformers
-
-        v["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    v = {"siftlens": __version__, "python": platform.python_version(), "opencv": cv2.__version__}
+    for pkg in ("torch", "timm", "numpy", "transformers"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
     return v
 
 

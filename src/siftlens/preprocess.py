@@ -57,11 +57,12 @@ class Preprocess:
 
     def to_uint8_gray(self, x: torch.Tensor) -> np.ndarray:
         """Undo normalisation of a model input [3, H, W] -> 8-bit grey [H, W] (for SIFT)."""
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        rgb = (x.detach().cpu().float() * std + mean).clamp(0, 1)
+        # numpy, not torch: per-image tensors are small and torch's thread pool only adds overhead here
+        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(3, 1, 1)
+        rgb = np.clip(x.detach().cpu().float().numpy() * std + mean, 0.0, 1.0)
         gray = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R 601, as cv2.COLOR_RGB2GRAY
-        return (gray * 255.0 + 0.5).to(torch.uint8).numpy()
+        return (gray * 255.0 + 0.5).astype(np.uint8)
 
     def to_uint8_rgb(self, x: torch.Tensor) -> np.ndarray:
         mean = torch.tensor(self.mean).view(3, 1, 1)
