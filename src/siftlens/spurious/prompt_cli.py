@@ -10,10 +10,10 @@ import torch
 
 from ..io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from ..models import load_model
-from ..preprocess import BadImageError, find_images, load_rgb
+from ..preprocess import find_images
 from ..prompting import SteeredViT
 from .discover import ShortcutMasker
-from .run import read_labels
+from .run import load_inputs, read_labels
 
 
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
@@ -40,16 +40,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         except ValueError:
             if labels is not None:
                 raise
-    xs, keep, skipped = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            xs.append(lm.preprocess(load_rgb(p, min_side=lm.patch_size)))
-            keep.append(i)
-        except BadImageError as e:
-            skipped.append({"path": str(p), "reason": str(e)})
-    if not xs:
-        raise ValueError(f"--images {images}: no readable image")
-    x = torch.stack(xs)
+    x, keep, skipped = load_inputs(lm, paths, images)
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=token_mask_fn, seed=seed)
     before, after = [], []
     with torch.no_grad():

@@ -45,6 +45,20 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
     return np.array([classes.index(n) for n in names]), classes
 
 
+def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tensor, list[int], list[dict]]:
+    """Model inputs of the readable images, their indices, and the skipped ones with reasons."""
+    xs, keep, skipped = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            xs.append(lm.preprocess(load_rgb(p, min_side=lm.patch_size)))
+            keep.append(i)
+        except BadImageError as e:
+            skipped.append({"path": str(p), "reason": str(e)})
+    if not xs:
+        raise ValueError(f"--images {source}: no readable image")
+    return torch.stack(xs), keep, skipped
+
+
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
                  random_init: bool = False, device: str = "cpu") -> DiscoveryResult:
@@ -55,16 +69,7 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     paths = find_images(images)
     root = Path(images) if Path(images).is_dir() else None
     y, class_names = read_labels(paths, labels, root)
-    xs, keep, skipped = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            xs.append(lm.preprocess(load_rgb(p, min_side=lm.patch_size)))
-            keep.append(i)
-        except BadImageError as e:
-            skipped.append({"path": str(p), "reason": str(e)})
-    if not xs:
-        raise ValueError(f"--images {images}: no readable image")
-    x = torch.stack(xs)
+    x, keep, skipped = load_inputs(lm, paths, images)
     y = y[keep]
     counts = np.bincount(y, minlength=len(class_names))
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
