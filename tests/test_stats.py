@@ -216,3 +216,27 @@ def test_chunked_statistics_equal_unchunked(monkeypatch):
     chunked = layer_statistics(A, 1, 0, maps)
     for k in whole:
         torch.testing.assert_close(whole[k], chunked[k], equal_nan=True)
+
+
+def test_shift_null_is_a_set_of_grid_rearrangements_and_stricter_for_smooth_maps():
+    from siftlens.stats import null_indices
+
+    idx = null_indices(50, (3, 4), seed=0, mode="shift")
+    assert idx.shape == (50, 12) and (idx.sort(-1).values == torch.arange(12)).all()  # each is a permutation
+    # neighbours stay neighbours (cyclically): the shift keeps the map's spatial structure
+    grid = idx.view(50, 3, 4)
+    dx = (grid[:, :, 1:] % 4 - grid[:, :, :-1] % 4).abs()
+    assert ((dx == 1) | (dx == 3)).all()
+    # a smooth map and smooth attention that do not match: the shift null is less impressed than shuffling
+    h, w = 8, 8
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    c = torch.exp(-((yy - 2.0) ** 2 + (xx - 2.0) ** 2) / 8).reshape(1, -1)
+    a = torch.exp(-((yy - 4.0) ** 2 + (xx - 4.0) ** 2) / 8).reshape(1, 1, -1)
+    c, a = c / c.sum(), a / a.sum()
+    from siftlens.stats import permutation_test, permuted_maps
+
+    s = 64 * (a * c[:, None]).sum(-1)
+    z_perm, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a, permuted_maps(c, [0], 400, (h, w))))
+    z_shift, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a,
+                                                       permuted_maps(c, [0], 400, (h, w), "shift")))
+    assert z_shift.item() < z_perm.item()

@@ -53,6 +53,7 @@ class AnalyzeConfig:
     limit: int | None = None
     seed: int = 0
     null_permutations: int = 200  # K: SIFT map shuffled over patches -> z-score, p-value per head
+    null_mode: str = "permute"  # permute (METHOD.md) | shift (cyclic grid shifts: keeps spatial autocorrelation)
     examples: int = 4  # images whose CLS attention and maps are kept for figures
     keep_full_maps: int = 0  # images whose full [L, H, T, T] attention is saved (float16)
     sift: SiftParams = field(default_factory=SiftParams)
@@ -284,7 +285,8 @@ class BatchRunner:
         ids = batch["index"].numpy()
         maps = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device), self.map_names, cfg.groups,
                             layout.grid, layout.patch_size,
-                            null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids], n_perm=cfg.null_permutations)
+                            null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids], n_perm=cfg.null_permutations,
+                            null_mode=cfg.null_mode)
         keep_ex = min(batch["n"], cfg.examples) if keep else 0
         keep_full = min(batch["n"], cfg.keep_full_maps) if keep else 0
         self.state = {"maps": maps, "rollout": RolloutState(), "keep_ex": keep_ex, "keep_full": keep_full,

@@ -31,6 +31,9 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--groups", type=int, default=4, help="concentration groups G (group 0 = no keypoints)")
     p.add_argument("--null-permutations", type=int, default=200,
                    help="K shuffles of the SIFT map per image for the permutation null (0: off)")
+    p.add_argument("--null-mode", choices=("permute", "shift"), default="permute",
+                   help="permutation null: uniform shuffles (METHOD.md) or cyclic grid shifts (keeps spatial "
+                   "autocorrelation; stricter for smooth maps)")
     p.add_argument("--limit", type=int, default=None, help="analyse at most this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=4, help="images shown in the report's example figure")
@@ -55,7 +58,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     cfg = AnalyzeConfig(
         map_mode=args.map_mode, weight=args.weight, groups=args.groups, batch_size=args.batch_size,
         workers=args.workers, device=args.device, limit=args.limit,
-        null_permutations=args.null_permutations, seed=args.seed, examples=args.examples,
+        null_permutations=args.null_permutations, null_mode=args.null_mode, seed=args.seed, examples=args.examples,
         keep_full_maps=args.keep_full_maps, report=not args.no_report, progress=not args.quiet,
         keypoint_cache=args.keypoint_cache, amp=args.amp,
         sift=SiftParams(nfeatures=args.sift_nfeatures, n_octave_layers=args.sift_octave_layers,

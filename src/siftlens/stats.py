@@ -67,16 +67,48 @@ def patch_distances(grid: tuple[int, int], patch: int, device=None) -> torch.Ten
     return torch.cdist(pts, pts)
 
 
-def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int) -> torch.Tensor:
-    """[B, n] -> [B, K, n]: each image's map shuffled over patches K times, seeded per image."""
-    perms = torch.stack([torch.rand(n_perm, c.shape[-1], generator=torch.Generator().manual_seed(s)).argsort(-1)
-                         for s in seeds]).to(c.device)
+NULL_MODES = ("permute", "shift")
+
+
+def null_indices(n_perm: int, grid: tuple[int, int], seed: int, mode: str = "permute") -> torch.Tensor:
+    """[K, n] patch indices of K null maps for one image.
+
+    permute: uniform shuffles over patches (METHOD.md §3). shift: random cyclic shifts of the grid
+    (with random flips), which keep the map's spatial autocorrelation, so smooth maps and smooth
+    attention do not look significant just for being smooth.
+    """
+    h, w = grid
+    g = torch.Generator().manual_seed(seed)
+    if mode == "permute":
+        return torch.rand(n_perm, h * w, generator=g).argsort(-1)
+    if mode != "shift":
+        raise ValueError(f"null mode {mode!r} is not one of {NULL_MODES}")
+    idx = torch.arange(h * w).view(h, w)
+    dy = torch.randint(0, h, (n_perm,), generator=g)
+    dx = torch.randint(0, w, (n_perm,), generator=g)
+    flip = torch.randint(0, 4, (n_perm,), generator=g)
+    out = []
+    for k in range(n_perm):
+        m = torch.roll(idx, (int(dy[k]), int(dx[k])), dims=(0, 1))
+        if flip[k] & 1:
+            m = m.flip(0)
+        if flip[k] & 2:
+            m = m.flip(1)
+        out.append(m.reshape(-1))
+    return torch.stack(out)
+
+
+def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int, grid: tuple[int, int] | None = None,
+                  mode: str = "permute") -> torch.Tensor:
+    """[B, n] -> [B, K, n]: each image's map rearranged over patches K times, seeded per image."""
+    grid = grid or (1, c.shape[-1])
+    perms = torch.stack([null_indices(n_perm, grid, s, mode) for s in seeds]).to(c.device)
     return torch.gather(c[:, None].expand(-1, n_perm, -1), 2, perms)
 
 
 def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ...], num_groups: int,
                  grid: tuple[int, int], patch: int, null_seeds: list[int] | None = None,
-                 n_perm: int = 0) -> BatchMaps:
+                 n_perm: int = 0, null_mode: str = "permute") -> BatchMaps:
     """Ranks, residual bases, one-hot groups and permutation nulls for a batch of maps.
 
     C: [B, M, n] (map 0 is SIFT), groups: [B, n]; ``n_perm`` > 0 with one seed per image adds the null.
@@ -98,7 +130,8 @@ def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ..
     sift_valid = ~torch.isnan(C[:, 0]).any(-1)
     rs = torch.where(sift_valid[:, None], rs, torch.nan)
     onehot = torch.nn.functional.one_hot(groups.long(), num_groups).float()
-    C_perm = permuted_maps(C[:, 0], null_seeds, n_perm) if n_perm and null_seeds is not None else None
+    C_perm = permuted_maps(C[:, 0], null_seeds, n_perm, grid, null_mode) \
+        if n_perm and null_seeds is not None else None
     return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_perm)
 
 
