@@ -85,3 +85,27 @@ def test_spurious_cli_bad_inputs(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("path,label\nnot_there.png,a\n")
     assert main(base + ["--labels", str(tmp_path / "labels.csv")]) == 2
     assert "no label for 8 of 8 images" in capsys.readouterr().err
+
+
+def test_spurious_then_prompt_cli(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from siftlens.cli import main
+
+    root = tmp_path / "imgs"
+    for k, c in enumerate(("a", "b", "c")):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(smooth_images(1, 64, 10 * k + i)[0].permute(1, 2, 0).numpy()).save(root / c / f"{i}.png")
+    model = ["--model", "timm:vit_tiny_patch16_224", "--random-init"]
+    assert main(["spurious", *model, "--images", str(root), "--out", str(tmp_path / "sp"), "--words", "8"]) == 0
+    for f in ("spurious.html", "motifs.csv", "reliance.parquet", "shortcut_words.npz", "manifest.json"):
+        assert (tmp_path / "sp" / f).is_file(), f
+    assert main(["prompt", *model, "--images", str(root), "--method", "mask_tokens", "--motifs", str(tmp_path / "sp"),
+                 "--layers", "all", "--out", str(tmp_path / "pr")]) == 0
+    summary = json.loads((tmp_path / "pr" / "summary.json").read_text())
+    assert summary["n_images"] == 15 and 0 <= summary["changed_predictions"] <= 1 and "accuracy_after" in summary
+    assert main(["prompt", *model, "--images", str(root), "--method", "mask_tokens", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --motifs" in capsys.readouterr().err

@@ -188,6 +188,8 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
     in_top = (top[kps["image"].to_numpy()] == kps["patch"].to_numpy()[:, None]).any(1)
     kps["attended"] = (kps["lift"].to_numpy() >= cfg.min_lift) | in_top
+    if not kps["attended"].any():  # no keypoint under the top attention: describe them all
+        kps["attended"] = True
     Da = D[kps["attended"].to_numpy()]
     rng = np.random.default_rng(cfg.seed)
     fit = Da if len(Da) <= cfg.max_fit_descriptors else Da[rng.choice(len(Da), cfg.max_fit_descriptors, replace=False)]
