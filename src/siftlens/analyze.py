@@ -8,6 +8,8 @@ Outputs in ``out``:
   examples.npz       maps and CLS attention of the first few images, for figures
   manifest.json      model, preprocessing, options, versions, counts, skipped inputs + reasons
   report.html        self-contained report
+While running, finished batches live in ``.parts/`` (one atomic part per batch; removed after the
+merge): that is what makes a killed run resumable and a torchrun run mergeable.
 """
 
 from __future__ import annotations

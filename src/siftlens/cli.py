@@ -12,11 +12,7 @@ from .semantic_maps import MAP_MODES, SiftParams
 def _analyze_parser(sub) -> None:
     p = sub.add_parser("analyze", help="analyse a ViT's attention against SIFT semantic maps and write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_imagenette",
-                   help="vit_tiny_imagenette (bundled), timm:NAME, hf:PATH_OR_ID or torchvision:NAME")
-    p.add_argument("--checkpoint", default=None, help="local weights (.safetensors, or a torch file loaded "
-                   "with weights_only=True) for timm:/hf:/torchvision: models; no download happens")
-    p.add_argument("--random-init", action="store_true", help="random weights (no download; for smoke tests)")
+    _add_model_args(p)
     p.add_argument("--images", default=None, nargs="+",
                    help="image file(s), directory (ImageFolder trees too) or glob; default: bundled images")
     p.add_argument("--out", default="siftlens_out", help="output directory")
@@ -98,12 +94,23 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit_tiny_imagenette",
+                   help="vit_tiny_imagenette (bundled), timm:NAME, hf:PATH_OR_ID or torchvision:NAME")
+    p.add_argument("--checkpoint", default=None, help="local weights (.safetensors, or a torch file loaded "
+                   "with weights_only=True) for timm:/hf:/torchvision: models; no download happens")
+    p.add_argument("--random-init", action="store_true", help="random weights (no download; for smoke tests)")
+
+
+def _parse_layers(text: str) -> str | list[int]:
+    """'late' / 'all' / ... stay names; '3,4,-1' becomes a list of layer indices."""
+    return [int(v) for v in text.split(",")] if text.lstrip("-")[:1].isdigit() else text
+
+
 def _spurious_parser(sub) -> None:
     p = sub.add_parser("spurious", help="find keypoint motifs a classifier's decisive attention relies on",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_imagenette")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--random-init", action="store_true")
+    _add_model_args(p)
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
     p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
     p.add_argument("--out", default="siftlens_spurious")
@@ -119,8 +126,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
-    layers = [int(v) for v in args.layers.split(",")] if args.layers[0].isdigit() else args.layers
-    cfg = DiscoveryConfig(layers=layers, n_words=args.words, seed=args.seed)
+    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), n_words=args.words, seed=args.seed)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
     for k, name in enumerate(res.class_names):
@@ -136,9 +142,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 def _prompt_parser(sub) -> None:
     p = sub.add_parser("prompt", help="steer attention at inference (no retraining) and compare predictions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_imagenette")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--random-init", action="store_true")
+    _add_model_args(p)
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
     p.add_argument("--labels", default=None, help="CSV path,label; default: ImageFolder classes; 'none': no labels")
     p.add_argument("--method", default="sift_bias",
@@ -156,8 +160,8 @@ def _prompt_parser(sub) -> None:
 def _run_prompt(args: argparse.Namespace) -> int:
     from .spurious.prompt_cli import run_prompt
 
-    layers = [int(v) for v in args.layers.split(",")] if args.layers.lstrip("-")[0].isdigit() else args.layers
-    summary = run_prompt(args.model, args.images, args.out, method=args.method, layers=layers, beta=args.beta,
+    summary = run_prompt(args.model, args.images, args.out, method=args.method,
+                         layers=_parse_layers(args.layers), beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
     print(json.dumps(summary, indent=1))

@@ -52,10 +52,10 @@ def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
         if layers not in choice:
             raise ValueError(f"layers must be a list of ints or one of {sorted(choice)}, got {layers!r}")
         return list(choice[layers])
-    bad = [i for i in layers if not 0 <= i < num_layers]
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range for a model with {num_layers} attention layers")
-    return list(layers)
+    return [i % num_layers for i in layers]  # negative indices count from the last layer
 
 
 def sift_with_descriptors(gray: np.ndarray) -> tuple[Keypoints, np.ndarray]:
