@@ -71,6 +71,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
           f"-> {res.out}/" + ("report.html" if cfg.report else "per_image.parquet"))
     for s in res.manifest["skipped"]:
         print(f"skipped: {s['reason']}", file=sys.stderr)
+    for path in res.manifest["no_keypoints"]:
+        print(f"no SIFT keypoints (baselines only, excluded from SIFT ratios): {path}", file=sys.stderr)
     return 0
 
 
