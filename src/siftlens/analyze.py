@@ -207,12 +207,12 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
     map_cfg = cfg.map_config()
     rank, world = _distributed_setup(cfg)
-    out = ensure_writable_dir(out)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
 
     lm = model if isinstance(model, LoadedModel) else load_model(
         model, checkpoint=checkpoint, random_init=random_init, input_size=input_size, device=cfg.device)
+    out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
     lm.module.to(cfg.device).eval()
     layout = lm.layout()
     paths = find_images(images if images is not None else default_images())

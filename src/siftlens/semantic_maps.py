@@ -137,13 +137,18 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
     dx = np.where(valid, b - a, 0.0)[..., None] / samples  # [K, C, 1]
     half = np.sqrt(np.clip(r[:, None, None] ** 2 - (x - cx[:, None, None]) ** 2, 0, None))
     lo, hi = cy[:, None, None] - half, cy[:, None, None] + half  # [K, C, S] vertical chord
-    tops = np.arange(h) * patch  # [h]
+    # only the patch rows the disc can reach (a few), not all h rows
+    row0 = np.floor((cy - r) / patch).astype(int)
+    rspan = int((np.floor((cy + r) / patch).astype(int) - row0).max()) + 1
+    rows = row0[:, None] + np.arange(rspan)  # [K, R]
+    tops = (rows * patch)[:, None, None, :]  # [K, 1, 1, R]
     overlap = np.clip(np.minimum(hi[..., None], tops + patch) - np.maximum(lo[..., None], tops), 0, None)
-    area = (overlap * dx[..., None]).sum(2)  # [K, C, h] disc area in each (column, row) patch
+    overlap *= ((rows >= 0) & (rows < h))[:, None, None, :]  # rows outside the image hold nothing
+    area = (overlap * dx[..., None]).sum(2)  # [K, C, R] disc area in each (column, row) patch
     total = area.sum(axis=(1, 2))  # [K] area inside the image
     keep = total > 0
     share = area[keep] * (wk[keep] / total[keep])[:, None, None]
-    flat_index = np.arange(h) * w + np.clip(col[keep], 0, w - 1)[..., None]  # [K', C, h]
+    flat_index = np.clip(rows[keep], 0, h - 1)[:, None, :] * w + np.clip(col[keep], 0, w - 1)[..., None]
     return np.bincount(flat_index.ravel(), weights=share.ravel(), minlength=h * w)
 
 
