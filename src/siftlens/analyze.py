@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .capture import AttentionCapture, TokenLayout
-from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_npz, atomic_write_parquet, ensure_writable_dir
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
 from .semantic_maps import KeypointCache, MapConfig, SiftParams, compute_maps
@@ -359,7 +359,7 @@ def _write_part(parts: Path, b: int, part: dict) -> None:
         arrays = {"lift_obs": part["lift_obs"], "lift_exp": part["lift_exp"], **part.get("examples", {})}
         if "full_maps" in part:
             arrays.update(full_maps=part["full_maps"], full_index=part["full_index"])
-        _write_npz(parts / f"{name}.npz", **arrays)
+        atomic_write_npz(parts / f"{name}.npz", **arrays)
     meta = {"skipped": part["skipped"], "images": part["images"], "has_rows": "table" in part,
             "num_layers": part.get("num_layers"), "num_heads": part.get("num_heads")}
     atomic_write_json(parts / f"{name}.json", meta)
@@ -434,12 +434,12 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                            f"first error: {skipped[0]['reason'] if skipped else 'none'}")
     os.replace(tmp_rows, out / "per_image.parquet")
     images_df = pd.DataFrame(image_rows)
-    _write_parquet(images_df, out / "images.parquet")
+    atomic_write_parquet(images_df, out / "images.parquet")
     lift = {"obs": lift_obs, "exp": lift_exp, "map_names": np.array(map_names)}
-    _write_npz(out / "lift.npz", **lift)
+    atomic_write_npz(out / "lift.npz", **lift)
     _write_examples(out, ex_parts, cfg.examples, map_names, layout)
     if full_parts:
-        _write_npz(out / "attention_maps.npz",
+        atomic_write_npz(out / "attention_maps.npz",
                    attention=np.concatenate([f[0] for f in full_parts])[: cfg.keep_full_maps],
                    index=np.concatenate([f[1] for f in full_parts])[: cfg.keep_full_maps])
 
@@ -482,7 +482,7 @@ def _write_examples(out: Path, ex_parts: list[dict], k: int, map_names, layout: 
             if j < k:
                 ex[f"kp_xy_{j}"], ex[f"kp_size_{j}"] = e[f"ex_kp_xy_{i}"], e[f"ex_kp_size_{i}"]
             j += 1
-    _write_npz(out / "examples.npz", **ex)
+    atomic_write_npz(out / "examples.npz", **ex)
 
 
 # --- torch.distributed: shard batches over ranks; parts on a shared filesystem carry the results ---
@@ -506,15 +506,3 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 class OutputDirError(OSError):
@@ -62,3 +65,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def atomic_write_npz(path: str | Path, compress: bool = True, **arrays) -> None:
+    buf = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_parquet(df, path: str | Path) -> None:
+    """A pandas DataFrame as Parquet, written atomically (no index)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())

@@ -179,17 +179,23 @@ def _log_bias(maps: list[np.ndarray | None], n: int, beta: float, eps: float,
     return bias, no_map
 
 
+def _map_log_bias(map_name: str, x: torch.Tensor, lm: LoadedModel, beta: float, eps: float, map_config: MapConfig,
+                  layout: TokenLayout | None, preserve_patch_mass: bool, cache: MapCache | None,
+                  info: dict | None) -> torch.Tensor:
+    layout = layout or lm.layout(tuple(x.shape[-2:]))
+    maps = image_maps(x, lm, map_name, map_config, layout, cache)
+    bias, no_map = _log_bias(maps, layout.num_patches, beta, eps, preserve_patch_mass)
+    if info is not None:
+        info["no_map"] = no_map
+    return bias
+
+
 def sift_bias(x: torch.Tensor, lm: LoadedModel, beta: float = 1.0, eps: float = 1e-3,
               map_config: MapConfig = MapConfig(), layout: TokenLayout | None = None,
               preserve_patch_mass: bool = True, cache: MapCache | None = None,
               info: dict | None = None) -> torch.Tensor:
     """beta * log(c_j + eps) from the SIFT concentration, [B, n] (zero rows for images without keypoints)."""
-    layout = layout or lm.layout(tuple(x.shape[-2:]))
-    maps = image_maps(x, lm, "sift", map_config, layout, cache)
-    bias, no_map = _log_bias(maps, layout.num_patches, beta, eps, preserve_patch_mass)
-    if info is not None:
-        info["no_map"] = no_map
-    return bias
+    return _map_log_bias("sift", x, lm, beta, eps, map_config, layout, preserve_patch_mass, cache, info)
 
 
 def edge_bias(x: torch.Tensor, lm: LoadedModel, beta: float = 1.0, eps: float = 1e-3,
@@ -197,12 +203,7 @@ def edge_bias(x: torch.Tensor, lm: LoadedModel, beta: float = 1.0, eps: float = 
               preserve_patch_mass: bool = True, cache: MapCache | None = None,
               info: dict | None = None) -> torch.Tensor:
     """The ``sift_bias`` formula on the Sobel edge-density concentration (the control), [B, n]."""
-    layout = layout or lm.layout(tuple(x.shape[-2:]))
-    maps = image_maps(x, lm, "edges", map_config, layout, cache)
-    bias, no_map = _log_bias(maps, layout.num_patches, beta, eps, preserve_patch_mass)
-    if info is not None:
-        info["no_map"] = no_map
-    return bias
+    return _map_log_bias("edges", x, lm, beta, eps, map_config, layout, preserve_patch_mass, cache, info)
 
 
 def token_mask(token_mask_fn: TokenMaskFn | None, x: torch.Tensor, n: int) -> torch.Tensor:

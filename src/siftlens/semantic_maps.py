@@ -11,13 +11,13 @@ Coordinates: OpenCV puts pixel i's centre at i, so pixel i spans [i - 0.5, i + 0
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .io import atomic_write_npz
 
 MAP_MODES = ("point", "footprint", "count")
 BASELINE_NAMES = ("random_kp", "edges", "edges_sparse", "orb", "center", "uniform")
@@ -231,11 +231,7 @@ class KeypointCache:
                 pass  # a damaged entry is recomputed and overwritten
         kp = detect()
         path.parent.mkdir(exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, xy=kp.xy, size=kp.size, response=kp.response, octave=kp.octave)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write_npz(path, compress=False, xy=kp.xy, size=kp.size, response=kp.response, octave=kp.octave)
         return kp
 
 

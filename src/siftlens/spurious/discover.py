@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from scipy.cluster.vq import kmeans2, vq
 
 from ..capture import AttentionCapture
-from ..io import atomic_write_bytes
+from ..io import atomic_write_npz
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 
@@ -100,10 +99,8 @@ class DiscoveryResult:
         return ShortcutMasker(lm, self.centroids, words)
 
     def save_words(self, path: str | Path) -> None:
-        buf = io.BytesIO()
         words = sorted({w for ws in self.shortcut_words.values() for w in ws})
-        np.savez(buf, centroids=self.centroids, words=np.array(words, dtype=np.int64))
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_npz(path, compress=False, centroids=self.centroids, words=np.array(words, dtype=np.int64))
 
 
 class ShortcutMasker:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import SteeredViT
@@ -59,8 +58,6 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         df["label"] = y[keep]
         summary["accuracy_before"] = float((df.pred_before == df.label).mean())
         summary["accuracy_after"] = float((df.pred_after == df.label).mean())
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "predictions.parquet", buf.getvalue())
+    atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
     return summary

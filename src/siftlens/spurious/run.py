@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir  # noqa: E402
+from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..models import LoadedModel, load_model  # noqa: E402
 from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
 from ..report import CSS  # noqa: E402
@@ -94,9 +94,7 @@ def _png(fig) -> str:
 
 
 def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedModel, skipped: list) -> None:
-    buf = io.BytesIO()
-    res.per_image.to_parquet(buf, index=False)
-    atomic_write_bytes(out / "reliance.parquet", buf.getvalue())
+    atomic_write_parquet(res.per_image, out / "reliance.parquet")
     atomic_write_text(out / "motifs.csv", res.motifs.to_csv(index=False))
     res.save_words(out / "shortcut_words.npz")  # for `siftlens prompt --method mask_tokens --motifs DIR`
     rgb = np.stack([lm.preprocess.to_uint8_rgb(xi) for xi in x])
