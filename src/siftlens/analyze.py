@@ -309,7 +309,8 @@ class BatchRunner:
         rollout = self.state["rollout"].cls_map(layout.num_prefix, layout.cls_index)
         s_roll = (layout.num_patches * (rollout[:, None, :] * maps.C).sum(-1)).cpu().numpy() \
             if rollout is not None else np.full((batch["n"], len(self.map_names)), np.nan)
-        probs = logits.float().softmax(-1).cpu() if logits.dim() == 2 else None
+        headless = getattr(lm.module, "num_classes", None) == 0  # e.g. a pre-trained encoder: outputs features
+        probs = logits.float().softmax(-1).cpu() if logits.dim() == 2 and not headless else None
         for b, i in enumerate(ids):
             row = {"image_id": int(i), "path": str(paths[i]), "n_keypoints": batch["n_keypoints"][b],
                    "sift_coverage": float((batch["C"][b, 0] > 0).float().mean()) if batch["n_keypoints"][b] else 0.0,

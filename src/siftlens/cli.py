@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .semantic_maps import MAP_MODES, SiftParams
@@ -170,6 +171,87 @@ def _run_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_parser(sub) -> None:
+    from .pretrain.loop import PretrainConfig
+    from .pretrain.mae import MAEConfig
+    from .pretrain.masking import MASKINGS
+
+    d, m = PretrainConfig(data="", out=""), MAEConfig()
+    p = sub.add_parser("pretrain", help="MAE pre-training with random or SIFT-guided masking (torchrun for DDP)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="ImageFolder tree (train/ + val/ or class folders), .tar/.tar.gz "
+                   "of one, or .npz with images[, labels, val_images, val_labels]")
+    p.add_argument("--out", default="siftlens_pretrain", help="run directory (checkpoint, logs, encoder); "
+                   "running again with the same arguments resumes")
+    p.add_argument("--masking", choices=MASKINGS, default=d.masking,
+                   help="random (MAE); sift: P(mask) ∝ (c+eps)^alpha; sift-curriculum: alpha from --alpha-start "
+                   "to --alpha; edge: the same sampler on Sobel edge density (control)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=">0 masks SIFT-dense patches more, <0 keeps them")
+    p.add_argument("--alpha-start", type=float, default=d.alpha_start, help="sift-curriculum's first alpha")
+    p.add_argument("--alpha-shape", choices=("linear", "cosine"), default=d.alpha_shape)
+    p.add_argument("--eps", type=float, default=d.eps, help="added to c, relative to the uniform share 1/N")
+    p.add_argument("--loss-gamma", type=float, default=d.loss_gamma,
+                   help="KAMIM-style loss weights (c+eps)^gamma on masked patches; 0 = plain MAE loss")
+    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument("--img-size", type=int, default=m.img_size)
+    p.add_argument("--stored-size", type=int, default=d.stored_size,
+                   help="images are decoded once at this size; random resized crops go to --img-size")
+    p.add_argument("--patch-size", type=int, default=m.patch_size)
+    p.add_argument("--embed-dim", type=int, default=m.embed_dim)
+    p.add_argument("--depth", type=int, default=m.depth)
+    p.add_argument("--heads", type=int, default=m.num_heads)
+    p.add_argument("--decoder-dim", type=int, default=m.decoder_dim)
+    p.add_argument("--decoder-depth", type=int, default=m.decoder_depth)
+    p.add_argument("--decoder-heads", type=int, default=m.decoder_heads)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="epochs between kNN/linear probes (0: end only)")
+    p.add_argument("--knn-k", type=int, default=d.knn_k)
+    p.add_argument("--probe-train-limit", type=int, default=d.probe_train_limit)
+    p.add_argument("--probe-val-limit", type=int, default=d.probe_val_limit)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
+    p.add_argument("--max-keypoints", type=int, default=d.max_keypoints, help="strongest SIFT keypoints kept per image")
+    p.add_argument("--limit", type=int, default=None, help="pre-train on a seeded subset of this many images")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--cache-dir", default=None, help="keep decoded images, extracted archives and keypoints here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pretrain.loop import PretrainConfig, pretrain
+    from .pretrain.mae import MAEConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MAEConfig(img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+                      num_heads=args.heads, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                      decoder_heads=args.decoder_heads)
+    cfg = PretrainConfig(
+        data=args.data, out=args.out, masking=args.masking, alpha=args.alpha, alpha_start=args.alpha_start,
+        alpha_shape=args.alpha_shape, eps=args.eps, loss_gamma=args.loss_gamma, mask_ratio=args.mask_ratio,
+        model=model, stored_size=args.stored_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, eval_every=args.eval_every,
+        knn_k=args.knn_k, probe_train_limit=args.probe_train_limit, probe_val_limit=args.probe_val_limit,
+        checkpoint_every=args.checkpoint_every, max_keypoints=args.max_keypoints, limit=args.limit, seed=args.seed,
+        device=args.device, amp=args.amp, cache_dir=args.cache_dir, progress=not args.quiet)
+    log = pretrain(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(log.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        enc = f"{args.out}/encoder.safetensors"
+        print(f"-> {enc} (+ encoder.json); see its attention: siftlens analyze --model {enc}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _spurious_parser(sub)
     _prompt_parser(sub)
+    _pretrain_parser(sub)
     return parser
 
 

@@ -1,6 +1,8 @@
 """Load a ViT from a spec string, with its own preprocessing and token layout.
 
-Specs: ``vit_tiny_imagenette`` (bundled), ``timm:NAME``, ``hf:PATH_OR_ID``, ``torchvision:NAME``.
+Specs: ``vit_tiny_imagenette`` (bundled), ``timm:NAME``, ``hf:PATH_OR_ID``, ``torchvision:NAME``, or
+``PATH.safetensors`` with a ``PATH.json`` beside it naming its timm architecture (what
+``siftlens pretrain`` exports).
 Nothing touches the network unless the user names hub weights (``timm:NAME`` without
 ``--checkpoint`` and without ``--random-init``, or an ``hf:`` hub id).
 """
@@ -171,6 +173,8 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
         labels = [IMAGENETTE_NAMES.get(c, c) for c in meta.get("label_names", [])] or None
         lm = LoadedModel(module, "timm", BUNDLED_NAME, pre, labels,
                          {"val_top1": meta.get("val_top1"), "bundled": True})
+    elif str(spec).endswith(".safetensors"):
+        lm = _load_exported_timm(Path(spec))
     elif ":" in str(spec):
         kind, name = str(spec).split(":", 1)
         loader = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision}.get(kind)
@@ -238,6 +242,30 @@ def _load_timm(name: str, checkpoint, random_init: bool, input_size) -> LoadedMo
         _load_weights(model, checkpoint, f"timm:{name}")
     return LoadedModel(model, "timm", f"timm:{name}", _timm_preprocess(model, None, input_size),
                        None, {"pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def _load_exported_timm(path: Path) -> LoadedModel:
+    """A timm model saved as safetensors + a JSON of how to build it (``timm_arch``, ``timm_kwargs``)
+    and its preprocessing, e.g. the encoder ``siftlens pretrain`` writes."""
+    import timm
+
+    meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise ModelSpecError(f"--model {path}: no such file")
+    if not meta_path.exists():
+        raise ModelSpecError(f"--model {path}: needs {meta_path.name} beside it (timm_arch, timm_kwargs); "
+                             "for plain weights use --model timm:NAME --checkpoint FILE")
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = timm.create_model(meta["timm_arch"], pretrained=False, **meta.get("timm_kwargs", {}))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelSpecError(f"--model {path}: {meta_path.name} does not describe a timm model "
+                             f"({type(e).__name__}: {e})") from None
+    _load_weights(model, path, f"{meta['timm_arch']} from {meta_path.name}")
+    pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
+                     meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
+    labels = meta.get("label_names") if getattr(model, "num_classes", 0) else None  # an encoder has no head
+    return LoadedModel(model, "timm", str(path), pre, labels, {"checkpoint": str(path), "exported": meta_path.name})
 
 
 def _hf_preprocessor_file(src: str) -> Path | None:

@@ -1,0 +1,179 @@
+"""Pre-training data: decoded once into uint8 tensors held in memory (small images, many epochs).
+
+Accepted ``--data``: an ImageFolder tree (``train/`` + ``val/``|``test/`` splits, or class
+folders, or a flat folder of unlabelled images), a ``.tar``/``.tar.gz`` archive of such a tree
+(e.g. ``../shared/data/imagenette2-160.tar``), or an ``.npz`` with ``images`` ([N, H, W, 3] or
+[N, 3, H, W] uint8) and optional ``labels``, ``val_images``, ``val_labels``. Unreadable images
+are skipped and listed; labels (for the kNN / linear probes only) come from class folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import atomic_write_npz
+from ..preprocess import BadImageError, find_images, load_rgb
+
+
+class PretrainDataError(ValueError):
+    """--data cannot be used (names the input and the cause)."""
+
+
+@dataclass
+class PretrainData:
+    train: torch.Tensor  # [N, 3, S, S] uint8
+    train_labels: torch.Tensor | None  # [N] int64, None when unlabelled
+    val: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    classes: list[str] | None = None
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    val_source: str = "none"  # which held-out split the probes use
+
+
+def resize_center_crop(im: Image.Image, size: int) -> np.ndarray:
+    """Short side to ``size`` (bicubic), centre crop size x size -> [3, size, size] uint8."""
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1).copy()
+
+
+def _decode_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[dict]]:
+    files = find_images(root)
+    class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    labelled = bool(class_dirs) and all(len(f.relative_to(root).parts) == 2 for f in files)
+    images, labels, skipped = [], [], []
+    for f in files:
+        try:
+            images.append(resize_center_crop(load_rgb(f, min_side=2), size))
+        except BadImageError as e:
+            skipped.append({"path": str(f), "reason": str(e)})
+            continue
+        if labelled:
+            labels.append(class_dirs.index(f.relative_to(root).parts[0]))
+    if not images:
+        raise PretrainDataError(f"--data {root}: no readable images ({len(skipped)} skipped)")
+    arr = np.stack(images)
+    return arr, (np.array(labels) if labelled else None), (class_dirs if labelled else None), skipped
+
+
+def _extract_archive(path: Path, cache_dir: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir / f"extracted-{path.name}-{key}"
+    if not dest.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
+        try:
+            with tarfile.open(path) as tf:
+                tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PretrainDataError(f"--data {path}: cannot read archive ({e})") from None
+        tmp.rename(dest)  # complete or absent
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    return tops[0] if len(tops) == 1 else dest
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path | None]:
+    train = root / "train"
+    if not train.is_dir():
+        return root, None
+    for name in ("val", "test", "validation"):
+        if (root / name).is_dir():
+            return train, root / name
+    return train, None
+
+
+def _from_npz(path: Path, size: int) -> dict:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PretrainDataError(f"--data {path}: not a readable .npz ({e})") from None
+    if "images" not in z.files:
+        raise PretrainDataError(f"--data {path}: .npz has no 'images' array (has {z.files})")
+
+    def images(key: str) -> np.ndarray:
+        a = z[key]
+        if a.ndim != 4 or a.dtype != np.uint8 or 3 not in (a.shape[1], a.shape[3]):
+            raise PretrainDataError(f"--data {path}: '{key}' must be uint8 [N, H, W, 3] or [N, 3, H, W], "
+                                    f"got {a.dtype} {list(a.shape)}")
+        a = a if a.shape[1] == 3 else a.transpose(0, 3, 1, 2)
+        if a.shape[2:] != (size, size):
+            a = np.stack([resize_center_crop(Image.fromarray(im.transpose(1, 2, 0)), size) for im in a])
+        return np.ascontiguousarray(a)
+
+    out = {"train": images("images"), "train_labels": z["labels"] if "labels" in z.files else None}
+    if "val_images" in z.files:
+        out["val"], out["val_labels"] = images("val_images"), z["val_labels"] if "val_labels" in z.files else None
+    for split in ("train", "val"):
+        lab = out.get(f"{split}_labels")
+        if lab is not None and len(lab) != len(out[split]):
+            raise PretrainDataError(f"--data {path}: {len(lab)} {split} labels for {len(out[split])} images")
+    return out
+
+
+def load_pretrain_data(spec: str | Path, size: int, cache_dir: str | Path | None = None,
+                       val_fraction: float = 0.1, seed: int = 0) -> PretrainData:
+    """Decode ``spec`` (see module docstring) to size x size uint8 tensors; cached as .npz in
+    ``cache_dir`` when given. Without a held-out split, ``val_fraction`` of the labelled images
+    are held out (seeded) for the probes and not used for pre-training."""
+    path = Path(spec)
+    if not path.exists():
+        raise PretrainDataError(f"--data {spec}: no such file or directory")
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "siftlens-cache"
+    if path.suffix == ".npz":
+        arrays, classes, skipped = _from_npz(path, size), None, []
+    else:
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_mtime_ns}:{size}".encode()).hexdigest()[:16]
+        decoded = cache / f"decoded-{path.name}-{size}-{key}.npz"
+        if cache_dir and decoded.exists():
+            with np.load(decoded, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if k not in ("classes", "skipped")}
+                classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+                skipped = [{"path": p, "reason": r} for p, r in z["skipped"]] if "skipped" in z.files else []
+        else:
+            root = _extract_archive(path, cache) if path.is_file() else path
+            train_dir, val_dir = _split_dirs(root)
+            x, y, classes, skipped = _decode_folder(train_dir, size)
+            arrays = {"train": x}
+            if y is not None:
+                arrays["train_labels"] = y
+            if val_dir is not None:
+                vx, vy, vclasses, vskipped = _decode_folder(val_dir, size)
+                skipped += vskipped
+                if vy is not None and classes is not None:
+                    if not set(vclasses) <= set(classes):
+                        raise PretrainDataError(f"--data {spec}: {val_dir.name}/ has classes not in train/: "
+                                                f"{sorted(set(vclasses) - set(classes))[:5]}")
+                    arrays["val_labels"] = np.array([classes.index(vclasses[i]) for i in vy])
+                arrays["val"] = vx
+            if cache_dir:
+                extra = {"classes": np.array(classes)} if classes else {}
+                if skipped:
+                    extra["skipped"] = np.array([[s["path"], s["reason"]] for s in skipped])
+                atomic_write_npz(decoded, compress=False, **{k: v for k, v in arrays.items() if v is not None},
+                                 **extra)
+    t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
+    data = PretrainData(t(arrays["train"]), t(arrays.get("train_labels")), t(arrays.get("val")),
+                        t(arrays.get("val_labels")), classes, skipped)
+    if data.val is not None and data.val_labels is not None:
+        data.val_source = "held-out split"
+    elif data.train_labels is not None and val_fraction > 0:
+        n_val = max(1, int(len(data.train) * val_fraction))
+        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        data.val, data.val_labels = data.train[val_idx], data.train_labels[val_idx]
+        data.train, data.train_labels = data.train[train_idx], data.train_labels[train_idx]
+        data.val_source = f"{val_fraction:.0%} of train held out (seed {seed})"
+    return data

@@ -1,0 +1,365 @@
+"""`siftlens pretrain`: MAE pre-training with swappable masking, readable top to bottom.
+
+Determinism: all randomness of step s (crop boxes, flips, masking draws) comes from a generator
+seeded by (seed, s) and is drawn for the *global* batch, so a run resumed at any step, or split
+over N processes (``torchrun``), sees the same batches as one uninterrupted process. The epoch's
+image order comes from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from .data import PretrainData, load_pretrain_data
+from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from .guidance import (
+    apply_crop,
+    box_footprint_mass,
+    cached_keypoint_table,
+    edge_mass,
+    sample_crop_params,
+    to_concentration,
+    transform_keypoints,
+)
+from .mae import ENCODER_ARCH, MAE, MAEConfig
+from .masking import MASKINGS, alpha_schedule, loss_weights, masking_noise
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PretrainConfig:
+    data: str
+    out: str
+    masking: str = "random"  # random | sift | sift-curriculum | edge
+    alpha: float = 1.0  # exponent of (c + eps); the curriculum's final value
+    alpha_start: float = -1.0  # sift-curriculum: alpha moves from here to ``alpha``
+    alpha_shape: str = "linear"  # sift-curriculum: linear | cosine
+    eps: float = 1e-3  # relative to the uniform share 1/N
+    loss_gamma: float = 0.0  # KAMIM-style loss weights (c + eps) ** gamma; 0 = plain MAE loss
+    mask_ratio: float = 0.75
+    model: MAEConfig = field(default_factory=MAEConfig)
+    stored_size: int = 72  # images are decoded once at this size; crops are resized to model.img_size
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    epochs: int = 20
+    batch_size: int = 256  # global, over all processes
+    lr: float = 1.5e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    eval_every: int = 2  # epochs between kNN / linear-probe evaluations (also at 0 and at the end)
+    knn_k: int = 20
+    probe_train_limit: int | None = 5000  # memory bank / probe training images (evenly spaced subset)
+    probe_val_limit: int | None = None
+    checkpoint_every: int = 100  # steps
+    max_keypoints: int = 128
+    limit: int | None = None  # pre-train on at most this many images
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast (GPU)
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = MAEConfig(**self.model)
+        self.crop_scale = tuple(self.crop_scale)
+        if self.masking not in MASKINGS:
+            raise ValueError(f"--masking {self.masking!r} is not one of {MASKINGS}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.stored_size < self.model.img_size:
+            raise ValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
+
+    # what must match for a resume to continue the same run
+    def identity(self) -> dict:
+        skip = {"out", "progress", "device", "amp", "cache_dir", "checkpoint_every"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        d["model"] = self.model.to_dict()
+        return json.loads(json.dumps(d))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig) -> float:
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Pretrainer:
+    """One pre-training run; ``run()`` does everything and returns the per-epoch log."""
+
+    def __init__(self, cfg: PretrainConfig, data: PretrainData | None = None) -> None:
+        self.cfg = cfg
+        self.rank, self.world = _dist_info()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.out = Path(cfg.out)
+        if self.rank == 0:
+            ensure_writable_dir(self.out)
+        device = cfg.device
+        if device == "cuda" and self.world > 1:  # one GPU per process
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.seed)  # model initialisation
+        self.data = data if data is not None else load_pretrain_data(
+            cfg.data, cfg.stored_size, cfg.cache_dir, seed=cfg.seed)
+        if cfg.limit is not None and cfg.limit < len(self.data.train):  # a seeded subset, not the first classes
+            keep = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.seed))
+            keep = keep[:cfg.limit].sort().values
+            self.data.train = self.data.train[keep]
+            if self.data.train_labels is not None:
+                self.data.train_labels = self.data.train_labels[keep]
+        n = len(self.data.train)
+        if n < cfg.batch_size:
+            raise ValueError(f"--data {cfg.data}: {n} training images, fewer than one batch ({cfg.batch_size})")
+        self.steps_per_epoch = n // cfg.batch_size  # drop_last, as MAE
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.grid = cfg.model.img_size // cfg.model.patch_size
+
+        t0 = time.perf_counter()
+        self.keypoints = self.valid = None
+        if cfg.masking.startswith("sift") or cfg.loss_gamma:
+            self._compute_keypoints()
+        self.keypoint_seconds = time.perf_counter() - t0
+
+        self.model = MAE(cfg.model).to(self.device)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        decay = [p for n_, p in self.model.named_parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for n_, p in self.model.named_parameters() if p.requires_grad and p.ndim <= 1]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+        self.state = {"step": 0, "history": [], "step_losses": [], "train_seconds": 0.0,
+                      "guidance_seconds": 0.0, "epoch_loss_sum": 0.0}
+
+    def _compute_keypoints(self) -> None:
+        # rank 0 fills the on-disk cache first, the others then read it
+        if self.rank != 0 and self.world > 1:
+            dist.barrier()
+        self.keypoints, self.valid = cached_keypoint_table(self.data.train, self.cfg.cache_dir, self.cfg.max_keypoints)
+        if self.rank == 0 and self.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ one step's inputs
+    def batch_inputs(self, step: int, idx: torch.Tensor):
+        """Images, masking noise and loss weights of this process's share of global batch ``idx``."""
+        cfg, b = self.cfg, len(idx)
+        g = step_generator(cfg.seed, step)
+        S = cfg.stored_size
+        crop = sample_crop_params(b, (S, S), cfg.crop_scale, g)
+        uniform = torch.rand(b, self.grid ** 2, generator=g)
+        share = slice(self.rank * b // self.world, (self.rank + 1) * b // self.world)
+        local = idx[share]
+        crop = type(crop)(*(getattr(crop, f.name)[share] for f in fields(crop)))
+        x01 = apply_crop(self.data.train[local].float() / 255, crop, cfg.model.img_size)
+
+        t0 = time.perf_counter()
+        sift_c = edge_c = None
+        if self.keypoints is not None:
+            kp, ok = transform_keypoints(self.keypoints[local], self.valid[local], crop, cfg.model.img_size)
+            sift_c = to_concentration(box_footprint_mass(kp, ok, (self.grid, self.grid), cfg.model.patch_size))
+        if cfg.masking == "edge":
+            edge_c = to_concentration(edge_mass(x01, cfg.model.patch_size))
+        alpha = cfg.alpha
+        if cfg.masking == "sift-curriculum":
+            alpha = alpha_schedule(cfg.alpha_start, cfg.alpha, step / max(1, self.total_steps - 1), cfg.alpha_shape)
+        noise = masking_noise(cfg.masking, uniform[share], sift_c, edge_c, alpha, cfg.eps)
+        weights = loss_weights(sift_c, cfg.loss_gamma, cfg.eps) if cfg.loss_gamma else None
+        guidance_seconds = time.perf_counter() - t0
+        return (x01 - self.mean) / self.std, noise, weights, alpha, guidance_seconds
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        buf = io.BytesIO()
+        torch.save({"config": self.cfg.identity(), "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(), "state": self.state}, buf)
+        atomic_write_bytes(self.out / "checkpoint.pt", buf.getvalue())
+
+    def try_resume(self) -> bool:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            return False
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
+                             "delete it to start over") from None
+        if ck["config"] != self.cfg.identity():
+            diff = sorted(k for k in ck["config"] if ck["config"].get(k) != self.cfg.identity().get(k))
+            raise ValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
+                             "use another --out or delete its checkpoint.pt")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.state = ck["state"]
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+    def _probe_sets(self):
+        d, cfg = self.data, self.cfg
+        if d.train_labels is None or d.val is None or d.val_labels is None:
+            return None
+
+        def subset(x, y, limit):
+            if limit is None or limit >= len(x):
+                return x, y
+            keep = torch.linspace(0, len(x) - 1, limit).round().long()
+            return x[keep], y[keep]
+
+        crop = (cfg.stored_size - cfg.model.img_size) // 2
+        c = lambda x: x[..., crop:crop + cfg.model.img_size, crop:crop + cfg.model.img_size]
+        (tx, ty), (vx, vy) = subset(d.train, d.train_labels, cfg.probe_train_limit), subset(d.val, d.val_labels,
+                                                                                          cfg.probe_val_limit)
+        return c(tx), ty, c(vx), vy
+
+    def evaluate(self) -> dict:
+        if self.probes is None:
+            return {}
+        tx, ty, vx, vy = self.probes
+        enc = self.model.encoder
+        ftr = extract_features(enc, tx, MEAN, STD, device=self.device)
+        fva = extract_features(enc, vx, MEAN, STD, device=self.device)
+        return {"knn_acc": knn_accuracy(ftr, ty, fva, vy, k=self.cfg.knn_k),
+                "linear_acc": linear_probe_accuracy(ftr, ty, fva, vy)}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> pd.DataFrame:
+        cfg = self.cfg
+        resumed = self.try_resume()
+        self.probes = self._probe_sets() if self.rank == 0 else None
+        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
+        if self.rank == 0 and not self.state["history"]:
+            self._log_epoch(0, extra=self.evaluate())
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"pretrain {cfg.masking}",
+                       dynamic_ncols=True)
+        if resumed and self.rank == 0:
+            print(f"resuming {self.out} at step {self.state['step']}/{self.total_steps}")
+        self.ddp.train()
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+        while self.state["step"] < self.total_steps:
+            step = self.state["step"]
+            epoch, i = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(len(self.data.train), generator=step_generator(cfg.seed, -1 - epoch))
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+
+            t0 = time.perf_counter()
+            x, noise, weights, alpha, guidance_s = self.batch_inputs(step, idx)
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(step, self.total_steps, warmup, cfg)
+            with amp:
+                loss, _, _ = self.ddp(x.to(self.device), noise.to(self.device), cfg.mask_ratio,
+                                      None if weights is None else weights.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            loss_value = loss.detach().float()
+            if self.world > 1:  # the logged loss is the global batch's, whatever the world size
+                dist.all_reduce(loss_value)
+                loss_value /= self.world
+            self.state["train_seconds"] += time.perf_counter() - t0
+            self.state["guidance_seconds"] += guidance_s
+            self.state["step_losses"].append(loss_value.item())
+            self.state["epoch_loss_sum"] += loss_value.item()
+            self.state["step"] = step + 1
+            self.state["alpha"] = alpha
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value.item():.4f}", epoch=epoch + 1)
+
+            epoch_done = (step + 1) % self.steps_per_epoch == 0
+            if epoch_done and self.rank == 0:
+                last = step + 1 == self.total_steps
+                do_eval = last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+                self._log_epoch(epoch + 1, extra=self.evaluate() if do_eval else {})
+            if epoch_done or (step + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.rank == 0:
+            self.export_encoder()
+        if self.world > 1:
+            dist.barrier()
+        return pd.DataFrame(self.state["history"])
+
+    def _log_epoch(self, epoch: int, extra: dict) -> None:
+        s = self.state
+        row = {"epoch": epoch, "step": s["step"], "loss": s["epoch_loss_sum"] / self.steps_per_epoch if epoch else None,
+               "lr": lr_at(max(0, s["step"] - 1), self.total_steps, int(self.cfg.warmup_epochs * self.steps_per_epoch),
+                           self.cfg) if epoch else None,
+               "alpha": s.get("alpha", self.cfg.alpha), "train_seconds": s["train_seconds"],
+               "guidance_seconds": s["guidance_seconds"], "knn_acc": None, "linear_acc": None, **extra}
+        s["history"].append(row)
+        s["epoch_loss_sum"] = 0.0
+        df = pd.DataFrame(s["history"])
+        atomic_write_parquet(df, self.out / "log.parquet")
+        atomic_write_text(self.out / "log.csv", df.to_csv(index=False))
+        atomic_write_text(self.out / "step_losses.csv", "step,loss\n" + "".join(
+            f"{i + 1},{v!r}\n" for i, v in enumerate(s["step_losses"])))
+        if extra and self.cfg.progress:
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+
+    def export_encoder(self) -> Path:
+        """encoder.safetensors (timm state dict) + encoder.json (how to build it, preprocessing)."""
+        from safetensors.torch import save as save_safetensors
+
+        cfg = self.cfg
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.encoder.state_dict().items()}
+        path = self.out / "encoder.safetensors"
+        atomic_write_bytes(path, save_safetensors(tensors))
+        last_eval = next((r for r in reversed(self.state["history"]) if r.get("knn_acc") is not None), {})
+        meta = {"timm_arch": ENCODER_ARCH, "timm_kwargs": cfg.model.encoder_kwargs(),
+                "input_size": [3, cfg.model.img_size, cfg.model.img_size],
+                "crop_pct": cfg.model.img_size / cfg.stored_size, "interpolation": "bicubic",
+                "mean": list(MEAN), "std": list(STD), "label_names": self.data.classes,
+                "pretrain": {k: v for k, v in self.cfg.identity().items()},
+                "knn_acc": last_eval.get("knn_acc"), "linear_acc": last_eval.get("linear_acc"),
+                "keypoint_seconds": self.keypoint_seconds, "train_seconds": self.state["train_seconds"],
+                "guidance_seconds": self.state["guidance_seconds"],
+                "skipped_images": self.data.skipped, "probe_split": self.data.val_source}
+        atomic_write_json(self.out / "encoder.json", meta)
+        return path
+
+
+def pretrain(cfg: PretrainConfig, data: PretrainData | None = None) -> pd.DataFrame:
+    """Run (or resume) MAE pre-training; returns the per-epoch log (also in ``cfg.out``/log.parquet).
+
+    Under ``torchrun`` each process takes its share of every global batch (gloo on CPU, nccl on GPU).
+    """
+    started_here = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        started_here = True
+    try:
+        return Pretrainer(cfg, data).run()
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+
