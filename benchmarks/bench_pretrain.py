@@ -1,0 +1,207 @@
+"""Time-to-target benchmark for SIFT-guided MAE pre-training (issue 6, METHOD.md §5).
+
+Runs `siftlens pretrain` for every strategy x seed (same model, data, schedule; only the masking
+differs), then prints, per strategy: final kNN / linear-probe accuracy (mean ± std over seeds, the
+paired difference to random masking with a 95% t-interval), the epoch and the training wall time
+at which it first reaches random masking's final kNN accuracy (mean over seeds), their ratios to
+random's, and the guidance overhead. Writes summary.json, summary.md, curves.png, report.html.
+
+    python benchmarks/bench_pretrain.py --data ../shared/data/imagenette2-160.tar \\
+        --out benchmarks/results/pretrain/cpu64 --epochs 20 --seeds 0 1 2 --parallel 2
+
+Runs already finished are reused, unfinished ones resume: run the same command again after a
+crash. Wall times are training time only (evaluation excluded) and are comparable only between
+runs on the same machine under the same load (``--parallel`` runs share the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+STRATEGIES = {
+    "random": ["--masking", "random"],
+    "sift(a=+1)": ["--masking", "sift", "--alpha", "1"],
+    "sift(a=-1)": ["--masking", "sift", "--alpha", "-1"],
+    "sift-curriculum(-1->+1)": ["--masking", "sift-curriculum", "--alpha-start", "-1", "--alpha", "1"],
+    "edge(a=+1)": ["--masking", "edge", "--alpha", "1"],
+    "edge(a=-1)": ["--masking", "edge", "--alpha", "-1"],
+    "sift(a=+1)+kamim(g=1)": ["--masking", "sift", "--alpha", "1", "--loss-gamma", "1"],
+    "random+kamim(g=1)": ["--masking", "random", "--loss-gamma", "1"],
+}
+DEFAULT = ["random", "sift(a=+1)", "sift(a=-1)", "sift-curriculum(-1->+1)", "edge(a=+1)"]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace, threads: int) -> Path:
+    out = Path(args.out) / "runs" / f"{slug(name)}-seed{seed}"
+    if (out / "encoder.json").exists():
+        return out
+    cmd = [sys.executable, "-m", "siftlens", "pretrain", "--data", args.data, "--out", str(out),
+           "--seed", str(seed), "--threads", str(threads), "--quiet", *STRATEGIES[name], *args.pretrain_args]
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(out / "stdout.log", "a") as log:
+        t0 = time.time()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"{name} seed {seed}: rc {rc} in {time.time() - t0:.0f} s -> {out}", flush=True)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {rc}); see {out}/stdout.log")
+    return out
+
+
+def ci95(values: np.ndarray) -> tuple[float, float, float]:
+    """mean and 95% t-interval half-width over seeds."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()), math.nan, math.nan
+    half = T_975.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def first_reaching(log: pd.DataFrame, target: float) -> tuple[float, float]:
+    """(epoch, train seconds) of the first evaluation (after epoch 0) with kNN >= target, or NaN."""
+    hit = log[(log["epoch"] > 0) & (log["knn_acc"] >= target - 1e-12)]
+    if hit.empty:
+        return math.nan, math.nan
+    return float(hit["epoch"].iloc[0]), float(hit["train_seconds"].iloc[0])
+
+
+def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int], out: Path) -> dict:
+    logs = {k: pd.read_parquet(p / "log.parquet") for k, p in runs.items()}
+    metas = {k: json.loads((p / "encoder.json").read_text()) for k, p in runs.items()}
+    final = lambda k, col: float(logs[k].dropna(subset=[col])[col].iloc[-1])
+    target = float(np.mean([final(("random", s), "knn_acc") for s in seeds]))
+    rand_ttt = np.array([first_reaching(logs[("random", s)], target) for s in seeds])
+    rows = []
+    for name in names:
+        knn = np.array([final((name, s), "knn_acc") for s in seeds])
+        lin = np.array([final((name, s), "linear_acc") for s in seeds])
+        knn0 = np.array([float(logs[(name, s)]["knn_acc"].iloc[0]) for s in seeds])
+        d_knn = knn - np.array([final(("random", s), "knn_acc") for s in seeds])
+        d_lin = lin - np.array([final(("random", s), "linear_acc") for s in seeds])
+        ttt = np.array([first_reaching(logs[(name, s)], target) for s in seeds])
+        reached = int(np.isfinite(ttt[:, 0]).sum())
+        all_reached = reached == len(seeds) and np.isfinite(rand_ttt).all()
+        guidance = np.array([metas[(name, s)]["guidance_seconds"] / metas[(name, s)]["train_seconds"] for s in seeds])
+        kp_share = np.array([metas[(name, s)]["keypoint_seconds"] / metas[(name, s)]["train_seconds"] for s in seeds])
+        rows.append({
+            "strategy": name,
+            "knn_final_mean": knn.mean(), "knn_final_std": knn.std(ddof=1) if len(seeds) > 1 else math.nan,
+            "linear_final_mean": lin.mean(), "linear_final_std": lin.std(ddof=1) if len(seeds) > 1 else math.nan,
+            "knn_epoch0_mean": knn0.mean(),
+            "d_knn_vs_random": ci95(d_knn), "d_linear_vs_random": ci95(d_lin),
+            "seeds_reaching_target": f"{reached}/{len(seeds)}",
+            "epochs_to_target_mean": float(np.nanmean(ttt[:, 0])) if reached else math.nan,
+            "seconds_to_target_mean": float(np.nanmean(ttt[:, 1])) if reached else math.nan,
+            "epoch_ratio_vs_random": float(ttt[:, 0].mean() / rand_ttt[:, 0].mean()) if all_reached else math.nan,
+            "wall_ratio_vs_random": float(ttt[:, 1].mean() / rand_ttt[:, 1].mean()) if all_reached else math.nan,
+            "total_train_seconds_mean": float(np.mean([metas[(name, s)]["train_seconds"] for s in seeds])),
+            "guidance_share_of_step": float(guidance.mean()),
+            "keypoint_precompute_share": float(kp_share.mean()),
+        })
+    table = pd.DataFrame(rows)
+    summary = {"target_knn": target, "seeds": seeds, "table": rows,
+               "config": metas[("random", seeds[0])]["pretrain"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    md = markdown_table(table, target)
+    (out / "summary.md").write_text(md)
+    plot_curves(logs, names, seeds, target, out / "curves.png")
+    png = base64.b64encode((out / "curves.png").read_bytes()).decode()
+    (out / "report.html").write_text(
+        f"<html><body><h1>SIFT-guided MAE: time to random masking's final kNN ({target:.4f})</h1>"
+        f"<pre>{md}</pre><img src='data:image/png;base64,{png}' width='100%'></body></html>")
+    return summary
+
+
+def markdown_table(t: pd.DataFrame, target: float) -> str:
+    fmt_ci = lambda c: f"{c[0]:+.4f} [{c[1]:+.4f}, {c[2]:+.4f}]"
+    lines = [f"target = random masking's final kNN accuracy, mean over seeds: {target:.4f}", "",
+             "| strategy | kNN final | linear final | ΔkNN vs random (95% CI) | Δlinear vs random (95% CI) "
+             "| reached | epochs to target | ratio | train s to target | ratio | guidance / step time "
+             "| SIFT once / train time | kNN at init |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in t.itertuples():
+        lines.append(
+            f"| {r.strategy} | {r.knn_final_mean:.4f} ± {r.knn_final_std:.4f} | "
+            f"{r.linear_final_mean:.4f} ± {r.linear_final_std:.4f} | {fmt_ci(r.d_knn_vs_random)} | "
+            f"{fmt_ci(r.d_linear_vs_random)} | {r.seeds_reaching_target} | {r.epochs_to_target_mean:.1f} | "
+            f"{r.epoch_ratio_vs_random:.2f} | {r.seconds_to_target_mean:.0f} | {r.wall_ratio_vs_random:.2f} | "
+            f"{r.guidance_share_of_step:.2%} | {r.keypoint_precompute_share:.2%} | {r.knn_epoch0_mean:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(logs: dict, names: list[str], seeds: list[int], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for name in names:
+        ev = [logs[(name, s)].dropna(subset=["knn_acc"]) for s in seeds]
+        epochs = ev[0]["epoch"].to_numpy()
+        for ax, col, x in ((axes[0], "knn_acc", "epoch"), (axes[1], "knn_acc", "train_seconds"),
+                           (axes[2], "linear_acc", "epoch")):
+            ys = np.stack([e[col].to_numpy() for e in ev])
+            xs = epochs if x == "epoch" else np.mean([e["train_seconds"].to_numpy() for e in ev], axis=0)
+            line, = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=name)
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    for ax, title, xl in ((axes[0], "kNN accuracy (k=20, cosine)", "epoch"),
+                          (axes[1], "kNN accuracy", "training wall time (s)"),
+                          (axes[2], "linear-probe accuracy", "epoch")):
+        ax.set_title(title + " — mean over seeds, band = min..max")
+        ax.set_xlabel(xl)
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target: random's final kNN")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="benchmarks/results/pretrain/run")
+    ap.add_argument("--strategies", nargs="+", default=DEFAULT, choices=list(STRATEGIES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores/parallel)")
+    ap.add_argument("pretrain_args", nargs=argparse.REMAINDER,
+                    help="after '--': passed to every `siftlens pretrain` (model size, epochs, ...)")
+    args = ap.parse_args()
+    if args.pretrain_args[:1] == ["--"]:
+        args.pretrain_args = args.pretrain_args[1:]
+    if "random" not in args.strategies:
+        args.strategies = ["random", *args.strategies]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
+    jobs = [(n, s) for s in args.seeds for n in args.strategies]  # seed-major: early results are comparable
+    with ThreadPoolExecutor(args.parallel) as pool:
+        paths = dict(zip(jobs, pool.map(lambda j: run_one(j[0], j[1], args, threads), jobs)))
+    summary = summarize(paths, args.strategies, args.seeds, out)
+    print((out / "summary.md").read_text())
+    print(f"-> {out}/report.html, summary.json, curves.png (config: {json.dumps(summary['config'])})")
+
+
+if __name__ == "__main__":
+    main()
