@@ -45,6 +45,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t q
 
 
 def slug(name: str) -> str:
+    name = name.replace("+", "p").replace("->", "to").replace("-", "m")  # keep a=+1 and a=-1 apart
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 

@@ -10,6 +10,7 @@ are skipped and listed; labels (for the kNN / linear probes only) come from clas
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -79,7 +80,12 @@ def _extract_archive(path: Path, cache_dir: Path) -> Path:
                 tf.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as e:
             raise PretrainDataError(f"--data {path}: cannot read archive ({e})") from None
-        tmp.rename(dest)  # complete or absent
+        try:
+            tmp.rename(dest)  # complete or absent
+        except OSError:  # another process finished the same extraction first
+            if not dest.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     tops = [p for p in dest.iterdir() if p.is_dir()]
     return tops[0] if len(tops) == 1 else dest
 
