@@ -137,6 +137,16 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
 
 
+def resize_short_center_crop(im: Image.Image, short_side: int, crop: int) -> Image.Image:
+    """Resize the short side to ``short_side`` (bicubic), then centre-crop crop x crop."""
+    w, h = im.size
+    s = short_side / min(w, h)
+    im = im.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return im.crop((left, top, left + crop, top + crop))
+
+
 def find_images(spec: str | Path | list) -> list[Path]:
     """Image files from a file, a directory (recursively, ImageFolder trees too) or a glob."""
     if isinstance(spec, (list, tuple)):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .preprocess import resize_short_center_crop
+
 AUGMENTATIONS = ("crop_flip", "none")
 
 
@@ -49,19 +51,10 @@ def load_image_folder(root: str | Path, short_side: int, crop: int) -> tuple[tor
             with Image.open(f) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 im = ImageOps.fit(im, (crop, crop), Image.BICUBIC) if short_side == crop else \
-                    _resize_center_crop(im, short_side, crop)
+                    resize_short_center_crop(im, short_side, crop)
             images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             labels.append(ci)
     return torch.stack(images), torch.tensor(labels), classes
-
-
-def _resize_center_crop(im: Image.Image, short_side: int, crop: int) -> Image.Image:
-    w, h = im.size
-    s = short_side / min(w, h)
-    im = im.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    return im.crop((left, top, left + crop, top + crop))
 
 
 def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float],

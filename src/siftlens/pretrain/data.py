@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write_npz
-from ..preprocess import BadImageError, find_images, load_rgb
+from ..preprocess import BadImageError, find_images, load_rgb, resize_short_center_crop
 
 
 class PretrainDataError(ValueError):
@@ -41,12 +41,7 @@ class PretrainData:
 
 def resize_center_crop(im: Image.Image, size: int) -> np.ndarray:
     """Short side to ``size`` (bicubic), centre crop size x size -> [3, size, size] uint8."""
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1).copy()
+    return np.asarray(resize_short_center_crop(im, size, size)).transpose(2, 0, 1).copy()
 
 
 def _decode_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[dict]]:
