@@ -262,6 +262,7 @@ def test_pretrain_runs_logs_and_exports(npz, tmp_path, masking):
     assert log["knn_acc"].notna().all() and log["linear_acc"].notna().all()
     assert log["loss"].iloc[2] < log["loss"].iloc[1]
     meta = json.loads((tmp_path / masking / "encoder.json").read_text())
+    assert (tmp_path / masking / "masking_examples.png").stat().st_size > 1000
     assert meta["probe_split"].startswith("10% of train held out")
     if masking.startswith("sift"):
         assert meta["keypoint_seconds"] > 0 and meta["guidance_seconds"] > 0

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from .data import PretrainData, load_pretrain_data
 from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from .figures import masks_figure
 from .guidance import (
     apply_crop,
     box_footprint_mass,
@@ -33,7 +34,7 @@ from .guidance import (
     transform_keypoints,
 )
 from .mae import ENCODER_ARCH, MAE, MAEConfig
-from .masking import MASKINGS, alpha_schedule, loss_weights, masking_noise
+from .masking import MASKINGS, alpha_schedule, loss_weights, mask_from_noise, masking_noise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -192,6 +193,27 @@ class Pretrainer:
         guidance_seconds = time.perf_counter() - t0
         return (x01 - self.mean) / self.std, noise, weights, alpha, guidance_seconds
 
+    def write_masking_figure(self, path: Path, n: int = 4) -> None:
+        """masking_examples.png: step 0's first crops, their SIFT and edge maps, random vs this run's masks."""
+        cfg, size, patch = self.cfg, self.cfg.model.img_size, self.cfg.model.patch_size
+        g = step_generator(cfg.seed, 0)  # the crops of step 0 (a fresh generator: training draws are untouched)
+        S = cfg.stored_size
+        crop = sample_crop_params(n, (S, S), cfg.crop_scale, g)
+        uniform = torch.rand(n, self.grid ** 2, generator=g)
+        images = self.data.train[:n]
+        x01 = apply_crop(images.float() / 255, crop, size)
+        table, valid = cached_keypoint_table(images, None, cfg.max_keypoints)
+        kp, ok = transform_keypoints(table, valid, crop, size)
+        sift_c = to_concentration(box_footprint_mass(kp, ok, (self.grid, self.grid), patch))
+        edge_c = to_concentration(edge_mass(x01, patch))
+        zeros = torch.zeros(n, self.grid ** 2, 1)
+        masks = {"random": mask_from_noise(zeros, uniform, cfg.mask_ratio)[1]}
+        if cfg.masking != "random":
+            alpha = cfg.alpha_start if cfg.masking == "sift-curriculum" else cfg.alpha
+            noise = masking_noise(cfg.masking, uniform, sift_c, edge_c, alpha, cfg.eps)
+            masks[f"{cfg.masking} a={alpha:+g}"] = mask_from_noise(zeros, noise, cfg.mask_ratio)[1]
+        masks_figure(x01, {"SIFT": sift_c, "edge": edge_c}, masks, self.grid, path)
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         if self.rank != 0:
@@ -254,6 +276,10 @@ class Pretrainer:
         self.probes = self._probe_sets() if self.rank == 0 else None
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
         if self.rank == 0 and not self.state["history"]:
+            try:  # a picture must never cost a training run
+                self.write_masking_figure(self.out / "masking_examples.png")
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: masking_examples.png not written ({type(e).__name__}: {e})")
             self._log_epoch(0, extra=self.evaluate())
         bar = None
         if cfg.progress and self.rank == 0:
