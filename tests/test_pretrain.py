@@ -187,6 +187,14 @@ def test_keypoints_through_random_resized_crop_match_sift_recomputed():
     assert corr.mean() > np.nanmean(corr_wrong) + 0.3
 
 
+def test_keypoint_table_with_worker_processes_is_identical():
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 255, (300, 3, 8, 8), dtype=np.uint8).repeat(4, 2).repeat(4, 3)
+    x = torch.from_numpy(np.ascontiguousarray(smooth))
+    one, two = detect_keypoint_table(x, 32), detect_keypoint_table(x, 32, workers=2)
+    assert one[1].any() and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
 # ------------------------------------------------------------------ probes
 
 def test_knn_and_linear_probe_on_hand_made_features():

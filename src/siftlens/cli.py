@@ -215,6 +215,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--probe-val-limit", type=int, default=d.probe_val_limit)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
     p.add_argument("--max-keypoints", type=int, default=d.max_keypoints, help="strongest SIFT keypoints kept per image")
+    p.add_argument("--keypoint-workers", type=int, default=0, help="processes for the one-time SIFT pass")
     p.add_argument("--limit", type=int, default=None, help="pre-train on a seeded subset of this many images")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
@@ -242,7 +243,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         model=model, stored_size=args.stored_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, eval_every=args.eval_every,
         knn_k=args.knn_k, probe_train_limit=args.probe_train_limit, probe_val_limit=args.probe_val_limit,
-        checkpoint_every=args.checkpoint_every, max_keypoints=args.max_keypoints, limit=args.limit, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, max_keypoints=args.max_keypoints,
+        keypoint_workers=args.keypoint_workers, limit=args.limit, seed=args.seed,
         device=args.device, amp=args.amp, cache_dir=args.cache_dir, progress=not args.quiet)
     log = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

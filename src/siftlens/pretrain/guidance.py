@@ -140,12 +140,8 @@ def rgb_to_gray_u8(images_u8: np.ndarray) -> np.ndarray:
     return (gray * 255.0 + 0.5).astype(np.uint8)
 
 
-def detect_keypoint_table(images_u8: torch.Tensor, max_keypoints: int = 64,
-                          params: SiftParams = SiftParams()) -> tuple[torch.Tensor, torch.Tensor]:
-    """SIFT on every stored image [N, 3, H, W] uint8 -> keypoints [N, K, 4] (x, y, diameter,
-    response; the K strongest by response, zero-padded) and valid [N, K]."""
+def _detect_chunk(gray: np.ndarray, max_keypoints: int, params: SiftParams) -> tuple[np.ndarray, np.ndarray]:
     cv2.setNumThreads(1)
-    gray = rgb_to_gray_u8(images_u8.numpy())
     table = np.zeros((len(gray), max_keypoints, 4), np.float32)
     valid = np.zeros((len(gray), max_keypoints), bool)
     for i, g in enumerate(gray):
@@ -154,21 +150,39 @@ def detect_keypoint_table(images_u8: torch.Tensor, max_keypoints: int = 64,
         k = len(order)
         table[i, :k] = np.stack([kp.xy[order, 0], kp.xy[order, 1], kp.size[order], kp.response[order]], 1)
         valid[i, :k] = True
+    return table, valid
+
+
+def detect_keypoint_table(images_u8: torch.Tensor, max_keypoints: int = 64, params: SiftParams = SiftParams(),
+                          workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SIFT on every stored image [N, 3, H, W] uint8 -> keypoints [N, K, 4] (x, y, diameter,
+    response; the K strongest by response, zero-padded) and valid [N, K]. ``workers`` > 0 spreads
+    the images over that many processes (same result: each image is detected independently)."""
+    gray = rgb_to_gray_u8(images_u8.numpy())
+    if workers > 0 and len(gray) > 256:
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = np.array_split(gray, workers * 8)
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_detect_chunk, chunks, [max_keypoints] * len(chunks), [params] * len(chunks)))
+        table, valid = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    else:
+        table, valid = _detect_chunk(gray, max_keypoints, params)
     return torch.from_numpy(table), torch.from_numpy(valid)
 
 
 def cached_keypoint_table(images_u8: torch.Tensor, cache_dir: str | Path | None, max_keypoints: int = 64,
-                          params: SiftParams = SiftParams()) -> tuple[torch.Tensor, torch.Tensor]:
+                          params: SiftParams = SiftParams(), workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``detect_keypoint_table`` with an on-disk cache keyed by the image bytes and parameters."""
     if cache_dir is None:
-        return detect_keypoint_table(images_u8, max_keypoints, params)
+        return detect_keypoint_table(images_u8, max_keypoints, params, workers)
     h = hashlib.sha256(images_u8.numpy().tobytes())
     h.update(repr((max_keypoints, params, cv2.__version__)).encode())
     path = Path(cache_dir) / f"keypoints-{h.hexdigest()[:20]}.npz"
     if path.exists():
         with np.load(path) as z:
             return torch.from_numpy(z["table"]), torch.from_numpy(z["valid"])
-    table, valid = detect_keypoint_table(images_u8, max_keypoints, params)
+    table, valid = detect_keypoint_table(images_u8, max_keypoints, params, workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_npz(path, table=table.numpy(), valid=valid.numpy())
     return table, valid

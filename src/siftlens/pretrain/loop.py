@@ -65,6 +65,7 @@ class PretrainConfig:
     probe_val_limit: int | None = None
     checkpoint_every: int = 100  # steps
     max_keypoints: int = 128
+    keypoint_workers: int = 0  # processes for the one-time SIFT pass over the data
     limit: int | None = None  # pre-train on at most this many images
     seed: int = 0
     device: str = "cpu"
@@ -85,7 +86,7 @@ class PretrainConfig:
 
     # what must match for a resume to continue the same run
     def identity(self) -> dict:
-        skip = {"out", "progress", "device", "amp", "cache_dir", "checkpoint_every"}
+        skip = {"out", "progress", "device", "amp", "cache_dir", "checkpoint_every", "keypoint_workers"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["model"] = self.model.to_dict()
         return json.loads(json.dumps(d))
@@ -161,7 +162,8 @@ class Pretrainer:
         # rank 0 fills the on-disk cache first, the others then read it
         if self.rank != 0 and self.world > 1:
             dist.barrier()
-        self.keypoints, self.valid = cached_keypoint_table(self.data.train, self.cfg.cache_dir, self.cfg.max_keypoints)
+        self.keypoints, self.valid = cached_keypoint_table(self.data.train, self.cfg.cache_dir, self.cfg.max_keypoints,
+                                                           workers=self.cfg.keypoint_workers)
         if self.rank == 0 and self.world > 1:
             dist.barrier()
 
