@@ -1,4 +1,5 @@
-"""`siftlens analyze`: SIFT maps in DataLoader workers, attention reduced inside the capture hooks,
+"""`siftlens analyze`: SIFT maps in DataLoader workers (with ``--keypoint-detector kornia``: SIFT on each batch
+on the model's device, see BatchRunner.kornia_maps), attention reduced inside the capture hooks,
 per-image rows streamed to Parquet, group matrices summed in streaming form, then the report.
 
 Outputs in ``out``:
@@ -38,8 +39,19 @@ from .capture import AttentionCapture, TokenLayout
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_npz, atomic_write_parquet, ensure_writable_dir
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
-from .semantic_maps import KeypointCache, MapConfig, SiftParams, compute_maps
+from .semantic_maps import (
+    KeypointCache,
+    Keypoints,
+    MapConfig,
+    SiftParams,
+    assemble_maps,
+    compute_maps,
+    image_maps,
+    keypoint_maps,
+)
 from .stats import RolloutState, layer_statistics, prepare_maps
+
+KEYPOINT_DETECTORS = ("opencv", "kornia")
 
 
 @dataclass
@@ -59,6 +71,9 @@ class AnalyzeConfig:
     examples: int = 4  # images whose CLS attention and maps are kept for figures
     keep_full_maps: int = 0  # images whose full [L, H, T, T] attention is saved (float16)
     sift: SiftParams = field(default_factory=SiftParams)
+    # opencv: cv2 SIFT per image in the DataLoader workers; kornia: SIFT on each batch on `device` in the main
+    # process (keypoints_kornia; pip install "siftlens[gpu]"), the maps built from its keypoints there too
+    keypoint_detector: str = "opencv"
     keypoint_cache: str | None = None  # directory of cached keypoints (keyed by image content + params)
     amp: bool = False  # bf16 autocast for the forward pass (statistics stay in float32)
     report: bool = True
@@ -81,9 +96,12 @@ class ImageMapsDataset(Dataset):
     """Loads, preprocesses and builds all maps of one image; bad files come back as errors."""
 
     def __init__(self, paths: list[Path], preprocess: Preprocess, layout: TokenLayout,
-                 map_cfg: MapConfig, seed: int, cache_dir: str | None = None) -> None:
+                 map_cfg: MapConfig, seed: int, cache_dir: str | None = None, sift_here: bool = True) -> None:
         self.paths, self.preprocess, self.layout, self.map_cfg, self.seed = paths, preprocess, layout, map_cfg, seed
         self.cache = KeypointCache(cache_dir) if cache_dir else None
+        # False (--keypoint-detector kornia): only the maps that do not need SIFT keypoints; the main process
+        # detects SIFT on the batch and fills in the rest (BatchRunner.kornia_maps)
+        self.sift_here = sift_here
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,12 +112,17 @@ class ImageMapsDataset(Dataset):
             img = load_rgb(path, min_side=self.layout.patch_size)
             x = self.preprocess(img)
             gray = self.preprocess.to_uint8_gray(x)
-            maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
-                                seed=hash_seed(self.seed, i), cache=self.cache)
+            if self.sift_here:
+                maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
+                                    seed=hash_seed(self.seed, i), cache=self.cache)
+            else:
+                other, edges = image_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg, self.cache)
         except BadImageError as e:
             return {"index": i, "error": str(e)}
         except Exception as e:  # anything else unexpected about this one file: skip, keep going
             return {"index": i, "error": f"{path}: {type(e).__name__}: {e}"}
+        if not self.sift_here:
+            return {"index": i, "x": x, "gray": torch.from_numpy(gray), "maps": other, "edges": edges}
         n = self.layout.num_patches
         C = np.stack([m if m is not None else np.full(n, np.nan) for m in maps.maps.values()])
         return {"index": i, "x": x, "C": torch.from_numpy(C).float(),
@@ -118,10 +141,15 @@ def collate(items: list[dict]) -> dict:
     if ok:
         batch["index"] = torch.tensor([it["index"] for it in ok])
         batch["x"] = torch.stack([it["x"] for it in ok])
-        batch["C"] = torch.stack([it["C"] for it in ok])
-        batch["groups"] = torch.stack([it["groups"] for it in ok])
-        batch["n_keypoints"] = [it["n_keypoints"] for it in ok]
-        batch["kp"] = [(it["kp_xy"], it["kp_size"]) for it in ok]
+        if "C" in ok[0]:  # maps built in the worker (OpenCV SIFT)
+            batch["C"] = torch.stack([it["C"] for it in ok])
+            batch["groups"] = torch.stack([it["groups"] for it in ok])
+            batch["n_keypoints"] = [it["n_keypoints"] for it in ok]
+            batch["kp"] = [(it["kp_xy"], it["kp_size"]) for it in ok]
+        else:  # SIFT still to detect on the batch (kornia)
+            batch["gray"] = torch.stack([it["gray"] for it in ok])
+            batch["maps"] = [it["maps"] for it in ok]
+            batch["edges"] = [it["edges"] for it in ok]
     return batch
 
 
@@ -172,6 +200,19 @@ def _versions() -> dict:
     return v
 
 
+def _detector_info(cfg: AnalyzeConfig) -> dict:
+    """Which SIFT implementation made the keypoints (and, for kornia, on which device)."""
+    if cfg.keypoint_detector == "kornia":
+        from .keypoints_kornia import KORNIA_VERSION
+
+        return {"name": "kornia", "version": KORNIA_VERSION, "device": cfg.device,
+                "function": "siftlens.keypoints_kornia.detect_sift_kornia"}
+    import cv2
+
+    return {"name": "opencv", "version": cv2.__version__, "device": "cpu (DataLoader workers)",
+            "function": "siftlens.semantic_maps.detect_sift"}
+
+
 def _git_revision() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -205,6 +246,13 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         setattr(cfg, k, v)
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+    if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
+        raise ValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
+    if cfg.keypoint_detector == "kornia":
+        try:
+            from . import keypoints_kornia  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(str(e)) from e
     map_cfg = cfg.map_config()
     rank, world = _distributed_setup(cfg)
     t_start = time.time()
@@ -229,7 +277,8 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     todo = [b for b in range(n_batches) if b % world == rank and not _part_done(parts, b)]
     batches = [list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(paths)))) for b in todo]
 
-    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cfg.keypoint_cache)
+    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cfg.keypoint_cache,
+                          sift_here=cfg.keypoint_detector == "opencv")
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     runner = BatchRunner(lm, layout, map_names, cfg)
@@ -257,6 +306,8 @@ class BatchRunner:
 
     def __init__(self, lm: LoadedModel, layout: TokenLayout, map_names: tuple[str, ...], cfg: AnalyzeConfig):
         self.lm, self.layout, self.map_names, self.cfg = lm, layout, map_names, cfg
+        self.map_cfg = cfg.map_config()
+        self.cache = KeypointCache(cfg.keypoint_cache) if cfg.keypoint_cache else None
         self.capture: AttentionCapture | None = None
         self.layer_out: dict[int, dict] = {}
         self.state: dict = {}
@@ -277,6 +328,36 @@ class BatchRunner:
         st.pop("cls_attn", None)
         self.layer_out[idx] = {key: v.detach().cpu() for key, v in st.items()}
 
+    def kornia_maps(self, batch: dict) -> None:
+        """--keypoint-detector kornia: SIFT keypoints of the whole batch on cfg.device, then every map that
+        depends on them (sift, random_kp, edges_sparse) and the groups; the workers made the other maps."""
+        from .keypoints_kornia import KORNIA_VERSION, detect_sift_kornia
+
+        cfg, layout, map_cfg = self.cfg, self.layout, self.map_cfg
+        grays = batch["gray"]  # [B, H, W] uint8: the image OpenCV would get
+        key = (cfg.sift, f"kornia {KORNIA_VERSION}")
+        kps: list[Keypoints | None] = [self.cache.get(g, "sift-kornia", key) if self.cache else None
+                                       for g in grays.numpy()]
+        todo = [b for b, kp in enumerate(kps) if kp is None]
+        if todo:
+            g = grays[todo].to(cfg.device).float().div_(255.0).unsqueeze(1)
+            for b, kp in zip(todo, detect_sift_kornia(g, cfg.sift)):
+                kps[b] = kp
+                if self.cache:
+                    self.cache.put(grays[b].numpy(), "sift-kornia", key, kp)
+        n = layout.num_patches
+        C, groups = [], []
+        for b, i in enumerate(batch["index"].tolist()):
+            kp_maps, mass = keypoint_maps(kps[b], layout.grid, layout.patch_size, map_cfg, seed=hash_seed(cfg.seed, i),
+                                          edges=batch["edges"][b])
+            im = assemble_maps(kps[b], mass, kp_maps, batch["maps"][b], map_cfg)
+            C.append(np.stack([m if m is not None else np.full(n, np.nan) for m in im.maps.values()]))
+            groups.append(im.groups)
+        batch["C"] = torch.from_numpy(np.stack(C)).float()
+        batch["groups"] = torch.from_numpy(np.stack(groups))
+        batch["n_keypoints"] = [len(kp) for kp in kps]
+        batch["kp"] = [(kp.xy, kp.size) for kp in kps]
+
     def run(self, batch: dict, paths: list[Path], keep: bool) -> dict:
         """Everything one batch contributes: rows, lift sums, image rows, skipped inputs, examples."""
         cfg, layout, lm = self.cfg, self.layout, self.lm
@@ -285,6 +366,8 @@ class BatchRunner:
         if batch["n"] == 0:
             return part
         ids = batch["index"].numpy()
+        if "C" not in batch:
+            self.kornia_maps(batch)
         maps = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device), self.map_names, cfg.groups,
                             layout.grid, layout.patch_size,
                             null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids], n_perm=cfg.null_permutations,
@@ -460,6 +543,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                    "no_keypoints": len(no_kp), "rows": len(images_df) * num_layers * num_heads},
         "skipped": skipped,
         "no_keypoints": no_kp,
+        "keypoint_detector": _detector_info(cfg),
         "versions": _versions(),
         "git_revision": _git_revision(),
         "device": cfg.device,

@@ -41,6 +41,10 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--sift-nfeatures", type=int, default=SiftParams.nfeatures)
     p.add_argument("--sift-octave-layers", type=int, default=SiftParams.n_octave_layers)
     p.add_argument("--sift-sigma", type=float, default=SiftParams.sigma)
+    p.add_argument("--keypoint-detector", choices=("opencv", "kornia"), default="opencv",
+                   help="SIFT implementation: opencv (cv2, per image in the DataLoader workers) or kornia (on each "
+                   "batch on --device, e.g. a GPU; pip install \"siftlens[gpu]\"; agreement with OpenCV measured in "
+                   "benchmarks/RESULTS.md)")
     p.add_argument("--keypoint-cache", default=None, metavar="DIR",
                    help="cache SIFT/ORB keypoints on disk, keyed by the exact model input and parameters")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (GPU)")
@@ -57,7 +61,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, limit=args.limit,
         null_permutations=args.null_permutations, null_mode=args.null_mode, seed=args.seed, examples=args.examples,
         keep_full_maps=args.keep_full_maps, report=not args.no_report, progress=not args.quiet,
-        keypoint_cache=args.keypoint_cache, amp=args.amp,
+        keypoint_cache=args.keypoint_cache, keypoint_detector=args.keypoint_detector, amp=args.amp,
         sift=SiftParams(nfeatures=args.sift_nfeatures, n_octave_layers=args.sift_octave_layers,
                         contrast_threshold=args.sift_contrast_threshold,
                         edge_threshold=args.sift_edge_threshold, sigma=args.sift_sigma),

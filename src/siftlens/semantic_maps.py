@@ -221,17 +221,27 @@ class KeypointCache:
         key = h.hexdigest()
         return self.root / key[:2] / f"{key}.npz"
 
-    def get_or_detect(self, gray: np.ndarray, detector: str, params, detect) -> Keypoints:
+    def get(self, gray: np.ndarray, detector: str, params) -> Keypoints | None:
+        """The cached keypoints, or None (absent or damaged: a damaged entry is recomputed and overwritten)."""
         path = self._path(gray, detector, params)
         if path.is_file():
             try:
                 with np.load(path) as z:
                     return Keypoints(z["xy"], z["size"], z["response"], z["octave"])
             except (OSError, ValueError, KeyError):
-                pass  # a damaged entry is recomputed and overwritten
-        kp = detect()
+                pass
+        return None
+
+    def put(self, gray: np.ndarray, detector: str, params, kp: Keypoints) -> None:
+        path = self._path(gray, detector, params)
         path.parent.mkdir(exist_ok=True)
         atomic_write_npz(path, compress=False, xy=kp.xy, size=kp.size, response=kp.response, octave=kp.octave)
+
+    def get_or_detect(self, gray: np.ndarray, detector: str, params, detect) -> Keypoints:
+        kp = self.get(gray, detector, params)
+        if kp is None:
+            kp = detect()
+            self.put(gray, detector, params, kp)
         return kp
 
 
@@ -245,18 +255,46 @@ class ImageMaps:
     sift_mass: np.ndarray  # [n]
 
 
-def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
-                 seed: int = 0, cache: KeypointCache | None = None) -> ImageMaps:
-    """SIFT map and every baseline map for one 8-bit grey model input (keypoints from ``cache`` if given)."""
+# baselines built from the SIFT keypoints (random_kp: their count and sizes; edges_sparse: how many patches they cover)
+SIFT_DEPENDENT_BASELINES = ("random_kp", "edges_sparse")
+
+
+def _check_input(gray: np.ndarray, grid: tuple[int, int], patch: int) -> None:
     if gray.dtype != np.uint8 or gray.ndim != 2:
         raise ValueError(f"expected an 8-bit grey image, got dtype {gray.dtype} shape {gray.shape}")
     h, w = grid
     if gray.shape[0] < h * patch or gray.shape[1] < w * patch:
         raise ValueError(f"image {gray.shape} smaller than grid {grid} x patch {patch}")
-    def detect(name, params, fn):
-        return cache.get_or_detect(gray, name, params, fn) if cache is not None else fn()
 
-    kp = detect("sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
+
+def image_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
+               cache: KeypointCache | None = None) -> tuple[dict[str, np.ndarray | None], np.ndarray | None]:
+    """The baseline maps that do not depend on the SIFT keypoints, and the per-patch edge density
+    (None when neither edge map is asked for) that ``keypoint_maps`` needs for ``edges_sparse``."""
+    _check_input(gray, grid, patch)
+    h, w = grid
+    edges = edge_density(gray, grid, patch) if {"edges", "edges_sparse"} & set(cfg.baselines) else None
+    maps: dict[str, np.ndarray | None] = {}
+    for name in cfg.baselines:
+        if name == "edges":
+            maps[name] = concentration(edges)
+        elif name == "orb":
+            okp = (cache.get_or_detect(gray, "orb", cfg.orb_nfeatures, lambda: detect_orb(gray, cfg.orb_nfeatures))
+                   if cache is not None else detect_orb(gray, cfg.orb_nfeatures))
+            maps[name] = concentration(keypoint_mass(okp, grid, patch, cfg.mode, cfg.weight))
+        elif name == "center":
+            maps[name] = concentration(center_prior(grid, cfg.center_sigma))
+        elif name == "uniform":
+            maps[name] = np.full(h * w, 1.0 / (h * w))
+    return maps, edges
+
+
+def keypoint_maps(kp: Keypoints, grid: tuple[int, int], patch: int, cfg: MapConfig, seed: int = 0,
+                  edges: np.ndarray | None = None) -> tuple[dict[str, np.ndarray | None], np.ndarray]:
+    """The SIFT map and the baselines built from the SIFT keypoints (``SIFT_DEPENDENT_BASELINES``), for
+    keypoints from any detector; returns (maps, SIFT mass per patch). ``edges``: ``edge_density`` of
+    the image, needed for ``edges_sparse``."""
+    h, w = grid
     mass = keypoint_mass(kp, grid, patch, cfg.mode, cfg.weight)
     maps: dict[str, np.ndarray | None] = {"sift": concentration(mass)}
     rng = np.random.default_rng(seed)
@@ -264,16 +302,31 @@ def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapCo
         if name == "random_kp":
             rk = random_keypoints_like(kp, (h * patch, w * patch), rng)
             maps[name] = concentration(keypoint_mass(rk, grid, patch, cfg.mode, cfg.weight))
-        elif name == "edges":
-            maps[name] = concentration(edge_density(gray, grid, patch))
         elif name == "edges_sparse":
-            k = int((mass > 0).sum())
-            maps[name] = concentration(sparsity_matched(edge_density(gray, grid, patch), k))
-        elif name == "orb":
-            okp = detect("orb", cfg.orb_nfeatures, lambda: detect_orb(gray, cfg.orb_nfeatures))
-            maps[name] = concentration(keypoint_mass(okp, grid, patch, cfg.mode, cfg.weight))
-        elif name == "center":
-            maps[name] = concentration(center_prior(grid, cfg.center_sigma))
-        elif name == "uniform":
-            maps[name] = np.full(h * w, 1.0 / (h * w))
-    return ImageMaps(maps=maps, groups=concentration_groups(mass, cfg.groups), keypoints=kp, sift_mass=mass)
+            if edges is None:
+                raise ValueError("edges_sparse needs the image's edge density (edges=)")
+            maps[name] = concentration(sparsity_matched(edges, int((mass > 0).sum())))
+    return maps, mass
+
+
+def assemble_maps(kp: Keypoints, mass: np.ndarray, kp_maps: dict, other_maps: dict, cfg: MapConfig) -> ImageMaps:
+    """``ImageMaps`` from the two halves, maps in ``cfg.map_names`` order."""
+    both = {**other_maps, **kp_maps}
+    return ImageMaps(maps={name: both[name] for name in cfg.map_names}, groups=concentration_groups(mass, cfg.groups),
+                     keypoints=kp, sift_mass=mass)
+
+
+def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
+                 seed: int = 0, cache: KeypointCache | None = None, keypoints: Keypoints | None = None) -> ImageMaps:
+    """SIFT map and every baseline map for one 8-bit grey model input (keypoints from ``cache`` if given).
+
+    ``keypoints``: SIFT keypoints found elsewhere (e.g. ``keypoints_kornia.detect_sift_kornia``) to use
+    instead of OpenCV's; every map that depends on them (``sift``, ``random_kp``, ``edges_sparse``) uses them.
+    """
+    _check_input(gray, grid, patch)
+    if keypoints is None:
+        keypoints = (cache.get_or_detect(gray, "sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
+                     if cache is not None else detect_sift(gray, cfg.sift))
+    other, edges = image_maps(gray, grid, patch, cfg, cache)
+    kp_maps, mass = keypoint_maps(keypoints, grid, patch, cfg, seed, edges)
+    return assemble_maps(keypoints, mass, kp_maps, other, cfg)
