@@ -66,6 +66,37 @@ def run_one(name: str, seed: int, args: argparse.Namespace, threads: int) -> Pat
     return out
 
 
+def full_eval(run: Path, data_cache: dict, cache_dir: str | None) -> dict:
+    """kNN / linear probe of the final encoder on the *whole* held-out split with the whole labelled
+    training set as memory bank (the in-training probes use subsets, ±1 point of noise)."""
+    out = run / "final_eval.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    import torch
+
+    from siftlens.models import load_model
+    from siftlens.pretrain.data import load_pretrain_data
+    from siftlens.pretrain.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+
+    meta = json.loads((run / "encoder.json").read_text())
+    cfg = meta["pretrain"]
+    key = (cfg["data"], cfg["stored_size"], cfg["seed"])
+    if key not in data_cache:
+        data_cache[key] = load_pretrain_data(cfg["data"], cfg["stored_size"], cache_dir, seed=cfg["seed"])
+    d = data_cache[key]
+    size, off = cfg["model"]["img_size"], (cfg["stored_size"] - cfg["model"]["img_size"]) // 2
+    crop = lambda x: x[..., off:off + size, off:off + size]
+    enc = load_model(str(run / "encoder.safetensors")).module
+    with torch.no_grad():
+        ftr = extract_features(enc, crop(d.train), meta["mean"], meta["std"])
+        fva = extract_features(enc, crop(d.val), meta["mean"], meta["std"])
+    res = {"knn_acc_full": knn_accuracy(ftr, d.train_labels, fva, d.val_labels, k=cfg["knn_k"]),
+           "linear_acc_full": linear_probe_accuracy(ftr, d.train_labels, fva, d.val_labels),
+           "n_bank": len(ftr), "n_val": len(fva)}
+    out.write_text(json.dumps(res))
+    return res
+
+
 def ci95(values: np.ndarray) -> tuple[float, float, float]:
     """mean and 95% t-interval half-width over seeds."""
     v = np.asarray(values, float)
@@ -83,8 +114,11 @@ def first_reaching(log: pd.DataFrame, target: float) -> tuple[float, float]:
     return float(hit["epoch"].iloc[0]), float(hit["train_seconds"].iloc[0])
 
 
-def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int], out: Path) -> dict:
+def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int], out: Path,
+              cache_dir: str | None = None) -> dict:
     logs = {k: pd.read_parquet(p / "log.parquet") for k, p in runs.items()}
+    data_cache: dict = {}
+    full = {k: full_eval(p, data_cache, cache_dir) for k, p in runs.items()}
     metas = {k: json.loads((p / "encoder.json").read_text()) for k, p in runs.items()}
     final = lambda k, col: float(logs[k].dropna(subset=[col])[col].iloc[-1])
     target = float(np.mean([final(("random", s), "knn_acc") for s in seeds]))
@@ -97,6 +131,10 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
         d_knn = knn - np.array([final(("random", s), "knn_acc") for s in seeds])
         d_lin = lin - np.array([final(("random", s), "linear_acc") for s in seeds])
         ttt = np.array([first_reaching(logs[(name, s)], target) for s in seeds])
+        knn_full = np.array([full[(name, s)]["knn_acc_full"] for s in seeds])
+        lin_full = np.array([full[(name, s)]["linear_acc_full"] for s in seeds])
+        d_knn_full = knn_full - np.array([full[("random", s)]["knn_acc_full"] for s in seeds])
+        d_lin_full = lin_full - np.array([full[("random", s)]["linear_acc_full"] for s in seeds])
         reached = int(np.isfinite(ttt[:, 0]).sum())
         all_reached = reached == len(seeds) and np.isfinite(rand_ttt).all()
         guidance = np.array([metas[(name, s)]["guidance_seconds"] / metas[(name, s)]["train_seconds"] for s in seeds])
@@ -106,6 +144,10 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
             "knn_final_mean": knn.mean(), "knn_final_std": knn.std(ddof=1) if len(seeds) > 1 else math.nan,
             "linear_final_mean": lin.mean(), "linear_final_std": lin.std(ddof=1) if len(seeds) > 1 else math.nan,
             "knn_epoch0_mean": knn0.mean(),
+            "knn_full_mean": knn_full.mean(), "knn_full_std": knn_full.std(ddof=1) if len(seeds) > 1 else math.nan,
+            "linear_full_mean": lin_full.mean(),
+            "linear_full_std": lin_full.std(ddof=1) if len(seeds) > 1 else math.nan,
+            "d_knn_full_vs_random": ci95(d_knn_full), "d_linear_full_vs_random": ci95(d_lin_full),
             "d_knn_vs_random": ci95(d_knn), "d_linear_vs_random": ci95(d_lin),
             "seeds_reaching_target": f"{reached}/{len(seeds)}",
             "epochs_to_target_mean": float(np.nanmean(ttt[:, 0])) if reached else math.nan,
@@ -144,6 +186,14 @@ def markdown_table(t: pd.DataFrame, target: float) -> str:
             f"{fmt_ci(r.d_linear_vs_random)} | {r.seeds_reaching_target} | {r.epochs_to_target_mean:.1f} | "
             f"{r.epoch_ratio_vs_random:.2f} | {r.seconds_to_target_mean:.0f} | {r.wall_ratio_vs_random:.2f} | "
             f"{r.guidance_share_of_step:.2%} | {r.keypoint_precompute_share:.2%} | {r.knn_epoch0_mean:.4f} |")
+    lines += ["", "Final encoders on the whole held-out split (memory bank / probe training set: all labelled "
+              "training images):", "",
+              "| strategy | kNN (full) | linear (full) | ΔkNN vs random (95% CI) | Δlinear vs random (95% CI) |",
+              "|---|---|---|---|---|"]
+    for r in t.itertuples():
+        lines.append(f"| {r.strategy} | {r.knn_full_mean:.4f} ± {r.knn_full_std:.4f} | "
+                     f"{r.linear_full_mean:.4f} ± {r.linear_full_std:.4f} | {fmt_ci(r.d_knn_full_vs_random)} | "
+                     f"{fmt_ci(r.d_linear_full_vs_random)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +249,10 @@ def main() -> None:
     jobs = [(n, s) for s in args.seeds for n in args.strategies]  # seed-major: early results are comparable
     with ThreadPoolExecutor(args.parallel) as pool:
         paths = dict(zip(jobs, pool.map(lambda j: run_one(j[0], j[1], args, threads), jobs)))
-    summary = summarize(paths, args.strategies, args.seeds, out)
+    cache_dir = None
+    if "--cache-dir" in args.pretrain_args:
+        cache_dir = args.pretrain_args[args.pretrain_args.index("--cache-dir") + 1]
+    summary = summarize(paths, args.strategies, args.seeds, out, cache_dir)
     print((out / "summary.md").read_text())
     print(f"-> {out}/report.html, summary.json, curves.png (config: {json.dumps(summary['config'])})")
 
