@@ -97,6 +97,43 @@ def full_eval(run: Path, data_cache: dict, cache_dir: str | None) -> dict:
     return res
 
 
+def measure_step_seconds(names: list[str], args: argparse.Namespace, rounds: int = 8) -> dict[str, float]:
+    """Seconds per training step of each strategy, measured in this one process with the strategies
+    interleaved round by round (so machine load hits all alike). Median over rounds."""
+    import torch
+
+    from siftlens.cli import build_parser
+    from siftlens.pretrain.loop import PretrainConfig, Pretrainer
+    from siftlens.pretrain.mae import MAEConfig
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    trainers, data = {}, None
+    for name in names:
+        a = build_parser().parse_args(["pretrain", "--data", args.data, "--out", str(Path(args.out) / "step_time"),
+                                       *STRATEGIES[name], *args.pretrain_args])
+        model = MAEConfig(img_size=a.img_size, patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth,
+                          num_heads=a.heads, decoder_dim=a.decoder_dim, decoder_depth=a.decoder_depth,
+                          decoder_heads=a.decoder_heads)
+        cfg = PretrainConfig(data=a.data, out=a.out, masking=a.masking, alpha=a.alpha, alpha_start=a.alpha_start,
+                             loss_gamma=a.loss_gamma, model=model, stored_size=a.stored_size, epochs=a.epochs,
+                             batch_size=a.batch_size, cache_dir=a.cache_dir, progress=False)
+        trainers[name] = p = Pretrainer(cfg, data)
+        data = p.data
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, p in trainers.items():
+            idx = order[(r * p.cfg.batch_size) % (len(order) - p.cfg.batch_size):][:p.cfg.batch_size]
+            t0 = time.perf_counter()
+            x, noise, weights, _, _ = p.batch_inputs(r, idx)
+            loss, _, _ = p.model(x, noise, p.cfg.mask_ratio, weights)
+            p.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            p.opt.step()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
 def ci95(values: np.ndarray) -> tuple[float, float, float]:
     """mean and 95% t-interval half-width over seeds."""
     v = np.asarray(values, float)
@@ -115,7 +152,7 @@ def first_reaching(log: pd.DataFrame, target: float) -> tuple[float, float]:
 
 
 def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int], out: Path,
-              cache_dir: str | None = None) -> dict:
+              cache_dir: str | None = None, step_seconds: dict[str, float] | None = None) -> dict:
     logs = {k: pd.read_parquet(p / "log.parquet") for k, p in runs.items()}
     data_cache: dict = {}
     full = {k: full_eval(p, data_cache, cache_dir) for k, p in runs.items()}
@@ -155,6 +192,12 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
             "epoch_ratio_vs_random": float(ttt[:, 0].mean() / rand_ttt[:, 0].mean()) if all_reached else math.nan,
             "wall_ratio_vs_random": float(ttt[:, 1].mean() / rand_ttt[:, 1].mean()) if all_reached else math.nan,
             "total_train_seconds_mean": float(np.mean([metas[(name, s)]["train_seconds"] for s in seeds])),
+            "step_seconds_one_process": step_seconds[name] if step_seconds else math.nan,
+            "step_time_ratio_vs_random": step_seconds[name] / step_seconds["random"] if step_seconds else math.nan,
+            # wall time to target on an unloaded machine: epochs to target x time per epoch (one-process ratio)
+            "wall_ratio_normalised": (float(ttt[:, 0].mean() / rand_ttt[:, 0].mean())
+                                      * step_seconds[name] / step_seconds["random"])
+            if (step_seconds and all_reached) else math.nan,
             "guidance_share_of_step": float(guidance.mean()),
             "keypoint_precompute_share": float(kp_share.mean()),
         })
@@ -186,6 +229,13 @@ def markdown_table(t: pd.DataFrame, target: float) -> str:
             f"{fmt_ci(r.d_linear_vs_random)} | {r.seeds_reaching_target} | {r.epochs_to_target_mean:.1f} | "
             f"{r.epoch_ratio_vs_random:.2f} | {r.seconds_to_target_mean:.0f} | {r.wall_ratio_vs_random:.2f} | "
             f"{r.guidance_share_of_step:.2%} | {r.keypoint_precompute_share:.2%} | {r.knn_epoch0_mean:.4f} |")
+    lines += ["", "Time per step, measured in one process with the strategies interleaved (the runs above share "
+              "a noisy machine, so their wall times carry its load); wall ratio (normalised) = epoch ratio × "
+              "step-time ratio:", "", "| strategy | s / step | step-time ratio | wall ratio (normalised) |",
+              "|---|---|---|---|"]
+    for r in t.itertuples():
+        lines.append(f"| {r.strategy} | {r.step_seconds_one_process:.3f} | {r.step_time_ratio_vs_random:.3f} | "
+                     f"{r.wall_ratio_normalised:.2f} |")
     lines += ["", "Final encoders on the whole held-out split (memory bank / probe training set: all labelled "
               "training images):", "",
               "| strategy | kNN (full) | linear (full) | ΔkNN vs random (95% CI) | Δlinear vs random (95% CI) |",
@@ -235,6 +285,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores/parallel)")
+    ap.add_argument("--step-time-rounds", type=int, default=8,
+                    help="rounds of the interleaved one-process step-time measurement (0: skip)")
     ap.add_argument("pretrain_args", nargs=argparse.REMAINDER,
                     help="after '--': passed to every `siftlens pretrain` (model size, epochs, ...)")
     args = ap.parse_args()
@@ -252,7 +304,11 @@ def main() -> None:
     cache_dir = None
     if "--cache-dir" in args.pretrain_args:
         cache_dir = args.pretrain_args[args.pretrain_args.index("--cache-dir") + 1]
-    summary = summarize(paths, args.strategies, args.seeds, out, cache_dir)
+    step_file = out / "step_seconds.json"
+    if args.step_time_rounds and not step_file.exists():
+        step_file.write_text(json.dumps(measure_step_seconds(args.strategies, args, args.step_time_rounds), indent=1))
+    step_seconds = json.loads(step_file.read_text()) if step_file.exists() else None
+    summary = summarize(paths, args.strategies, args.seeds, out, cache_dir, step_seconds)
     print((out / "summary.md").read_text())
     print(f"-> {out}/report.html, summary.json, curves.png (config: {json.dumps(summary['config'])})")
 
