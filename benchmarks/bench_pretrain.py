@@ -102,21 +102,16 @@ def measure_step_seconds(names: list[str], args: argparse.Namespace, rounds: int
     interleaved round by round (so machine load hits all alike). Median over rounds."""
     import torch
 
-    from siftlens.cli import build_parser
-    from siftlens.pretrain.loop import PretrainConfig, Pretrainer
-    from siftlens.pretrain.mae import MAEConfig
+    from siftlens.cli import build_parser, pretrain_config_from_args
+    from siftlens.pretrain.loop import Pretrainer
 
     times: dict[str, list[float]] = {n: [] for n in names}
     trainers, data = {}, None
     for name in names:
         a = build_parser().parse_args(["pretrain", "--data", args.data, "--out", str(Path(args.out) / "step_time"),
                                        *STRATEGIES[name], *args.pretrain_args])
-        model = MAEConfig(img_size=a.img_size, patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth,
-                          num_heads=a.heads, decoder_dim=a.decoder_dim, decoder_depth=a.decoder_depth,
-                          decoder_heads=a.decoder_heads)
-        cfg = PretrainConfig(data=a.data, out=a.out, masking=a.masking, alpha=a.alpha, alpha_start=a.alpha_start,
-                             loss_gamma=a.loss_gamma, model=model, stored_size=a.stored_size, epochs=a.epochs,
-                             batch_size=a.batch_size, cache_dir=a.cache_dir, progress=False)
+        cfg = pretrain_config_from_args(a)
+        cfg.progress = False
         trainers[name] = p = Pretrainer(cfg, data)
         data = p.data
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))

@@ -230,18 +230,15 @@ def _pretrain_parser(sub) -> None:
     p.set_defaults(func=_run_pretrain)
 
 
-def _run_pretrain(args: argparse.Namespace) -> int:
-    import torch
-
-    from .pretrain.loop import PretrainConfig, pretrain
+def pretrain_config_from_args(args: argparse.Namespace):
+    """PretrainConfig from parsed `siftlens pretrain` arguments (also used by benchmarks/bench_pretrain.py)."""
+    from .pretrain.loop import PretrainConfig
     from .pretrain.mae import MAEConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model = MAEConfig(img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
                       num_heads=args.heads, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                       decoder_heads=args.decoder_heads)
-    cfg = PretrainConfig(
+    return PretrainConfig(
         data=args.data, out=args.out, masking=args.masking, alpha=args.alpha, alpha_start=args.alpha_start,
         alpha_shape=args.alpha_shape, eps=args.eps, loss_gamma=args.loss_gamma, mask_ratio=args.mask_ratio,
         model=model, stored_size=args.stored_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -250,6 +247,16 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, max_keypoints=args.max_keypoints,
         keypoint_workers=args.keypoint_workers, limit=args.limit, seed=args.seed,
         device=args.device, amp=args.amp, cache_dir=args.cache_dir, progress=not args.quiet)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pretrain.loop import pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = pretrain_config_from_args(args)
     log = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(log.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
