@@ -61,14 +61,20 @@ class Preprocess:
         mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(3, 1, 1)
         rgb = np.clip(x.detach().cpu().float().numpy() * std + mean, 0.0, 1.0)
-        gray = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # ITU-R 601, as cv2.COLOR_RGB2GRAY
-        return (gray * 255.0 + 0.5).astype(np.uint8)
+        return rgb01_to_gray_u8(rgb)
 
     def to_uint8_rgb(self, x: torch.Tensor) -> np.ndarray:
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         rgb = (x.detach().cpu().float() * std + mean).clamp(0, 1)
         return (rgb.permute(1, 2, 0) * 255.0 + 0.5).to(torch.uint8).numpy()
+
+
+def rgb01_to_gray_u8(rgb: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1], channels at axis -3 ([3, H, W] or [N, 3, H, W]) -> 8-bit grey (ITU-R 601, as
+    cv2.COLOR_RGB2GRAY): the image SIFT sees."""
+    gray = 0.299 * rgb[..., 0, :, :] + 0.587 * rgb[..., 1, :, :] + 0.114 * rgb[..., 2, :, :]
+    return (gray * 255.0 + 0.5).astype(np.uint8)
 
 
 def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_write_npz
+from ..preprocess import rgb01_to_gray_u8
 from ..semantic_maps import SiftParams, detect_sift
 
 
@@ -133,13 +134,6 @@ def edge_mass(rgb01: torch.Tensor, patch: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- keypoints, once per stored image
 
-def rgb_to_gray_u8(images_u8: np.ndarray) -> np.ndarray:
-    """[N, 3, H, W] uint8 -> [N, H, W] uint8 grey (ITU-R 601, as cv2.COLOR_RGB2GRAY)."""
-    rgb = images_u8.astype(np.float32) / 255.0
-    gray = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-    return (gray * 255.0 + 0.5).astype(np.uint8)
-
-
 def _detect_chunk(gray: np.ndarray, max_keypoints: int, params: SiftParams) -> tuple[np.ndarray, np.ndarray]:
     cv2.setNumThreads(1)
     table = np.zeros((len(gray), max_keypoints, 4), np.float32)
@@ -158,7 +152,7 @@ def detect_keypoint_table(images_u8: torch.Tensor, max_keypoints: int = 64, para
     """SIFT on every stored image [N, 3, H, W] uint8 -> keypoints [N, K, 4] (x, y, diameter,
     response; the K strongest by response, zero-padded) and valid [N, K]. ``workers`` > 0 spreads
     the images over that many processes (same result: each image is detected independently)."""
-    gray = rgb_to_gray_u8(images_u8.numpy())
+    gray = rgb01_to_gray_u8(images_u8.numpy().astype(np.float32) / 255.0)
     if workers > 0 and len(gray) > 256:
         from concurrent.futures import ProcessPoolExecutor
 

@@ -367,7 +367,7 @@ class Pretrainer:
                 "input_size": [3, cfg.model.img_size, cfg.model.img_size],
                 "crop_pct": cfg.model.img_size / cfg.stored_size, "interpolation": "bicubic",
                 "mean": list(MEAN), "std": list(STD), "label_names": self.data.classes,
-                "pretrain": {k: v for k, v in self.cfg.identity().items()},
+                "pretrain": self.cfg.identity(),
                 "knn_acc": last_eval.get("knn_acc"), "linear_acc": last_eval.get("linear_acc"),
                 "keypoint_seconds": self.keypoint_seconds, "train_seconds": self.state["train_seconds"],
                 "guidance_seconds": self.state["guidance_seconds"],
