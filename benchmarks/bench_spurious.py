@@ -31,9 +31,12 @@ from siftlens.prompting import SteeredViT
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
 from siftlens.spurious.evaluate import auroc, planted_cue_rank
 from siftlens.spurious.planted import (
+    PlantedModelConfig,
     build_planted_dataset,
+    cue_for_patch_size,
     load_source_images,
     planted_preprocess,
+    save_planted_model,
     train_planted_model,
 )
 from siftlens.stats import RolloutState
@@ -73,16 +76,19 @@ def probs_of(model_fn, x: torch.Tensor, bs: int = 128) -> np.ndarray:
 def run_one(args, kind: str, seed: int) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
+    model_cfg = PlantedModelConfig(init=args.init)
     train_src = load_source_images(args.data, "train", args.classes, args.per_class, args.size, seed)
     test_src = load_source_images(args.data, "val", train_src.class_names, args.test_per_class, args.size, seed + 1)
-    ds = build_planted_dataset(train_src, kind, 0.95, seed, test_source=test_src)
-    model, meta = train_planted_model(ds, args.epochs, seed, log=None)
+    ds = build_planted_dataset(train_src, cue_for_patch_size(kind, model_cfg.token_size), 0.95, seed,
+                               test_source=test_src)
+    model, meta = train_planted_model(ds, args.epochs, seed, model_cfg=model_cfg, log=None)
+    run_dir = save_planted_model(model, meta, Path(args.out) / f"{kind}_s{seed}_model")  # for later inspection
     pre = planted_preprocess(meta)
     lm = LoadedModel(model, "timm", f"planted-{kind}-s{seed}", pre, meta["display_names"])
     K = ds.num_classes
     xtr = normalize(ds.train.images, pre.mean, pre.std)
     xte = normalize(ds.test.images, pre.mean, pre.std)
-    dcfg = DiscoveryConfig(seed=seed)
+    dcfg = DiscoveryConfig(seed=seed, colour_weight=args.colour_weight, orientation_weight=args.orientation_weight)
     res = discover_shortcuts(lm, xtr, ds.train.labels.numpy(), ds.class_names, dcfg)
     ranks = planted_cue_rank(res, ds.train, K)
 
@@ -98,6 +104,8 @@ def run_one(args, kind: str, seed: int) -> dict:
     scores = {
         "reliance": scored["reliance"].to_numpy(),
         "counterfactual_mask_drop": counterfactual,
+        # probability that, with the shortcut-motif tokens masked, the model would NOT give its prediction
+        "masked_disagreement": 1 - p_mask[np.arange(len(pred)), pred],
         "one_minus_max_softmax": 1 - p0.max(1),
         "entropy": -(p0 * np.log(np.clip(p0, 1e-12, None))).sum(1),
         "rollout_peakiness": rollout_peakiness(lm, xte),
@@ -105,6 +113,8 @@ def run_one(args, kind: str, seed: int) -> dict:
     }
     targets = {"conflict": groups == "conflict", "minority": groups != "aligned"}
     flag = {f"{s}|{t}": auroc(scores[s], targets[t]) for s in scores for t in targets}
+    np.savez_compressed(run_dir / "test_scores.npz", groups=groups.astype(str), labels=labels, p0=p0, p_mask=p_mask,
+                        **{f"score_{k}": v for k, v in scores.items()})
 
     steer = {}
     for name, method, layers, beta in STEERING:
@@ -119,7 +129,8 @@ def run_one(args, kind: str, seed: int) -> dict:
         steer[name] = {"average": float(correct.mean()), "worst_group": min(per_group.values()), **per_group}
     return {"kind": kind, "seed": seed, "cue_rank": ranks, "top1_rate": float(np.mean([r == 1 for r in ranks])),
             "flag_auroc": flag, "steering": steer, "seconds": round(time.time() - t0, 1),
-            "n_train": len(ds.train.labels), "n_test": len(labels)}
+            "n_train": len(ds.train.labels), "n_test": len(labels), "init": args.init, "size": args.size,
+            "epochs": args.epochs, "descriptor_weights": [args.colour_weight, args.orientation_weight]}
 
 
 def summarise(results: list[dict]) -> str:
@@ -154,11 +165,17 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--test-per-class", type=int, default=100)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--init", choices=["scratch", "bundled"], default="scratch",
+                    help="scratch: small ViT from random init; bundled: fine-tune the bundled Imagenette ViT")
+    ap.add_argument("--size", type=int, default=None, help="image size (default 64 scratch, 128 bundled)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 12 scratch, 4 bundled")
+    ap.add_argument("--colour-weight", type=float, default=1.0, help="motif descriptor colour weight (0: grey SIFT)")
+    ap.add_argument("--orientation-weight", type=float, default=0.5, help="motif descriptor orientation weight")
     ap.add_argument("--out", default="runs/bench_spurious")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (results are reproducible per count)")
     args = ap.parse_args()
+    args.size = args.size or (128 if args.init == "bundled" else 64)
+    args.epochs = args.epochs or (4 if args.init == "bundled" else 12)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

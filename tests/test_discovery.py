@@ -109,3 +109,60 @@ def test_spurious_then_prompt_cli(tmp_path, capsys):
     assert summary["n_images"] == 15 and 0 <= summary["changed_predictions"] <= 1 and "accuracy_after" in summary
     assert main(["prompt", *model, "--images", str(root), "--method", "mask_tokens", "--out", str(tmp_path / "x")]) == 2
     assert "needs --motifs" in capsys.readouterr().err
+
+
+def _discs_of_stripes(k: int = 1) -> np.ndarray:
+    """Grey 64 px image with four discs of class k's coloured stripe texture: uint8 [64, 64, 3]."""
+    from siftlens.spurious.planted import texture_pattern
+
+    img = np.full((64, 64, 3), 128, np.uint8)
+    tex = texture_pattern(k, (64, 64), period=6.0).transpose(1, 2, 0)
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in [(16, 16), (16, 46), (46, 20), (44, 44)]:
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 100
+        img[disc] = tex[disc]
+    return img
+
+
+def test_motif_descriptor_sees_colour_and_orientation_that_grey_sift_does_not():
+    import cv2
+
+    from siftlens.spurious.discover import sift_with_descriptors
+
+    rgb = _discs_of_stripes()
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    grey_twin = np.repeat(gray[..., None], 3, 2)  # the same grey image, colour removed
+    _, d_col = sift_with_descriptors(gray, rgb, 1.0, 0.5)
+    _, d_grey = sift_with_descriptors(gray, grey_twin, 1.0, 0.5)
+    assert d_col.shape[1] == 133 and len(d_col) >= 4
+    assert np.array_equal(d_col[:, :128], d_grey[:, :128])  # RootSIFT cannot tell them apart...
+    assert np.abs(d_col[:, 128:130] - d_grey[:, 128:130]).max(1).min() > 0.1  # ...the colour part can
+    assert np.abs(d_grey[:, 128:130]).max() < 1e-6  # grey has no chroma
+    rot = np.ascontiguousarray(np.rot90(rgb))
+    _, d_rot = sift_with_descriptors(cv2.cvtColor(rot, cv2.COLOR_RGB2GRAY), rot, 1.0, 0.5)
+    # a quarter turn flips cos 2θ: stripes at 0° and 90° get different words, as a stripe shortcut needs
+    assert d_col[:, 131].mean() < -0.3 and d_rot[:, 131].mean() > 0.3
+    _, plain = sift_with_descriptors(gray, None, 0.0, 0.0)
+    assert plain.shape[1] == 128 and np.allclose(np.linalg.norm(plain, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="RGB"):
+        sift_with_descriptors(gray, None, 1.0, 0.0)
+
+
+def test_shortcut_words_file_round_trip_and_bad_files(shortcut_model, tmp_path):
+    from siftlens.spurious.discover import ShortcutMasker
+
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images[:40], lm.preprocess.mean, lm.preprocess.std)
+    res = discover_shortcuts(lm, x, ds.train.labels[:40].numpy(), CLASSES, DiscoveryConfig(n_words=8))
+    res.save_words(tmp_path / "w.npz")
+    loaded = ShortcutMasker.load(lm, tmp_path / "w.npz")
+    assert (loaded.colour_weight, loaded.orientation_weight) == (1.0, 0.5)
+    assert torch.equal(loaded(x[:8]), res.masker(lm)(x[:8]))
+    np.savez(tmp_path / "old.npz", centroids=np.zeros((4, 128)), words=np.array([1]))  # before colour words
+    assert ShortcutMasker.load(lm, tmp_path / "old.npz").colour_weight == 0.0
+    np.savez(tmp_path / "mismatch.npz", centroids=np.zeros((4, 131)), words=np.array([1]))
+    with pytest.raises(ValueError, match="do not match"):
+        ShortcutMasker.load(lm, tmp_path / "mismatch.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a shortcut-words file"):
+        ShortcutMasker.load(lm, tmp_path / "other.npz")

@@ -246,3 +246,23 @@ def test_train_config_augment_is_checked():
 def test_imagenette_tar_streams():
     src = load_source_images(SHARED_TAR, "val", ["tench", "n03028079"], 2, 64, seed=0)
     assert src.images.shape == (4, 3, 64, 64) and src.class_names == ["n01440764", "n03028079"]
+
+
+def test_bundled_init_fine_tunes_the_bundled_weights_with_a_new_head():
+    from siftlens.bundled_model import load_bundled_model
+    from siftlens.spurious.planted import build_planted_architecture, cue_for_patch_size
+
+    cfg = PlantedModelConfig(init="bundled")
+    assert cfg.token_size == 16
+    model = build_planted_architecture(3, 128, cfg, pretrained=True)
+    bundled = load_bundled_model()[0]
+    assert model.head.out_features == 3
+    assert torch.equal(model.blocks[-1].mlp.fc2.weight, bundled.blocks[-1].mlp.fc2.weight)
+    fresh = build_planted_architecture(3, 128, cfg)  # what load_planted_model rebuilds before loading weights
+    assert set(fresh.state_dict()) == set(model.state_dict())
+    assert not torch.equal(fresh.blocks[-1].mlp.fc2.weight, bundled.blocks[-1].mlp.fc2.weight)
+    assert cue_for_patch_size("patch", 8) == CueSpec("patch")  # the defaults are the patch-8 geometry
+    spec = cue_for_patch_size("patch", 16)
+    assert (spec.size, spec.position, spec.width, spec.period) == (16, (16, 16), 16, 8.0)
+    with pytest.raises(ValueError, match="init"):
+        PlantedModelConfig(init="imagenet")

@@ -123,6 +123,10 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--out", default="siftlens_spurious")
     p.add_argument("--layers", default="late", help="late | middle | all | comma-separated layer indices")
     p.add_argument("--words", type=int, default=32, help="visual words (k-means clusters of SIFT descriptors)")
+    p.add_argument("--colour-weight", type=float, default=1.0,
+                   help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
+    p.add_argument("--orientation-weight", type=float, default=0.5,
+                   help="weight of the keypoint's absolute orientation in the motif descriptor (0: rotation-invariant)")
     p.add_argument("--min-per-class", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -133,7 +137,11 @@ def _run_spurious(args: argparse.Namespace) -> int:
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
-    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), n_words=args.words, seed=args.seed)
+    for flag in ("colour_weight", "orientation_weight"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), n_words=args.words, seed=args.seed,
+                          colour_weight=args.colour_weight, orientation_weight=args.orientation_weight)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
     for k, name in enumerate(res.class_names):

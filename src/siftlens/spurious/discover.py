@@ -2,7 +2,8 @@
 
 1. For every image: late-layer CLS attention over patches (mean over the chosen layers and heads),
    keeping the keypoints under the highest attention (patch lift >= 2 or a top-2 patch),
-   SIFT keypoints with descriptors (RootSIFT), the SIFT concentration groups.
+   SIFT keypoints with descriptors (RootSIFT + window colour + absolute orientation, see
+   ``sift_with_descriptors``), the SIFT concentration groups.
 2. Descriptors of all images are clustered into visual words (k-means, seeded).
 3. Per class and word: attention lift (mean n·a_j of the patches its keypoints sit in; 1 = uniform),
    class specificity (frequent in this class, rare elsewhere) and position stability (a fixed
@@ -41,6 +42,8 @@ class DiscoveryConfig:
     batch_size: int = 64
     seed: int = 0
     groups: int = 4
+    colour_weight: float = 1.0  # motif descriptor = RootSIFT + colour + orientation (see sift_with_descriptors)
+    orientation_weight: float = 0.5  # 0 and 0: plain RootSIFT words
 
 
 def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
@@ -57,13 +60,60 @@ def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
     return [i % num_layers for i in layers]  # negative indices count from the last layer
 
 
-def sift_with_descriptors(gray: np.ndarray) -> tuple[Keypoints, np.ndarray]:
-    """SIFT keypoints (+0.5 pixel-centre shift, as semantic_maps) and RootSIFT descriptors [K, 128]."""
+def sift_with_descriptors(gray: np.ndarray, rgb: np.ndarray | None = None, colour_weight: float = 0.0,
+                          orientation_weight: float = 0.0) -> tuple[Keypoints, np.ndarray]:
+    """SIFT keypoints (+0.5 pixel-centre shift, as semantic_maps) and motif descriptors [K, D].
+
+    D = 128 (RootSIFT) plus, when the weights are > 0, 3 colour dimensions (mean opponent colour
+    O1, O2, O3 in [-1, 1] over the keypoint's square window, times ``colour_weight``; needs ``rgb``
+    uint8 [H, W, 3]) and 2 orientation dimensions (cos 2θ, sin 2θ of the keypoint's absolute
+    orientation, times ``orientation_weight``). Why: SIFT is computed on grey and normalised for
+    rotation, so it cannot tell a yellow/blue pattern from a white/black one, or horizontal stripes
+    from diagonal ones, and planted or real shortcuts (watermarks, coloured tags, stripes) often
+    differ exactly there. RootSIFT has unit L2 norm, so weight 1 gives colour a comparable say.
+    """
     kps, desc = cv2.SIFT_create().detectAndCompute(gray, None)
+    extra = (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
     if desc is None or not kps:
-        return Keypoints.from_cv([]), np.zeros((0, 128), np.float32)
+        return Keypoints.from_cv([]), np.zeros((0, 128 + extra), np.float32)
     desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
-    return Keypoints.from_cv(kps), np.sqrt(desc).astype(np.float32)
+    parts = [np.sqrt(desc)]
+    if colour_weight > 0:
+        if rgb is None:
+            raise ValueError("colour_weight > 0 needs the RGB image")
+        parts.append(colour_weight * _window_opponent_colour(rgb, kps))
+    if orientation_weight > 0:
+        theta = np.deg2rad([k.angle for k in kps]) * 2  # doubled: a pattern and its 180° turn count as one
+        parts.append(orientation_weight * np.stack([np.cos(theta), np.sin(theta)], 1))
+    return Keypoints.from_cv(kps), np.concatenate(parts, 1).astype(np.float32)
+
+
+def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
+    """Mean opponent colour (O1 = (R-G)/√2, O2 = (R+G-2B)/√6, O3 = (R+G+B)/√3, scaled to [-1, 1]) over
+    each keypoint's square window of half side max(2, size/2), from an integral image: [K, 3]."""
+    H, W = rgb.shape[:2]
+    c = rgb.astype(np.float64) / 255.0
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    opp = np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)  # each in [-1, 1]
+    integral = cv2.integral(opp)  # [H+1, W+1, 3]
+    out = np.zeros((len(kps), 3))
+    for i, k in enumerate(kps):
+        half = max(2.0, k.size / 2)
+        x0, x1 = int(np.clip(k.pt[0] - half, 0, W - 1)), int(np.clip(k.pt[0] + half, 1, W))
+        y0, y1 = int(np.clip(k.pt[1] - half, 0, H - 1)), int(np.clip(k.pt[1] + half, 1, H))
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        out[i] = s / ((x1 - x0) * (y1 - y0))
+    return out
+
+
+def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, orientation_weight: float
+                      ) -> tuple[np.ndarray, Keypoints, np.ndarray]:
+    """The grey image SIFT sees, its keypoints and motif descriptors, for one model input [3, H, W]."""
+    gray = lm.preprocess.to_uint8_gray(x)
+    rgb = lm.preprocess.to_uint8_rgb(x) if colour_weight > 0 else None
+    kp, desc = sift_with_descriptors(gray, rgb, colour_weight, orientation_weight)
+    return gray, kp, desc
 
 
 @torch.no_grad()
@@ -92,33 +142,45 @@ class DiscoveryResult:
     class_names: list[str]
     shortcut_words: dict[int, list[int]]  # class -> its top motif words
     keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
+    descriptor_weights: tuple[float, float] = (0.0, 0.0)  # (colour, orientation) the words were built with
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)."""
         words = sorted({w for k, ws in self.shortcut_words.items() if classes is None or k in classes for w in ws})
-        return ShortcutMasker(lm, self.centroids, words)
+        return ShortcutMasker(lm, self.centroids, words, *self.descriptor_weights)
 
     def save_words(self, path: str | Path) -> None:
         words = sorted({w for ws in self.shortcut_words.values() for w in ws})
-        atomic_write_npz(path, compress=False, centroids=self.centroids, words=np.array(words, dtype=np.int64))
+        atomic_write_npz(path, compress=False, centroids=self.centroids, words=np.array(words, dtype=np.int64),
+                         descriptor_weights=np.array(self.descriptor_weights, dtype=np.float64))
 
 
 class ShortcutMasker:
     """bool [B, n]: patches holding a keypoint whose descriptor falls in one of the shortcut words."""
 
-    def __init__(self, lm: LoadedModel, centroids: np.ndarray, words: list[int]) -> None:
+    def __init__(self, lm: LoadedModel, centroids: np.ndarray, words: list[int], colour_weight: float = 0.0,
+                 orientation_weight: float = 0.0) -> None:
         self.lm, self.centroids, self.words = lm, centroids, list(words)
+        self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
+        expected = 128 + (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
+        if centroids.ndim != 2 or centroids.shape[1] != expected:
+            raise ValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors of "
+                             f"{expected} dimensions (colour weight {colour_weight}, orientation {orientation_weight})")
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> ShortcutMasker:
         with np.load(path) as z:
-            return cls(lm, z["centroids"], [int(w) for w in z["words"]])
+            if not {"centroids", "words"} <= set(z.files):
+                raise ValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
+                                 "written by `siftlens spurious` as shortcut_words.npz)")
+            weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
+            return cls(lm, z["centroids"], [int(w) for w in z["words"]], *map(float, weights))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
         for b in range(len(x)):
-            kp, desc = sift_with_descriptors(self.lm.preprocess.to_uint8_gray(x[b]))
+            _, kp, desc = image_descriptors(self.lm, x[b], self.colour_weight, self.orientation_weight)
             if not len(desc):
                 continue
             hit = np.isin(vq(desc.astype(np.float64), self.centroids)[0], self.words)
@@ -129,10 +191,11 @@ class ShortcutMasker:
         return out
 
 
-def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size: int = 64, groups: int = 4
+def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size: int = 64, groups: int = 4,
+            colour_weight: float = 0.0, orientation_weight: float = 0.0
             ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
-    per keypoint: a table (image, patch, position, size, lift) and RootSIFT descriptors [K, 128]."""
+    per keypoint: a table (image, patch, position, size, lift) and motif descriptors [K, D]."""
     layout = lm.layout(tuple(images.shape[-2:]))
     n = layout.num_patches
     attn_all, probs_all, kp_rows, descs, group_rows = [], [], [], [], []
@@ -144,8 +207,7 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
-            gray = lm.preprocess.to_uint8_gray(x[b])
-            kp, desc = sift_with_descriptors(gray)
+            gray, kp, desc = image_descriptors(lm, x[b], colour_weight, orientation_weight)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
             group_rows.append(concentration_groups(mass, groups))
             if len(kp) == 0:
@@ -160,7 +222,7 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
             descs.append(desc)
     kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
         columns=["image", "patch", "x", "y", "size", "lift"])
-    D = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)
+    D = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)  # (no keypoint anywhere: callers stop)
     return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.stack(group_rows)
 
 
@@ -173,7 +235,8 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
-    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups)
+    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
+                                       cfg.colour_weight, cfg.orientation_weight)
     preds = probs.argmax(1)
     cls_of_image = np.asarray(labels) if labels is not None else preds
     K = probs.shape[1]
@@ -201,7 +264,8 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
                       if len(motifs) else [] for k in range(K)}
     per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels)
-    return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps)
+    return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
+                           (cfg.colour_weight, cfg.orientation_weight))
 
 
 def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
@@ -211,7 +275,8 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
     from ..capture import ATTENTION_FINDERS
 
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
-    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups)
+    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
+                                       *result.descriptor_weights)  # the words' own descriptor
     kps["word"] = vq(D.astype(np.float64), result.centroids)[0] if len(D) else np.zeros(0, int)
     return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels)
 
