@@ -103,6 +103,9 @@ def test_spurious_then_prompt_cli(tmp_path, capsys):
     assert main(["spurious", *model, "--images", str(root), "--out", str(tmp_path / "sp"), "--words", "8"]) == 0
     for f in ("spurious.html", "motifs.csv", "reliance.parquet", "shortcut_words.npz", "manifest.json"):
         assert (tmp_path / "sp" / f).is_file(), f
+    report = (tmp_path / "sp" / "spurious.html").read_text()
+    assert "if attention were uniform" in report and "p_label_null" in report  # every figure with its control
+    assert "label-permutation p=" in capsys.readouterr().out
     assert main(["prompt", *model, "--images", str(root), "--method", "mask_tokens", "--motifs", str(tmp_path / "sp"),
                  "--layers", "all", "--out", str(tmp_path / "pr")]) == 0
     summary = json.loads((tmp_path / "pr" / "summary.json").read_text())
@@ -166,3 +169,27 @@ def test_shortcut_words_file_round_trip_and_bad_files(shortcut_model, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a shortcut-words file"):
         ShortcutMasker.load(lm, tmp_path / "other.npz")
+
+
+def test_motif_label_null_separates_a_class_specific_word_from_noise():
+    import pandas as pd
+
+    from siftlens.spurious.discover import motif_table
+
+    rng = np.random.default_rng(0)
+    N, K, W, M = 300, 5, 32, 5000
+    cls = rng.integers(0, K, N)
+    kps = pd.DataFrame({"image": rng.integers(0, N, M), "word": rng.integers(0, W - 1, M),
+                        "lift": rng.gamma(2, 1, M), "x": rng.random(M), "y": rng.random(M)})
+    noise = motif_table(kps, cls, K, W, 0.05, n_null=200, seed=0)
+    top = noise[noise["rank"] == 1]
+    assert (top["p_label_null"] > 0.05).all()  # no word is special to any class: the best is not significant
+    assert ((top["lift_lo"] < 2.0) & (top["lift_hi"] > 2.0)).mean() >= 0.6  # gamma(2, 1) has mean 2
+    # word W-1: in 90% of class-0 images, at a fixed place, under attention (lift 4)
+    imgs = np.flatnonzero(cls == 0)[: int(0.9 * (cls == 0).sum())]
+    cue = pd.DataFrame({"image": imgs, "word": W - 1, "lift": 4.0, "x": 0.2, "y": 0.2})
+    res = motif_table(pd.concat([kps, cue], ignore_index=True), cls, K, W, 0.05, n_null=200, seed=0)
+    best = res[(res["cls"] == 0) & (res["rank"] == 1)].iloc[0]
+    assert best["word"] == W - 1 and best["p_label_null"] == 1 / 201
+    assert best["lift_lo"] == best["lift_hi"] == 4.0
+    assert "p_label_null" not in motif_table(kps, cls, K, W, 0.05).columns  # n_null=0: no controls

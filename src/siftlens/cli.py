@@ -148,7 +148,9 @@ def _run_spurious(args: argparse.Namespace) -> int:
         top = res.motifs[res.motifs["cls"] == k].head(1)
         if len(top):
             r = top.iloc[0]
-            print(f"{name}: top motif word {int(r['word'])} score {r['score']:.3f} (lift {r['lift']:.2f}, "
+            ctrl = (f" [{r['lift_lo']:.2f}, {r['lift_hi']:.2f}], label-permutation p={r['p_label_null']:.3f}"
+                    if "p_label_null" in r else "")
+            print(f"{name}: top motif word {int(r['word'])} score {r['score']:.3f} (lift {r['lift']:.2f}{ctrl}, "
                   f"in-class {r['f_in']:.0%}, elsewhere {r['f_out']:.0%}, at x={r['mean_x']:.2f} y={r['mean_y']:.2f})")
     print(f"-> {args.out}/spurious.html")
     return 0

@@ -42,6 +42,7 @@ class DiscoveryConfig:
     batch_size: int = 64
     seed: int = 0
     groups: int = 4
+    n_null: int = 200  # label permutations for each motif's p-value (0: none)
     colour_weight: float = 1.0  # motif descriptor = RootSIFT + colour + orientation (see sift_with_descriptors)
     orientation_weight: float = 0.5  # 0 and 0: plain RootSIFT words
 
@@ -258,7 +259,8 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     kps["word"] = vq(D.astype(np.float64), centroids)[0]
     kps["cls"] = cls_of_image[kps["image"].to_numpy()]
 
-    motifs = motif_table(kps[kps["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency)
+    motifs = motif_table(kps[kps["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency, cfg.n_null,
+                         cfg.seed)
     if len(motifs):
         motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
@@ -292,39 +294,82 @@ def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFr
     return df
 
 
+def motif_components(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: int
+                     ) -> dict[str, np.ndarray]:
+    """Per (class, word) [K, W]: f_in, f_out (share of the class's / other images holding the word),
+    mean lift, position spread, keypoint count, mean position; and the score
+    lift × specificity × (0.5 + 0.5 · stability), specificity = f_in² / (f_in + f_out), stability =
+    1 / (1 + spread / 0.1). Vectorised (bincounts), so a label-permutation null is cheap."""
+    img, word = kps["image"].to_numpy(), kps["word"].to_numpy()
+    N = len(cls_of_image)
+    present = np.zeros((N, n_words), bool)
+    present[img, word] = True
+    onehot = np.eye(K, dtype=np.float64)[cls_of_image]  # [N, K]
+    n_k = onehot.sum(0)[:, None]  # [K, 1]
+    in_count = onehot.T @ present  # [K, W]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_in = in_count / n_k
+        f_out = (present.sum(0)[None] - in_count) / (N - n_k)
+    f_in, f_out = np.nan_to_num(f_in), np.nan_to_num(f_out)
+    cell = cls_of_image[img] * n_words + word  # (class, word) of every keypoint
+
+    def cell_sum(v: np.ndarray) -> np.ndarray:
+        return np.bincount(cell, weights=v, minlength=K * n_words).reshape(K, n_words)
+
+    count = cell_sum(np.ones(len(cell)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = {c: cell_sum(kps[c].to_numpy(np.float64)) / count for c in ("lift", "x", "y")}
+        var = sum(np.maximum(cell_sum(kps[c].to_numpy(np.float64) ** 2) / count - mean[c] ** 2, 0) * count /
+                  np.maximum(count - 1, 1) for c in ("x", "y"))  # unbiased, as pandas .var()
+        specificity = np.nan_to_num(f_in * f_in / (f_in + f_out))
+    spread = np.where(count > 1, np.sqrt(var), 0.5)  # one keypoint: no evidence of a fixed position
+    stability = 1.0 / (1.0 + spread / 0.1)
+    score = np.nan_to_num(mean["lift"]) * specificity * (0.5 + 0.5 * stability)
+    return {"f_in": f_in, "f_out": f_out, "lift": mean["lift"], "count": count, "specificity": specificity,
+            "stability": stability, "mean_x": mean["x"], "mean_y": mean["y"], "score": score}
+
+
 def motif_table(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: int,
-                min_freq: float) -> pd.DataFrame:
-    """Score every (class, word): lift × specificity × (0.5 + 0.5 · position stability)."""
-    n_images = len(cls_of_image)
-    present = np.zeros((n_images, n_words), bool)
-    present[kps["image"].to_numpy(), kps["word"].to_numpy()] = True
-    rows = []
-    for k in range(K):
-        in_k = cls_of_image == k
-        if not in_k.any():
-            continue
-        f_in = present[in_k].mean(0)
-        f_out = present[~in_k].mean(0) if (~in_k).any() else np.zeros(n_words)
-        sub = kps[kps["cls"] == k]
-        g = sub.groupby("word")
-        lift = g["lift"].mean().reindex(range(n_words)).to_numpy()
-        sd = np.sqrt(g["x"].var().reindex(range(n_words)).to_numpy() + g["y"].var().reindex(range(n_words)).to_numpy())
-        count = g.size().reindex(range(n_words)).fillna(0).to_numpy()
-        mx, my = g["x"].mean().reindex(range(n_words)).to_numpy(), g["y"].mean().reindex(range(n_words)).to_numpy()
-        for w in range(n_words):
-            if count[w] < 3 or f_in[w] < min_freq:
-                continue
-            specificity = f_in[w] * f_in[w] / (f_in[w] + f_out[w])  # frequent here, rare elsewhere
-            stability = 1.0 / (1.0 + np.nan_to_num(sd[w], nan=0.5) / 0.1)  # 1 = always the same place
-            rows.append({"cls": k, "word": w, "lift": lift[w], "f_in": f_in[w], "f_out": f_out[w],
-                         "specificity": specificity, "stability": stability, "n_keypoints": int(count[w]),
-                         "mean_x": mx[w], "mean_y": my[w],
-                         "score": lift[w] * specificity * (0.5 + 0.5 * stability)})
-    df = pd.DataFrame(rows)
+                min_freq: float, n_null: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Score every (class, word): lift × specificity × (0.5 + 0.5 · position stability).
+
+    With ``n_null`` > 0, two controls per motif: ``p_label_null``, the share of label permutations
+    (images' classes shuffled, the attention and keypoints kept) in which the class's best motif
+    scores at least this high (a max statistic over the class's words, so it already accounts for
+    picking the best of W words); and ``lift_lo``/``lift_hi``, a 95% bootstrap CI of the mean lift
+    over the class's images (lift 1 = uniform attention is its null)."""
+    c = motif_components(kps, cls_of_image, K, n_words)
+    keep = (c["count"] >= 3) & (c["f_in"] >= min_freq)
+    ks, ws = np.nonzero(keep)
+    df = pd.DataFrame({"cls": ks, "word": ws, "lift": c["lift"][ks, ws], "f_in": c["f_in"][ks, ws],
+                       "f_out": c["f_out"][ks, ws], "specificity": c["specificity"][ks, ws],
+                       "stability": c["stability"][ks, ws], "n_keypoints": c["count"][ks, ws].astype(int),
+                       "mean_x": c["mean_x"][ks, ws], "mean_y": c["mean_y"][ks, ws], "score": c["score"][ks, ws]})
     if df.empty:
         return df.assign(rank=pd.Series(dtype=int))
+    if n_null > 0:
+        rng = np.random.default_rng([seed, 11])
+        best = np.stack([np.where(keep_p, sc, 0).max(1) for sc, keep_p in (
+            (cp["score"], (cp["count"] >= 3) & (cp["f_in"] >= min_freq))
+            for cp in (motif_components(kps, rng.permutation(cls_of_image), K, n_words) for _ in range(n_null)))])
+        df["p_label_null"] = (1 + (best[:, df["cls"]] >= df["score"].to_numpy()[None]).sum(0)) / (1 + n_null)
+        df[["lift_lo", "lift_hi"]] = _lift_ci(kps, cls_of_image, df, rng)
     df["rank"] = df.groupby("cls")["score"].rank(ascending=False, method="first").astype(int)
     return df.sort_values(["cls", "rank"]).reset_index(drop=True)
+
+
+def _lift_ci(kps: pd.DataFrame, cls_of_image: np.ndarray, df: pd.DataFrame, rng: np.random.Generator,
+             n_boot: int = 1000) -> np.ndarray:
+    """95% percentile bootstrap CI (images resampled) of a motif's mean lift in its class: [len(df), 2]."""
+    out = np.full((len(df), 2), np.nan)
+    kcls = cls_of_image[kps["image"].to_numpy()]
+    for i, (k, w) in enumerate(zip(df["cls"], df["word"])):
+        sub = kps[(kcls == k) & (kps["word"].to_numpy() == w)]
+        per_img = sub.groupby("image")["lift"].agg(["sum", "count"]).to_numpy()  # [m, 2]
+        idx = rng.integers(0, len(per_img), size=(n_boot, len(per_img)))
+        boot = per_img[idx, 0].sum(1) / per_img[idx, 1].sum(1)  # keypoint-weighted, as the lift itself
+        out[i] = np.quantile(boot, [0.025, 0.975])
+    return out
 
 
 def reliance_scores(attn: np.ndarray, groups: np.ndarray, kps: pd.DataFrame, preds: np.ndarray,
@@ -340,10 +385,13 @@ def reliance_scores(attn: np.ndarray, groups: np.ndarray, kps: pd.DataFrame, pre
     m_short = (attn * shortcut).sum(1)
     m_back = (attn * background).sum(1)
     m_sem = (attn * semantic).sum(1)
+    n_off = (shortcut | background).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         reliance = (m_short + m_back) / (m_short + m_back + m_sem)
+        uniform = n_off / (n_off + semantic.sum(1))  # the score if attention were uniform: its baseline
     return pd.DataFrame({"shortcut_mass": m_short, "background_mass": m_back, "semantic_mass": m_sem,
-                         "reliance": np.nan_to_num(reliance, nan=1.0)})
+                         "reliance": np.nan_to_num(reliance, nan=1.0),
+                         "reliance_uniform": np.nan_to_num(uniform, nan=1.0)})
 
 
 def exemplar_crops(images_uint8: np.ndarray, kps: pd.DataFrame, cls: int, word: int, k: int = 6,

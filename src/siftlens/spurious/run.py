@@ -86,6 +86,27 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     return res
 
 
+def reliance_summary_html(per_image: pd.DataFrame, seed: int = 0) -> str:
+    """Mean reliance with its 95% bootstrap CI next to its uniform-attention baseline and their paired
+    difference; the flagged share (reliance > 0.5) with its Wilson CI next to the share that uniform
+    attention would flag."""
+    from scipy.stats import binomtest
+
+    from ..dataset_stats import bootstrap_mean_ci
+
+    r, u = per_image["reliance"].to_numpy(), per_image["reliance_uniform"].to_numpy()
+    (m_r, m_u, m_d), (lo_r, lo_u, lo_d), (hi_r, hi_u, hi_d) = bootstrap_mean_ci(np.stack([r, u, r - u], 1), seed=seed)
+    n, flagged, flagged_u = len(r), int((r > 0.5).sum()), int((u > 0.5).sum())
+    ci = binomtest(flagged, n).proportion_ci(method="wilson") if n else None
+    verdict = ("more than" if lo_d > 0 else "less than" if hi_d < 0 else "no different from (CI includes 0)")
+    return ("<h2>Reliance</h2><p>Share of decisive attention on shortcut-motif or background patches (vs the "
+            f"image's semantic patches): mean {m_r:.3f} [{lo_r:.3f}, {hi_r:.3f}] over {n} images; if attention "
+            f"were uniform: {m_u:.3f} [{lo_u:.3f}, {hi_u:.3f}]; difference {m_d:+.3f} [{lo_d:+.3f}, {hi_d:+.3f}]: "
+            f"the model puts {verdict} the uniform share there. Flagged (reliance &gt; 0.5): {flagged / max(n, 1):.1%}"
+            + (f" [{ci.low:.1%}, {ci.high:.1%}]" if ci else "") +
+            f" (uniform attention would flag {flagged_u / max(n, 1):.1%}).</p>")
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -101,14 +122,18 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
     parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>",
              "<p class=note>Per class, keypoint motifs (SIFT visual words) under the decisive (late-layer CLS) "
              "attention, ranked by attention lift × class specificity × (0.5 + 0.5·position stability). "
-             "Lift 1 = uniform attention; specificity = f_in²/(f_in+f_out).</p>"]
+             "Lift 1 = uniform attention (lift_lo–lift_hi: 95% bootstrap CI over the class's images); "
+             "specificity = f_in²/(f_in+f_out), f_out = the same word's frequency in other classes (its baseline); "
+             "p_label_null: share of class-label permutations whose best motif for this class scores as high "
+             "(small = the motif is tied to the class beyond chance).</p>"]
     for k, name in enumerate(res.class_names):
         top = res.motifs[res.motifs["cls"] == k].head(3)
         if top.empty:
             continue
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(top[["rank", "word", "score", "lift", "f_in", "f_out", "stability", "mean_x", "mean_y",
-                          "n_keypoints"]].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+        cols = [c for c in ("rank", "word", "score", "p_label_null", "lift", "lift_lo", "lift_hi", "f_in", "f_out",
+                            "stability", "mean_x", "mean_y", "n_keypoints") if c in top.columns]
+        parts.append(top[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
         crops = [exemplar_crops(rgb, res.keypoints, k, int(w)) for w in top["word"]]
         if any(crops):
             fig, axes = plt.subplots(len(crops), 6, figsize=(6, 1.1 * len(crops)), squeeze=False)
@@ -119,11 +144,8 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
                         axes[r, c].imshow(row[c])
                 axes[r, 0].set_title(f"motif #{r + 1}", fontsize=7, loc="left")
             parts.append(f"<img src='{_png(fig)}'>")
-    pi = res.per_image
-    parts.append("<h2>Reliance</h2><p>Share of decisive attention on shortcut-motif or background patches "
-                 f"(vs the image's semantic patches): median {pi['reliance'].median():.3f}; "
-                 f"{(pi['reliance'] > 0.5).mean():.0%} of images above 0.5 (flagged).</p>")
-    top = pi.sort_values("reliance", ascending=False).head(20)
+    parts.append(reliance_summary_html(res.per_image))
+    top = res.per_image.sort_values("reliance", ascending=False).head(20)
     parts.append(top.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
     if skipped:
         parts.append(f"<h2>Skipped ({len(skipped)})</h2><ul>" +
@@ -131,5 +153,5 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
     atomic_write_text(out / "spurious.html", f"<!doctype html><html><head><meta charset=utf-8><style>{CSS}</style>"
                                              f"</head><body>{''.join(parts)}</body></html>")
     atomic_write_json(out / "manifest.json", {"model": lm.name, "classes": res.class_names,
-                                              "n_images": len(pi), "skipped": skipped,
+                                              "n_images": len(res.per_image), "skipped": skipped,
                                               "shortcut_words": res.shortcut_words})
