@@ -5,7 +5,9 @@
 
 Per cue kind and seed: plant the cue (95% of class k's training images carry cue k), train the small
 ViT (project training code, CPU), then
-  discovery  rank of the planted cue among each class's motifs (a motif "is" the cue when >= 50% of
+  discovery  (DiscoveryConfig defaults: CLS attention of all layers, 64 words of RootSIFT + colour +
+             orientation descriptors)
+             rank of the planted cue among each class's motifs (a motif "is" the cue when >= 50% of
              its keypoints in that class's cue-carrying training images lie inside the cue mask);
   flagging   AUROC on the test set (each test image appears as aligned / absent / conflict) of the
              reliance score, the counterfactual score (drop of the predicted class's probability when
@@ -34,6 +36,7 @@ from siftlens.spurious.planted import (
     PlantedModelConfig,
     build_planted_dataset,
     cue_for_patch_size,
+    load_planted_model,
     load_source_images,
     planted_preprocess,
     save_planted_model,
@@ -81,8 +84,12 @@ def run_one(args, kind: str, seed: int) -> dict:
     test_src = load_source_images(args.data, "val", train_src.class_names, args.test_per_class, args.size, seed + 1)
     ds = build_planted_dataset(train_src, cue_for_patch_size(kind, model_cfg.token_size), 0.95, seed,
                                test_source=test_src)
-    model, meta = train_planted_model(ds, args.epochs, seed, model_cfg=model_cfg, log=None)
-    run_dir = save_planted_model(model, meta, Path(args.out) / f"{kind}_s{seed}_model")  # for later inspection
+    run_dir = Path(args.out) / f"{kind}_s{seed}_model"
+    if (run_dir / "model.safetensors").exists():  # trained by an earlier (interrupted) run: training is seeded
+        model, meta = load_planted_model(run_dir)
+    else:
+        model, meta = train_planted_model(ds, args.epochs, seed, model_cfg=model_cfg, log=None)
+        save_planted_model(model, meta, run_dir)  # for later inspection and reuse
     pre = planted_preprocess(meta)
     lm = LoadedModel(model, "timm", f"planted-{kind}-s{seed}", pre, meta["display_names"])
     K = ds.num_classes

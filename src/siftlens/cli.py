@@ -121,8 +121,10 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
     p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
     p.add_argument("--out", default="siftlens_spurious")
-    p.add_argument("--layers", default="late", help="late | middle | all | comma-separated layer indices")
-    p.add_argument("--words", type=int, default=32, help="visual words (k-means clusters of SIFT descriptors)")
+    p.add_argument("--layers", default="all", help="all | late | middle | early | comma-separated layer indices")
+    p.add_argument("--decisive", choices=["mean", "rollout"], default="mean",
+                   help="decisive attention: CLS row averaged over --layers, or attention rollout up to the last")
+    p.add_argument("--words", type=int, default=64, help="visual words (k-means clusters of motif descriptors)")
     p.add_argument("--colour-weight", type=float, default=1.0,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=float, default=0.5,
@@ -140,7 +142,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
     for flag in ("colour_weight", "orientation_weight"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), n_words=args.words, seed=args.seed,
+    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
