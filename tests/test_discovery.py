@@ -193,3 +193,29 @@ def test_motif_label_null_separates_a_class_specific_word_from_noise():
     assert best["word"] == W - 1 and best["p_label_null"] == 1 / 201
     assert best["lift_lo"] == best["lift_hi"] == 4.0
     assert "p_label_null" not in motif_table(kps, cls, K, W, 0.05).columns  # n_null=0: no controls
+
+
+def test_decisive_attention_mean_and_rollout(shortcut_model):
+    from siftlens.spurious.discover import decisive_attention
+
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images[:6], lm.preprocess.mean, lm.preprocess.std)
+    n = lm.layout(tuple(x.shape[-2:])).num_patches
+    mean, logits = decisive_attention(lm, x, [0, 1], "mean")
+    roll, logits2 = decisive_attention(lm, x, [0, 1], "rollout")
+    last, _ = decisive_attention(lm, x, [1], "mean")
+    first_roll, _ = decisive_attention(lm, x, [0], "rollout")
+    from siftlens.capture import AttentionCapture
+
+    rows = {}
+    with AttentionCapture(lm.module, lm.backend, lambda i, a: rows.setdefault(i, a[:, :, 0, 1:].mean(1))):
+        lm.forward(x)
+    first = rows[0] / rows[0].sum(-1, keepdim=True)  # head-mean CLS row of layer 0, over patches
+    for a in (mean, roll, last):
+        assert a.shape == (6, n) and torch.allclose(a.sum(-1), torch.ones(6), atol=1e-5) and (a >= 0).all()
+    assert torch.equal(logits, logits2)
+    assert not torch.allclose(roll, last, atol=1e-3)  # rollout is not the last layer's row
+    # one layer: rollout of (A + I)/2 restricted to patches is the head-mean CLS row renormalised
+    assert torch.allclose(first_roll, first, atol=1e-5)
+    with pytest.raises(ValueError, match="decisive"):
+        decisive_attention(lm, x, [0], "gradcam")
