@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from siftlens.models import LoadedModel
-from siftlens.prompting import SteeredViT
+from siftlens.prompting import TOKEN_MASK_METHODS, SteeredViT
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
 from siftlens.spurious.evaluate import auroc, planted_cue_rank
 from siftlens.spurious.planted import (
@@ -51,6 +51,7 @@ STEERING = [  # (name, method, layers, beta)
     ("edge_bias", "edge_bias", "late", 1.0),
     ("mask_shortcut_tokens", "mask_tokens", "all", 1.0),
     ("random_tokens_masked", "random_mask", "all", 1.0),
+    ("edge_tokens_masked", "edge_mask", "all", 1.0),  # as many tokens, the most edge-dense: does SIFT matter?
     ("sift_suppress_lowconc", "sift_suppress_lowconc", "late", 1.0),
     ("edge_suppress_lowconc", "edge_suppress_lowconc", "late", 1.0),
 ]
@@ -128,7 +129,7 @@ def run_one(args, kind: str, seed: int) -> dict:
         if method is None:
             p = p0
         else:
-            kw = {"token_mask_fn": masker} if method in ("mask_tokens", "random_mask") else {}
+            kw = {"token_mask_fn": masker} if method in TOKEN_MASK_METHODS else {}
             with SteeredViT(lm, method, layers=layers, beta=beta, seed=seed, **kw) as st:
                 p = probs_of(st, xte)
         correct = p.argmax(1) == labels

@@ -432,3 +432,25 @@ def test_torchvision_steering():
         torch.testing.assert_close(s(x), out_capture, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(s(x), lm.forward(x), atol=1e-4)
     assert _no_hooks_left(lm)
+
+
+def test_edge_mask_takes_the_most_edge_dense_patches_in_the_flagged_count():
+    from siftlens.prompting import image_maps
+
+    lm = _timm_lm()
+    x = _blob_images(lm, 3)
+
+    def fn(x):  # different counts per image, none for the last
+        m = torch.zeros(x.shape[0], 64, dtype=torch.bool)
+        m[0, :5], m[1, 10:12] = True, True
+        return m
+
+    st = SteeredViT(lm, "edge_mask", token_mask_fn=fn)
+    mask = st.patch_bias(x) < 0
+    assert mask.sum(1).tolist() == [5, 2, 0]
+    edges = image_maps(x, lm, "edges")
+    for i, k in ((0, 5), (1, 2)):
+        e = torch.as_tensor(edges[i])
+        assert e[mask[i]].min() >= e[~mask[i]].max()  # the k most edge-dense patches
+    with pytest.raises(ValueError, match="token_mask_fn"):
+        SteeredViT(lm, "edge_mask")

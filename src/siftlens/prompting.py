@@ -35,6 +35,9 @@ Methods (each is also a module-level function returning the patch-key bias [B, n
   ``token_mask_fn`` flags, drawn uniformly without replacement from all n patches by a
   ``torch.Generator`` seeded with ``seed`` (deterministic for a given seed and sequence of calls;
   ``reset_rng()`` restarts the sequence).
+- ``edge_mask``: the edge-density twin of ``mask_tokens``: per image the same number of patch tokens as
+  ``token_mask_fn`` flags, the ones with the highest Sobel edge density (a high-contrast shortcut is
+  also edge-dense; if this does as well, locating it with SIFT motifs did not matter).
 - ``sift_suppress_lowconc`` (our addition): mask (as ``mask_tokens``) the keys of patches with zero SIFT
   mass, i.e. patches no keypoint footprint touches (concentration group 0, "background"). Unlike
   ``sift_bias`` it leaves the relative weighting of the semantic patches untouched and removes only
@@ -65,8 +68,9 @@ from .capture import ATTENTION_FINDERS, TokenLayout
 from .models import LoadedModel
 from .semantic_maps import MapConfig, compute_maps, concentration, edge_density
 
-METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "sift_suppress_lowconc",
+METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask", "sift_suppress_lowconc",
            "edge_suppress_lowconc")
+TOKEN_MASK_METHODS = ("mask_tokens", "random_mask", "edge_mask")  # the ones that need token_mask_fn
 LAYER_PRESETS = ("late", "middle", "early", "all", "none")
 MASK_VALUE = 1e4  # large finite negative logit: exp(-1e4) == 0 in float32/bf16, representable in fp16
 
@@ -240,6 +244,21 @@ def random_mask(x: torch.Tensor, token_mask_fn: TokenMaskFn, n: int, generator: 
     return m.float() * (-beta * mask_value), m
 
 
+def edge_mask(x: torch.Tensor, lm: LoadedModel, token_mask_fn: TokenMaskFn, beta: float = 1.0,
+              map_config: MapConfig = MapConfig(), layout: TokenLayout | None = None,
+              mask_value: float = MASK_VALUE, cache: MapCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image as many highest-edge-density patch keys as ``token_mask_fn`` flags; (bias, mask)."""
+    layout = layout or lm.layout(tuple(x.shape[-2:]))
+    counts = token_mask(token_mask_fn, x, layout.num_patches).sum(1)
+    edges = image_maps(x, lm, "edges", map_config, layout, cache)
+    m = torch.zeros(x.shape[0], layout.num_patches, dtype=torch.bool)
+    for i, k in enumerate(counts.tolist()):
+        e = edges[i] if edges[i] is not None else np.zeros(layout.num_patches)
+        if k:
+            m[i, torch.from_numpy(np.argsort(-np.asarray(e), kind="stable")[:k].copy())] = True
+    return m.float() * (-beta * mask_value), m
+
+
 def sift_suppress_lowconc(x: torch.Tensor, lm: LoadedModel, beta: float = 1.0,
                           map_config: MapConfig = MapConfig(), layout: TokenLayout | None = None,
                           mask_value: float = MASK_VALUE, cache: MapCache | None = None,
@@ -327,7 +346,7 @@ class SteeredViT(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown steering method {method!r}; known: {METHODS}")
-        if method in ("mask_tokens", "random_mask") and token_mask_fn is None:
+        if method in TOKEN_MASK_METHODS and token_mask_fn is None:
             raise ValueError(f"method {method!r} needs token_mask_fn(x) -> bool [B, n]")
         if eps <= 0:
             raise ValueError(f"eps must be > 0 (got {eps})")
@@ -399,6 +418,9 @@ class SteeredViT(nn.Module):
             bias, mask = mask_tokens(x, self.token_mask_fn, n, self.beta, self.mask_value)
         elif self.method == "random_mask":
             bias, mask = random_mask(x, self.token_mask_fn, n, self.generator, self.beta, self.mask_value)
+        elif self.method == "edge_mask":
+            bias, mask = edge_mask(x, self.lm, self.token_mask_fn, self.beta, self.map_config, layout,
+                                   self.mask_value, self.cache)
         elif self.method == "sift_suppress_lowconc":
             bias, mask = sift_suppress_lowconc(x, self.lm, self.beta, self.map_config, layout, self.mask_value,
                                                self.cache, info)

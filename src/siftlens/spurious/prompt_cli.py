@@ -10,7 +10,7 @@ import torch
 from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
-from ..prompting import SteeredViT
+from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from .discover import ShortcutMasker
 from .run import load_inputs, read_labels
 
@@ -23,7 +23,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     token_mask_fn = None
-    if method in ("mask_tokens", "random_mask"):
+    if method in TOKEN_MASK_METHODS:
         if motifs is None:
             raise ValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
         words = Path(motifs) / "shortcut_words.npz"
