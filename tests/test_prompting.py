@@ -449,7 +449,7 @@ def test_edge_mask_takes_the_most_edge_dense_patches_in_the_flagged_count():
     mask = st.patch_bias(x) < 0
     assert mask.sum(1).tolist() == [5, 2, 0]
     edges = image_maps(x, lm, "edges")
-    for i, k in ((0, 5), (1, 2)):
+    for i in (0, 1):
         e = torch.as_tensor(edges[i])
         assert e[mask[i]].min() >= e[~mask[i]].max()  # the k most edge-dense patches
     with pytest.raises(ValueError, match="token_mask_fn"):

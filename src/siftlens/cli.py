@@ -169,7 +169,8 @@ def _prompt_parser(sub) -> None:
                             "sift_suppress_lowconc", "edge_suppress_lowconc"))
     p.add_argument("--layers", default="late", help="late | middle | early | all | comma-separated indices")
     p.add_argument("--beta", type=float, default=1.0, help="steering strength")
-    p.add_argument("--motifs", default=None, help="output dir of `siftlens spurious` (for mask_tokens/random_mask/edge_mask)")
+    p.add_argument("--motifs", default=None,
+                   help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=int, default=0)
