@@ -219,3 +219,25 @@ def test_decisive_attention_mean_and_rollout(shortcut_model):
     assert torch.allclose(first_roll, first, atol=1e-5)
     with pytest.raises(ValueError, match="decisive"):
         decisive_attention(lm, x, [0], "gradcam")
+
+
+def test_fixed_position_cue_is_masked_even_where_sift_misses_it(shortcut_model, tmp_path):
+    from siftlens.spurious.discover import ShortcutMasker
+
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
+    res = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, DiscoveryConfig(n_words=16, layers="all"))
+    grid = lm.layout(tuple(x.shape[-2:])).grid
+    assert res.fixed_tokens, "no fixed-position motif found for a cue that never moves"
+    for fixed in res.fixed_tokens.values():
+        assert fixed.shape == grid and fixed[1, 1] and fixed.sum() <= 2  # the cue's token (8 px at (8, 8))
+    absent = normalize(ds.test.images[ds.test.groups == "absent"][:5], lm.preprocess.mean, lm.preprocess.std)
+    assert res.masker(lm)(absent)[:, grid[1] + 1].all()  # masked even with no cue keypoint in the image
+    off = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES,
+                             DiscoveryConfig(n_words=16, layers="all", fixed_share=0))
+    assert off.fixed_tokens == {}
+    res.save_words(tmp_path / "w.npz")
+    loaded = ShortcutMasker.load(lm, tmp_path / "w.npz")
+    assert torch.equal(loaded(absent), res.masker(lm)(absent))
+    coarse = ShortcutMasker(lm, res.centroids, [], *res.descriptor_weights, fixed_tokens=np.eye(2, dtype=bool))
+    assert coarse._fixed_on((4, 4)).reshape(4, 4)[:2, :2].all()  # a saved grid maps onto another grid

@@ -41,6 +41,9 @@ class DiscoveryConfig:
     decisive: str = "mean"  # mean CLS row over ``layers``, or "rollout" up to the last of them
     n_words: int = 64
     top_motifs: int = 1  # motifs per class used for reliance and token masks
+    # a top motif whose keypoints sit in the same token in >= this share of its class's images is a
+    # fixed-position shortcut: the masker masks that token in every image, even where SIFT misses it
+    fixed_share: float = 0.5
     min_lift: float = 2.0  # keypoints "under the highest attention": patch attention >= min_lift x uniform
     top_patches: int = 2  # ... or in one of the image's top-k attended patches
     min_class_frequency: float = 0.05  # a motif must appear in at least this share of the class's images
@@ -167,24 +170,33 @@ class DiscoveryResult:
     shortcut_words: dict[int, list[int]]  # class -> its top motif words
     keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
     descriptor_weights: tuple[float, float] = (0.0, 0.0)  # (colour, orientation) the words were built with
+    fixed_tokens: dict[int, np.ndarray] = field(default_factory=dict)  # class -> bool [h, w] fixed-position cue
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
-        """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)."""
+        """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)
+        and the tokens where a fixed-position top motif always sits."""
         words = sorted({w for k, ws in self.shortcut_words.items() if classes is None or k in classes for w in ws})
-        return ShortcutMasker(lm, self.centroids, words, *self.descriptor_weights)
+        fixed = [m for k, m in self.fixed_tokens.items() if classes is None or k in classes]
+        return ShortcutMasker(lm, self.centroids, words, *self.descriptor_weights,
+                              fixed_tokens=np.any(fixed, axis=0) if fixed else None)
 
     def save_words(self, path: str | Path) -> None:
         words = sorted({w for ws in self.shortcut_words.values() for w in ws})
+        fixed = np.any(list(self.fixed_tokens.values()), axis=0) if self.fixed_tokens else np.zeros((0, 0), bool)
         atomic_write_npz(path, compress=False, centroids=self.centroids, words=np.array(words, dtype=np.int64),
-                         descriptor_weights=np.array(self.descriptor_weights, dtype=np.float64))
+                         descriptor_weights=np.array(self.descriptor_weights, dtype=np.float64), fixed_tokens=fixed)
 
 
 class ShortcutMasker:
-    """bool [B, n]: patches holding a keypoint whose descriptor falls in one of the shortcut words."""
+    """bool [B, n]: patches holding a keypoint whose descriptor falls in one of the shortcut words, plus
+    ``fixed_tokens`` (bool [h, w], resized nearest-neighbour to another grid): where a fixed-position
+    shortcut always sits."""
 
     def __init__(self, lm: LoadedModel, centroids: np.ndarray, words: list[int], colour_weight: float = 0.0,
-                 orientation_weight: float = 0.0) -> None:
+                 orientation_weight: float = 0.0, fixed_tokens: np.ndarray | None = None) -> None:
         self.lm, self.centroids, self.words = lm, centroids, list(words)
+        self.fixed_tokens = None if fixed_tokens is None or not np.size(fixed_tokens) else np.asarray(fixed_tokens,
+                                                                                                      bool)
         self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
         expected = 128 + (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
         if centroids.ndim != 2 or centroids.shape[1] != expected:
@@ -198,7 +210,14 @@ class ShortcutMasker:
                 raise ValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
                                  "written by `siftlens spurious` as shortcut_words.npz)")
             weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
-            return cls(lm, z["centroids"], [int(w) for w in z["words"]], *map(float, weights))
+            fixed = z["fixed_tokens"] if "fixed_tokens" in z.files else None
+            return cls(lm, z["centroids"], [int(w) for w in z["words"]], *map(float, weights), fixed_tokens=fixed)
+
+    def _fixed_on(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        if self.fixed_tokens is None or not self.fixed_tokens.any():
+            return None
+        f = torch.from_numpy(self.fixed_tokens)[None, None].float()
+        return torch.nn.functional.interpolate(f, size=grid, mode="nearest")[0, 0].flatten() > 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.lm.layout(tuple(x.shape[-2:]))
@@ -212,7 +231,8 @@ class ShortcutMasker:
                 sub = Keypoints(kp.xy[hit], kp.size[hit], np.ones(hit.sum()), kp.octave[hit])
                 cover = keypoint_mass(sub, layout.grid, layout.patch_size, "footprint", "unit")
                 out[b] = torch.from_numpy(cover > 0.05)  # patches holding >5% of a motif keypoint's disc
-        return out
+        fixed = self._fixed_on(layout.grid)
+        return out if fixed is None else out | fixed
 
 
 def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size: int = 64, groups: int = 4,
@@ -289,8 +309,30 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
                       if len(motifs) else [] for k in range(K)}
     per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels)
+    grid = lm.layout(tuple(images.shape[-2:])).grid
+    fixed = fixed_position_tokens(kps, cls_of_image, shortcut_words, grid, cfg.fixed_share)
     return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
-                           (cfg.colour_weight, cfg.orientation_weight))
+                           (cfg.colour_weight, cfg.orientation_weight), fixed)
+
+
+def fixed_position_tokens(kps: pd.DataFrame, cls_of_image: np.ndarray, shortcut_words: dict[int, list[int]],
+                          grid: tuple[int, int], share: float) -> dict[int, np.ndarray]:
+    """Per class: bool [h, w], the tokens holding one of the class's shortcut words in at least ``share``
+    of the class's images (a cue at a fixed position; natural motifs move and never qualify)."""
+    out = {}
+    if not 0 < share <= 1:
+        return out
+    for k, words in shortcut_words.items():
+        n_k = int((cls_of_image == k).sum())
+        sub = kps[(kps["cls"] == k) & kps["word"].isin(words)]
+        if not n_k or sub.empty:
+            continue
+        occupancy = sub.drop_duplicates(["image", "patch"]).groupby("patch").size() / n_k
+        fixed = np.zeros(grid[0] * grid[1], bool)
+        fixed[occupancy.index[occupancy.to_numpy() >= share].to_numpy()] = True
+        if fixed.any():
+            out[k] = fixed.reshape(grid)
+    return out
 
 
 def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
