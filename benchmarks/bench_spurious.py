@@ -145,7 +145,9 @@ def summarise(results: list[dict]) -> str:
     lines = []
     for kind in sorted({r["kind"] for r in results}):
         rs = [r for r in results if r["kind"] == kind]
-        lines.append(f"\n### cue: {kind} ({len(rs)} seeds, mean ± std)\n")
+        r0 = rs[0]
+        lines.append(f"\n### cue: {kind}, model: {r0.get('init', 'scratch')} ({r0.get('size', 64)} px, "
+                     f"{r0.get('epochs', 12)} epochs), {len(rs)} seeds, mean ± std\n")
         t1 = [r["top1_rate"] for r in rs]
         lines.append(f"discovery: planted cue is the top-1 motif in {np.mean(t1):.0%} ± {np.std(t1):.0%} of classes; "
                      f"ranks per seed: {[r['cue_rank'] for r in rs]}\n")
