@@ -105,6 +105,7 @@ def test_spurious_then_prompt_cli(tmp_path, capsys):
         assert (tmp_path / "sp" / f).is_file(), f
     report = (tmp_path / "sp" / "spurious.html").read_text()
     assert "if attention were uniform" in report and "p_label_null" in report  # every figure with its control
+    assert "masking as many random tokens" in report
     assert "label-permutation p=" in capsys.readouterr().out
     assert main(["prompt", *model, "--images", str(root), "--method", "mask_tokens", "--motifs", str(tmp_path / "sp"),
                  "--layers", "all", "--out", str(tmp_path / "pr")]) == 0
@@ -241,3 +242,20 @@ def test_fixed_position_cue_is_masked_even_where_sift_misses_it(shortcut_model, 
     assert torch.equal(loaded(absent), res.masker(lm)(absent))
     coarse = ShortcutMasker(lm, res.centroids, [], *res.descriptor_weights, fixed_tokens=np.eye(2, dtype=bool))
     assert coarse._fixed_on((4, 4)).reshape(4, 4)[:2, :2].all()  # a saved grid maps onto another grid
+
+
+def test_counterfactual_scores_flag_conflicts_beyond_the_random_control(shortcut_model):
+    from siftlens.spurious.discover import counterfactual_scores
+
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
+    res = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, DiscoveryConfig(n_words=16, layers="all"))
+    xt = normalize(ds.test.images, lm.preprocess.mean, lm.preprocess.std)
+    cf = counterfactual_scores(lm, xt, res.masker(lm), seed=0)
+    assert len(cf) == len(xt) and (cf["shortcut_kl"] >= 0).all() and (cf["n_masked"] >= 1).all()
+    g = ds.test.groups
+    # removing the cue shifts beliefs on cue-carrying images far more than removing as many random tokens
+    assert cf["shortcut_kl"][g != "absent"].mean() > 3 * cf["random_kl"][g != "absent"].mean()
+    assert auroc(cf["shortcut_kl"].to_numpy(), g == "conflict") > auroc(cf["random_kl"].to_numpy(), g == "conflict")
+    again = counterfactual_scores(lm, xt, res.masker(lm), seed=0)
+    assert np.array_equal(again.to_numpy(), cf.to_numpy())  # deterministic for a seed

@@ -348,6 +348,41 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
     return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels)
 
 
+@torch.no_grad()
+def counterfactual_scores(lm: LoadedModel, images: torch.Tensor, masker: ShortcutMasker, batch_size: int = 64,
+                          layers: str | list[int] = "all", seed: int = 0) -> pd.DataFrame:
+    """Per image, what the prediction rests on: the class probabilities with and without the shortcut
+    tokens (their keys masked in ``layers``), and
+
+    - ``shortcut_kl``: KL(p || p_masked), how much removing the shortcut evidence moves the model's belief
+      (the flag score: high when the prediction depends on the shortcut rather than on the rest);
+    - ``masked_disagreement``: 1 - p_masked(pred), the chance the model would not say the same without it;
+    - ``pred_masked``: the prediction without the shortcut tokens;
+    - ``random_kl``: the control, KL(p || p_random) with as many random tokens masked (seeded).
+    ``n_masked``: tokens masked per image."""
+    from ..prompting import SteeredViT
+
+    p0, p1, p2, n_masked = [], [], [], []
+    with (SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=masker) as steered,
+          SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=masker, seed=seed) as control):
+        for s in range(0, len(images), batch_size):
+            x = images[s:s + batch_size]
+            p0.append(lm.forward(x).float().softmax(-1))
+            p1.append(steered(x).float().softmax(-1))
+            n_masked.append(steered.last_mask.sum(1))
+            p2.append(control(x).float().softmax(-1))
+    P0, P1, P2 = (torch.cat(p).numpy().astype(np.float64) for p in (p0, p1, p2))
+    pred = P0.argmax(1)
+    rows = np.arange(len(pred))
+
+    def kl(q: np.ndarray) -> np.ndarray:
+        return np.maximum((P0 * (np.log(np.clip(P0, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(1), 0.0)
+
+    return pd.DataFrame({"p_pred": P0[rows, pred], "p_pred_masked": P1[rows, pred], "pred_masked": P1.argmax(1),
+                         "masked_disagreement": 1 - P1[rows, pred], "shortcut_kl": kl(P1), "random_kl": kl(P2),
+                         "n_masked": torch.cat(n_masked).numpy()})
+
+
 def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFrame:
     preds = probs.argmax(1)
     df = reliance_scores(attn, groups, kps, preds, shortcut_words, G)
