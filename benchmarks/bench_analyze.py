@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS at n and 10n images")
     args = ap.parse_args()
 
+    load_at_start = os.getloadavg()[0]
     src = find_images(args.images or default_images())
     tmp = Path(tempfile.mkdtemp(prefix="siftlens-bench-"))
     try:
@@ -125,6 +126,7 @@ def main() -> None:
         analyze(lm, img_dir, tmp / "out", cfg)
         ana = args.n / (time.perf_counter() - t0)
         res = {
+            "load_avg_1m_at_start": round(load_at_start, 2),  # other processes on the machine change every number
             "model": lm.name, "input": list(lm.preprocess.input_size), "n_images": args.n,
             "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

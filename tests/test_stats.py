@@ -240,3 +240,21 @@ def test_shift_null_is_a_set_of_grid_rearrangements_and_stricter_for_smooth_maps
     z_shift, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a,
                                                        permuted_maps(c, [0], 400, (h, w), "shift")))
     assert z_shift.item() < z_perm.item()
+
+
+def test_workspace_and_zero_attention_give_the_reference_values():
+    from siftlens.stats import Workspace
+
+    maps, _, _ = make_maps(B=3, seed=7)
+    g = torch.Generator().manual_seed(2)
+    A = (4 * torch.randn(3, 2, 1 + N, 1 + N, generator=g)).softmax(-1)
+    A[..., 1:, 1:] *= torch.rand(3, 2, N, N, generator=g) > 0.3  # exact zeros: 0 log 0 = 0
+    plain = layer_statistics(A, 1, 0, maps)
+    ws = Workspace()
+    for _ in range(2):  # the second call reuses the buffers
+        reused = layer_statistics(A, 1, 0, maps, ws)
+        for k in plain:
+            torch.testing.assert_close(plain[k], reused[k], equal_nan=True, rtol=0, atol=0)
+    pp = A[..., 1:, 1:]
+    At = pp / pp.sum(-1, keepdim=True)
+    torch.testing.assert_close(plain["entropy_pp"], torch.special.entr(At).sum(-1).mean(-1))

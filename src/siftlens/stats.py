@@ -27,6 +27,12 @@ class BatchMaps:
     rank_sift_resid: torch.Tensor  # [B, n] SIFT ranks with the controls removed, unit norm
     dist: torch.Tensor  # [n, n] patch-centre distances in input pixels
     C_perm: torch.Tensor | None = None  # [B, K, n] SIFT concentration permuted over patches (the null)
+    # the maps above the group indicators, so that one matmul per layer weighs Ã's keys by all of them
+    key_weights: torch.Tensor | None = None  # [B, M + G, n] = [C; groups_onehot^T]
+
+    def __post_init__(self) -> None:
+        if self.key_weights is None:
+            self.key_weights = torch.cat([self.C, self.groups_onehot.transpose(1, 2)], 1).contiguous()
 
     def narrow(self, start: int, end: int) -> BatchMaps:
         """The same maps for images start..end-1 of the batch."""
@@ -34,7 +40,8 @@ class BatchMaps:
             return None if t is None else t[start:end]
 
         return BatchMaps(cut(self.C), cut(self.groups_onehot), cut(self.sift_valid), cut(self.rankC),
-                         cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_perm))
+                         cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_perm),
+                         cut(self.key_weights))
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -144,68 +151,100 @@ def permutation_test(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.
     return z, p.float()
 
 
+class Workspace:
+    """Scratch tensors reused from layer to layer. A fresh [B, H, n, n] CPU tensor is page-faulted in on
+    every first touch, which costs several times the arithmetic done on it; reuse avoids that."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (valid until the next get)."""
+        numel = shape.numel()
+        buf = self._bufs.get(name)
+        if (buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device
+                or buf.is_inference() != torch.is_inference_mode_enabled()):
+            buf = self._bufs[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
 CHUNK_ELEMENTS = 2**25  # images per statistics chunk are chosen so each [b, H, n, n] temporary stays ~128 MB
 
 
 def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
-                     maps: BatchMaps) -> dict[str, torch.Tensor]:
+                     maps: BatchMaps, workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
     """All per-image, per-head statistics of one layer. attn: [B, H, T, T] post-softmax.
 
     Large batches of long sequences are reduced in chunks of images to bound the temporaries.
+    ``workspace``: pass the same one for every layer to reuse the large temporaries.
     """
     B, H, T, _ = attn.shape
+    ws = None if attn.requires_grad and torch.is_grad_enabled() else workspace  # out= has no autograd
     chunk = max(1, CHUNK_ELEMENTS // (H * T * T))
     if chunk >= B:
-        return _layer_statistics(attn, num_prefix, cls_index, maps)
-    parts = [_layer_statistics(attn[i:i + chunk], num_prefix, cls_index, maps.narrow(i, i + chunk))
+        return _layer_statistics(attn, num_prefix, cls_index, maps, ws)
+    parts = [_layer_statistics(attn[i:i + chunk], num_prefix, cls_index, maps.narrow(i, i + chunk), ws)
              for i in range(0, B, chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
-                      maps: BatchMaps) -> dict[str, torch.Tensor]:
+                      maps: BatchMaps, ws: Workspace | None) -> dict[str, torch.Tensor]:
+    # Few, large operations on purpose: each [B, H, n, n] pass costs memory bandwidth, and each torch
+    # op pays a thread synchronisation that is expensive when the cores are shared with the SIFT workers.
     A = attn.float()
-    P, C = num_prefix, maps.C.to(A.device)
+    dev = A.device
+    P, C = num_prefix, maps.C.to(dev)
+    B, H = A.shape[:2]
+    M = C.shape[1]
     pp = A[..., P:, P:]  # [B, H, n, n] patch queries -> patch keys
     n = pp.shape[-1]
     row = pp.sum(-1, keepdim=True)
-    At = pp / row.clamp_min(EPS)  # Ã: rows renormalised to 1
+    At = torch.div(pp, row.clamp_min(EPS), out=ws.get("At", pp.shape, pp) if ws else None)  # Ã: rows sum to 1
     out: dict[str, torch.Tensor] = {"prefix_mass": (1 - row.squeeze(-1)).mean(-1)}  # [B, H]
+
+    # One pass over Ã for all maps and groups: key_mass[b, p, h, i] = Σ_j W_pj Ã_ij, W = [c_m; 1{j in g}].
+    # Written as W @ Ã^T: with the thin side first the matmul runs about twice as fast on CPU.
+    W = maps.key_weights.to(dev)  # [B, M + G, n]
+    key_mass = (W @ At.reshape(B, H * n, n).transpose(1, 2)).view(B, -1, H, n)
+    # ... and the same weights over the queries: Q[b, h, p, q] = Σ_i W_pi key_mass_qi holds both
+    # Σ_i c_mi Σ_j Ã_ij c_mj (diagonal of the map block: S_pp^w) and Σ_{i in g} Σ_{j in f} Ã_ij (the lift)
+    Q = einsum(W, key_mass, "b p i, b q h i -> b h p q")
+    out["s_ppw"] = n * Q[..., :M, :M].diagonal(dim1=-2, dim2=-1)
 
     col_mean = At.mean(-2)  # [B, H, n]: mean over queries of Ã_ij
     out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
     if maps.C_perm is not None:
-        null = n * einsum(col_mean, maps.C_perm.to(A.device), "b h j, b k j -> b h k")
+        null = n * einsum(col_mean, maps.C_perm.to(dev), "b h j, b k j -> b h k")
         out["s_pp_z"], out["s_pp_p"] = permutation_test(out["s_pp"][..., 0], null)
-    AtC = einsum(At, C, "b h i j, b m j -> b h m i")
-    out["s_ppw"] = n * einsum(C, AtC, "b m i, b h m i -> b h m")
-
-    out["entropy_pp"] = torch.special.entr(At).sum(-1).mean(-1)
-    out["mean_dist_px"] = einsum(At, maps.dist.to(A.device), "b h i j, i j -> b h") / n
-
     if cls_index is not None:
         a = A[:, :, cls_index, P:]
         a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
         out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
         if maps.C_perm is not None:
-            null = n * einsum(a, maps.C_perm.to(A.device), "b h j, b k j -> b h k")
+            null = n * einsum(a, maps.C_perm.to(dev), "b h j, b k j -> b h k")
             out["s_cls_z"], out["s_cls_p"] = permutation_test(out["s_cls"][..., 0], null)
+
+    # Σ_j -Ã_ij log Ã_ij (entr's value, 0 log 0 = 0, with a vectorised log; entr itself is scalar code)
+    plogp = torch.clamp_min(At, torch.finfo(At.dtype).tiny, out=ws.get("plogp", At.shape, At) if ws else None)
+    plogp.log_().mul_(At)
+    out["entropy_pp"] = -plogp.sum(-1).mean(-1)
+    out["mean_dist_px"] = einsum(At, maps.dist.to(dev), "b h i j, i j -> b h") / n
+
+    if cls_index is not None:
         ra = _unit(average_ranks(a))
-        out["spearman"] = einsum(ra, maps.rankC.to(A.device), "b h n, b m n -> b h m")
-        basis = maps.partial_basis.to(A.device)
+        out["spearman"] = einsum(ra, maps.rankC.to(dev), "b h n, b m n -> b h m")
+        basis = maps.partial_basis.to(dev)
         ra_res = ra - einsum(basis, einsum(basis, ra, "b n k, b h n -> b h k"), "b n k, b h k -> b h n")
-        out["partial_spearman_sift"] = einsum(_unit(ra_res), maps.rank_sift_resid.to(A.device),
-                                              "b h n, b n -> b h")
+        out["partial_spearman_sift"] = einsum(_unit(ra_res), maps.rank_sift_resid.to(dev), "b h n, b n -> b h")
         out["entropy_cls"] = torch.special.entr(a).sum(-1)
         out["cls_attn"] = a  # kept by the caller only for example images
 
     # group interrelation lift: observed mass between groups over the mass uniform attention gives
-    oh = maps.groups_onehot.to(A.device)  # [B, n, G]
-    to_group = einsum(At, oh, "b h i j, b j g -> b h i g")
-    obs = einsum(oh, to_group, "b i g, b h i f -> b h g f")  # Σ_{i∈g} Σ_{j∈f} Ã_ij
-    size = oh.sum(1)  # [B, G]
+    obs = Q[..., M:, M:]  # Σ_{i∈g} Σ_{j∈f} Ã_ij
+    size = maps.groups_onehot.to(dev).sum(1)  # [B, G]
     exp = einsum(size, size, "b g, b f -> b g f") / n  # |g| |f| / n
-    valid = maps.sift_valid.to(A.device)[:, None, None, None]
+    valid = maps.sift_valid.to(dev)[:, None, None, None]
     out["lift_obs"] = torch.where(valid, obs, 0.0)
     out["lift_exp"] = torch.where(valid, exp[:, None].expand_as(obs), 0.0)
     out["lift"] = torch.where(valid & (exp[:, None] > 0), obs / exp[:, None].clamp_min(EPS), torch.nan)
@@ -219,10 +258,9 @@ class RolloutState:
         self.R: torch.Tensor | None = None
 
     def update(self, attn: torch.Tensor) -> None:
-        A = attn.float().mean(1)  # [B, T, T]
-        eye = torch.eye(A.shape[-1], device=A.device)
-        A = 0.5 * A + 0.5 * eye
-        A = A / A.sum(-1, keepdim=True)
+        A = attn.float().mean(1).mul_(0.5)  # [B, T, T]
+        A.diagonal(dim1=-2, dim2=-1).add_(0.5)  # 0.5 A + 0.5 I, in place (the same floats)
+        A /= A.sum(-1, keepdim=True)
         self.R = A if self.R is None else A @ self.R
 
     def cls_map(self, num_prefix: int, cls_index: int | None) -> torch.Tensor | None:
