@@ -87,8 +87,11 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
                          "discovery needs class logits")
     res = discover_shortcuts(lm, x, y, class_names, cfg)
-    cf = counterfactual_scores(lm, x, res.masker(lm), cfg.batch_size, seed=cfg.seed)
-    res.per_image = pd.concat([res.per_image, cf.drop(columns=["p_pred"])], axis=1)
+    try:
+        cf = counterfactual_scores(lm, x, res.masker(lm), cfg.batch_size, seed=cfg.seed)
+        res.per_image = pd.concat([res.per_image, cf.drop(columns=["p_pred"])], axis=1)
+    except NotImplementedError as e:  # attention modules that take no mask: discovery stands, no counterfactual
+        print(f"warning: no counterfactual scores for {lm.name}: {e}")
     res.per_image.insert(0, "path", [str(paths[i]) for i in keep])
     _write_outputs(out, res, x, lm, skipped)
     return res
@@ -170,8 +173,10 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
                 axes[r, 0].set_title(f"motif #{r + 1}", fontsize=7, loc="left")
             parts.append(f"<img src='{_png(fig)}'>")
     parts.append(reliance_summary_html(res.per_image))
-    parts.append(counterfactual_summary_html(res.per_image))
-    top = res.per_image.sort_values("shortcut_kl", ascending=False).head(20)
+    has_cf = "shortcut_kl" in res.per_image
+    if has_cf:
+        parts.append(counterfactual_summary_html(res.per_image))
+    top = res.per_image.sort_values("shortcut_kl" if has_cf else "reliance", ascending=False).head(20)
     parts.append(top.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
     if skipped:
         parts.append(f"<h2>Skipped ({len(skipped)})</h2><ul>" +
