@@ -195,8 +195,8 @@ class ShortcutMasker:
     def __init__(self, lm: LoadedModel, centroids: np.ndarray, words: list[int], colour_weight: float = 0.0,
                  orientation_weight: float = 0.0, fixed_tokens: np.ndarray | None = None) -> None:
         self.lm, self.centroids, self.words = lm, centroids, list(words)
-        self.fixed_tokens = None if fixed_tokens is None or not np.size(fixed_tokens) else np.asarray(fixed_tokens,
-                                                                                                      bool)
+        has_fixed = fixed_tokens is not None and np.size(fixed_tokens) > 0  # saved files store an empty array
+        self.fixed_tokens = np.asarray(fixed_tokens, bool) if has_fixed else None
         self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
         expected = 128 + (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
         if centroids.ndim != 2 or centroids.shape[1] != expected:
