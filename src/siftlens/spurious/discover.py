@@ -70,6 +70,11 @@ def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
     return [i % num_layers for i in layers]  # negative indices count from the last layer
 
 
+def descriptor_dim(colour_weight: float, orientation_weight: float) -> int:
+    """Width of a motif descriptor: RootSIFT 128, + 3 colour dimensions, + 2 orientation dimensions."""
+    return 128 + (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
+
+
 def sift_with_descriptors(gray: np.ndarray, rgb: np.ndarray | None = None, colour_weight: float = 0.0,
                           orientation_weight: float = 0.0) -> tuple[Keypoints, np.ndarray]:
     """SIFT keypoints (+0.5 pixel-centre shift, as semantic_maps) and motif descriptors [K, D].
@@ -83,9 +88,8 @@ def sift_with_descriptors(gray: np.ndarray, rgb: np.ndarray | None = None, colou
     differ exactly there. RootSIFT has unit L2 norm, so weight 1 gives colour a comparable say.
     """
     kps, desc = cv2.SIFT_create().detectAndCompute(gray, None)
-    extra = (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
     if desc is None or not kps:
-        return Keypoints.from_cv([]), np.zeros((0, 128 + extra), np.float32)
+        return Keypoints.from_cv([]), np.zeros((0, descriptor_dim(colour_weight, orientation_weight)), np.float32)
     desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
     parts = [np.sqrt(desc)]
     if colour_weight > 0:
@@ -156,8 +160,7 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
     with AttentionCapture(lm.module, lm.backend, keep):
         logits = lm.forward(x)
     if how == "rollout":
-        r = rollout.cls_map(layout.num_prefix, layout.cls_index).float()
-        return r / r.sum(-1, keepdim=True), logits
+        return rollout.cls_map(layout.num_prefix, layout.cls_index), logits  # renormalised over patches
     return torch.stack(rows).mean(0), logits
 
 
@@ -198,7 +201,7 @@ class ShortcutMasker:
         has_fixed = fixed_tokens is not None and np.size(fixed_tokens) > 0  # saved files store an empty array
         self.fixed_tokens = np.asarray(fixed_tokens, bool) if has_fixed else None
         self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
-        expected = 128 + (3 if colour_weight > 0 else 0) + (2 if orientation_weight > 0 else 0)
+        expected = descriptor_dim(colour_weight, orientation_weight)
         if centroids.ndim != 2 or centroids.shape[1] != expected:
             raise ValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors of "
                              f"{expected} dimensions (colour weight {colour_weight}, orientation {orientation_weight})")
@@ -364,7 +367,9 @@ def counterfactual_scores(lm: LoadedModel, images: torch.Tensor, masker: Shortcu
 
     p0, p1, p2, n_masked = [], [], [], []
     with (SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=masker) as steered,
-          SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=masker, seed=seed) as control):
+          # the control only needs the counts of the mask the steered pass has just computed for this batch
+          SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=lambda _x: steered.last_mask,
+                     seed=seed) as control):
         for s in range(0, len(images), batch_size):
             x = images[s:s + batch_size]
             p0.append(lm.forward(x).float().softmax(-1))
@@ -438,9 +443,11 @@ def motif_table(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: in
     scores at least this high (a max statistic over the class's words, so it already accounts for
     picking the best of W words); and ``lift_lo``/``lift_hi``, a 95% bootstrap CI of the mean lift
     over the class's images (lift 1 = uniform attention is its null)."""
+    def kept(c: dict[str, np.ndarray]) -> np.ndarray:  # enough keypoints, frequent enough in the class
+        return (c["count"] >= 3) & (c["f_in"] >= min_freq)
+
     c = motif_components(kps, cls_of_image, K, n_words)
-    keep = (c["count"] >= 3) & (c["f_in"] >= min_freq)
-    ks, ws = np.nonzero(keep)
+    ks, ws = np.nonzero(kept(c))
     df = pd.DataFrame({"cls": ks, "word": ws, "lift": c["lift"][ks, ws], "f_in": c["f_in"][ks, ws],
                        "f_out": c["f_out"][ks, ws], "specificity": c["specificity"][ks, ws],
                        "stability": c["stability"][ks, ws], "n_keypoints": c["count"][ks, ws].astype(int),
@@ -449,9 +456,10 @@ def motif_table(kps: pd.DataFrame, cls_of_image: np.ndarray, K: int, n_words: in
         return df.assign(rank=pd.Series(dtype=int))
     if n_null > 0:
         rng = np.random.default_rng([seed, 11])
-        best = np.stack([np.where(keep_p, sc, 0).max(1) for sc, keep_p in (
-            (cp["score"], (cp["count"] >= 3) & (cp["f_in"] >= min_freq))
-            for cp in (motif_components(kps, rng.permutation(cls_of_image), K, n_words) for _ in range(n_null)))])
+        best = np.empty((n_null, K))  # per permutation: each class's best motif score
+        for i in range(n_null):
+            cp = motif_components(kps, rng.permutation(cls_of_image), K, n_words)
+            best[i] = np.where(kept(cp), cp["score"], 0).max(1)
         df["p_label_null"] = (1 + (best[:, df["cls"]] >= df["score"].to_numpy()[None]).sum(0)) / (1 + n_null)
         df[["lift_lo", "lift_hi"]] = _lift_ci(kps, cls_of_image, df, rng)
     df["rank"] = df.groupby("cls")["score"].rank(ascending=False, method="first").astype(int)
