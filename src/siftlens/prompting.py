@@ -244,18 +244,25 @@ def random_mask(x: torch.Tensor, token_mask_fn: TokenMaskFn, n: int, generator: 
     return m.float() * (-beta * mask_value), m
 
 
+def _edge_ranked_mask(edges: list[np.ndarray | None], counts: list[int], n: int, highest: bool) -> torch.Tensor:
+    """bool [B, n]: per image the ``counts[i]`` patches with the highest (or lowest) edge density; a flat
+    image (no edge map) counts as all zeros, so the stable sort takes its first patches."""
+    m = torch.zeros(len(counts), n, dtype=torch.bool)
+    for i, k in enumerate(counts):
+        if k:
+            e = np.asarray(edges[i]) if edges[i] is not None else np.zeros(n)
+            m[i, torch.from_numpy(np.argsort(-e if highest else e, kind="stable")[:k].copy())] = True
+    return m
+
+
 def edge_mask(x: torch.Tensor, lm: LoadedModel, token_mask_fn: TokenMaskFn, beta: float = 1.0,
               map_config: MapConfig = MapConfig(), layout: TokenLayout | None = None,
               mask_value: float = MASK_VALUE, cache: MapCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image as many highest-edge-density patch keys as ``token_mask_fn`` flags; (bias, mask)."""
     layout = layout or lm.layout(tuple(x.shape[-2:]))
-    counts = token_mask(token_mask_fn, x, layout.num_patches).sum(1)
+    counts = token_mask(token_mask_fn, x, layout.num_patches).sum(1).tolist()
     edges = image_maps(x, lm, "edges", map_config, layout, cache)
-    m = torch.zeros(x.shape[0], layout.num_patches, dtype=torch.bool)
-    for i, k in enumerate(counts.tolist()):
-        e = edges[i] if edges[i] is not None else np.zeros(layout.num_patches)
-        if k:
-            m[i, torch.from_numpy(np.argsort(-np.asarray(e), kind="stable")[:k].copy())] = True
+    m = _edge_ranked_mask(edges, counts, layout.num_patches, highest=True)
     return m.float() * (-beta * mask_value), m
 
 
@@ -286,12 +293,7 @@ def edge_suppress_lowconc(x: torch.Tensor, lm: LoadedModel, beta: float = 1.0,
     layout = layout or lm.layout(tuple(x.shape[-2:]))
     _, sift_m = sift_suppress_lowconc(x, lm, 1.0, map_config, layout, mask_value, cache, info)
     edges = image_maps(x, lm, "edges", map_config, layout, cache)
-    m = torch.zeros_like(sift_m)
-    for i, k in enumerate(sift_m.sum(1).tolist()):
-        if k == 0:
-            continue
-        e = edges[i] if edges[i] is not None else np.zeros(layout.num_patches)
-        m[i, torch.from_numpy(np.argsort(e, kind="stable")[:k].copy())] = True
+    m = _edge_ranked_mask(edges, sift_m.sum(1).tolist(), layout.num_patches, highest=False)
     return m.float() * (-beta * mask_value), m
 
 
