@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_spurious")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (results are reproducible per count)")
     args = ap.parse_args()
-    args.size = args.size or (128 if args.init == "bundled" else 64)
+    args.size = args.size or PlantedModelConfig(init=args.init).default_image_size
     args.epochs = args.epochs or (4 if args.init == "bundled" else 12)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -569,6 +569,11 @@ class PlantedModelConfig:
     def token_size(self) -> int:
         return 16 if self.init == "bundled" else self.patch_size
 
+    @property
+    def default_image_size(self) -> int:
+        """The bundled model was trained at 128 px; the small scratch ViT runs at 64 px."""
+        return 128 if self.init == "bundled" else 64
+
 
 def build_planted_architecture(num_classes: int, img_size: int, cfg: PlantedModelConfig = PlantedModelConfig(),
                                pretrained: bool = False) -> torch.nn.Module:
@@ -706,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     classes: Sequence[str] | int = int(a.classes) if a.classes.isdigit() else a.classes.split(",")
     model_cfg = PlantedModelConfig(init=a.init)
-    size = a.size or (128 if a.init == "bundled" else 64)
+    size = a.size or model_cfg.default_image_size
     t0 = time.time()
     train_src = load_source_images(a.data, a.train_split, classes, a.per_class, size, a.seed)
     test_src = load_source_images(a.data, a.test_split, train_src.class_names, a.test_per_class, size, a.seed + 1)
