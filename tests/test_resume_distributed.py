@@ -19,7 +19,7 @@ analyze_mod = importlib.import_module("siftlens.analyze")  # the package re-expo
 
 # a small random-init timm ViT on the bundled images; nothing is downloaded
 ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--input-size", "96", "96", "--batch-size", "2",
-        "--null-permutations", "50", "--quiet", "--no-report"]
+        "--null-permutations", "50", "--quiet", "--no-report", "--twin", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,18 @@ def _spy(fn, calls):
 
 def test_kill_9_then_resume(reference, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "siftlens", "analyze", *ARGS, "--workers", "0", "--out", str(out)]
+    # the twin (after the main batches, excluded from the resume fingerprint) keeps the process alive long
+    # enough after its first finished part for the kill to land mid-run
+    cmd = [sys.executable, "-m", "siftlens", "analyze", *ARGS, "--workers", "0", "--out", str(out),
+           "--twin", "random-init"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / ".parts").glob("part-*.json")) and proc.poll() is None:
-        time.sleep(0.05)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before a part was written: nothing was killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert list((out / ".parts").glob("part-*.json")) and not (out / "manifest.json").exists()  # killed mid-run
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     same_outputs(reference, out)
 

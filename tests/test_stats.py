@@ -236,8 +236,8 @@ def test_shift_null_is_a_set_of_grid_rearrangements_and_stricter_for_smooth_maps
     from siftlens.stats import permutation_test, permuted_maps
 
     s = 64 * (a * c[:, None]).sum(-1)
-    z_perm, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a, permuted_maps(c, [0], 400, (h, w))))
-    z_shift, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a,
+    z_perm, _, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a, permuted_maps(c, [0], 400, (h, w))))
+    z_shift, _, _ = permutation_test(s, 64 * torch.einsum("bhj,bkj->bhk", a,
                                                        permuted_maps(c, [0], 400, (h, w), "shift")))
     assert z_shift.item() < z_perm.item()
 

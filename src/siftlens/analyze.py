@@ -25,7 +25,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,16 @@ from .semantic_maps import (
     image_maps,
     keypoint_maps,
 )
-from .stats import BatchMaps, RolloutState, Workspace, layer_statistics, prepare_maps
+from .stats import (
+    ANTI_CONSERVATIVE_NULLS,
+    NULL_MODES,
+    BatchMaps,
+    RolloutState,
+    Workspace,
+    layer_statistics,
+    prepare_maps,
+    swapped_maps,
+)
 
 KEYPOINT_DETECTORS = ("opencv", "kornia")
 
@@ -68,8 +77,16 @@ class AnalyzeConfig:
     device: str = "cpu"
     limit: int | None = None
     seed: int = 0
-    null_permutations: int = 200  # K: SIFT map shuffled over patches -> z-score, p-value per head
-    null_mode: str = "permute"  # permute (METHOD.md) | shift (cyclic grid shifts: keeps spatial autocorrelation)
+    # K null maps per image -> z-score, p-value and null mean per head. swap: K other images' SIFT maps
+    # (the default, calibrated); shift: cyclic grid shifts of the image's own map; permute: shuffles over
+    # patches (anti-conservative on smooth maps: kept for comparison only)
+    null_permutations: int = 200
+    null_mode: str = "swap"
+    # the randomised-model sanity check: the same architecture with random weights, analysed on the first
+    # twin_images images in the same run (OUT/twin/); the verdict states an effect only where the model
+    # beats it by MIN_EFFECT (verdict.py)
+    twin: str = "random-init"  # random-init | none
+    twin_images: int = 100
     examples: int = 4  # images whose CLS attention and maps are kept for figures
     keep_full_maps: int = 0  # images whose full [L, H, T, T] attention is saved (float16)
     sift: SiftParams = field(default_factory=SiftParams)
@@ -170,7 +187,7 @@ def collate(items: list[dict]) -> dict:
 
 
 PER_HEAD_SCALARS = ("prefix_mass", "entropy_pp", "mean_dist_px", "entropy_cls", "partial_spearman_sift",
-                    "s_cls_z", "s_cls_p", "s_pp_z", "s_pp_p")
+                    "s_cls_z", "s_cls_p", "s_cls_null", "s_pp_z", "s_pp_p", "s_pp_null")
 PER_HEAD_BY_MAP = ("s_cls", "s_pp", "s_ppw", "spearman")
 
 
@@ -244,7 +261,8 @@ def default_images() -> Path:
 def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
             images: str | Path | list | None = None, out: str | Path = "siftlens_out",
             config: AnalyzeConfig | None = None, checkpoint: str | None = None, random_init: bool = False,
-            input_size: tuple[int, int] | None = None, **overrides) -> AnalysisResult | None:
+            input_size: tuple[int, int] | None = None, _null_bank: tuple | None = None,
+            **overrides) -> AnalysisResult | None:
     """Analyse ``model``'s attention on ``images`` against SIFT semantic maps; write ``out``.
 
     ``overrides`` set AnalyzeConfig fields (e.g. ``batch_size=8, map_mode="point"``). Returns the
@@ -254,6 +272,9 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     again with the same arguments skips the finished batches. Under torchrun (WORLD_SIZE > 1) each
     rank takes every WORLD_SIZE-th batch and rank 0 merges the parts in batch order, so the result is
     the same as a single-process run.
+
+    With ``twin="random-init"`` the same architecture with random weights is analysed on the first
+    ``twin_images`` images into ``out/twin`` (same maps, same null), for the report's sanity check.
     """
     cfg = config or AnalyzeConfig()
     for k, v in overrides.items():
@@ -262,6 +283,10 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         setattr(cfg, k, v)
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+    if cfg.null_mode not in NULL_MODES:
+        raise ValueError(f"--null-mode {cfg.null_mode!r} is not one of {NULL_MODES}")
+    if cfg.twin not in ("random-init", "none"):
+        raise ValueError(f"--twin {cfg.twin!r} is not one of random-init, none")
     if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
         raise ValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
     if cfg.keypoint_detector == "kornia":
@@ -298,6 +323,8 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     runner = BatchRunner(lm, layout, map_names, cfg)
+    if cfg.null_mode == "swap" and cfg.null_permutations > 0:
+        runner.bank = _null_bank if _null_bank is not None else swap_null_bank(ds, cfg.null_permutations, runner)
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
     with torch.inference_mode(), AttentionCapture(lm.module, lm.backend, runner.on_attention) as cap:
@@ -307,9 +334,17 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
             bar.update(len(batch["errors"]) + batch["n"])
     bar.close()
     _barrier(world)
+    twin = _run_twin(lm, images, out, cfg, runner.bank) if cfg.twin != "none" else {"mode": "none"}
     if rank != 0:
         return None
-    result = _merge_parts(out, parts, n_batches, lm, layout, map_names, paths, cfg, images, t_start)
+    null = {"mode": cfg.null_mode, "K": cfg.null_permutations}
+    if cfg.null_mode == "swap":
+        null["K"] = 0 if runner.bank is None else len(runner.bank[0]) - 1
+        null["bank_image_ids"] = [] if runner.bank is None else runner.bank[1].tolist()
+    null["min_p"] = 1 / (null["K"] + 1) if null["K"] else None
+    null["anti_conservative"] = cfg.null_mode in ANTI_CONSERVATIVE_NULLS
+    result = _merge_parts(out, parts, n_batches, lm, layout, map_names, paths, cfg, images, t_start,
+                          {"null": null, "twin": twin, "fingerprint": fingerprint})
     if cfg.report:
         from .report import write_report
 
@@ -325,6 +360,7 @@ class BatchRunner:
         self.map_cfg = cfg.map_config()
         self.cache = KeypointCache(cfg.keypoint_cache) if cfg.keypoint_cache else None
         self.capture: AttentionCapture | None = None
+        self.bank: tuple[torch.Tensor, torch.Tensor] | None = None  # image-swap null: (maps [K+1, n], image ids)
         self.layer_out: dict[int, dict] = {}
         self.state: dict = {}
         self.workspace = Workspace()  # the large per-layer temporaries, reused across layers and batches
@@ -399,11 +435,15 @@ class BatchRunner:
         ids = batch["index"].numpy()
         if "C" not in batch:
             self.kornia_maps(batch)
+        swap = cfg.null_mode == "swap"
+        C_null = swapped_maps(self.bank[0], self.bank[1], batch["index"]).to(cfg.device) \
+            if swap and self.bank is not None else None
         with torch_threads(self.stats_threads):
             maps = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device), self.map_names,
                                 cfg.groups, layout.grid, layout.patch_size,
                                 null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids],
-                                n_perm=cfg.null_permutations, null_mode=cfg.null_mode)
+                                n_perm=0 if swap else cfg.null_permutations, null_mode=cfg.null_mode,
+                                C_null=C_null)
         keep_ex = min(batch["n"], cfg.examples) if keep else 0
         keep_full = min(batch["n"], cfg.keep_full_maps) if keep else 0
         self.state = {"maps": maps, "rollout": RolloutState(), "keep_ex": keep_ex, "keep_full": keep_full,
@@ -463,6 +503,51 @@ class BatchRunner:
         return part
 
 
+def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The image-swap null's bank: SIFT maps of the first k + 1 images of the run (input order) that have
+    one, and their image ids; None with fewer than 2 such images. Every rank builds the same bank."""
+    maps, ids = [], []
+    chunk = 32
+    loader = DataLoader(ds, batch_sampler=[list(range(s, min(s + chunk, len(ds)))) for s in range(0, len(ds), chunk)],
+                        num_workers=runner.cfg.workers, collate_fn=collate)
+    for batch in loader:
+        if batch["n"] == 0:
+            continue
+        if "C" not in batch:
+            runner.kornia_maps(batch)
+        for b, i in enumerate(batch["index"].tolist()):
+            if not torch.isnan(batch["C"][b, 0]).any():
+                maps.append(batch["C"][b, 0])
+                ids.append(i)
+        if len(maps) > k:
+            break
+    if len(maps) < 2:
+        return None
+    return torch.stack(maps[: k + 1]), torch.tensor(ids[: k + 1])
+
+
+def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank) -> dict:
+    """Analyse the random-weights twin into out/twin (skipped if a finished identical twin run is there)."""
+    from .models import random_init_twin
+
+    twin_seed = cfg.seed + 1_000_003  # not the seed a --random-init model itself was drawn with
+    limit = cfg.twin_images if cfg.limit is None else min(cfg.limit, cfg.twin_images)
+    info = {"mode": cfg.twin, "dir": "twin", "seed": twin_seed, "images": limit}
+    try:
+        twin = random_init_twin(lm, seed=twin_seed)
+    except ValueError as e:
+        return {**info, "mode": "none", "reason": str(e)}
+    tcfg = replace(cfg, twin="none", report=False, examples=0, keep_full_maps=0, limit=limit, progress=False)
+    done = out / "twin" / "manifest.json"
+    if done.is_file() and not (out / "twin" / ".parts").exists():
+        old = json.loads(done.read_text()).get("fingerprint")
+        if old == _fingerprint(twin, find_images(images if images is not None else default_images())[:limit],
+                               tcfg, None, True):
+            return info
+    analyze(twin, images=images, out=out / "twin", config=tcfg, random_init=True, _null_bank=bank)
+    return info
+
+
 # --- parts: one per batch, written atomically; the json is written last and marks the part done ---
 
 def _part_name(b: int) -> str:
@@ -495,7 +580,7 @@ def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpo
         h.update(str(p).encode())
         h.update(str(p.stat().st_size if p.exists() else -1).encode())
     opts = {k: v for k, v in asdict(cfg).items()
-            if k not in ("workers", "device", "progress", "report", "keypoint_cache")}
+            if k not in ("workers", "device", "progress", "report", "keypoint_cache", "twin", "twin_images")}
     weights = hashlib.sha256()
     for t in lm.module.state_dict().values():
         weights.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
@@ -519,8 +604,8 @@ def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
 
 
 def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout: TokenLayout,
-                 map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float
-                 ) -> AnalysisResult:
+                 map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float,
+                 extra: dict | None = None) -> AnalysisResult:
     """Stream the parts, in batch order, into the final outputs; then remove the parts."""
     tmp_rows = out / ".per_image.parquet.partial"
     writer = None
@@ -587,6 +672,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "git_revision": _git_revision(),
         "device": cfg.device,
         "seconds": round(time.time() - t_start, 2),
+        **(extra or {}),
     }
     atomic_write_json(out / "manifest.json", manifest)
     shutil.rmtree(parts, ignore_errors=True)

@@ -79,8 +79,20 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 
 def significant_fraction(per_image: pd.DataFrame, p_column: str, alpha: float = 0.05) -> pd.DataFrame:
-    """Per layer: fraction of (image, head) tests with BH q < alpha, BH over the whole table."""
-    q = benjamini_hochberg(per_image[p_column].to_numpy())
-    df = pd.DataFrame({"layer": per_image["layer"].to_numpy(), "sig": q < alpha, "valid": ~np.isnan(q)})
+    """Per layer: fraction of (image, head) tests with BH q < alpha. The BH family is one layer's image x head
+    tests (the layers are separate questions; the report's per-layer conclusions are Holm-adjusted across
+    layers in verdict.py)."""
+    df = pd.DataFrame({"layer": per_image["layer"].to_numpy(), "p": per_image[p_column].to_numpy(np.float64)})
+    df["q"] = np.nan
+    for _, idx in df.groupby("layer").groups.items():
+        df.loc[idx, "q"] = benjamini_hochberg(df.loc[idx, "p"].to_numpy())
+    df["sig"] = df["q"] < alpha
+    df["valid"] = df["q"].notna()
     g = df.groupby("layer")
     return pd.DataFrame({"fraction": g["sig"].sum() / g["valid"].sum().clip(lower=1), "tests": g["valid"].sum()})
+
+
+def bh_detectable_share(k: int, alpha: float = 0.05) -> float:
+    """With K null maps the smallest p is 1/(K+1); BH at level alpha then rejects nothing unless at least this
+    share of a family's tests sits at that floor (1 / (alpha (K+1)))."""
+    return min(1.0, 1.0 / (alpha * (k + 1))) if k > 0 else 1.0

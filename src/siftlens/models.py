@@ -9,6 +9,7 @@ Nothing touches the network unless the user names hub weights (``timm:NAME`` wit
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -374,3 +375,34 @@ def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> L
     return LoadedModel(model, "torchvision", f"torchvision:{name}",
                        _torchvision_preprocess(model, default, input_size), labels,
                        {"checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def random_init_twin(lm: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same architecture, preprocessing and token layout with fresh random weights: the randomised-model
+    sanity check (Adebayo et al., 2018). A finding that the twin shows too comes from the architecture and
+    the image statistics, not from what the model learned.
+
+    Every submodule with ``reset_parameters`` (linear, conv, norm layers) is reset, then the model's own
+    initialiser runs where it has one (timm ``init_weights``, Hugging Face ``_init_weights``), which also
+    redraws position embeddings and class tokens. Raises ValueError if a weight matrix kept its values.
+    """
+    module = copy.deepcopy(lm.module)
+    before = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if m is not module and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+        if lm.backend == "timm" and callable(getattr(module, "init_weights", None)):
+            module.init_weights()
+        elif lm.backend == "hf" and callable(getattr(module, "_init_weights", None)):
+            module.apply(module._init_weights)
+        for name, p in module.named_parameters():  # anything left (e.g. a torchvision class token): N(0, 0.02)
+            if p.dim() >= 2 and name in before and torch.equal(p, before[name]) and p.abs().sum() > 0:
+                torch.nn.init.trunc_normal_(p, std=0.02)
+    kept = [k for k, v in module.state_dict().items()
+            if k in before and v.dim() >= 2 and before[k].abs().sum() > 0 and torch.equal(v, before[k])]
+    if kept:
+        raise ValueError(f"{lm.name}: could not re-initialise {kept[:3]} for the random-weights twin")
+    return LoadedModel(module.eval(), lm.backend, f"{lm.name} [random-init twin, seed {seed}]", lm.preprocess,
+                       lm.label_names, {"random_init_twin_of": lm.name, "twin_seed": seed})

@@ -14,10 +14,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
-from .dataset_stats import layer_curve, lift_matrices, paired_difference, significant_fraction  # noqa: E402
+from .dataset_stats import bh_detectable_share, bootstrap_mean_ci, layer_curve, lift_matrices  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
+from .verdict import BASELINE_LABELS, BASELINES, MIN_EFFECT, effect_over_null, layer_verdicts, verdict_sentences  # noqa: E402
 
 MAP_STYLE = {
     "sift": dict(color="C3", lw=2.5, label="SIFT"),
@@ -28,7 +30,6 @@ MAP_STYLE = {
     "center": dict(color="C1", ls="-.", label="centre prior"),
     "uniform": dict(color="k", lw=0.8, ls=(0, (1, 3)), label="uniform (null, S=1)"),
 }
-BASELINES_FOR_VERDICT = ("random_kp", "edges", "edges_sparse", "orb", "center")
 
 
 def _png(fig) -> str:
@@ -140,58 +141,57 @@ def _fmt(m: float, lo: float, hi: float) -> str:
     return "n/a" if not np.isfinite(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_cls") -> tuple[pd.DataFrame, list[str]]:
-    """Per layer: SIFT ratio, each baseline, paired SIFT - baseline CIs, partial Spearman; plus sentences."""
-    sift = layer_curve(per_image, f"{stat}__sift")
-    rows = {"layer": sift["layer"], "SIFT": [_fmt(*r) for r in sift[["mean", "lo", "hi"]].to_numpy()]}
-    beats = np.ones(len(sift), dtype=bool)
-    for b in BASELINES_FOR_VERDICT:
-        if b not in map_names:
-            continue
-        base = layer_curve(per_image, f"{stat}__{b}")
-        diff = paired_difference(per_image, f"{stat}__sift", f"{stat}__{b}")
-        rows[MAP_STYLE[b]["label"]] = [_fmt(*r) for r in base[["mean", "lo", "hi"]].to_numpy()]
-        rows[f"SIFT − {b}"] = [_fmt(*r) for r in diff[["mean", "lo", "hi"]].to_numpy()]
-        beats &= (diff["lo"].to_numpy() > 0)
-    if f"{stat}_p" in per_image and per_image[f"{stat}_p"].notna().any():
-        z = layer_curve(per_image, f"{stat}_z")
-        sig = significant_fraction(per_image, f"{stat}_p")
-        rows["permutation z (mean)"] = [_fmt(*r) for r in z[["mean", "lo", "hi"]].to_numpy()]
-        rows["image×head significant (BH q<0.05)"] = [f"{f:.0%}" for f in sig["fraction"].to_numpy()]
-    partial = layer_curve(per_image, "partial_spearman_sift") if stat == "s_cls" else None
-    if partial is not None:
-        rows["partial Spearman (SIFT | edges, centre)"] = [
-            _fmt(*r) for r in partial[["mean", "lo", "hi"]].to_numpy()]
-    table = pd.DataFrame(rows)
-
-    above_null = sift["lo"].to_numpy() > 1
-    specific = beats & (partial["lo"].to_numpy() > 0 if partial is not None else True)
-    words = []
-    layers = sift["layer"].to_numpy()
-    if not above_null.any():
-        words.append(f"{stat}: no layer attends to SIFT keypoints more than uniform attention would "
-                     "(every layer's 95% CI includes or is below 1).")
-    else:
-        words.append(f"{stat}: attention goes where SIFT keypoints are (CI above 1) in layers "
-                     f"{_ranges(layers[above_null])}.")
-        if specific.any():
-            words.append(f"Beyond every baseline (random keypoints, edges, sparsity-matched edges, ORB, centre "
-                         f"prior) and with a positive SIFT-specific partial rank correlation: layers "
-                         f"{_ranges(layers[specific])}.")
-        else:
-            words.append("But no layer beats every baseline map with a positive SIFT-specific partial rank "
-                         "correlation: edge density, sparsity or the centre prior explain what SIFT shows here.")
-    return table, words
+def _share(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{x:.0%}"
 
 
-def _ranges(xs: np.ndarray) -> str:
-    xs = sorted(int(x) for x in xs)
-    out, start = [], xs[0]
-    for a, b in zip(xs, xs[1:] + [None]):
-        if b != a + 1:
-            out.append(f"{start}" if start == a else f"{start}–{a}")
-            start = b
-    return ", ".join(out)
+def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_cls",
+                  twin: pd.DataFrame | None = None, null_mode: str = "swap") -> tuple[pd.DataFrame, list[str]]:
+    """Per layer: the statistic, its effect over the null beside the random-weights twin's, the tests and the
+    conclusions (verdict.layer_verdicts); plus the conclusions in words."""
+    rows = layer_verdicts(per_image, stat, map_names, twin)
+    has_twin = bool(rows["twin_effect"].notna().any())
+    t = {"layer": rows["layer"],
+         "S (SIFT)": [_fmt(*r) for r in rows[["S", "S_lo", "S_hi"]].to_numpy()],
+         "S − null": [_fmt(*r) for r in rows[["effect", "effect_lo", "effect_hi"]].to_numpy()]}
+    if has_twin:
+        t["twin: S − null"] = [_fmt(*r) for r in rows[["twin_effect", "twin_effect_lo", "twin_effect_hi"]].to_numpy()]
+    t[f"p (Holm), effect > {'twin + ' if has_twin else ''}{MIN_EFFECT}"] = [f"{p:.3g}" for p in rows["p_follows"]]
+    t["follows SIFT"] = ["yes" if f else "no" for f in rows["follows"]]
+    for b in BASELINES:
+        if f"minus_{b}" in rows:
+            t[f"SIFT − {BASELINE_LABELS[b]}"] = [_fmt(*r) for r in rows[[f"minus_{b}", f"minus_{b}_lo", f"minus_{b}_hi"]].to_numpy()]
+    if "partial" in rows:
+        t["partial Spearman (SIFT | edges, centre)"] = [_fmt(*r) for r in rows[["partial", "partial_lo",
+                                                                               "partial_hi"]].to_numpy()]
+        if "twin_partial" in rows:
+            t["twin partial"] = [f"{v:.3f}" if np.isfinite(v) else "n/a" for v in rows["twin_partial"]]
+    t["SIFT-specific"] = ["yes" if f else "no" for f in rows["specific"]]
+    if "bh_share" in rows:
+        t["image×head maps significant (BH within layer)"] = [_share(v) for v in rows["bh_share"]]
+        if "twin_bh_share" in rows:
+            t["twin: maps significant"] = [_share(v) for v in rows["twin_bh_share"]]
+    return pd.DataFrame(t), verdict_sentences(rows, stat, null_mode, has_twin)
+
+
+def fig_effects(per_image: pd.DataFrame, twin: pd.DataFrame | None, stats: list[str]) -> str:
+    """S_own − S_null per layer with 95% CIs, the model beside its random-weights twin."""
+    fig, axes = plt.subplots(1, len(stats), figsize=(6 * len(stats), 3.4), squeeze=False)
+    for ax, stat in zip(axes[0], stats):
+        for df, label, color in ((per_image, "model", "C3"), (twin, "random-weights twin", "C7")):
+            if df is None or f"{stat}__sift" not in df or df[f"{stat}__sift"].isna().all():
+                continue
+            eff = effect_over_null(df, stat)
+            mean, lo, hi = bootstrap_mean_ci(eff.to_numpy())
+            ax.plot(eff.columns, mean, color=color, label=label, marker="o", ms=3)
+            ax.fill_between(eff.columns, lo, hi, color=color, alpha=0.2)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.axhline(MIN_EFFECT, color="k", lw=0.6, ls=":", label=f"minimal effect {MIN_EFFECT}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"{stat}: own map − null maps")
+        ax.set_title(f"{stat}: effect over the null (95% bootstrap CI)", fontsize=9)
+        ax.legend(fontsize=7)
+    return _png(fig)
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
@@ -203,9 +203,19 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text())
     map_names = manifest["options"]["map_names"]
-    cols = ["image_id", "layer", "head", "partial_spearman_sift", "s_cls_z", "s_cls_p", "s_pp_z", "s_pp_p"] + \
-        [f"{s}__{m}" for s in ("s_cls", "s_pp") for m in map_names]
-    per_image = pd.read_parquet(out / "per_image.parquet", columns=cols)
+    cols = ["image_id", "layer", "head", "partial_spearman_sift", "s_cls_z", "s_cls_p", "s_cls_null",
+            "s_pp_z", "s_pp_p", "s_pp_null"] + [f"{s}__{m}" for s in ("s_cls", "s_pp") for m in map_names]
+
+    def read(path: Path) -> pd.DataFrame:
+        have = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in cols if c in have])
+
+    per_image = read(out / "per_image.parquet")
+    twin_info = manifest.get("twin", {})
+    twin_rows = out / twin_info.get("dir", "twin") / "per_image.parquet"
+    twin = read(twin_rows) if twin_info.get("mode", "none") != "none" and twin_rows.is_file() else None
+    null = manifest.get("null", {"mode": manifest["options"].get("null_mode", "permute"),
+                                 "K": manifest["options"].get("null_permutations", 0)})
     has_cls = per_image["s_cls__sift"].notna().any()
     curves = {s: {m: layer_curve(per_image, f"{s}__{m}") for m in map_names}
               for s in (("s_cls", "s_pp") if has_cls else ("s_pp",))}
@@ -223,19 +233,37 @@ def write_report(out: str | Path) -> Path:
         f" px, patch {lay['patch_size']}, grid {lay['grid'][0]}×{lay['grid'][1]}, prefix tokens "
         f"{', '.join(lay['prefix_tokens']) or 'none'}; map mode <code>{manifest['options']['map_mode']}</code>, "
         f"weights <code>{manifest['options']['weight']}</code>, G={manifest['options']['groups']}.</p>")
+    null_words = {"swap": "pairs each image's attention with K other images' SIFT maps at the same input size "
+                          "(keeps centre bias, smoothness and keypoint density)",
+                  "shift": "compares each image's SIFT map with K cyclic shifts (and flips) of itself",
+                  "permute": "shuffles each image's SIFT map over its patches"}.get(null["mode"], "")
+    k = int(null.get("K") or 0)
     parts.append("<p class=note>"
                  "S = n·Σ a_j c_j: 1 means attention is blind to the map, &gt;1 means it goes where "
                  "the map's mass is. Every curve is shown with its 95% bootstrap CI over images and next to the same "
-                 "statistic for baseline maps (uniform = null at 1). The permutation null shuffles each "
-                 "image's SIFT map over its patches (same attention): z-scores and the share of "
-                 "image×head tests significant after Benjamini–Hochberg are in the tables. "
-                 "See METHOD.md for definitions.</p>")
+                 f"statistic for baseline maps (uniform = 1). The null {null_words} (K = {k}); "
+                 "a conclusion needs the effect over the null to beat the same architecture with random weights "
+                 f"(the twin) by at least {MIN_EFFECT}, with one-sided tests Holm-adjusted over layers. "
+                 "Per-map p-values are context: their share significant after Benjamini–Hochberg within each layer "
+                 + (f"cannot resolve shares below {bh_detectable_share(k):.0%} (smallest p = 1/{k + 1}). " if k else
+                    "is not available (no null maps). ")
+                 + "See METHOD.md for definitions.</p>")
+    if null.get("mode") == "permute":
+        parts.append("<p><b>Warning: the permutation null (--null-mode permute) is anti-conservative: on smooth "
+                     "maps it calls about 39% of null cases significant at α = 0.05 (benchmarks/RESULTS.md). "
+                     "Its z, p and BH shares are not evidence.</b></p>")
+    if twin is None:
+        reason = manifest.get("twin", {}).get("reason", "--twin none")
+        parts.append(f"<p><b>No random-weights twin in this run ({html.escape(reason)}): the sanity check of "
+                     "METHOD.md §3 was not done, so no finding below has been checked against it.</b></p>")
     fig = fig_examples(ex, manifest)
     if fig:
         parts.append(f"<h2>Examples</h2><img src='{fig}'>")
     parts.append(f"<h2>Semantic attention ratio per layer</h2><img src='{fig_layer_curves(curves)}'>")
+    parts.append(f"<h2>Effect over the null, model and random-weights twin</h2>"
+                 f"<img src='{fig_effects(per_image, twin, list(curves))}'>")
     for stat in curves:
-        table, words = verdict_table(per_image, map_names, stat)
+        table, words = verdict_table(per_image, map_names, stat, twin, null["mode"])
         parts.append(f"<h3>{stat}: SIFT against baselines (mean over heads, 95% CI)</h3>")
         parts.append("<p><b>" + "</b></p><p><b>".join(html.escape(w) for w in words) + "</b></p>")
         parts.append(table.to_html(index=False, border=0))

@@ -26,7 +26,7 @@ class BatchMaps:
     partial_basis: torch.Tensor  # [B, n, k] orthonormal basis of (1, rank edges, rank centre)
     rank_sift_resid: torch.Tensor  # [B, n] SIFT ranks with the controls removed, unit norm
     dist: torch.Tensor  # [n, n] patch-centre distances in input pixels
-    C_perm: torch.Tensor | None = None  # [B, K, n] SIFT concentration permuted over patches (the null)
+    C_null: torch.Tensor | None = None  # [B, K, n] K null SIFT maps per image (other images' maps, or rearranged)
     # the maps above the group indicators, so that one matmul per layer weighs Ã's keys by all of them
     key_weights: torch.Tensor | None = None  # [B, M + G, n] = [C; groups_onehot^T]
 
@@ -40,7 +40,7 @@ class BatchMaps:
             return None if t is None else t[start:end]
 
         return BatchMaps(cut(self.C), cut(self.groups_onehot), cut(self.sift_valid), cut(self.rankC),
-                         cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_perm),
+                         cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_null),
                          cut(self.key_weights))
 
 
@@ -74,22 +74,26 @@ def patch_distances(grid: tuple[int, int], patch: int, device=None) -> torch.Ten
     return torch.cdist(pts, pts)
 
 
-NULL_MODES = ("permute", "shift")
+# swap: each image's attention against other images' SIFT maps at the same input size (the default: it keeps
+# what all maps share — spatial autocorrelation, centre bias, keypoint density — and is calibrated, see
+# benchmarks/bench_calibration.py); shift: cyclic shifts + flips of the image's own map; permute: shuffles
+# over patches (anti-conservative: smooth attention and smooth maps look significant just for being smooth).
+NULL_MODES = ("swap", "shift", "permute")
+ANTI_CONSERVATIVE_NULLS = ("permute",)
 
 
 def null_indices(n_perm: int, grid: tuple[int, int], seed: int, mode: str = "permute") -> torch.Tensor:
-    """[K, n] patch indices of K null maps for one image.
+    """[K, n] patch indices of K null maps for one image (the within-image nulls, shift and permute).
 
-    permute: uniform shuffles over patches (METHOD.md §3). shift: random cyclic shifts of the grid
-    (with random flips), which keep the map's spatial autocorrelation, so smooth maps and smooth
-    attention do not look significant just for being smooth.
+    permute: uniform shuffles over patches (anti-conservative on smooth maps). shift: random cyclic shifts
+    of the grid (with random flips), which keep the map's spatial autocorrelation.
     """
     h, w = grid
     g = torch.Generator().manual_seed(seed)
     if mode == "permute":
         return torch.rand(n_perm, h * w, generator=g).argsort(-1)
     if mode != "shift":
-        raise ValueError(f"null mode {mode!r} is not one of {NULL_MODES}")
+        raise ValueError(f"null mode {mode!r} has no within-image rearrangement (use shift or permute)")
     idx = torch.arange(h * w).view(h, w)
     dy = torch.randint(0, h, (n_perm,), generator=g)
     dx = torch.randint(0, w, (n_perm,), generator=g)
@@ -113,12 +117,30 @@ def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int, grid: tuple[in
     return torch.gather(c[:, None].expand(-1, n_perm, -1), 2, perms)
 
 
+def swapped_maps(bank: torch.Tensor, bank_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """The image-swap null: [B, K, n] other images' SIFT maps for each image of a batch.
+
+    bank: [K + 1, n] SIFT maps of K + 1 images of the run (ids ``bank_ids`` [K + 1]); each image gets the
+    K bank maps that are not its own (an image outside the bank drops the bank's last map), so every
+    image is tested against the same number of maps and p-values share one resolution, 1 / (K + 1).
+    """
+    K = len(bank) - 1
+    own = image_ids[:, None] == bank_ids[None, :]  # [B, K + 1]
+    # drop the own map if present, else the last one: keep = the first K of the others
+    drop = torch.where(own.any(1), own.float().argmax(1), torch.full_like(image_ids, K))
+    keep = torch.arange(K + 1, device=bank.device)[None, :].expand(len(image_ids), -1)
+    keep = keep[keep != drop[:, None]].view(len(image_ids), K)
+    return bank[keep]
+
+
 def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ...], num_groups: int,
                  grid: tuple[int, int], patch: int, null_seeds: list[int] | None = None,
-                 n_perm: int = 0, null_mode: str = "permute") -> BatchMaps:
-    """Ranks, residual bases, one-hot groups and permutation nulls for a batch of maps.
+                 n_perm: int = 0, null_mode: str = "permute", C_null: torch.Tensor | None = None) -> BatchMaps:
+    """Ranks, residual bases, one-hot groups and the null maps for a batch of maps.
 
-    C: [B, M, n] (map 0 is SIFT), groups: [B, n]; ``n_perm`` > 0 with one seed per image adds the null.
+    C: [B, M, n] (map 0 is SIFT), groups: [B, n]. The null: ``C_null`` [B, K, n] given by the caller (the
+    image-swap null, see ``swapped_maps``), or ``n_perm`` > 0 rearrangements of each image's own map
+    (``null_mode`` shift or permute) seeded by ``null_seeds``.
     """
     C = C.float()
     rankC = _unit(average_ranks(torch.nan_to_num(C, nan=0.0)))
@@ -137,18 +159,25 @@ def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ..
     sift_valid = ~torch.isnan(C[:, 0]).any(-1)
     rs = torch.where(sift_valid[:, None], rs, torch.nan)
     onehot = torch.nn.functional.one_hot(groups.long(), num_groups).float()
-    C_perm = permuted_maps(C[:, 0], null_seeds, n_perm, grid, null_mode) \
-        if n_perm and null_seeds is not None else None
-    return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_perm)
+    if C_null is None and n_perm and null_seeds is not None:
+        C_null = permuted_maps(C[:, 0], null_seeds, n_perm, grid, null_mode)
+    if C_null is not None:  # an image without its own SIFT map has no test
+        C_null = torch.where(sift_valid[:, None, None], C_null.float(), torch.nan)
+    return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_null)
 
 
-def permutation_test(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z-score and one-sided p-value (attention prefers the map more than chance) of ``observed``
-    [...] against ``null`` [..., K]; p = (1 + #{null >= observed}) / (K + 1)."""
-    z = (observed - null.mean(-1)) / null.std(-1).clamp_min(1e-12)
+def permutation_test(observed: torch.Tensor, null: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z-score, one-sided p-value (attention prefers the map more than chance) and null mean of ``observed``
+    [...] against ``null`` [..., K]; p = (1 + #{null >= observed}) / (K + 1). A NaN observed value or
+    null (non-finite attention, no map) gives NaN, never a p-value."""
+    mean = null.mean(-1)
+    z = (observed - mean) / null.std(-1).clamp_min(1e-12)
     tol = 1e-5 * observed.abs()[..., None]  # float ties (e.g. uniform attention) count as >=
-    p = (1 + (null >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)
-    return z, p.float()
+    p = ((1 + (null >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)).float()
+    undefined = torch.isnan(observed) | torch.isnan(null).any(-1)
+    nan = torch.tensor(float("nan"), device=observed.device)
+    return torch.where(undefined, nan, z), torch.where(undefined, nan, p), torch.where(undefined, nan, mean)
 
 
 class Workspace:
@@ -214,16 +243,16 @@ def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None
 
     col_mean = At.mean(-2)  # [B, H, n]: mean over queries of Ã_ij
     out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
-    if maps.C_perm is not None:
-        null = n * einsum(col_mean, maps.C_perm.to(dev), "b h j, b k j -> b h k")
-        out["s_pp_z"], out["s_pp_p"] = permutation_test(out["s_pp"][..., 0], null)
+    if maps.C_null is not None:
+        null = n * einsum(col_mean, maps.C_null.to(dev), "b h j, b k j -> b h k")
+        out["s_pp_z"], out["s_pp_p"], out["s_pp_null"] = permutation_test(out["s_pp"][..., 0], null)
     if cls_index is not None:
         a = A[:, :, cls_index, P:]
         a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
         out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
-        if maps.C_perm is not None:
-            null = n * einsum(a, maps.C_perm.to(dev), "b h j, b k j -> b h k")
-            out["s_cls_z"], out["s_cls_p"] = permutation_test(out["s_cls"][..., 0], null)
+        if maps.C_null is not None:
+            null = n * einsum(a, maps.C_null.to(dev), "b h j, b k j -> b h k")
+            out["s_cls_z"], out["s_cls_p"], out["s_cls_null"] = permutation_test(out["s_cls"][..., 0], null)
 
     # Σ_j -Ã_ij log Ã_ij (entr's value, 0 log 0 = 0, with a vectorised log; entr itself is scalar code)
     plogp = torch.clamp_min(At, torch.finfo(At.dtype).tiny, out=ws.get("plogp", At.shape, At) if ws else None)
