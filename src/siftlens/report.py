@@ -160,7 +160,8 @@ def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_
     t["follows SIFT"] = ["yes" if f else "no" for f in rows["follows"]]
     for b in BASELINES:
         if f"minus_{b}" in rows:
-            t[f"SIFT − {BASELINE_LABELS[b]}"] = [_fmt(*r) for r in rows[[f"minus_{b}", f"minus_{b}_lo", f"minus_{b}_hi"]].to_numpy()]
+            cols = [f"minus_{b}", f"minus_{b}_lo", f"minus_{b}_hi"]
+            t[f"SIFT − {BASELINE_LABELS[b]}"] = [_fmt(*r) for r in rows[cols].to_numpy()]
     if "partial" in rows:
         t["partial Spearman (SIFT | edges, centre)"] = [_fmt(*r) for r in rows[["partial", "partial_lo",
                                                                                "partial_hi"]].to_numpy()]
