@@ -258,3 +258,100 @@ def test_workspace_and_zero_attention_give_the_reference_values():
     pp = A[..., 1:, 1:]
     At = pp / pp.sum(-1, keepdim=True)
     torch.testing.assert_close(plain["entropy_pp"], torch.special.entr(At).sum(-1).mean(-1))
+
+
+# --- asymmetric cases: each fails if a statistic is computed along the wrong axis or transposed ---
+
+def _naive_stats(A: torch.Tensor, P: int, cls_index: int, c: torch.Tensor, groups: torch.Tensor, G: int):
+    """METHOD.md §2 written as loops over one image and head: A [T, T], c [n], groups [n]."""
+    T = A.shape[0]
+    n = T - P
+    At = A[P:, P:] / A[P:, P:].sum(-1, keepdim=True)
+    s_pp = n * np.mean([sum(At[i, j].item() * c[j].item() for j in range(n)) for i in range(n)])
+    s_ppw = n * sum(c[i].item() * sum(At[i, j].item() * c[j].item() for j in range(n)) for i in range(n))
+    a = A[cls_index, P:] / A[cls_index, P:].sum()
+    s_cls = n * sum(a[j].item() * c[j].item() for j in range(n))
+    lift = np.full((G, G), np.nan)
+    for g in range(G):
+        qs = [i for i in range(n) if groups[i] == g]
+        for f in range(G):
+            ks = [j for j in range(n) if groups[j] == f]
+            if qs and ks:
+                lift[g, f] = np.mean([sum(At[i, j].item() for j in ks) for i in qs]) / (len(ks) / n)
+    return s_pp, s_ppw, s_cls, lift
+
+
+def test_asymmetric_attention_matches_naive_loops_with_three_prefix_tokens_and_cls_not_first():
+    P, cls_index, G = 3, 1, 4
+    maps, C, groups = make_maps(B=2, seed=9, zero_frac=0.4)
+    g = torch.Generator().manual_seed(3)
+    # strongly asymmetric: each query prefers keys to its right, with a query-dependent sharpness
+    T = P + N
+    logits = 3 * torch.randn(2, 2, T, T, generator=g) + torch.linspace(0, 4, T)[None, None, None, :] \
+        * torch.linspace(-1, 2, T)[None, None, :, None]
+    # queries differ in how much they seek SIFT-dense keys (so S_pp != 1 and S_ppw weighs queries unevenly)
+    logits[..., P:, P:] += torch.linspace(0, 3, N)[:, None] * torch.log(C[:, None, None, 0] + 0.01)
+    A = logits.softmax(-1)
+    assert not torch.allclose(A[0, 0, P:, P:], A[0, 0, P:, P:].T, atol=1e-2)
+    st = layer_statistics(A, P, cls_index, maps)
+    for b in range(2):
+        for h in range(2):
+            s_pp, s_ppw, s_cls, lift = _naive_stats(A[b, h], P, cls_index, C[b, 0], groups[b], G)
+            assert st["s_pp"][b, h, 0].item() == pytest.approx(s_pp, rel=1e-4)
+            assert st["s_ppw"][b, h, 0].item() == pytest.approx(s_ppw, rel=1e-4)
+            assert st["s_cls"][b, h, 0].item() == pytest.approx(s_cls, rel=1e-4)
+            np.testing.assert_allclose(st["lift"][b, h].numpy(), lift, rtol=1e-4)
+            assert abs(s_pp - 1) > 0.05  # the case is not one where every statistic is 1
+            assert not np.allclose(lift, lift.T, equal_nan=True)  # a transposed lift would fail
+
+
+def test_swapped_maps_exclude_the_own_map_and_keep_k_fixed():
+    from siftlens.stats import swapped_maps
+
+    bank = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)  # map i is recognisable by its values
+    bank_ids = torch.tensor([10, 11, 12, 13, 14])
+    out = swapped_maps(bank, bank_ids, torch.tensor([12, 99, 10]))
+    assert out.shape == (3, 4, 3)
+    rows = lambda t: {int(r[0]) // 3 for r in t}  # noqa: E731
+    assert rows(out[0]) == {0, 1, 3, 4}  # image 12 is bank row 2: excluded
+    assert rows(out[1]) == {0, 1, 2, 3}  # not in the bank: the last map is dropped, K stays 4
+    assert rows(out[2]) == {1, 2, 3, 4}
+
+
+def test_swap_null_is_calibrated_where_within_image_shuffles_are_not():
+    """Smooth attention and smooth maps from independent images: shuffling the own map over patches calls
+    far more than 5% significant; the image-swap null stays near 5%."""
+    from siftlens.stats import swapped_maps
+
+    B, h, w = 150, 8, 8
+    n = h * w
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+
+    def blobs(k):
+        cy, cx = torch.rand(B, k, 1, 1, generator=g) * h, torch.rand(B, k, 1, 1, generator=g) * w
+        f = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6).sum(1).reshape(B, n)
+        return f / f.sum(-1, keepdim=True)
+
+    c, a = blobs(2), blobs(2)  # independent
+    C = torch.full((B, len(NAMES), n), 1.0 / n)
+    C[:, 0] = c
+    groups = torch.from_numpy(np.stack([concentration_groups(x.numpy()) for x in c]))
+    A = torch.full((B, 1, 1 + n, 1 + n), 1.0 / (1 + n))
+    A[:, 0, 0, 1:], A[:, 0, 0, 0] = a, 0
+    rates = {}
+    for mode in ("permute", "swap"):
+        kw = dict(C_null=swapped_maps(c[:101], torch.arange(101), torch.arange(B))) if mode == "swap" else \
+            dict(null_seeds=list(range(B)), n_perm=100, null_mode=mode)
+        maps = prepare_maps(C, groups, NAMES, 4, (h, w), PATCH, **kw)
+        rates[mode] = (layer_statistics(A, 1, 0, maps)["s_cls_p"] < 0.05).float().mean().item()
+    assert rates["permute"] > 0.15
+    assert rates["swap"] < 0.1
+
+
+def test_nan_attention_gives_nan_p_values_not_significance():
+    from siftlens.stats import permutation_test
+
+    z, p, m = permutation_test(torch.tensor([float("nan"), 2.0]), torch.ones(2, 10))
+    assert torch.isnan(p[0]) and torch.isnan(z[0]) and torch.isnan(m[0])
+    assert p[1].item() == pytest.approx(1 / 11)

@@ -122,7 +122,7 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
         rows["partial"], rows["partial_lo"], rows["partial_hi"] = _ci(part, layers)
         if has_twin:
             tpart = per_image_layer_means(twin, "partial_spearman_sift").reindex(columns=layers)
-            rows["twin_partial"] = tpart.mean(0).to_numpy()
+            rows["twin_partial"] = tpart.mean(axis=0).to_numpy()
             pp = [p_diff_above(part[lay].to_numpy(), tpart[lay].to_numpy(), 0.0) for lay in layers]
         else:
             pp = [p_mean_above(part[lay].to_numpy(), 0.0) for lay in layers]
