@@ -8,7 +8,7 @@ from siftlens.cli import main
 from siftlens.compare import difference_by_layer
 
 ARGS = ["--random-init", "--input-size", "64", "64", "--batch-size", "4", "--workers", "0", "--quiet",
-        "--null-permutations", "20", "--no-report"]
+        "--null-permutations", "20", "--no-report", "--twin", "none"]
 
 
 def synthetic(shift=0.0, n=60, seed=0, paths=None):
@@ -49,11 +49,20 @@ def test_compare_cli(tmp_path, capsys, model_b):
     assert len(table) == 12 and {"diff", "lo", "hi", "p", "A", "B"} <= set(table.columns)
 
 
-def test_compare_run_with_itself_and_bad_run(tmp_path, capsys):
-    a = tmp_path / "a"
+def test_compare_matches_an_independent_computation_and_rejects_a_bad_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
     assert main(["analyze", "--model", "timm:vit_tiny_patch16_224", "--out", str(a), "--limit", "3", *ARGS]) == 0
-    assert main(["compare", str(a), str(a), "--out", str(tmp_path / "c")]) == 0
+    assert main(["analyze", "--model", "timm:vit_tiny_patch16_224", "--seed", "7", "--out", str(b), "--limit", "3",
+                 *ARGS]) == 0
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c")]) == 0
     table = pd.read_csv(tmp_path / "c" / "compare.csv")
-    assert (table["diff"].abs() < 1e-12).all()
+    # reference: per image and layer, mean over heads; B − A per image (same images), then mean over images
+    ra, rb = (pd.read_parquet(r / "per_image.parquet").groupby(["path", "layer"])["s_cls__sift"].mean()
+              if "path" in pd.read_parquet(r / "per_image.parquet").columns else
+              pd.read_parquet(r / "per_image.parquet").groupby(["image_id", "layer"])["s_cls__sift"].mean()
+              for r in (a, b))
+    ref = (rb - ra).groupby(level="layer").mean()
+    np.testing.assert_allclose(table["diff"].to_numpy(), ref.to_numpy(), rtol=1e-5)
+    assert (table["diff"].abs() > 1e-4).any()  # two different random models: not a self-comparison
     assert main(["compare", str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert "not a finished" in capsys.readouterr().err
