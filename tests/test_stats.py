@@ -201,9 +201,12 @@ def test_permutation_p_values_are_uniform_under_the_null():
     groups = torch.from_numpy(np.stack([concentration_groups(c.numpy()) for c in C[:, 0]]))
     maps = prepare_maps(C, groups, NAMES, 4, GRID, PATCH, null_seeds=list(range(B)), n_perm=200)
     A = (3 * torch.randn(B, H, 1 + N, 1 + N, generator=g)).softmax(-1)  # independent of the map
-    p = layer_statistics(A, 1, 0, maps)["s_cls_p"].flatten().numpy()
+    p = layer_statistics(A, 1, 0, maps, min_effect=0.0)["s_cls_p"].flatten().numpy()
     assert kstest(p, "uniform").pvalue > 0.01
     assert 0.02 < (p < 0.05).mean() < 0.09
+    # the minimum-effect test (the default) is conservative under the null: fewer small p-values
+    p_min = layer_statistics(A, 1, 0, maps)["s_cls_p"].flatten().numpy()
+    assert (p_min >= p).all() and (p_min < 0.05).mean() < (p < 0.05).mean()
 
 
 def test_chunked_statistics_equal_unchunked(monkeypatch):
@@ -344,7 +347,7 @@ def test_swap_null_is_calibrated_where_within_image_shuffles_are_not():
         kw = dict(C_null=swapped_maps(c[:101], torch.arange(101), torch.arange(B))) if mode == "swap" else \
             dict(null_seeds=list(range(B)), n_perm=100, null_mode=mode)
         maps = prepare_maps(C, groups, NAMES, 4, (h, w), PATCH, **kw)
-        rates[mode] = (layer_statistics(A, 1, 0, maps)["s_cls_p"] < 0.05).float().mean().item()
+        rates[mode] = (layer_statistics(A, 1, 0, maps, min_effect=0.0)["s_cls_p"] < 0.05).float().mean().item()
     assert rates["permute"] > 0.15
     assert rates["swap"] < 0.1
 

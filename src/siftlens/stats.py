@@ -13,6 +13,10 @@ import torch
 from einops import einsum
 
 EPS = 1e-12
+# Smallest effect (in units of S, where 1 = attention blind to the map) that counts as a finding, per map and
+# per layer (verdict.py). Random-weights ViTs prefer their own image's SIFT map over other images' maps by
+# ~0.001-0.01 (a real but trivial effect of attention following image contrast); a pretrained DINOv2-S/14 by 1-2.
+MIN_EFFECT = 0.05
 
 
 @dataclass
@@ -166,15 +170,17 @@ def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ..
     return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_null)
 
 
-def permutation_test(observed: torch.Tensor, null: torch.Tensor
+def permutation_test(observed: torch.Tensor, null: torch.Tensor, min_effect: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z-score, one-sided p-value (attention prefers the map more than chance) and null mean of ``observed``
-    [...] against ``null`` [..., K]; p = (1 + #{null >= observed}) / (K + 1). A NaN observed value or
-    null (non-finite attention, no map) gives NaN, never a p-value."""
+    """z-score, one-sided p-value and null mean of ``observed`` [...] against ``null`` [..., K].
+
+    p = (1 + #{null + min_effect >= observed}) / (K + 1): the test of "the own map beats the null maps by
+    more than ``min_effect``" (a minimum-effect test; 0 gives the plain permutation p). A NaN observed value
+    or null (non-finite attention, no map) gives NaN, never a p-value."""
     mean = null.mean(-1)
     z = (observed - mean) / null.std(-1).clamp_min(1e-12)
     tol = 1e-5 * observed.abs()[..., None]  # float ties (e.g. uniform attention) count as >=
-    p = ((1 + (null >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)).float()
+    p = ((1 + (null + min_effect >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)).float()
     undefined = torch.isnan(observed) | torch.isnan(null).any(-1)
     nan = torch.tensor(float("nan"), device=observed.device)
     return torch.where(undefined, nan, z), torch.where(undefined, nan, p), torch.where(undefined, nan, mean)
@@ -201,8 +207,11 @@ CHUNK_ELEMENTS = 2**25  # images per statistics chunk are chosen so each [b, H, 
 
 
 def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
-                     maps: BatchMaps, workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
+                     maps: BatchMaps, workspace: Workspace | None = None, min_effect: float = MIN_EFFECT
+                     ) -> dict[str, torch.Tensor]:
     """All per-image, per-head statistics of one layer. attn: [B, H, T, T] post-softmax.
+
+    Per-map p-values test S_own > S_null + ``min_effect`` (see ``permutation_test``).
 
     Large batches of long sequences are reduced in chunks of images to bound the temporaries.
     ``workspace``: pass the same one for every layer to reuse the large temporaries.
@@ -211,14 +220,14 @@ def layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
     ws = None if attn.requires_grad and torch.is_grad_enabled() else workspace  # out= has no autograd
     chunk = max(1, CHUNK_ELEMENTS // (H * T * T))
     if chunk >= B:
-        return _layer_statistics(attn, num_prefix, cls_index, maps, ws)
-    parts = [_layer_statistics(attn[i:i + chunk], num_prefix, cls_index, maps.narrow(i, i + chunk), ws)
+        return _layer_statistics(attn, num_prefix, cls_index, maps, ws, min_effect)
+    parts = [_layer_statistics(attn[i:i + chunk], num_prefix, cls_index, maps.narrow(i, i + chunk), ws, min_effect)
              for i in range(0, B, chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None,
-                      maps: BatchMaps, ws: Workspace | None) -> dict[str, torch.Tensor]:
+                      maps: BatchMaps, ws: Workspace | None, min_effect: float) -> dict[str, torch.Tensor]:
     # Few, large operations on purpose: each [B, H, n, n] pass costs memory bandwidth, and each torch
     # op pays a thread synchronisation that is expensive when the cores are shared with the SIFT workers.
     A = attn.float()
@@ -245,14 +254,14 @@ def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None
     out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
     if maps.C_null is not None:
         null = n * einsum(col_mean, maps.C_null.to(dev), "b h j, b k j -> b h k")
-        out["s_pp_z"], out["s_pp_p"], out["s_pp_null"] = permutation_test(out["s_pp"][..., 0], null)
+        out["s_pp_z"], out["s_pp_p"], out["s_pp_null"] = permutation_test(out["s_pp"][..., 0], null, min_effect)
     if cls_index is not None:
         a = A[:, :, cls_index, P:]
         a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
         out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
         if maps.C_null is not None:
             null = n * einsum(a, maps.C_null.to(dev), "b h j, b k j -> b h k")
-            out["s_cls_z"], out["s_cls_p"], out["s_cls_null"] = permutation_test(out["s_cls"][..., 0], null)
+            out["s_cls_z"], out["s_cls_p"], out["s_cls_null"] = permutation_test(out["s_cls"][..., 0], null, min_effect)
 
     # Σ_j -Ã_ij log Ã_ij (entr's value, 0 log 0 = 0, with a vectorised log; entr itself is scalar code)
     plogp = torch.clamp_min(At, torch.finfo(At.dtype).tiny, out=ws.get("plogp", At.shape, At) if ws else None)

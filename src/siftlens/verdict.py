@@ -23,12 +23,9 @@ import pandas as pd
 from scipy import stats as sps
 
 from .dataset_stats import bootstrap_mean_ci, per_image_layer_means, significant_fraction
+from .stats import MIN_EFFECT
 
 ALPHA = 0.05
-# Smallest effect (in units of S, where 1 = attention blind to the map) that the report calls a finding.
-# Random-weights ViTs sit within ±0.01 of their swap null (FINDINGS.md; benchmarks/bench_calibration.py);
-# a pretrained DINOv2-S/14 exceeds it by 1-2 in its middle layers.
-MIN_EFFECT = 0.05
 BASELINES = ("random_kp", "edges", "edges_sparse", "orb", "center")
 BASELINE_LABELS = {"random_kp": "random keypoints", "edges": "edges", "edges_sparse": "sparsity-matched edges",
                    "orb": "ORB", "center": "centre prior"}
