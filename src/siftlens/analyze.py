@@ -80,7 +80,7 @@ class AnalyzeConfig:
     # K null maps per image -> z-score, p-value and null mean per head. swap: K other images' SIFT maps
     # (the default, calibrated); shift: cyclic grid shifts of the image's own map; permute: shuffles over
     # patches (anti-conservative on smooth maps: kept for comparison only)
-    null_permutations: int = 200
+    null_permutations: int = 999
     null_mode: str = "swap"
     # the randomised-model sanity check: the same architecture with random weights, analysed on the first
     # twin_images images in the same run (OUT/twin/); the verdict states an effect only where the model

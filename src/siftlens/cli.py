@@ -26,7 +26,7 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--weight", choices=("response", "unit"), default="response",
                    help="keypoint weight: SIFT response or 1")
     p.add_argument("--groups", type=int, default=4, help="concentration groups G (group 0 = no keypoints)")
-    p.add_argument("--null-permutations", type=int, default=200,
+    p.add_argument("--null-permutations", type=int, default=999,
                    help="K null maps per image (swap: K other images' SIFT maps, at most images - 1; 0: no null)")
     p.add_argument("--null-mode", choices=("swap", "shift", "permute"), default="swap",
                    help="null for the per-map z/p: swap = other images' SIFT maps (calibrated, default); shift = "
