@@ -9,6 +9,6 @@ run = Path(sys.argv[1] if len(sys.argv) > 1 else "siftlens_out")
 html = (run / "report.html").read_text()
 figs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
 docs = Path(__file__).resolve().parents[1] / "docs"
-for name, i in (("report_examples.png", 0), ("report_layer_curves.png", 1)):
+for name, i in (("report_examples.png", 0), ("report_layer_curves.png", 1), ("report_effects.png", 2)):
     (docs / name).write_bytes(base64.b64decode(figs[i]))
     print("wrote", docs / name)
