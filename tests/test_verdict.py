@@ -134,3 +134,15 @@ def test_analyze_writes_the_twin_and_the_report_uses_it(tmp_path):
     assert eff < 0.05 < own
     html = (tmp_path / "run" / "report.html").read_text()
     assert "random-weights twin" in html and "image-swap null" in html
+
+
+def test_report_verdict_table_shows_the_tests_conclusions():
+    from siftlens.report import verdict_table
+
+    model = _table([0.5, 0.0, 0.5], edges_above=(2,))
+    twin = _table([0.0, 0.0, 0.0], twin=True, n=20, seed=1)
+    table, words = verdict_table(model, MAPS, "s_cls", twin, "swap")
+    assert table["follows SIFT"].tolist() == ["yes", "no", "yes"]
+    assert table["SIFT-specific"].tolist() == ["yes", "no", "no"]
+    assert table["S − null"].iloc[0].startswith("0.5") and "twin: S − null" in table
+    assert "layers 0, 2" in words[0] and "layers 0." in words[1]

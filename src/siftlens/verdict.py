@@ -92,7 +92,7 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
     rows = pd.DataFrame({"layer": layers})
     rows["S"], rows["S_lo"], rows["S_hi"] = _ci(per_image_layer_means(per_image, f"{stat}__sift"), layers)
     rows["effect"], rows["effect_lo"], rows["effect_hi"] = _ci(eff, layers)
-    rows["n_images"] = eff.notna().sum(0).to_numpy()
+    rows["n_images"] = eff.notna().sum(axis=0).to_numpy()
     has_twin = twin is not None and f"{stat}__sift" in twin and twin[f"{stat}__sift"].notna().any()
     if has_twin:
         teff = effect_over_null(twin, stat).reindex(columns=layers)
