@@ -1,6 +1,6 @@
 """Agreement of the kornia SIFT detector (`--keypoint-detector kornia`) with OpenCV's SIFT, in one run.
 
-    python benchmarks/bench_keypoint_detectors.py --images /work/data/imagenette2-160/val --n 200
+    python benchmarks/bench_keypoint_detectors.py --images imagenette2-160/val --n 200
     python benchmarks/bench_keypoint_detectors.py --images DIR --n 200 --size 224 --no-analyze
 
 On N images (evenly spaced over the sorted folder), preprocessed like the bundled model (128 px) or
@@ -39,7 +39,8 @@ from scipy.stats import pearsonr, spearmanr
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="/work/data/imagenette2-160/val")
+    ap.add_argument("--images", required=True,
+                    help="image folder, e.g. imagenette2-160/val extracted from ../shared/data/imagenette2-160.tar")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--size", type=int, default=None, help="square input size (default: the bundled model's)")
     ap.add_argument("--patch", type=int, default=16)
