@@ -8,6 +8,8 @@ from pathlib import Path
 import timm
 import torch
 
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_NAME = "vit_tiny_imagenette"
 
@@ -17,8 +19,8 @@ BUNDLED_CONFIG = {
     "input_size": [3, 128, 128],
     "crop_pct": 0.875,
     "interpolation": "bicubic",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "num_classes": 10,
 }
 

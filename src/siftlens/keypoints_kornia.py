@@ -8,7 +8,7 @@ of ``semantic_maps.detect_sift`` (OpenCV). It runs kornia's scale-space detector
   with half-pixel-centred bilinear resampling like OpenCV's ``cv2.resize`` (kornia's own doubling
   aligns corners; measured: 7 points less repeatability, docs/CHOICES.md);
 - ``BlobDoG`` response, minima and maxima both;
-- ``ConvQuadInterp3d`` sub-pixel / sub-scale refinement, wrapped by ``_OpenCVTests``, which adds what
+- ``ConvQuadInterp3d`` sub-pixel / sub-scale refinement, wrapped by ``_OpenCVKeypointFilter``, which adds what
   kornia's detector does not have: OpenCV's preliminary threshold, non-convergence rejection, 5 px
   border, contrast threshold and edge (Hessian ratio) rejection, with ``SiftParams``' values;
 - one keypoint per orientation-histogram peak >= 80% of the highest, as OpenCV's ``detect`` returns
@@ -66,7 +66,7 @@ MR_SIZE = 1e-3
 ORI_BINS, ORI_SIG_FCTR, ORI_RADIUS, ORI_PEAK_RATIO = 36, 1.5, 4.5, 0.8  # OpenCV's calcOrientationHist
 
 
-class _OpenCVTests(nn.Module):
+class _OpenCVKeypointFilter(nn.Module):
     """Sub-pixel module for ScaleSpaceDetector: kornia's ConvQuadInterp3d + the tests of OpenCV's SIFT.
 
     Gets one octave's signed response [B, 1, D, H, W] (the detector calls it on DoG and on -DoG for
@@ -160,7 +160,7 @@ def build_detector(params: SiftParams = SiftParams(), num_features: int = 2048) 
         # min_size 10: octaves down to 11-20 px, the smallest where OpenCV's 5 px border leaves room
         scale_pyr_module=_OpenCVScalePyramid(params.n_octave_layers, params.sigma, 10, double_image=True),
         resp_module=BlobDoG(),
-        subpix_module=_OpenCVTests(params.n_octave_layers, params.contrast_threshold, params.edge_threshold),
+        subpix_module=_OpenCVKeypointFilter(params.n_octave_layers, params.contrast_threshold, params.edge_threshold),
         minima_are_also_good=True, scale_space_response=True,
     )
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .preprocess import resize_short_center_crop
+from .schedule import warmup_cosine_lr
 
 AUGMENTATIONS = ("crop_flip", "none")
 
@@ -113,9 +114,7 @@ def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
 
     def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return warmup_cosine_lr(step, total, warmup, cfg.lr)
 
     history, step = [], 0
     for epoch in range(cfg.epochs):

@@ -48,14 +48,6 @@ def sample_crop_params(batch: int, src_hw: tuple[int, int], scale: tuple[float, 
     return CropParams(x0, y0, w, h, f & flip)
 
 
-def center_crop_params(batch: int, src_hw: tuple[int, int], size: int) -> CropParams:
-    """The evaluation view: a centred size x size box, no flip."""
-    H, W = src_hw
-    full = lambda v: torch.full((batch,), float(v))
-    return CropParams(full((W - size) / 2), full((H - size) / 2), full(size), full(size),
-                      torch.zeros(batch, dtype=torch.bool))
-
-
 def apply_crop(x: torch.Tensor, p: CropParams, size: int) -> torch.Tensor:
     """Resample each image's box to size x size (bilinear), flipped where p.flip. x: [B, C, H, W]."""
     b, c, H, W = x.shape

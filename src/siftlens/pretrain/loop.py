@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -21,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..schedule import warmup_cosine_lr
 from .data import PretrainData, load_pretrain_data
 from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from .figures import masks_figure
@@ -36,7 +37,7 @@ from .guidance import (
 from .mae import ENCODER_ARCH, MAE, MAEConfig
 from .masking import MASKINGS, alpha_schedule, loss_weights, mask_from_noise, masking_noise
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass
@@ -97,10 +98,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig) -> float:
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return warmup_cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
 
 
 def _dist_info() -> tuple[int, int]:
