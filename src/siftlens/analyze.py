@@ -115,9 +115,10 @@ class ImageMapsDataset(Dataset):
     """Loads, preprocesses and builds all maps of one image; bad files come back as errors."""
 
     def __init__(self, paths: list[Path], preprocess: Preprocess, layout: TokenLayout,
-                 map_cfg: MapConfig, seed: int, cache_dir: str | None = None, sift_here: bool = True) -> None:
+                 map_cfg: MapConfig, seed: int, cache_dir: str | None = None, sift_here: bool = True,
+                 cache_writes: bool = True) -> None:
         self.paths, self.preprocess, self.layout, self.map_cfg, self.seed = paths, preprocess, layout, map_cfg, seed
-        self.cache = KeypointCache(cache_dir) if cache_dir else None
+        self.cache = KeypointCache(cache_dir, write=cache_writes) if cache_dir else None
         # False (--keypoint-detector kornia): only the maps that do not need SIFT keypoints; the main process
         # detects SIFT on the batch and fills in the rest (BatchRunner.kornia_maps)
         self.sift_here = sift_here
@@ -318,13 +319,21 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     todo = [b for b in range(n_batches) if b % world == rank and not _part_done(parts, b)]
     batches = [list(range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(paths)))) for b in todo]
 
-    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cfg.keypoint_cache,
-                          sift_here=cfg.keypoint_detector == "opencv")
+    swap = cfg.null_mode == "swap" and cfg.null_permutations > 0 and _null_bank is None
+    # the swap null's bank pass keeps the keypoints it detects (in .parts, or in the user's cache) and the
+    # main pass reads them back, so no image's keypoints are detected twice
+    cache = cfg.keypoint_cache or (str(parts / "bank_keypoints") if swap else None)
+    ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
+                          sift_here=cfg.keypoint_detector == "opencv", cache_writes=cfg.keypoint_cache is not None)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     runner = BatchRunner(lm, layout, map_names, cfg)
-    if cfg.null_mode == "swap" and cfg.null_permutations > 0:
-        runner.bank = _null_bank if _null_bank is not None else swap_null_bank(ds, cfg.null_permutations, runner)
+    if _null_bank is not None:
+        runner.bank = _null_bank
+    elif swap:
+        bank_ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
+                                   sift_here=cfg.keypoint_detector == "opencv")
+        runner.bank = swap_null_bank(bank_ds, cfg.null_permutations, runner)
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
     with torch.inference_mode(), AttentionCapture(lm.module, lm.backend, runner.on_attention) as cap:
@@ -334,7 +343,7 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
             bar.update(len(batch["errors"]) + batch["n"])
     bar.close()
     _barrier(world)
-    twin = _run_twin(lm, images, out, cfg, runner.bank) if cfg.twin != "none" else {"mode": "none"}
+    twin = _run_twin(lm, images, out, cfg, runner.bank, cache) if cfg.twin != "none" else {"mode": "none"}
     if rank != 0:
         return None
     null = {"mode": cfg.null_mode, "K": cfg.null_permutations}
@@ -526,7 +535,7 @@ def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[t
     return torch.stack(maps[: k + 1]), torch.tensor(ids[: k + 1])
 
 
-def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank) -> dict:
+def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank, cache: str | None) -> dict:
     """Analyse the random-weights twin into out/twin (skipped if a finished identical twin run is there)."""
     from .models import random_init_twin
 
@@ -537,7 +546,8 @@ def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank) -> d
         twin = random_init_twin(lm, seed=twin_seed)
     except ValueError as e:
         return {**info, "mode": "none", "reason": str(e)}
-    tcfg = replace(cfg, twin="none", report=False, examples=0, keep_full_maps=0, limit=limit, progress=False)
+    tcfg = replace(cfg, twin="none", report=False, examples=0, keep_full_maps=0, limit=limit, progress=False,
+                   keypoint_cache=cache)  # the images' keypoints are there already
     done = out / "twin" / "manifest.json"
     if done.is_file() and not (out / "twin" / ".parts").exists():
         old = json.loads(done.read_text()).get("fingerprint")

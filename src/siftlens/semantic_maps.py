@@ -209,10 +209,12 @@ def sparsity_matched(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class KeypointCache:
-    """On-disk keypoints keyed by the exact grey input and detector parameters (safe to share, atomic)."""
+    """On-disk keypoints keyed by the exact grey input and detector parameters (safe to share, atomic).
+    ``write=False``: read what is there, store nothing new."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, write: bool = True) -> None:
         self.root = Path(root)
+        self.write = write
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, gray: np.ndarray, detector: str, params) -> Path:
@@ -233,6 +235,8 @@ class KeypointCache:
         return None
 
     def put(self, gray: np.ndarray, detector: str, params, kp: Keypoints) -> None:
+        if not self.write:
+            return
         path = self._path(gray, detector, params)
         path.parent.mkdir(exist_ok=True)
         atomic_write_npz(path, compress=False, xy=kp.xy, size=kp.size, response=kp.response, octave=kp.octave)
