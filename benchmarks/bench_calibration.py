@@ -102,6 +102,9 @@ def conclusions(per_image: pd.DataFrame, twin: pd.DataFrame | None, map_names, s
     }
     if "p_partial" in rep:
         out["partial"] = (rep["p_partial"] < ALPHA).to_numpy(bool)
+        out["partial_value"] = rep["partial"].to_numpy()
+        out["twin_partial_value"] = (rep["twin_partial"].to_numpy() if "twin_partial" in rep
+                                     else np.full(len(rep), np.nan))
     return out
 
 
@@ -389,6 +392,10 @@ def run_random_init(images: Path, work: Path, models: dict[str, int], modes, oth
                     effects.append({"model": model, "seed": seed, "null": mode, "stat": s,
                                     "effect": c["effect"].round(5).tolist(),
                                     "twin_effect": c["twin_effect"].round(5).tolist(),
+                                    "follows_bare": c["follows_bare"].tolist(),
+                                    "partial": c.get("partial_value", np.array([])).round(5).tolist(),
+                                    "twin_partial": c.get("twin_partial_value", np.array([])).round(5).tolist(),
+                                    "partial_test": c["partial"].tolist() if "partial" in c else [],
                                     "K": res.manifest["null"]["K"]})
                 shutil.rmtree(out, ignore_errors=True)
             log(f"  (b) {model} seed {seed} done  {time.time() - t0:.0f}s")
@@ -524,6 +531,80 @@ def markdown_table(rows: list[dict], keep=("per_map p<0.05", "BH share (mean)", 
     return "\n".join(lines)
 
 
+def _cell(r: dict | None, digits: int = 3) -> str:
+    if r is None:
+        return "–"
+    flag = " **✗**" if r["goal"] == "MISSED" else ""
+    return f"{r['rate']:.{digits}f} [{r['lo']:.{digits}f}, {r['hi']:.{digits}f}]{flag}"
+
+
+def compact_table(rows: list[dict]) -> str:
+    """One line per setting x model x null x stat: the report's conclusions' FPRs (95% CI); ✗ = rate > 0.06."""
+    cols = [("per_map p<0.05", "per-map p<0.05"), ("BH share (mean)", "BH share"),
+            ("BH rejects any (per layer)", "BH rejects any / layer"),
+            ("follows (per layer)", "follows / layer"), ("follows names any layer", "follows: any layer"),
+            ("specific names any layer", "specific: any layer"),
+            ("partial corr. names any layer", "partial: any layer"),
+            ("follows, min_effect=0 names any layer", "diag. min_effect=0: any layer"),
+            ("follows, no twin names any layer", "diag. no twin: any layer")]
+    head = "| setting | model | null | stat | replicates | " + " | ".join(c[1] for c in cols) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cols))]
+    keys = []
+    for r in rows:
+        k = (r["setting"], r["model"], r["null"], r["stat"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        mine = {r["conclusion"]: r for r in rows if (r["setting"], r["model"], r["null"], r["stat"]) == k}
+        reps = mine.get("follows names any layer", mine.get("BH share (mean)"))["n"]
+        if "follows names any layer" not in mine:
+            reps = "–"
+        lines.append(f"| {' | '.join(k)} | {reps} | " + " | ".join(_cell(mine.get(c[0])) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def power_table(power: list[dict]) -> str:
+    lines = ["| β | null | stat | effect (planted layers) | per-map p<0.05 (planted) | BH share (planted) | "
+             "follows / planted layer | follows, min_effect=0 | follows names an unplanted layer | "
+             "per-map p<0.05 (unplanted) |", "|" + "---|" * 10]
+    for p in power:
+        lines.append(f"| {p['beta']} | {p['null']} | {p['stat']} | {p['effect_planted_layers']:.3f} | "
+                     f"{p['per_map_power']:.3f} [{p['per_map_power_ci'][0]:.3f}, {p['per_map_power_ci'][1]:.3f}] | "
+                     f"{p['bh_share_planted']:.3f} | {p['follows_power']:.2f} [{p['follows_power_ci'][0]:.2f}, "
+                     f"{p['follows_power_ci'][1]:.2f}] | {p['follows_bare_power']:.2f} | "
+                     f"{p['follows_unplanted_any']:.2f} [{p['follows_unplanted_any_ci'][0]:.2f}, "
+                     f"{p['follows_unplanted_any_ci'][1]:.2f}] | {p['per_map_unplanted']:.3f} |")
+    return "\n".join(lines)
+
+
+def real_table(real: dict) -> str:
+    lines = ["| stat | layer | S | effect over swap null [95% CI] | twin effect | p (Holm) | follows | "
+             "partial (twin) | specific | BH share (twin) |", "|" + "---|" * 10]
+    for stat, rows in real.items():
+        for r in rows:
+            part = f"{r['partial']:+.3f} ({r['twin_partial']:+.3f})" if "partial" in r else "–"
+            lines.append(f"| {stat} | {r['layer']} | {r['S']:.3f} | {r['effect']:+.3f} [{r['effect_lo']:+.3f}, "
+                         f"{r['effect_hi']:+.3f}] | {r['twin_effect']:+.3f} | {r['p_follows']:.3g} | "
+                         f"{'yes' if r['follows'] else 'no'} | {part} | {'yes' if r['specific'] else 'no'} | "
+                         f"{r['bh_share']:.3f} ({r['twin_bh_share']:.3f}) |")
+    return "\n".join(lines)
+
+
+def print_tables(paths: list[Path]) -> None:
+    """Markdown tables of finished runs (for RESULTS.md)."""
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        print(f"\n### {path} ({res['command']}, {res['seconds']:.0f} s)\n")
+        for st in res["settings"].values():
+            if not isinstance(st, dict):
+                continue
+            print(compact_table(st["rows"]) + "\n")
+            if "power" in st:
+                print(power_table(st["power"]) + "\n")
+            if "real_finding" in st:
+                print(real_table(st["real_finding"]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (< 2 min)")
@@ -540,7 +621,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--other-null-seeds", type=int, default=3, help="(b): init seeds run with shift and permute")
     ap.add_argument("--images-c", type=int, default=96)
     ap.add_argument("--reps-c", type=int, default=100)
+    ap.add_argument("--tables", nargs="+", type=Path, help="only print markdown tables of finished result files")
     args = ap.parse_args(argv)
+    if args.tables:
+        print_tables(args.tables)
+        return {}
     if args.quick:
         args.reps_a, args.images_a, args.power_reps, args.betas = 12, 30, 6, "0.5,1"
         args.images_b, args.seeds_ti, args.seeds_s = 8, 1, 0
