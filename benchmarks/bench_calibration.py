@@ -1,7 +1,7 @@
 """Calibration of the report's conclusions (issue 12): false-positive rates under null settings, and power.
 
-    python benchmarks/bench_calibration.py                 # full run (~25 min on 2 shared cores)
-    python benchmarks/bench_calibration.py --quick         # small sizes, < 2 min
+    python benchmarks/bench_calibration.py                 # full run (~35 min on 2 heavily shared cores)
+    python benchmarks/bench_calibration.py --quick         # toy sizes, a smoke run (~40 s CPU)
     python benchmarks/bench_calibration.py --settings a    # only the synthetic part
 
 For every conclusion the report draws (per stat, S_cls and S_pp):
@@ -607,27 +607,27 @@ def print_tables(paths: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke run of all three settings")
     ap.add_argument("--settings", default="abc", help="which null settings to run: any of a, b, c")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="imagenette2-160.tar (b and c skip without it)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "calibration")
-    ap.add_argument("--reps-a", type=int, default=200)
-    ap.add_argument("--images-a", type=int, default=48)
-    ap.add_argument("--power-reps", type=int, default=50)
+    ap.add_argument("--reps-a", type=int, default=100)
+    ap.add_argument("--images-a", type=int, default=40)
+    ap.add_argument("--power-reps", type=int, default=20)
     ap.add_argument("--betas", default="0.1,0.25,0.5,1")
-    ap.add_argument("--images-b", type=int, default=48)
-    ap.add_argument("--seeds-ti", type=int, default=8)
-    ap.add_argument("--seeds-s", type=int, default=3)
-    ap.add_argument("--other-null-seeds", type=int, default=3, help="(b): init seeds run with shift and permute")
-    ap.add_argument("--images-c", type=int, default=96)
-    ap.add_argument("--reps-c", type=int, default=100)
+    ap.add_argument("--images-b", type=int, default=32)
+    ap.add_argument("--seeds-ti", type=int, default=10)
+    ap.add_argument("--seeds-s", type=int, default=4)
+    ap.add_argument("--other-null-seeds", type=int, default=1, help="(b): init seeds run with shift and permute")
+    ap.add_argument("--images-c", type=int, default=64)
+    ap.add_argument("--reps-c", type=int, default=60)
     ap.add_argument("--tables", nargs="+", type=Path, help="only print markdown tables of finished result files")
     args = ap.parse_args(argv)
     if args.tables:
         print_tables(args.tables)
         return {}
     if args.quick:
-        args.reps_a, args.images_a, args.power_reps, args.betas = 12, 30, 6, "0.5,1"
+        args.reps_a, args.images_a, args.power_reps, args.betas = 8, 24, 4, "0.5,1"
         args.images_b, args.seeds_ti, args.seeds_s = 8, 1, 0
         args.images_c, args.reps_c = 24, 8
     # one thread: on 2 shared cores every parallel op waits for a descheduled thread (measured 2-4x slower)
