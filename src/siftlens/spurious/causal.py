@@ -30,8 +30,9 @@ drop shared equally by the tokens masked there), which for a fixed cue is the cu
 
 ``ShortcutSet`` holds the per-class shortcut units (top causal unit with causal_p <= ``shortcut_alpha`` and
 effect >= ``shortcut_min_effect``) with the words and model identity needed to apply them to new images
-(``shortcuts.json``): a unit is *present* in an image when a keypoint of its word lies in the image (token
-units: a keypoint of its word whose footprint touches its tokens); the gated masker masks only present units.
+(``shortcuts.json``): a unit is *present* in an image when a keypoint of its word lies in the unit's box grown
+by one token (token units: a keypoint of one of its gate words has its centre in its tokens); the gated masker
+masks only present units.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class CausalConfig:
     min_images: int = 3  # ... and in at least this many of them
     fixed_share: float = 0.5  # token unit: tokens holding the word in >= this share of its images in the class
     max_token_units: int = 4  # per class, the most frequent words' token units
+    # a token unit is also present where another word of the class sits in its tokens, if that word is at
+    # least this many times more frequent there in the class's images than in the others'
+    gate_specificity: float = 5.0
     n_null: int = 200  # label permutations (0: none)
     n_boot: int = 1000
     evidence_share: float = 0.5  # a word's box: smallest token set carrying this share of its effect
@@ -174,19 +178,26 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
         # token units: where the class's frequent words sit at a fixed place
         sub = kps[(img_cls == k) & kps["word"].isin(words)].drop_duplicates(["image", "word", "patch"])
         tok_units = []
+        n_other = max(int(len(labels) - n_k[k]), 1)
         for w, g in sub.groupby("word"):
             n_img = g["image"].nunique()
             share = g.groupby("patch")["image"].nunique() / n_img
             fixed = tuple(sorted(int(t) for t in share.index[share.to_numpy() >= cfg.fixed_share]))
             if fixed:
-                tok_units.append((n_img * float(share.max()), int(w), fixed))
-        for _, w, fixed in sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]:
+                # the word at these tokens: in how many of the class's images, and of the others'
+                at = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(fixed).to_numpy()]["image"].unique()
+                f_in = (labels[at] == k).sum() / max(n_k[k], 1)
+                f_out = (labels[at] != k).sum() / n_other
+                tok_units.append((n_img * float(share.max()), int(w), fixed, f_in, f_out))
+        for _, w, fixed, _, _ in sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]:
             key = (k, fixed)
             if key in token_seen:
                 continue
             token_seen[key] = len(units)
             cands[k].append(len(units))
-            gate = tuple(sorted({w2 for _, w2, f2 in tok_units if set(f2) & set(fixed)}))
+            # gate: this word and the other words found at these tokens that are specific to the class there
+            gate = tuple(sorted({w} | {w2 for _, w2, f2, fi, fo in tok_units
+                                       if set(f2) & set(fixed) and fi >= cfg.gate_specificity * fo}))
             units.append(Unit("token", w, fixed, k, gate))
     return units, cands
 
@@ -431,7 +442,8 @@ class ShortcutSet:
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
-               class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig) -> ShortcutSet:
+               class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
+               num_outputs: int | None = None) -> ShortcutSet:
         layout = lm.layout(input_hw)
         chosen = []
         df = causal.units
@@ -447,7 +459,7 @@ class ShortcutSet:
                                "causal_effect": float(r.causal_effect), "causal_p": float(r.causal_p),
                                "box": [float(r.box_x0), float(r.box_y0), float(r.box_x1), float(r.box_y1)]})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
-                 "grid": list(layout.grid), "num_classes": len(class_names)}
+                 "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names))}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen)
 
@@ -509,18 +521,23 @@ class ShortcutSet:
                 continue
             words = vq(desc.astype(np.float64), self.centroids)[0]
             found = []
+            col = np.clip((kp.xy[:, 0] // p).astype(int), 0, grid[1] - 1)
+            row = np.clip((kp.xy[:, 1] // p).astype(int), 0, grid[0] - 1)
             for j, u in enumerate(self.units):
                 hit = np.isin(words, u.get("gate_words") or [u["word"]])
-                if not hit.any():
-                    continue
-                cover = keypoint_cover(kp.xy[hit], kp.size[hit], grid, p)
                 if u["kind"] == "word":
-                    if cover.any():
+                    # where the word's evidence was found (its box grown by one token): a fixed cue's word
+                    # is looked for near its place, a moving cue's box is wide
+                    x0, y0, x1, y1 = u["box"]
+                    hit &= (col >= x0 * grid[1] - 1) & (col < x1 * grid[1] + 1) & \
+                        (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
+                    cover = keypoint_cover(kp.xy[hit], kp.size[hit], grid, p)
+                    if hit.any() and cover.any():
                         found.append((j, cover))
                 else:
                     m = np.zeros(n, bool)
                     m[u["tokens"]] = True
-                    if (cover & m).any():
+                    if m[(row * grid[1] + col)[hit]].any():  # a gate word's keypoint centre in its tokens
                         found.append((j, m))
             out.append(found)
         return out

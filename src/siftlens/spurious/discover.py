@@ -354,7 +354,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         if len(res.causal.control):
             res.causal.control.insert(1, "class", [class_names[k] for k in res.causal.control["cls"]])
         res.shortcuts = ShortcutSet.select(lm, res.causal, centroids, res.descriptor_weights, class_names, layers,
-                                           source.input_hw, cfg.causal)
+                                           source.input_hw, cfg.causal, num_outputs=K)
     return res
 
 
