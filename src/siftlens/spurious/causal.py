@@ -320,9 +320,10 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
         class_imgs = np.flatnonzero(labels == k)
         for c, j in enumerate(cj):
             u = units[j]
+            f_in, f_out = _frequency(u, kps, labels, k)
             if u.kind == "token":
                 toks = list(u.tokens)
-                present = 1.0
+                present = f_in  # masked in every image; present (a gate word in its tokens) in this share
             else:
                 toks = _evidence_tokens(j, own, d[:, c], word_masks, kps[(img_cls == k) & (kps["word"] == u.word)],
                                         n, cfg.evidence_share)
@@ -333,7 +334,6 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
             else:
                 sub = kps[(img_cls == k) & (kps["word"] == u.word)]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
-            f_in, f_out = _frequency(u, kps, labels, k)
             x0, y0, x1, y1 = token_box(toks, grid)
             rows.append({"cls": k, "unit": u.name(grid), "kind": u.kind, "word": u.word,
                          "tokens": " ".join(map(str, sorted(toks))), "unit_index": int(j),
