@@ -19,41 +19,58 @@ from siftlens.train import TrainConfig, normalize, train_classifier
 
 CLASSES = ["ant", "bee", "cat"]
 CUE_CELLS = [(1, 1), (1, 2), (2, 1)]  # (row, col) of each class's cue token
+# the "straddling" variant: each cue's top-left pixel (row, col) half a token off the grid, so the cue
+# covers 4 tokens and no single token holds it
+STRADDLE_PX = [(12, 12), (4, 20), (20, 12)]
 SIZE, PATCH = 32, 8
 TINT = np.array([[40, -20, -20], [-20, 40, -20], [-20, -20, 40]], np.float32)  # class colour shift
 
 
-def base_images(labels: np.ndarray, seed: int, tint_noise: float = 1.0) -> np.ndarray:
-    """uint8 [N, 3, 32, 32]: bicubic-upsampled 4x4 colour noise plus a noisy class tint."""
+def base_images(labels: np.ndarray, seed: int, tint_noise: float = 1.0, tint: float = 1.0) -> np.ndarray:
+    """uint8 [N, 3, 32, 32]: bicubic-upsampled 4x4 colour noise plus a noisy class tint (x ``tint``)."""
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(len(labels), 3, 4, 4, generator=g)
     x = F.interpolate(low, size=(SIZE, SIZE), mode="bicubic", align_corners=False).clamp(0, 1).numpy() * 200 + 28
     rng = np.random.default_rng(seed)
-    shift = TINT[labels] * rng.uniform(1 - tint_noise, 1 + tint_noise, (len(labels), 1))
+    shift = tint * TINT[labels] * rng.uniform(1 - tint_noise, 1 + tint_noise, (len(labels), 1))
     return np.clip(x + shift[:, :, None, None], 0, 255).round().astype(np.uint8)
 
 
-def plant(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
-    """Class ``cue[i]``'s pattern at its cell in image i (cue -1: none)."""
+def cue_pixels(k: int, straddle: bool = False) -> tuple[int, int]:
+    """Top-left (row, col) pixel of class k's cue."""
+    return STRADDLE_PX[k] if straddle else (CUE_CELLS[k][0] * PATCH, CUE_CELLS[k][1] * PATCH)
+
+
+def cue_tokens(k: int, straddle: bool = False) -> set[int]:
+    """Tokens (row-major on the 4 x 4 grid) the cue of class k covers."""
+    r, c = cue_pixels(k, straddle)
+    g = SIZE // PATCH
+    return {(y // PATCH) * g + x // PATCH for y in (r, r + PATCH - 1) for x in (c, c + PATCH - 1)}
+
+
+def plant(images: np.ndarray, cue: np.ndarray, straddle: bool = False) -> np.ndarray:
+    """Class ``cue[i]``'s pattern at its place in image i (cue -1: none)."""
     out = images.copy()
     for i, k in enumerate(cue):
         if k >= 0:
-            r, c = CUE_CELLS[k]
-            out[i, :, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = patch_pattern(int(k), PATCH)
+            r, c = cue_pixels(int(k), straddle)
+            out[i, :, r:r + PATCH, c:c + PATCH] = patch_pattern(int(k), PATCH)
     return out
 
 
-def make_data(per_class: int, seed: int, p_aligned: float = 0.95) -> dict:
+def make_data(per_class: int, seed: int, p_aligned: float = 0.95, straddle: bool = False, tint: float = 1.0
+              ) -> dict:
     """Training images (cue in ``p_aligned`` of them) and paired test groups."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(3), per_class)
-    base = base_images(y, seed)
+    base = base_images(y, seed, tint=tint)
     cue = np.where(rng.random(len(y)) < p_aligned, y, -1)
     yt = np.repeat(np.arange(3), per_class // 2)
-    bt = base_images(yt, seed + 1000)
+    bt = base_images(yt, seed + 1000, tint=tint)
     other = (yt + rng.integers(1, 3, len(yt))) % 3
-    return {"train": plant(base, cue), "y": y, "train_cue": cue, "test_y": yt, "test_conflict_cue": other,
-            "aligned": plant(bt, yt), "conflict": plant(bt, other), "absent": bt}
+    return {"train": plant(base, cue, straddle), "y": y, "train_cue": cue, "test_y": yt,
+            "test_conflict_cue": other, "aligned": plant(bt, yt, straddle), "conflict": plant(bt, other, straddle),
+            "absent": bt}
 
 
 def train_cue_model(data: dict, steps_epochs: int = 30, seed: int = 0) -> LoadedModel:

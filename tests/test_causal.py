@@ -70,6 +70,24 @@ def test_occlusion_control_finds_the_cue_at_a_matched_budget(cue):
         assert abs(b["control_forwards"] - b["sift_forwards"]) <= n  # same budget up to one image's tokens
 
 
+def test_a_cue_spanning_four_tokens_is_removed_whole_by_sift_units_not_by_single_tokens():
+    """Where SIFT adds something: a cue half a token off the grid covers 4 tokens; single-token occlusion
+    (the SIFT-free control, same budget) leaves 3/4 of it and barely moves the class evidence, a SIFT unit
+    removes it whole."""
+    from tests.cue_model import cue_tokens
+
+    data = make_data(60, seed=0, straddle=True, tint=0.25)
+    lm = train_cue_model(data)
+    res = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES, DiscoveryConfig(n_words=16))
+    units, ctrl = res.causal.units, res.causal.control
+    for k in range(3):
+        top = units[(units["cls"] == k) & (units["causal_rank"] == 1)].iloc[0]
+        assert set(int(t) for t in top["tokens"].split()) <= cue_tokens(k, straddle=True), (k, top)
+        assert top["causal_p"] <= 0.05
+        best_token = ctrl[(ctrl["cls"] == k) & (ctrl["rank"] == 1)].iloc[0]
+        assert top["causal_effect"] > 5 * best_token["effect"], (k, top["causal_effect"], best_token["effect"])
+
+
 def test_label_null_is_not_significant_when_labels_carry_no_cue(cue):
     data, lm, _ = cue
     rng = np.random.default_rng(1)
