@@ -105,7 +105,12 @@ def test_flag_ranks_conflicting_above_aligned(cue):
     is_conflict = np.r_[np.ones(len(flags["conflict"])), np.zeros(len(flags["aligned"]))]
     assert auroc(scores, is_conflict) > 0.8
     f = flags["conflict"]
-    assert ((f["pred"] != f["pred_without"]) | (f["n_present"] == 0)).mean() > 0.6  # removing the cue flips them
+    assert (f["pred"] != f["pred_without"]).mean() > 0.6  # removing the cue flips them
+    gated = {g: flag_images(lm, res.shortcuts, TensorSource(inputs(lm, data[g])), token_units="gated")[0]
+             for g in ("aligned", "conflict")}
+    scores = np.r_[gated["conflict"]["flag_score"], gated["aligned"]["flag_score"]]
+    is_conflict = np.r_[np.ones(len(gated["conflict"])), np.zeros(len(gated["aligned"]))]
+    assert auroc(scores, is_conflict) > 0.8
     assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
                               "p_pred_without", "one_minus_max_softmax", "entropy"}
 
@@ -178,8 +183,14 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
                  "--out", str(fl)]) == 0
     flags = pd.read_parquet(fl / "flags.parquet")
     manifest = json.loads((fl / "manifest.json").read_text())
+    # no keypoints: scored through the fixed-token units alone (default), listed as such
+    assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
+    assert not flags.loc[flags["path"].str.contains("flat.png"), "keypoints"].any()
+    assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--out", str(tmp_path / "flg"), "--token-units", "gated"]) == 0
+    manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
     assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
-    assert not flags["path"].str.contains("flat.png").any() and (fl / "flags.html").is_file()
+    assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()
 
     assert main(["prompt", "--model", str(model), "--images", str(tmp_path / "new"), "--method", "mask_tokens",
                  "--motifs", str(sp), "--layers", "all", "--labels", "none", "--out", str(pr)]) == 0

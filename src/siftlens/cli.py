@@ -223,6 +223,9 @@ def _flag_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--top", type=int, default=24, help="most-flagged images listed in flags.html")
+    p.add_argument("--token-units", choices=("always", "gated"), default="always",
+                   help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
+                   "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
     p.set_defaults(func=_run_flag)
 
 
@@ -230,8 +233,9 @@ def _run_flag(args: argparse.Namespace) -> int:
     from .spurious.flag import run_flag
 
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
-                  checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top)
-    print(f"flagged {len(df)} images ({(df['n_present'] > 0).sum()} with a shortcut present; "
+                  checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
+                  token_units=args.token_units)
+    print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "
           f"{(df['pred'] != df['pred_without']).sum()} change prediction without it) -> {args.out}/flags.html")
     return 0
 

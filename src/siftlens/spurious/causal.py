@@ -506,18 +506,28 @@ class ShortcutSet:
             raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {self.model['num_classes']} "
                                     f"classes, but --model {lm.name} has {num_classes}: motifs from another model")
 
-    def present_units(self, lm: LoadedModel, x: torch.Tensor) -> list[list[tuple[int, np.ndarray]] | None]:
+    def present_units(self, lm: LoadedModel, x: torch.Tensor, token_units: str = "gated",
+                      info: dict | None = None) -> list[list[tuple[int, np.ndarray]] | None]:
         """Per image of a batch: [(unit index, bool mask [n])] of the shortcut units present in it;
-        None for an image without SIFT keypoints (presence cannot be tested)."""
+        None for an image without SIFT keypoints where no unit can be tested. ``token_units="always"``:
+        a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
+        sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
+        ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints."""
         from .discover import image_descriptors
 
+        if token_units not in ("gated", "always"):
+            raise ValueError(f"token_units {token_units!r} is not 'gated' or 'always'")
         layout = lm.layout(tuple(x.shape[-2:]))
         grid, p, n = layout.grid, layout.patch_size, layout.num_patches
         out: list = []
         for b in range(len(x)):
             _, kp, desc = image_descriptors(lm, x[b], *self.descriptor_weights)
             if not len(desc):
-                out.append(None)
+                if info is not None:
+                    info.setdefault("no_keypoints", []).append(b)
+                always = [(j, self._token_mask(u, n)) for j, u in enumerate(self.units)
+                          if u["kind"] == "token" and token_units == "always"]
+                out.append(always or None)
                 continue
             words = vq(desc.astype(np.float64), self.centroids)[0]
             found = []
@@ -535,12 +545,18 @@ class ShortcutSet:
                     if hit.any() and cover.any():
                         found.append((j, cover))
                 else:
-                    m = np.zeros(n, bool)
-                    m[u["tokens"]] = True
-                    if m[(row * grid[1] + col)[hit]].any():  # a gate word's keypoint centre in its tokens
+                    m = self._token_mask(u, n)
+                    # gated: a gate word's keypoint centre in its tokens
+                    if token_units == "always" or m[(row * grid[1] + col)[hit]].any():
                         found.append((j, m))
             out.append(found)
         return out
+
+    @staticmethod
+    def _token_mask(u: dict, n: int) -> np.ndarray:
+        m = np.zeros(n, bool)
+        m[u["tokens"]] = True
+        return m
 
     def masker(self, lm: LoadedModel) -> GatedMasker:
         return GatedMasker(lm, self)

@@ -1,13 +1,17 @@
 """`siftlens flag`: which predictions on new, unlabelled images rest on a discovered shortcut.
 
-For each image: the shortcut units of a `siftlens spurious` run (shortcuts.json) that are present in it
-(their words' keypoints, see ``ShortcutSet.present_units``), each removed in turn (its tokens masked as keys
-in the discovery's layers) and the prediction re-made. ``flag_score`` = the largest drop of the predicted
-class's probability over the present units (0 when none is present): high when the prediction would fall
+For each image, the shortcut units of a `siftlens spurious` run (shortcuts.json) are tested: every
+fixed-token unit (``token_units="always"``, the default: removing a place where no cue sits moves nothing, so
+no keypoint is needed; ``"gated"``: only where one of its words' keypoints sits in its tokens) and every word
+unit whose keypoints are in the image (``ShortcutSet.present_units``). Each is removed in turn (its tokens
+masked as keys in the discovery's layers) and the prediction re-made. ``flag_score`` = the largest drop of the
+predicted class's probability over the tested units (0 when none is): high when the prediction would fall
 without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
 (predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
 predicted otherwise). Baselines beside it: 1 − max softmax and the entropy of the prediction.
-Images without SIFT keypoints cannot be tested for a shortcut: they are skipped and listed with the reason.
+Images without SIFT keypoints are scored through the fixed-token units alone (listed under ``no_keypoints``
+in manifest.json); where there are none to test (word units only, or ``"gated"``) they are skipped with the
+reason.
 """
 
 from __future__ import annotations
@@ -39,15 +43,18 @@ def check_classifier(lm: LoadedModel) -> int:
 
 
 @torch.no_grad()
-def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32
+def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always"
                 ) -> tuple[pd.DataFrame, list[dict]]:
-    """One row per image with keypoints (see the module docstring); the images without keypoints."""
+    """One row per scored image (see the module docstring) and the skipped images without keypoints.
+    ``token_units``: see ``ShortcutSet.present_units``."""
     device = next(lm.module.parameters()).device
     rows, no_kp = [], []
     names = shortcuts.class_names
     for idx, x in source.batches(batch_size):
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
-        present = shortcuts.present_units(lm, x)
+        info: dict = {}
+        present = shortcuts.present_units(lm, x, token_units, info)
+        no_keypoints = set(info.get("no_keypoints", []))
         jobs, at = [], []
         for b, found in enumerate(present):
             for j, m in found or []:
@@ -70,7 +77,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
             rows.append({"path": path, "flag_score": max(drop, 0.0),
                          "shortcut_class": unit["class_name"] if unit else "",
-                         "shortcut_unit": unit["unit"] if unit else "", "n_present": len(present[b]),
+                         "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
+                         "keypoints": b not in no_keypoints,
                          "pred": pred, "pred_name": names[pred] if pred < len(names) else str(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
                          "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
@@ -80,22 +88,24 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
 
 
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
-             checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24
-             ) -> pd.DataFrame:
+             checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
+             token_units: str = "always") -> pd.DataFrame:
     """Write flags.parquet, flags.html and manifest.json; return the flags table."""
     shortcuts = ShortcutSet.load(motifs)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     out = ensure_writable_dir(out)
     source = PathSource(lm, find_images(images), images)
-    df, no_kp = flag_images(lm, shortcuts, source, batch_size)
+    df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units)
     skipped = source.skipped + no_kp
     if df.empty:
         raise ValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
                          f"{skipped[0]['reason'] if skipped else 'none readable'})")
     atomic_write_parquet(df, out / "flags.parquet")
     atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
-                                              "skipped": skipped, "shortcuts": [u["unit"] for u in shortcuts.units],
+                                              "skipped": skipped, "token_units": token_units,
+                                              "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
+                                              "shortcuts": [u["unit"] for u in shortcuts.units],
                                               "layers": shortcuts.layers})
     atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
     return df
@@ -113,9 +123,9 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     unit_names = html.escape(", ".join(u["class_name"] + " " + u["unit"] for u in shortcuts.units))
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
-             "<code>flag_score</code> = drop of the predicted class's probability when the present shortcut is "
-             f"removed: mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); a shortcut is present in "
-             f"{(df['n_present'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} of the "
+             "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
+             f"removed: mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut unit was "
+             f"tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} of the "
              "predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut knowledge). "
              "Without labels no accuracy can be given here; the flag's AUROC needs a labelled benchmark.</p>"]
     shown = df.sort_values("flag_score", ascending=False).head(top)
