@@ -234,6 +234,10 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     sample = sample_images(labels, K, cfg.causal_images, cfg.seed)
     pos = {int(i): j for j, i in enumerate(sample)}
     S, U = len(sample), len(units)
+    if S * U * K > 2e8:  # the drops table below holds every class's probability for every (image, unit)
+        raise ValueError(f"causal discovery: {S} sample images x {U} candidate units x {K} classes is too large "
+                         f"for the label-permutation null ({S * U * K * 8 / 1e9:.1f} GB); lower --causal-images or "
+                         "--words, or use --no-causal")
     kp_s = kps[kps["image"].isin(sample)]
     word_unit = {u.word: j for j, u in enumerate(units) if u.kind == "word"}
 
