@@ -100,7 +100,9 @@ def test_spurious_then_prompt_cli(tmp_path, capsys):
         for i in range(5):
             Image.fromarray(smooth_images(1, 64, 10 * k + i)[0].permute(1, 2, 0).numpy()).save(root / c / f"{i}.png")
     model = ["--model", "timm:vit_tiny_patch16_224", "--random-init"]
-    assert main(["spurious", *model, "--images", str(root), "--out", str(tmp_path / "sp"), "--words", "8"]) == 0
+    # few causal images: a 224 px, 12-block random model makes every counterfactual forward costly
+    assert main(["spurious", *model, "--images", str(root), "--out", str(tmp_path / "sp"), "--words", "8",
+                 "--causal-images", "2"]) == 0
     for f in ("spurious.html", "motifs.csv", "reliance.parquet", "shortcut_words.npz", "manifest.json"):
         assert (tmp_path / "sp" / f).is_file(), f
     report = (tmp_path / "sp" / "spurious.html").read_text()

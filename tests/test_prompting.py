@@ -89,7 +89,7 @@ def test_resolve_layers():
     with pytest.raises(IndexError):
         resolve_layers([4], 4)
     with pytest.raises(ValueError):
-        resolve_layers("last", 4)
+        resolve_layers("final", 4)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,4 +1,4 @@
-"""Command line: `siftlens analyze` (more subcommands as the product grows)."""
+"""Command line: `siftlens analyze | compare | spurious | prompt | flag | pretrain`."""
 
 from __future__ import annotations
 
@@ -122,6 +122,8 @@ def _parse_layers(text: str) -> str | list[int]:
 
 
 def _spurious_parser(sub) -> None:
+    from .spurious.causal import CausalConfig
+
     p = sub.add_parser("spurious", help="find keypoint motifs a classifier's decisive attention relies on",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
@@ -137,20 +139,33 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--orientation-weight", type=float, default=0.5,
                    help="weight of the keypoint's absolute orientation in the motif descriptor (0: rotation-invariant)")
     p.add_argument("--min-per-class", type=int, default=5)
+    p.add_argument("--causal-images", type=int, default=CausalConfig.causal_images,
+                   help="per class, images the candidate units are removed in (causal ranking)")
+    p.add_argument("--control-budget", choices=("matched", "full"), default=CausalConfig.control_budget,
+                   help="SIFT-free occlusion control: as many forward passes as the SIFT units (matched) or every "
+                   "token on every sampled image (full)")
+    p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_spurious)
 
 
 def _run_spurious(args: argparse.Namespace) -> int:
+    from .spurious.causal import CausalConfig
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
     for flag in ("colour_weight", "orientation_weight"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.causal_images < 1:
+        raise ValueError(f"--causal-images must be >= 1, got {args.causal_images}")
+    causal = None if args.no_causal else CausalConfig(causal_images=args.causal_images,
+                                                      control_budget=args.control_budget)
     cfg = DiscoveryConfig(layers=_parse_layers(args.layers), decisive=args.decisive, n_words=args.words, seed=args.seed,
-                          colour_weight=args.colour_weight, orientation_weight=args.orientation_weight)
+                          colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
+                          batch_size=args.batch_size, causal=causal)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
     for k, name in enumerate(res.class_names):
@@ -161,6 +176,15 @@ def _run_spurious(args: argparse.Namespace) -> int:
                     if "p_label_null" in r else "")
             print(f"{name}: top motif word {int(r['word'])} score {r['score']:.3f} (lift {r['lift']:.2f}{ctrl}, "
                   f"in-class {r['f_in']:.0%}, elsewhere {r['f_out']:.0%}, at x={r['mean_x']:.2f} y={r['mean_y']:.2f})")
+        if res.causal is not None and len(res.causal.units):
+            cu = res.causal.units[res.causal.units["cls"] == k].head(1)
+            if len(cu):
+                c = cu.iloc[0]
+                print(f"{name}: top causal unit {c['unit']} effect {c['causal_effect']:.3f} "
+                      f"[{c['causal_lo']:.3f}, {c['causal_hi']:.3f}], label-permutation p={c['causal_p']:.3f}, box "
+                      f"({c['box_x0']:.2f}, {c['box_y0']:.2f})-({c['box_x1']:.2f}, {c['box_y1']:.2f})")
+    if res.shortcuts is not None:
+        print(f"shortcuts for flag / gated prompt: {[u['class_name'] + ' ' + u['unit'] for u in res.shortcuts.units]}")
     print(f"-> {args.out}/spurious.html")
     return 0
 
@@ -177,7 +201,8 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--layers", default="late", help="late | middle | early | all | comma-separated indices")
     p.add_argument("--beta", type=float, default=1.0, help="steering strength")
     p.add_argument("--motifs", default=None,
-                   help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask)")
+                   help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask: gated, only "
+                   "images where one of its shortcuts is present are steered)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -192,6 +217,33 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _flag_parser(sub) -> None:
+    p = sub.add_parser("flag", help="flag new, unlabelled images whose prediction rests on a discovered shortcut",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--motifs", required=True, help="output dir of `siftlens spurious` (its shortcuts.json)")
+    p.add_argument("--images", required=True, help="image file(s), directory or glob (no labels needed)")
+    p.add_argument("--out", default="siftlens_flag")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--top", type=int, default=24, help="most-flagged images listed in flags.html")
+    p.add_argument("--token-units", choices=("always", "gated"), default="always",
+                   help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
+                   "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
+    p.set_defaults(func=_run_flag)
+
+
+def _run_flag(args: argparse.Namespace) -> int:
+    from .spurious.flag import run_flag
+
+    df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
+                  checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
+                  token_units=args.token_units)
+    print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "
+          f"{(df['pred'] != df['pred_without']).sum()} change prediction without it) -> {args.out}/flags.html")
     return 0
 
 
@@ -292,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _spurious_parser(sub)
     _prompt_parser(sub)
+    _flag_parser(sub)
     _pretrain_parser(sub)
     return parser
 

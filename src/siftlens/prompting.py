@@ -65,51 +65,19 @@ import torch
 from torch import nn
 
 from .capture import ATTENTION_FINDERS, TokenLayout
+from .layers import LAYER_PRESETS, resolve_layers  # noqa: F401  (re-exported: one rule for every command)
 from .models import LoadedModel
 from .semantic_maps import MapConfig, compute_maps, concentration, edge_density
 
 METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask", "sift_suppress_lowconc",
            "edge_suppress_lowconc")
 TOKEN_MASK_METHODS = ("mask_tokens", "random_mask", "edge_mask")  # the ones that need token_mask_fn
-LAYER_PRESETS = ("late", "middle", "early", "all", "none")
 MASK_VALUE = 1e4  # large finite negative logit: exp(-1e4) == 0 in float32/bf16, representable in fp16
 
 TokenMaskFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
 # --- layers --------------------------------------------------------------------------------------
-
-def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
-    """Attention-layer indices (order of ``siftlens.capture.ATTENTION_FINDERS[backend]``).
-
-    Presets split the L layers in thirds of k = max(1, round(L / 3)) layers: ``early`` = first k,
-    ``late`` = last k, ``middle`` = the rest (the middle layer when there is no rest), ``all``, ``none``.
-    Explicit lists may use negative indices; duplicates are dropped, the result is sorted.
-    """
-    L = int(num_layers)
-    if isinstance(layers, str):
-        k = max(1, round(L / 3))
-        if layers == "all":
-            return list(range(L))
-        if layers == "none":
-            return []
-        if layers == "late":
-            return list(range(max(0, L - k), L))
-        if layers == "early":
-            return list(range(min(k, L)))
-        if layers == "middle":
-            mid = list(range(k, L - k))
-            return mid if mid else [L // 2]
-        raise ValueError(f"layers={layers!r}: use a list of indices or one of {LAYER_PRESETS}")
-    out = set()
-    for i in layers:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"layers must be integers, got {i!r}")
-        if not -L <= int(i) < L:
-            raise IndexError(f"attention layer {int(i)} out of range for a model with {L} attention layers")
-        out.add(int(i) % L)
-    return sorted(out)
-
 
 # --- maps ----------------------------------------------------------------------------------------
 

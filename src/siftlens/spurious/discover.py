@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -27,8 +27,11 @@ from scipy.cluster.vq import kmeans2, vq
 
 from ..capture import AttentionCapture
 from ..io import atomic_write_npz
+from ..layers import resolve_layers
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
+from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery
+from .source import PathSource, as_source
 
 DECISIVE = ("mean", "rollout")
 
@@ -54,20 +57,21 @@ class DiscoveryConfig:
     n_null: int = 200  # label permutations for each motif's p-value (0: none)
     colour_weight: float = 1.0  # motif descriptor = RootSIFT + colour + orientation (see sift_with_descriptors)
     orientation_weight: float = 0.5  # 0 and 0: plain RootSIFT words
+    # visual words are fit on the descriptors of "all" keypoints (the causal ranking must find cues the CLS
+    # does not attend to) or only on the "attended" ones (the attention-only discovery of earlier versions)
+    word_keypoints: str = "all"
+    causal: CausalConfig | None = field(default_factory=CausalConfig)  # None: attention ranking only
+
+    def __post_init__(self) -> None:
+        if self.word_keypoints not in ("all", "attended"):
+            raise ValueError(f"word_keypoints {self.word_keypoints!r} is not 'all' or 'attended'")
 
 
 def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
-    if isinstance(layers, str):
-        third = max(1, num_layers // 3)
-        choice = {"late": range(num_layers - third, num_layers), "middle": range(third, num_layers - third),
-                  "early": range(third), "all": range(num_layers), "last": range(num_layers - 1, num_layers)}
-        if layers not in choice:
-            raise ValueError(f"layers must be a list of ints or one of {sorted(choice)}, got {layers!r}")
-        return list(choice[layers])
-    bad = [i for i in layers if not -num_layers <= i < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {num_layers} attention layers")
-    return [i % num_layers for i in layers]  # negative indices count from the last layer
+    """The shared rule (``siftlens.layers.resolve_layers``); kept under this name for callers."""
+    if layers == "none":
+        raise ValueError("discovery needs at least one attention layer (--layers none selects none)")
+    return resolve_layers(layers, num_layers)
 
 
 def descriptor_dim(colour_weight: float, orientation_weight: float) -> int:
@@ -174,6 +178,10 @@ class DiscoveryResult:
     keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
     descriptor_weights: tuple[float, float] = (0.0, 0.0)  # (colour, orientation) the words were built with
     fixed_tokens: dict[int, np.ndarray] = field(default_factory=dict)  # class -> bool [h, w] fixed-position cue
+    causal: CausalResult | None = None  # causal ranking of candidate units and the SIFT-free control
+    shortcuts: ShortcutSet | None = None  # the shortcut units applied to new images (flag, gated prompt)
+    layers: list[int] = field(default_factory=list)
+    source: object = field(default=None, repr=False)  # where the images are (exemplar crops read them back)
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)
@@ -238,19 +246,24 @@ class ShortcutMasker:
         return out if fixed is None else out | fixed
 
 
-def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size: int = 64, groups: int = 4,
+def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean"
             ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
-    per keypoint: a table (image, patch, position, size, lift) and motif descriptors [K, D]."""
-    layout = lm.layout(tuple(images.shape[-2:]))
+    per keypoint: a table (image, patch, position, size, lift) and motif descriptors [K, D].
+
+    ``images``: model inputs [N, 3, H, W] or a source (``siftlens.spurious.source``) read batch by batch."""
+    source = as_source(images)
+    layout = lm.layout(source.input_hw)
     n = layout.num_patches
+    device = next(lm.module.parameters()).device
     attn_all, probs_all, kp_rows, descs, group_rows = [], [], [], [], []
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size]
-        a, logits = decisive_attention(lm, x, layers, decisive)
+    for idx, x in source.batches(batch_size):
+        a, logits = decisive_attention(lm, x.to(device), layers, decisive)
+        a, logits = a.cpu(), logits.cpu()
         if logits.dim() != 2 or logits.shape[1] < 2:
-            raise ValueError(f"{lm.name}: has no classifier head (output shape {tuple(logits.shape)})")
+            raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
+                             "discovery needs class logits")
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
@@ -263,7 +276,7 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
             row = np.clip((kp.xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
             patch = row * layout.grid[1] + col
             H, W = gray.shape
-            kp_rows.append(pd.DataFrame({"image": s + b, "patch": patch, "x": kp.xy[:, 0] / W,
+            kp_rows.append(pd.DataFrame({"image": int(idx[b]), "patch": patch, "x": kp.xy[:, 0] / W,
                                          "y": kp.xy[:, 1] / H, "size": kp.size,
                                          "lift": n * a[b, patch].numpy()}))
             descs.append(desc)
@@ -273,33 +286,48 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
     return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.stack(group_rows)
 
 
-def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray | None = None,
-                       class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None) -> DiscoveryResult:
-    """Find keypoint motifs under the decisive attention. images: normalised model inputs [N, 3, H, W]."""
+def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None,
+                       class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None,
+                       min_per_class: int = 1) -> DiscoveryResult:
+    """Find shortcut candidates: visual words and the fixed tokens they occupy, ranked per class by their
+    causal effect (``cfg.causal``; see ``siftlens.spurious.causal``) and by the attention they get.
+
+    images: normalised model inputs [N, 3, H, W], or a ``PathSource`` (read batch by batch; ``labels``
+    then has one entry per file and is narrowed to the readable ones)."""
     cfg = cfg or DiscoveryConfig()
     from ..capture import ATTENTION_FINDERS
 
+    source = as_source(images)
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"labels: {len(labels)} labels for {len(images)} images")
-    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
+    n_expected = len(source.all_paths) if isinstance(source, PathSource) else len(source)
+    if labels is not None and len(labels) != n_expected:
+        raise ValueError(f"labels: {len(labels)} labels for {n_expected} images")
+    attn, probs, kps, D, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
                                        cfg.colour_weight, cfg.orientation_weight, cfg.decisive)
+    if labels is not None and isinstance(source, PathSource):
+        labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
     cls_of_image = np.asarray(labels) if labels is not None else preds
     K = probs.shape[1]
     class_names = class_names or [str(k) for k in range(K)]
+    counts = np.bincount(cls_of_image, minlength=K)
+    small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if 0 < c < min_per_class]
+    if small:
+        raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     if not len(D):
         raise ValueError("no SIFT keypoints in any image: nothing to discover")
 
-    # describe only keypoints under the decisive attention: the words are then the attended motifs
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
     in_top = (top[kps["image"].to_numpy()] == kps["patch"].to_numpy()[:, None]).any(1)
     kps["attended"] = (kps["lift"].to_numpy() >= cfg.min_lift) | in_top
     if not kps["attended"].any():  # no keypoint under the top attention: describe them all
         kps["attended"] = True
-    Da = D[kps["attended"].to_numpy()]
+    # the attention view describes only keypoints under the decisive attention; the causal view needs
+    # words for every keypoint, the ones the CLS never looks at included
+    Dfit = D if cfg.word_keypoints == "all" else D[kps["attended"].to_numpy()]
     rng = np.random.default_rng(cfg.seed)
-    fit = Da if len(Da) <= cfg.max_fit_descriptors else Da[rng.choice(len(Da), cfg.max_fit_descriptors, replace=False)]
+    fit = Dfit if len(Dfit) <= cfg.max_fit_descriptors else \
+        Dfit[rng.choice(len(Dfit), cfg.max_fit_descriptors, replace=False)]
     k_words = min(cfg.n_words, len(fit))
     centroids, _ = kmeans2(fit.astype(np.float64), k_words, minit="++", seed=cfg.seed)
     kps["word"] = vq(D.astype(np.float64), centroids)[0]
@@ -312,10 +340,22 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
                       if len(motifs) else [] for k in range(K)}
     per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels)
-    grid = lm.layout(tuple(images.shape[-2:])).grid
-    fixed = fixed_position_tokens(kps, cls_of_image, shortcut_words, grid, cfg.fixed_share)
-    return DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
-                           (cfg.colour_weight, cfg.orientation_weight), fixed)
+    layout = lm.layout(source.input_hw)
+    fixed = fixed_position_tokens(kps, cls_of_image, shortcut_words, layout.grid, cfg.fixed_share)
+    res = DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
+                          (cfg.colour_weight, cfg.orientation_weight), fixed, layers=layers, source=source)
+    if cfg.causal is not None:
+        # label k is the model's output k (as in the rest of discovery); only the labelled classes are ranked
+        res.causal = causal_discovery(lm, source, layers, cls_of_image, probs, attn, kps, layout.grid,
+                                      layout.patch_size, len(class_names), source.input_hw,
+                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size))
+        if len(res.causal.units):
+            res.causal.units.insert(1, "class", [class_names[k] for k in res.causal.units["cls"]])
+        if len(res.causal.control):
+            res.causal.control.insert(1, "class", [class_names[k] for k in res.causal.control["cls"]])
+        res.shortcuts = ShortcutSet.select(lm, res.causal, centroids, res.descriptor_weights, class_names, layers,
+                                           source.input_hw, cfg.causal, num_outputs=K)
+    return res
 
 
 def fixed_position_tokens(kps: pd.DataFrame, cls_of_image: np.ndarray, shortcut_words: dict[int, list[int]],
@@ -352,7 +392,7 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
 
 
 @torch.no_grad()
-def counterfactual_scores(lm: LoadedModel, images: torch.Tensor, masker: ShortcutMasker, batch_size: int = 64,
+def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
                           layers: str | list[int] = "all", seed: int = 0) -> pd.DataFrame:
     """Per image, what the prediction rests on: the class probabilities with and without the shortcut
     tokens (their keys masked in ``layers``), and
@@ -362,7 +402,8 @@ def counterfactual_scores(lm: LoadedModel, images: torch.Tensor, masker: Shortcu
     - ``masked_disagreement``: 1 - p_masked(pred), the chance the model would not say the same without it;
     - ``pred_masked``: the prediction without the shortcut tokens;
     - ``random_kl``: the control, KL(p || p_random) with as many random tokens masked (seeded).
-    ``n_masked``: tokens masked per image."""
+    ``n_masked``: tokens masked per image. ``images``: model inputs or a source read batch by batch;
+    ``masker``: a ``ShortcutMasker`` or the gated masker of a ``ShortcutSet``."""
     from ..prompting import SteeredViT
 
     p0, p1, p2, n_masked = [], [], [], []
@@ -370,8 +411,7 @@ def counterfactual_scores(lm: LoadedModel, images: torch.Tensor, masker: Shortcu
           # the control only needs the counts of the mask the steered pass has just computed for this batch
           SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=lambda _x: steered.last_mask,
                      seed=seed) as control):
-        for s in range(0, len(images), batch_size):
-            x = images[s:s + batch_size]
+        for _, x in as_source(images).batches(batch_size):
             p0.append(lm.forward(x).float().softmax(-1))
             p1.append(steered(x).float().softmax(-1))
             n_masked.append(steered.last_mask.sum(1))

@@ -1,9 +1,16 @@
-"""`siftlens prompt`: predictions with and without attention steering, on a user's images."""
+"""`siftlens prompt`: predictions with and without attention steering, on a user's images.
+
+Token-mask methods (``mask_tokens`` and its controls ``random_mask``, ``edge_mask``) are gated by the
+shortcuts of a `siftlens spurious` run (``--motifs``, shortcuts.json): an image is steered only where a
+discovered shortcut unit is present in it, and an image without one keeps the unsteered prediction
+exactly (it is not run through the steered model at all). Images are read batch by batch.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -11,25 +18,37 @@ from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
-from .discover import ShortcutMasker
-from .run import load_inputs, read_labels
+from .causal import ShortcutSet
+from .run import read_labels
+from .source import PathSource
+
+
+class _RowMask:
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask
 
 
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False) -> dict:
-    """Write predictions.parquet (before/after) and summary.json; return the summary."""
-    out = ensure_writable_dir(out)
-    lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
-    token_mask_fn = None
-    if method in TOKEN_MASK_METHODS:
+    """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label) and
+    summary.json; return the summary."""
+    gated = method in TOKEN_MASK_METHODS
+    shortcuts = None
+    if gated:
         if motifs is None:
             raise ValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
-        words = Path(motifs) / "shortcut_words.npz"
-        if not words.is_file():
-            raise FileNotFoundError(f"--motifs {motifs}: no shortcut_words.npz (run `siftlens spurious` first)")
-        token_mask_fn = ShortcutMasker.load(lm, words)
+        shortcuts = ShortcutSet.load(motifs)
+    out = ensure_writable_dir(out)
+    lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
+    if shortcuts is not None:
+        from .flag import check_classifier
+
+        shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     paths = find_images(images)
     y = None
     if labels != "none":
@@ -39,25 +58,47 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         except ValueError:
             if labels is not None:
                 raise
-    x, keep, skipped = load_inputs(lm, paths, images)
-    steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=token_mask_fn, seed=seed)
-    before, after = [], []
+    source = PathSource(lm, paths, images)
+    gate = shortcuts.masker(lm) if shortcuts is not None else None
+    holder = _RowMask()
+    steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
+    before, after, was_steered, n_masked = [], [], [], []
     with torch.no_grad():
-        for s in range(0, len(x), batch_size):
-            before.append(lm.forward(x[s:s + batch_size]).float().softmax(-1))
-            after.append(steered(x[s:s + batch_size]).float().softmax(-1))
+        for _, x in source.batches(batch_size):
+            p0 = lm.forward(x).float().softmax(-1)
+            p1 = p0.clone()
+            if gated:
+                m = gate(x)
+                rows = m.any(1)
+                if rows.any():  # only images with a shortcut present go through the steered model
+                    holder.mask = m[rows]
+                    p1[rows] = steered(x[rows]).float().softmax(-1)
+                n_masked.append(m.sum(1))
+                was_steered.append(rows)
+            else:
+                p1 = steered(x).float().softmax(-1)
+                was_steered.append(torch.ones(len(x), dtype=torch.bool))
+                n_masked.append(steered.last_mask.sum(1) if steered.last_mask is not None
+                                else torch.zeros(len(x), dtype=torch.long))
+            before.append(p0)
+            after.append(p1)
     steered.remove()
     pb, pa = torch.cat(before).numpy(), torch.cat(after).numpy()
-    df = pd.DataFrame({"path": [str(paths[i]) for i in keep], "pred_before": pb.argmax(1),
-                       "conf_before": pb.max(1), "pred_after": pa.argmax(1), "conf_after": pa.max(1)})
+    df = pd.DataFrame({"path": [str(p) for p in source.paths], "pred_base": pb.argmax(1), "conf_base": pb.max(1),
+                       "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
+                       "steered": torch.cat(was_steered).numpy(), "n_masked": torch.cat(n_masked).numpy()})
     summary = {"model": lm.name, "method": method, "layers": layers, "beta": beta, "n_images": len(df),
-               "skipped": skipped, "changed_predictions": float((df.pred_before != df.pred_after).mean())}
+               "skipped": source.skipped, "changed_predictions": float((df.pred_base != df.pred_steered).mean()),
+               "steered_share": float(df.steered.mean())}
+    if gated:
+        summary["gate"] = ("token masks applied only to images where a shortcut of --motifs is present "
+                           f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if y is not None and lm.label_names is None:
         summary["note"] = "model has no label names: accuracy assumes label index order = class folder order"
     if y is not None:
-        df["label"] = y[keep]
-        summary["accuracy_before"] = float((df.pred_before == df.label).mean())
-        summary["accuracy_after"] = float((df.pred_after == df.label).mean())
+        df["label"] = np.asarray(y)[source.kept]
+        summary["accuracy_before"] = float((df.pred_base == df.label).mean())
+        summary["accuracy_after"] = float((df.pred_steered == df.label).mean())
     atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
     return summary

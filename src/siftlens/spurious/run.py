@@ -24,8 +24,8 @@ from .discover import (  # noqa: E402
     DiscoveryResult,
     counterfactual_scores,
     discover_shortcuts,
-    exemplar_crops,
 )
+from .source import PathSource  # noqa: E402
 
 
 def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tuple[np.ndarray, list[str]]:
@@ -52,7 +52,8 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
 
 
 def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Model inputs of the readable images, their indices, and the skipped ones with reasons."""
+    """Model inputs of the readable images (all in memory: for small sets and tests; the commands stream
+    with ``siftlens.spurious.source.PathSource``), their indices, and the skipped ones with reasons."""
     xs, keep, skipped = [], [], []
     for i, p in enumerate(paths):
         try:
@@ -75,26 +76,39 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     paths = find_images(images)
     root = Path(images) if Path(images).is_dir() else None
     y, class_names = read_labels(paths, labels, root)
-    x, keep, skipped = load_inputs(lm, paths, images)
-    y = y[keep]
-    counts = np.bincount(y, minlength=len(class_names))
+    counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
     if small:
         raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-    with torch.no_grad():
-        logits = lm.forward(x[:1])
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
-                         "discovery needs class logits")
-    res = discover_shortcuts(lm, x, y, class_names, cfg)
+    source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
+    res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class)
+    masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
     try:
-        cf = counterfactual_scores(lm, x, res.masker(lm), cfg.batch_size, seed=cfg.seed)
+        cf = counterfactual_scores(lm, source, masker, cfg.batch_size, layers=res.layers, seed=cfg.seed)
         res.per_image = pd.concat([res.per_image, cf.drop(columns=["p_pred"])], axis=1)
     except NotImplementedError as e:  # attention modules that take no mask: discovery stands, no counterfactual
         print(f"warning: no counterfactual scores for {lm.name}: {e}")
-    res.per_image.insert(0, "path", [str(paths[i]) for i in keep])
-    _write_outputs(out, res, x, lm, skipped)
+    res.per_image.insert(0, "path", [str(p) for p in source.paths])
+    _write_outputs(out, res, lm, source.skipped)
     return res
+
+
+def motifs_table(res: DiscoveryResult) -> pd.DataFrame:
+    """motifs.csv: the causal units (one row per class and candidate unit) with, for words, the attention
+    motif columns of the same (class, word) (``attention_score``, ``attention_motif_rank``, ``attention_p``...);
+    words that only the attention view kept appear with empty causal columns."""
+    att = res.motifs.rename(columns={"score": "attention_score", "rank": "attention_motif_rank",
+                                     "p_label_null": "attention_p", "lift": "attention_motif_lift",
+                                     "f_in": "attention_f_in", "f_out": "attention_f_out"})
+    if res.causal is None or res.causal.units.empty:
+        return att
+    units = res.causal.units.drop(columns=["unit_index"])
+    att = att.drop(columns=[c for c in ("class_name",) if c in att.columns]).assign(kind="word")
+    df = units.merge(att, on=["cls", "word", "kind"], how="outer")
+    lone = df["unit"].isna()
+    df.loc[lone, "unit"] = "word:" + df.loc[lone, "word"].astype(int).astype(str)
+    df.loc[lone, "class"] = [res.class_names[int(k)] for k in df.loc[lone, "cls"]]
+    return df.sort_values(["cls", "causal_rank", "attention_motif_rank"], na_position="last").reset_index(drop=True)
 
 
 def reliance_summary_html(per_image: pd.DataFrame, seed: int = 0) -> str:
@@ -142,36 +156,33 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedModel, skipped: list) -> None:
+def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: list) -> None:
     atomic_write_parquet(res.per_image, out / "reliance.parquet")
-    atomic_write_text(out / "motifs.csv", res.motifs.to_csv(index=False))
-    res.save_words(out / "shortcut_words.npz")  # for `siftlens prompt --method mask_tokens --motifs DIR`
-    rgb = np.stack([lm.preprocess.to_uint8_rgb(xi) for xi in x])
-    parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>",
-             "<p class=note>Per class, keypoint motifs (SIFT visual words) under the decisive (late-layer CLS) "
-             "attention, ranked by attention lift × class specificity × (0.5 + 0.5·position stability). "
-             "Lift 1 = uniform attention (lift_lo–lift_hi: 95% bootstrap CI over the class's images); "
-             "specificity = f_in²/(f_in+f_out), f_out = the same word's frequency in other classes (its baseline); "
-             "p_label_null: share of class-label permutations whose best motif for this class scores as high "
-             "(small = the motif is tied to the class beyond chance).</p>"]
+    atomic_write_text(out / "motifs.csv", motifs_table(res).to_csv(index=False))
+    res.save_words(out / "shortcut_words.npz")  # the attention motifs' words (older `prompt --motifs` input)
+    if res.causal is not None:
+        atomic_write_text(out / "occlusion_control.csv", res.causal.control.to_csv(index=False))
+    if res.shortcuts is not None:
+        res.shortcuts.save(out / "shortcuts.json")  # what `flag` and gated `prompt --motifs` apply
+    parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>"]
+    if res.causal is not None:
+        parts += causal_sections_html(res, lm)
+    parts.append("<h2>Attention view: keypoint motifs under the decisive attention</h2>"
+                 f"<p class=note>CLS attention of layers {res.layers} (mean over them and heads). Per class, motifs "
+                 "ranked by attention lift × class specificity × (0.5 + 0.5·position stability). "
+                 "Lift 1 = uniform attention (lift_lo–lift_hi: 95% bootstrap CI over the class's images); "
+                 "specificity = f_in²/(f_in+f_out), f_out = the same word's frequency in other classes (its baseline); "
+                 "p_label_null: share of class-label permutations whose best motif for this class scores as high "
+                 "(small = the motif is tied to the class beyond chance). Attention is a second view, not proof: "
+                 "a model can use a cue the CLS row barely visits.</p>")
     for k, name in enumerate(res.class_names):
-        top = res.motifs[res.motifs["cls"] == k].head(3)
+        top = res.motifs[res.motifs["cls"] == k].head(3) if len(res.motifs) else res.motifs
         if top.empty:
             continue
-        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(f"<h3>{html.escape(name)}</h3>")
         cols = [c for c in ("rank", "word", "score", "p_label_null", "lift", "lift_lo", "lift_hi", "f_in", "f_out",
                             "stability", "mean_x", "mean_y", "n_keypoints") if c in top.columns]
         parts.append(top[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
-        crops = [exemplar_crops(rgb, res.keypoints, k, int(w)) for w in top["word"]]
-        if any(crops):
-            fig, axes = plt.subplots(len(crops), 6, figsize=(6, 1.1 * len(crops)), squeeze=False)
-            for r, row in enumerate(crops):
-                for c in range(6):
-                    axes[r, c].axis("off")
-                    if c < len(row):
-                        axes[r, c].imshow(row[c])
-                axes[r, 0].set_title(f"motif #{r + 1}", fontsize=7, loc="left")
-            parts.append(f"<img src='{_png(fig)}'>")
     parts.append(reliance_summary_html(res.per_image))
     has_cf = "shortcut_kl" in res.per_image
     if has_cf:
@@ -183,6 +194,96 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
                      "".join(f"<li>{html.escape(s['reason'])}</li>" for s in skipped) + "</ul>")
     atomic_write_text(out / "spurious.html", f"<!doctype html><html><head><meta charset=utf-8><style>{CSS}</style>"
                                              f"</head><body>{''.join(parts)}</body></html>")
-    atomic_write_json(out / "manifest.json", {"model": lm.name, "classes": res.class_names,
-                                              "n_images": len(res.per_image), "skipped": skipped,
-                                              "shortcut_words": res.shortcut_words})
+    atomic_write_json(out / "manifest.json", {
+        "model": lm.name, "classes": res.class_names, "n_images": len(res.per_image), "skipped": skipped,
+        "layers": res.layers, "shortcut_words": res.shortcut_words,
+        "shortcuts": [u["class_name"] + " " + u["unit"] for u in res.shortcuts.units] if res.shortcuts else [],
+        "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {}})
+
+
+def _same_place(box: tuple[float, float, float, float], token_box: tuple[float, float, float, float],
+                grid: tuple[int, int]) -> bool:
+    """The control's token cell lies within ``box`` grown by one token on every side."""
+    h, w = grid
+    x0, y0, x1, y1 = box
+    cx, cy = (token_box[0] + token_box[2]) / 2, (token_box[1] + token_box[3]) / 2
+    return x0 - 1 / w <= cx <= x1 + 1 / w and y0 - 1 / h <= cy <= y1 + 1 / h
+
+
+def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
+    """Per class: the causal ranking, the SIFT-free occlusion control side by side, a plain verdict on what
+    SIFT added, and exemplar crops of the top units' regions."""
+    c = res.causal
+    grid = lm.layout(res.source.input_hw).grid
+    parts = ["<h2>Causal view: what removing a unit does to the class evidence</h2>"
+             f"<p class=note>Candidate units: SIFT visual words and the fixed tokens they occupy. causal_effect = mean "
+             f"drop of the class probability on the class's images (sample of up to {c.units['n_images'].max()}) "
+             f"when the unit's tokens are masked as keys in layers {res.layers}; causal_lo–causal_hi: 95% bootstrap "
+             "CI over images; causal_p: label-permutation null (max over the class's units); positive_share: "
+             "images where removal lowers the class probability by &gt; 0.01; attention_lift: CLS attention on the "
+             "unit's tokens (1 = uniform) and attention_rank, the second view. Control (right): every token "
+             "masked alone, no SIFT, on as many images as the SIFT units' forwards allow (budget per class "
+             "below).</p>"]
+    agree = 0
+    ranked = 0
+    for k, name in enumerate(res.class_names):
+        u = c.units[c.units["cls"] == k].head(5) if len(c.units) else c.units
+        ctrl = c.control[c.control["cls"] == k].head(3) if len(c.control) else c.control
+        if u.empty and ctrl.empty:
+            continue
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "positive_share",
+                "present_share", "f_in", "f_out", "attention_lift", "attention_rank", "box_x0", "box_y0", "box_x1",
+                "box_y1"]
+        left = u[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if len(u) else "none"
+        right = ctrl[["rank", "unit", "effect", "effect_lo", "effect_hi", "n_images"]].to_html(
+            index=False, float_format=lambda v: f"{v:.3f}", border=0) if len(ctrl) else "none"
+        b = c.budget.get(k, {})
+        parts.append("<table><tr><td style='vertical-align:top'><b>SIFT units (causal)</b>" + left +
+                     "</td><td style='vertical-align:top'><b>SIFT-free control: single tokens</b>" + right +
+                     "</td></tr></table>")
+        if len(u) and len(ctrl):
+            ranked += 1
+            t = u.iloc[0]
+            ct = ctrl.iloc[0]
+            same = _same_place((t.box_x0, t.box_y0, t.box_x1, t.box_y1),
+                               (ct.box_x0, ct.box_y0, ct.box_x1, ct.box_y1), grid)
+            agree += same
+            verdict = (f"The control's top token ({ct['unit']}) lies in the top SIFT unit's region: for locating "
+                       "this class's strongest unit SIFT adds nothing over occlusion alone; what it adds is a name "
+                       f"({t['unit']}, in {t['f_in']:.0%} of the class's images, {t['f_out']:.0%} of the others) "
+                       "that can be looked for in new images." if same else
+                       f"They disagree: the top SIFT unit {t['unit']} (effect {t['causal_effect']:.3f}) and the "
+                       f"control's top token {ct['unit']} (effect {ct['effect']:.3f}) are in different places.")
+            parts.append(f"<p>Forward passes on this class: SIFT units {b.get('sift_forwards', 0)}, control "
+                         f"{b.get('control_forwards', 0)}. {html.escape(verdict)}</p>")
+        crops = [_unit_crops(res, lm, k, int(r.unit_index), (r.box_x0, r.box_y0, r.box_x1, r.box_y1))
+                 for r in c.units[c.units["cls"] == k].head(3).itertuples()]
+        if any(crops):
+            fig, axes = plt.subplots(len(crops), 6, figsize=(6, 1.1 * len(crops)), squeeze=False)
+            for r, row in enumerate(crops):
+                for col in range(6):
+                    axes[r, col].axis("off")
+                    if col < len(row):
+                        axes[r, col].imshow(row[col])
+                axes[r, 0].set_title(f"causal #{r + 1}", fontsize=7, loc="left")
+            parts.append(f"<img src='{_png(fig)}'>")
+    if ranked:
+        parts.insert(1, f"<p><b>SIFT vs the SIFT-free control:</b> the top causal SIFT unit and the top occluded "
+                        f"token are in the same place for {agree} of {ranked} classes"
+                        + (" — there SIFT adds nothing to localisation, only a name for the cue." if agree else ".")
+                        + "</p>")
+    return parts
+
+
+def _unit_crops(res: DiscoveryResult, lm: LoadedModel, k: int, j: int, box, m: int = 6) -> list[np.ndarray]:
+    """The unit's region (its box grown by half a token) in the class images where removing it mattered most."""
+    ev = sorted(res.causal.evidence.get((k, j), []), key=lambda t: -t[1])[:m]
+    if not ev:
+        return []
+    x = res.source.get([i for i, _ in ev])
+    H, W = res.source.input_hw
+    p = lm.patch_size
+    x0, y0 = max(0, int(box[0] * W) - p // 2), max(0, int(box[1] * H) - p // 2)
+    x1, y1 = min(W, int(round(box[2] * W)) + p // 2), min(H, int(round(box[3] * H)) + p // 2)
+    return [lm.preprocess.to_uint8_rgb(xi)[y0:y1, x0:x1] for xi in x]

@@ -1,0 +1,584 @@
+"""Causal shortcut discovery (METHOD.md §4): rank candidate units by what removing them does to the class evidence.
+
+Candidate units, per class k (from the SIFT keypoints of the discovery images):
+
+- ``word:W``: a visual word (k-means cluster of keypoint descriptors) present in at least
+  ``min_class_frequency`` of class k's images. Removing it in image i = masking (as keys, in the chosen
+  layers) the tokens its keypoints' footprints cover in that image; an image without the word is untouched.
+- ``token:r,c[+r,c...]``: the fixed-position tokens a frequent word occupies: the tokens holding that word's
+  keypoint centre in >= ``fixed_share`` of the class's images that contain the word. Removing it = masking
+  those tokens in every image, also where SIFT missed the cue.
+
+Causal effect of unit u for class k: the mean, over a seeded sample of class k's images (``causal_images``
+per class), of the drop of p_k when u is removed (0 where u is absent). Controls beside it:
+
+- ``causal_p``: label-permutation null. The sample images' labels are shuffled and every class's effects
+  recomputed from the same forwards (each forward gives every class's probability, and every unit is
+  removed in the sample images of every class), with a max over the class's candidate units, so the
+  p-value already pays for picking the best unit of many.
+- ``causal_lo``/``causal_hi``: 95% bootstrap CI over the class's sample images (stability across images);
+  ``positive_share``: share of those images where removal lowers p_k by more than 0.01.
+
+The SIFT-free control (``occlusion_control``): every single token masked alone, on as many of the class's
+sample images as the SIFT units' forwards on that class allow (same number of forward passes), ranked by
+the same mean drop. If the control finds the same place, SIFT added nothing to localising it; the report
+says so per class.
+
+Boxes (``box_x0..box_y1`` in [0, 1], x = column / width, y = row / height of the model input): a token unit,
+its tokens; a word, the smallest set of tokens that carries >= ``evidence_share`` of its effect (each image's
+drop shared equally by the tokens masked there), which for a fixed cue is the cue's tokens.
+
+``ShortcutSet`` holds the per-class shortcut units (top causal unit with causal_p <= ``shortcut_alpha`` and
+effect >= ``shortcut_min_effect``) with the words and model identity needed to apply them to new images
+(``shortcuts.json``): a unit is *present* in an image when a keypoint of its word lies in the unit's box grown
+by one token (token units: a keypoint of one of its gate words has its centre in its tokens); the gated masker
+masks only present units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.cluster.vq import vq
+
+from ..io import atomic_write_json
+from ..models import LoadedModel
+from ..semantic_maps import Keypoints, keypoint_mass
+
+FORMAT = "siftlens-shortcuts"
+FORMAT_VERSION = 1
+COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one keypoint's footprint disc
+
+
+@dataclass
+class CausalConfig:
+    causal_images: int = 32  # per class: sample of the class's discovery images the units are removed in
+    min_class_frequency: float = 0.05  # a candidate word appears in >= this share of the class's images
+    min_images: int = 3  # ... and in at least this many of them
+    fixed_share: float = 0.5  # token unit: tokens holding the word in >= this share of its images in the class
+    max_token_units: int = 4  # per class, the most frequent words' token units
+    # a token unit is also present where another word of the class sits in its tokens, if that word is at
+    # least this many times more frequent there in the class's images than in the others'
+    gate_specificity: float = 5.0
+    n_null: int = 200  # label permutations (0: none)
+    n_boot: int = 1000
+    evidence_share: float = 0.5  # a word's box: smallest token set carrying this share of its effect
+    control_budget: str = "matched"  # "matched": same forwards as the SIFT units of the class; "full": all images
+    # a shortcut (applied by flag / gated prompt): the class's top causal unit with causal_p <= alpha, an effect
+    # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
+    # the others'): "frequent within one class, rare elsewhere or fixed in position" (METHOD.md §4)
+    shortcut_alpha: float = 0.05
+    shortcut_min_effect: float = 0.001
+    shortcut_specificity: float = 2.0
+    top_shortcuts: int = 1
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.control_budget not in ("matched", "full"):
+            raise ValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
+
+
+# --- forwards with token masks -------------------------------------------------------------------
+
+class _MaskHolder:
+    """token_mask_fn that returns the masks set for the current batch."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask
+
+
+@torch.no_grad()
+def masked_probs(lm: LoadedModel, source, layers: list[int], jobs: list[tuple[int, np.ndarray]],
+                 batch_size: int = 64) -> np.ndarray:
+    """Class probabilities [J, K] with, for job j = (image index, bool mask [n]), the masked tokens removed
+    as keys in ``layers``. Jobs are run in batches; each batch's images are read from ``source`` once."""
+    from ..prompting import SteeredViT
+
+    if not jobs:
+        return np.zeros((0, 0))
+    device = next(lm.module.parameters()).device
+    holder = _MaskHolder()
+    out = []
+    with SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=holder) as steered:
+        for s in range(0, len(jobs), batch_size):
+            chunk = jobs[s:s + batch_size]
+            idx = [i for i, _ in chunk]
+            uniq, inv = np.unique(idx, return_inverse=True)
+            x = source.get(uniq)[torch.from_numpy(inv.reshape(-1))]
+            holder.mask = torch.from_numpy(np.stack([m for _, m in chunk]).astype(bool))
+            out.append(steered(x.to(device)).float().softmax(-1).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def keypoint_cover(xy: np.ndarray, size: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """bool [n]: tokens holding > COVER of a keypoint footprint (keypoints at pixel ``xy`` [k, 2], diameters)."""
+    if not len(size):
+        return np.zeros(grid[0] * grid[1], bool)
+    kp = Keypoints(np.asarray(xy, np.float64), np.asarray(size, np.float64), np.ones(len(size)),
+                   np.zeros(len(size), np.int64))
+    return keypoint_mass(kp, grid, patch, "footprint", "unit") > COVER
+
+
+def token_box(tokens: Sequence[int], grid: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in [0, 1] of the cells of ``tokens`` (row-major indices)."""
+    h, w = grid
+    r, c = np.divmod(np.asarray(tokens, int), w)
+    return (c.min() / w, r.min() / h, (c.max() + 1) / w, (r.max() + 1) / h)
+
+
+def token_name(tokens: Sequence[int], grid: tuple[int, int]) -> str:
+    return "token:" + "+".join(f"{t // grid[1]},{t % grid[1]}" for t in sorted(tokens))
+
+
+# --- candidate units ------------------------------------------------------------------------------
+
+@dataclass
+class Unit:
+    kind: str  # word | token
+    word: int  # the word (for a token unit: the word whose keypoints define it and gate it)
+    tokens: tuple[int, ...] = ()  # token units: the fixed tokens
+    cls: int = -1  # token units: the class they were found in
+    gate_words: tuple[int, ...] = ()  # token units: the class's words whose fixed tokens overlap these tokens
+
+    def name(self, grid: tuple[int, int]) -> str:
+        return f"word:{self.word}" if self.kind == "word" else token_name(self.tokens, grid)
+
+
+def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[int, int], cfg: CausalConfig
+                    ) -> tuple[list[Unit], dict[int, list[int]]]:
+    """All units and, per class, the indices of its candidates (see the module docstring)."""
+    n_k = np.bincount(labels, minlength=K)
+    img_cls = labels[kps["image"].to_numpy()]
+    per = kps.assign(cls=img_cls).drop_duplicates(["image", "word"])
+    freq = per.groupby(["cls", "word"]).size()  # images of the class holding the word
+    units: list[Unit] = []
+    word_index: dict[int, int] = {}
+    cands: dict[int, list[int]] = {k: [] for k in range(K)}
+    token_seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    for k in range(K):
+        fk = freq[freq.index.get_level_values(0) == k] if len(freq) else freq
+        need = max(cfg.min_images, math.ceil(cfg.min_class_frequency * n_k[k]))
+        words = [int(w) for (_, w), c in fk.items() if c >= need]
+        for w in words:
+            if w not in word_index:
+                word_index[w] = len(units)
+                units.append(Unit("word", w))
+            cands[k].append(word_index[w])
+        # token units: where the class's frequent words sit at a fixed place
+        sub = kps[(img_cls == k) & kps["word"].isin(words)].drop_duplicates(["image", "word", "patch"])
+        tok_units = []
+        n_other = max(int(len(labels) - n_k[k]), 1)
+        for w, g in sub.groupby("word"):
+            n_img = g["image"].nunique()
+            share = g.groupby("patch")["image"].nunique() / n_img
+            fixed = tuple(sorted(int(t) for t in share.index[share.to_numpy() >= cfg.fixed_share]))
+            if fixed:
+                # the word at these tokens: in how many of the class's images, and of the others'
+                at = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(fixed).to_numpy()]["image"].unique()
+                f_in = (labels[at] == k).sum() / max(n_k[k], 1)
+                f_out = (labels[at] != k).sum() / n_other
+                tok_units.append((n_img * float(share.max()), int(w), fixed, f_in, f_out))
+        for _, w, fixed, _, _ in sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]:
+            key = (k, fixed)
+            if key in token_seen:
+                continue
+            token_seen[key] = len(units)
+            cands[k].append(len(units))
+            # gate: this word and the other words found at these tokens that are specific to the class there
+            gate = tuple(sorted({w} | {w2 for _, w2, f2, fi, fo in tok_units
+                                       if set(f2) & set(fixed) and fi >= cfg.gate_specificity * fo}))
+            units.append(Unit("token", w, fixed, k, gate))
+    return units, cands
+
+
+def sample_images(labels: np.ndarray, K: int, per_class: int, seed: int) -> np.ndarray:
+    """Seeded sample of up to ``per_class`` image indices per class, sorted."""
+    rng = np.random.default_rng([seed, 13])
+    out = []
+    for k in range(K):
+        idx = np.flatnonzero(labels == k)
+        out.append(idx if len(idx) <= per_class else np.sort(rng.choice(idx, per_class, replace=False)))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, int)
+
+
+# --- the causal ranking ---------------------------------------------------------------------------
+
+@dataclass
+class CausalResult:
+    units: pd.DataFrame  # one row per (class, candidate unit): causal and attention views, box
+    control: pd.DataFrame  # SIFT-free occlusion ranking: one row per (class, token)
+    budget: dict  # per class: forwards of the SIFT units and of the control
+    unit_list: list[Unit] = field(default_factory=list)
+    evidence: dict = field(default_factory=dict)  # (class, unit index) -> [(image, drop)] for exemplar crops
+
+
+def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
+                     attn: np.ndarray, kps: pd.DataFrame, grid: tuple[int, int], patch: int, K: int,
+                     input_hw: tuple[int, int], cfg: CausalConfig) -> CausalResult:
+    """Rank every class's candidate units by the counterfactual drop of the class probability; with the
+    label-permutation null, bootstrap CIs, attention lift, boxes, and the SIFT-free occlusion control."""
+    n = grid[0] * grid[1]
+    H, W = input_hw
+    units, cands = candidate_units(kps, labels, K, grid, cfg)
+    sample = sample_images(labels, K, cfg.causal_images, cfg.seed)
+    pos = {int(i): j for j, i in enumerate(sample)}
+    S, U = len(sample), len(units)
+    if S * U * K > 2e8:  # the drops table below holds every class's probability for every (image, unit)
+        raise ValueError(f"causal discovery: {S} sample images x {U} candidate units x {K} classes is too large "
+                         f"for the label-permutation null ({S * U * K * 8 / 1e9:.1f} GB); lower --causal-images or "
+                         "--words, or use --no-causal")
+    kp_s = kps[kps["image"].isin(sample)]
+    word_unit = {u.word: j for j, u in enumerate(units) if u.kind == "word"}
+
+    # jobs: every word unit in the sample images that hold it; every token unit in every sample image
+    jobs: list[tuple[int, np.ndarray]] = []
+    job_at: list[tuple[int, int]] = []  # (sample position, unit)
+    word_masks: dict[tuple[int, int], np.ndarray] = {}
+    for i, g in kp_s.groupby("image"):
+        for w, gw in g.groupby("word"):
+            j = word_unit.get(int(w))
+            if j is None:
+                continue
+            m = keypoint_cover(np.stack([gw["x"].to_numpy() * W, gw["y"].to_numpy() * H], 1), gw["size"].to_numpy(),
+                               grid, patch)
+            if not m.any():
+                continue
+            word_masks[(pos[int(i)], j)] = np.flatnonzero(m)
+            jobs.append((int(i), m))
+            job_at.append((pos[int(i)], j))
+    for j, u in enumerate(units):
+        if u.kind == "token":
+            m = np.zeros(n, bool)
+            m[list(u.tokens)] = True
+            for i in sample:
+                jobs.append((int(i), m))
+                job_at.append((pos[int(i)], j))
+    order = np.argsort([i for i, _ in jobs], kind="stable")  # image-major: each batch reads few images
+    jobs, job_at = [jobs[o] for o in order], [job_at[o] for o in order]
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size)
+    drops = np.zeros((S, U, K))
+    p0 = probs[sample, :K]
+    for (sp, j), p in zip(job_at, pm):
+        drops[sp, j] = p0[sp] - p[:K]
+    y = labels[sample]
+
+    # budget: forwards spent on class k's own sample images
+    budget = {}
+    for k in range(K):
+        own = set(np.flatnonzero(y == k).tolist())
+        n_tok = sum(1 for j in cands[k] if units[j].kind == "token") * len(own)
+        n_word = sum(1 for (sp, j) in word_masks if sp in own and j in cands[k])
+        budget[k] = {"sift_forwards": n_word + n_tok}
+
+    units_df = _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg)
+    evidence = {}
+    for r in units_df.itertuples():
+        own = np.flatnonzero(y == r.cls)
+        d = drops[own, r.unit_index, r.cls]
+        evidence[(r.cls, r.unit_index)] = [(int(sample[o]), float(v)) for o, v in zip(own, d)]
+    control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg)
+    for k in range(K):
+        budget[k]["control_forwards"] = ctrl_budget[k]
+    return CausalResult(units_df, control, budget, units, evidence)
+
+
+def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg) -> pd.DataFrame:
+    rng = np.random.default_rng([cfg.seed, 17])
+    onehot = np.eye(K)[y]  # [S, K]
+    n_k = np.maximum(onehot.sum(0), 1)
+
+    def effects(oh: np.ndarray) -> np.ndarray:  # [K, U]
+        return np.einsum("sk,suk->ku", oh, drops) / n_k[:, None]
+
+    E = effects(onehot)
+    rows = []
+    null_best = None
+    if cfg.n_null > 0:
+        null_best = np.full((cfg.n_null, K), -np.inf)
+        for b in range(cfg.n_null):
+            Eb = effects(onehot[rng.permutation(len(y))])
+            for k in range(K):
+                if cands[k]:
+                    null_best[b, k] = Eb[k, cands[k]].max()
+    img_cls = labels[kps["image"].to_numpy()]
+    for k in range(K):
+        own = np.flatnonzero(y == k)
+        if not cands[k] or not len(own):
+            continue
+        cj = np.array(cands[k])
+        d = drops[own][:, cj, k]  # [n_own, c]
+        boot = rng.integers(0, len(own), size=(cfg.n_boot, len(own)))
+        bm = d[boot].mean(1)  # [n_boot, c]
+        lo, hi = np.quantile(bm, [0.025, 0.975], axis=0)
+        class_imgs = np.flatnonzero(labels == k)
+        for c, j in enumerate(cj):
+            u = units[j]
+            f_in, f_out = _frequency(u, kps, labels, k)
+            if u.kind == "token":
+                toks = list(u.tokens)
+                present = f_in  # masked in every image; present (a gate word in its tokens) in this share
+            else:
+                toks = _evidence_tokens(j, own, d[:, c], word_masks, kps[(img_cls == k) & (kps["word"] == u.word)],
+                                        n, cfg.evidence_share)
+                present = float(np.mean([(i, j) in word_masks for i in own]))
+            # attention view: mean n·a over the unit's tokens in the class's images (1 = uniform attention)
+            if u.kind == "token":
+                lift = float(n * attn[class_imgs][:, toks].mean()) if len(class_imgs) else float("nan")
+            else:
+                sub = kps[(img_cls == k) & (kps["word"] == u.word)]
+                lift = float(sub["lift"].mean()) if len(sub) else float("nan")
+            x0, y0, x1, y1 = token_box(toks, grid)
+            rows.append({"cls": k, "unit": u.name(grid), "kind": u.kind, "word": u.word,
+                         "tokens": " ".join(map(str, sorted(toks))), "unit_index": int(j),
+                         "causal_effect": float(E[k, j]), "causal_lo": float(lo[c]), "causal_hi": float(hi[c]),
+                         "causal_p": (float((1 + (null_best[:, k] >= E[k, j] - 1e-12).sum()) / (1 + cfg.n_null))
+                                      if null_best is not None else float("nan")),
+                         "positive_share": float((d[:, c] > 0.01).mean()), "present_share": present,
+                         "n_images": len(own), "f_in": f_in, "f_out": f_out, "attention_lift": lift,
+                         "gate_words": " ".join(map(str, u.gate_words or (u.word,))),
+                         "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["causal_rank"] = df.groupby("cls")["causal_effect"].rank(ascending=False, method="first").astype(int)
+    df["attention_rank"] = df.groupby("cls")["attention_lift"].rank(ascending=False, method="first",
+                                                                    na_option="bottom").astype(int)
+    return df.sort_values(["cls", "causal_rank"]).reset_index(drop=True)
+
+
+def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """Share of class k's images, and of the other images, holding the unit (a token unit: one of its
+    gate words with a keypoint centre in its tokens)."""
+    if u.kind == "word":
+        hit = kps["word"].to_numpy() == u.word
+    else:
+        hit = kps["word"].isin(u.gate_words).to_numpy() & kps["patch"].isin(u.tokens).to_numpy()
+    imgs = np.unique(kps["image"].to_numpy()[hit])
+    in_k = labels[imgs] == k
+    n_k, n_o = int((labels == k).sum()), int((labels != k).sum())
+    return float(in_k.sum() / max(n_k, 1)), float((~in_k).sum() / max(n_o, 1))
+
+
+def _evidence_tokens(j, own, d, word_masks, sub_kps, n, share) -> list[int]:
+    """Tokens carrying >= ``share`` of word unit j's effect: each image's positive drop shared equally
+    by the tokens masked there; no positive drop anywhere: where the word's keypoints sit most often."""
+    weight = np.zeros(n)
+    for o, i in enumerate(own):
+        toks = word_masks.get((int(i), j))
+        if toks is not None and d[o] > 0:
+            weight[toks] += d[o] / len(toks)
+    if weight.sum() <= 0:
+        weight = np.bincount(sub_kps["patch"].to_numpy(), minlength=n).astype(float)
+    if weight.sum() <= 0:
+        return list(range(n))
+    order = np.argsort(-weight, kind="stable")
+    cum = np.cumsum(weight[order]) / weight.sum()
+    return sorted(order[: int(np.searchsorted(cum, share - 1e-12)) + 1].tolist())
+
+
+def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg) -> tuple[pd.DataFrame, dict]:
+    """SIFT-free control: per class, every token masked alone on m_k of the class's sample images, m_k =
+    the SIFT units' forwards on the class / n (same budget; ``control_budget='full'``: all sample images)."""
+    n = grid[0] * grid[1]
+    rng = np.random.default_rng([cfg.seed, 19])
+    jobs, at, used = [], [], {}
+    for k in range(K):
+        own = np.flatnonzero(y == k)
+        if not len(own):
+            used[k] = 0
+            continue
+        m_k = len(own) if cfg.control_budget == "full" else int(np.clip(round(budget[k]["sift_forwards"] / n), 1,
+                                                                        len(own)))
+        chosen = np.sort(rng.choice(own, m_k, replace=False))
+        used[k] = m_k * n
+        for sp in chosen:
+            for t in range(n):
+                m = np.zeros(n, bool)
+                m[t] = True
+                jobs.append((int(sample[sp]), m))
+                at.append((k, int(sample[sp]), t))
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size)
+    rows = []
+    if len(at):
+        a = pd.DataFrame(at, columns=["cls", "image", "token"])
+        a["drop"] = probs[a["image"].to_numpy(), a["cls"].to_numpy()] - pm[np.arange(len(a)), a["cls"].to_numpy()]
+        for k, g in a.groupby("cls"):
+            piv = g.pivot(index="image", columns="token", values="drop").to_numpy()  # [m_k, n]
+            eff = piv.mean(0)
+            boot = rng.integers(0, len(piv), size=(cfg.n_boot, len(piv)))
+            lo, hi = np.quantile(piv[boot].mean(1), [0.025, 0.975], axis=0)
+            order = np.argsort(-eff, kind="stable")
+            for rank, t in enumerate(order, 1):
+                x0, y0, x1, y1 = token_box([t], grid)
+                rows.append({"cls": int(k), "rank": rank, "unit": token_name([t], grid), "token": int(t),
+                             "effect": float(eff[t]), "effect_lo": float(lo[t]), "effect_hi": float(hi[t]),
+                             "n_images": len(piv), "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1})
+    return pd.DataFrame(rows), used
+
+
+# --- shortcuts for new images ---------------------------------------------------------------------
+
+class ShortcutFileError(ValueError):
+    """A motifs folder / shortcuts.json that cannot be used with this model."""
+
+
+@dataclass
+class ShortcutSet:
+    """The discovered shortcut units and what is needed to find them in new images (shortcuts.json)."""
+
+    model: dict  # name, input_size [H, W], patch_size, grid [h, w], num_classes
+    class_names: list[str]
+    layers: list[int]
+    centroids: np.ndarray  # [W, D]
+    descriptor_weights: tuple[float, float]
+    units: list[dict]  # cls, class_name, unit, kind, word, tokens, causal_effect, causal_p, box
+
+    @classmethod
+    def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
+               class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
+               num_outputs: int | None = None) -> ShortcutSet:
+        layout = lm.layout(input_hw)
+        chosen = []
+        df = causal.units
+        for k in range(len(class_names)):
+            sub = df[(df["cls"] == k) & (df["causal_effect"] > cfg.shortcut_min_effect)
+                     & (df["f_in"] >= cfg.shortcut_specificity * df["f_out"])] if len(df) else df
+            if len(sub) and cfg.n_null > 0:
+                sub = sub[sub["causal_p"] <= cfg.shortcut_alpha]
+            for r in sub.sort_values("causal_rank").head(cfg.top_shortcuts).itertuples():
+                chosen.append({"cls": int(k), "class_name": class_names[k], "unit": r.unit, "kind": r.kind,
+                               "word": int(r.word), "tokens": [int(t) for t in str(r.tokens).split()],
+                               "gate_words": [int(w) for w in str(r.gate_words).split()],
+                               "causal_effect": float(r.causal_effect), "causal_p": float(r.causal_p),
+                               "box": [float(r.box_x0), float(r.box_y0), float(r.box_x1), float(r.box_y1)]})
+        model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
+                 "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names))}
+        return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
+                   tuple(map(float, descriptor_weights)), chosen)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
+                "class_names": self.class_names, "layers": self.layers,
+                "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
+                "units": self.units}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, motifs: str | Path) -> ShortcutSet:
+        """From a `siftlens spurious` output folder (or its shortcuts.json); one-line errors for old/foreign files."""
+        p = Path(motifs)
+        f = p / "shortcuts.json" if p.is_dir() else p
+        if not f.is_file():
+            old = " (it has shortcut_words.npz: written by an older siftlens; run `siftlens spurious` again)" \
+                if (p / "shortcut_words.npz").is_file() else ""
+            raise ShortcutFileError(f"--motifs {motifs}: no shortcuts.json{old}")
+        try:
+            d = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json is not a siftlens shortcuts file")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json has format version {d.get('format_version')}, "
+                                    f"this siftlens reads version {FORMAT_VERSION}; run `siftlens spurious` again")
+        return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
+                   tuple(d["descriptor_weights"]), d["units"])
+
+    def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = "") -> None:
+        """One-line error when the shortcuts were discovered on another model."""
+        layout = lm.layout(tuple(lm.preprocess.input_size))
+        here = {"input_size": list(lm.preprocess.input_size), "patch_size": int(layout.patch_size),
+                "grid": list(layout.grid)}
+        for key, val in here.items():
+            if list(np.atleast_1d(self.model[key])) != list(np.atleast_1d(val)):
+                raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {key} {self.model[key]}, "
+                                        f"but --model {lm.name} has {key} {val}: motifs from another model")
+        if num_classes is not None and num_classes != self.model["num_classes"]:
+            raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {self.model['num_classes']} "
+                                    f"classes, but --model {lm.name} has {num_classes}: motifs from another model")
+
+    def present_units(self, lm: LoadedModel, x: torch.Tensor, token_units: str = "gated",
+                      info: dict | None = None) -> list[list[tuple[int, np.ndarray]] | None]:
+        """Per image of a batch: [(unit index, bool mask [n])] of the shortcut units present in it;
+        None for an image without SIFT keypoints where no unit can be tested. ``token_units="always"``:
+        a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
+        sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
+        ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints."""
+        from .discover import image_descriptors
+
+        if token_units not in ("gated", "always"):
+            raise ValueError(f"token_units {token_units!r} is not 'gated' or 'always'")
+        layout = lm.layout(tuple(x.shape[-2:]))
+        grid, p, n = layout.grid, layout.patch_size, layout.num_patches
+        out: list = []
+        for b in range(len(x)):
+            _, kp, desc = image_descriptors(lm, x[b], *self.descriptor_weights)
+            if not len(desc):
+                if info is not None:
+                    info.setdefault("no_keypoints", []).append(b)
+                always = [(j, self._token_mask(u, n)) for j, u in enumerate(self.units)
+                          if u["kind"] == "token" and token_units == "always"]
+                out.append(always or None)
+                continue
+            words = vq(desc.astype(np.float64), self.centroids)[0]
+            found = []
+            col = np.clip((kp.xy[:, 0] // p).astype(int), 0, grid[1] - 1)
+            row = np.clip((kp.xy[:, 1] // p).astype(int), 0, grid[0] - 1)
+            for j, u in enumerate(self.units):
+                hit = np.isin(words, u.get("gate_words") or [u["word"]])
+                if u["kind"] == "word":
+                    # where the word's evidence was found (its box grown by one token): a fixed cue's word
+                    # is looked for near its place, a moving cue's box is wide
+                    x0, y0, x1, y1 = u["box"]
+                    hit &= (col >= x0 * grid[1] - 1) & (col < x1 * grid[1] + 1) & \
+                        (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
+                    cover = keypoint_cover(kp.xy[hit], kp.size[hit], grid, p)
+                    if hit.any() and cover.any():
+                        found.append((j, cover))
+                else:
+                    m = self._token_mask(u, n)
+                    # gated: a gate word's keypoint centre in its tokens
+                    if token_units == "always" or m[(row * grid[1] + col)[hit]].any():
+                        found.append((j, m))
+            out.append(found)
+        return out
+
+    @staticmethod
+    def _token_mask(u: dict, n: int) -> np.ndarray:
+        m = np.zeros(n, bool)
+        m[u["tokens"]] = True
+        return m
+
+    def masker(self, lm: LoadedModel) -> GatedMasker:
+        return GatedMasker(lm, self)
+
+
+class GatedMasker:
+    """token_mask_fn for steering: per image the union of the present shortcut units' tokens (nothing
+    where no shortcut is present, so such an image can be left exactly as it is)."""
+
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet) -> None:
+        self.lm, self.shortcuts = lm, shortcuts
+        self.last_present: list = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.lm.layout(tuple(x.shape[-2:])).num_patches
+        self.last_present = self.shortcuts.present_units(self.lm, x)
+        out = torch.zeros(len(x), n, dtype=torch.bool)
+        for b, found in enumerate(self.last_present):
+            for _, m in found or []:
+                out[b] |= torch.from_numpy(m)
+        return out

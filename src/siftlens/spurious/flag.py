@@ -1,0 +1,156 @@
+"""`siftlens flag`: which predictions on new, unlabelled images rest on a discovered shortcut.
+
+For each image, the shortcut units of a `siftlens spurious` run (shortcuts.json) are tested: every
+fixed-token unit (``token_units="always"``, the default: removing a place where no cue sits moves nothing, so
+no keypoint is needed; ``"gated"``: only where one of its words' keypoints sits in its tokens) and every word
+unit whose keypoints are in the image (``ShortcutSet.present_units``). Each is removed in turn (its tokens
+masked as keys in the discovery's layers) and the prediction re-made. ``flag_score`` = the largest drop of the
+predicted class's probability over the tested units (0 when none is): high when the prediction would fall
+without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
+(predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
+predicted otherwise). Baselines beside it: 1 − max softmax and the entropy of the prediction.
+Images without SIFT keypoints are scored through the fixed-token units alone (listed under ``no_keypoints``
+in manifest.json); where there are none to test (word units only, or ``"gated"``) they are skipped with the
+reason.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from ..models import LoadedModel, load_model
+from ..preprocess import find_images
+from ..report import CSS
+from .causal import ShortcutSet, masked_probs
+from .source import PathSource, TensorSource
+
+
+def check_classifier(lm: LoadedModel) -> int:
+    """Number of classes, or a one-line error for a model without a classifier head."""
+    H, W = lm.preprocess.input_size
+    with torch.no_grad():
+        out = lm.forward(torch.zeros(1, 3, H, W, device=next(lm.module.parameters()).device))
+    if out.dim() != 2 or out.shape[1] < 2 or getattr(lm.module, "num_classes", None) == 0:  # timm: 0 = no head
+        raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
+                         "flags need class probabilities")
+    return int(out.shape[1])
+
+
+@torch.no_grad()
+def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always"
+                ) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per scored image (see the module docstring) and the skipped images without keypoints.
+    ``token_units``: see ``ShortcutSet.present_units``."""
+    device = next(lm.module.parameters()).device
+    rows, no_kp = [], []
+    names = shortcuts.class_names
+    for idx, x in source.batches(batch_size):
+        p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
+        info: dict = {}
+        present = shortcuts.present_units(lm, x, token_units, info)
+        no_keypoints = set(info.get("no_keypoints", []))
+        jobs, at = [], []
+        for b, found in enumerate(present):
+            for j, m in found or []:
+                jobs.append((b, m))
+                at.append((b, j))
+        pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
+        for b in range(len(x)):
+            path = str(source.paths[int(idx[b])]) if hasattr(source, "paths") else str(int(idx[b]))
+            if present[b] is None:
+                no_kp.append({"path": path, "reason": f"{path}: no SIFT keypoints, so no shortcut can be "
+                                                      "found in it (not scored)"})
+                continue
+            p = p0[b]
+            pred = int(p.argmax())
+            drop, j, q = 0.0, None, p  # no shortcut present: nothing to remove
+            for (bb, jj), qq in zip(at, pm):  # the present unit whose removal moves the prediction most
+                if bb == b and (j is None or p[pred] - qq[pred] > drop):
+                    drop, j, q = float(p[pred] - qq[pred]), jj, qq
+            unit = shortcuts.units[j] if j is not None else None
+            kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
+            rows.append({"path": path, "flag_score": max(drop, 0.0),
+                         "shortcut_class": unit["class_name"] if unit else "",
+                         "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
+                         "keypoints": b not in no_keypoints,
+                         "pred": pred, "pred_name": names[pred] if pred < len(names) else str(pred),
+                         "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
+                         "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
+                         "one_minus_max_softmax": float(1 - p.max()),
+                         "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
+    return pd.DataFrame(rows), no_kp
+
+
+def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
+             checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
+             token_units: str = "always") -> pd.DataFrame:
+    """Write flags.parquet, flags.html and manifest.json; return the flags table."""
+    shortcuts = ShortcutSet.load(motifs)
+    lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
+    shortcuts.check_model(lm, check_classifier(lm), str(motifs))
+    out = ensure_writable_dir(out)
+    source = PathSource(lm, find_images(images), images)
+    df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units)
+    skipped = source.skipped + no_kp
+    if df.empty:
+        raise ValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
+                         f"{skipped[0]['reason'] if skipped else 'none readable'})")
+    atomic_write_parquet(df, out / "flags.parquet")
+    atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
+                                              "skipped": skipped, "token_units": token_units,
+                                              "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
+                                              "shortcuts": [u["unit"] for u in shortcuts.units],
+                                              "layers": shortcuts.layers})
+    atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
+    return df
+
+
+def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int) -> str:
+    import matplotlib.pyplot as plt
+
+    from ..dataset_stats import bootstrap_mean_ci
+    from .run import _png
+
+    fs = df["flag_score"].to_numpy()
+    (m,), (lo,), (hi,) = bootstrap_mean_ci(fs)
+    flips = float((df["pred"] != df["pred_without"]).mean())
+    unit_names = html.escape(", ".join(u["class_name"] + " " + u["unit"] for u in shortcuts.units))
+    parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
+             f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
+             "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
+             f"removed: mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut unit was "
+             f"tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} of the "
+             "predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut knowledge). "
+             "Without labels no accuracy can be given here; the flag's AUROC needs a labelled benchmark.</p>"]
+    shown = df.sort_values("flag_score", ascending=False).head(top)
+    cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
+            "p_pred_without", "one_minus_max_softmax", "entropy"]
+    parts.append(shown[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+    show = shown.head(12)
+    if len(show) and hasattr(source, "paths"):
+        pos = {str(p): i for i, p in enumerate(source.paths)}
+        x = source.get([pos[p] for p in show["path"]])
+        fig, axes = plt.subplots(1, len(show), figsize=(1.4 * len(show), 1.7), squeeze=False)
+        units = {u["unit"]: u for u in shortcuts.units}
+        for ax, xi, r in zip(axes[0], x, show.itertuples()):
+            img = lm.preprocess.to_uint8_rgb(xi)
+            ax.imshow(img)
+            ax.axis("off")
+            if r.shortcut_unit in units:
+                x0, y0, x1, y1 = units[r.shortcut_unit]["box"]
+                H, W = img.shape[:2]
+                ax.add_patch(plt.Rectangle((x0 * W - 0.5, y0 * H - 0.5), (x1 - x0) * W, (y1 - y0) * H,
+                                           fill=False, color="red", lw=1.5))
+            ax.set_title(f"{r.flag_score:.2f}", fontsize=7)
+        parts.append(f"<h2>Most flagged (red: the shortcut removed)</h2><img src='{_png(fig)}'>")
+    if skipped:
+        parts.append(f"<h2>Skipped ({len(skipped)})</h2><ul>" +
+                     "".join(f"<li>{html.escape(s['reason'])}</li>" for s in skipped[:200]) + "</ul>")
+    return (f"<!doctype html><html><head><meta charset=utf-8><style>{CSS}</style></head>"
+            f"<body>{''.join(parts)}</body></html>")

@@ -1,0 +1,108 @@
+"""Model inputs in batches, read when needed: memory flat in the number of images.
+
+``spurious``, ``flag`` and ``prompt`` make several passes (attention and keypoints of every image,
+counterfactual forwards on a sample, exemplar crops), so a source is indexable: ``batches(indices)``
+decodes and preprocesses only the images of one batch at a time, ``get(indices)`` a few of them.
+A tensor already in memory (tests, the library API) is wrapped as the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import LoadedModel
+from ..preprocess import BadImageError, load_rgb
+
+
+class TensorSource:
+    """Model inputs already in memory [N, 3, H, W]."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.skipped: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.x.shape[-2:])
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.x[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        for s in range(0, len(idx), batch_size):
+            yield idx[s:s + batch_size], self.get(idx[s:s + batch_size])
+
+
+class PathSource:
+    """Image files, decoded and preprocessed batch by batch.
+
+    The first full pass (``scan``) finds the unreadable files: they are recorded in ``skipped`` (path,
+    reason) and dropped, so index i of the source is the i-th readable file (``paths[i]``)."""
+
+    def __init__(self, lm: LoadedModel, paths: Sequence[Path], source_name: str | Path = "") -> None:
+        self.lm, self.all_paths, self.name = lm, [Path(p) for p in paths], str(source_name)
+        self.paths: list[Path] = list(self.all_paths)
+        self.kept = np.arange(len(self.paths))  # index into all_paths of each readable image
+        self.skipped: list[dict] = []
+        self._scanned = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.lm.preprocess.input_size)
+
+    def _load(self, p: Path) -> torch.Tensor:
+        return self.lm.preprocess(load_rgb(p, min_side=self.lm.patch_size))
+
+    def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """First pass over every file: yields (indices among the readable ones, inputs) and fixes ``paths``."""
+        keep: list[int] = []
+        xs: list[torch.Tensor] = []
+        idx: list[int] = []
+        for i, p in enumerate(self.all_paths):
+            try:
+                xs.append(self._load(p))
+            except BadImageError as e:
+                self.skipped.append({"path": str(p), "reason": str(e)})
+                continue
+            idx.append(len(keep))
+            keep.append(i)
+            if len(xs) == batch_size:
+                yield np.array(idx), torch.stack(xs)
+                xs, idx = [], []
+        if xs:
+            yield np.array(idx), torch.stack(xs)
+        self.kept = np.array(keep, dtype=np.int64)
+        self.paths = [self.all_paths[i] for i in keep]
+        self._scanned = True
+        if not keep:
+            raise ValueError(f"--images {self.name}: no readable image")
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self._load(self.paths[int(i)]) for i in indices])
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if not self._scanned:
+            if indices is not None:
+                raise RuntimeError("PathSource: scan() the images once before indexing them")
+            yield from self.scan(batch_size)
+            return
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        for s in range(0, len(idx), batch_size):
+            yield idx[s:s + batch_size], self.get(idx[s:s + batch_size])
+
+
+def as_source(images) -> TensorSource | PathSource:
+    return TensorSource(images) if torch.is_tensor(images) else images

@@ -1,0 +1,243 @@
+"""Causal shortcut discovery, its SIFT-free control, `siftlens flag` and gated steering on a tiny model that
+learns a planted cue in seconds (tests/cue_model.py)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from siftlens.spurious.causal import ShortcutSet, token_box
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
+from siftlens.spurious.evaluate import auroc
+from siftlens.spurious.flag import flag_images
+from siftlens.spurious.source import TensorSource
+from tests.cue_model import CLASSES, CUE_CELLS, PATCH, SIZE, inputs, make_data, train_cue_model
+
+GRID = (SIZE // PATCH, SIZE // PATCH)
+
+
+@pytest.fixture(scope="module")
+def cue():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = make_data(60, seed=0)
+    lm = train_cue_model(data)
+    res = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES, DiscoveryConfig(n_words=16))
+    yield data, lm, res
+    torch.set_num_threads(n)
+
+
+def _cue_token(k: int) -> int:
+    r, c = CUE_CELLS[k]
+    return r * GRID[1] + c
+
+
+def test_the_model_learned_the_cue(cue):
+    data, lm, _ = cue
+    with torch.no_grad():
+        pred = lm.forward(inputs(lm, data["conflict"])).argmax(1).numpy()
+    assert (pred == data["test_conflict_cue"]).mean() > 0.8  # conflicting images follow the cue
+
+
+def test_causal_ranking_puts_the_cue_first_and_boxes_it(cue):
+    _, _, res = cue
+    units = res.causal.units
+    for k in range(3):
+        top = units[(units["cls"] == k) & (units["causal_rank"] == 1)].iloc[0]
+        assert _cue_token(k) in [int(t) for t in top["tokens"].split()], (k, top)
+        box = (top.box_x0, top.box_y0, top.box_x1, top.box_y1)
+        assert box == token_box([_cue_token(k)], GRID), (k, box)  # the box is the cue's cell, nothing more
+        assert top["causal_p"] <= 0.05 and top["causal_lo"] > 0  # beyond the label null, stable over images
+        assert top["f_in"] > 2 * top["f_out"]
+    # every unit has a box in [0, 1] and the columns of the contract
+    for c in ("class", "unit", "kind", "causal_rank", "causal_effect", "causal_p", "attention_rank"):
+        assert c in units.columns
+    assert units[["box_x0", "box_y0", "box_x1", "box_y1"]].stack().between(0, 1).all()
+    assert (units["box_x1"] > units["box_x0"]).all() and (units["box_y1"] > units["box_y0"]).all()
+
+
+def test_occlusion_control_finds_the_cue_at_a_matched_budget(cue):
+    _, _, res = cue
+    ctrl = res.causal.control
+    for k in range(3):
+        top = ctrl[(ctrl["cls"] == k) & (ctrl["rank"] == 1)].iloc[0]
+        assert top["token"] == _cue_token(k), (k, top)
+        b = res.causal.budget[k]
+        n = GRID[0] * GRID[1]
+        assert abs(b["control_forwards"] - b["sift_forwards"]) <= n  # same budget up to one image's tokens
+
+
+def test_a_cue_spanning_four_tokens_is_removed_whole_by_sift_units_not_by_single_tokens():
+    """Where SIFT adds something: a cue half a token off the grid covers 4 tokens; single-token occlusion
+    (the SIFT-free control, same budget) leaves 3/4 of it and barely moves the class evidence, a SIFT unit
+    removes it whole."""
+    from tests.cue_model import cue_tokens
+
+    data = make_data(60, seed=0, straddle=True, tint=0.25)
+    lm = train_cue_model(data)
+    res = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES, DiscoveryConfig(n_words=16))
+    units, ctrl = res.causal.units, res.causal.control
+    for k in range(3):
+        top = units[(units["cls"] == k) & (units["causal_rank"] == 1)].iloc[0]
+        assert set(int(t) for t in top["tokens"].split()) <= cue_tokens(k, straddle=True), (k, top)
+        assert top["causal_p"] <= 0.05
+        best_token = ctrl[(ctrl["cls"] == k) & (ctrl["rank"] == 1)].iloc[0]
+        assert top["causal_effect"] > 5 * best_token["effect"], (k, top["causal_effect"], best_token["effect"])
+
+
+def test_label_null_is_not_significant_when_labels_carry_no_cue(cue):
+    data, lm, _ = cue
+    rng = np.random.default_rng(1)
+    shuffled = rng.permutation(data["y"])  # the cue no longer follows the label
+    res = discover_shortcuts(lm, inputs(lm, data["train"][:90]), shuffled[:90], CLASSES,
+                             DiscoveryConfig(n_words=16))
+    top = res.causal.units[res.causal.units["causal_rank"] == 1]
+    assert (top["causal_p"] > 0.05).sum() >= 2, top  # a shuffled label has no unit tied to it
+
+
+def test_flag_ranks_conflicting_above_aligned(cue):
+    data, lm, res = cue
+    flags = {g: flag_images(lm, res.shortcuts, TensorSource(inputs(lm, data[g])))[0] for g in ("aligned", "conflict")}
+    scores = np.r_[flags["conflict"]["flag_score"], flags["aligned"]["flag_score"]]
+    is_conflict = np.r_[np.ones(len(flags["conflict"])), np.zeros(len(flags["aligned"]))]
+    assert auroc(scores, is_conflict) > 0.8
+    f = flags["conflict"]
+    assert (f["pred"] != f["pred_without"]).mean() > 0.6  # removing the cue flips them
+    gated = {g: flag_images(lm, res.shortcuts, TensorSource(inputs(lm, data[g])), token_units="gated")[0]
+             for g in ("aligned", "conflict")}
+    scores = np.r_[gated["conflict"]["flag_score"], gated["aligned"]["flag_score"]]
+    is_conflict = np.r_[np.ones(len(gated["conflict"])), np.zeros(len(gated["aligned"]))]
+    assert auroc(scores, is_conflict) > 0.8
+    assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
+                              "p_pred_without", "one_minus_max_softmax", "entropy"}
+
+
+def test_gated_steering_leaves_cue_free_images_unchanged(cue, tmp_path):
+    from siftlens.prompting import SteeredViT
+
+    data, lm, res = cue
+    gate = res.shortcuts.masker(lm)
+    absent = inputs(lm, data["absent"])
+    m = gate(absent)
+    # the gate's false alarms on cue-free images (natural keypoints that fall in a cue word at its place);
+    # measured 27% with 16 words on this toy; the gated prompt leaves every other image exactly as it was
+    # (checked in test_spurious_flag_prompt_cli_and_bad_inputs)
+    assert m.any(1).float().mean() < 0.35
+    conflict = inputs(lm, data["conflict"])
+    mc = gate(conflict)
+    assert mc.any(1).float().mean() > 0.8
+    with torch.no_grad(), SteeredViT(lm, "mask_tokens", layers=res.layers, token_mask_fn=lambda x: mc) as st:
+        before = lm.forward(conflict).argmax(1).numpy()
+        after = st(conflict).argmax(1).numpy()
+    y = data["test_y"]
+    assert (after == y).mean() > (before == y).mean() + 0.3  # removing the cue restores conflicting images
+
+
+def _save_folder(root, images, labels=None):
+    for i, img in enumerate(images):
+        d = root / (CLASSES[labels[i]] if labels is not None else "")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:03d}.png")
+
+
+def _save_model(lm, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in lm.module.state_dict().items()}, str(path))
+    meta = {"timm_arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": SIZE, "patch_size": PATCH, "depth": 2,
+            "embed_dim": 32, "num_heads": 2, "num_classes": lm.module.num_classes},
+            "input_size": [3, SIZE, SIZE], "mean": list(lm.preprocess.mean), "std": list(lm.preprocess.std),
+            "crop_pct": None, "label_names": CLASSES}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
+    from siftlens.cli import main
+
+    data, lm, _ = cue
+    model = tmp_path / "m.safetensors"
+    _save_model(lm, model)
+    _save_folder(tmp_path / "train", data["train"], data["y"])
+    sp, fl, pr = tmp_path / "sp", tmp_path / "fl", tmp_path / "pr"
+    assert main(["spurious", "--model", str(model), "--images", str(tmp_path / "train"), "--out", str(sp),
+                 "--words", "16", "--layers", "all"]) == 0
+    motifs = pd.read_csv(sp / "motifs.csv")
+    for c in ("class", "unit", "kind", "causal_rank", "causal_effect", "causal_p", "attention_rank",
+              "box_x0", "box_y0", "box_x1", "box_y1"):
+        assert c in motifs.columns
+    ctrl = pd.read_csv(sp / "occlusion_control.csv")
+    assert {"class", "rank", "effect", "box_x0", "box_y0", "box_x1", "box_y1"} <= set(ctrl.columns)
+    shortcuts = json.loads((sp / "shortcuts.json").read_text())
+    assert shortcuts["format_version"] == 1 and shortcuts["model"]["grid"] == list(GRID) and shortcuts["units"]
+    report = (sp / "spurious.html").read_text()
+    assert "SIFT-free control" in report and "SIFT adds nothing" in report
+
+    test = np.concatenate([data["aligned"][:15], data["conflict"][:15], data["absent"][:15]])
+    _save_folder(tmp_path / "new", test)
+    flat = np.full((3, SIZE, SIZE), 128, np.uint8)
+    Image.fromarray(flat.transpose(1, 2, 0)).save(tmp_path / "new" / "flat.png")
+    assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--out", str(fl)]) == 0
+    flags = pd.read_parquet(fl / "flags.parquet")
+    manifest = json.loads((fl / "manifest.json").read_text())
+    # no keypoints: scored through the fixed-token units alone (default), listed as such
+    assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
+    assert not flags.loc[flags["path"].str.contains("flat.png"), "keypoints"].any()
+    assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--out", str(tmp_path / "flg"), "--token-units", "gated"]) == 0
+    manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
+    assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
+    assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()
+
+    assert main(["prompt", "--model", str(model), "--images", str(tmp_path / "new"), "--method", "mask_tokens",
+                 "--motifs", str(sp), "--layers", "all", "--labels", "none", "--out", str(pr)]) == 0
+    pred = pd.read_parquet(pr / "predictions.parquet")
+    assert {"path", "pred_base", "pred_steered", "steered"} <= set(pred.columns)
+    unsteered = pred[~pred["steered"]]
+    assert len(unsteered) and (unsteered["pred_base"] == unsteered["pred_steered"]).all()
+    assert (unsteered["conf_base"] == unsteered["conf_steered"]).all()  # exactly the unsteered model
+    capsys.readouterr()
+
+    # bad inputs: one line each, naming the input and the cause
+    (tmp_path / "old").mkdir()
+    np.savez(tmp_path / "old" / "shortcut_words.npz", centroids=np.zeros((2, 128)), words=np.array([0]))
+    assert main(["flag", "--model", str(model), "--motifs", str(tmp_path / "old"), "--images",
+                 str(tmp_path / "new"), "--out", str(tmp_path / "x")]) == 2
+    assert "older siftlens" in capsys.readouterr().err
+    bad = dict(shortcuts, format_version=99)
+    (tmp_path / "v99").mkdir()
+    (tmp_path / "v99" / "shortcuts.json").write_text(json.dumps(bad))
+    assert main(["flag", "--model", str(model), "--motifs", str(tmp_path / "v99"), "--images",
+                 str(tmp_path / "new"), "--out", str(tmp_path / "x")]) == 2
+    assert "format version 99" in capsys.readouterr().err
+    other = dict(shortcuts, model=dict(shortcuts["model"], input_size=[64, 64], grid=[8, 8]))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "shortcuts.json").write_text(json.dumps(other))
+    assert main(["flag", "--model", str(model), "--motifs", str(tmp_path / "other"), "--images",
+                 str(tmp_path / "new"), "--out", str(tmp_path / "x")]) == 2
+    assert "motifs from another model" in capsys.readouterr().err
+    import timm
+
+    headless = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                                 embed_dim=32, num_heads=2, num_classes=0)
+    from siftlens.models import LoadedModel
+
+    enc = tmp_path / "enc.safetensors"
+    _save_model(LoadedModel(headless, "timm", "enc", lm.preprocess), enc)
+    assert main(["flag", "--model", str(enc), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no classifier head" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "flags.parquet").exists()
+
+
+def test_shortcuts_json_round_trip(cue, tmp_path):
+    _, lm, res = cue
+    res.shortcuts.save(tmp_path / "shortcuts.json")
+    back = ShortcutSet.load(tmp_path)
+    assert back.units == res.shortcuts.units and back.layers == res.shortcuts.layers
+    assert np.array_equal(back.centroids, res.shortcuts.centroids)
+    x = inputs(lm, make_data(6, seed=5)["conflict"])
+    assert torch.equal(back.masker(lm)(x), res.shortcuts.masker(lm)(x))
