@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +38,17 @@ from tqdm import tqdm
 
 from . import __version__
 from .capture import AttentionCapture, TokenLayout
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_npz, atomic_write_parquet, ensure_writable_dir
+from .io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_parquet,
+    ensure_writable_dir,
+)
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
+from .runguard import OutputLock, record_outputs, retire_outputs
 from .semantic_maps import (
     KeypointCache,
     Keypoints,
@@ -52,6 +60,7 @@ from .semantic_maps import (
     keypoint_maps,
 )
 from .stats import BatchMaps, RolloutState, Workspace, layer_statistics, prepare_maps
+from .validation import check_finite_attention, check_finite_output, check_finite_parameters, check_model_accepts_input
 
 KEYPOINT_DETECTORS = ("opencv", "kornia")
 
@@ -276,8 +285,16 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
 
     lm = model if isinstance(model, LoadedModel) else load_model(
         model, checkpoint=checkpoint, random_init=random_init, input_size=input_size, device=cfg.device)
-    out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
     lm.module.to(cfg.device).eval()
+    check_finite_parameters(lm.module, lm.name)  # NaN weights would give NaN attention, never a finding
+    check_model_accepts_input(lm, cfg.device, input_size)
+    out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
+    with OutputLock(out, "analyze", enabled=rank == 0):  # one run per --out (runguard.py)
+        return _analyze_locked(lm, images, out, cfg, map_cfg, rank, world, t_start, checkpoint, random_init)
+
+
+def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_cfg: MapConfig, rank: int,
+                    world: int, t_start: float, checkpoint, random_init: bool) -> AnalysisResult | None:
     layout = lm.layout()
     paths = find_images(images if images is not None else default_images())
     if cfg.limit is not None:
@@ -313,7 +330,13 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     if cfg.report:
         from .report import write_report
 
-        write_report(out)
+        try:
+            write_report(out)
+        except BaseException:  # no manifest without its report; the parts stay, so a rerun only redoes the merge
+            (out / "manifest.json").unlink(missing_ok=True)
+            raise
+    shutil.rmtree(parts, ignore_errors=True)
+    record_outputs(out, "analyze", result.manifest["outputs"])
     return result
 
 
@@ -339,6 +362,7 @@ class BatchRunner:
 
     def on_attention(self, idx: int, attn: torch.Tensor) -> None:
         layout = self.layout
+        check_finite_attention(idx, attn, self.lm.name)  # before any statistic: NaN never reaches a p-value
         if attn.shape[-1] != layout.num_tokens:
             raise RuntimeError(
                 f"{self.lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
@@ -415,6 +439,7 @@ class BatchRunner:
             logits = lm.forward(batch["x"].to(cfg.device))
         if self.capture.calls == calls_before:
             raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+        check_finite_output(logits, lm.name)
         with torch_threads(self.stats_threads):
             return self._finish(batch, paths, part, ids, maps, logits, keep_ex, keep_full)
 
@@ -508,7 +533,17 @@ def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpo
 def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
     run_file = parts / "run.json"
     if run_file.is_file():
-        old = json.loads(run_file.read_text())
+        try:
+            old = json.loads(run_file.read_text())
+        except ValueError:
+            old = None
+        if old != fingerprint and not _has_finished_batch(parts):
+            shutil.rmtree(parts)  # a failed run that analysed nothing holds nothing worth resuming
+            old = None
+        if old is None:
+            parts.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_file, fingerprint)
+            return
         if old != fingerprint:
             diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k))
             raise RuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
@@ -518,16 +553,27 @@ def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
     atomic_write_json(run_file, fingerprint)
 
 
+def _has_finished_batch(parts: Path) -> bool:
+    """Whether any finished part holds analysed images (parts of only skipped files do not count)."""
+    for meta in parts.glob("part-*.json"):
+        try:
+            if json.loads(meta.read_text()).get("has_rows"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout: TokenLayout,
                  map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float
                  ) -> AnalysisResult:
-    """Stream the parts, in batch order, into the final outputs; then remove the parts."""
-    tmp_rows = out / ".per_image.parquet.partial"
+    """Stream the parts, in batch order, into the final outputs (the caller removes the parts)."""
     writer = None
     lift_obs = lift_exp = None
     image_rows, skipped, ex_parts, full_parts = [], [], [], []
     num_layers = num_heads = None
-    try:
+    # a unique temporary name (two writers never share it), renamed when complete, removed if anything fails
+    with atomic_path(out / "per_image.parquet") as tmp_rows, ExitStack() as stack:
         for b in range(n_batches):
             name = _part_name(b)
             if not _part_done(parts, b):
@@ -540,7 +586,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
             num_layers, num_heads = meta["num_layers"], meta["num_heads"]
             table = pq.read_table(parts / f"{name}.parquet")
             if writer is None:
-                writer = pq.ParquetWriter(tmp_rows, table.schema, compression="zstd")
+                writer = stack.enter_context(pq.ParquetWriter(tmp_rows, table.schema, compression="zstd"))
             writer.write_table(table)
             with np.load(parts / f"{name}.npz") as z:
                 lift_obs = z["lift_obs"] if lift_obs is None else lift_obs + z["lift_obs"]
@@ -549,13 +595,10 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                     ex_parts.append({k: z[k] for k in z.files if k.startswith("ex_")})
                 if "full_maps" in z and sum(len(f[0]) for f in full_parts) < cfg.keep_full_maps:
                     full_parts.append((z["full_maps"], z["full_index"]))
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
-                           f"first error: {skipped[0]['reason'] if skipped else 'none'}")
-    os.replace(tmp_rows, out / "per_image.parquet")
+        if writer is None:
+            raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
+                               f"first error: {skipped[0]['reason'] if skipped else 'none'}")
+        retire_outputs(out, "analyze")  # the previous run's outputs go first: never a mixture of two runs
     images_df = pd.DataFrame(image_rows)
     atomic_write_parquet(images_df, out / "images.parquet")
     lift = {"obs": lift_obs, "exp": lift_exp, "map_names": np.array(map_names)}
@@ -587,9 +630,12 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "git_revision": _git_revision(),
         "device": cfg.device,
         "seconds": round(time.time() - t_start, 2),
+        # the files of this run; an earlier run's others were removed (runguard.retire_outputs)
+        "outputs": ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"]
+        + (["examples.npz"] if ex_parts and cfg.examples > 0 else [])
+        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else []),
     }
     atomic_write_json(out / "manifest.json", manifest)
-    shutil.rmtree(parts, ignore_errors=True)
     return AnalysisResult(out, pd.read_parquet(out / "per_image.parquet"), images_df, lift, manifest)
 
 
