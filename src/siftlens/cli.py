@@ -147,7 +147,8 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--layers", default="all", help="all | late | middle | early | comma-separated layer indices")
     p.add_argument("--decisive", choices=["mean", "rollout"], default="mean",
                    help="decisive attention: CLS row averaged over --layers, or attention rollout up to the last")
-    p.add_argument("--words", type=int_range(2, 4096), default=64, help="visual words (k-means clusters of motif descriptors)")
+    p.add_argument("--words", type=int_range(2, 4096), default=64, 
+                   help="visual words (k-means clusters of motif descriptors)")
     p.add_argument("--colour-weight", type=non_negative_float, default=1.0,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=non_negative_float, default=0.5,
@@ -223,7 +224,8 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--masking", choices=MASKINGS, default=d.masking,
                    help="random (MAE); sift: P(mask) ∝ (c+eps)^alpha; sift-curriculum: alpha from --alpha-start "
                    "to --alpha; edge: the same sampler on Sobel edge density (control)")
-    p.add_argument("--alpha", type=finite_float, default=d.alpha, help=">0 masks SIFT-dense patches more, <0 keeps them")
+    p.add_argument("--alpha", type=finite_float, default=d.alpha, 
+                   help=">0 masks SIFT-dense patches more, <0 keeps them")
     p.add_argument("--alpha-start", type=finite_float, default=d.alpha_start, help="sift-curriculum's first alpha")
     p.add_argument("--alpha-shape", choices=("linear", "cosine"), default=d.alpha_shape)
     p.add_argument("--eps", type=positive_float, default=d.eps, help="added to c, relative to the uniform share 1/N")
@@ -251,7 +253,8 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--probe-train-limit", type=positive_int, default=d.probe_train_limit)
     p.add_argument("--probe-val-limit", type=positive_int, default=d.probe_val_limit)
     p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="steps")
-    p.add_argument("--max-keypoints", type=positive_int, default=d.max_keypoints, help="strongest SIFT keypoints kept per image")
+    p.add_argument("--max-keypoints", type=positive_int, default=d.max_keypoints, 
+                   help="strongest SIFT keypoints kept per image")
     p.add_argument("--keypoint-workers", type=int_range(0, 64), default=0, help="processes for the one-time SIFT pass")
     p.add_argument("--limit", type=positive_int, default=None, help="pre-train on a seeded subset of this many images")
     p.add_argument("--seed", type=SEED, default=d.seed)
