@@ -302,12 +302,24 @@ def _hf_preprocess(model: nn.Module, src: str | None, input_size) -> Preprocess:
     return Preprocess(hw, mean, std, crop_pct, "bicubic" if crop_pct else "bilinear")
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hugging Face hub id (``name`` or ``org/name``) rather than a local path."""
+    import re
+
+    part = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?"
+    return bool(re.fullmatch(f"(?:{part}/)?{part}", name)) and ".." not in name and "--" not in name
+
+
 def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     except ImportError:
         raise ModelSpecError("--model hf:...: transformers is not installed (pip install siftlens[hf])") from None
     local = Path(name).exists()
+    if not local and not _is_hub_id(name):
+        raise ModelSpecError(f"--model hf:{name}: no such folder")
+    if local and not Path(name).is_dir():
+        raise ModelSpecError(f"--model hf:{name}: not a folder (a Hugging Face model is a folder with config.json)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local)
         auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and \

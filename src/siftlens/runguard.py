@@ -16,14 +16,20 @@ Files of other commands and files siftlens did not write are never touched.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from .io import OutputDirError, atomic_write_json
+from .io import OutputDirError, atomic_write_json, ensure_writable_dir
+
+F = TypeVar("F", bound=Callable)
 
 LOCK_NAME = ".siftlens.lock"
 RECORD_NAME = ".siftlens-outputs.json"
@@ -228,3 +234,21 @@ def record_outputs(out: str | Path, command: str, outputs: list[str]) -> None:
     rec = _read_record(out)
     rec[command] = {"outputs": sorted(outputs), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(out / RECORD_NAME, rec)
+
+
+def holds_out_lock(command: str) -> Callable[[F], F]:
+    """Decorate a command's entry point whose parameter ``out`` is its output directory: the directory is
+    created (or checked writable) and locked for the whole call."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            out = ensure_writable_dir(bound.arguments["out"])
+            with OutputLock(out, command):
+                return fn(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

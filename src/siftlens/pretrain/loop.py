@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from ..runguard import OutputLock
+from ..validation import NonFiniteError, UserError
 from .data import PretrainData, load_pretrain_data
 from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from .figures import masks_figure
@@ -83,6 +85,12 @@ class PretrainConfig:
             raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.stored_size < self.model.img_size:
             raise ValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
+        m = self.model
+        for what, n, d in (("--img-size", m.img_size, ("--patch-size", m.patch_size)),
+                           ("--embed-dim", m.embed_dim, ("--heads", m.num_heads)),
+                           ("--decoder-dim", m.decoder_dim, ("--decoder-heads", m.decoder_heads))):
+            if n % d[1]:
+                raise UserError(f"{what} {n} is not divisible by {d[0]} {d[1]}")
 
     # what must match for a resume to continue the same run
     def identity(self) -> dict:
@@ -312,6 +320,10 @@ class Pretrainer:
             if self.world > 1:  # the logged loss is the global batch's, whatever the world size
                 dist.all_reduce(loss_value)
                 loss_value /= self.world
+            if not math.isfinite(loss_value.item()):  # stop before a NaN model is checkpointed or exported
+                raise NonFiniteError(f"--out {self.out}: the training loss is {loss_value.item()} at step {step} "
+                                     "(diverged: lower --lr or --loss-gamma, or check --data); the last checkpoint "
+                                     "is kept")
             self.state["train_seconds"] += time.perf_counter() - t0
             self.state["guidance_seconds"] += guidance_s
             self.state["step_losses"].append(loss_value.item())
@@ -385,9 +397,14 @@ def pretrain(cfg: PretrainConfig, data: PretrainData | None = None) -> pd.DataFr
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
         started_here = True
+    lock = None
     try:
+        if _dist_info()[0] == 0:  # one run per --out (runguard.py); rank 0 holds it for the job
+            lock = OutputLock(ensure_writable_dir(cfg.out), "pretrain").acquire()
         return Pretrainer(cfg, data).run()
     finally:
+        if lock is not None:
+            lock.release()
         if started_here:
             dist.destroy_process_group()
 

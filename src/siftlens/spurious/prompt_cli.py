@@ -11,17 +11,23 @@ from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, record_outputs, retire_outputs
+from ..validation import check_finite_output, check_finite_parameters
 from .discover import ShortcutMasker
 from .run import load_inputs, read_labels
 
 
+@holds_out_lock("prompt")
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False) -> dict:
     """Write predictions.parquet (before/after) and summary.json; return the summary."""
     out = ensure_writable_dir(out)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {batch_size})")
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
+    check_finite_parameters(lm.module, lm.name)
     token_mask_fn = None
     if method in TOKEN_MASK_METHODS:
         if motifs is None:
@@ -47,6 +53,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
             before.append(lm.forward(x[s:s + batch_size]).float().softmax(-1))
             after.append(steered(x[s:s + batch_size]).float().softmax(-1))
     steered.remove()
+    for p in (*before, *after):
+        check_finite_output(p, lm.name)
     pb, pa = torch.cat(before).numpy(), torch.cat(after).numpy()
     df = pd.DataFrame({"path": [str(paths[i]) for i in keep], "pred_before": pb.argmax(1),
                        "conf_before": pb.max(1), "pred_after": pa.argmax(1), "conf_after": pa.max(1)})
@@ -58,6 +66,9 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         df["label"] = y[keep]
         summary["accuracy_before"] = float((df.pred_before == df.label).mean())
         summary["accuracy_after"] = float((df.pred_after == df.label).mean())
+    summary["outputs"] = list(COMMAND_OUTPUTS["prompt"])
+    retire_outputs(out, "prompt")
     atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
+    record_outputs(out, "prompt", summary["outputs"])
     return summary

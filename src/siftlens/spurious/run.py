@@ -19,6 +19,8 @@ from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ens
 from ..models import LoadedModel, load_model  # noqa: E402
 from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
 from ..report import CSS  # noqa: E402
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, record_outputs, retire_outputs  # noqa: E402
+from ..validation import check_finite_output, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -65,6 +67,7 @@ def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tenso
     return torch.stack(xs), keep, skipped
 
 
+@holds_out_lock("spurious")
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
                  random_init: bool = False, device: str = "cpu") -> DiscoveryResult:
@@ -72,6 +75,7 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     out = ensure_writable_dir(out)
     lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
                                                                  random_init=random_init, device=device)
+    check_finite_parameters(lm.module, lm.name)
     paths = find_images(images)
     root = Path(images) if Path(images).is_dir() else None
     y, class_names = read_labels(paths, labels, root)
@@ -83,6 +87,7 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     with torch.no_grad():
         logits = lm.forward(x[:1])
+    check_finite_output(logits, lm.name)
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
                          "discovery needs class logits")
@@ -143,6 +148,7 @@ def _png(fig) -> str:
 
 
 def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedModel, skipped: list) -> None:
+    retire_outputs(out, "spurious")  # the previous run's files go first (docs/CHOICES.md, runs and outputs)
     atomic_write_parquet(res.per_image, out / "reliance.parquet")
     atomic_write_text(out / "motifs.csv", res.motifs.to_csv(index=False))
     res.save_words(out / "shortcut_words.npz")  # for `siftlens prompt --method mask_tokens --motifs DIR`
@@ -185,4 +191,6 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
                                              f"</head><body>{''.join(parts)}</body></html>")
     atomic_write_json(out / "manifest.json", {"model": lm.name, "classes": res.class_names,
                                               "n_images": len(res.per_image), "skipped": skipped,
-                                              "shortcut_words": res.shortcut_words})
+                                              "shortcut_words": res.shortcut_words,
+                                              "outputs": list(COMMAND_OUTPUTS["spurious"])})
+    record_outputs(out, "spurious", list(COMMAND_OUTPUTS["spurious"]))
