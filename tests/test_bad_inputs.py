@@ -385,8 +385,7 @@ def test_outputs_are_atomic(mixed_run):
     _, _, _, out = mixed_run
     names = sorted(p.name for p in out.iterdir())
     assert {"per_image.parquet", "images.parquet", "lift.npz", "manifest.json"} <= set(names)
-    leftovers = [n for n in names if (n.startswith(".") and n != ".siftlens-outputs.json")  # the run's file list
-                 or n.endswith((".partial", ".tmp"))]
+    leftovers = [n for n in names if n.startswith(".") or n.endswith((".partial", ".tmp"))]
     assert not leftovers, leftovers
 
 

@@ -48,7 +48,7 @@ from .io import (
 )
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
-from .runguard import OutputLock, record_outputs, retire_outputs
+from .runguard import OutputLock, retire_outputs
 from .semantic_maps import (
     KeypointCache,
     Keypoints,
@@ -336,7 +336,6 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
             (out / "manifest.json").unlink(missing_ok=True)
             raise
     shutil.rmtree(parts, ignore_errors=True)
-    record_outputs(out, "analyze", result.manifest["outputs"])
     return result
 
 
@@ -631,6 +630,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "device": cfg.device,
         "seconds": round(time.time() - t_start, 2),
         # the files of this run; an earlier run's others were removed (runguard.retire_outputs)
+        "command": "analyze",
         "outputs": ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"]
         + (["examples.npz"] if ex_parts and cfg.examples > 0 else [])
         + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else []),

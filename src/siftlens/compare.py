@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from .dataset_stats import bootstrap_mean_ci, layer_curve, lift_matrices, per_image_layer_means  # noqa: E402
 from .io import atomic_path, atomic_write_text, ensure_writable_dir  # noqa: E402
 from .report import CSS, _pick_layers, _png  # noqa: E402
-from .runguard import holds_out_lock, record_outputs, retire_outputs  # noqa: E402
+from .runguard import holds_out_lock, retire_outputs  # noqa: E402
 
 
 def _load(run: Path, column: str) -> tuple[pd.DataFrame, dict]:
@@ -125,14 +125,11 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
     parts.append("<h2>Group lift (none / low / mid / high), early / middle / late</h2>"
                  f"<img src='{_png(fig)}'>")
     retire_outputs(out, "compare")  # the previous comparison's files go first (docs/CHOICES.md)
-    written = ["compare.html"]
     if table is not None:
         parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
         with atomic_path(out / "compare.csv") as tmp:  # a unique temporary name
             table.to_csv(tmp, index=False)
-        written.append("compare.csv")
     doc = f"<!doctype html><html><head><meta charset=utf-8><title>siftlens compare</title><style>{CSS}</style>" \
           f"</head><body>{''.join(parts)}</body></html>"
     atomic_write_text(out / "compare.html", doc)
-    record_outputs(out, "compare", written)
     return table if table is not None else pd.concat({"A": ca, "B": cb}, axis=1)

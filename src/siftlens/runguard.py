@@ -7,11 +7,12 @@ the holder. A lock whose process is gone (same host, and the pid is not running,
 is a newer process that reused the number, or the machine rebooted since) is taken over; a lock held
 from another host cannot be checked and is refused with the instruction to delete it.
 
-``retire_outputs`` / ``record_outputs`` implement the stale-output rule (docs/CHOICES.md, "Runs and
-output directories"): a run of a command, when it starts writing its final outputs, removes the
-outputs the previous run of the *same command* in that directory wrote (the list in
-``.siftlens-outputs.json``, plus the file names the command can write), then records what it wrote.
-Files of other commands and files siftlens did not write are never touched.
+``retire_outputs`` implements the stale-output rule (docs/CHOICES.md, "Runs and output directories"):
+a run of a command, when it starts writing its final outputs, removes the outputs the previous run of
+the *same command* in that directory wrote (the ``outputs`` list of its record file: manifest.json of
+analyze and spurious, summary.json of prompt; plus every file name the command can write); the new
+record lists the files the new run wrote. Files of other commands and files siftlens did not write
+are never touched.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .io import OutputDirError, atomic_write_json, ensure_writable_dir
+from .io import OutputDirError, ensure_writable_dir
 
 F = TypeVar("F", bound=Callable)
 
 LOCK_NAME = ".siftlens.lock"
-RECORD_NAME = ".siftlens-outputs.json"
+# the file in which a command's run lists what it wrote ({"command": ..., "outputs": [...]})
+RECORD_FILES = {"analyze": "manifest.json", "spurious": "manifest.json", "prompt": "summary.json"}
 
 # every file each command can write into --out (removed when a later run of that command does not write it)
 COMMAND_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -197,12 +199,16 @@ class OutputLock:
 
 # --- stale outputs ---------------------------------------------------------------------------------
 
-def _read_record(out: Path) -> dict:
+def previous_outputs(out: Path, command: str) -> list[str]:
+    """The files the previous run of ``command`` in ``out`` listed as its own."""
+    name = RECORD_FILES.get(command)
     try:
-        rec = json.loads((out / RECORD_NAME).read_text())
+        rec = json.loads((out / name).read_text()) if name else {}
     except (OSError, ValueError):
-        return {}
-    return rec if isinstance(rec, dict) else {}
+        return []
+    if not isinstance(rec, dict) or rec.get("command") != command or not isinstance(rec.get("outputs"), list):
+        return []
+    return rec["outputs"]
 
 
 def retire_outputs(out: str | Path, command: str) -> list[str]:
@@ -213,7 +219,7 @@ def retire_outputs(out: str | Path, command: str) -> list[str]:
     Returns the names removed.
     """
     out = Path(out)
-    previous = _read_record(out).get(command, {}).get("outputs", [])
+    previous = previous_outputs(out, command)
     removed = []
     for name in dict.fromkeys([*previous, *COMMAND_OUTPUTS.get(command, ())]):
         if not isinstance(name, str) or "/" in name or name.startswith("."):
@@ -226,14 +232,6 @@ def retire_outputs(out: str | Path, command: str) -> list[str]:
         except OSError as e:
             raise OutputDirError(f"{path}: cannot remove the previous run's output ({e.strerror or e})") from None
     return removed
-
-
-def record_outputs(out: str | Path, command: str, outputs: list[str]) -> None:
-    """Note in ``out/.siftlens-outputs.json`` which files this run of ``command`` wrote."""
-    out = Path(out)
-    rec = _read_record(out)
-    rec[command] = {"outputs": sorted(outputs), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out / RECORD_NAME, rec)
 
 
 def holds_out_lock(command: str) -> Callable[[F], F]:

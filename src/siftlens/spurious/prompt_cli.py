@@ -11,7 +11,7 @@ from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
-from ..runguard import COMMAND_OUTPUTS, holds_out_lock, record_outputs, retire_outputs
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
 from ..validation import check_finite_output, check_finite_parameters
 from .discover import ShortcutMasker
 from .run import load_inputs, read_labels
@@ -66,9 +66,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         df["label"] = y[keep]
         summary["accuracy_before"] = float((df.pred_before == df.label).mean())
         summary["accuracy_after"] = float((df.pred_after == df.label).mean())
-    summary["outputs"] = list(COMMAND_OUTPUTS["prompt"])
+    summary["command"], summary["outputs"] = "prompt", list(COMMAND_OUTPUTS["prompt"])
     retire_outputs(out, "prompt")
     atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
-    record_outputs(out, "prompt", summary["outputs"])
     return summary

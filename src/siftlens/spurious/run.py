@@ -19,7 +19,7 @@ from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ens
 from ..models import LoadedModel, load_model  # noqa: E402
 from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
 from ..report import CSS  # noqa: E402
-from ..runguard import COMMAND_OUTPUTS, holds_out_lock, record_outputs, retire_outputs  # noqa: E402
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs  # noqa: E402
 from ..validation import check_finite_output, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
@@ -192,5 +192,4 @@ def _write_outputs(out: Path, res: DiscoveryResult, x: torch.Tensor, lm: LoadedM
     atomic_write_json(out / "manifest.json", {"model": lm.name, "classes": res.class_names,
                                               "n_images": len(res.per_image), "skipped": skipped,
                                               "shortcut_words": res.shortcut_words,
-                                              "outputs": list(COMMAND_OUTPUTS["spurious"])})
-    record_outputs(out, "spurious", list(COMMAND_OUTPUTS["spurious"]))
+                                              "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
