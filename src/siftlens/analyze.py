@@ -10,7 +10,7 @@ Outputs in ``out``:
   manifest.json      model, preprocessing, options, versions, counts, skipped inputs + reasons
   report.html        self-contained report
 While running, finished batches live in ``.parts/`` (one atomic part per batch; removed after the
-merge): that is what makes a killed run resumable and a torchrun run mergeable.
+merge and the report): that is what makes a killed run resumable and a torchrun run mergeable.
 """
 
 from __future__ import annotations
