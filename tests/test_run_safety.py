@@ -436,3 +436,49 @@ def test_hf_path_that_does_not_exist(tmp_path, capsys):
 
 def test_bundled_images_are_still_found():
     assert len(list(default_images().glob("*.jpg"))) == 8
+
+
+# --- 6. user errors in one line, bugs with their traceback --------------------------------------------
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, TINY):
+    import importlib
+
+    analyze_mod = importlib.import_module("siftlens.analyze")  # the package re-exports analyze()
+
+    def bug(*_a, **_k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(analyze_mod, "rows_from_layers", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["analyze", *TINY, *FAST, "--limit", "1", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # released on any exception
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["analyze", "--device", "nonsense"], "--device nonsense: not a device"),
+    (["analyze", "--device", "cuda:7" if torch.cuda.device_count() < 8 else "mps"], "--device"),
+    (["spurious", "--images", "x", "--layers", "3,x"], "argument --layers"),
+])
+def test_more_user_errors_are_one_line(tmp_path, capsys, args, needle):
+    assert needle in one_line_error(capsys, *args, "--out", tmp_path / "out")
+
+
+def test_corrupt_run_files_are_one_line_errors(tmp_path, capsys, TINY):
+    run_a = tmp_path / "a"
+    assert run(capsys, "analyze", *TINY, *FAST, "--limit", "2", "--no-report", "--out", run_a)[0] == 0
+    run_b = tmp_path / "b"
+    run_b.mkdir()
+    for name in ("manifest.json", "per_image.parquet", "images.parquet", "lift.npz"):
+        (run_b / name).write_bytes((run_a / name).read_bytes())
+    (run_b / "images.parquet").write_bytes(b"PAR1 truncated")
+    msg = one_line_error(capsys, "compare", run_a, run_b, "--out", tmp_path / "cmp")
+    assert str(run_b) in msg and "not a readable" in msg
+    words = tmp_path / "motifs"
+    words.mkdir()
+    (words / "shortcut_words.npz").write_bytes(b"PK\x03\x04 not a zip")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    png(imgs / "0.png")
+    msg = one_line_error(capsys, "prompt", *TINY, "--images", imgs, "--labels", "none", "--method", "mask_tokens",
+                         "--motifs", words, "--out", tmp_path / "p")
+    assert "shortcut_words.npz: not a readable shortcut-words file" in msg

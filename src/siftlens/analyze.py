@@ -60,7 +60,14 @@ from .semantic_maps import (
     keypoint_maps,
 )
 from .stats import BatchMaps, RolloutState, Workspace, layer_statistics, prepare_maps
-from .validation import check_finite_attention, check_finite_output, check_finite_parameters, check_model_accepts_input
+from .validation import (
+    UserRuntimeError,
+    UserValueError,
+    check_finite_attention,
+    check_finite_output,
+    check_finite_parameters,
+    check_model_accepts_input,
+)
 
 KEYPOINT_DETECTORS = ("opencv", "kornia")
 
@@ -270,14 +277,14 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
             raise TypeError(f"analyze() got an unknown option {k!r}")
         setattr(cfg, k, v)
     if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+        raise UserValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
     if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
-        raise ValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
+        raise UserValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
     if cfg.keypoint_detector == "kornia":
         try:
             from . import keypoints_kornia  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(str(e)) from e
+            raise UserRuntimeError(str(e)) from e
     map_cfg = cfg.map_config()
     rank, world = _distributed_setup(cfg)
     t_start = time.time()
@@ -363,7 +370,7 @@ class BatchRunner:
         layout = self.layout
         check_finite_attention(idx, attn, self.lm.name)  # before any statistic: NaN never reaches a p-value
         if attn.shape[-1] != layout.num_tokens:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"{self.lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
                 f"model says {layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches = "
                 f"{layout.num_tokens}; this architecture's token layout is not supported")
@@ -437,7 +444,7 @@ class BatchRunner:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits = lm.forward(batch["x"].to(cfg.device))
         if self.capture.calls == calls_before:
-            raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+            raise UserRuntimeError(f"{lm.name}: the forward pass produced no attention maps")
         check_finite_output(logits, lm.name)
         with torch_threads(self.stats_threads):
             return self._finish(batch, paths, part, ids, maps, logits, keep_ex, keep_full)
@@ -545,7 +552,7 @@ def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
             return
         if old != fingerprint:
             diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k))
-            raise RuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
+            raise UserRuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
                                "use another --out or delete its .parts directory to start over")
         return
     parts.mkdir(parents=True, exist_ok=True)
@@ -576,7 +583,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         for b in range(n_batches):
             name = _part_name(b)
             if not _part_done(parts, b):
-                raise RuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
+                raise UserRuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
             meta = json.loads((parts / f"{name}.json").read_text())
             skipped += meta["skipped"]
             image_rows += meta["images"]
@@ -595,7 +602,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                 if "full_maps" in z and sum(len(f[0]) for f in full_parts) < cfg.keep_full_maps:
                     full_parts.append((z["full_maps"], z["full_index"]))
         if writer is None:
-            raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
+            raise UserRuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
                                f"first error: {skipped[0]['reason'] if skipped else 'none'}")
         retire_outputs(out, "analyze")  # the previous run's outputs go first: never a mixture of two runs
     images_df = pd.DataFrame(image_rows)

@@ -134,7 +134,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _parse_layers(text: str) -> str | list[int]:
     """'late' / 'all' / ... stay names; '3,4,-1' becomes a list of layer indices."""
-    return [int(v) for v in text.split(",")] if text.lstrip("-")[:1].isdigit() else text
+    if not text.lstrip("-")[:1].isdigit():
+        return text
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer indices, e.g. 3,4,-1") from None
 
 
 def _spurious_parser(sub) -> None:
@@ -144,7 +149,8 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
     p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
     p.add_argument("--out", default="siftlens_spurious")
-    p.add_argument("--layers", default="all", help="all | late | middle | early | comma-separated layer indices")
+    p.add_argument("--layers", type=_parse_layers, default="all",
+                   help="all | late | middle | early | comma-separated layer indices")
     p.add_argument("--decisive", choices=["mean", "rollout"], default="mean",
                    help="decisive attention: CLS row averaged over --layers, or attention rollout up to the last")
     p.add_argument("--words", type=int_range(2, 4096), default=64, 
@@ -163,7 +169,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
-    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), decisive=args.decisive, n_words=args.words, seed=args.seed,
+    cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
@@ -188,7 +194,8 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--method", default="sift_bias",
                    choices=("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask",
                             "sift_suppress_lowconc", "edge_suppress_lowconc"))
-    p.add_argument("--layers", default="late", help="late | middle | early | all | comma-separated indices")
+    p.add_argument("--layers", type=_parse_layers, default="late",
+                   help="late | middle | early | all | comma-separated indices")
     p.add_argument("--beta", type=finite_float, default=1.0, help="steering strength")
     p.add_argument("--motifs", default=None,
                    help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask)")
@@ -202,7 +209,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
     from .spurious.prompt_cli import run_prompt
 
     summary = run_prompt(args.model, args.images, args.out, method=args.method,
-                         layers=_parse_layers(args.layers), beta=args.beta,
+                         layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
     print(json.dumps(summary, indent=1))
@@ -313,20 +320,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can cause: print one line naming the input and the cause, exit 2.
+# Errors a user can cause: print one line naming the input and the cause, exit 2. Every other exception
+# is a bug in siftlens (or in a library it calls) and keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .capture import NoAttentionLayersError
-    from .io import OutputDirError
-    from .models import ModelSpecError
-    from .preprocess import BadImageError
+    import torch
+
     from .validation import UserError
 
-    return (UserError, ModelSpecError, NoAttentionLayersError, OutputDirError, BadImageError, OSError,
-            ValueError, RuntimeError)
+    # UserError: bad arguments, model, images, data or output state (validation.py); OSError: disk full,
+    # permissions, vanished files (named by path); out of memory: too large a batch or input size
+    return (UserError, OSError, MemoryError, torch.OutOfMemoryError)
+
+
+def _is_cpu_out_of_memory(e: BaseException) -> bool:
+    """torch's CPU allocator reports a failed allocation as a plain RuntimeError."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("DefaultCPUAllocator", "not enough memory"))
 
 
 def _one_line(e: BaseException) -> str:
     """The error as one line; an OSError names its file (disk full, permission, vanished file)."""
+    if isinstance(e, (MemoryError,)) or type(e).__name__ == "OutOfMemoryError":
+        return f"out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or the input size"
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e.strerror or ""):
         text = f"{e.filename}: {e.strerror or e}"
     else:
@@ -340,9 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or an argument error already printed in one line
         return e.code if isinstance(e.code, int) else 2
     try:
+        if getattr(args, "device", None):
+            from .validation import check_device
+
+            check_device(args.device)
         return args.func(args)
     except _user_errors() as e:
         print(f"siftlens {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not _is_cpu_out_of_memory(e):
+            raise
+        print(f"siftlens {args.command}: error: out of memory ({_one_line(e)}); lower --batch-size or the input "
+              "size", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,16 +22,29 @@ from .dataset_stats import bootstrap_mean_ci, layer_curve, lift_matrices, per_im
 from .io import atomic_path, atomic_write_text, ensure_writable_dir  # noqa: E402
 from .report import CSS, _pick_layers, _png  # noqa: E402
 from .runguard import holds_out_lock, retire_outputs  # noqa: E402
+from .validation import UserValueError  # noqa: E402
 
 
 def _load(run: Path, column: str) -> tuple[pd.DataFrame, dict]:
+    try:
+        return _read_run(run, column)
+    except (UserValueError, OSError):
+        raise
+    except Exception as e:  # a corrupt Parquet or JSON file of that run
+        raise UserValueError(f"{run}: not a readable `siftlens analyze` output ({type(e).__name__}: {e})") from None
+
+
+def _read_run(run: Path, column: str) -> tuple[pd.DataFrame, dict]:
     if not (run / "manifest.json").is_file() or not (run / "per_image.parquet").is_file():
         raise FileNotFoundError(f"{run}: not a finished `siftlens analyze` output (no manifest.json/per_image.parquet)")
-    manifest = json.loads((run / "manifest.json").read_text())
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except ValueError as e:
+        raise UserValueError(f"{run}/manifest.json: not readable JSON ({e})") from None
     try:
         per_image = pd.read_parquet(run / "per_image.parquet", columns=["image_id", "layer", "head", column])
     except Exception as e:
-        raise ValueError(f"{run}: per_image.parquet has no column {column!r} ({e})") from None
+        raise UserValueError(f"{run}: per_image.parquet has no column {column!r} ({e})") from None
     images = pd.read_parquet(run / "images.parquet", columns=["image_id", "path"])
     return per_image.merge(images, on="image_id"), manifest
 
@@ -113,8 +126,14 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
     parts.append(f"<img src='{_png(fig)}'>")
     lifts = []
     for run in (run_a, run_b):
-        z = np.load(run / "lift.npz")
-        lifts.append(np.nanmean(lift_matrices(z["obs"], z["exp"]), axis=1))  # [L, G, G]
+        try:
+            z = np.load(run / "lift.npz")
+            obs, exp = z["obs"], z["exp"]
+        except OSError:
+            raise
+        except Exception as e:
+            raise UserValueError(f"{run}/lift.npz: not readable ({type(e).__name__}: {e})") from None
+        lifts.append(np.nanmean(lift_matrices(obs, exp), axis=1))  # [L, G, G]
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.4), squeeze=False)
     for r, (lift, name) in enumerate(zip(lifts, (name_a, name_b))):
         for c, layer in enumerate(_pick_layers(len(lift))):

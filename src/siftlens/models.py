@@ -20,9 +20,10 @@ from torch import nn
 from .bundled_model import BUNDLED_NAME, IMAGENETTE_NAMES, load_bundled_model
 from .capture import ATTENTION_FINDERS, NoAttentionLayersError, TokenLayout, detect_backend
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .validation import UserValueError
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserValueError):
     """A model spec or checkpoint that cannot be loaded; the message says which and why."""
 
 
@@ -258,12 +259,12 @@ def _load_exported_timm(path: Path) -> LoadedModel:
     try:
         meta = json.loads(meta_path.read_text())
         model = timm.create_model(meta["timm_arch"], pretrained=False, **meta.get("timm_kwargs", {}))
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
+                         meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as e:
         raise ModelSpecError(f"--model {path}: {meta_path.name} does not describe a timm model "
                              f"({type(e).__name__}: {e})") from None
     _load_weights(model, path, f"{meta['timm_arch']} from {meta_path.name}")
-    pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
-                     meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
     labels = meta.get("label_names") if getattr(model, "num_classes", 0) else None  # an encoder has no head
     return LoadedModel(model, "timm", str(path), pre, labels, {"checkpoint": str(path), "exported": meta_path.name})
 

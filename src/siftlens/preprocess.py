@@ -17,6 +17,8 @@ from PIL import __version__ as PIL_VERSION
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .validation import UserValueError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,7 +41,7 @@ PILLOW_SUFFIXES = _readable_suffixes()
 IMAGE_SUFFIXES = PILLOW_SUFFIXES | COMMON_IMAGE_SUFFIXES
 
 
-class BadImageError(ValueError):
+class BadImageError(UserValueError):
     """An input image that cannot be analysed; the message names the file and the cause."""
 
 

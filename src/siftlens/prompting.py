@@ -67,6 +67,7 @@ from torch import nn
 from .capture import ATTENTION_FINDERS, TokenLayout
 from .models import LoadedModel
 from .semantic_maps import MapConfig, compute_maps, concentration, edge_density
+from .validation import UserValueError
 
 METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask", "sift_suppress_lowconc",
            "edge_suppress_lowconc")
@@ -100,7 +101,7 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
         if layers == "middle":
             mid = list(range(k, L - k))
             return mid if mid else [L // 2]
-        raise ValueError(f"layers={layers!r}: use a list of indices or one of {LAYER_PRESETS}")
+        raise UserValueError(f"layers={layers!r}: use a list of indices or one of {LAYER_PRESETS}")
     out = set()
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):

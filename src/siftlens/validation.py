@@ -19,7 +19,15 @@ class UserError(Exception):
     """An error caused by the user's input; the message names the input and the cause."""
 
 
-class NonFiniteError(UserError, ValueError):
+class UserValueError(UserError, ValueError):
+    """A user error that is also a ValueError (what the library raised before UserError existed)."""
+
+
+class UserRuntimeError(UserError, RuntimeError):
+    """A user error that is also a RuntimeError."""
+
+
+class NonFiniteError(UserValueError):
     """NaN or Inf in a model's parameters, attention or output."""
 
 
@@ -51,16 +59,30 @@ def check_finite_output(logits: torch.Tensor, model_name: str) -> None:
                              "weights non-finite or too large?); nothing was written for this batch")
 
 
+def check_device(device: str) -> None:
+    """--device names a device torch knows and that exists here (no traceback from deep inside torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserValueError(f"--device {device}: not a device ({e})") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}.get(dev.type)
+    if available is None or not available():
+        raise UserValueError(f"--device {device}: not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def check_input_size(lm, input_size: tuple[int, int] | None) -> None:
     """The model input must be a whole number of patches (unless the model pads itself) and at least one."""
     H, W = lm.preprocess.input_size
     p = lm.patch_size
     what = f"--input-size {H} {W}" if input_size is not None else f"the model's input size {H}x{W}"
     if H < p or W < p:
-        raise UserError(f"{what}: smaller than one {p}-px patch of {lm.name}")
+        raise UserValueError(f"{what}: smaller than one {p}-px patch of {lm.name}")
     pads = lm.backend == "timm" and getattr(getattr(lm.module, "patch_embed", None), "dynamic_img_pad", False)
     if not pads and (H % p or W % p):
-        raise UserError(f"{what}: not divisible by the patch size {p} of {lm.name} (try "
+        raise UserValueError(f"{what}: not divisible by the patch size {p} of {lm.name} (try "
                         f"{max(p, H // p * p)} {max(p, W // p * p)})")
 
 
@@ -75,4 +97,4 @@ def check_model_accepts_input(lm, device: str, input_size: tuple[int, int] | Non
     except (RuntimeError, AssertionError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = f"--input-size {H} {W}" if input_size is not None else f"input size {H}x{W}"
-        raise UserError(f"--model {lm.name} does not accept {what} ({type(e).__name__}: {first})") from None
+        raise UserValueError(f"--model {lm.name} does not accept {what} ({type(e).__name__}: {first})") from None

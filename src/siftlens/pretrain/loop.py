@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from ..runguard import OutputLock
-from ..validation import NonFiniteError, UserError
+from ..validation import NonFiniteError, UserValueError
 from .data import PretrainData, load_pretrain_data
 from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from .figures import masks_figure
@@ -80,17 +80,17 @@ class PretrainConfig:
             self.model = MAEConfig(**self.model)
         self.crop_scale = tuple(self.crop_scale)
         if self.masking not in MASKINGS:
-            raise ValueError(f"--masking {self.masking!r} is not one of {MASKINGS}")
+            raise UserValueError(f"--masking {self.masking!r} is not one of {MASKINGS}")
         if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+            raise UserValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.stored_size < self.model.img_size:
-            raise ValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
+            raise UserValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
         m = self.model
         for what, n, d in (("--img-size", m.img_size, ("--patch-size", m.patch_size)),
                            ("--embed-dim", m.embed_dim, ("--heads", m.num_heads)),
                            ("--decoder-dim", m.decoder_dim, ("--decoder-heads", m.decoder_heads))):
             if n % d[1]:
-                raise UserError(f"{what} {n} is not divisible by {d[0]} {d[1]}")
+                raise UserValueError(f"{what} {n} is not divisible by {d[0]} {d[1]}")
 
     # what must match for a resume to continue the same run
     def identity(self) -> dict:
@@ -124,7 +124,7 @@ class Pretrainer:
         self.cfg = cfg
         self.rank, self.world = _dist_info()
         if cfg.batch_size % self.world:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+            raise UserValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
         self.out = Path(cfg.out)
         if self.rank == 0:
             ensure_writable_dir(self.out)
@@ -144,7 +144,7 @@ class Pretrainer:
                 self.data.train_labels = self.data.train_labels[keep]
         n = len(self.data.train)
         if n < cfg.batch_size:
-            raise ValueError(f"--data {cfg.data}: {n} training images, fewer than one batch ({cfg.batch_size})")
+            raise UserValueError(f"--data {cfg.data}: {n} training images, fewer than one batch ({cfg.batch_size})")
         self.steps_per_epoch = n // cfg.batch_size  # drop_last, as MAE
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.grid = cfg.model.img_size // cfg.model.patch_size
@@ -240,11 +240,11 @@ class Pretrainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
+            raise UserValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
                              "delete it to start over") from None
         if ck["config"] != self.cfg.identity():
             diff = sorted(k for k in ck["config"] if ck["config"].get(k) != self.cfg.identity().get(k))
-            raise ValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
+            raise UserValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
                              "use another --out or delete its checkpoint.pt")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])

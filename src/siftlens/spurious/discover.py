@@ -29,6 +29,7 @@ from ..capture import AttentionCapture
 from ..io import atomic_write_npz
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
+from ..validation import UserValueError
 
 DECISIVE = ("mean", "rollout")
 
@@ -62,11 +63,11 @@ def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
         choice = {"late": range(num_layers - third, num_layers), "middle": range(third, num_layers - third),
                   "early": range(third), "all": range(num_layers), "last": range(num_layers - 1, num_layers)}
         if layers not in choice:
-            raise ValueError(f"layers must be a list of ints or one of {sorted(choice)}, got {layers!r}")
+            raise UserValueError(f"layers must be a list of ints or one of {sorted(choice)}, got {layers!r}")
         return list(choice[layers])
     bad = [i for i in layers if not -num_layers <= i < num_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {num_layers} attention layers")
+        raise UserValueError(f"layers {bad} out of range for a model with {num_layers} attention layers")
     return [i % num_layers for i in layers]  # negative indices count from the last layer
 
 
@@ -145,7 +146,7 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
         raise ValueError(f"decisive attention {how!r} is not one of {DECISIVE}")
     layout = lm.layout(tuple(x.shape[-2:]))
     if layout.cls_index is None:
-        raise ValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
+        raise UserValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
     rows: list[torch.Tensor] = []
     rollout = RolloutState()
 
@@ -203,18 +204,25 @@ class ShortcutMasker:
         self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
         expected = descriptor_dim(colour_weight, orientation_weight)
         if centroids.ndim != 2 or centroids.shape[1] != expected:
-            raise ValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors of "
-                             f"{expected} dimensions (colour weight {colour_weight}, orientation {orientation_weight})")
+            raise UserValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors "
+                                 f"of {expected} dimensions (colour weight {colour_weight}, orientation "
+                                 f"{orientation_weight})")
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> ShortcutMasker:
-        with np.load(path) as z:
-            if not {"centroids", "words"} <= set(z.files):
-                raise ValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
-                                 "written by `siftlens spurious` as shortcut_words.npz)")
-            weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
-            fixed = z["fixed_tokens"] if "fixed_tokens" in z.files else None
-            return cls(lm, z["centroids"], [int(w) for w in z["words"]], *map(float, weights), fixed_tokens=fixed)
+        try:
+            with np.load(path) as z:
+                if not {"centroids", "words"} <= set(z.files):
+                    raise UserValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
+                                         "written by `siftlens spurious` as shortcut_words.npz)")
+                weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
+                fixed = z["fixed_tokens"] if "fixed_tokens" in z.files else None
+                centroids, words = z["centroids"], [int(w) for w in z["words"]]
+        except UserValueError:
+            raise
+        except Exception as e:  # truncated zip, pickled arrays (refused), wrong dtypes: a broken file
+            raise UserValueError(f"{path}: not a readable shortcut-words file ({type(e).__name__}: {e})") from None
+        return cls(lm, centroids, words, *map(float, weights), fixed_tokens=fixed)
 
     def _fixed_on(self, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.fixed_tokens is None or not self.fixed_tokens.any():
@@ -250,7 +258,7 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
         x = images[s:s + batch_size]
         a, logits = decisive_attention(lm, x, layers, decisive)
         if logits.dim() != 2 or logits.shape[1] < 2:
-            raise ValueError(f"{lm.name}: has no classifier head (output shape {tuple(logits.shape)})")
+            raise UserValueError(f"{lm.name}: has no classifier head (output shape {tuple(logits.shape)})")
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
@@ -289,7 +297,7 @@ def discover_shortcuts(lm: LoadedModel, images: torch.Tensor, labels: np.ndarray
     K = probs.shape[1]
     class_names = class_names or [str(k) for k in range(K)]
     if not len(D):
-        raise ValueError("no SIFT keypoints in any image: nothing to discover")
+        raise UserValueError("no SIFT keypoints in any image: nothing to discover")
 
     # describe only keypoints under the decisive attention: the words are then the attended motifs
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]

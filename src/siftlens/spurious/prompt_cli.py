@@ -12,7 +12,7 @@ from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
-from ..validation import check_finite_output, check_finite_parameters
+from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .discover import ShortcutMasker
 from .run import load_inputs, read_labels
 
@@ -25,13 +25,13 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     """Write predictions.parquet (before/after) and summary.json; return the summary."""
     out = ensure_writable_dir(out)
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {batch_size})")
+        raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
     token_mask_fn = None
     if method in TOKEN_MASK_METHODS:
         if motifs is None:
-            raise ValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
+            raise UserValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
         words = Path(motifs) / "shortcut_words.npz"
         if not words.is_file():
             raise FileNotFoundError(f"--motifs {motifs}: no shortcut_words.npz (run `siftlens spurious` first)")

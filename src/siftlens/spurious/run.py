@@ -20,7 +20,7 @@ from ..models import LoadedModel, load_model  # noqa: E402
 from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
 from ..report import CSS  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs  # noqa: E402
-from ..validation import check_finite_output, check_finite_parameters  # noqa: E402
+from ..validation import UserValueError, check_finite_output, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -34,20 +34,23 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
     """Labels from a CSV (columns path,label) or, with labels=None, from ImageFolder directory names."""
     if labels is None:
         if root is None or not root.is_dir():
-            raise ValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
+            raise UserValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
         names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in images]
         if any(n is None for n in names):
-            raise ValueError(f"--images {root}: files directly in the root have no class folder; pass --labels CSV")
+            raise UserValueError(f"--images {root}: files directly in the root have no class folder; pass --labels CSV")
     else:
-        df = pd.read_csv(labels)
+        try:
+            df = pd.read_csv(labels)
+        except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+            raise UserValueError(f"--labels {labels}: not a readable CSV ({type(e).__name__}: {e})") from None
         if not {"path", "label"} <= set(df.columns):
-            raise ValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
+            raise UserValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
         by_path = {str(Path(p)): str(lab) for p, lab in zip(df["path"], df["label"])}
         by_name = {Path(p).name: str(lab) for p, lab in zip(df["path"], df["label"])}
         names = [by_path.get(str(p), by_name.get(p.name)) for p in images]
         missing = [str(p) for p, n in zip(images, names) if n is None]
         if missing:
-            raise ValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
+            raise UserValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
                              f"(first: {missing[0]})")
     classes = sorted(set(names))
     return np.array([classes.index(n) for n in names]), classes
@@ -63,7 +66,7 @@ def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tenso
         except BadImageError as e:
             skipped.append({"path": str(p), "reason": str(e)})
     if not xs:
-        raise ValueError(f"--images {source}: no readable image")
+        raise UserValueError(f"--images {source}: no readable image")
     return torch.stack(xs), keep, skipped
 
 
@@ -84,12 +87,12 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     counts = np.bincount(y, minlength=len(class_names))
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
     if small:
-        raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
+        raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     with torch.no_grad():
         logits = lm.forward(x[:1])
     check_finite_output(logits, lm.name)
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
+        raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
                          "discovery needs class logits")
     res = discover_shortcuts(lm, x, y, class_names, cfg)
     try:
