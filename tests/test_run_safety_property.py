@@ -138,6 +138,8 @@ def test_analyze_writes_complete_outputs_or_one_line_error(tiny_model_args, caps
         capsys.readouterr()
         try:
             rc = main(argv)
+        except SystemExit as e:  # argparse: an argument error, already printed in one line
+            rc = e.code
         finally:
             torch.set_num_threads(old_threads)
         cap = capsys.readouterr()

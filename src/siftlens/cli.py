@@ -332,9 +332,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, OSError, MemoryError, torch.OutOfMemoryError)
 
 
-def _is_cpu_out_of_memory(e: BaseException) -> bool:
-    """torch's CPU allocator reports a failed allocation as a plain RuntimeError."""
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("DefaultCPUAllocator", "not enough memory"))
+def _is_environment_failure(e: BaseException) -> bool:
+    """RuntimeErrors that report the machine, not a bug: a failed CPU allocation, a DataLoader worker killed
+    (usually by the out-of-memory killer), a CUDA error."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in (
+        "DefaultCPUAllocator", "not enough memory", "out of memory", "DataLoader worker", "CUDA error"))
 
 
 def _one_line(e: BaseException) -> str:
@@ -349,10 +351,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or an argument error already printed in one line
-        return e.code if isinstance(e.code, int) else 2
+    args = build_parser().parse_args(argv)  # argument errors: one line and SystemExit(2) (argtypes.py)
     try:
         if getattr(args, "device", None):
             from .validation import check_device
@@ -363,10 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"siftlens {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if not _is_cpu_out_of_memory(e):
+        if not _is_environment_failure(e):
             raise
-        print(f"siftlens {args.command}: error: out of memory ({_one_line(e)}); lower --batch-size or the input "
-              "size", file=sys.stderr)
+        print(f"siftlens {args.command}: error: {_one_line(e)} (out of memory? lower --batch-size, --workers or the "
+              "input size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

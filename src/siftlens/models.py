@@ -153,7 +153,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, checkpoint: str | Path, name: str) -> None:
     sd = load_state_dict_file(checkpoint)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches are errors even with strict=False
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelSpecError(f"--checkpoint {checkpoint} does not match {name}: {' '.join(lines[1:3]) or lines[0]}"
+                             + (" ..." if len(lines) > 3 else "")) from None
     if missing or unexpected:
         raise ModelSpecError(
             f"--checkpoint {checkpoint} does not match {name}: missing {missing[:5]}"

@@ -67,7 +67,7 @@ from torch import nn
 from .capture import ATTENTION_FINDERS, TokenLayout
 from .models import LoadedModel
 from .semantic_maps import MapConfig, compute_maps, concentration, edge_density
-from .validation import UserValueError
+from .validation import UserIndexError, UserValueError
 
 METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask", "sift_suppress_lowconc",
            "edge_suppress_lowconc")
@@ -107,7 +107,7 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"layers must be integers, got {i!r}")
         if not -L <= int(i) < L:
-            raise IndexError(f"attention layer {int(i)} out of range for a model with {L} attention layers")
+            raise UserIndexError(f"attention layer {int(i)} out of range for a model with {L} attention layers")
         out.add(int(i) % L)
     return sorted(out)
 

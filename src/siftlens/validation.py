@@ -27,6 +27,10 @@ class UserRuntimeError(UserError, RuntimeError):
     """A user error that is also a RuntimeError."""
 
 
+class UserIndexError(UserError, IndexError):
+    """A user error that is also an IndexError (a layer index out of range)."""
+
+
 class NonFiniteError(UserValueError):
     """NaN or Inf in a model's parameters, attention or output."""
 
