@@ -506,3 +506,31 @@ def test_corrupt_run_files_are_one_line_errors(tmp_path, capsys, TINY):
     msg = one_line_error(capsys, "prompt", *TINY, "--images", imgs, "--labels", "none", "--method", "mask_tokens",
                          "--motifs", words, "--out", tmp_path / "p")
     assert "shortcut_words.npz: not a readable shortcut-words file" in msg
+
+
+# --- the same rules for the other commands ------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ["spurious", "--images", "x"], ["prompt", "--images", "x"], ["compare", "a", "b"], ["pretrain", "--data", "x"]])
+def test_every_command_respects_the_lock(tmp_path, capsys, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out, "analyze"):
+        msg = one_line_error(capsys, *command, "--out", out)
+    assert "in use by another siftlens run (analyze, pid" in msg
+
+
+def test_pretrain_stops_on_a_non_finite_loss(tmp_path):
+    from siftlens.pretrain.loop import pretrain
+    from siftlens.validation import NonFiniteError
+
+    from .test_pretrain import synthetic_npz, tiny_cfg
+
+    npz = synthetic_npz(tmp_path / "toy.npz", n=48)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="training loss is (nan|inf)"):
+        pretrain(tiny_cfg(npz, out, epochs=3, lr=1e30, warmup_epochs=0, eval_every=0, checkpoint_every=1))
+    assert not (out / "encoder.safetensors").exists() and not (out / LOCK_NAME).exists()
+    if (out / "checkpoint.pt").exists():  # whatever was checkpointed before the loss diverged is finite
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
