@@ -534,3 +534,14 @@ def test_pretrain_stops_on_a_non_finite_loss(tmp_path):
     if (out / "checkpoint.pt").exists():  # whatever was checkpointed before the loss diverged is finite
         ck = torch.load(out / "checkpoint.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("option, value", [("groups", 1000), ("limit", -1), ("seed", -1), ("batch_size", 0),
+                                           ("null_permutations", -5), ("keep_full_maps", -1)])
+def test_library_callers_get_the_same_ranges(tmp_path, option, value):
+    from siftlens.analyze import analyze
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match=f"--{option.replace('_', '-')}: {value} is out of range"):
+        analyze("timm:vit_tiny_patch16_224", out=tmp_path / "out", random_init=True, **{option: value})
+    assert not (tmp_path / "out").exists()

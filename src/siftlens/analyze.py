@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
+from .argtypes import analyze_option_types, check_ranges
 from .capture import AttentionCapture, TokenLayout
 from .io import (
     atomic_path,
@@ -276,8 +277,7 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         if not hasattr(cfg, k):
             raise TypeError(f"analyze() got an unknown option {k!r}")
         setattr(cfg, k, v)
-    if cfg.batch_size < 1:
-        raise UserValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+    check_ranges(asdict(cfg), analyze_option_types())  # what the CLI checks at parse time, for library callers
     if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
         raise UserValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
     if cfg.keypoint_detector == "kornia":

@@ -9,6 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 
+# Ranges with a reason beyond "must be positive" (docs/CHOICES.md, "Arguments"):
+MAX_GROUPS = 16  # G x G lift columns per row of per_image.parquet; finer bins hold a handful of patches
+MAX_SIDE = 1024  # attention memory grows with (H*W / p^2)^2: 1024 px at p = 16 is 4096 tokens, 800 MB per layer
+MAX_PERMUTATIONS = 10_000  # p-values resolved to 1e-4; memory of the null grows linearly in K
+MAX_EXAMPLES = 64  # images drawn in the report's example figure
+MAX_FULL_MAPS = 256  # [layers, heads, T, T] float16 each: ~11 MB per image for ViT-B/16 at 224 px
+
 
 class _Number:
     """A callable argparse type: parse ``kind`` and check lo <= v <= hi (or lo < v with open_lo)."""
@@ -69,6 +76,27 @@ def float_range(lo: float | None = None, hi: float | None = None, open_lo: bool 
 finite_float = float_range()
 positive_float = float_range(0.0, open_lo=True)
 non_negative_float = float_range(0.0)
+
+
+def check_ranges(values: dict[str, object], types: dict[str, _Number]) -> None:
+    """The same checks for library callers: raise UserValueError naming the option (``--flag-name``)."""
+    from .validation import UserValueError
+
+    for name, t in types.items():
+        v = values.get(name)
+        if v is None:
+            continue
+        try:
+            t(str(v))
+        except argparse.ArgumentTypeError as e:
+            raise UserValueError(f"--{name.replace('_', '-')}: {e}") from None
+
+
+def analyze_option_types() -> dict[str, _Number]:
+    """The range of every numeric AnalyzeConfig field (the CLI uses the same types)."""
+    return {"groups": int_range(2, MAX_GROUPS), "batch_size": positive_int, "workers": int_range(0, 64),
+            "limit": positive_int, "seed": SEED, "null_permutations": int_range(0, MAX_PERMUTATIONS),
+            "examples": int_range(0, MAX_EXAMPLES), "keep_full_maps": int_range(0, MAX_FULL_MAPS)}
 
 
 def add_ranges_to_help(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,11 @@ import os
 import sys
 
 from .argtypes import (
+    MAX_EXAMPLES,
+    MAX_FULL_MAPS,
+    MAX_GROUPS,
+    MAX_PERMUTATIONS,
+    MAX_SIDE,
     SEED,
     OneLineErrorParser,
     add_ranges_to_help,
@@ -20,13 +25,6 @@ from .argtypes import (
     positive_int,
 )
 from .semantic_maps import MAP_MODES, SiftParams
-
-# Ranges with a reason beyond "must be positive" (docs/CHOICES.md, "Arguments"):
-MAX_GROUPS = 16  # G x G lift columns per row of per_image.parquet; finer bins hold a handful of patches
-MAX_SIDE = 1024  # attention memory grows with (H*W / p^2)^2: 1024 px at p = 16 is 4096 tokens, 800 MB per layer
-MAX_PERMUTATIONS = 10_000  # p-values resolved to 1e-4; memory of the null grows linearly in K
-MAX_EXAMPLES = 64  # images drawn in the report's example figure
-MAX_FULL_MAPS = 256  # [layers, heads, T, T] float16 each: ~11 MB per image for ViT-B/16 at 224 px
 
 
 def _analyze_parser(sub) -> None:
