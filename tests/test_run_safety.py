@@ -545,3 +545,21 @@ def test_library_callers_get_the_same_ranges(tmp_path, option, value):
     with pytest.raises(UserValueError, match=f"--{option.replace('_', '-')}: {value} is out of range"):
         analyze("timm:vit_tiny_patch16_224", out=tmp_path / "out", random_init=True, **{option: value})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["part_parquet", "run_json"])
+def test_damaged_resume_state_is_a_one_line_error(tmp_path, capsys, monkeypatch, TINY, damage):
+    import importlib
+
+    analyze_mod = importlib.import_module("siftlens.analyze")
+    out = tmp_path / "out"
+    args = ["analyze", *TINY, *FAST, "--limit", "3", "--batch-size", "2", "--no-report", "--out", out]
+    monkeypatch.setattr(analyze_mod, "_merge_parts", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli(*args) == 130  # interrupted before the merge: the parts stay
+    capsys.readouterr()
+    monkeypatch.undo()
+    target = out / ".parts" / ("part-0000001.parquet" if damage == "part_parquet" else "run.json")
+    target.write_bytes(b"damaged")
+    msg = one_line_error(capsys, *args)
+    assert str(out / ".parts") in msg
+    assert not leftovers(out) and not (out / "manifest.json").exists() and not (out / LOCK_NAME).exists()

@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -542,21 +543,28 @@ def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
         try:
             old = json.loads(run_file.read_text())
         except ValueError:
-            old = None
+            old = {}  # unreadable: cannot be resumed, so it is another run
         if old != fingerprint and not _has_finished_batch(parts):
             shutil.rmtree(parts)  # a failed run that analysed nothing holds nothing worth resuming
-            old = None
-        if old is None:
-            parts.mkdir(parents=True, exist_ok=True)
+            parts.mkdir(parents=True)
             atomic_write_json(run_file, fingerprint)
             return
         if old != fingerprint:
-            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k))
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k)) if old else \
+                [f"settings ({run_file} is unreadable)"]
             raise UserRuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
                                "use another --out or delete its .parts directory to start over")
         return
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, fingerprint)
+
+
+def _read_part(parts: Path, name: str) -> tuple[dict, pa.Table | None, np.lib.npyio.NpzFile | None]:
+    """A finished part: its metadata and, if it analysed images, its rows and arrays."""
+    meta = json.loads((parts / f"{name}.json").read_text())
+    if not meta["has_rows"]:
+        return meta, None, None
+    return meta, pq.read_table(parts / f"{name}.parquet"), np.load(parts / f"{name}.npz")
 
 
 def _has_finished_batch(parts: Path) -> bool:
@@ -582,19 +590,22 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
     with atomic_path(out / "per_image.parquet") as tmp_rows, ExitStack() as stack:
         for b in range(n_batches):
             name = _part_name(b)
-            if not _part_done(parts, b):
+            try:
+                meta, table, z = _read_part(parts, name) if _part_done(parts, b) else (None, None, None)
+            except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a part damaged after it was written
+                raise UserRuntimeError(f"{parts}/{name}.*: unreadable ({type(e).__name__}: {e}); delete {parts} "
+                                       "to start over") from None
+            if meta is None:
                 raise UserRuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
-            meta = json.loads((parts / f"{name}.json").read_text())
             skipped += meta["skipped"]
             image_rows += meta["images"]
             if not meta["has_rows"]:
                 continue
             num_layers, num_heads = meta["num_layers"], meta["num_heads"]
-            table = pq.read_table(parts / f"{name}.parquet")
             if writer is None:
                 writer = stack.enter_context(pq.ParquetWriter(tmp_rows, table.schema, compression="zstd"))
             writer.write_table(table)
-            with np.load(parts / f"{name}.npz") as z:
+            with z:
                 lift_obs = z["lift_obs"] if lift_obs is None else lift_obs + z["lift_obs"]
                 lift_exp = z["lift_exp"] if lift_exp is None else lift_exp + z["lift_exp"]
                 if "ex_index" in z and sum(len(e["ex_index"]) for e in ex_parts) < cfg.examples:
@@ -603,7 +614,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                     full_parts.append((z["full_maps"], z["full_index"]))
         if writer is None:
             raise UserRuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
-                               f"first error: {skipped[0]['reason'] if skipped else 'none'}")
+                                   f"first error: {skipped[0]['reason'] if skipped else 'none'}")
         retire_outputs(out, "analyze")  # the previous run's outputs go first: never a mixture of two runs
     images_df = pd.DataFrame(image_rows)
     atomic_write_parquet(images_df, out / "images.parquet")
