@@ -563,3 +563,18 @@ def test_damaged_resume_state_is_a_one_line_error(tmp_path, capsys, monkeypatch,
     msg = one_line_error(capsys, *args)
     assert str(out / ".parts") in msg
     assert not leftovers(out) and not (out / "manifest.json").exists() and not (out / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("command", ["spurious", "prompt"])
+@pytest.mark.parametrize("edit", [_nan_qkv, _huge_qkv])
+def test_spurious_and_prompt_stop_on_a_broken_model(tmp_path, capsys, command, edit):
+    model = exported_tiny(tmp_path, edit)
+    imgs = tmp_path / "imgs"
+    for c in "ab":
+        (imgs / c).mkdir(parents=True)
+        for i in range(5):
+            png(imgs / c / f"{i}.png", seed=i + 10 * (c == "b"))
+    msg = one_line_error(capsys, command, "--model", model, "--images", imgs, "--out", tmp_path / "out")
+    assert "NaN" in msg or "Inf" in msg, msg
+    assert not {p.name for p in (tmp_path / "out").iterdir()} - {".siftlens.lock"}
+    assert not (tmp_path / "out" / LOCK_NAME).exists()

@@ -29,7 +29,7 @@ from ..capture import AttentionCapture
 from ..io import atomic_write_npz
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
-from ..validation import UserValueError
+from ..validation import NonFiniteError, UserValueError, check_finite_output
 
 DECISIVE = ("mean", "rollout")
 
@@ -259,6 +259,10 @@ def extract(lm: LoadedModel, images: torch.Tensor, layers: list[int], batch_size
         a, logits = decisive_attention(lm, x, layers, decisive)
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise UserValueError(f"{lm.name}: has no classifier head (output shape {tuple(logits.shape)})")
+        check_finite_output(logits, lm.name)
+        if not np.isfinite(a.numpy()).all():  # NaN attention would rank motifs by NaN (docs/CHOICES.md)
+            raise NonFiniteError(f"--model {lm.name}: the decisive attention has NaN or Inf (model weights "
+                                 "non-finite or too large?)")
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
