@@ -10,7 +10,7 @@ Outputs in ``out``:
   manifest.json      model, preprocessing, options, versions, counts, skipped inputs + reasons
   report.html        self-contained report
 While running, finished batches live in ``.parts/`` (one atomic part per batch; removed after the
-merge): that is what makes a killed run resumable and a torchrun run mergeable.
+merge and the report): that is what makes a killed run resumable and a torchrun run mergeable.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import platform
 import shutil
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,10 +38,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
+from .argtypes import analyze_option_types, check_ranges
 from .capture import AttentionCapture, TokenLayout
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_npz, atomic_write_parquet, ensure_writable_dir
+from .io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_parquet,
+    ensure_writable_dir,
+)
 from .models import LoadedModel, load_model
 from .preprocess import BadImageError, Preprocess, find_images, load_rgb
+from .runguard import OutputLock, retire_outputs
 from .semantic_maps import (
     KeypointCache,
     Keypoints,
@@ -60,6 +70,14 @@ from .stats import (
     layer_statistics,
     prepare_maps,
     swapped_maps,
+)
+from .validation import (
+    UserRuntimeError,
+    UserValueError,
+    check_finite_attention,
+    check_finite_output,
+    check_finite_parameters,
+    check_model_accepts_input,
 )
 
 KEYPOINT_DETECTORS = ("opencv", "kornia")
@@ -282,19 +300,18 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         if not hasattr(cfg, k):
             raise TypeError(f"analyze() got an unknown option {k!r}")
         setattr(cfg, k, v)
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+    check_ranges(asdict(cfg), analyze_option_types())  # what the CLI checks at parse time, for library callers
     if cfg.null_mode not in NULL_MODES:
-        raise ValueError(f"--null-mode {cfg.null_mode!r} is not one of {NULL_MODES}")
+        raise UserValueError(f"--null-mode {cfg.null_mode!r} is not one of {NULL_MODES}")
     if cfg.twin not in ("random-init", "none"):
-        raise ValueError(f"--twin {cfg.twin!r} is not one of random-init, none")
+        raise UserValueError(f"--twin {cfg.twin!r} is not one of random-init, none")
     if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
-        raise ValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
+        raise UserValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
     if cfg.keypoint_detector == "kornia":
         try:
             from . import keypoints_kornia  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(str(e)) from e
+            raise UserRuntimeError(str(e)) from e
     map_cfg = cfg.map_config()
     rank, world = _distributed_setup(cfg)
     t_start = time.time()
@@ -302,8 +319,18 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
 
     lm = model if isinstance(model, LoadedModel) else load_model(
         model, checkpoint=checkpoint, random_init=random_init, input_size=input_size, device=cfg.device)
-    out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
     lm.module.to(cfg.device).eval()
+    check_finite_parameters(lm.module, lm.name)  # NaN weights would give NaN attention, never a finding
+    check_model_accepts_input(lm, cfg.device, input_size)
+    out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
+    with OutputLock(out, "analyze", enabled=rank == 0):  # one run per --out (runguard.py)
+        return _analyze_locked(lm, images, out, cfg, map_cfg, rank, world, t_start, checkpoint, random_init,
+                               _null_bank)
+
+
+def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_cfg: MapConfig, rank: int,
+                    world: int, t_start: float, checkpoint, random_init: bool,
+                    _null_bank: tuple | None) -> AnalysisResult | None:
     layout = lm.layout()
     paths = find_images(images if images is not None else default_images())
     if cfg.limit is not None:
@@ -357,7 +384,14 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     if cfg.report:
         from .report import write_report
 
-        write_report(out)
+        try:
+            write_report(out)
+        except BaseException:  # no manifest without its report; the parts stay, so a rerun only redoes the merge
+            (out / "manifest.json").unlink(missing_ok=True)
+            raise
+    if cfg.twin == "none" and (out / "twin" / "manifest.json").is_file():  # an earlier run's twin is not ours
+        shutil.rmtree(out / "twin", ignore_errors=True)
+    shutil.rmtree(parts, ignore_errors=True)
     return result
 
 
@@ -384,8 +418,9 @@ class BatchRunner:
 
     def on_attention(self, idx: int, attn: torch.Tensor) -> None:
         layout = self.layout
+        check_finite_attention(idx, attn, self.lm.name)  # before any statistic: NaN never reaches a p-value
         if attn.shape[-1] != layout.num_tokens:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"{self.lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
                 f"model says {layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches = "
                 f"{layout.num_tokens}; this architecture's token layout is not supported")
@@ -463,7 +498,8 @@ class BatchRunner:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits = lm.forward(batch["x"].to(cfg.device))
         if self.capture.calls == calls_before:
-            raise RuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+            raise UserRuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+        check_finite_output(logits, lm.name)
         with torch_threads(self.stats_threads):
             return self._finish(batch, paths, part, ids, maps, logits, keep_ex, keep_full)
 
@@ -603,54 +639,82 @@ def _fingerprint(lm: LoadedModel, paths: list[Path], cfg: AnalyzeConfig, checkpo
 def _start_or_resume(out: Path, parts: Path, fingerprint: dict) -> None:
     run_file = parts / "run.json"
     if run_file.is_file():
-        old = json.loads(run_file.read_text())
+        try:
+            old = json.loads(run_file.read_text())
+        except ValueError:
+            old = {}  # unreadable: cannot be resumed, so it is another run
+        if old != fingerprint and not _has_finished_batch(parts):
+            shutil.rmtree(parts)  # a failed run that analysed nothing holds nothing worth resuming
+            parts.mkdir(parents=True)
+            atomic_write_json(run_file, fingerprint)
+            return
         if old != fingerprint:
-            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k))
-            raise RuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint.get(k)) if old else \
+                [f"settings ({run_file} is unreadable)"]
+            raise UserRuntimeError(f"--out {out} holds an unfinished run with different {', '.join(diff)}; "
                                "use another --out or delete its .parts directory to start over")
         return
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, fingerprint)
 
 
+def _read_part(parts: Path, name: str) -> tuple[dict, pa.Table | None, np.lib.npyio.NpzFile | None]:
+    """A finished part: its metadata and, if it analysed images, its rows and arrays."""
+    meta = json.loads((parts / f"{name}.json").read_text())
+    if not meta["has_rows"]:
+        return meta, None, None
+    return meta, pq.read_table(parts / f"{name}.parquet"), np.load(parts / f"{name}.npz")
+
+
+def _has_finished_batch(parts: Path) -> bool:
+    """Whether any finished part holds analysed images (parts of only skipped files do not count)."""
+    for meta in parts.glob("part-*.json"):
+        try:
+            if json.loads(meta.read_text()).get("has_rows"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout: TokenLayout,
                  map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float,
                  extra: dict | None = None) -> AnalysisResult:
-    """Stream the parts, in batch order, into the final outputs; then remove the parts."""
-    tmp_rows = out / ".per_image.parquet.partial"
+    """Stream the parts, in batch order, into the final outputs (the caller removes the parts)."""
     writer = None
     lift_obs = lift_exp = None
     image_rows, skipped, ex_parts, full_parts = [], [], [], []
     num_layers = num_heads = None
-    try:
+    # a unique temporary name (two writers never share it), renamed when complete, removed if anything fails
+    with atomic_path(out / "per_image.parquet") as tmp_rows, ExitStack() as stack:
         for b in range(n_batches):
             name = _part_name(b)
-            if not _part_done(parts, b):
-                raise RuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
-            meta = json.loads((parts / f"{name}.json").read_text())
+            try:
+                meta, table, z = _read_part(parts, name) if _part_done(parts, b) else (None, None, None)
+            except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a part damaged after it was written
+                raise UserRuntimeError(f"{parts}/{name}.*: unreadable ({type(e).__name__}: {e}); delete {parts} "
+                                       "to start over") from None
+            if meta is None:
+                raise UserRuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
             skipped += meta["skipped"]
             image_rows += meta["images"]
             if not meta["has_rows"]:
                 continue
             num_layers, num_heads = meta["num_layers"], meta["num_heads"]
-            table = pq.read_table(parts / f"{name}.parquet")
             if writer is None:
-                writer = pq.ParquetWriter(tmp_rows, table.schema, compression="zstd")
+                writer = stack.enter_context(pq.ParquetWriter(tmp_rows, table.schema, compression="zstd"))
             writer.write_table(table)
-            with np.load(parts / f"{name}.npz") as z:
+            with z:
                 lift_obs = z["lift_obs"] if lift_obs is None else lift_obs + z["lift_obs"]
                 lift_exp = z["lift_exp"] if lift_exp is None else lift_exp + z["lift_exp"]
                 if "ex_index" in z and sum(len(e["ex_index"]) for e in ex_parts) < cfg.examples:
                     ex_parts.append({k: z[k] for k in z.files if k.startswith("ex_")})
                 if "full_maps" in z and sum(len(f[0]) for f in full_parts) < cfg.keep_full_maps:
                     full_parts.append((z["full_maps"], z["full_index"]))
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise RuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
-                           f"first error: {skipped[0]['reason'] if skipped else 'none'}")
-    os.replace(tmp_rows, out / "per_image.parquet")
+        if writer is None:
+            raise UserRuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
+                                   f"first error: {skipped[0]['reason'] if skipped else 'none'}")
+        retire_outputs(out, "analyze")  # the previous run's outputs go first: never a mixture of two runs
     images_df = pd.DataFrame(image_rows)
     atomic_write_parquet(images_df, out / "images.parquet")
     lift = {"obs": lift_obs, "exp": lift_exp, "map_names": np.array(map_names)}
@@ -682,10 +746,15 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "git_revision": _git_revision(),
         "device": cfg.device,
         "seconds": round(time.time() - t_start, 2),
+        # the files of this run; an earlier run's others were removed (runguard.retire_outputs)
+        "command": "analyze",
+        "outputs": ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"]
+        + (["examples.npz"] if ex_parts and cfg.examples > 0 else [])
+        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else [])
+        + (["twin"] if (extra or {}).get("twin", {}).get("mode", "none") != "none" else []),
         **(extra or {}),
     }
     atomic_write_json(out / "manifest.json", manifest)
-    shutil.rmtree(parts, ignore_errors=True)
     return AnalysisResult(out, pd.read_parquet(out / "per_image.parquet"), images_df, lift, manifest)
 
 

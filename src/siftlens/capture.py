@@ -16,8 +16,10 @@ from functools import partial
 import torch
 from torch import nn
 
+from .validation import UserError
 
-class NoAttentionLayersError(TypeError):
+
+class NoAttentionLayersError(UserError, TypeError):
     """The model has no attention layers that siftlens knows how to capture."""
 
 

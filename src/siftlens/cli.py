@@ -7,6 +7,23 @@ import json
 import os
 import sys
 
+from .argtypes import (
+    MAX_EXAMPLES,
+    MAX_FULL_MAPS,
+    MAX_GROUPS,
+    MAX_PERMUTATIONS,
+    MAX_SIDE,
+    SEED,
+    OneLineErrorParser,
+    add_ranges_to_help,
+    finite_float,
+    float_range,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .semantic_maps import MAP_MODES, SiftParams
 
 
@@ -17,16 +34,18 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--images", default=None, nargs="+",
                    help="image file(s), directory (ImageFolder trees too) or glob; default: bundled images")
     p.add_argument("--out", default="siftlens_out", help="output directory")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="model input size, e.g. 224 320 for a non-square grid (model must allow it)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (SIFT runs there)")
+    p.add_argument("--input-size", type=int_range(1, MAX_SIDE), nargs=2, metavar=("H", "W"), default=None,
+                   help="model input size, e.g. 224 320 for a non-square grid (model must allow it; a whole number "
+                   "of patches)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=int_range(0, 64), default=2, help="DataLoader workers (SIFT runs there)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--map-mode", choices=MAP_MODES, default="footprint")
     p.add_argument("--weight", choices=("response", "unit"), default="response",
                    help="keypoint weight: SIFT response or 1")
-    p.add_argument("--groups", type=int, default=4, help="concentration groups G (group 0 = no keypoints)")
-    p.add_argument("--null-permutations", type=int, default=999,
+    p.add_argument("--groups", type=int_range(2, MAX_GROUPS), default=4,
+                   help="concentration groups G (group 0 = no keypoints)")
+    p.add_argument("--null-permutations", type=int_range(0, MAX_PERMUTATIONS), default=999,
                    help="K null maps per image (swap: K other images' SIFT maps, at most images - 1; 0: no null)")
     p.add_argument("--null-mode", choices=("swap", "shift", "permute"), default="swap",
                    help="null for the per-map z/p: swap = other images' SIFT maps (calibrated, default); shift = "
@@ -36,17 +55,20 @@ def _analyze_parser(sub) -> None:
                    help="randomised-model sanity check: analyse the same architecture with random weights on "
                    "the first --twin-images images (OUT/twin/); the verdict states an effect only where the "
                    "model beats it")
-    p.add_argument("--twin-images", type=int, default=100, help="images analysed by the random-weights twin")
-    p.add_argument("--limit", type=int, default=None, help="analyse at most this many images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--examples", type=int, default=4, help="images shown in the report's example figure")
-    p.add_argument("--keep-full-maps", type=int, default=0,
+    p.add_argument("--twin-images", type=positive_int, default=100,
+                   help="images analysed by the random-weights twin")
+    p.add_argument("--limit", type=positive_int, default=None, help="analyse at most this many images")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--examples", type=int_range(0, MAX_EXAMPLES), default=4,
+                   help="images shown in the report's example figure")
+    p.add_argument("--keep-full-maps", type=int_range(0, MAX_FULL_MAPS), default=0,
                    help="save full [layers, heads, T, T] attention of this many images (attention_maps.npz)")
-    p.add_argument("--sift-contrast-threshold", type=float, default=SiftParams.contrast_threshold)
-    p.add_argument("--sift-edge-threshold", type=float, default=SiftParams.edge_threshold)
-    p.add_argument("--sift-nfeatures", type=int, default=SiftParams.nfeatures)
-    p.add_argument("--sift-octave-layers", type=int, default=SiftParams.n_octave_layers)
-    p.add_argument("--sift-sigma", type=float, default=SiftParams.sigma)
+    p.add_argument("--sift-contrast-threshold", type=non_negative_float, default=SiftParams.contrast_threshold)
+    p.add_argument("--sift-edge-threshold", type=positive_float, default=SiftParams.edge_threshold)
+    p.add_argument("--sift-nfeatures", type=non_negative_int, default=SiftParams.nfeatures,
+                   help="strongest keypoints kept (0: all)")
+    p.add_argument("--sift-octave-layers", type=int_range(1, 16), default=SiftParams.n_octave_layers)
+    p.add_argument("--sift-sigma", type=positive_float, default=SiftParams.sigma)
     p.add_argument("--keypoint-detector", choices=("opencv", "kornia"), default="opencv",
                    help="SIFT implementation: opencv (cv2, per image in the DataLoader workers) or kornia (on each "
                    "batch on --device, e.g. a GPU; pip install \"siftlens[gpu]\"; agreement with OpenCV measured in "
@@ -118,7 +140,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _parse_layers(text: str) -> str | list[int]:
     """'late' / 'all' / ... stay names; '3,4,-1' becomes a list of layer indices."""
-    return [int(v) for v in text.split(",")] if text.lstrip("-")[:1].isdigit() else text
+    if not text.lstrip("-")[:1].isdigit():
+        return text
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer indices, e.g. 3,4,-1") from None
 
 
 def _spurious_parser(sub) -> None:
@@ -130,24 +157,26 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
     p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
     p.add_argument("--out", default="siftlens_spurious")
-    p.add_argument("--layers", default="all", help="all | late | middle | early | comma-separated layer indices")
+    p.add_argument("--layers", type=_parse_layers, default="all",
+                   help="all | late | middle | early | comma-separated layer indices")
     p.add_argument("--decisive", choices=["mean", "rollout"], default="mean",
                    help="decisive attention: CLS row averaged over --layers, or attention rollout up to the last")
-    p.add_argument("--words", type=int, default=64, help="visual words (k-means clusters of motif descriptors)")
-    p.add_argument("--colour-weight", type=float, default=1.0,
+    p.add_argument("--words", type=int_range(2, 4096), default=64, 
+                   help="visual words (k-means clusters of motif descriptors)")
+    p.add_argument("--colour-weight", type=non_negative_float, default=1.0,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
-    p.add_argument("--orientation-weight", type=float, default=0.5,
+    p.add_argument("--orientation-weight", type=non_negative_float, default=0.5,
                    help="weight of the keypoint's absolute orientation in the motif descriptor (0: rotation-invariant)")
-    p.add_argument("--min-per-class", type=int, default=5)
-    p.add_argument("--causal-images", type=int, default=CausalConfig.causal_images,
+    p.add_argument("--min-per-class", type=positive_int, default=5)
+    p.add_argument("--causal-images", type=positive_int, default=CausalConfig.causal_images,
                    help="per class, images the candidate units are removed in (causal ranking)")
     p.add_argument("--control-budget", choices=("matched", "full"), default=CausalConfig.control_budget,
                    help="SIFT-free occlusion control: as many forward passes as the SIFT units (matched) or every "
                    "token on every sampled image (full)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_run_spurious)
 
 
@@ -156,14 +185,9 @@ def _run_spurious(args: argparse.Namespace) -> int:
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
-    for flag in ("colour_weight", "orientation_weight"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.causal_images < 1:
-        raise ValueError(f"--causal-images must be >= 1, got {args.causal_images}")
     causal = None if args.no_causal else CausalConfig(causal_images=args.causal_images,
                                                       control_budget=args.control_budget)
-    cfg = DiscoveryConfig(layers=_parse_layers(args.layers), decisive=args.decisive, n_words=args.words, seed=args.seed,
+    cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
@@ -198,14 +222,15 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--method", default="sift_bias",
                    choices=("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask",
                             "sift_suppress_lowconc", "edge_suppress_lowconc"))
-    p.add_argument("--layers", default="late", help="late | middle | early | all | comma-separated indices")
-    p.add_argument("--beta", type=float, default=1.0, help="steering strength")
+    p.add_argument("--layers", type=_parse_layers, default="late",
+                   help="late | middle | early | all | comma-separated indices")
+    p.add_argument("--beta", type=finite_float, default=1.0, help="steering strength")
     p.add_argument("--motifs", default=None,
                    help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask: gated, only "
                    "images where one of its shortcuts is present are steered)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--out", default="siftlens_prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_run_prompt)
 
 
@@ -213,7 +238,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
     from .spurious.prompt_cli import run_prompt
 
     summary = run_prompt(args.model, args.images, args.out, method=args.method,
-                         layers=_parse_layers(args.layers), beta=args.beta,
+                         layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
     print(json.dumps(summary, indent=1))
@@ -262,41 +287,43 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--masking", choices=MASKINGS, default=d.masking,
                    help="random (MAE); sift: P(mask) ∝ (c+eps)^alpha; sift-curriculum: alpha from --alpha-start "
                    "to --alpha; edge: the same sampler on Sobel edge density (control)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=">0 masks SIFT-dense patches more, <0 keeps them")
-    p.add_argument("--alpha-start", type=float, default=d.alpha_start, help="sift-curriculum's first alpha")
+    p.add_argument("--alpha", type=finite_float, default=d.alpha, 
+                   help=">0 masks SIFT-dense patches more, <0 keeps them")
+    p.add_argument("--alpha-start", type=finite_float, default=d.alpha_start, help="sift-curriculum's first alpha")
     p.add_argument("--alpha-shape", choices=("linear", "cosine"), default=d.alpha_shape)
-    p.add_argument("--eps", type=float, default=d.eps, help="added to c, relative to the uniform share 1/N")
-    p.add_argument("--loss-gamma", type=float, default=d.loss_gamma,
+    p.add_argument("--eps", type=positive_float, default=d.eps, help="added to c, relative to the uniform share 1/N")
+    p.add_argument("--loss-gamma", type=finite_float, default=d.loss_gamma,
                    help="KAMIM-style loss weights (c+eps)^gamma on masked patches; 0 = plain MAE loss")
-    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
-    p.add_argument("--img-size", type=int, default=m.img_size)
-    p.add_argument("--stored-size", type=int, default=d.stored_size,
+    p.add_argument("--mask-ratio", type=float_range(0.0, 1.0, open_lo=True, open_hi=True), default=d.mask_ratio)
+    p.add_argument("--img-size", type=int_range(8, MAX_SIDE), default=m.img_size)
+    p.add_argument("--stored-size", type=int_range(8, 4096), default=d.stored_size,
                    help="images are decoded once at this size; random resized crops go to --img-size")
-    p.add_argument("--patch-size", type=int, default=m.patch_size)
-    p.add_argument("--embed-dim", type=int, default=m.embed_dim)
-    p.add_argument("--depth", type=int, default=m.depth)
-    p.add_argument("--heads", type=int, default=m.num_heads)
-    p.add_argument("--decoder-dim", type=int, default=m.decoder_dim)
-    p.add_argument("--decoder-depth", type=int, default=m.decoder_depth)
-    p.add_argument("--decoder-heads", type=int, default=m.decoder_heads)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
+    p.add_argument("--patch-size", type=positive_int, default=m.patch_size)
+    p.add_argument("--embed-dim", type=positive_int, default=m.embed_dim)
+    p.add_argument("--depth", type=positive_int, default=m.depth)
+    p.add_argument("--heads", type=positive_int, default=m.num_heads)
+    p.add_argument("--decoder-dim", type=positive_int, default=m.decoder_dim)
+    p.add_argument("--decoder-depth", type=positive_int, default=m.decoder_depth)
+    p.add_argument("--decoder-heads", type=positive_int, default=m.decoder_heads)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch (all processes)")
+    p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=d.warmup_epochs)
+    p.add_argument("--eval-every", type=non_negative_int, default=d.eval_every,
                    help="epochs between kNN/linear probes (0: end only)")
-    p.add_argument("--knn-k", type=int, default=d.knn_k)
-    p.add_argument("--probe-train-limit", type=int, default=d.probe_train_limit)
-    p.add_argument("--probe-val-limit", type=int, default=d.probe_val_limit)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
-    p.add_argument("--max-keypoints", type=int, default=d.max_keypoints, help="strongest SIFT keypoints kept per image")
-    p.add_argument("--keypoint-workers", type=int, default=0, help="processes for the one-time SIFT pass")
-    p.add_argument("--limit", type=int, default=None, help="pre-train on a seeded subset of this many images")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--knn-k", type=positive_int, default=d.knn_k)
+    p.add_argument("--probe-train-limit", type=positive_int, default=d.probe_train_limit)
+    p.add_argument("--probe-val-limit", type=positive_int, default=d.probe_val_limit)
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="steps")
+    p.add_argument("--max-keypoints", type=positive_int, default=d.max_keypoints, 
+                   help="strongest SIFT keypoints kept per image")
+    p.add_argument("--keypoint-workers", type=int_range(0, 64), default=0, help="processes for the one-time SIFT pass")
+    p.add_argument("--limit", type=positive_int, default=None, help="pre-train on a seeded subset of this many images")
+    p.add_argument("--seed", type=SEED, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--threads", type=int_range(1, 1024), default=None, help="torch CPU threads per process")
     p.add_argument("--cache-dir", default=None, help="keep decoded images, extracted archives and keypoints here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_pretrain)
@@ -338,7 +365,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="siftlens", description=__doc__)
+    parser = OneLineErrorParser(prog="siftlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _compare_parser(sub)
@@ -346,27 +373,56 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_parser(sub)
     _flag_parser(sub)
     _pretrain_parser(sub)
+    add_ranges_to_help(parser)
     return parser
 
 
-# Errors a user can cause: print one line naming the input and the cause, exit 2.
+# Errors a user can cause: print one line naming the input and the cause, exit 2. Every other exception
+# is a bug in siftlens (or in a library it calls) and keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .capture import NoAttentionLayersError
-    from .io import OutputDirError
-    from .models import ModelSpecError
-    from .preprocess import BadImageError
+    import torch
 
-    return (ModelSpecError, NoAttentionLayersError, OutputDirError, BadImageError, FileNotFoundError,
-            ValueError, RuntimeError)
+    from .validation import UserError
+
+    # UserError: bad arguments, model, images, data or output state (validation.py); OSError: disk full,
+    # permissions, vanished files (named by path); out of memory: too large a batch or input size
+    return (UserError, OSError, MemoryError, torch.OutOfMemoryError)
+
+
+def _is_environment_failure(e: BaseException) -> bool:
+    """RuntimeErrors that report the machine, not a bug: a failed CPU allocation, a DataLoader worker killed
+    (usually by the out-of-memory killer), a CUDA error."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in (
+        "DefaultCPUAllocator", "not enough memory", "out of memory", "DataLoader worker", "CUDA error"))
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; an OSError names its file (disk full, permission, vanished file)."""
+    if isinstance(e, (MemoryError,)) or type(e).__name__ == "OutOfMemoryError":
+        return f"out of memory ({' '.join(str(e).split())[:200]}); lower --batch-size or the input size"
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e.strerror or ""):
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())  # one line, whatever the library put in the message
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argument errors: one line and SystemExit(2) (argtypes.py)
     try:
+        if getattr(args, "device", None):
+            from .validation import check_device
+
+            check_device(args.device)
         return args.func(args)
     except _user_errors() as e:
-        msg = " ".join(str(e).split())  # one line, whatever the library put in the message
-        print(f"siftlens {args.command}: error: {msg}", file=sys.stderr)
+        print(f"siftlens {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not _is_environment_failure(e):
+            raise
+        print(f"siftlens {args.command}: error: {_one_line(e)} (out of memory? lower --batch-size, --workers or the "
+              "input size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

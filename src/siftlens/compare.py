@@ -19,18 +19,32 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .dataset_stats import bootstrap_mean_ci, layer_curve, lift_matrices, per_image_layer_means  # noqa: E402
-from .io import atomic_write_text, ensure_writable_dir  # noqa: E402
+from .io import atomic_path, atomic_write_text, ensure_writable_dir  # noqa: E402
 from .report import CSS, _pick_layers, _png  # noqa: E402
+from .runguard import holds_out_lock, retire_outputs  # noqa: E402
+from .validation import UserValueError  # noqa: E402
 
 
 def _load(run: Path, column: str) -> tuple[pd.DataFrame, dict]:
+    try:
+        return _read_run(run, column)
+    except (UserValueError, OSError):
+        raise
+    except Exception as e:  # a corrupt Parquet or JSON file of that run
+        raise UserValueError(f"{run}: not a readable `siftlens analyze` output ({type(e).__name__}: {e})") from None
+
+
+def _read_run(run: Path, column: str) -> tuple[pd.DataFrame, dict]:
     if not (run / "manifest.json").is_file() or not (run / "per_image.parquet").is_file():
         raise FileNotFoundError(f"{run}: not a finished `siftlens analyze` output (no manifest.json/per_image.parquet)")
-    manifest = json.loads((run / "manifest.json").read_text())
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except ValueError as e:
+        raise UserValueError(f"{run}/manifest.json: not readable JSON ({e})") from None
     try:
         per_image = pd.read_parquet(run / "per_image.parquet", columns=["image_id", "layer", "head", column])
     except Exception as e:
-        raise ValueError(f"{run}: per_image.parquet has no column {column!r} ({e})") from None
+        raise UserValueError(f"{run}: per_image.parquet has no column {column!r} ({e})") from None
     images = pd.read_parquet(run / "images.parquet", columns=["image_id", "path"])
     return per_image.merge(images, on="image_id"), manifest
 
@@ -66,6 +80,7 @@ def _boot_means(v: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndar
         return (counts @ x) / (counts @ valid)
 
 
+@holds_out_lock("compare")
 def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "s_cls",
             map_name: str = "sift") -> pd.DataFrame:
     """Write ``out/compare.html`` and ``out/compare.csv``; return the per-layer table."""
@@ -111,8 +126,14 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
     parts.append(f"<img src='{_png(fig)}'>")
     lifts = []
     for run in (run_a, run_b):
-        z = np.load(run / "lift.npz")
-        lifts.append(np.nanmean(lift_matrices(z["obs"], z["exp"]), axis=1))  # [L, G, G]
+        try:
+            z = np.load(run / "lift.npz")
+            obs, exp = z["obs"], z["exp"]
+        except OSError:
+            raise
+        except Exception as e:
+            raise UserValueError(f"{run}/lift.npz: not readable ({type(e).__name__}: {e})") from None
+        lifts.append(np.nanmean(lift_matrices(obs, exp), axis=1))  # [L, G, G]
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.4), squeeze=False)
     for r, (lift, name) in enumerate(zip(lifts, (name_a, name_b))):
         for c, layer in enumerate(_pick_layers(len(lift))):
@@ -122,10 +143,11 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="group lift")
     parts.append("<h2>Group lift (none / low / mid / high), early / middle / late</h2>"
                  f"<img src='{_png(fig)}'>")
+    retire_outputs(out, "compare")  # the previous comparison's files go first (docs/CHOICES.md)
     if table is not None:
         parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
-        table.to_csv(out / "compare.csv.tmp", index=False)
-        (out / "compare.csv.tmp").replace(out / "compare.csv")
+        with atomic_path(out / "compare.csv") as tmp:  # a unique temporary name
+            table.to_csv(tmp, index=False)
     doc = f"<!doctype html><html><head><meta charset=utf-8><title>siftlens compare</title><style>{CSS}</style>" \
           f"</head><body>{''.join(parts)}</body></html>"
     atomic_write_text(out / "compare.html", doc)

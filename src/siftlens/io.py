@@ -6,6 +6,8 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,27 @@ def atomic_write_parquet(df, path: str | Path) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` for writers that need a file name (a ParquetWriter,
+    ``DataFrame.to_csv``); renamed to ``path`` when the block succeeds, removed when it fails.
+
+    Concurrent writers never share the temporary name; OSErrors raise OutputDirError naming ``path``.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as e:
+        raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputDirError):
+            raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from e
+        raise

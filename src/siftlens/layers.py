@@ -10,11 +10,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .validation import UserIndexError, UserValueError
+
 LAYER_PRESETS = ("late", "middle", "early", "all", "last", "none")
 
 
-class LayerIndexError(IndexError, ValueError):
-    """A layer index out of range (an IndexError, and a ValueError so the CLI reports it in one line)."""
+class LayerIndexError(UserIndexError, ValueError):
+    """A layer index out of range (a user error: the CLI reports it in one line)."""
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
@@ -31,7 +33,7 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
         presets = {"all": range(L), "none": range(0), "last": range(max(0, L - 1), L),
                    "late": range(max(0, L - k), L), "early": range(min(k, L)), "middle": range(k, L - k)}
         if layers not in presets:
-            raise ValueError(f"layers={layers!r}: use a list of indices or one of {LAYER_PRESETS}")
+            raise UserValueError(f"layers={layers!r}: use a list of indices or one of {LAYER_PRESETS}")
         out = list(presets[layers])
         return out if out or layers == "none" or L == 0 else [L // 2]
     out = set()

@@ -21,9 +21,10 @@ from torch import nn
 from .bundled_model import BUNDLED_NAME, IMAGENETTE_NAMES, load_bundled_model
 from .capture import ATTENTION_FINDERS, NoAttentionLayersError, TokenLayout, detect_backend
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .validation import UserValueError
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserValueError):
     """A model spec or checkpoint that cannot be loaded; the message says which and why."""
 
 
@@ -153,7 +154,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, checkpoint: str | Path, name: str) -> None:
     sd = load_state_dict_file(checkpoint)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches are errors even with strict=False
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelSpecError(f"--checkpoint {checkpoint} does not match {name}: {' '.join(lines[1:3]) or lines[0]}"
+                             + (" ..." if len(lines) > 3 else "")) from None
     if missing or unexpected:
         raise ModelSpecError(
             f"--checkpoint {checkpoint} does not match {name}: missing {missing[:5]}"
@@ -259,12 +265,12 @@ def _load_exported_timm(path: Path) -> LoadedModel:
     try:
         meta = json.loads(meta_path.read_text())
         model = timm.create_model(meta["timm_arch"], pretrained=False, **meta.get("timm_kwargs", {}))
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
+                         meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as e:
         raise ModelSpecError(f"--model {path}: {meta_path.name} does not describe a timm model "
                              f"({type(e).__name__}: {e})") from None
     _load_weights(model, path, f"{meta['timm_arch']} from {meta_path.name}")
-    pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
-                     meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
     labels = meta.get("label_names") if getattr(model, "num_classes", 0) else None  # an encoder has no head
     return LoadedModel(model, "timm", str(path), pre, labels, {"checkpoint": str(path), "exported": meta_path.name})
 
@@ -303,12 +309,24 @@ def _hf_preprocess(model: nn.Module, src: str | None, input_size) -> Preprocess:
     return Preprocess(hw, mean, std, crop_pct, "bicubic" if crop_pct else "bilinear")
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hugging Face hub id (``name`` or ``org/name``) rather than a local path."""
+    import re
+
+    part = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?"
+    return bool(re.fullmatch(f"(?:{part}/)?{part}", name)) and ".." not in name and "--" not in name
+
+
 def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedModel:
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     except ImportError:
         raise ModelSpecError("--model hf:...: transformers is not installed (pip install siftlens[hf])") from None
     local = Path(name).exists()
+    if not local and not _is_hub_id(name):
+        raise ModelSpecError(f"--model hf:{name}: no such folder")
+    if local and not Path(name).is_dir():
+        raise ModelSpecError(f"--model hf:{name}: not a folder (a Hugging Face model is a folder with config.json)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local)
         auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and \

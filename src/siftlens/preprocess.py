@@ -13,15 +13,35 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import __version__ as PIL_VERSION
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .validation import UserValueError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-class BadImageError(ValueError):
+def _readable_suffixes() -> frozenset[str]:
+    """File suffixes of the formats this Pillow can open (its plugins register them), less the ones that
+    name data or video files rather than images."""
+    Image.init()
+    not_images = {".h5", ".hdf", ".bufr", ".grib", ".mpeg", ".mpg"}
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and ext not in not_images)
+
+
+# Common image formats: those this Pillow cannot open are still collected from a directory, then
+# listed as skipped with the reason, never silently left out.
+COMMON_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                                   ".pgm", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".svg", ".dng", ".cr2",
+                                   ".nef", ".arw"})
+PILLOW_SUFFIXES = _readable_suffixes()
+IMAGE_SUFFIXES = PILLOW_SUFFIXES | COMMON_IMAGE_SUFFIXES
+
+
+class BadImageError(UserValueError):
     """An input image that cannot be analysed; the message names the file and the cause."""
 
 
@@ -98,6 +118,9 @@ def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found") from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in IMAGE_SUFFIXES - PILLOW_SUFFIXES:
+            raise BadImageError(f"{path}: {path.suffix.lower()} images cannot be decoded here (Pillow {PIL_VERSION} "
+                                "has no decoder for them); convert to PNG or JPEG") from None
         raise BadImageError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:  # not an OSError: would escape as a traceback
         raise BadImageError(f"{path}: image too large ({e})") from None

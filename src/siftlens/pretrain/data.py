@@ -22,9 +22,10 @@ from PIL import Image
 
 from ..io import atomic_write_npz
 from ..preprocess import BadImageError, find_images, load_rgb, resize_short_center_crop
+from ..validation import UserValueError
 
 
-class PretrainDataError(ValueError):
+class PretrainDataError(UserValueError):
     """--data cannot be used (names the input and the cause)."""
 
 

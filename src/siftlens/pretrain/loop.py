@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -21,7 +22,9 @@ import torch.distributed as dist
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..runguard import OutputLock
 from ..schedule import warmup_cosine_lr
+from ..validation import NonFiniteError, UserValueError
 from .data import PretrainData, load_pretrain_data
 from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from .figures import masks_figure
@@ -79,11 +82,17 @@ class PretrainConfig:
             self.model = MAEConfig(**self.model)
         self.crop_scale = tuple(self.crop_scale)
         if self.masking not in MASKINGS:
-            raise ValueError(f"--masking {self.masking!r} is not one of {MASKINGS}")
+            raise UserValueError(f"--masking {self.masking!r} is not one of {MASKINGS}")
         if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+            raise UserValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if self.stored_size < self.model.img_size:
-            raise ValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
+            raise UserValueError(f"--stored-size {self.stored_size} is smaller than --img-size {self.model.img_size}")
+        m = self.model
+        for what, n, d in (("--img-size", m.img_size, ("--patch-size", m.patch_size)),
+                           ("--embed-dim", m.embed_dim, ("--heads", m.num_heads)),
+                           ("--decoder-dim", m.decoder_dim, ("--decoder-heads", m.decoder_heads))):
+            if n % d[1]:
+                raise UserValueError(f"{what} {n} is not divisible by {d[0]} {d[1]}")
 
     # what must match for a resume to continue the same run
     def identity(self) -> dict:
@@ -114,7 +123,7 @@ class Pretrainer:
         self.cfg = cfg
         self.rank, self.world = _dist_info()
         if cfg.batch_size % self.world:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+            raise UserValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
         self.out = Path(cfg.out)
         if self.rank == 0:
             ensure_writable_dir(self.out)
@@ -134,7 +143,7 @@ class Pretrainer:
                 self.data.train_labels = self.data.train_labels[keep]
         n = len(self.data.train)
         if n < cfg.batch_size:
-            raise ValueError(f"--data {cfg.data}: {n} training images, fewer than one batch ({cfg.batch_size})")
+            raise UserValueError(f"--data {cfg.data}: {n} training images, fewer than one batch ({cfg.batch_size})")
         self.steps_per_epoch = n // cfg.batch_size  # drop_last, as MAE
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.grid = cfg.model.img_size // cfg.model.patch_size
@@ -230,11 +239,11 @@ class Pretrainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
+            raise UserValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
                              "delete it to start over") from None
         if ck["config"] != self.cfg.identity():
             diff = sorted(k for k in ck["config"] if ck["config"].get(k) != self.cfg.identity().get(k))
-            raise ValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
+            raise UserValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
                              "use another --out or delete its checkpoint.pt")
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -310,6 +319,10 @@ class Pretrainer:
             if self.world > 1:  # the logged loss is the global batch's, whatever the world size
                 dist.all_reduce(loss_value)
                 loss_value /= self.world
+            if not math.isfinite(loss_value.item()):  # stop before a NaN model is checkpointed or exported
+                raise NonFiniteError(f"--out {self.out}: the training loss is {loss_value.item()} at step {step} "
+                                     "(diverged: lower --lr or --loss-gamma, or check --data); the last checkpoint "
+                                     "is kept")
             self.state["train_seconds"] += time.perf_counter() - t0
             self.state["guidance_seconds"] += guidance_s
             self.state["step_losses"].append(loss_value.item())
@@ -383,9 +396,14 @@ def pretrain(cfg: PretrainConfig, data: PretrainData | None = None) -> pd.DataFr
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
         started_here = True
+    lock = None
     try:
+        if _dist_info()[0] == 0:  # one run per --out (runguard.py); rank 0 holds it for the job
+            lock = OutputLock(ensure_writable_dir(cfg.out), "pretrain").acquire()
         return Pretrainer(cfg, data).run()
     finally:
+        if lock is not None:
+            lock.release()
         if started_here:
             dist.destroy_process_group()
 

@@ -17,6 +17,7 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..validation import UserValueError
 from .masking import mask_from_noise
 
 ENCODER_ARCH = "vit_tiny_patch16_224"  # timm name; every size field below overrides it
@@ -63,7 +64,7 @@ class MAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise UserValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
         self.grid = cfg.img_size // cfg.patch_size
         self.encoder = timm.create_model(ENCODER_ARCH, pretrained=False, **cfg.encoder_kwargs())
         # MAE keeps positions fixed (sin-cos); the buffer-like parameter still exports with timm's name

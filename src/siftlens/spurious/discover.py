@@ -30,6 +30,7 @@ from ..io import atomic_write_npz
 from ..layers import resolve_layers
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
+from ..validation import NonFiniteError, UserValueError, check_finite_output
 from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery
 from .source import PathSource, as_source
 
@@ -149,7 +150,7 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
         raise ValueError(f"decisive attention {how!r} is not one of {DECISIVE}")
     layout = lm.layout(tuple(x.shape[-2:]))
     if layout.cls_index is None:
-        raise ValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
+        raise UserValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
     rows: list[torch.Tensor] = []
     rollout = RolloutState()
 
@@ -211,18 +212,25 @@ class ShortcutMasker:
         self.colour_weight, self.orientation_weight = float(colour_weight), float(orientation_weight)
         expected = descriptor_dim(colour_weight, orientation_weight)
         if centroids.ndim != 2 or centroids.shape[1] != expected:
-            raise ValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors of "
-                             f"{expected} dimensions (colour weight {colour_weight}, orientation {orientation_weight})")
+            raise UserValueError(f"shortcut words: centroids of shape {centroids.shape} do not match descriptors "
+                                 f"of {expected} dimensions (colour weight {colour_weight}, orientation "
+                                 f"{orientation_weight})")
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | Path) -> ShortcutMasker:
-        with np.load(path) as z:
-            if not {"centroids", "words"} <= set(z.files):
-                raise ValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
-                                 "written by `siftlens spurious` as shortcut_words.npz)")
-            weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
-            fixed = z["fixed_tokens"] if "fixed_tokens" in z.files else None
-            return cls(lm, z["centroids"], [int(w) for w in z["words"]], *map(float, weights), fixed_tokens=fixed)
+        try:
+            with np.load(path) as z:
+                if not {"centroids", "words"} <= set(z.files):
+                    raise UserValueError(f"{path}: not a shortcut-words file (needs 'centroids' and 'words'; "
+                                         "written by `siftlens spurious` as shortcut_words.npz)")
+                weights = z["descriptor_weights"] if "descriptor_weights" in z.files else (0.0, 0.0)  # older files
+                fixed = z["fixed_tokens"] if "fixed_tokens" in z.files else None
+                centroids, words = z["centroids"], [int(w) for w in z["words"]]
+        except UserValueError:
+            raise
+        except Exception as e:  # truncated zip, pickled arrays (refused), wrong dtypes: a broken file
+            raise UserValueError(f"{path}: not a readable shortcut-words file ({type(e).__name__}: {e})") from None
+        return cls(lm, centroids, words, *map(float, weights), fixed_tokens=fixed)
 
     def _fixed_on(self, grid: tuple[int, int]) -> torch.Tensor | None:
         if self.fixed_tokens is None or not self.fixed_tokens.any():
@@ -262,8 +270,12 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
         a, logits = decisive_attention(lm, x.to(device), layers, decisive)
         a, logits = a.cpu(), logits.cpu()
         if logits.dim() != 2 or logits.shape[1] < 2:
-            raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
-                             "discovery needs class logits")
+            raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(logits.shape)}); "
+                                 "discovery needs class logits")
+        check_finite_output(logits, lm.name)
+        if not np.isfinite(a.numpy()).all():  # NaN attention would rank motifs by NaN (docs/CHOICES.md)
+            raise NonFiniteError(f"--model {lm.name}: the decisive attention has NaN or Inf (model weights "
+                                 "non-finite or too large?)")
         attn_all.append(a.numpy())
         probs_all.append(logits.float().softmax(-1).numpy())
         for b in range(len(x)):
@@ -315,7 +327,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     if small:
         raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     if not len(D):
-        raise ValueError("no SIFT keypoints in any image: nothing to discover")
+        raise UserValueError("no SIFT keypoints in any image: nothing to discover")
 
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
     in_top = (top[kps["image"].to_numpy()] == kps["patch"].to_numpy()[:, None]).any(1)

@@ -27,6 +27,8 @@ from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ens
 from ..models import LoadedModel, load_model
 from ..preprocess import find_images
 from ..report import CSS
+from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
+from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import ShortcutSet, masked_probs
 from .source import PathSource, TensorSource
 
@@ -93,21 +95,27 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
     """Write flags.parquet, flags.html and manifest.json; return the flags table."""
     shortcuts = ShortcutSet.load(motifs)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
+    check_finite_parameters(lm.module, lm.name)
     shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     out = ensure_writable_dir(out)
-    source = PathSource(lm, find_images(images), images)
-    df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units)
-    skipped = source.skipped + no_kp
-    if df.empty:
-        raise ValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
-                         f"{skipped[0]['reason'] if skipped else 'none readable'})")
-    atomic_write_parquet(df, out / "flags.parquet")
-    atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
-                                              "skipped": skipped, "token_units": token_units,
-                                              "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
-                                              "shortcuts": [u["unit"] for u in shortcuts.units],
-                                              "layers": shortcuts.layers})
-    atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
+    with OutputLock(out, "flag"):  # one run per --out (runguard.py)
+        source = PathSource(lm, find_images(images), images)
+        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units)
+        skipped = source.skipped + no_kp
+        if df.empty:
+            raise UserValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
+                                 f"{skipped[0]['reason'] if skipped else 'none readable'})")
+        if not np.isfinite(df["flag_score"].to_numpy(np.float64)).all():
+            raise NonFiniteError(f"--model {lm.name}: non-finite flag scores (model outputs NaN or Inf?)")
+        retire_outputs(out, "flag")  # the previous flag run's files go first (docs/CHOICES.md)
+        atomic_write_parquet(df, out / "flags.parquet")
+        atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
+                                                  "skipped": skipped, "token_units": token_units,
+                                                  "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
+                                                  "shortcuts": [u["unit"] for u in shortcuts.units],
+                                                  "layers": shortcuts.layers, "command": "flag",
+                                                  "outputs": list(COMMAND_OUTPUTS["flag"])})
+        atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
     return df
 
 

@@ -18,6 +18,8 @@ from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
+from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
 from .run import read_labels
 from .source import PathSource
@@ -31,20 +33,24 @@ class _RowMask:
         return self.mask
 
 
+@holds_out_lock("prompt")
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False) -> dict:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label) and
     summary.json; return the summary."""
+    if batch_size < 1:
+        raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     gated = method in TOKEN_MASK_METHODS
     shortcuts = None
     if gated:
         if motifs is None:
-            raise ValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
+            raise UserValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
         shortcuts = ShortcutSet.load(motifs)
     out = ensure_writable_dir(out)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
+    check_finite_parameters(lm.module, lm.name)
     if shortcuts is not None:
         from .flag import check_classifier
 
@@ -83,6 +89,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
             before.append(p0)
             after.append(p1)
     steered.remove()
+    for p in (*before, *after):
+        check_finite_output(p, lm.name)
     pb, pa = torch.cat(before).numpy(), torch.cat(after).numpy()
     df = pd.DataFrame({"path": [str(p) for p in source.paths], "pred_base": pb.argmax(1), "conf_base": pb.max(1),
                        "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
@@ -99,6 +107,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         df["label"] = np.asarray(y)[source.kept]
         summary["accuracy_before"] = float((df.pred_base == df.label).mean())
         summary["accuracy_after"] = float((df.pred_steered == df.label).mean())
+    summary["command"], summary["outputs"] = "prompt", list(COMMAND_OUTPUTS["prompt"])
+    retire_outputs(out, "prompt")
     atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
     return summary

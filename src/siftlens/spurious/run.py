@@ -19,6 +19,8 @@ from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ens
 from ..models import LoadedModel, load_model  # noqa: E402
 from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
 from ..report import CSS  # noqa: E402
+from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs  # noqa: E402
+from ..validation import UserValueError, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -32,20 +34,23 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
     """Labels from a CSV (columns path,label) or, with labels=None, from ImageFolder directory names."""
     if labels is None:
         if root is None or not root.is_dir():
-            raise ValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
+            raise UserValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
         names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in images]
         if any(n is None for n in names):
-            raise ValueError(f"--images {root}: files directly in the root have no class folder; pass --labels CSV")
+            raise UserValueError(f"--images {root}: files directly in the root have no class folder; pass --labels CSV")
     else:
-        df = pd.read_csv(labels)
+        try:
+            df = pd.read_csv(labels)
+        except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+            raise UserValueError(f"--labels {labels}: not a readable CSV ({type(e).__name__}: {e})") from None
         if not {"path", "label"} <= set(df.columns):
-            raise ValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
+            raise UserValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
         by_path = {str(Path(p)): str(lab) for p, lab in zip(df["path"], df["label"])}
         by_name = {Path(p).name: str(lab) for p, lab in zip(df["path"], df["label"])}
         names = [by_path.get(str(p), by_name.get(p.name)) for p in images]
         missing = [str(p) for p, n in zip(images, names) if n is None]
         if missing:
-            raise ValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
+            raise UserValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
                              f"(first: {missing[0]})")
     classes = sorted(set(names))
     return np.array([classes.index(n) for n in names]), classes
@@ -62,10 +67,11 @@ def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tenso
         except BadImageError as e:
             skipped.append({"path": str(p), "reason": str(e)})
     if not xs:
-        raise ValueError(f"--images {source}: no readable image")
+        raise UserValueError(f"--images {source}: no readable image")
     return torch.stack(xs), keep, skipped
 
 
+@holds_out_lock("spurious")
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
                  random_init: bool = False, device: str = "cpu") -> DiscoveryResult:
@@ -73,13 +79,14 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     out = ensure_writable_dir(out)
     lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
                                                                  random_init=random_init, device=device)
+    check_finite_parameters(lm.module, lm.name)
     paths = find_images(images)
     root = Path(images) if Path(images).is_dir() else None
     y, class_names = read_labels(paths, labels, root)
     counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
     if small:
-        raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
+        raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
     res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class)
     masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
@@ -157,6 +164,7 @@ def _png(fig) -> str:
 
 
 def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: list) -> None:
+    retire_outputs(out, "spurious")  # the previous run's files go first (docs/CHOICES.md, runs and outputs)
     atomic_write_parquet(res.per_image, out / "reliance.parquet")
     atomic_write_text(out / "motifs.csv", motifs_table(res).to_csv(index=False))
     res.save_words(out / "shortcut_words.npz")  # the attention motifs' words (older `prompt --motifs` input)
@@ -198,7 +206,8 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         "model": lm.name, "classes": res.class_names, "n_images": len(res.per_image), "skipped": skipped,
         "layers": res.layers, "shortcut_words": res.shortcut_words,
         "shortcuts": [u["class_name"] + " " + u["unit"] for u in res.shortcuts.units] if res.shortcuts else [],
-        "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {}})
+        "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {},
+        "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
 
 
 def _same_place(box: tuple[float, float, float, float], token_box: tuple[float, float, float, float],
