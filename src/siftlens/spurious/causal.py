@@ -51,6 +51,7 @@ from scipy.cluster.vq import vq
 from ..io import atomic_write_json
 from ..models import LoadedModel
 from ..semantic_maps import Keypoints, keypoint_mass
+from ..validation import UserValueError
 
 FORMAT = "siftlens-shortcuts"
 FORMAT_VERSION = 1
@@ -83,7 +84,7 @@ class CausalConfig:
 
     def __post_init__(self) -> None:
         if self.control_budget not in ("matched", "full"):
-            raise ValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
+            raise UserValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
 
 
 # --- forwards with token masks -------------------------------------------------------------------
@@ -235,7 +236,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     pos = {int(i): j for j, i in enumerate(sample)}
     S, U = len(sample), len(units)
     if S * U * K > 2e8:  # the drops table below holds every class's probability for every (image, unit)
-        raise ValueError(f"causal discovery: {S} sample images x {U} candidate units x {K} classes is too large "
+        raise UserValueError(f"causal discovery: {S} sample images x {U} candidate units x {K} classes is too large "
                          f"for the label-permutation null ({S * U * K * 8 / 1e9:.1f} GB); lower --causal-images or "
                          "--words, or use --no-causal")
     kp_s = kps[kps["image"].isin(sample)]
@@ -429,7 +430,7 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
 
 # --- shortcuts for new images ---------------------------------------------------------------------
 
-class ShortcutFileError(ValueError):
+class ShortcutFileError(UserValueError):
     """A motifs folder / shortcuts.json that cannot be used with this model."""
 
 
@@ -520,7 +521,7 @@ class ShortcutSet:
         from .discover import image_descriptors
 
         if token_units not in ("gated", "always"):
-            raise ValueError(f"token_units {token_units!r} is not 'gated' or 'always'")
+            raise UserValueError(f"token_units {token_units!r} is not 'gated' or 'always'")
         layout = lm.layout(tuple(x.shape[-2:]))
         grid, p, n = layout.grid, layout.patch_size, layout.num_patches
         out: list = []

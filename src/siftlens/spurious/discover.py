@@ -71,7 +71,7 @@ class DiscoveryConfig:
 def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
     """The shared rule (``siftlens.layers.resolve_layers``); kept under this name for callers."""
     if layers == "none":
-        raise ValueError("discovery needs at least one attention layer (--layers none selects none)")
+        raise UserValueError("discovery needs at least one attention layer (--layers none selects none)")
     return resolve_layers(layers, num_layers)
 
 
@@ -313,7 +313,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
     n_expected = len(source.all_paths) if isinstance(source, PathSource) else len(source)
     if labels is not None and len(labels) != n_expected:
-        raise ValueError(f"labels: {len(labels)} labels for {n_expected} images")
+        raise UserValueError(f"labels: {len(labels)} labels for {n_expected} images")
     attn, probs, kps, D, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
                                        cfg.colour_weight, cfg.orientation_weight, cfg.decisive)
     if labels is not None and isinstance(source, PathSource):
@@ -325,7 +325,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     counts = np.bincount(cls_of_image, minlength=K)
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if 0 < c < min_per_class]
     if small:
-        raise ValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
+        raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     if not len(D):
         raise UserValueError("no SIFT keypoints in any image: nothing to discover")
 

@@ -39,7 +39,7 @@ def check_classifier(lm: LoadedModel) -> int:
     with torch.no_grad():
         out = lm.forward(torch.zeros(1, 3, H, W, device=next(lm.module.parameters()).device))
     if out.dim() != 2 or out.shape[1] < 2 or getattr(lm.module, "num_classes", None) == 0:  # timm: 0 = no head
-        raise ValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
+        raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
                          "flags need class probabilities")
     return int(out.shape[1])
 

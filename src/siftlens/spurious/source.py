@@ -16,6 +16,7 @@ import torch
 
 from ..models import LoadedModel
 from ..preprocess import BadImageError, load_rgb
+from ..validation import UserValueError
 
 
 class TensorSource:
@@ -87,7 +88,7 @@ class PathSource:
         self.paths = [self.all_paths[i] for i in keep]
         self._scanned = True
         if not keep:
-            raise ValueError(f"--images {self.name}: no readable image")
+            raise UserValueError(f"--images {self.name}: no readable image")
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self._load(self.paths[int(i)]) for i in indices])
