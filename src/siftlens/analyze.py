@@ -750,8 +750,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "command": "analyze",
         "outputs": ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"]
         + (["examples.npz"] if ex_parts and cfg.examples > 0 else [])
-        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else [])
-        + (["twin"] if (extra or {}).get("twin", {}).get("mode", "none") != "none" else []),
+        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else []),
         **(extra or {}),
     }
     atomic_write_json(out / "manifest.json", manifest)

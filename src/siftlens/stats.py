@@ -178,7 +178,9 @@ def permutation_test(observed: torch.Tensor, null: torch.Tensor, min_effect: flo
     more than ``min_effect``" (a minimum-effect test; 0 gives the plain permutation p). A NaN observed value
     or null (non-finite attention, no map) gives NaN, never a p-value."""
     mean = null.mean(-1)
-    z = (observed - mean) / null.std(-1).clamp_min(1e-12)
+    # one null map has no spread: z is undefined (NaN), the p-value still is
+    sd = null.std(-1) if null.shape[-1] > 1 else torch.full_like(mean, float("nan"))
+    z = (observed - mean) / sd.clamp_min(1e-12)
     tol = 1e-5 * observed.abs()[..., None]  # float ties (e.g. uniform attention) count as >=
     p = ((1 + (null + min_effect >= observed[..., None] - tol).sum(-1)) / (null.shape[-1] + 1)).float()
     undefined = torch.isnan(observed) | torch.isnan(null).any(-1)
