@@ -9,11 +9,12 @@ Per (variant, setting, seed) it writes ``OUT/VARIANT/SETTING/s{SEED}/`` with
 * ``discovery/CLASS/*.png``  other training-split images, same distribution (what ``siftlens spurious`` sees);
 * ``test/CLASS/*.png``       val-split images, per class 1/3 ``aligned``, 1/3 ``conflict`` (another class's
                              cue, uniform), 1/3 ``none``;
-* ``twins/CLASS/*.png``      for every aligned test image, the same image without the cue;
+* ``twins/CLASS/*.png``      for every aligned (and conflicting) test image, the same image without the cue
+                             (aligned: scores "right for the wrong reason"; both: the cue-removed oracle);
 * ``{train,discovery,test}.csv``: ``path`` (relative to the folder), ``label``, ``class_name``, ``group``,
   ``cue_class`` (-1 none), ``box_x0, box_y0, box_x1, box_y1`` (the cue's bounding box in [0, 1], x = column
   / width; -1 when none), ``region`` (box | frame | global), ``frame_width`` ([0, 1], frames only),
-  ``twin_path`` (aligned test images), ``source`` (the source image's archive member);
+  ``twin_path`` (aligned and conflicting test images), ``source`` (the source image's archive member);
 * ``variant.json``: the variant, its per-class cue parameters, the recipe.
 
 The three class-folder trees are ImageFolders (``siftlens spurious --images DIR/discovery``). Images are
@@ -163,7 +164,7 @@ def write_split(out: Path, name: str, src: SourceImages, groups: np.ndarray, cue
             img_cue = img
         _save_png(img_cue, out / rel)
         twin = ""
-        if with_twins and groups[i] == "aligned":
+        if with_twins and k >= 0:
             twin = f"twins/{classes[y]}/{i:05d}.png"
             _save_png(img, out / twin)
         rows.append(_row(rel, y, classes, str(groups[i]), k, mask, variant.family, params, sources[i], twin))
