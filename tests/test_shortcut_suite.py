@@ -189,3 +189,46 @@ def test_training_mix_and_heldout_refused(runs, source, tmp_path):
         generate.main(["--data", str(source), "--out", str(tmp_path), "--split", "heldout"])
     with pytest.raises(ValueError, match="dev half"):
         _gen(source, tmp_path, _dev_variant("tint"), 100)
+
+
+# ---- evaluation helpers (benchmarks/shortcut_suite/evaluate.py)
+
+
+def test_accuracy_metrics_groups_and_mixes():
+    from shortcut_suite.evaluate import accuracy_metrics
+
+    groups = np.array(["aligned"] * 4 + ["conflict"] * 2 + ["none"] * 2)
+    correct = np.array([1, 1, 1, 0, 0, 1, 1, 1], float)  # aligned 0.75, conflict 0.5, none 1.0
+    m = accuracy_metrics(correct, groups)
+    assert (m["aligned"], m["conflict"], m["none"]) == (0.75, 0.5, 1.0)
+    assert m["worst_group"] == 0.5
+    assert np.isclose(m["average_balanced"], 0.75)  # not the pooled 6/8 by accident: groups weigh 1/3 each
+    assert np.isclose(m["average_train_mix"], 0.95 * 0.75 + 0.025 * 0.5 + 0.025 * 1.0)
+    correct2 = np.array([1, 1, 1, 1, 0, 0, 1, 0], float)  # pooled 5/8, balanced (1 + 0 + 0.5) / 3
+    assert np.isclose(accuracy_metrics(correct2, groups)["average_balanced"], 0.5)
+
+
+def test_cue_tokens_and_located():
+    import torch
+    from shortcut_suite.evaluate import cue_tokens, located
+
+    img = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    twin = img.clone()
+    img[0, :, 9:12, 1:3] = 255  # image 0: a cue inside token (row 1, col 0) of a 2 x 2 grid of 8 px tokens
+    img[1, :, 0:2, 0:2] = 255  # image 1: differs, but has no twin on file -> no cue tokens
+    t = cue_tokens(img, twin, np.array([True, False]), 8)
+    assert t.tolist() == [[False, False, True, False], [False, False, False, False]]
+    disc = pd.DataFrame({"cue_class": [0, 1], "group": ["aligned", "aligned"], "region": ["box", "box"],
+                         "frame_width": [-1.0, -1.0], "box_x0": [0.0, 0.75], "box_y0": [0.0, 0.75],
+                         "box_x1": [0.125, 1.0], "box_y1": [0.125, 1.0]})
+    # 32 px image, patch 4: class 0's cue at the top-left, class 1's at the bottom-right
+    res = located({0: (0.2, 0.2), 1: (0.2, 0.2)}, disc, 2, 32, 4)
+    assert res["per_class"] == [True, False] and res["rate"] == 0.5
+
+
+def test_missing_cli_command_is_recorded_not_fatal(tmp_path):
+    from shortcut_suite.evaluate import run_cli
+
+    log: list[dict] = []
+    status = run_cli(["no-such-command", "--x", "1"], tmp_path / "never", log)
+    assert status.startswith("not available") and log[0]["status"] == status

@@ -447,6 +447,47 @@ def _ci(c) -> str:
     return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
 
 
+def goals(r: dict) -> dict[str, str]:
+    """Issue 11's goals on one run: 'met', 'not met (...)' or 'n/a (...)'. The goals are judged on the
+    held-out half; on dev runs they are a progress read-out."""
+    out: dict[str, str] = {}
+    m = r["cue_located"].get("method")
+    out["cue located >= 90% of classes"] = ("n/a (method not run)" if not isinstance(m, dict) or m["rate"] is None
+                                            else ("met" if m["rate"] >= 0.9 else "not met") + f" ({m['rate']:.2f})")
+    for tgt in ("conflict_vs_rest", "right_for_wrong_reason"):
+        f = r["flags"][tgt].get("flag_score")
+        if f is None:
+            out[f"flag AUROC {tgt} >= 0.85, above baselines"] = "n/a (no flag_score)"
+            continue
+        base = max(r["flags"][tgt][b]["auroc"] for b in ("one_minus_max_softmax", "entropy"))
+        ok = f["auroc"] >= 0.85 and f["ci"] is not None and f["auroc"] > base
+        out[f"flag AUROC {tgt} >= 0.85, above baselines"] = ("met" if ok else "not met") + \
+            f" ({f['auroc']:.3f} vs best baseline {base:.3f})"
+    acc, d = r["accuracy"], r["differences"]
+    if "mask_tokens" not in acc or "oracle_tokens" not in acc:
+        out["steering"] = "n/a (no gated mask_tokens or no token oracle)"
+        return out
+    none, mt, orc = acc["none"], acc["mask_tokens"], acc["oracle_tokens"]
+    headroom = orc["worst_group"] - none["worst_group"]
+    gain = mt["worst_group"] - none["worst_group"]
+    share = gain / headroom if headroom > 0 else float("nan")
+    out["worst-group gain >= 70% of oracle headroom"] = (
+        "n/a (no headroom)" if headroom <= 0 else ("met" if share >= 0.7 else "not met") +
+        f" (gain {gain:+.3f} of headroom {headroom:+.3f}: {share:.0%})")
+    out["worst-group gain >= +0.15 where headroom allows"] = (
+        "n/a (headroom < 0.15)" if headroom < 0.15 else ("met" if gain >= 0.15 else "not met") + f" ({gain:+.3f})")
+    for mix in ("average_balanced", "average_train_mix"):
+        gap = mt[mix] - orc[mix]
+        out[f"{mix} >= oracle - 0.02"] = ("met" if gap >= -0.02 else "not met") + f" ({gap:+.3f})"
+    for ctrl in ("random_mask", "edge_mask"):
+        key = f"mask_tokens - {ctrl}"
+        if key in d:
+            lo = d[key]["worst_group"][1]
+            out[f"worst group beats {ctrl} (CI excludes 0)"] = ("met" if lo > 0 else "not met") + \
+                f" ({d[key]['worst_group'][0]:+.3f}, CI low {lo:+.3f})"
+    return out
+
+
 def run_table(results: list[dict]) -> str:
     """Markdown, one block per run: cue located, flag AUROCs, accuracies with bootstrap CIs."""
     lines = []
@@ -489,6 +530,8 @@ def run_table(results: list[dict]) -> str:
                 lines.append(f"| {name} | " + " | ".join(f"{d[m][0]:+.3f} [{d[m][1]:+.3f}, {d[m][2]:+.3f}]"
                                                          for m in ("worst_group", "average_balanced",
                                                                    "average_train_mix")) + " |")
+        lines.append("\nissue 11 goals (judged on the held-out half; here a read-out): " +
+                     "; ".join(f"{k}: {v}" for k, v in goals(r).items()))
         lines.append("")
     return "\n".join(lines) + "\n"
 
