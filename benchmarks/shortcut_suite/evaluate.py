@@ -536,6 +536,43 @@ def run_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_tables(results: list[dict]) -> str:
+    """Three tables over runs: accuracy per steering, flag AUROCs, cue located."""
+    lines = ["| run | steering | aligned | conflict | none | worst group [95% CI] | avg balanced | avg training mix |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        tag = f"{r['variant']} {r['setting']} s{r['seed']}"
+        for name, a in r["accuracy"].items():
+            lines.append(f"| {tag} | {name} | {_fmt(a['aligned'])} | {_fmt(a['conflict'])} | {_fmt(a['none'])} | "
+                         f"{_fmt(a['worst_group'])}{_ci(a['ci']['worst_group'])} | {_fmt(a['average_balanced'])} | "
+                         f"{_fmt(a['average_train_mix'])} |")
+    scores = sorted({s for r in results for s in r["flags"]["conflict_vs_rest"]})
+    lines += ["", "| run | target | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
+    for r in results:
+        tag = f"{r['variant']} {r['setting']} s{r['seed']}"
+        for tgt, short in (("conflict_vs_rest", "conflicting vs rest"),
+                           ("right_for_wrong_reason", f"RWR ({r['flags']['n_right_for_wrong_reason']} of "
+                                                      f"{r['flags']['n_aligned_correct']})")):
+            cells = [(f"{_fmt(r['flags'][tgt][s]['auroc'])}{_ci(r['flags'][tgt][s]['ci'])}"
+                      if s in r["flags"][tgt] else "—") for s in scores]
+            lines.append(f"| {tag} | {short} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | cue located: method (basis) | method's occlusion control | benchmark occlusion reference |",
+              "|---|---|---|---|"]
+    for r in results:
+        tag = f"{r['variant']} {r['setting']} s{r['seed']}"
+        cells = []
+        for key in ("method", "method_occlusion_control", "bench_occlusion_reference"):
+            v = r["cue_located"].get(key, "not available")
+            if isinstance(v, dict):
+                judged = [x for x in v["per_class"] if x is not None]
+                cells.append("n/a (global cue)" if not judged else f"{sum(judged)}/{len(judged)}" +
+                             (" (legacy attention rank)" if "legacy" in v.get("basis", "") else ""))
+            else:
+                cells.append(str(v))
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def seeds_table(results: list[dict]) -> str:
     """Across seeds per (variant, setting): mean ± sd (ddof=1) and the 95% t-interval over seeds."""
     from scipy.stats import t as student_t
@@ -588,7 +625,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]
-        text = ("## Per run (bootstrap 95% CIs over test images)\n\n" + run_table(results) +
+        text = ("## Summary\n\n" + compact_tables(results) +
+                "\n## Per run (bootstrap 95% CIs over test images)\n\n" + run_table(results) +
                 "\n## Over seeds\n\n" + seeds_table(results))
         atomic_write_text(Path(a.out), text)
         print(f"-> {a.out}")
