@@ -275,6 +275,12 @@ def auroc_with_ci(score: np.ndarray, positive: np.ndarray, boot: np.ndarray) -> 
 # one run
 
 
+def image_key(path: str | Path) -> str:
+    """CLASS/FILE: matches a test image however a command wrote its path (absolute, relative to the working
+    directory or to the images folder); unique within a generated test folder."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def read_predictions(path: Path) -> pd.DataFrame:
     """prompt's predictions (contract names pred_base/pred_steered; current names pred_before/pred_after)."""
     df = pd.read_parquet(path)
@@ -361,8 +367,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     flag_status = status.get("flag", "not run")
     if (out / "flag" / "flags.parquet").exists():
         fl = pd.read_parquet(out / "flag" / "flags.parquet")
-        by_path = {str(Path(p).resolve()): s for p, s in zip(fl["path"], fl["flag_score"])}
-        fs = np.array([by_path.get(str((run / p).resolve()), np.nan) for p in test.path])
+        by_path = {image_key(p): s for p, s in zip(fl["path"], fl["flag_score"])}
+        fs = np.array([by_path.get(image_key(p), np.nan) for p in test.path], dtype=float)
         if np.isfinite(fs).all():
             scores["flag_score"] = fs
         else:
@@ -370,8 +376,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     mt = out / "prompt_mask_tokens" / "predictions.parquet"
     if mt.exists():  # the current method's only per-image signal without `flag`: masking changes the prediction
         pr = read_predictions(mt)
-        by_path = {str(Path(p).resolve()): r for p, r in zip(pr["path"], pr.itertuples())}
-        rows = [by_path[str((run / p).resolve())] for p in test.path]
+        by_path = {image_key(p): r for p, r in zip(pr["path"], pr.itertuples())}
+        rows = [by_path[image_key(p)] for p in test.path]
         changed = np.array([r.pred_base != r.pred_steered for r in rows], float)
         conf_drop = np.array([getattr(r, "conf_before", 0.0) - getattr(r, "conf_after", 0.0) for r in rows])
         scores["prompt_mask_changes_prediction"] = changed + 1e-3 * conf_drop  # tie-break by confidence drop
@@ -398,8 +404,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         f = out / f"prompt_{m}" / "predictions.parquet"
         if f.exists():
             pr = read_predictions(f)
-            by_path = dict(zip((str(Path(p).resolve()) for p in pr["path"]), pr["pred_steered"]))
-            steered = np.array([by_path[str((run / p).resolve())] for p in test.path])
+            by_path = dict(zip((image_key(p) for p in pr["path"]), pr["pred_steered"]))
+            steered = np.array([by_path[image_key(p)] for p in test.path])
             correct[m] = steered == labels
     accuracy: dict = {}
     boot_metrics = {}
