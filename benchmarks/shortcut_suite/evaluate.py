@@ -324,7 +324,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     size = int(meta["image_size"])
     patch = lm.layout((size, size)).patch_size
     x_u8 = load_images(run, test.path)
-    has_twin = (test.twin_path != "").to_numpy()
+    has_twin = (test.twin_path != "").to_numpy().copy()  # writable: torch.from_numpy warns otherwise
     twins_u8 = x_u8.clone()
     if has_twin.any():
         twins_u8[torch.from_numpy(has_twin)] = load_images(run, test.twin_path[has_twin])
