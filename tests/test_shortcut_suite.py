@@ -224,6 +224,8 @@ def test_cue_tokens_and_located():
     # 32 px image, patch 4: class 0's cue at the top-left, class 1's at the bottom-right
     res = located({0: (0.2, 0.2), 1: (0.2, 0.2)}, disc, 2, 32, 4)
     assert res["per_class"] == [True, False] and res["rate"] == 0.5
+    # chance: share of the image inside the grown regions, (8x8 + 12x12 px) / 2 / 32^2
+    assert np.isclose(res["chance"], (64 + 144) / 2 / 1024)
 
 
 def test_missing_cli_command_is_recorded_not_fatal(tmp_path):

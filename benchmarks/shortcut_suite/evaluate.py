@@ -206,7 +206,14 @@ def located(centres: dict[int, tuple[float, float] | None], disc: pd.DataFrame, 
         per_class.append(bool(region[yi, xi]))
     judged = [v for v in per_class if v is not None]
     return {"per_class": per_class, "rate": float(np.mean(judged)) if judged else None,
-            "n_judged": len(judged)}
+            "n_judged": len(judged), "chance": located_chance(disc, k, size, patch)}
+
+
+def located_chance(disc: pd.DataFrame, k: int, size: int, patch: int) -> float | None:
+    """The rate a uniformly random unit centre would reach: the mean share of the image inside the
+    classes' grown cue regions (the null beside "cue located"; large for bands and frames)."""
+    shares = [r.mean() for r in (true_region(disc, c, size, patch) for c in range(k)) if r is not None]
+    return float(np.mean(shares)) if shares else None
 
 
 def method_centres(spurious_dir: Path, class_names: list[str]) -> tuple[str, dict[int, tuple[float, float] | None]]:
@@ -566,13 +573,19 @@ def compact_tables(results: list[dict]) -> str:
               "|---|---|---|---|"]
     for r in results:
         tag = f"{r['variant']} {r['setting']} s{r['seed']}"
+        chance = None
+        if Path(r["run"], "discovery.csv").exists():  # evaluations written before 'chance' was stored
+            disc = pd.read_csv(Path(r["run"], "discovery.csv"), keep_default_na=False)
+            chance = located_chance(disc, int(disc.label.max()) + 1, r["image_size"], r["patch"])
         cells = []
         for key in ("method", "method_occlusion_control", "bench_occlusion_reference"):
             v = r["cue_located"].get(key, "not available")
             if isinstance(v, dict):
                 judged = [x for x in v["per_class"] if x is not None]
+                ch = v.get("chance", chance)
                 cells.append("n/a (global cue)" if not judged else f"{sum(judged)}/{len(judged)}" +
-                             (" (legacy attention rank)" if "legacy" in v.get("basis", "") else ""))
+                             (" (legacy attention rank)" if "legacy" in v.get("basis", "") else "") +
+                             (f", chance {ch:.2f}" if ch is not None else ""))
             else:
                 cells.append(str(v))
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
