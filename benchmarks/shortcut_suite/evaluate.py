@@ -465,8 +465,9 @@ def goals(r: dict) -> dict[str, str]:
     held-out half; on dev runs they are a progress read-out."""
     out: dict[str, str] = {}
     m = r["cue_located"].get("method")
-    out["cue located >= 90% of classes"] = ("n/a (method not run)" if not isinstance(m, dict) or m["rate"] is None
-                                            else ("met" if m["rate"] >= 0.9 else "not met") + f" ({m['rate']:.2f})")
+    out["cue located >= 90% of classes"] = (
+        "n/a (method not run)" if not isinstance(m, dict) else "n/a (global cue)" if m["rate"] is None
+        else ("met" if m["rate"] >= 0.9 else "not met") + f" ({m['rate']:.2f})")
     for tgt in ("conflict_vs_rest", "right_for_wrong_reason"):
         f = r["flags"][tgt].get("flag_score")
         if f is None:
@@ -478,7 +479,8 @@ def goals(r: dict) -> dict[str, str]:
             f" ({f['auroc']:.3f} vs best baseline {base:.3f})"
     acc, d = r["accuracy"], r["differences"]
     if "mask_tokens" not in acc or "oracle_tokens" not in acc:
-        out["steering"] = "n/a (no gated mask_tokens or no token oracle)"
+        out["steering"] = ("n/a (no token oracle: a global cue covers every token)" if "mask_tokens" in acc
+                           else "n/a (no mask_tokens run)")
         return out
     none, mt, orc = acc["none"], acc["mask_tokens"], acc["oracle_tokens"]
     headroom = orc["worst_group"] - none["worst_group"]
