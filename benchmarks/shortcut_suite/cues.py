@@ -1,0 +1,259 @@
+"""Cue families of the shortcut suite (issue 11, item 4), their parameter pools and the dev/held-out split.
+
+A *variant* is one cue family with its per-class parameters (colours, patterns, positions, characters)
+drawn from a pool with the variant's generator seed. Two pools, fixed here and disjoint in every drawn
+quantity, separate the **dev** variants (design and tune the method on these) from the **held-out**
+variants (generated and run once, after the method is frozen):
+
+=============  ==========================================  ==========================================
+quantity       dev pool                                    held-out pool
+=============  ==========================================  ==========================================
+hues           0, 40, 80, ..., 320 deg (even 20-deg steps)  20, 60, 100, ..., 340 deg (odd steps)
+patch shapes   quadrants, triangle, tshape, lshape          twodots, checker3, diamond, square
+fixed cells    token cells (r, c) with (r + c) even         cells with (r + c) odd
+random band    top, left                                    bottom, right
+stripe angle   0, 45, 90, 135 deg; period 1/2 token         22.5, 67.5, 112.5, 157.5 deg; 3/8, 5/8 token
+frame width    1 token                                      3/4 token
+tint alpha     0.30                                         0.25, 0.35
+text chars     A-M                                          N-Z, 2-9
+text corner    top-left, bottom-right                       top-right, bottom-left
+text font      HERSHEY_SIMPLEX                              HERSHEY_DUPLEX, HERSHEY_TRIPLEX
+gen. seeds     0-99                                         1000-1099
+model seeds    0, 1, 2                                      100, 101, 102
+=============  ==========================================  ==========================================
+
+Geometry is in token units ``u = image_size // 8`` (an 8 x 8 token grid: patch 8 at 64 px from scratch,
+patch 16 at 128 px for the fine-tuned bundled model), so a variant is the same cue in both settings.
+Cells of the fixed-patch family avoid the outer ring of tokens (SIFT finds no keypoints within ~5 px of
+the border) and the central 4 x 4 tokens (where the object usually is).
+
+Every renderer returns the image with the cue and the boolean pixel mask of the cue (what changed,
+or for the tint the whole image); the cue box in the metadata is the mask's bounding box.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from siftlens.spurious.planted import CUE_COLOURS, PATCH_SHAPES, patch_pattern, texture_pattern
+
+FAMILIES = ("fixed_patch", "random_patch", "stripe_frame", "tint", "text")
+GRID = 8  # tokens per side in both model settings
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What the variants of one half may draw from (see the module docstring)."""
+
+    name: str
+    hues: tuple[float, ...]
+    shapes: tuple[str, ...]
+    cells: tuple[tuple[int, int], ...]
+    bands: tuple[str, ...]
+    angles: tuple[float, ...]
+    periods: tuple[float, ...]  # stripe period in tokens
+    frame_widths: tuple[float, ...]  # in tokens
+    tint_alphas: tuple[float, ...]
+    chars: str
+    corners: tuple[str, ...]
+    fonts: tuple[int, ...]
+    gen_seeds: range
+    model_seeds: tuple[int, ...]
+
+
+def _cells(parity: int) -> tuple[tuple[int, int], ...]:
+    """Token cells in rings 1 of the 8 x 8 grid (not the border ring, not the centre 4 x 4) of a parity."""
+    ring = [(r, c) for r in range(1, GRID - 1) for c in range(1, GRID - 1)
+            if (r in (1, GRID - 2) or c in (1, GRID - 2))]
+    return tuple(rc for rc in ring if (rc[0] + rc[1]) % 2 == parity)
+
+
+DEV = Pool("dev", hues=tuple(float(h) for h in range(0, 360, 40)), shapes=("quadrants", "triangle", "tshape", "lshape"),
+           cells=_cells(0), bands=("top", "left"), angles=(0.0, 45.0, 90.0, 135.0), periods=(0.5,),
+           frame_widths=(1.0,), tint_alphas=(0.30,), chars="ABCDEFGHIJKLM", corners=("tl", "br"),
+           fonts=(cv2.FONT_HERSHEY_SIMPLEX,), gen_seeds=range(0, 100), model_seeds=(0, 1, 2))
+HELDOUT = Pool("heldout", hues=tuple(float(h) for h in range(20, 360, 40)),
+               shapes=("twodots", "checker3", "diamond", "square"), cells=_cells(1), bands=("bottom", "right"),
+               angles=(22.5, 67.5, 112.5, 157.5), periods=(0.375, 0.625), frame_widths=(0.75,),
+               tint_alphas=(0.25, 0.35), chars="NOPQRSTUVWXYZ23456789", corners=("tr", "bl"),
+               fonts=(cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX), gen_seeds=range(1000, 1100),
+               model_seeds=(100, 101, 102))
+POOLS = {"dev": DEV, "heldout": HELDOUT}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: str
+    split: str  # dev | heldout
+    gen_seed: int
+
+
+# The fixed variant list. Dev: two per family (generator seeds 0-9). Held-out: one per family with new
+# generator seeds; not to be generated before the method is frozen (generate.py refuses without
+# --frozen-commit).
+VARIANTS: tuple[Variant, ...] = tuple(
+    [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
+    + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)])
+VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def colour_pair(hue: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bright, dark) uint8 RGB of a hue: a saturated bright colour and a dark complementary one, so the
+    cue has a large luminance gap and SIFT (grey) sees it."""
+    bright = colorsys.hsv_to_rgb(hue / 360.0, 0.85, 1.0)
+    dark = colorsys.hsv_to_rgb(((hue + 180.0) % 360.0) / 360.0, 0.9, 0.3)
+    return (np.round(np.array(bright) * 255).astype(np.uint8), np.round(np.array(dark) * 255).astype(np.uint8))
+
+
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """bool [size, size]: the bright part of one of planted.py's patch layouts."""
+    k = PATCH_SHAPES.index(shape)  # patch_pattern(k) draws layout k in CUE_COLOURS[k % 5]
+    bright = np.array(CUE_COLOURS[k % len(CUE_COLOURS)][0], dtype=np.uint8)
+    return np.all(patch_pattern(k, size) == bright[:, None, None], axis=0)
+
+
+def stripe_mask(angle: float, hw: tuple[int, int], period: float, phase: float) -> np.ndarray:
+    """bool [H, W]: planted.py's oriented stripes at ``angle`` degrees (bright half of each period)."""
+    from siftlens.spurious.planted import TEXTURE_ANGLES
+
+    k = TEXTURE_ANGLES.index(angle)
+    bright = np.array(CUE_COLOURS[k % len(CUE_COLOURS)][0], dtype=np.uint8)
+    return np.all(texture_pattern(k, hw, period, phase) == bright[:, None, None], axis=0)
+
+
+def draw_class_params(variant: Variant, num_classes: int) -> list[dict]:
+    """Per-class cue parameters of a variant, drawn from its pool with its generator seed."""
+    pool = POOLS[variant.split]
+    if variant.gen_seed not in pool.gen_seeds:
+        raise ValueError(f"variant {variant.name}: generator seed {variant.gen_seed} is outside the {pool.name} "
+                         f"pool's seeds {pool.gen_seeds}")
+    rng = np.random.default_rng([variant.gen_seed, 11])
+    hues = rng.choice(pool.hues, size=num_classes, replace=len(pool.hues) < num_classes)
+    shapes = rng.choice(len(pool.shapes), size=num_classes)
+    per_class: list[dict] = []
+    if variant.family == "fixed_patch":
+        cells = rng.choice(len(pool.cells), size=num_classes, replace=False)
+        offsets = rng.integers(0, 4, size=(num_classes, 2)) / 4.0  # sub-token shift: a cue may straddle tokens
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "shape": pool.shapes[shapes[k]],
+                              "cell": list(pool.cells[cells[k]]), "offset": offsets[k].tolist()})
+    elif variant.family == "random_patch":
+        band = str(rng.choice(pool.bands))
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "shape": pool.shapes[shapes[k]], "band": band})
+    elif variant.family == "stripe_frame":
+        angles = rng.choice(pool.angles, size=num_classes)
+        period, width = float(rng.choice(pool.periods)), float(rng.choice(pool.frame_widths))
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "angle": float(angles[k]), "period": period, "width": width})
+    elif variant.family == "tint":
+        alpha = float(rng.choice(pool.tint_alphas))
+        hues = rng.choice(pool.hues, size=num_classes, replace=False)  # tints must differ by class
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "alpha": alpha})
+    elif variant.family == "text":
+        font = int(rng.choice(pool.fonts))
+        words: list[str] = []
+        while len(words) < num_classes:
+            w = "".join(rng.choice(list(pool.chars), size=2))
+            if w not in words:
+                words.append(w)
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "text": words[k], "font": font,
+                              "corners": list(pool.corners)})
+    else:
+        raise ValueError(f"unknown cue family {variant.family!r}; one of {FAMILIES}")
+    return per_class
+
+
+def render_cue(image: np.ndarray, family: str, params: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Plant one cue into uint8 HWC ``image``; returns (image with cue, bool HW mask of the cue region).
+
+    ``rng`` draws what varies per image (random-patch position, stripe phase, text corner)."""
+    h, w = image.shape[:2]
+    u = h // GRID
+    out = image.copy()
+    mask = np.zeros((h, w), dtype=bool)
+    bright, dark = colour_pair(params["hue"])
+    if family in ("fixed_patch", "random_patch"):
+        if family == "fixed_patch":
+            r, c = params["cell"]
+            y0, x0 = int(round((r + params["offset"][0]) * u)), int(round((c + params["offset"][1]) * u))
+        else:
+            y0, x0 = _band_position(params["band"], h, w, u, rng)
+        on = shape_mask(params["shape"], u)
+        out[y0:y0 + u, x0:x0 + u] = np.where(on[..., None], bright, dark)
+        mask[y0:y0 + u, x0:x0 + u] = True
+    elif family == "stripe_frame":
+        width = max(1, int(round(params["width"] * u)))
+        mask[:width], mask[-width:], mask[:, :width], mask[:, -width:] = True, True, True, True
+        on = stripe_mask(params["angle"], (h, w), params["period"] * u, float(rng.random()))
+        out[mask] = np.where(on[mask][:, None], bright, dark)
+    elif family == "tint":
+        tinted = (1 - params["alpha"]) * image.astype(np.float64) + params["alpha"] * bright.astype(np.float64)
+        out = np.clip(np.round(tinted), 0, 255).astype(np.uint8)
+        mask[:] = True
+    elif family == "text":
+        out, mask = _draw_text(image, params, str(rng.choice(params["corners"])), bright, dark, u)
+    else:
+        raise ValueError(f"unknown cue family {family!r}")
+    return out, mask
+
+
+def _band_position(band: str, h: int, w: int, u: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a random-position patch inside a 3-token band along one edge, kept half a token
+    off the border (SIFT finds nothing on the border)."""
+    m = u // 2
+    along = int(rng.integers(m, w - m - u + 1))
+    across = int(rng.integers(m, 3 * u - u + 1))
+    if band == "top":
+        return across, along
+    if band == "bottom":
+        return h - u - across, along
+    if band == "left":
+        return along, across
+    if band == "right":
+        return along, w - u - across
+    raise ValueError(f"unknown band {band!r}")
+
+
+def _draw_text(image: np.ndarray, params: dict, corner: str, bright: np.ndarray, dark: np.ndarray,
+               u: int) -> tuple[np.ndarray, np.ndarray]:
+    """A two-character watermark about one token tall in a corner: dark outline, bright fill."""
+    font, text = params["font"], params["text"]
+    scale = u / cv2.getTextSize(text, font, 1.0, 1)[0][1]  # cap height ~ one token
+    thick = max(1, u // 8)
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick + 2)
+    m = u // 2
+    x = m if corner in ("tl", "bl") else image.shape[1] - m - tw
+    y = m + th if corner in ("tl", "tr") else image.shape[0] - m - base
+    canvas = np.zeros(image.shape[:2], dtype=np.uint8)  # where the drawing lands: 1 outline, 2 fill
+    cv2.putText(canvas, text, (x, y), font, scale, 1, thick + 2, cv2.LINE_8)
+    cv2.putText(canvas, text, (x, y), font, scale, 2, thick, cv2.LINE_8)
+    out = image.copy()
+    out[canvas == 1] = dark
+    out[canvas == 2] = bright
+    return out, canvas > 0
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in [0, 1] of a mask's bounding box (exclusive ends / size); -1s when empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return (-1.0, -1.0, -1.0, -1.0)
+    h, w = mask.shape
+    return (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+
+
+def region_kind(family: str) -> str:
+    """How "the cue is located" is judged: a box (patch, text), a border frame, or n/a (a global tint)."""
+    return {"stripe_frame": "frame", "tint": "global"}.get(family, "box")
+
+
+__all__ = ["FAMILIES", "POOLS", "DEV", "HELDOUT", "VARIANTS", "VARIANTS_BY_NAME", "Variant", "Pool",
+           "draw_class_params", "render_cue", "mask_box", "region_kind", "colour_pair"]
