@@ -540,7 +540,8 @@ def test_pretrain_stops_on_a_non_finite_loss(tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [("groups", 1000), ("limit", -1), ("seed", -1), ("batch_size", 0),
-                                           ("null_permutations", -5), ("keep_full_maps", -1)])
+                                           ("null_permutations", -5), ("keep_full_maps", -1),
+                                           ("twin_images", 0)])
 def test_library_callers_get_the_same_ranges(tmp_path, option, value):
     from siftlens.analyze import analyze
     from siftlens.validation import UserValueError

@@ -96,7 +96,8 @@ def analyze_option_types() -> dict[str, _Number]:
     """The range of every numeric AnalyzeConfig field (the CLI uses the same types)."""
     return {"groups": int_range(2, MAX_GROUPS), "batch_size": positive_int, "workers": int_range(0, 64),
             "limit": positive_int, "seed": SEED, "null_permutations": int_range(0, MAX_PERMUTATIONS),
-            "examples": int_range(0, MAX_EXAMPLES), "keep_full_maps": int_range(0, MAX_FULL_MAPS)}
+            "examples": int_range(0, MAX_EXAMPLES), "keep_full_maps": int_range(0, MAX_FULL_MAPS),
+            "twin_images": positive_int}
 
 
 def add_ranges_to_help(parser: argparse.ArgumentParser) -> None:
