@@ -40,25 +40,12 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``path`` via a temporary file in the same directory and a rename; never a partial file.
 
-    Failures (disk full, directory gone or read-only) raise OutputDirError naming ``path``.
+    Failures (disk full, directory gone or read-only) raise OutputDirError naming ``path`` (``atomic_path``).
     """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:  # owns fd from here on: closed on any error
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give normal permissions
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, OutputDirError):
-            raise OutputDirError(f"{path}: cannot write output ({e.strerror or e})") from e
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
