@@ -98,19 +98,17 @@ def null_indices(n_perm: int, grid: tuple[int, int], seed: int, mode: str = "per
         return torch.rand(n_perm, h * w, generator=g).argsort(-1)
     if mode != "shift":
         raise ValueError(f"null mode {mode!r} has no within-image rearrangement (use shift or permute)")
-    idx = torch.arange(h * w).view(h, w)
     dy = torch.randint(0, h, (n_perm,), generator=g)
     dx = torch.randint(0, w, (n_perm,), generator=g)
     flip = torch.randint(0, 4, (n_perm,), generator=g)
-    out = []
-    for k in range(n_perm):
-        m = torch.roll(idx, (int(dy[k]), int(dx[k])), dims=(0, 1))
-        if flip[k] & 1:
-            m = m.flip(0)
-        if flip[k] & 2:
-            m = m.flip(1)
-        out.append(m.reshape(-1))
-    return torch.stack(out)
+    # out[k, i, j] = the patch index torch.roll(grid, (dy, dx)) puts at (i, j), after the optional flips
+    i = torch.arange(h)[None, :, None].expand(n_perm, h, w)
+    j = torch.arange(w)[None, None, :].expand(n_perm, h, w)
+    i = torch.where((flip & 1).bool()[:, None, None], h - 1 - i, i)
+    j = torch.where((flip & 2).bool()[:, None, None], w - 1 - j, j)
+    rows = (i - dy[:, None, None]) % h
+    cols = (j - dx[:, None, None]) % w
+    return (rows * w + cols).reshape(n_perm, h * w)
 
 
 def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int, grid: tuple[int, int] | None = None,
