@@ -72,10 +72,10 @@ def p_diff_above(x: np.ndarray, y: np.ndarray, delta: float) -> float:
     return float(sps.ttest_ind(x, y + delta, equal_var=False, alternative="greater").pvalue)
 
 
-def effect_over_null(per_image: pd.DataFrame, stat: str) -> pd.DataFrame:
-    """[images x layers] S_own − mean S_null (heads averaged). Without a null column the null is uniform
-    attention (S = 1)."""
-    own = per_image_layer_means(per_image, f"{stat}__sift")
+def effect_over_null(per_image: pd.DataFrame, stat: str, own: pd.DataFrame | None = None) -> pd.DataFrame:
+    """[images x layers] S_own − mean S_null (heads averaged; ``own``: S_own's table if already computed).
+    Without a null column the null is uniform attention (S = 1)."""
+    own = per_image_layer_means(per_image, f"{stat}__sift") if own is None else own
     null_col = f"{stat}_null"
     if null_col in per_image and per_image[null_col].notna().any():
         return own - per_image_layer_means(per_image, null_col)
@@ -91,10 +91,11 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
                    twin: pd.DataFrame | None = None, min_effect: float = MIN_EFFECT,
                    alpha: float = ALPHA, min_partial: float = MIN_PARTIAL) -> pd.DataFrame:
     """One row per layer: effect over the null (mean, 95% CI), the twin's, the tests and the two conclusions."""
-    eff = effect_over_null(per_image, stat)
+    own = per_image_layer_means(per_image, f"{stat}__sift")  # [images x layers], reused below
+    eff = effect_over_null(per_image, stat, own)
     layers = eff.columns.to_numpy()
     rows = pd.DataFrame({"layer": layers})
-    rows["S"], rows["S_lo"], rows["S_hi"] = _ci(per_image_layer_means(per_image, f"{stat}__sift"), layers)
+    rows["S"], rows["S_lo"], rows["S_hi"] = _ci(own, layers)
     rows["effect"], rows["effect_lo"], rows["effect_hi"] = _ci(eff, layers)
     rows["n_images"] = eff.notna().sum(axis=0).to_numpy()
     has_twin = twin is not None and f"{stat}__sift" in twin and twin[f"{stat}__sift"].notna().any()
@@ -112,8 +113,7 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
     for b in BASELINES:
         if b not in map_names:
             continue
-        diff = (per_image_layer_means(per_image, f"{stat}__sift")
-                - per_image_layer_means(per_image, f"{stat}__{b}")).reindex(columns=layers)
+        diff = (own - per_image_layer_means(per_image, f"{stat}__{b}")).reindex(columns=layers)
         rows[f"minus_{b}"], rows[f"minus_{b}_lo"], rows[f"minus_{b}_hi"] = _ci(diff, layers)
         rows[f"p_beats_{b}"] = holm(np.array([p_mean_above(diff[lay].to_numpy(), 0.0) for lay in layers]))
         beats_all &= (rows[f"p_beats_{b}"] < alpha).to_numpy()
