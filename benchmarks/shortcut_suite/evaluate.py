@@ -282,6 +282,9 @@ def auroc_with_ci(score: np.ndarray, positive: np.ndarray, boot: np.ndarray) -> 
 # one run
 
 
+FLAG_COLUMNS = ("flag_score", "occlusion_score", "occlusion_score_random", "occlusion_score_all")
+
+
 def image_key(path: str | Path) -> str:
     """CLASS/FILE: matches a test image however a command wrote its path (absolute, relative to the working
     directory or to the images folder); unique within a generated test folder."""
@@ -374,12 +377,15 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     flag_status = status.get("flag", "not run")
     if (out / "flag" / "flags.parquet").exists():
         fl = pd.read_parquet(out / "flag" / "flags.parquet")
-        by_path = {image_key(p): s for p, s in zip(fl["path"], fl["flag_score"])}
-        fs = np.array([by_path.get(image_key(p), np.nan) for p in test.path], dtype=float)
-        if np.isfinite(fs).all():
-            scores["flag_score"] = fs
-        else:
-            flag_status = f"flags.parquet lacks {int((~np.isfinite(fs)).sum())} test images"
+        for col in FLAG_COLUMNS:  # flag_score and the per-image window occlusion with its SIFT-free controls
+            if col not in fl:
+                continue
+            by_path = {image_key(p): s for p, s in zip(fl["path"], fl[col])}
+            fs = np.array([by_path.get(image_key(p), np.nan) for p in test.path], dtype=float)
+            if np.isfinite(fs).all():
+                scores[col] = fs
+            else:
+                flag_status = f"flags.parquet lacks {int((~np.isfinite(fs)).sum())} test images"
     mt = out / "prompt_mask_tokens" / "predictions.parquet"
     if mt.exists():  # the current method's only per-image signal without `flag`: masking changes the prediction
         pr = read_predictions(mt)

@@ -258,6 +258,13 @@ def _flag_parser(sub) -> None:
     p.add_argument("--token-units", choices=("always", "gated"), default="always",
                    help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
                    "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
+    p.add_argument("--occlusion", choices=("compare", "sift", "off"), default="compare",
+                   help="per-image window occlusion, needing no discovered shortcut: occlusion_score = the largest "
+                   "drop of the predicted class's probability when one WINDOW x WINDOW square of tokens holding a "
+                   "SIFT keypoint is masked; 'compare' also writes the SIFT-free controls (every window; as many "
+                   "windows drawn at random) at the cost of a forward per window")
+    p.add_argument("--window", type=positive_int, default=2, help="occlusion window side in tokens")
+    p.add_argument("--seed", type=SEED, default=0, help="the random-window control's draw")
     p.set_defaults(func=_run_flag)
 
 
@@ -266,7 +273,7 @@ def _run_flag(args: argparse.Namespace) -> int:
 
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
-                  token_units=args.token_units)
+                  token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed)
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "
           f"{(df['pred'] != df['pred_without']).sum()} change prediction without it) -> {args.out}/flags.html")
     return 0

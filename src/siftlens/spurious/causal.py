@@ -517,7 +517,8 @@ class ShortcutSet:
         None for an image without SIFT keypoints where no unit can be tested. ``token_units="always"``:
         a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
         sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
-        ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints."""
+        ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints; ``info["keypoints"]``:
+        each batch position's keypoints (reused by the flag's window occlusion)."""
         from .discover import image_descriptors
 
         if token_units not in ("gated", "always"):
@@ -527,6 +528,8 @@ class ShortcutSet:
         out: list = []
         for b in range(len(x)):
             _, kp, desc = image_descriptors(lm, x[b], *self.descriptor_weights)
+            if info is not None:
+                info.setdefault("keypoints", {})[b] = kp
             if not len(desc):
                 if info is not None:
                     info.setdefault("no_keypoints", []).append(b)

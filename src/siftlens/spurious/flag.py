@@ -44,14 +44,68 @@ def check_classifier(lm: LoadedModel) -> int:
     return int(out.shape[1])
 
 
+OCCLUSION_MODES = ("compare", "sift", "off")
+
+
+def occlusion_windows(grid: tuple[int, int], window: int) -> np.ndarray:
+    """bool [n_windows, n]: every ``window`` x ``window`` square of tokens (stride 1, row-major; a grid
+    smaller than the window gives one window of the whole side)."""
+    h, w = grid
+    wh, ww = min(window, h), min(window, w)
+    out = []
+    for r in range(h - wh + 1):
+        for c in range(w - ww + 1):
+            m = np.zeros((h, w), bool)
+            m[r:r + wh, c:c + ww] = True
+            out.append(m.reshape(-1))
+    return np.stack(out)
+
+
+def keypoint_windows(windows: np.ndarray, kp_xy: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """bool [n_windows]: the windows holding at least one keypoint centre (``kp_xy`` [k, 2] in pixels)."""
+    if not len(kp_xy):
+        return np.zeros(len(windows), bool)
+    col = np.clip((kp_xy[:, 0] // patch).astype(int), 0, grid[1] - 1)
+    row = np.clip((kp_xy[:, 1] // patch).astype(int), 0, grid[0] - 1)
+    return windows[:, row * grid[1] + col].any(1)
+
+
+def window_drops(lm: LoadedModel, x: torch.Tensor, layers: list[int], windows: np.ndarray, pred: np.ndarray,
+                 p_pred: np.ndarray, use: np.ndarray, batch_size: int) -> np.ndarray:
+    """[B, n_windows]: drop of the predicted class's probability when the window's tokens are masked as keys
+    in ``layers`` (NaN where ``use`` [B, n_windows] is False: not run)."""
+    jobs = [(b, windows[v]) for b, v in zip(*np.nonzero(use))]
+    out = np.full(use.shape, np.nan)
+    if jobs:
+        pm = masked_probs(lm, TensorSource(x), layers, jobs, batch_size)
+        bs, vs = np.nonzero(use)
+        out[bs, vs] = p_pred[bs] - pm[np.arange(len(bs)), pred[bs]]
+    return out
+
+
+def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
+    """Largest finite value (clipped at 0) and its index (-1 where there is none)."""
+    if not np.isfinite(d).any():
+        return 0.0, -1
+    j = int(np.nanargmax(d))
+    return max(float(d[j]), 0.0), j
+
+
 @torch.no_grad()
-def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always"
-                ) -> tuple[pd.DataFrame, list[dict]]:
+def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
+                occlusion: str = "compare", window: int = 2, seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
-    ``token_units``: see ``ShortcutSet.present_units``."""
+    ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
+    ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
+    windows, the SIFT-free controls; "off")."""
+    if occlusion not in OCCLUSION_MODES:
+        raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
     rows, no_kp = [], []
     names = shortcuts.class_names
+    layout = lm.layout(tuple(source.input_hw))
+    windows = occlusion_windows(layout.grid, window)
+    rng = np.random.default_rng([seed, 23])
     for idx, x in source.batches(batch_size):
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
         info: dict = {}
@@ -63,6 +117,13 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 jobs.append((b, m))
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
+        pred0 = p0.argmax(1)
+        kp_win = np.zeros((len(x), len(windows)), bool)
+        for b, kp in info.get("keypoints", {}).items():
+            kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
+        if occlusion != "off":
+            use = np.ones_like(kp_win) if occlusion == "compare" else kp_win
+            wd = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use, batch_size)
         for b in range(len(x)):
             path = str(source.paths[int(idx[b])]) if hasattr(source, "paths") else str(int(idx[b]))
             if present[b] is None:
@@ -77,6 +138,16 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                     drop, j, q = float(p[pred] - qq[pred]), jj, qq
             unit = shortcuts.units[j] if j is not None else None
             kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
+            occ = {}
+            if occlusion != "off":
+                k = int(kp_win[b].sum())
+                score, v = _max_or_zero(np.where(kp_win[b], wd[b], np.nan))
+                occ = {"occlusion_score": score, "occlusion_windows": k,
+                       "occlusion_tokens": " ".join(map(str, np.flatnonzero(windows[v]))) if v >= 0 else ""}
+                if occlusion == "compare":  # SIFT-free: every window; as many windows drawn at random
+                    occ["occlusion_score_all"] = _max_or_zero(wd[b])[0]
+                    pick = rng.choice(len(windows), k, replace=False) if k else np.zeros(0, int)
+                    occ["occlusion_score_random"] = _max_or_zero(wd[b][pick])[0] if k else 0.0
             rows.append({"path": path, "flag_score": max(drop, 0.0),
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
@@ -86,12 +157,13 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
+            rows[-1].update(occ)
     return pd.DataFrame(rows), no_kp
 
 
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
-             token_units: str = "always") -> pd.DataFrame:
+             token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0) -> pd.DataFrame:
     """Write flags.parquet, flags.html and manifest.json; return the flags table."""
     shortcuts = ShortcutSet.load(motifs)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
@@ -100,7 +172,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
     out = ensure_writable_dir(out)
     with OutputLock(out, "flag"):  # one run per --out (runguard.py)
         source = PathSource(lm, find_images(images), images)
-        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units)
+        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed)
         skipped = source.skipped + no_kp
         if df.empty:
             raise UserValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
@@ -111,6 +183,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         atomic_write_parquet(df, out / "flags.parquet")
         atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
                                                   "skipped": skipped, "token_units": token_units,
+                                                  "occlusion": occlusion, "window": window, "seed": seed,
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
                                                   "shortcuts": [u["unit"] for u in shortcuts.units],
                                                   "layers": shortcuts.layers, "command": "flag",
