@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import __version__
 from .argtypes import analyze_option_types, check_ranges
 from .capture import AttentionCapture, TokenLayout
+from .image_source import find_images
 from .io import (
     atomic_path,
     atomic_write_bytes,
@@ -49,7 +50,7 @@ from .io import (
     ensure_writable_dir,
 )
 from .models import LoadedModel, load_model
-from .preprocess import BadImageError, Preprocess, find_images, load_rgb
+from .preprocess import BadImageError, Preprocess, load_rgb
 from .runguard import OutputLock, retire_outputs
 from .semantic_maps import (
     KeypointCache,
