@@ -59,7 +59,7 @@ from .semantic_maps import (
     SiftParams,
     assemble_maps,
     compute_maps,
-    image_maps,
+    keypoint_free_maps,
     keypoint_maps,
 )
 from .stats import (
@@ -155,7 +155,8 @@ class ImageMapsDataset(Dataset):
                 maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
                                     seed=hash_seed(self.seed, i), cache=self.cache)
             else:
-                other, edges = image_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg, self.cache)
+                other, edges = keypoint_free_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
+                                                  self.cache)
         except BadImageError as e:
             return {"index": i, "error": str(e)}
         except Exception as e:  # anything else unexpected about this one file: skip, keep going
