@@ -1,5 +1,5 @@
-"""report.py and html_page.py: the report of an `analyze` run is one self-contained page whose tables carry the
-run's own numbers (and only the baselines it computed); the page helpers every HTML output shares."""
+"""report.py: the report of an `analyze` run is one self-contained page whose tables carry the run's own
+numbers (and only the baselines it computed)."""
 
 from __future__ import annotations
 
@@ -12,33 +12,11 @@ import torch
 from PIL import Image
 
 import siftlens
-from siftlens.html_page import html_page, png_data_uri, skipped_html, table_html
 from siftlens.preprocess import Preprocess
 from siftlens.report import overview_layers, verdict_table
 from siftlens.verdict import layer_verdicts
 from tests.bad_files import blocks, save, write
 from tests.test_verdict import _table
-
-
-def test_page_helpers():
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2, 1))
-    ax.plot([0, 1], [1, 0])
-    uri = png_data_uri(fig, dpi=50)
-    png = base64.b64decode(uri.removeprefix("data:image/png;base64,"))
-    assert uri.startswith("data:image/png;base64,") and png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plt.get_fignums()  # the figure is closed
-    import pandas as pd
-
-    df = pd.DataFrame({"a": [0.123456], "b": ["x"]}, index=[7])
-    assert "0.123</td>" in table_html(df) and "0.1235</td>" in table_html(df, 4) and ">7<" not in table_html(df)
-    assert skipped_html([]) == ""
-    s = skipped_html([{"path": "a", "reason": "a<b>.png: empty file"}] * 3, "Skipped inputs", limit=2)
-    assert s.startswith("<h2>Skipped inputs (3)</h2>") and s.count("<li>") == 2 and "a&lt;b&gt;.png" in s
-    page = html_page("run <1>", ["<p>x</p>", "<p>y</p>"])
-    assert page.startswith("<!doctype html>") and "<title>run &lt;1&gt;</title>" in page
-    assert page.endswith("<p>x</p><p>y</p></body></html>")
 
 
 def test_overview_layers():
