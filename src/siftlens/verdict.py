@@ -182,7 +182,7 @@ def verdict_sentences(rows: pd.DataFrame, stat: str, null_mode: str, has_twin: b
                      (", with a positive partial rank correlation beyond the twin's" if partial else "") +
                      f"): layers {_ranges(specific)}.")
     else:
-        words.append(f"But in no layer does SIFT beat {listed('and')}" +
+        words.append("But in no layer does SIFT beat every baseline map of this run" +
                      (" with a partial rank correlation beyond the twin's" if partial else "") +
                      f": {listed('or')} explain{'s' if len(rivals) == 1 else ''} what SIFT shows here.")
     return words
