@@ -93,6 +93,7 @@ def test_help_has_no_stale_text(capsys):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "grows" not in out and "analyze" in out and "pretrain" in out
+    assert "hence the length" not in out  # developer notes of the module docstring stay out of --help
 
 
 # --- `analyze` errors on the command line ------------------------------------------------------

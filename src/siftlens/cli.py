@@ -1,4 +1,8 @@
-"""Command line: `siftlens analyze | compare | spurious | prompt | flag | pretrain`."""
+"""Command line: `siftlens analyze | compare | spurious | prompt | flag | pretrain`.
+
+One parser and one runner per command, and the one place that decides which errors are one-line messages
+(hence the length). Every default comes from the command's config dataclass or entry point, every range
+from argtypes.py; the configs check the same ranges for library callers."""
 
 from __future__ import annotations
 
@@ -382,7 +386,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="siftlens", description=__doc__)
+    parser = OneLineErrorParser(prog="siftlens", description=__doc__.split("\n")[0])  # the first line: for users
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _compare_parser(sub)

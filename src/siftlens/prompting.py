@@ -46,6 +46,11 @@ Methods (each is also a module-level function returning the patch-key bias [B, n
   ``sift_suppress_lowconc`` does, but those with the lowest Sobel edge density (METHOD.md §3 (f): SIFT maps
   are sparse, so a SIFT-vs-edges comparison must hold the number of affected patches fixed).
 
+New methods go into ``STEERING_METHODS`` (name -> function of one signature); ``METHODS`` and
+``TOKEN_MASK_METHODS`` are read from it. The module is long (~500 lines) because the methods, their
+registry and the hooks that inject the bias into three attention backends share one contract (the key
+bias [B, T]); the maps themselves are computed in semantic_maps.py.
+
 ``beta`` is the strength of every method, and ``beta = 0`` (or an empty layer list) reproduces the
 unwrapped model exactly (no mask is passed at all). Maps are computed per image on the CPU with OpenCV
 inside ``forward``; a small in-memory cache keyed by the grey image's bytes avoids recomputing them when
