@@ -30,8 +30,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from siftlens.analyze import AnalyzeConfig, analyze, default_images
+from siftlens.image_source import find_images
 from siftlens.models import load_model
-from siftlens.preprocess import find_images, load_rgb
+from siftlens.preprocess import load_rgb
 from siftlens.semantic_maps import MapConfig, compute_maps
 
 

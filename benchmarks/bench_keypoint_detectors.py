@@ -65,8 +65,9 @@ def main() -> int:
     from siftlens.analyze import analyze
     from siftlens.compare import difference_by_layer
     from siftlens.dataset_stats import layer_curve
+    from siftlens.image_source import find_images
     from siftlens.models import load_model
-    from siftlens.preprocess import Preprocess, find_images, load_rgb
+    from siftlens.preprocess import Preprocess, load_rgb
     from siftlens.semantic_maps import SiftParams, concentration, detect_sift, keypoint_mass
 
     torch.set_num_threads(args.threads)

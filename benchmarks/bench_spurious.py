@@ -28,12 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from siftlens.models import LoadedModel
-from siftlens.prompting import TOKEN_MASK_METHODS, SteeredViT
-from siftlens.spurious.discover import DiscoveryConfig, counterfactual_scores, discover_shortcuts, score_images
-from siftlens.spurious.evaluate import auroc, planted_cue_rank
-from siftlens.spurious.planted import (
+from planted.build import (
     PlantedModelConfig,
     build_planted_dataset,
     cue_for_patch_size,
@@ -43,6 +38,11 @@ from siftlens.spurious.planted import (
     save_planted_model,
     train_planted_model,
 )
+from planted.evaluate import auroc, planted_cue_rank
+
+from siftlens.models import LoadedModel
+from siftlens.prompting import TOKEN_MASK_METHODS, SteeredViT
+from siftlens.spurious.discover import DiscoveryConfig, counterfactual_scores, discover_shortcuts, score_images
 from siftlens.stats import RolloutState
 from siftlens.train import normalize
 

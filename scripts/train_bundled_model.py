@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from siftlens.bundled_model import BUNDLED_CONFIG, BUNDLED_DIR, build_bundled_architecture
-from siftlens.train import TrainConfig, evaluate, load_image_folder, train_classifier
+from siftlens.image_source import load_image_folder
+from siftlens.train import TrainConfig, evaluate, train_classifier
 
 
 def main() -> None:
@@ -37,18 +36,11 @@ def main() -> None:
     cfg = BUNDLED_CONFIG
     size = cfg["input_size"][-1]
     short = int(size / cfg["crop_pct"])
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(args.data)
-        if src.is_file():
-            with tarfile.open(src) as tf:
-                tf.extractall(tmp, filter="data")
-            root = Path(tmp) / "imagenette2-160"
-        else:
-            root = src
-        t0 = time.time()
-        xtr, ytr, classes = load_image_folder(root / "train", short, short)
-        xva, yva, _ = load_image_folder(root / "val", short, short)
-        print(f"decoded {len(xtr)} train / {len(xva)} val in {time.time() - t0:.0f}s", flush=True)
+    t0 = time.time()
+    # the archive is streamed (nothing extracted); centre square then bicubic resize, full JPEG decode
+    xtr, ytr, classes = load_image_folder(args.data, "train", size=short, crop="fit", draft=False)
+    xva, yva, _ = load_image_folder(args.data, "val", size=short, crop="fit", draft=False)
+    print(f"decoded {len(xtr)} train / {len(xva)} val in {time.time() - t0:.0f}s", flush=True)
 
     torch.manual_seed(args.seed)
     model = build_bundled_architecture()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from planted.build import patch_pattern
 
 from siftlens.models import LoadedModel
 from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from siftlens.spurious.planted import patch_pattern
 from siftlens.train import TrainConfig, normalize, train_classifier
 
 CLASSES = ["ant", "bee", "cat"]

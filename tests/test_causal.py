@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from planted.evaluate import auroc
 
 from siftlens.spurious.causal import ShortcutSet, token_box
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
-from siftlens.spurious.evaluate import auroc
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.source import TensorSource
 from tests.cue_model import CLASSES, CUE_CELLS, PATCH, SIZE, inputs, make_data, train_cue_model

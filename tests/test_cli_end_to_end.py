@@ -8,7 +8,7 @@ import pytest
 
 from siftlens.analyze import default_images
 from siftlens.cli import main
-from siftlens.preprocess import find_images
+from siftlens.image_source import find_images
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,18 @@
 import numpy as np
 import pytest
 import torch
-
-from siftlens.models import LoadedModel
-from siftlens.prompting import SteeredViT
-from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
-from siftlens.spurious.evaluate import auroc, planted_cue_rank
-from siftlens.spurious.planted import (
+from planted.build import (
     PlantedModelConfig,
     SourceImages,
     build_planted_dataset,
     planted_preprocess,
     train_planted_model,
 )
+from planted.evaluate import auroc, planted_cue_rank
+
+from siftlens.models import LoadedModel
+from siftlens.prompting import SteeredViT
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts, score_images
 from siftlens.train import TrainConfig, normalize
 from tests.test_planted import CLASSES, smooth_images
 
@@ -119,7 +119,7 @@ def test_spurious_then_prompt_cli(tmp_path, capsys):
 
 def _discs_of_stripes(k: int = 1) -> np.ndarray:
     """Grey 64 px image with four discs of class k's coloured stripe texture: uint8 [64, 64, 3]."""
-    from siftlens.spurious.planted import texture_pattern
+    from planted.build import texture_pattern
 
     img = np.full((64, 64, 3), 128, np.uint8)
     tex = texture_pattern(k, (64, 64), period=6.0).transpose(1, 2, 0)

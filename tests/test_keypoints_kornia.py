@@ -15,13 +15,14 @@ from scipy.stats import pearsonr  # noqa: E402
 
 from siftlens.analyze import analyze, default_images  # noqa: E402
 from siftlens.cli import main  # noqa: E402
+from siftlens.image_source import find_images  # noqa: E402
 from siftlens.keypoints_kornia import (  # noqa: E402
     detect_sift_kornia,
     gray_from_model_input,
     repeatability,
 )
 from siftlens.models import load_model  # noqa: E402
-from siftlens.preprocess import find_images, load_rgb  # noqa: E402
+from siftlens.preprocess import load_rgb  # noqa: E402
 from siftlens.semantic_maps import SiftParams, concentration, detect_sift, keypoint_mass  # noqa: E402
 
 analyze_mod = importlib.import_module("siftlens.analyze")

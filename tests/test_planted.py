@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from siftlens.semantic_maps import detect_sift
-from siftlens.spurious.planted import (
+from planted.build import (
     CUE_COLOURS,
     GROUPS,
     CueSpec,
@@ -30,6 +28,8 @@ from siftlens.spurious.planted import (
     save_planted_model,
     train_planted_model,
 )
+
+from siftlens.semantic_maps import detect_sift
 from siftlens.train import TrainConfig
 
 SHARED_TAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagenette2-160.tar"
@@ -249,8 +249,9 @@ def test_imagenette_tar_streams():
 
 
 def test_bundled_init_fine_tunes_the_bundled_weights_with_a_new_head():
+    from planted.build import build_planted_architecture, cue_for_patch_size
+
     from siftlens.bundled_model import load_bundled_model
-    from siftlens.spurious.planted import build_planted_architecture, cue_for_patch_size
 
     cfg = PlantedModelConfig(init="bundled")
     assert cfg.token_size == 16

@@ -437,7 +437,8 @@ def test_disk_full_while_writing_the_report(tmp_path, capsys, monkeypatch, TINY)
 
 
 def test_formats_pillow_cannot_open_are_listed_as_skipped(tmp_path, capsys, TINY):
-    from siftlens.preprocess import PILLOW_SUFFIXES, find_images
+    from siftlens.image_source import find_images
+    from siftlens.preprocess import PILLOW_SUFFIXES
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

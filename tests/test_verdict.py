@@ -146,3 +146,26 @@ def test_report_verdict_table_shows_the_tests_conclusions():
     assert table["SIFT-specific"].tolist() == ["yes", "no", "no"]
     assert table["S − null"].iloc[0].startswith("0.5") and "twin: S − null" in table
     assert "layers 0, 2" in words[0] and "layers 0." in words[1]
+
+
+def test_sentences_name_only_the_baselines_the_run_compared():
+    model = _table([0.5, 0.5, 0.0], edges_above=(1,), seed=5)
+    twin = _table([0.0, 0.0, 0.0], twin=True, seed=6)
+    every = " ".join(verdict_sentences(layer_verdicts(model, "s_cls", MAPS, twin), "s_cls", "swap", True))
+    assert "random keypoints" in every and "ORB" in every and "centre prior" in every
+    two = ["sift", "edges", "center", "uniform"]
+    rows = layer_verdicts(model, "s_cls", two, twin)
+    assert rows["specific"].tolist() == [True, False, False]  # layer 1: edges above SIFT
+    words = " ".join(verdict_sentences(rows, "s_cls", "swap", True))
+    assert "also beats edges and centre prior" in words
+    assert "ORB" not in words and "random keypoints" not in words and "sparsity" not in words
+    # no baseline at all: specificity rests on the partial correlation only, and says so
+    alone = layer_verdicts(model, "s_cls", ["sift", "uniform"], twin)
+    words = " ".join(verdict_sentences(alone, "s_cls", "swap", True))
+    assert "No baseline map was compared" in words and "partial rank correlation" in words
+    assert "edges" not in words
+    # a stat without the partial correlation and without baselines claims no specificity
+    s_pp = model.rename(columns=lambda c: c.replace("s_cls", "s_pp")).drop(columns="partial_spearman_sift")
+    t_pp = twin.rename(columns=lambda c: c.replace("s_cls", "s_pp")).drop(columns="partial_spearman_sift")
+    words = " ".join(verdict_sentences(layer_verdicts(s_pp, "s_pp", ["sift", "uniform"], t_pp), "s_pp", "swap", True))
+    assert "not claimed" in words

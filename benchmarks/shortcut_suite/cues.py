@@ -38,8 +38,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from siftlens.spurious.planted import CUE_COLOURS, PATCH_SHAPES, patch_pattern, texture_pattern
+from planted.build import CUE_COLOURS, PATCH_SHAPES, patch_pattern, texture_pattern
 
 FAMILIES = ("fixed_patch", "random_patch", "stripe_frame", "tint", "text")
 GRID = 8  # tokens per side in both model settings
@@ -119,7 +118,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 def stripe_mask(angle: float, hw: tuple[int, int], period: float, phase: float) -> np.ndarray:
     """bool [H, W]: planted.py's oriented stripes at ``angle`` degrees (bright half of each period)."""
-    from siftlens.spurious.planted import TEXTURE_ANGLES
+    from planted.build import TEXTURE_ANGLES
 
     k = TEXTURE_ANGLES.index(angle)
     bright = np.array(CUE_COLOURS[k % len(CUE_COLOURS)][0], dtype=np.uint8)

@@ -51,11 +51,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from siftlens.io import atomic_write_json, atomic_write_text
-from siftlens.models import load_model
-from siftlens.prompting import SteeredViT
-from siftlens.spurious.evaluate import auroc
-from siftlens.train import normalize
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the planted benchmark
+
+from planted.evaluate import auroc  # noqa: E402
+
+from siftlens.io import atomic_write_json, atomic_write_text  # noqa: E402
+from siftlens.models import load_model  # noqa: E402
+from siftlens.prompting import SteeredViT  # noqa: E402
+from siftlens.train import normalize  # noqa: E402
 
 GROUPS = ("aligned", "conflict", "none")
 TRAIN_MIX = {"aligned": 0.95, "conflict": 0.025, "none": 0.025}

@@ -42,6 +42,8 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from planted.build import SourceImages, display_name, load_source_images  # noqa: E402
+
 from shortcut_suite.cues import (  # noqa: E402
     POOLS,
     VARIANTS,
@@ -52,7 +54,7 @@ from shortcut_suite.cues import (  # noqa: E402
     region_kind,
     render_cue,
 )
-from siftlens.spurious.planted import SourceImages, display_name, load_source_images  # noqa: E402
+from siftlens.image_source import find_split_dir, image_folder, list_tar_image_folder  # noqa: E402
 
 SETTINGS = {"scratch": 64, "bundled": 128}  # image size per model setting (8 x 8 tokens in both)
 TEST_SLOT_PERMUTATION_SEED = 20261201  # fixed: the val split's cut into per-seed slots never changes
@@ -77,14 +79,10 @@ def check_seed(variant: Variant, seed: int) -> None:
 def _member_names(data: Path, split: str, classes: list[str]) -> dict[str, list[str]]:
     """Per class, the sorted image names of a split, in load_source_images' order (for the metadata)."""
     if data.is_dir():
-        from siftlens.spurious.planted import _list_dir
-
-        _, files = _list_dir(data, split)
+        files = image_folder(find_split_dir(data, split))
         return {c: [str(f) for f in files[c]] for c in classes}
-    from siftlens.spurious.planted import _list_tar
-
     with tarfile.open(data, "r:*") as tar:
-        files = _list_tar(tar, data, split)
+        files = list_tar_image_folder(tar, data, split)
     return {c: [m.name for m in files[c]] for c in classes}
 
 
@@ -100,7 +98,7 @@ def load_split_sources(data: Path, num_classes: int, size: int, seed: int, n_tra
     rng = np.random.default_rng([seed, 3])
     tr_rows, disc_rows, tr_names, disc_names = [], [], [], []
     picked_rng_names = {}
-    for ci, c in enumerate(classes):  # the names load_source_images drew (same rule as planted._select)
+    for ci, c in enumerate(classes):  # the names load_source_images drew (same rule as image_source._select)
         idx = np.sort(np.random.default_rng([seed, ci]).choice(len(names[c]), n_train + n_disc, replace=False))
         picked_rng_names[c] = [names[c][i] for i in idx]
         rows = np.flatnonzero(both.labels.numpy() == ci)

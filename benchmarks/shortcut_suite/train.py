@@ -27,13 +27,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from siftlens.io import atomic_write_json  # noqa: E402
-from siftlens.spurious.planted import (  # noqa: E402
+from planted.build import (  # noqa: E402
     PlantedDataset,
     PlantedModelConfig,
     PlantedSplit,
     train_planted_model,
 )
+
+from siftlens.io import atomic_write_json  # noqa: E402
 
 MODEL_CONFIGS = {
     "scratch": PlantedModelConfig(patch_size=8, depth=8, embed_dim=128, num_heads=4, init="scratch"),

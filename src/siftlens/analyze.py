@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import __version__
 from .argtypes import analyze_option_types, check_ranges
 from .capture import AttentionCapture, TokenLayout
+from .image_source import find_images
 from .io import (
     atomic_path,
     atomic_write_bytes,
@@ -49,7 +50,7 @@ from .io import (
     ensure_writable_dir,
 )
 from .models import LoadedModel, load_model
-from .preprocess import BadImageError, Preprocess, find_images, load_rgb
+from .preprocess import BadImageError, Preprocess, load_rgb
 from .runguard import OutputLock, retire_outputs
 from .semantic_maps import (
     KeypointCache,
@@ -58,7 +59,7 @@ from .semantic_maps import (
     SiftParams,
     assemble_maps,
     compute_maps,
-    image_maps,
+    keypoint_free_maps,
     keypoint_maps,
 )
 from .stats import (
@@ -154,7 +155,8 @@ class ImageMapsDataset(Dataset):
                 maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
                                     seed=hash_seed(self.seed, i), cache=self.cache)
             else:
-                other, edges = image_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg, self.cache)
+                other, edges = keypoint_free_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
+                                                  self.cache)
         except BadImageError as e:
             return {"index": i, "error": str(e)}
         except Exception as e:  # anything else unexpected about this one file: skip, keep going

@@ -65,6 +65,7 @@ def int_at_least(lo: int) -> _Number:
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 SEED = int_range(0, 2**32 - 1)  # numpy's SeedSequence and OpenCV take unsigned 32-bit seeds
+N_WORDS = int_range(2, 4096)  # `spurious --words`: k-means needs two clusters; more than 4096 words rarely recur
 
 
 def float_range(lo: float | None = None, hi: float | None = None, open_lo: bool = False,
@@ -98,6 +99,12 @@ def analyze_option_types() -> dict[str, _Number]:
             "limit": positive_int, "seed": SEED, "null_permutations": int_range(0, MAX_PERMUTATIONS),
             "examples": int_range(0, MAX_EXAMPLES), "keep_full_maps": int_range(0, MAX_FULL_MAPS),
             "twin_images": positive_int}
+
+
+def discovery_option_types() -> dict[str, _Number]:
+    """The range of every numeric DiscoveryConfig field that `spurious` exposes (the CLI uses the same types)."""
+    return {"n_words": N_WORDS, "colour_weight": non_negative_float, "orientation_weight": non_negative_float,
+            "batch_size": positive_int, "seed": SEED}
 
 
 def add_ranges_to_help(parser: argparse.ArgumentParser) -> None:

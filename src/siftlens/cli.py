@@ -1,21 +1,24 @@
-"""Command line: `siftlens analyze | compare | spurious | prompt | flag | pretrain`."""
+"""Command line: `siftlens analyze | compare | spurious | prompt | flag | pretrain`.
+
+One parser and one runner per command, and the one place that decides which errors are one-line messages
+(hence the length). Every default comes from the command's config dataclass or entry point, every range
+from argtypes.py; the configs check the same ranges for library callers."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
 
 from .argtypes import (
-    MAX_EXAMPLES,
-    MAX_FULL_MAPS,
-    MAX_GROUPS,
-    MAX_PERMUTATIONS,
     MAX_SIDE,
+    N_WORDS,
     SEED,
     OneLineErrorParser,
     add_ranges_to_help,
+    analyze_option_types,
     finite_float,
     float_range,
     int_range,
@@ -28,6 +31,10 @@ from .semantic_maps import MAP_MODES, SiftParams
 
 
 def _analyze_parser(sub) -> None:
+    from .analyze import AnalyzeConfig
+    from .stats import NULL_MODES
+
+    d, t = AnalyzeConfig(), analyze_option_types()  # every default and range stated once, in analyze.py / argtypes.py
     p = sub.add_parser("analyze", help="analyse a ViT's attention against SIFT semantic maps and write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
@@ -37,43 +44,43 @@ def _analyze_parser(sub) -> None:
     p.add_argument("--input-size", type=int_range(1, MAX_SIDE), nargs=2, metavar=("H", "W"), default=None,
                    help="model input size, e.g. 224 320 for a non-square grid (model must allow it; a whole number "
                    "of patches)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=int_range(0, 64), default=2, help="DataLoader workers (SIFT runs there)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--map-mode", choices=MAP_MODES, default="footprint")
-    p.add_argument("--weight", choices=("response", "unit"), default="response",
+    p.add_argument("--batch-size", type=t["batch_size"], default=d.batch_size)
+    p.add_argument("--workers", type=t["workers"], default=d.workers, help="DataLoader workers (SIFT runs there)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--map-mode", choices=MAP_MODES, default=d.map_mode)
+    p.add_argument("--weight", choices=("response", "unit"), default=d.weight,
                    help="keypoint weight: SIFT response or 1")
-    p.add_argument("--groups", type=int_range(2, MAX_GROUPS), default=4,
+    p.add_argument("--groups", type=t["groups"], default=d.groups,
                    help="concentration groups G (group 0 = no keypoints)")
-    p.add_argument("--null-permutations", type=int_range(0, MAX_PERMUTATIONS), default=999,
+    p.add_argument("--null-permutations", type=t["null_permutations"], default=d.null_permutations,
                    help="K null maps per image (swap: K other images' SIFT maps, at most images - 1; 0: no null)")
-    p.add_argument("--null-mode", choices=("swap", "shift", "permute"), default="swap",
+    p.add_argument("--null-mode", choices=NULL_MODES, default=d.null_mode,
                    help="null for the per-map z/p: swap = other images' SIFT maps (calibrated, default); shift = "
                    "cyclic grid shifts of the image's own map; permute = shuffles over patches (ANTI-CONSERVATIVE: "
                    "~39%% false positives at alpha 0.05 on smooth maps; for comparison only)")
-    p.add_argument("--twin", choices=("random-init", "none"), default="random-init",
+    p.add_argument("--twin", choices=("random-init", "none"), default=d.twin,
                    help="randomised-model sanity check: analyse the same architecture with random weights on "
                    "the first --twin-images images (OUT/twin/); the verdict states an effect only where the "
                    "model beats it")
-    p.add_argument("--twin-images", type=positive_int, default=100,
+    p.add_argument("--twin-images", type=t["twin_images"], default=d.twin_images,
                    help="images analysed by the random-weights twin")
-    p.add_argument("--limit", type=positive_int, default=None, help="analyse at most this many images")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--examples", type=int_range(0, MAX_EXAMPLES), default=4,
+    p.add_argument("--limit", type=t["limit"], default=d.limit, help="analyse at most this many images")
+    p.add_argument("--seed", type=t["seed"], default=d.seed)
+    p.add_argument("--examples", type=t["examples"], default=d.examples,
                    help="images shown in the report's example figure")
-    p.add_argument("--keep-full-maps", type=int_range(0, MAX_FULL_MAPS), default=0,
+    p.add_argument("--keep-full-maps", type=t["keep_full_maps"], default=d.keep_full_maps,
                    help="save full [layers, heads, T, T] attention of this many images (attention_maps.npz)")
-    p.add_argument("--sift-contrast-threshold", type=non_negative_float, default=SiftParams.contrast_threshold)
-    p.add_argument("--sift-edge-threshold", type=positive_float, default=SiftParams.edge_threshold)
-    p.add_argument("--sift-nfeatures", type=non_negative_int, default=SiftParams.nfeatures,
+    p.add_argument("--sift-contrast-threshold", type=non_negative_float, default=d.sift.contrast_threshold)
+    p.add_argument("--sift-edge-threshold", type=positive_float, default=d.sift.edge_threshold)
+    p.add_argument("--sift-nfeatures", type=non_negative_int, default=d.sift.nfeatures,
                    help="strongest keypoints kept (0: all)")
-    p.add_argument("--sift-octave-layers", type=int_range(1, 16), default=SiftParams.n_octave_layers)
-    p.add_argument("--sift-sigma", type=positive_float, default=SiftParams.sigma)
-    p.add_argument("--keypoint-detector", choices=("opencv", "kornia"), default="opencv",
+    p.add_argument("--sift-octave-layers", type=int_range(1, 16), default=d.sift.n_octave_layers)
+    p.add_argument("--sift-sigma", type=positive_float, default=d.sift.sigma)
+    p.add_argument("--keypoint-detector", choices=("opencv", "kornia"), default=d.keypoint_detector,
                    help="SIFT implementation: opencv (cv2, per image in the DataLoader workers) or kornia (on each "
                    "batch on --device, e.g. a GPU; pip install \"siftlens[gpu]\"; agreement with OpenCV measured in "
                    "benchmarks/RESULTS.md)")
-    p.add_argument("--keypoint-cache", default=None, metavar="DIR",
+    p.add_argument("--keypoint-cache", default=d.keypoint_cache, metavar="DIR",
                    help="cache SIFT/ORB keypoints on disk, keyed by the exact model input and parameters")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass (GPU)")
     p.add_argument("--no-report", action="store_true", help="write tables only")
@@ -148,35 +155,43 @@ def _parse_layers(text: str) -> str | list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer indices, e.g. 3,4,-1") from None
 
 
+def _defaults(fn) -> dict:
+    """The keyword defaults of a library entry point (stated there once)."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not v.empty}
+
+
 def _spurious_parser(sub) -> None:
     from .spurious.causal import CausalConfig
+    from .spurious.discover import DECISIVE, DiscoveryConfig
+    from .spurious.run import run_spurious
 
+    d, c, r = DiscoveryConfig(), CausalConfig(), _defaults(run_spurious)
     p = sub.add_parser("spurious", help="find keypoint motifs a classifier's decisive attention relies on",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
-    p.add_argument("--labels", default=None, help="CSV with columns path,label (default: ImageFolder classes)")
+    p.add_argument("--labels", default=r["labels"], help="CSV with columns path,label (default: ImageFolder classes)")
     p.add_argument("--out", default="siftlens_spurious")
-    p.add_argument("--layers", type=_parse_layers, default="all",
+    p.add_argument("--layers", type=_parse_layers, default=d.layers,
                    help="all | late | middle | early | comma-separated layer indices")
-    p.add_argument("--decisive", choices=["mean", "rollout"], default="mean",
+    p.add_argument("--decisive", choices=DECISIVE, default=d.decisive,
                    help="decisive attention: CLS row averaged over --layers, or attention rollout up to the last")
-    p.add_argument("--words", type=int_range(2, 4096), default=64, 
+    p.add_argument("--words", type=N_WORDS, default=d.n_words,
                    help="visual words (k-means clusters of motif descriptors)")
-    p.add_argument("--colour-weight", type=non_negative_float, default=1.0,
+    p.add_argument("--colour-weight", type=non_negative_float, default=d.colour_weight,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
-    p.add_argument("--orientation-weight", type=non_negative_float, default=0.5,
+    p.add_argument("--orientation-weight", type=non_negative_float, default=d.orientation_weight,
                    help="weight of the keypoint's absolute orientation in the motif descriptor (0: rotation-invariant)")
-    p.add_argument("--min-per-class", type=positive_int, default=5)
-    p.add_argument("--causal-images", type=positive_int, default=CausalConfig.causal_images,
+    p.add_argument("--min-per-class", type=positive_int, default=r["min_per_class"])
+    p.add_argument("--causal-images", type=positive_int, default=c.causal_images,
                    help="per class, images the candidate units are removed in (causal ranking)")
-    p.add_argument("--control-budget", choices=("matched", "full"), default=CausalConfig.control_budget,
+    p.add_argument("--control-budget", choices=("matched", "full"), default=c.control_budget,
                    help="SIFT-free occlusion control: as many forward passes as the SIFT units (matched) or every "
                    "token on every sampled image (full)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--device", default=r["device"])
+    p.add_argument("--seed", type=SEED, default=d.seed)
     p.set_defaults(func=_run_spurious)
 
 
@@ -214,23 +229,26 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 
 def _prompt_parser(sub) -> None:
+    from .prompting import METHODS
+    from .spurious.prompt_cli import run_prompt
+
+    r = _defaults(run_prompt)
     p = sub.add_parser("prompt", help="steer attention at inference (no retraining) and compare predictions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
     p.add_argument("--images", required=True, help="ImageFolder directory (labels from class folders) or files")
-    p.add_argument("--labels", default=None, help="CSV path,label; default: ImageFolder classes; 'none': no labels")
-    p.add_argument("--method", default="sift_bias",
-                   choices=("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask",
-                            "sift_suppress_lowconc", "edge_suppress_lowconc"))
-    p.add_argument("--layers", type=_parse_layers, default="late",
+    p.add_argument("--labels", default=r["labels"],
+                   help="CSV path,label; default: ImageFolder classes; 'none': no labels")
+    p.add_argument("--method", default=r["method"], choices=METHODS)
+    p.add_argument("--layers", type=_parse_layers, default=r["layers"],
                    help="late | middle | early | all | comma-separated indices")
-    p.add_argument("--beta", type=finite_float, default=1.0, help="steering strength")
-    p.add_argument("--motifs", default=None,
+    p.add_argument("--beta", type=finite_float, default=r["beta"], help="steering strength")
+    p.add_argument("--motifs", default=r["motifs"],
                    help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask: gated, only "
                    "images where one of its shortcuts is present are steered)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=r["seed"])
     p.set_defaults(func=_run_prompt)
 
 
@@ -246,16 +264,19 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 
 def _flag_parser(sub) -> None:
+    from .spurious.flag import run_flag
+
+    r = _defaults(run_flag)
     p = sub.add_parser("flag", help="flag new, unlabelled images whose prediction rests on a discovered shortcut",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
     p.add_argument("--motifs", required=True, help="output dir of `siftlens spurious` (its shortcuts.json)")
     p.add_argument("--images", required=True, help="image file(s), directory or glob (no labels needed)")
     p.add_argument("--out", default="siftlens_flag")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--top", type=int, default=24, help="most-flagged images listed in flags.html")
-    p.add_argument("--token-units", choices=("always", "gated"), default="always",
+    p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
+    p.add_argument("--device", default=r["device"])
+    p.add_argument("--top", type=positive_int, default=r["top"], help="most-flagged images listed in flags.html")
+    p.add_argument("--token-units", choices=("always", "gated"), default=r["token_units"],
                    help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
                    "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
     p.add_argument("--occlusion", choices=("compare", "sift", "off"), default="compare",
@@ -372,7 +393,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="siftlens", description=__doc__)
+    parser = OneLineErrorParser(prog="siftlens", description=__doc__.split("\n")[0])  # the first line: for users
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _compare_parser(sub)

@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .dataset_stats import bootstrap_mean_ci, layer_curve, lift_matrices, per_image_layer_means  # noqa: E402
+from .html_page import html_page, png_data_uri, table_html  # noqa: E402
 from .io import atomic_path, atomic_write_text, ensure_writable_dir  # noqa: E402
-from .report import CSS, _pick_layers, _png  # noqa: E402
+from .report import overview_layers  # noqa: E402
 from .runguard import holds_out_lock, retire_outputs  # noqa: E402
 from .validation import UserValueError  # noqa: E402
 
@@ -123,7 +124,7 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
     else:
         parts.append("<p><b>The models have different depths: curves are drawn against relative depth and no "
                      "per-layer difference test is made.</b></p>")
-    parts.append(f"<img src='{_png(fig)}'>")
+    parts.append(f"<img src='{png_data_uri(fig)}'>")
     lifts = []
     for run in (run_a, run_b):
         try:
@@ -136,19 +137,17 @@ def compare(run_a: str | Path, run_b: str | Path, out: str | Path, stat: str = "
         lifts.append(np.nanmean(lift_matrices(obs, exp), axis=1))  # [L, G, G]
     fig, axes = plt.subplots(2, 3, figsize=(10, 6.4), squeeze=False)
     for r, (lift, name) in enumerate(zip(lifts, (name_a, name_b))):
-        for c, layer in enumerate(_pick_layers(len(lift))):
+        for c, layer in enumerate(overview_layers(len(lift))):
             im = axes[r, c].imshow(lift[layer], cmap="RdBu_r", vmin=0, vmax=2)
             axes[r, c].set_title(f"{name[:1]} layer {layer}", fontsize=8)
             axes[r, c].axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="group lift")
     parts.append("<h2>Group lift (none / low / mid / high), early / middle / late</h2>"
-                 f"<img src='{_png(fig)}'>")
+                 f"<img src='{png_data_uri(fig)}'>")
     retire_outputs(out, "compare")  # the previous comparison's files go first (docs/CHOICES.md)
     if table is not None:
-        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
+        parts.append(table_html(table, decimals=4))
         with atomic_path(out / "compare.csv") as tmp:  # a unique temporary name
             table.to_csv(tmp, index=False)
-    doc = f"<!doctype html><html><head><meta charset=utf-8><title>siftlens compare</title><style>{CSS}</style>" \
-          f"</head><body>{''.join(parts)}</body></html>"
-    atomic_write_text(out / "compare.html", doc)
+    atomic_write_text(out / "compare.html", html_page("siftlens compare", parts))
     return table if table is not None else pd.concat({"A": ca, "B": cb}, axis=1)

@@ -6,6 +6,7 @@ config, torchvision's weights transforms, or the bundled model's json).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,19 +98,28 @@ def rgb01_to_gray_u8(rgb: np.ndarray) -> np.ndarray:
     return (gray * 255.0 + 0.5).astype(np.uint8)
 
 
-def load_rgb(path: str | Path, min_side: int = 1) -> Image.Image:
+def load_rgb(path: str | Path | bytes, min_side: int = 1, *, draft: tuple[int, int] | None = None,
+             name: str | None = None) -> Image.Image:
     """Open any common image file as 8-bit RGB, or raise BadImageError naming the file and cause.
 
+    ``path`` is a file, or the bytes of one (a tar member; ``name`` names it in errors). ``draft`` (w, h): let
+    a JPEG decode at a reduced scale that is still at least this size (faster; other pixels than a full decode).
     Handles EXIF rotation, grayscale, RGBA/LA/palette transparency (composited on white),
     16-bit and float images (scaled to 8 bit by their range), CMYK.
     """
-    path = Path(path)
+    data = path if isinstance(path, bytes) else None
+    path = Path(name or "<bytes>") if data is not None else Path(path)
     try:
-        if path.is_dir():
-            raise BadImageError(f"{path}: is a directory, not an image file")
-        if path.stat().st_size == 0:
+        if data is None:
+            if path.is_dir():
+                raise BadImageError(f"{path}: is a directory, not an image file")
+            if path.stat().st_size == 0:
+                raise BadImageError(f"{path}: empty file")
+        elif not data:
             raise BadImageError(f"{path}: empty file")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            if draft is not None:
+                im.draft("RGB", draft)
             im.load()
             im = _exif_transpose(im)
             rgb = _to_rgb8(im)
@@ -164,35 +174,3 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, im).convert("RGB")
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
-
-
-def resize_short_center_crop(im: Image.Image, short_side: int, crop: int) -> Image.Image:
-    """Resize the short side to ``short_side`` (bicubic), then centre-crop crop x crop."""
-    w, h = im.size
-    s = short_side / min(w, h)
-    im = im.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    return im.crop((left, top, left + crop, top + crop))
-
-
-def find_images(spec: str | Path | list) -> list[Path]:
-    """Image files from a file, a directory (recursively, ImageFolder trees too) or a glob."""
-    if isinstance(spec, (list, tuple)):
-        return [p for s in spec for p in find_images(s)]
-    p = Path(spec)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        # broken symlinks are kept so that the run lists them as skipped instead of silently dropping them
-        files = sorted(f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
-                       and f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"--images {spec}: directory contains no image files")
-        return files
-    import glob
-
-    files = sorted(Path(f) for f in glob.glob(str(spec), recursive=True) if Path(f).is_file())
-    if not files:
-        raise FileNotFoundError(f"--images {spec}: no such file, directory or matching glob")
-    return files

@@ -46,6 +46,11 @@ Methods (each is also a module-level function returning the patch-key bias [B, n
   ``sift_suppress_lowconc`` does, but those with the lowest Sobel edge density (METHOD.md §3 (f): SIFT maps
   are sparse, so a SIFT-vs-edges comparison must hold the number of affected patches fixed).
 
+New methods go into ``STEERING_METHODS`` (name -> function of one signature); ``METHODS`` and
+``TOKEN_MASK_METHODS`` are read from it. The module is long (~500 lines) because the methods, their
+registry and the hooks that inject the bias into three attention backends share one contract (the key
+bias [B, T]); the maps themselves are computed in semantic_maps.py.
+
 ``beta`` is the strength of every method, and ``beta = 0`` (or an empty layer list) reproduces the
 unwrapped model exactly (no mask is passed at all). Maps are computed per image on the CPU with OpenCV
 inside ``forward``; a small in-memory cache keyed by the grey image's bytes avoids recomputing them when
@@ -58,7 +63,7 @@ import hashlib
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,15 +74,10 @@ from .layers import LAYER_PRESETS, resolve_layers  # noqa: F401  (re-exported: o
 from .models import LoadedModel
 from .semantic_maps import MapConfig, compute_maps, concentration, edge_density
 
-METHODS = ("sift_bias", "edge_bias", "mask_tokens", "random_mask", "edge_mask", "sift_suppress_lowconc",
-           "edge_suppress_lowconc")
-TOKEN_MASK_METHODS = ("mask_tokens", "random_mask", "edge_mask")  # the ones that need token_mask_fn
 MASK_VALUE = 1e4  # large finite negative logit: exp(-1e4) == 0 in float32/bf16, representable in fp16
 
 TokenMaskFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
-
-# --- layers --------------------------------------------------------------------------------------
 
 # --- maps ----------------------------------------------------------------------------------------
 
@@ -299,6 +299,40 @@ def _inject(args: tuple, kwargs: dict, name: str, pos: int, add: torch.Tensor,
     return tuple(args), kwargs
 
 
+# --- the registry of steering methods ------------------------------------------------------------
+
+# Every method has one signature (timm's ATTN_LAYERS style: a name -> callable table instead of an if/elif
+# chain): ``method(steered, x, layout, info) -> (bias [B, n], mask [B, n] | None)``, reading its options
+# (beta, eps, map config, token_mask_fn, generator, ...) from the ``SteeredViT`` that calls it.
+SteeringFn = Callable[["SteeredViT", torch.Tensor, TokenLayout, dict], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class SteeringMethod:
+    fn: SteeringFn
+    needs_token_mask: bool = False  # the method masks the patches token_mask_fn(x) flags, or as many
+
+
+STEERING_METHODS: dict[str, SteeringMethod] = {
+    "sift_bias": SteeringMethod(lambda s, x, layout, info: (sift_bias(
+        x, s.lm, s.beta, s.eps, s.map_config, layout, s.preserve_patch_mass, s.cache, info), None)),
+    "edge_bias": SteeringMethod(lambda s, x, layout, info: (edge_bias(
+        x, s.lm, s.beta, s.eps, s.map_config, layout, s.preserve_patch_mass, s.cache, info), None)),
+    "mask_tokens": SteeringMethod(lambda s, x, layout, info: mask_tokens(
+        x, s.token_mask_fn, layout.num_patches, s.beta, s.mask_value), needs_token_mask=True),
+    "random_mask": SteeringMethod(lambda s, x, layout, info: random_mask(
+        x, s.token_mask_fn, layout.num_patches, s.generator, s.beta, s.mask_value), needs_token_mask=True),
+    "edge_mask": SteeringMethod(lambda s, x, layout, info: edge_mask(
+        x, s.lm, s.token_mask_fn, s.beta, s.map_config, layout, s.mask_value, s.cache), needs_token_mask=True),
+    "sift_suppress_lowconc": SteeringMethod(lambda s, x, layout, info: sift_suppress_lowconc(
+        x, s.lm, s.beta, s.map_config, layout, s.mask_value, s.cache, info)),
+    "edge_suppress_lowconc": SteeringMethod(lambda s, x, layout, info: edge_suppress_lowconc(
+        x, s.lm, s.beta, s.map_config, layout, s.mask_value, s.cache, info)),
+}
+METHODS = tuple(STEERING_METHODS)
+TOKEN_MASK_METHODS = tuple(name for name, m in STEERING_METHODS.items() if m.needs_token_mask)
+
+
 class SteeredViT(nn.Module):
     """A ViT whose attention in ``layers`` is steered by ``method`` (see the module docstring).
 
@@ -316,7 +350,7 @@ class SteeredViT(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown steering method {method!r}; known: {METHODS}")
-        if method in TOKEN_MASK_METHODS and token_mask_fn is None:
+        if STEERING_METHODS[method].needs_token_mask and token_mask_fn is None:
             raise ValueError(f"method {method!r} needs token_mask_fn(x) -> bool [B, n]")
         if eps <= 0:
             raise ValueError(f"eps must be > 0 (got {eps})")
@@ -376,27 +410,8 @@ class SteeredViT(nn.Module):
     def patch_bias(self, x: torch.Tensor) -> torch.Tensor:
         """The steering bias over patch keys, [B, n] float32 on the CPU (advances random_mask's generator)."""
         layout = self.lm.layout(tuple(x.shape[-2:]))
-        n, info = layout.num_patches, {"no_map": []}
-        mask = None
-        if self.method == "sift_bias":
-            bias = sift_bias(x, self.lm, self.beta, self.eps, self.map_config, layout,
-                             self.preserve_patch_mass, self.cache, info)
-        elif self.method == "edge_bias":
-            bias = edge_bias(x, self.lm, self.beta, self.eps, self.map_config, layout,
-                             self.preserve_patch_mass, self.cache, info)
-        elif self.method == "mask_tokens":
-            bias, mask = mask_tokens(x, self.token_mask_fn, n, self.beta, self.mask_value)
-        elif self.method == "random_mask":
-            bias, mask = random_mask(x, self.token_mask_fn, n, self.generator, self.beta, self.mask_value)
-        elif self.method == "edge_mask":
-            bias, mask = edge_mask(x, self.lm, self.token_mask_fn, self.beta, self.map_config, layout,
-                                   self.mask_value, self.cache)
-        elif self.method == "sift_suppress_lowconc":
-            bias, mask = sift_suppress_lowconc(x, self.lm, self.beta, self.map_config, layout, self.mask_value,
-                                               self.cache, info)
-        else:
-            bias, mask = edge_suppress_lowconc(x, self.lm, self.beta, self.map_config, layout, self.mask_value,
-                                               self.cache, info)
+        info: dict = {"no_map": []}
+        bias, mask = STEERING_METHODS[self.method].fn(self, x, layout, info)
         self.last_bias, self.last_mask, self.last_info = bias, mask, info
         return bias
 

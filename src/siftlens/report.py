@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
 from .dataset_stats import bh_detectable_share, bootstrap_mean_ci, layer_curve, lift_matrices  # noqa: E402
+from .html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .verdict import BASELINE_LABELS, BASELINES, MIN_EFFECT, effect_over_null, layer_verdicts, verdict_sentences  # noqa: E402
 
@@ -32,14 +31,8 @@ MAP_STYLE = {
 }
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _pick_layers(L: int) -> list[int]:
+def overview_layers(L: int) -> list[int]:
+    """The first, middle and last layer (the layers the overview figures show)."""
     return sorted({0, L // 2, L - 1})
 
 
@@ -51,7 +44,7 @@ def fig_examples(ex: dict, manifest: dict) -> str | None:
     names = list(ex["map_names"])
     has_cls = "cls_attn" in ex
     L = ex["cls_attn"].shape[1] if has_cls else 0
-    layers = _pick_layers(L) if has_cls else []
+    layers = overview_layers(L) if has_cls else []
     cols = 3 + len(layers) + ("rollout" in ex)
     fig, axes = plt.subplots(k, cols, figsize=(2.1 * cols, 2.2 * k), squeeze=False)
     for r in range(k):
@@ -79,7 +72,7 @@ def fig_examples(ex: dict, manifest: dict) -> str | None:
             ax.set_ylim(H, 0)
             ax.axis("off")
     fig.suptitle("Examples: keypoints (circles = SIFT scale), maps and attention (mean over heads)", fontsize=9)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def fig_layer_curves(curves: dict[str, dict[str, pd.DataFrame]]) -> str:
@@ -98,12 +91,12 @@ def fig_layer_curves(curves: dict[str, dict[str, pd.DataFrame]]) -> str:
         ax.set_title({"s_cls": "CLS -> patches", "s_pp": "patch -> patch"}[stat] +
                      " semantic attention ratio (95% bootstrap CI)", fontsize=9)
     axes[0, -1].legend(fontsize=7, loc="best")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def fig_lift(lift: np.ndarray) -> str:
     L, _, G, _ = lift.shape
-    layers = _pick_layers(L)
+    layers = overview_layers(L)
     fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2), squeeze=False)
     labels = ["none"] + [f"g{g}" for g in range(1, G)]
     if G == 4:
@@ -121,7 +114,7 @@ def fig_lift(lift: np.ndarray) -> str:
         ax.set_ylabel("query group")
         ax.set_title(f"layer {layer}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="lift (1 = uniform)")
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def fig_layer_head_grid(per_image: pd.DataFrame, column: str, title: str) -> str:
@@ -134,7 +127,7 @@ def fig_layer_head_grid(per_image: pd.DataFrame, column: str, title: str) -> str
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _fmt(m: float, lo: float, hi: float) -> str:
@@ -192,12 +185,7 @@ def fig_effects(per_image: pd.DataFrame, twin: pd.DataFrame | None, stats: list[
         ax.set_ylabel(f"{stat}: own map − null maps")
         ax.set_title(f"{stat}: effect over the null (95% bootstrap CI)", fontsize=9)
         ax.legend(fontsize=7)
-    return _png(fig)
-
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
-table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f3f3f3}img{max-width:100%}.note{color:#555;font-size:13px}code{background:#f5f5f5}"""
+    return png_data_uri(fig)
 
 
 def write_report(out: str | Path) -> Path:
@@ -267,7 +255,7 @@ def write_report(out: str | Path) -> Path:
         table, words = verdict_table(per_image, map_names, stat, twin, null["mode"])
         parts.append(f"<h3>{stat}: SIFT against baselines (mean over heads, 95% CI)</h3>")
         parts.append("<p><b>" + "</b></p><p><b>".join(html.escape(w) for w in words) + "</b></p>")
-        parts.append(table.to_html(index=False, border=0))
+        parts.append(table_html(table, decimals=None))
     if np.isfinite(lift).any():
         parts.append("<h2>Group interrelation lift (none / low / mid / high SIFT concentration)</h2>"
                      f"<img src='{fig_lift(lift)}'>")
@@ -275,13 +263,9 @@ def write_report(out: str | Path) -> Path:
     parts.append(f"<h2>Layer × head</h2><img src='{fig_layer_head_grid(per_image, col, col + ' (mean over images)')}'>")
     if has_cls:
         parts.append(f"<img src='{fig_layer_head_grid(per_image, 'partial_spearman_sift', 'partial Spearman')}'>")
-    if manifest["skipped"]:
-        items = "".join(f"<li>{html.escape(s['reason'])}</li>" for s in manifest["skipped"][:50])
-        parts.append(f"<h2>Skipped inputs ({len(manifest['skipped'])})</h2><ul>{items}</ul>")
+    parts.append(skipped_html(manifest["skipped"], "Skipped inputs", limit=50))
     parts.append("<h2>Run</h2><pre>" + html.escape(json.dumps(
         {k: manifest[k] for k in ("model", "preprocess", "options", "versions", "git_revision", "seconds")},
         indent=1, default=str)) + "</pre>")
-    doc = f"<!doctype html><html><head><meta charset=utf-8><title>siftlens report</title><style>{CSS}</style>" \
-          f"</head><body>{''.join(parts)}</body></html>"
-    atomic_write_text(out / "report.html", doc)
+    atomic_write_text(out / "report.html", html_page("siftlens report", parts))
     return out / "report.html"

@@ -271,7 +271,7 @@ def _check_input(gray: np.ndarray, grid: tuple[int, int], patch: int) -> None:
         raise ValueError(f"image {gray.shape} smaller than grid {grid} x patch {patch}")
 
 
-def image_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
+def keypoint_free_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapConfig,
                cache: KeypointCache | None = None) -> tuple[dict[str, np.ndarray | None], np.ndarray | None]:
     """The baseline maps that do not depend on the SIFT keypoints, and the per-patch edge density
     (None when neither edge map is asked for) that ``keypoint_maps`` needs for ``edges_sparse``."""
@@ -331,6 +331,6 @@ def compute_maps(gray: np.ndarray, grid: tuple[int, int], patch: int, cfg: MapCo
     if keypoints is None:
         keypoints = (cache.get_or_detect(gray, "sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
                      if cache is not None else detect_sift(gray, cfg.sift))
-    other, edges = image_maps(gray, grid, patch, cfg, cache)
+    other, edges = keypoint_free_maps(gray, grid, patch, cfg, cache)
     kp_maps, mass = keypoint_maps(keypoints, grid, patch, cfg, seed, edges)
     return assemble_maps(keypoints, mass, kp_maps, other, cfg)

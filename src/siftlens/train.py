@@ -1,8 +1,9 @@
 """Supervised training of small ViTs on in-memory image tensors.
 
-Used to build the bundled model (``scripts/train_bundled_model.py``) and the planted-cue
-benchmarks. Deliberately plain: decoded uint8 tensors in memory, on-the-fly crop/flip on the
-batch, AdamW with warm-up + cosine, label smoothing. Everything is seeded.
+Used to build the bundled model (``scripts/train_bundled_model.py``, images decoded by
+``image_source.load_image_folder``) and the planted-cue benchmarks (``benchmarks/planted``).
+Deliberately plain: decoded uint8 tensors in memory, on-the-fly crop/flip on the batch, AdamW with
+warm-up + cosine, label smoothing. Everything is seeded.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
-from .preprocess import resize_short_center_crop
 from .schedule import warmup_cosine_lr
 
 AUGMENTATIONS = ("crop_flip", "none")
@@ -40,22 +37,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment {self.augment!r} is not one of {AUGMENTATIONS}")
-
-
-def load_image_folder(root: str | Path, short_side: int, crop: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode an ImageFolder tree into uint8 [N, 3, crop, crop] (resize short side, centre crop)."""
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for ci, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                im = ImageOps.fit(im, (crop, crop), Image.BICUBIC) if short_side == crop else \
-                    resize_short_center_crop(im, short_side, crop)
-            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-            labels.append(ci)
-    return torch.stack(images), torch.tensor(labels), classes
 
 
 def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float],

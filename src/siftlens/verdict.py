@@ -165,12 +165,24 @@ def verdict_sentences(rows: pd.DataFrame, stat: str, null_mode: str, has_twin: b
     words.append(f"{stat}: attention follows SIFT keypoints {bar} in layers {_ranges(follows)} "
                  "(Holm-adjusted over layers, α = 0.05).")
     specific = rows.loc[rows["specific"], "layer"].to_numpy()
-    if len(specific):
-        words.append("SIFT-specific (also beats every baseline map" +
-                     (", with a positive partial rank correlation beyond the twin's" if stat == "s_cls" else "") +
+    # the baseline maps this run compared SIFT with (MapConfig.baselines; "uniform" is the null, not a rival)
+    rivals = [BASELINE_LABELS[b] for b in BASELINES if f"minus_{b}" in rows]
+
+    def listed(conj: str) -> str:
+        return ", ".join(rivals[:-1]) + (f" {conj} " if len(rivals) > 1 else "") + (rivals[-1] if rivals else "")
+
+    partial = "partial" in rows
+    if not rivals:
+        words.append("No baseline map was compared in this run (no baselines configured): SIFT-specificity rests "
+                     + ("on the partial rank correlation beyond the twin's alone" +
+                        (f" (layers {_ranges(specific)})." if len(specific) else ", and no layer passes it.")
+                        if partial else "on nothing here and is not claimed."))
+    elif len(specific):
+        words.append(f"SIFT-specific (also beats {listed('and')}" +
+                     (", with a positive partial rank correlation beyond the twin's" if partial else "") +
                      f"): layers {_ranges(specific)}.")
     else:
-        words.append("But in no layer does SIFT beat every baseline map" +
-                     (" with a partial rank correlation beyond the twin's" if stat == "s_cls" else "") +
-                     ": edges, sparsity, other keypoints or the centre prior explain what SIFT shows here.")
+        words.append("But in no layer does SIFT beat every baseline map of this run" +
+                     (" with a partial rank correlation beyond the twin's" if partial else "") +
+                     f": {listed('or')} explain{'s' if len(rivals) == 1 else ''} what SIFT shows here.")
     return words

@@ -1,7 +1,8 @@
 """Pre-training data: decoded once into uint8 tensors held in memory (small images, many epochs).
 
-Accepted ``--data``: an ImageFolder tree (``train/`` + ``val/``|``test/`` splits, or class
-folders, or a flat folder of unlabelled images), a ``.tar``/``.tar.gz`` archive of such a tree
+Accepted ``--data``: an ImageFolder tree (``train/`` + a held-out split named ``val/``, ``test/`` or
+``validation/`` (``image_source.split_aliases``), or class folders, or a flat folder of unlabelled images),
+a ``.tar``/``.tar.gz`` archive of such a tree
 (e.g. ``../shared/data/imagenette2-160.tar``), or an ``.npz`` with ``images`` ([N, H, W, 3] or
 [N, 3, H, W] uint8) and optional ``labels``, ``val_images``, ``val_labels``. Unreadable images
 are skipped and listed; labels (for the kNN / linear probes only) come from class folders.
@@ -10,8 +11,6 @@ are skipped and listed; labels (for the kNN / linear probes only) come from clas
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_source import class_folder, extract_tar, find_images, find_split_dir, square_uint8
 from ..io import atomic_write_npz
-from ..preprocess import BadImageError, find_images, load_rgb, resize_short_center_crop
+from ..preprocess import BadImageError, load_rgb
 from ..validation import UserValueError
 
 
@@ -42,22 +42,23 @@ class PretrainData:
 
 def resize_center_crop(im: Image.Image, size: int) -> np.ndarray:
     """Short side to ``size`` (bicubic), centre crop size x size -> [3, size, size] uint8."""
-    return np.asarray(resize_short_center_crop(im, size, size)).transpose(2, 0, 1).copy()
+    return square_uint8(im, size, "resize_crop")
 
 
 def _decode_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[dict]]:
     files = find_images(root)
-    class_dirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-    labelled = bool(class_dirs) and all(len(f.relative_to(root).parts) == 2 for f in files)
+    names = [class_folder(f, root) for f in files]
+    labelled = all(n is not None for n in names)  # ImageFolder classes, or a flat folder of unlabelled images
+    class_dirs = sorted(set(names)) if labelled else []
     images, labels, skipped = [], [], []
-    for f in files:
+    for f, name in zip(files, names):
         try:
             images.append(resize_center_crop(load_rgb(f, min_side=2), size))
         except BadImageError as e:
             skipped.append({"path": str(f), "reason": str(e)})
             continue
         if labelled:
-            labels.append(class_dirs.index(f.relative_to(root).parts[0]))
+            labels.append(class_dirs.index(name))
     if not images:
         raise PretrainDataError(f"--data {root}: no readable images ({len(skipped)} skipped)")
     arr = np.stack(images)
@@ -65,35 +66,18 @@ def _decode_folder(root: Path, size: int) -> tuple[np.ndarray, np.ndarray | None
 
 
 def _extract_archive(path: Path, cache_dir: Path) -> Path:
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = cache_dir / f"extracted-{path.name}-{key}"
-    if not dest.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
-        try:
-            with tarfile.open(path) as tf:
-                tf.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise PretrainDataError(f"--data {path}: cannot read archive ({e})") from None
-        try:
-            tmp.rename(dest)  # complete or absent
-        except OSError:  # another process finished the same extraction first
-            if not dest.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    tops = [p for p in dest.iterdir() if p.is_dir()]
-    return tops[0] if len(tops) == 1 else dest
+    try:
+        return extract_tar(path, cache_dir, "--data")
+    except UserValueError as e:
+        raise PretrainDataError(str(e)) from None
 
 
 def _split_dirs(root: Path) -> tuple[Path, Path | None]:
+    """(train folder, held-out folder or None); without a train/ folder the whole tree is for training."""
     train = root / "train"
     if not train.is_dir():
         return root, None
-    for name in ("val", "test", "validation"):
-        if (root / name).is_dir():
-            return train, root / name
-    return train, None
+    return train, find_split_dir(root, "val", nested=False)
 
 
 def _from_npz(path: Path, size: int) -> dict:

@@ -1,1 +1,1 @@
-"""Spurious-correlation benchmarks and tools (planted cues, discovery, attention prompting)."""
+"""Shortcut discovery, flagging and attention prompting on a user's classifier (`spurious`, `flag`, `prompt`)."""

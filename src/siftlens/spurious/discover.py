@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from scipy.cluster.vq import kmeans2, vq
 
+from ..argtypes import check_ranges, discovery_option_types
 from ..capture import AttentionCapture
 from ..io import atomic_write_npz
 from ..layers import resolve_layers
@@ -66,6 +67,10 @@ class DiscoveryConfig:
     def __post_init__(self) -> None:
         if self.word_keypoints not in ("all", "attended"):
             raise ValueError(f"word_keypoints {self.word_keypoints!r} is not 'all' or 'attended'")
+        if self.decisive not in DECISIVE:
+            raise UserValueError(f"--decisive {self.decisive!r} is not one of {DECISIVE}")
+        types = discovery_option_types()  # the ranges `siftlens spurious` checks at parse time, for library callers
+        check_ranges({name: getattr(self, name) for name in types}, types)
 
 
 def select_layers(num_layers: int, layers: str | list[int]) -> list[int]:
@@ -173,7 +178,7 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
 class DiscoveryResult:
     motifs: pd.DataFrame  # one row per (class, word), ranked within class
     per_image: pd.DataFrame  # label, pred, confidence, reliance and its parts
-    centroids: np.ndarray  # [n_words, 128] visual words
+    centroids: np.ndarray  # [n_words, D] visual words, D = descriptor_dim(*descriptor_weights): 128, 131 or 133
     class_names: list[str]
     shortcut_words: dict[int, list[int]]  # class -> its top motif words
     keypoints: pd.DataFrame = field(repr=False)  # every keypoint: image, word, patch, position, lift
@@ -294,7 +299,8 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
             descs.append(desc)
     kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
         columns=["image", "patch", "x", "y", "size", "lift"])
-    D = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)  # (no keypoint anywhere: callers stop)
+    # no keypoint anywhere: an empty table of the descriptors' width (callers stop)
+    D = np.concatenate(descs) if descs else np.zeros((0, descriptor_dim(colour_weight, orientation_weight)), np.float32)
     return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.stack(group_rows)
 
 

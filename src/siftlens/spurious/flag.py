@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..html_page import html_page, png_data_uri, skipped_html, table_html
+from ..image_source import find_images
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from ..models import LoadedModel, load_model
-from ..preprocess import find_images
-from ..report import CSS
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import ShortcutSet, masked_probs
@@ -196,7 +196,6 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     import matplotlib.pyplot as plt
 
     from ..dataset_stats import bootstrap_mean_ci
-    from .run import _png
 
     fs = df["flag_score"].to_numpy()
     (m,), (lo,), (hi,) = bootstrap_mean_ci(fs)
@@ -212,7 +211,7 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     shown = df.sort_values("flag_score", ascending=False).head(top)
     cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
             "p_pred_without", "one_minus_max_softmax", "entropy"]
-    parts.append(shown[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+    parts.append(table_html(shown[cols]))
     show = shown.head(12)
     if len(show) and hasattr(source, "paths"):
         pos = {str(p): i for i, p in enumerate(source.paths)}
@@ -229,9 +228,6 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
                 ax.add_patch(plt.Rectangle((x0 * W - 0.5, y0 * H - 0.5), (x1 - x0) * W, (y1 - y0) * H,
                                            fill=False, color="red", lw=1.5))
             ax.set_title(f"{r.flag_score:.2f}", fontsize=7)
-        parts.append(f"<h2>Most flagged (red: the shortcut removed)</h2><img src='{_png(fig)}'>")
-    if skipped:
-        parts.append(f"<h2>Skipped ({len(skipped)})</h2><ul>" +
-                     "".join(f"<li>{html.escape(s['reason'])}</li>" for s in skipped[:200]) + "</ul>")
-    return (f"<!doctype html><html><head><meta charset=utf-8><style>{CSS}</style></head>"
-            f"<body>{''.join(parts)}</body></html>")
+        parts.append(f"<h2>Most flagged (red: the shortcut removed)</h2><img src='{png_data_uri(fig, dpi=100)}'>")
+    parts.append(skipped_html(skipped, limit=200))
+    return html_page(f"siftlens flag: {lm.name}", parts)

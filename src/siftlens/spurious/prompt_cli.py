@@ -14,14 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..image_source import find_images, read_labels
 from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
-from ..preprocess import find_images
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
-from .run import read_labels
 from .source import PathSource
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import matplotlib
@@ -15,10 +13,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
+from ..image_source import find_images, read_labels, read_model_input  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..models import LoadedModel, load_model  # noqa: E402
-from ..preprocess import BadImageError, find_images, load_rgb  # noqa: E402
-from ..report import CSS  # noqa: E402
+from ..preprocess import BadImageError  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
@@ -30,39 +29,13 @@ from .discover import (  # noqa: E402
 from .source import PathSource  # noqa: E402
 
 
-def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tuple[np.ndarray, list[str]]:
-    """Labels from a CSV (columns path,label) or, with labels=None, from ImageFolder directory names."""
-    if labels is None:
-        if root is None or not root.is_dir():
-            raise UserValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
-        names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in images]
-        if any(n is None for n in names):
-            raise UserValueError(f"--images {root}: files directly in the root have no class folder; pass --labels CSV")
-    else:
-        try:
-            df = pd.read_csv(labels)
-        except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
-            raise UserValueError(f"--labels {labels}: not a readable CSV ({type(e).__name__}: {e})") from None
-        if not {"path", "label"} <= set(df.columns):
-            raise UserValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
-        by_path = {str(Path(p)): str(lab) for p, lab in zip(df["path"], df["label"])}
-        by_name = {Path(p).name: str(lab) for p, lab in zip(df["path"], df["label"])}
-        names = [by_path.get(str(p), by_name.get(p.name)) for p in images]
-        missing = [str(p) for p, n in zip(images, names) if n is None]
-        if missing:
-            raise UserValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
-                             f"(first: {missing[0]})")
-    classes = sorted(set(names))
-    return np.array([classes.index(n) for n in names]), classes
-
-
 def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Model inputs of the readable images (all in memory: for small sets and tests; the commands stream
     with ``siftlens.spurious.source.PathSource``), their indices, and the skipped ones with reasons."""
     xs, keep, skipped = [], [], []
     for i, p in enumerate(paths):
         try:
-            xs.append(lm.preprocess(load_rgb(p, min_side=lm.patch_size)))
+            xs.append(read_model_input(lm, p))
             keep.append(i)
         except BadImageError as e:
             skipped.append({"path": str(p), "reason": str(e)})
@@ -156,13 +129,6 @@ def counterfactual_summary_html(per_image: pd.DataFrame, seed: int = 0) -> str:
             "their prediction depends on the shortcut.</p>")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: list) -> None:
     retire_outputs(out, "spurious")  # the previous run's files go first (docs/CHOICES.md, runs and outputs)
     atomic_write_parquet(res.per_image, out / "reliance.parquet")
@@ -190,18 +156,15 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         parts.append(f"<h3>{html.escape(name)}</h3>")
         cols = [c for c in ("rank", "word", "score", "p_label_null", "lift", "lift_lo", "lift_hi", "f_in", "f_out",
                             "stability", "mean_x", "mean_y", "n_keypoints") if c in top.columns]
-        parts.append(top[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+        parts.append(table_html(top[cols]))
     parts.append(reliance_summary_html(res.per_image))
     has_cf = "shortcut_kl" in res.per_image
     if has_cf:
         parts.append(counterfactual_summary_html(res.per_image))
     top = res.per_image.sort_values("shortcut_kl" if has_cf else "reliance", ascending=False).head(20)
-    parts.append(top.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
-    if skipped:
-        parts.append(f"<h2>Skipped ({len(skipped)})</h2><ul>" +
-                     "".join(f"<li>{html.escape(s['reason'])}</li>" for s in skipped) + "</ul>")
-    atomic_write_text(out / "spurious.html", f"<!doctype html><html><head><meta charset=utf-8><style>{CSS}</style>"
-                                             f"</head><body>{''.join(parts)}</body></html>")
+    parts.append(table_html(top))
+    parts.append(skipped_html(skipped))
+    atomic_write_text(out / "spurious.html", html_page(f"siftlens spurious: {lm.name}", parts))
     atomic_write_json(out / "manifest.json", {
         "model": lm.name, "classes": res.class_names, "n_images": len(res.per_image), "skipped": skipped,
         "layers": res.layers, "shortcut_words": res.shortcut_words,
@@ -244,9 +207,9 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
         cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "positive_share",
                 "present_share", "f_in", "f_out", "attention_lift", "attention_rank", "box_x0", "box_y0", "box_x1",
                 "box_y1"]
-        left = u[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if len(u) else "none"
-        right = ctrl[["rank", "unit", "effect", "effect_lo", "effect_hi", "n_images"]].to_html(
-            index=False, float_format=lambda v: f"{v:.3f}", border=0) if len(ctrl) else "none"
+        left = table_html(u[cols]) if len(u) else "none"
+        ctrl_cols = ["rank", "unit", "effect", "effect_lo", "effect_hi", "n_images"]
+        right = table_html(ctrl[ctrl_cols]) if len(ctrl) else "none"
         b = c.budget.get(k, {})
         parts.append("<table><tr><td style='vertical-align:top'><b>SIFT units (causal)</b>" + left +
                      "</td><td style='vertical-align:top'><b>SIFT-free control: single tokens</b>" + right +
@@ -276,7 +239,7 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
                     if col < len(row):
                         axes[r, col].imshow(row[col])
                 axes[r, 0].set_title(f"causal #{r + 1}", fontsize=7, loc="left")
-            parts.append(f"<img src='{_png(fig)}'>")
+            parts.append(f"<img src='{png_data_uri(fig, dpi=100)}'>")
     if ranked:
         parts.insert(1, f"<p><b>SIFT vs the SIFT-free control:</b> the top causal SIFT unit and the top occluded "
                         f"token are in the same place for {agree} of {ranked} classes"

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..image_source import read_model_input
 from ..models import LoadedModel
-from ..preprocess import BadImageError, load_rgb
+from ..preprocess import BadImageError
 from ..validation import UserValueError
 
 
@@ -64,7 +65,7 @@ class PathSource:
         return tuple(self.lm.preprocess.input_size)
 
     def _load(self, p: Path) -> torch.Tensor:
-        return self.lm.preprocess(load_rgb(p, min_side=self.lm.patch_size))
+        return read_model_input(self.lm, p)
 
     def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """First pass over every file: yields (indices among the readable ones, inputs) and fixes ``paths``."""

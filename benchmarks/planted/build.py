@@ -3,7 +3,8 @@
 METHOD.md §4 needs ground truth for shortcut discovery and attention prompting. This module builds
 it from any ImageFolder source (Imagenette, CIFAR-10, a user folder; a directory or a tar):
 
-* :func:`load_source_images` decodes a seeded, class-balanced subset to uint8 ``[N, 3, S, S]``.
+* :func:`load_source_images` decodes a seeded, class-balanced subset to uint8 ``[N, 3, S, S]``
+  (``siftlens.image_source.load_image_folder``: the listing, split names and decoding every command uses).
 * :func:`apply_cue` plants a cue: ``patch`` (a small high-contrast class-specific pattern at a fixed
   position: 8x8 px at row 8, col 8 by default, i.e. exactly token (1, 1) of a patch-8 ViT; not flush
   with the corner, because SIFT finds no keypoints within ~5 px of the image border) or ``texture``
@@ -21,29 +22,27 @@ move it, so the planted model is trained without geometric augmentation (``Train
 "none"``; a flip would also mirror the texture stripes onto another class's orientation). The model is
 meant to learn the shortcut: aligned accuracy high, conflict accuracy low.
 
-CLI: ``python -m siftlens.spurious.planted --data DATA --kind patch --seed 0 --out runs/planted_patch_s0``.
+Benchmark code, not part of the library (the commands never import it). CLI:
+``python benchmarks/planted/build.py --data DATA --kind patch --seed 0 --out runs/planted_patch_s0``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from ..bundled_model import IMAGENETTE_NAMES
-from ..preprocess import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..train import TrainConfig, normalize, train_classifier
+from siftlens.bundled_model import IMAGENETTE_NAMES
+from siftlens.image_source import SourceImages, load_image_folder
+from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from siftlens.train import TrainConfig, normalize, train_classifier
 
 CUE_KINDS = ("patch", "texture")
 GROUPS = ("aligned", "absent", "conflict")
@@ -68,153 +67,18 @@ TEXTURE_ANGLES = (0.0, 90.0, 45.0, 135.0, 22.5, 112.5, 67.5, 157.5)  # degrees
 # source images
 
 
-class SourceImages(NamedTuple):
-    """Decoded source images: uint8 ``[N, 3, S, S]``, int64 labels ``[N]``, class folder names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_names: list[str]
-
-
 def display_name(cls: str) -> str:
     """Readable class name (Imagenette wnids map to their names; anything else is returned as is)."""
     return IMAGENETTE_NAMES.get(cls, cls)
 
 
-def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def _split_aliases(split: str) -> list[str]:
-    alt = {"val": "test", "test": "val"}.get(split)
-    return [split] + ([alt] if alt else [])
-
-
-def _list_dir(path: Path, split: str | None) -> tuple[Path, dict[str, list[Path]]]:
-    """Class -> image files of an ImageFolder tree at path/split, path/*/split, or path itself."""
-    if split is None:
-        root = path
-    else:
-        candidates = []
-        for s in _split_aliases(split):
-            candidates += [path / s] + sorted(p / s for p in path.iterdir() if p.is_dir())
-        found = [c for c in candidates if c.is_dir()]
-        if not found:
-            raise FileNotFoundError(
-                f"no split folder {split!r} under {path} (looked for {path / split} and {path}/*/{split}); "
-                "pass split=None if the folder itself holds the class folders")
-        root = found[0]
-    files = {p.name: sorted(f for f in p.iterdir() if f.is_file() and _is_image(f.name))
-             for p in sorted(root.iterdir()) if p.is_dir()}
-    files = {c: fs for c, fs in files.items() if fs}
-    if not files:
-        raise FileNotFoundError(f"no class folders with images under {root}")
-    return root, files
-
-
-def _list_tar(tar: tarfile.TarFile, path: Path, split: str | None) -> dict[str, list[tarfile.TarInfo]]:
-    """Class -> image members of ``.../split/<class>/<file>`` (or ``<class>/<file>`` when split is None)."""
-    members = [m for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
-    for s in (_split_aliases(split) if split is not None else [None]):
-        out: dict[str, list[tarfile.TarInfo]] = {}
-        for m in members:
-            parts = Path(m.name).parts
-            if s is None:
-                if len(parts) >= 2:
-                    out.setdefault(parts[-2], []).append(m)
-            elif len(parts) >= 3 and parts[-3] == s:
-                out.setdefault(parts[-2], []).append(m)
-        if out:
-            return {c: sorted(ms, key=lambda m: m.name) for c, ms in sorted(out.items())}
-    raise FileNotFoundError(f"no images under a {split!r} split folder in {path}")
-
-
-def _select(files: dict[str, list], classes: Sequence[str] | int | None, per_class: int | None,
-            seed: int) -> tuple[list[str], dict[str, list]]:
-    available = list(files)
-    if classes is None:
-        chosen = available
-    elif isinstance(classes, int):
-        if not 1 <= classes <= len(available):
-            raise ValueError(f"asked for {classes} classes but the source has {len(available)}: {available}")
-        chosen = available[:classes]
-    else:
-        by_display = {display_name(c): c for c in available}
-        chosen = []
-        for c in classes:
-            if c in files:
-                chosen.append(c)
-            elif c in by_display:
-                chosen.append(by_display[c])
-            else:
-                raise ValueError(f"class {c!r} is not in the source; available: {available}")
-    picked = {}
-    for ci, c in enumerate(chosen):
-        fs = files[c]
-        if per_class is None:
-            picked[c] = fs
-            continue
-        if len(fs) < per_class:
-            raise ValueError(f"class {c!r} has {len(fs)} images, fewer than per_class={per_class}")
-        rng = np.random.default_rng([seed, ci])
-        idx = np.sort(rng.choice(len(fs), size=per_class, replace=False))
-        picked[c] = [fs[i] for i in idx]
-    return chosen, picked
-
-
-def _decode(data: bytes | Path, size: int) -> torch.Tensor:
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is still >= size
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im = ImageOps.fit(im, (size, size), Image.BICUBIC)  # resize short side + centre crop
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
-
 def load_source_images(path: str | Path, split: str | None = "train", classes: Sequence[str] | int | None = None,
                        per_class: int | None = None, size: int = 64, seed: int = 0) -> SourceImages:
-    """Decode a seeded class-balanced subset of an ImageFolder source to uint8 ``[N, 3, size, size]``.
-
-    ``path`` is a directory or a tar archive (``.tar``, ``.tar.gz``; members are streamed, nothing is
-    extracted). The class folders are looked up under ``split`` (``train``, ``val``/``test`` are
-    aliases of each other), also one level down (``imagenette2-160/train/<wnid>``,
-    ``cifar10/test/<class>``); ``split=None`` means the class folders are directly under ``path``
-    (in a tar: each image's parent folder is its class). ``classes``: folder names or Imagenette
-    display names, an int n (the first n folders in sorted order) or None (all). ``per_class``: how
-    many images per class, drawn at random (seeded) without replacement; None takes all. Images are
-    resized (short side to ``size``, bicubic) and centre-cropped.
-
-    Raises FileNotFoundError naming ``path`` when it is missing, ValueError naming the class when a
-    class has fewer than ``per_class`` images or is unknown.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image source not found: {path}")
-    images, labels = [], []
-    if path.is_dir():
-        _, files = _list_dir(path, split)
-        chosen, picked = _select(files, classes, per_class, seed)
-        for ci, c in enumerate(chosen):
-            for f in picked[c]:
-                images.append(_decode(f, size))
-                labels.append(ci)
-    else:
-        try:
-            tar = tarfile.open(path, "r:*")
-        except tarfile.ReadError as e:
-            raise ValueError(f"{path} is neither a folder nor a readable tar archive ({e})") from None
-        with tar:
-            files = _list_tar(tar, path, split)
-            chosen, picked = _select(files, classes, per_class, seed)
-            where = {m.name: (ci, j) for ci, c in enumerate(chosen) for j, m in enumerate(picked[c])}
-            decoded: dict[tuple[int, int], torch.Tensor] = {}
-            for m in sorted((m for c in chosen for m in picked[c]), key=lambda m: m.offset):  # archive order
-                f = tar.extractfile(m)
-                assert f is not None
-                decoded[where[m.name]] = _decode(f.read(), size)
-            for key in sorted(decoded):
-                images.append(decoded[key])
-                labels.append(key[0])
-    return SourceImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(chosen))
+    """A seeded class-balanced subset of an ImageFolder source (a folder or a tar) as uint8 ``[N, 3, size, size]``:
+    ``siftlens.image_source.load_image_folder`` with the centre square resized (``fit``), JPEGs decoded at a
+    reduced scale (``draft``) and Imagenette display names accepted in ``classes``."""
+    return load_image_folder(path, split, classes, per_class, size, seed, crop="fit", draft=True,
+                             display_names=IMAGENETTE_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +446,7 @@ def build_planted_architecture(num_classes: int, img_size: int, cfg: PlantedMode
     import timm
 
     if cfg.init == "bundled":
-        from ..bundled_model import build_bundled_architecture, load_bundled_model
+        from siftlens.bundled_model import build_bundled_architecture, load_bundled_model
 
         model = load_bundled_model()[0].train() if pretrained else build_bundled_architecture()
         model.reset_classifier(num_classes)
@@ -690,7 +554,7 @@ def planted_preprocess(meta: dict) -> Preprocess:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m siftlens.spurious.planted", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/planted/build.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="ImageFolder source: a folder or a tar(.gz)")
     p.add_argument("--kind", choices=CUE_KINDS, default="patch")
     p.add_argument("--seed", type=int, default=0)
