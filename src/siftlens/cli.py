@@ -264,7 +264,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 
 def _flag_parser(sub) -> None:
-    from .spurious.flag import run_flag
+    from .spurious.flag import OCCLUSION_MODES, run_flag
 
     r = _defaults(run_flag)
     p = sub.add_parser("flag", help="flag new, unlabelled images whose prediction rests on a discovered shortcut",
@@ -279,13 +279,13 @@ def _flag_parser(sub) -> None:
     p.add_argument("--token-units", choices=("always", "gated"), default=r["token_units"],
                    help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
                    "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
-    p.add_argument("--occlusion", choices=("compare", "sift", "off"), default="compare",
+    p.add_argument("--occlusion", choices=OCCLUSION_MODES, default=r["occlusion"],
                    help="per-image window occlusion, needing no discovered shortcut: occlusion_score = the largest "
                    "drop of the predicted class's probability when one WINDOW x WINDOW square of tokens holding a "
                    "SIFT keypoint is masked; 'compare' also writes the SIFT-free controls (every window; as many "
                    "windows drawn at random) at the cost of a forward per window")
-    p.add_argument("--window", type=positive_int, default=2, help="occlusion window side in tokens")
-    p.add_argument("--seed", type=SEED, default=0, help="the random-window control's draw")
+    p.add_argument("--window", type=positive_int, default=r["window"], help="occlusion window side in tokens")
+    p.add_argument("--seed", type=SEED, default=r["seed"], help="the random-window control's draw")
     p.set_defaults(func=_run_flag)
 
 
