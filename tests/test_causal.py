@@ -241,3 +241,43 @@ def test_shortcuts_json_round_trip(cue, tmp_path):
     assert np.array_equal(back.centroids, res.shortcuts.centroids)
     x = inputs(lm, make_data(6, seed=5)["conflict"])
     assert torch.equal(back.masker(lm)(x), res.shortcuts.masker(lm)(x))
+
+
+def test_occlusion_windows_and_keypoint_windows_geometry():
+    from siftlens.spurious.flag import keypoint_windows, occlusion_windows
+
+    w = occlusion_windows((3, 4), 2)  # 2 x 3 positions on a 3 x 4 grid, row-major
+    assert w.shape == (6, 12) and (w.sum(1) == 4).all()
+    assert np.flatnonzero(w[0]).tolist() == [0, 1, 4, 5]
+    assert np.flatnonzero(w[5]).tolist() == [6, 7, 10, 11]
+    assert occlusion_windows((2, 2), 3).shape == (1, 4)  # a window larger than the grid: the whole grid
+    # one keypoint at pixel (x=17, y=3), patch 8: token (row 0, col 2) = 2, held by windows 1 and 2 only
+    hit = keypoint_windows(w, np.array([[17.0, 3.0]]), (3, 4), 8)
+    assert np.flatnonzero(hit).tolist() == [1, 2]
+    assert not keypoint_windows(w, np.zeros((0, 2)), (3, 4), 8).any()
+
+
+def test_window_occlusion_flags_cue_images_and_finds_the_cue(cue):
+    from siftlens.spurious.causal import masked_probs
+
+    data, lm, res = cue
+    out = {g: flag_images(lm, res.shortcuts, TensorSource(inputs(lm, data[g])), occlusion="compare", window=1)[0]
+           for g in ("aligned", "conflict", "absent")}
+    cue_imgs = np.r_[out["conflict"]["occlusion_score"], out["aligned"]["occlusion_score"]]
+    free = out["absent"]["occlusion_score"].to_numpy()
+    assert auroc(np.r_[cue_imgs, free], np.r_[np.ones(len(cue_imgs)), np.zeros(len(free))]) > 0.8
+    # the best window of a conflicting image is the cue's token (another class's cue cell)
+    f = out["conflict"]
+    cue_tok = [_cue_token(int(k)) for k in data["test_conflict_cue"]]
+    assert np.mean([str(t) == s for t, s in zip(cue_tok, f["occlusion_tokens"])]) > 0.6
+    # every window is a superset of the keypoint windows, so its maximum is at least as large
+    assert (f["occlusion_score_all"] >= f["occlusion_score"] - 1e-12).all()
+    assert (f["occlusion_windows"] <= GRID[0] * GRID[1]).all()
+    # the reported score is the drop of the predicted class when the reported window is masked
+    x = inputs(lm, data["conflict"])
+    i = int(np.argmax(f["occlusion_score"].to_numpy()))
+    m = np.zeros(GRID[0] * GRID[1], bool)
+    m[[int(t) for t in f["occlusion_tokens"][i].split()]] = True
+    p0 = lm.forward(x[i:i + 1]).detach().softmax(-1)[0].double().numpy()
+    q = masked_probs(lm, TensorSource(x), res.shortcuts.layers, [(i, m)])[0]
+    assert f["occlusion_score"][i] == pytest.approx(p0[f["pred"][i]] - q[f["pred"][i]], abs=1e-5)
