@@ -423,6 +423,15 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
             by_path = dict(zip((image_key(p) for p in pr["path"]), pr["pred_steered"]))
             steered = np.array([by_path[image_key(p)] for p in test.path])
             correct[m] = steered == labels
+    fl_path = out / "flag" / "flags.parquet"
+    if fl_path.exists():  # flag's prediction without the decisive window (SIFT windows; SIFT-free controls)
+        fl = pd.read_parquet(fl_path)
+        for col, name in (("occlusion_pred", "occlusion"), ("occlusion_pred_random", "occlusion_random"),
+                          ("occlusion_pred_all", "occlusion_all")):
+            if col in fl:
+                by_path = dict(zip((image_key(p) for p in fl["path"]), fl[col]))
+                if all(image_key(p) in by_path for p in test.path):
+                    correct[name] = np.array([by_path[image_key(p)] for p in test.path]) == labels
     accuracy: dict = {}
     boot_metrics = {}
     for name, c in correct.items():
@@ -432,7 +441,9 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         accuracy[name] = {m: float(v) for m, v in est.items()} | {"ci": {m: ci(v) for m, v in bm.items()}}
     diffs: dict = {}
     for a, b in (("mask_tokens", "none"), ("mask_tokens", "random_mask"), ("mask_tokens", "edge_mask"),
-                 ("mask_tokens", "oracle_tokens"), ("oracle_tokens", "none"), ("cue_removed", "none")):
+                 ("mask_tokens", "oracle_tokens"), ("oracle_tokens", "none"), ("cue_removed", "none"),
+                 ("occlusion", "none"), ("occlusion", "occlusion_random"), ("occlusion", "occlusion_all"),
+                 ("occlusion", "random_mask"), ("occlusion", "edge_mask"), ("occlusion", "oracle_tokens")):
         if a in correct and b in correct:
             diffs[f"{a} - {b}"] = {m: [float(accuracy[a][m] - accuracy[b][m]),
                                        *ci(boot_metrics[a][m] - boot_metrics[b][m])]
@@ -469,29 +480,34 @@ def _ci(c) -> str:
     return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
 
 
-def goals(r: dict) -> dict[str, str]:
-    """Issue 11's goals on one run: 'met', 'not met (...)' or 'n/a (...)'. The goals are judged on the
-    held-out half; on dev runs they are a progress read-out."""
+# the method's two per-image tools, each judged on its own: (flag score, steering)
+METHOD_TOOLS = {"discovered units": ("flag_score", "mask_tokens"),
+                "per-image window occlusion": ("occlusion_score", "occlusion")}
+
+
+def goals(r: dict, flag: str = "flag_score", steer: str = "mask_tokens") -> dict[str, str]:
+    """Issue 11's goals on one run for one (flag score, steering) pair: 'met', 'not met (...)' or 'n/a (...)'.
+    The goals are judged on the held-out half; on dev runs they are a progress read-out."""
     out: dict[str, str] = {}
     m = r["cue_located"].get("method")
     out["cue located >= 90% of classes"] = (
         "n/a (method not run)" if not isinstance(m, dict) else "n/a (global cue)" if m["rate"] is None
         else ("met" if m["rate"] >= 0.9 else "not met") + f" ({m['rate']:.2f})")
     for tgt in ("conflict_vs_rest", "right_for_wrong_reason"):
-        f = r["flags"][tgt].get("flag_score")
+        f = r["flags"][tgt].get(flag)
         if f is None:
-            out[f"flag AUROC {tgt} >= 0.85, above baselines"] = "n/a (no flag_score)"
+            out[f"flag AUROC {tgt} >= 0.85, above baselines"] = f"n/a (no {flag})"
             continue
         base = max(r["flags"][tgt][b]["auroc"] for b in ("one_minus_max_softmax", "entropy"))
         ok = f["auroc"] >= 0.85 and f["ci"] is not None and f["auroc"] > base
         out[f"flag AUROC {tgt} >= 0.85, above baselines"] = ("met" if ok else "not met") + \
             f" ({f['auroc']:.3f} vs best baseline {base:.3f})"
     acc, d = r["accuracy"], r["differences"]
-    if "mask_tokens" not in acc or "oracle_tokens" not in acc:
-        out["steering"] = ("n/a (no token oracle: a global cue covers every token)" if "mask_tokens" in acc
-                           else "n/a (no mask_tokens run)")
+    if steer not in acc or "oracle_tokens" not in acc:
+        out["steering"] = ("n/a (no token oracle: a global cue covers every token)" if steer in acc
+                           else f"n/a (no {steer} run)")
         return out
-    none, mt, orc = acc["none"], acc["mask_tokens"], acc["oracle_tokens"]
+    none, mt, orc = acc["none"], acc[steer], acc["oracle_tokens"]
     headroom = orc["worst_group"] - none["worst_group"]
     gain = mt["worst_group"] - none["worst_group"]
     share = gain / headroom if headroom > 0 else float("nan")
@@ -503,8 +519,8 @@ def goals(r: dict) -> dict[str, str]:
     for mix in ("average_balanced", "average_train_mix"):
         gap = mt[mix] - orc[mix]
         out[f"{mix} >= oracle - 0.02"] = ("met" if gap >= -0.02 else "not met") + f" ({gap:+.3f})"
-    for ctrl in ("random_mask", "edge_mask"):
-        key = f"mask_tokens - {ctrl}"
+    for ctrl in ("random_mask", "edge_mask") + (("occlusion_random",) if steer == "occlusion" else ()):
+        key = f"{steer} - {ctrl}"
         if key in d:
             lo = d[key]["worst_group"][1]
             out[f"worst group beats {ctrl} (CI excludes 0)"] = ("met" if lo > 0 else "not met") + \
@@ -554,8 +570,9 @@ def run_table(results: list[dict]) -> str:
                 lines.append(f"| {name} | " + " | ".join(f"{d[m][0]:+.3f} [{d[m][1]:+.3f}, {d[m][2]:+.3f}]"
                                                          for m in ("worst_group", "average_balanced",
                                                                    "average_train_mix")) + " |")
-        lines.append("\nissue 11 goals (judged on the held-out half; here a read-out): " +
-                     "; ".join(f"{k}: {v}" for k, v in goals(r).items()))
+        for tool, (flag, steer) in METHOD_TOOLS.items():
+            lines.append(f"\nissue 11 goals, {tool} ({flag}, {steer}; judged on the held-out half): " +
+                         "; ".join(f"{k}: {v}" for k, v in goals(r, flag, steer).items()))
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -71,16 +71,16 @@ def keypoint_windows(windows: np.ndarray, kp_xy: np.ndarray, grid: tuple[int, in
 
 
 def window_drops(lm: LoadedModel, x: torch.Tensor, layers: list[int], windows: np.ndarray, pred: np.ndarray,
-                 p_pred: np.ndarray, use: np.ndarray, batch_size: int) -> np.ndarray:
-    """[B, n_windows]: drop of the predicted class's probability when the window's tokens are masked as keys
-    in ``layers`` (NaN where ``use`` [B, n_windows] is False: not run)."""
-    jobs = [(b, windows[v]) for b, v in zip(*np.nonzero(use))]
-    out = np.full(use.shape, np.nan)
-    if jobs:
-        pm = masked_probs(lm, TensorSource(x), layers, jobs, batch_size)
-        bs, vs = np.nonzero(use)
-        out[bs, vs] = p_pred[bs] - pm[np.arange(len(bs)), pred[bs]]
-    return out
+                 p_pred: np.ndarray, use: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop of the predicted class's probability [B, n_windows] when the window's tokens are masked as keys
+    in ``layers``, and the prediction then [B, n_windows] (NaN / -1 where ``use`` [B, n_windows] is False)."""
+    bs, vs = np.nonzero(use)
+    drop, pred_without = np.full(use.shape, np.nan), np.full(use.shape, -1)
+    if len(bs):
+        pm = masked_probs(lm, TensorSource(x), layers, [(b, windows[v]) for b, v in zip(bs, vs)], batch_size)
+        drop[bs, vs] = p_pred[bs] - pm[np.arange(len(bs)), pred[bs]]
+        pred_without[bs, vs] = pm.argmax(1)
+    return drop, pred_without
 
 
 def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
@@ -123,7 +123,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
         if occlusion != "off":
             use = np.ones_like(kp_win) if occlusion == "compare" else kp_win
-            wd = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use, batch_size)
+            wd, wpred = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use, batch_size)
         for b in range(len(x)):
             path = str(source.paths[int(idx[b])]) if hasattr(source, "paths") else str(int(idx[b]))
             if present[b] is None:
@@ -142,12 +142,19 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             if occlusion != "off":
                 k = int(kp_win[b].sum())
                 score, v = _max_or_zero(np.where(kp_win[b], wd[b], np.nan))
+                # occlusion_pred: the prediction with the decisive window removed (the image's own prediction
+                # where no window was tested): inference-time steering for a cue that moves
                 occ = {"occlusion_score": score, "occlusion_windows": k,
-                       "occlusion_tokens": " ".join(map(str, np.flatnonzero(windows[v]))) if v >= 0 else ""}
+                       "occlusion_tokens": " ".join(map(str, np.flatnonzero(windows[v]))) if v >= 0 else "",
+                       "occlusion_pred": int(wpred[b, v]) if v >= 0 else pred}
                 if occlusion == "compare":  # SIFT-free: every window; as many windows drawn at random
-                    occ["occlusion_score_all"] = _max_or_zero(wd[b])[0]
+                    score_all, v_all = _max_or_zero(wd[b])
                     pick = rng.choice(len(windows), k, replace=False) if k else np.zeros(0, int)
-                    occ["occlusion_score_random"] = _max_or_zero(wd[b][pick])[0] if k else 0.0
+                    score_rnd, v_rnd = _max_or_zero(wd[b][pick]) if k else (0.0, -1)
+                    occ.update({"occlusion_score_all": score_all,
+                                "occlusion_pred_all": int(wpred[b, v_all]) if v_all >= 0 else pred,
+                                "occlusion_score_random": score_rnd,
+                                "occlusion_pred_random": int(wpred[b, pick[v_rnd]]) if v_rnd >= 0 else pred})
             rows.append({"path": path, "flag_score": max(drop, 0.0),
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
