@@ -182,6 +182,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
                  "--out", str(fl)]) == 0
     flags = pd.read_parquet(fl / "flags.parquet")
+    assert not (fl / ".parts").exists()  # finished: the resume parts are gone
     manifest = json.loads((fl / "manifest.json").read_text())
     # no keypoints: scored through the fixed-token units alone (default), listed as such
     assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
@@ -281,3 +282,30 @@ def test_window_occlusion_flags_cue_images_and_finds_the_cue(cue):
     p0 = lm.forward(x[i:i + 1]).detach().softmax(-1)[0].double().numpy()
     q = masked_probs(lm, TensorSource(x), res.shortcuts.layers, [(i, m)])[0]
     assert f["occlusion_score"][i] == pytest.approx(p0[f["pred"][i]] - q[f["pred"][i]], abs=1e-5)
+
+
+def test_flag_resumes_after_a_kill_with_the_same_numbers(cue, tmp_path, monkeypatch):
+    import siftlens.spurious.flag as flag_mod
+
+    data, lm, res = cue
+    x = inputs(lm, data["conflict"])[:20]
+    full, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    real, calls = flag_mod.window_drops, []
+
+    def dies_on_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill between batches
+        return real(*a, **k)
+
+    monkeypatch.setattr(flag_mod, "window_drops", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1, parts=parts)
+    assert sorted(f.name for f in parts.iterdir()) == ["000000.json", "000000.parquet"]
+    calls.clear()
+    monkeypatch.setattr(flag_mod, "window_drops", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1, parts=parts)
+    assert len(calls) == 2  # batches 2 and 3 only: the first was read back
+    pd.testing.assert_frame_equal(resumed, full)  # random-window control included: its draws are replayed

@@ -16,7 +16,10 @@ reason.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +96,13 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
-                occlusion: str = "compare", window: int = 2, seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
+                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: Path | None = None
+                ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
-    windows, the SIFT-free controls; "off")."""
+    windows, the SIFT-free controls; "off"). ``parts``: a folder where each finished batch is kept, so a
+    killed run started again with the same settings skips what is done and gives the same numbers."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
@@ -106,7 +111,18 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     layout = lm.layout(tuple(source.input_hw))
     windows = occlusion_windows(layout.grid, window)
     rng = np.random.default_rng([seed, 23])
-    for idx, x in source.batches(batch_size):
+    for bi, (idx, x) in enumerate(source.batches(batch_size)):
+        done = parts / f"{bi:06d}.json" if parts is not None else None
+        if done is not None and done.is_file():  # finished before a kill: read back, replay its random draws
+            meta = json.loads(done.read_text())
+            part = pd.read_parquet(parts / f"{bi:06d}.parquet").to_dict("records") if meta["n_rows"] else []
+            for r in part:
+                if occlusion == "compare" and r["occlusion_windows"]:
+                    rng.choice(len(windows), int(r["occlusion_windows"]), replace=False)
+            rows += part
+            no_kp += meta["no_kp"]
+            continue
+        n_rows, n_no_kp = len(rows), len(no_kp)
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
         info: dict = {}
         present = shortcuts.present_units(lm, x, token_units, info)
@@ -123,7 +139,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
         if occlusion != "off":
             use = np.ones_like(kp_win) if occlusion == "compare" else kp_win
-            wd, wpred = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use, batch_size)
+            wd, wpred = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use,
+                                     batch_size)
         for b in range(len(x)):
             path = str(source.paths[int(idx[b])]) if hasattr(source, "paths") else str(int(idx[b]))
             if present[b] is None:
@@ -165,6 +182,10 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
+        if done is not None:  # the parquet first, the json marks the batch finished
+            if len(rows) > n_rows:
+                atomic_write_parquet(pd.DataFrame(rows[n_rows:]), parts / f"{bi:06d}.parquet")
+            atomic_write_json(done, {"n_rows": len(rows) - n_rows, "no_kp": no_kp[n_no_kp:]})
     return pd.DataFrame(rows), no_kp
 
 
@@ -178,8 +199,10 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
     shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     out = ensure_writable_dir(out)
     with OutputLock(out, "flag"):  # one run per --out (runguard.py)
-        source = PathSource(lm, find_images(images), images)
-        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed)
+        paths = find_images(images)
+        source = PathSource(lm, paths, images)
+        parts = _parts_dir(out, lm, motifs, paths, batch_size, token_units, occlusion, window, seed)
+        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts)
         skipped = source.skipped + no_kp
         if df.empty:
             raise UserValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "
@@ -196,7 +219,31 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "layers": shortcuts.layers, "command": "flag",
                                                   "outputs": list(COMMAND_OUTPUTS["flag"])})
         atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
+        shutil.rmtree(parts.parent, ignore_errors=True)  # finished: the batches are in flags.parquet
+        if not any(parts.parent.parent.iterdir()):
+            parts.parent.parent.rmdir()
     return df
+
+
+def _parts_dir(out: Path, lm: LoadedModel, motifs: str | Path, paths: list[Path], *settings) -> Path:
+    """out/.parts/flag/<key>: finished batches of the run with these inputs and settings. Parts of a run with
+    other inputs or settings are removed (a batch of another run is never reused)."""
+    h = hashlib.sha256()
+    m = Path(motifs)
+    h.update((m / "shortcuts.json" if m.is_dir() else m).read_bytes())
+    for p in paths:
+        h.update(f"{p}\0{p.stat().st_size if p.exists() else -1}\0".encode())
+    for t in lm.module.state_dict().values():  # a sample of every weight tensor: same name, other weights
+        h.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
+    h.update(json.dumps([lm.name, lm.preprocess.to_dict(), *settings], default=str).encode())
+    root = out / ".parts" / "flag"
+    key = root / h.hexdigest()[:16]
+    if root.is_dir():
+        for old in root.iterdir():
+            if old != key:
+                shutil.rmtree(old, ignore_errors=True)
+    key.mkdir(parents=True, exist_ok=True)
+    return key
 
 
 def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int) -> str:
