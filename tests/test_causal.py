@@ -183,6 +183,8 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
                  "--out", str(fl)]) == 0
     flags = pd.read_parquet(fl / "flags.parquet")
     assert not (fl / ".parts").exists()  # finished: the resume parts are gone
+    page = (fl / "flags.html").read_text()
+    assert "Per-image window occlusion" in page and "occlusion_score_random" in page
     manifest = json.loads((fl / "manifest.json").read_text())
     # no keypoints: scored through the fixed-token units alone (default), listed as such
     assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()

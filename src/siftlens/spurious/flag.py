@@ -32,7 +32,7 @@ from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ens
 from ..models import LoadedModel, load_model
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .causal import ShortcutSet, masked_probs
+from .causal import ShortcutSet, masked_probs, token_box
 from .source import PathSource, TensorSource
 
 
@@ -247,8 +247,6 @@ def _parts_dir(out: Path, lm: LoadedModel, motifs: str | Path, paths: list[Path]
 
 
 def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int) -> str:
-    import matplotlib.pyplot as plt
-
     from ..dataset_stats import bootstrap_mean_ci
 
     fs = df["flag_score"].to_numpy()
@@ -266,22 +264,51 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
             "p_pred_without", "one_minus_max_softmax", "entropy"]
     parts.append(table_html(shown[cols]))
-    show = shown.head(12)
-    if len(show) and hasattr(source, "paths"):
-        pos = {str(p): i for i, p in enumerate(source.paths)}
-        x = source.get([pos[p] for p in show["path"]])
-        fig, axes = plt.subplots(1, len(show), figsize=(1.4 * len(show), 1.7), squeeze=False)
-        units = {u["unit"]: u for u in shortcuts.units}
-        for ax, xi, r in zip(axes[0], x, show.itertuples()):
-            img = lm.preprocess.to_uint8_rgb(xi)
-            ax.imshow(img)
-            ax.axis("off")
-            if r.shortcut_unit in units:
-                x0, y0, x1, y1 = units[r.shortcut_unit]["box"]
-                H, W = img.shape[:2]
-                ax.add_patch(plt.Rectangle((x0 * W - 0.5, y0 * H - 0.5), (x1 - x0) * W, (y1 - y0) * H,
-                                           fill=False, color="red", lw=1.5))
-            ax.set_title(f"{r.flag_score:.2f}", fontsize=7)
-        parts.append(f"<h2>Most flagged (red: the shortcut removed)</h2><img src='{png_data_uri(fig, dpi=100)}'>")
+    units = {u["unit"]: u for u in shortcuts.units}
+    parts.append(_strip(shown.head(12), source, lm, "flag_score",
+                        lambda r: units[r.shortcut_unit]["box"] if r.shortcut_unit in units else None,
+                        "Most flagged (red: the shortcut removed)"))
+    if "occlusion_score" in df:
+        grid = lm.layout(tuple(source.input_hw)).grid
+        lines = []
+        for col, what in (("occlusion_score", "windows holding a SIFT keypoint"),
+                          ("occlusion_score_random", "as many windows drawn at random (SIFT-free control)"),
+                          ("occlusion_score_all", "every window (SIFT-free control)")):
+            if col in df:
+                (m,), (lo,), (hi,) = bootstrap_mean_ci(df[col].to_numpy())
+                lines.append(f"<li><code>{col}</code> ({what}): mean {m:.3f} [{lo:.3f}, {hi:.3f}]</li>")
+        moved = float((df["occlusion_pred"] != df["pred"]).mean())
+        parts.append("<h2>Per-image window occlusion</h2><p>Each image's most decisive window (the largest drop of the "
+                     "predicted class's probability when it is masked); removing it changes "
+                     f"{moved:.1%} of the predictions (<code>occlusion_pred</code>).</p>"
+                     "<ul>" + "".join(lines) + "</ul>")
+        shown = df.sort_values("occlusion_score", ascending=False).head(12)
+        parts.append(_strip(shown, source, lm, "occlusion_score",
+                            lambda r: token_box([int(t) for t in r.occlusion_tokens.split()], grid)
+                            if r.occlusion_tokens else None,
+                            "Most decisive windows (red: the window removed)"))
     parts.append(skipped_html(skipped, limit=200))
     return html_page(f"siftlens flag: {lm.name}", parts)
+
+
+def _strip(show: pd.DataFrame, source, lm: LoadedModel, score: str, box_of, title: str) -> str:
+    """A row of the ``show`` images with the box ``box_of(row)`` ((x0, y0, x1, y1) in [0, 1] or None) in red."""
+    import matplotlib.pyplot as plt
+
+    if not len(show) or not hasattr(source, "paths"):
+        return ""
+    pos = {str(p): i for i, p in enumerate(source.paths)}
+    x = source.get([pos[p] for p in show["path"]])
+    fig, axes = plt.subplots(1, len(show), figsize=(1.4 * len(show), 1.7), squeeze=False)
+    for ax, xi, r in zip(axes[0], x, show.itertuples()):
+        img = lm.preprocess.to_uint8_rgb(xi)
+        ax.imshow(img)
+        ax.axis("off")
+        box = box_of(r)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            H, W = img.shape[:2]
+            ax.add_patch(plt.Rectangle((x0 * W - 0.5, y0 * H - 0.5), (x1 - x0) * W, (y1 - y0) * H,
+                                       fill=False, color="red", lw=1.5))
+        ax.set_title(f"{getattr(r, score):.2f}", fontsize=7)
+    return f"<h2>{title}</h2><img src='{png_data_uri(fig, dpi=100)}'>"
