@@ -292,8 +292,9 @@ def test_flag_resumes_after_a_kill_with_the_same_numbers(cue, tmp_path, monkeypa
     data, lm, res = cue
     x = inputs(lm, data["conflict"])[:20]
     full, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1)
-    parts = tmp_path / "parts"
-    parts.mkdir()
+    from siftlens.resume import BatchParts
+
+    parts = BatchParts(tmp_path, "flag", "k")
     real, calls = flag_mod.window_drops, []
 
     def dies_on_the_second_batch(*a, **k):
@@ -305,9 +306,59 @@ def test_flag_resumes_after_a_kill_with_the_same_numbers(cue, tmp_path, monkeypa
     monkeypatch.setattr(flag_mod, "window_drops", dies_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1, parts=parts)
-    assert sorted(f.name for f in parts.iterdir()) == ["000000.json", "000000.parquet"]
+    assert sorted(f.name for f in parts.dir.iterdir()) == ["000000.json", "000000.parquet"]
+    assert parts.done(0) and not parts.done(1)
     calls.clear()
     monkeypatch.setattr(flag_mod, "window_drops", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    resumed, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1, parts=parts)
+    resumed, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1,
+                             parts=BatchParts(tmp_path, "flag", "k"))
     assert len(calls) == 2  # batches 2 and 3 only: the first was read back
     pd.testing.assert_frame_equal(resumed, full)  # random-window control included: its draws are replayed
+
+
+def test_path_source_names_the_right_file_during_its_first_pass(cue, tmp_path):
+    """An unreadable file before good ones must not shift the paths of the images yielded while scanning
+    (flag and prompt name each row's file inside the first pass)."""
+    from siftlens.spurious.source import PathSource
+
+    data, lm, _ = cue
+    (tmp_path / "a_broken.png").write_bytes(b"not an image")
+    for i in range(3):
+        Image.fromarray(data["aligned"][i].transpose(1, 2, 0)).save(tmp_path / f"b{i}.png")
+    src = PathSource(lm, sorted(tmp_path.iterdir()), tmp_path)
+    seen = [(int(i), src.paths[int(i)].name) for idx, _ in src.batches(1) for i in idx]
+    assert seen == [(0, "b0.png"), (1, "b1.png"), (2, "b2.png")]
+    assert [s["path"] for s in src.skipped] == [str(tmp_path / "a_broken.png")]
+
+
+def test_prompt_resumes_after_a_kill_with_the_same_predictions(cue, tmp_path, monkeypatch):
+    import siftlens.spurious.prompt_cli as prompt_mod
+    from siftlens.spurious.prompt_cli import run_prompt
+
+    data, lm, res = cue
+    model = tmp_path / "m.safetensors"
+    _save_model(lm, model)
+    (tmp_path / "sp").mkdir()
+    res.shortcuts.save(tmp_path / "sp" / "shortcuts.json")
+    _save_folder(tmp_path / "imgs", np.concatenate([data["aligned"][:6], data["conflict"][:6]]))
+    kw = dict(method="random_mask", layers="all", labels="none", batch_size=4, seed=3,
+              motifs=str(tmp_path / "sp"))
+    run_prompt(str(model), tmp_path / "imgs", tmp_path / "full", **kw)
+    full = pd.read_parquet(tmp_path / "full" / "predictions.parquet")
+    assert not (tmp_path / "full" / ".parts").exists() and full["steered"].sum() >= 4
+
+    real_write, writes = prompt_mod.BatchParts.write, []
+
+    def killed_after_two_batches(self, i, rows, **meta):
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        writes.append(i)
+        return real_write(self, i, rows, **meta)
+
+    monkeypatch.setattr(prompt_mod.BatchParts, "write", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
+    monkeypatch.setattr(prompt_mod.BatchParts, "write", real_write)
+    run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
+    again = pd.read_parquet(tmp_path / "again" / "predictions.parquet")
+    pd.testing.assert_frame_equal(again, full)  # random_mask's draws included

@@ -16,10 +16,7 @@ reason.
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ from ..html_page import html_page, png_data_uri, skipped_html, table_html
 from ..image_source import find_images
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from ..models import LoadedModel, load_model
+from ..resume import BatchParts, run_key
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import ShortcutSet, masked_probs, token_box
@@ -96,7 +94,7 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
-                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: Path | None = None
+                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: BatchParts | None = None
                 ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
@@ -112,10 +110,9 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     windows = occlusion_windows(layout.grid, window)
     rng = np.random.default_rng([seed, 23])
     for bi, (idx, x) in enumerate(source.batches(batch_size)):
-        done = parts / f"{bi:06d}.json" if parts is not None else None
-        if done is not None and done.is_file():  # finished before a kill: read back, replay its random draws
-            meta = json.loads(done.read_text())
-            part = pd.read_parquet(parts / f"{bi:06d}.parquet").to_dict("records") if meta["n_rows"] else []
+        if parts is not None and parts.done(bi):  # finished before a kill: read back, replay its random draws
+            part_df, meta = parts.read(bi)
+            part = part_df.to_dict("records") if part_df is not None else []
             for r in part:
                 if occlusion == "compare" and r["occlusion_windows"]:
                     rng.choice(len(windows), int(r["occlusion_windows"]), replace=False)
@@ -182,10 +179,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
-        if done is not None:  # the parquet first, the json marks the batch finished
-            if len(rows) > n_rows:
-                atomic_write_parquet(pd.DataFrame(rows[n_rows:]), parts / f"{bi:06d}.parquet")
-            atomic_write_json(done, {"n_rows": len(rows) - n_rows, "no_kp": no_kp[n_no_kp:]})
+        if parts is not None:
+            parts.write(bi, pd.DataFrame(rows[n_rows:]) if len(rows) > n_rows else None, no_kp=no_kp[n_no_kp:])
     return pd.DataFrame(rows), no_kp
 
 
@@ -201,7 +196,9 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
     with OutputLock(out, "flag"):  # one run per --out (runguard.py)
         paths = find_images(images)
         source = PathSource(lm, paths, images)
-        parts = _parts_dir(out, lm, motifs, paths, batch_size, token_units, occlusion, window, seed)
+        m = Path(motifs)
+        parts = BatchParts(out, "flag", run_key(lm, paths, batch_size, token_units, occlusion, window, seed,
+                                                files=(m / "shortcuts.json" if m.is_dir() else m,)))
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts)
         skipped = source.skipped + no_kp
         if df.empty:
@@ -219,31 +216,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "layers": shortcuts.layers, "command": "flag",
                                                   "outputs": list(COMMAND_OUTPUTS["flag"])})
         atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
-        shutil.rmtree(parts.parent, ignore_errors=True)  # finished: the batches are in flags.parquet
-        if not any(parts.parent.parent.iterdir()):
-            parts.parent.parent.rmdir()
+        parts.finish()  # the batches are in flags.parquet now
     return df
-
-
-def _parts_dir(out: Path, lm: LoadedModel, motifs: str | Path, paths: list[Path], *settings) -> Path:
-    """out/.parts/flag/<key>: finished batches of the run with these inputs and settings. Parts of a run with
-    other inputs or settings are removed (a batch of another run is never reused)."""
-    h = hashlib.sha256()
-    m = Path(motifs)
-    h.update((m / "shortcuts.json" if m.is_dir() else m).read_bytes())
-    for p in paths:
-        h.update(f"{p}\0{p.stat().st_size if p.exists() else -1}\0".encode())
-    for t in lm.module.state_dict().values():  # a sample of every weight tensor: same name, other weights
-        h.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
-    h.update(json.dumps([lm.name, lm.preprocess.to_dict(), *settings], default=str).encode())
-    root = out / ".parts" / "flag"
-    key = root / h.hexdigest()[:16]
-    if root.is_dir():
-        for old in root.iterdir():
-            if old != key:
-                shutil.rmtree(old, ignore_errors=True)
-    key.mkdir(parents=True, exist_ok=True)
-    return key
 
 
 def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int) -> str:

@@ -18,6 +18,7 @@ from ..image_source import find_images, read_labels
 from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
+from ..resume import BatchParts, run_key
 from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
@@ -67,9 +68,16 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     gate = shortcuts.masker(lm) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
-    before, after, was_steered, n_masked = [], [], [], []
+    parts = BatchParts(out, "prompt", run_key(lm, paths, method, layers, beta, batch_size, seed,
+                                              files=(Path(motifs) / "shortcuts.json",) if gated else ()))
+    frames = []
     with torch.no_grad():
-        for _, x in source.batches(batch_size):
+        for bi, (idx, x) in enumerate(source.batches(batch_size)):
+            if parts.done(bi):  # finished before a kill
+                frames.append(parts.read(bi)[0])
+                continue
+            # random_mask's draws restart per batch, so a resumed run draws what the first run drew
+            steered.reset_rng(int(np.random.SeedSequence([seed, bi]).generate_state(1)[0]))
             p0 = lm.forward(x).float().softmax(-1)
             p1 = p0.clone()
             if gated:
@@ -78,22 +86,22 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                 if rows.any():  # only images with a shortcut present go through the steered model
                     holder.mask = m[rows]
                     p1[rows] = steered(x[rows]).float().softmax(-1)
-                n_masked.append(m.sum(1))
-                was_steered.append(rows)
+                n_masked = m.sum(1)
             else:
                 p1 = steered(x).float().softmax(-1)
-                was_steered.append(torch.ones(len(x), dtype=torch.bool))
-                n_masked.append(steered.last_mask.sum(1) if steered.last_mask is not None
-                                else torch.zeros(len(x), dtype=torch.long))
-            before.append(p0)
-            after.append(p1)
+                rows = torch.ones(len(x), dtype=torch.bool)
+                n_masked = (steered.last_mask.sum(1) if steered.last_mask is not None
+                            else torch.zeros(len(x), dtype=torch.long))
+            for p in (p0, p1):
+                check_finite_output(p, lm.name)
+            pb, pa = p0.numpy(), p1.numpy()
+            frame = pd.DataFrame({"path": [str(source.paths[int(i)]) for i in idx], "pred_base": pb.argmax(1),
+                                  "conf_base": pb.max(1), "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
+                                  "steered": rows.numpy(), "n_masked": n_masked.numpy()})
+            parts.write(bi, frame)
+            frames.append(frame)
     steered.remove()
-    for p in (*before, *after):
-        check_finite_output(p, lm.name)
-    pb, pa = torch.cat(before).numpy(), torch.cat(after).numpy()
-    df = pd.DataFrame({"path": [str(p) for p in source.paths], "pred_base": pb.argmax(1), "conf_base": pb.max(1),
-                       "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
-                       "steered": torch.cat(was_steered).numpy(), "n_masked": torch.cat(n_masked).numpy()})
+    df = pd.concat(frames, ignore_index=True)
     summary = {"model": lm.name, "method": method, "layers": layers, "beta": beta, "n_images": len(df),
                "skipped": source.skipped, "changed_predictions": float((df.pred_base != df.pred_steered).mean()),
                "steered_share": float(df.steered.mean())}
@@ -110,4 +118,5 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     retire_outputs(out, "prompt")
     atomic_write_parquet(df, out / "predictions.parquet")
     atomic_write_json(out / "summary.json", summary)
+    parts.finish()
     return summary

@@ -72,6 +72,7 @@ class PathSource:
         keep: list[int] = []
         xs: list[torch.Tensor] = []
         idx: list[int] = []
+        self.paths = []  # grows with the scan, so paths[i] is the file of every index yielded so far
         for i, p in enumerate(self.all_paths):
             try:
                 xs.append(self._load(p))
@@ -80,6 +81,7 @@ class PathSource:
                 continue
             idx.append(len(keep))
             keep.append(i)
+            self.paths.append(p)
             if len(xs) == batch_size:
                 yield np.array(idx), torch.stack(xs)
                 xs, idx = [], []
