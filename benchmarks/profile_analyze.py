@@ -32,6 +32,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,6 +61,8 @@ class Clock:
         try:
             yield
         finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a stage's GPU work counts in its wall time
             self.wall[name] += time.perf_counter() - w
             self.cpu[name] += time.process_time() - c
 
@@ -69,29 +72,38 @@ def _field(batch, key: str):
     return batch[key] if isinstance(batch, dict) else getattr(batch, key)
 
 
-def stage_profile(lm, paths, batch_size: int, stats_threads: int) -> dict:
+def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = "cpu", kornia: bool = False) -> dict:
     """Each stage alone in this process; seconds per image."""
     clock = Clock()
     layout, cfg = lm.layout(), AnalyzeConfig()
     map_cfg = cfg.map_config()
     n = len(paths)
-    with clock("decode_preprocess"):
-        xs = [lm.preprocess(load_rgb(p)) for p in paths]
-    grays = [lm.preprocess.to_uint8_gray(x) for x in xs]
-    with torch_threads(1):  # the workers' work: one thread each
+    with torch_threads(1):  # the workers' work: one torch thread each, as DataLoader workers run
+        with clock("decode_preprocess"):
+            xs = [lm.preprocess(load_rgb(p)) for p in paths]
+        grays = [lm.preprocess.to_uint8_gray(x) for x in xs]
         with clock("sift"):
             kps = [detect_sift(g, map_cfg.sift) for g in grays]
         with clock("maps_without_sift"):
             for i, (g, kp) in enumerate(zip(grays, kps)):
                 other, edges = image_maps(g, layout.grid, layout.patch_size, map_cfg)
                 keypoint_maps(kp, layout.grid, layout.patch_size, map_cfg, i, edges)
+    if kornia:  # SIFT on the batch on `device` (what --keypoint-detector kornia runs in the main process)
+        from siftlens.keypoints_kornia import detect_sift_kornia
+
+        g_all = torch.from_numpy(np.stack(grays)).to(device).float().div_(255.0).unsqueeze(1)
+        detect_sift_kornia(g_all[:batch_size], map_cfg.sift)  # warm-up
+        with clock("sift_kornia"):
+            for s in range(0, n, batch_size):
+                detect_sift_kornia(g_all[s:s + batch_size], map_cfg.sift)
     ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, 0)
     collated = collate([ds[i] for i in range(min(batch_size, n))])
     batch = {k: _field(collated, k) for k in ("n", "C", "groups", "index", "x")}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     B = batch["n"]
-    bank_ids = torch.arange(n)
+    bank_ids = torch.arange(n, device=device)
     bank = torch.cat([batch["C"][:, 0]] * (-(-n // B)))[:n]  # K + 1 = n maps, as analyze's bank for n <= 1000
-    x_all = torch.stack(xs)
+    x_all = torch.stack(xs).to(device)
     with torch.inference_mode():
         lm.forward(x_all[:B])  # warm-up
         with clock("forward_fused"):
@@ -125,20 +137,20 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int) -> dict:
                     for a in attn:
                         r.update(a)
             tmp = Path(tempfile.mkdtemp(prefix="siftlens-prof-"))
-            ids = batch["index"].numpy()
+            ids = batch["index"].cpu().numpy()
             with clock("rows_and_part_write"):
                 for k in range(reps):
-                    per_layer = [{key: v for key, v in o.items() if key != "cls_attn"} for o in outs]
+                    per_layer = [{key: v.cpu() for key, v in o.items() if key != "cls_attn"} for o in outs]
                     table = analyze_mod.rows_from_layers(per_layer, ids, map_cfg.map_names, cfg.groups)
                     part = {"skipped": [], "images": [], "table": table,
-                            "lift_obs": torch.stack([o["lift_obs"].sum(0) for o in outs]).double().numpy(),
-                            "lift_exp": torch.stack([o["lift_exp"].sum(0) for o in outs]).double().numpy()}
+                            "lift_obs": torch.stack([o["lift_obs"].sum(0) for o in outs]).double().cpu().numpy(),
+                            "lift_exp": torch.stack([o["lift_exp"].sum(0) for o in outs]).double().cpu().numpy()}
                     analyze_mod._write_part(tmp, k, part)
             shutil.rmtree(tmp, ignore_errors=True)
     clock.cpu["nulls"] = clock.cpu["reducers_swap_null"] - clock.cpu["reducers_no_null"]
     clock.wall["nulls"] = clock.wall["reducers_swap_null"] - clock.wall["reducers_no_null"]
     per_img = B * reps
-    scale = {k: (n if k in ("decode_preprocess", "sift", "maps_without_sift", "forward_fused",
+    scale = {k: (n if k in ("decode_preprocess", "sift", "sift_kornia", "maps_without_sift", "forward_fused",
                             "forward_eager_capture") else per_img) for k in clock.cpu}
     return {k: {"cpu_ms_per_img": round(1000 * clock.cpu[k] / scale[k], 2),
                 "wall_ms_per_img": round(1000 * clock.wall[k] / scale[k], 2)} for k in clock.cpu}
@@ -228,7 +240,8 @@ def main() -> None:
         img_dir = replicate_images(src, args.n, tmp / "img")
         paths = find_images(img_dir)
         lm = load_model(args.model, random_init=args.random_init, device=args.device)
-        stats_threads = max(1, torch.get_num_threads() - args.workers)
+        stats_threads = max(1, torch.get_num_threads() - args.workers) if args.device == "cpu" \
+            else torch.get_num_threads()
         res: dict = {"model": lm.name, "input": list(lm.preprocess.input_size), "n_images": args.n,
                      "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
                      "keypoint_detector": args.keypoint_detector,
@@ -236,7 +249,8 @@ def main() -> None:
                      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                      "load_avg_at_start": [round(v, 2) for v in load_start]}
         if not args.skip_stages:
-            res["stages_alone"] = stage_profile(lm, paths, args.batch_size, stats_threads)
+            res["stages_alone"] = stage_profile(lm, paths, args.batch_size, stats_threads, args.device,
+                                                kornia=args.keypoint_detector == "kornia")
         runs = []
         for r in range(args.repeats):
             row: dict = {}

@@ -59,8 +59,11 @@ from .semantic_maps import (
     SiftParams,
     assemble_maps,
     compute_maps,
+    concentration,
+    detect_sift,
     image_maps,
     keypoint_maps,
+    keypoint_mass,
 )
 from .stats import (
     ANTI_CONSERVATIVE_NULLS,
@@ -160,12 +163,14 @@ class ImageMapsDataset(Dataset):
 
     def __init__(self, paths: list[Path], preprocess: Preprocess, layout: TokenLayout,
                  map_cfg: MapConfig, seed: int, cache_dir: str | None = None, sift_here: bool = True,
-                 cache_writes: bool = True) -> None:
+                 cache_writes: bool = True, sift_map_only: bool = False) -> None:
         self.paths, self.preprocess, self.layout, self.map_cfg, self.seed = paths, preprocess, layout, map_cfg, seed
         self.cache = KeypointCache(cache_dir, write=cache_writes) if cache_dir else None
         # False (--keypoint-detector kornia): only the maps that do not need SIFT keypoints; the main process
         # detects SIFT on the batch and fills in the rest (BatchRunner.kornia_maps)
         self.sift_here = sift_here
+        # True (the swap null's bank pass, OpenCV): only the SIFT map, no model input and no baseline maps
+        self.sift_map_only = sift_map_only and sift_here
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -176,6 +181,8 @@ class ImageMapsDataset(Dataset):
             img = load_rgb(path, min_side=self.layout.patch_size)
             x = self.preprocess(img)
             gray = self.preprocess.to_uint8_gray(x)
+            if self.sift_map_only:
+                return {"index": i, "sift_map": self._sift_map(gray)}
             if self.sift_here:
                 maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
                                     seed=hash_seed(self.seed, i), cache=self.cache)
@@ -191,6 +198,14 @@ class ImageMapsDataset(Dataset):
         C = np.stack([m if m is not None else np.full(n, np.nan) for m in maps.maps.values()])
         return {"index": i, "x": x, "C": torch.from_numpy(C).float(), "groups": torch.from_numpy(maps.groups),
                 "n_keypoints": len(maps.keypoints), "keypoints": (maps.keypoints.xy, maps.keypoints.size)}
+
+    def _sift_map(self, gray: np.ndarray) -> torch.Tensor | None:
+        """The SIFT concentration map [n] as compute_maps makes it (float32), None without keypoints."""
+        cfg, layout = self.map_cfg, self.layout
+        kp = (self.cache.get_or_detect(gray, "sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
+              if self.cache is not None else detect_sift(gray, cfg.sift))
+        c = concentration(keypoint_mass(kp, layout.grid, layout.patch_size, cfg.mode, cfg.weight))
+        return None if c is None else torch.from_numpy(c).float()
 
 
 @contextmanager
@@ -410,7 +425,7 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     runner = BatchRunner(lm, layout, map_names, cfg, bank=_null_bank)
     if _null_bank is None and swap:
         bank_ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
-                                   sift_here=cfg.keypoint_detector == "opencv")
+                                   sift_here=cfg.keypoint_detector == "opencv", sift_map_only=True)
         runner.set_bank(swap_null_bank(bank_ds, cfg.null_permutations, runner))
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
@@ -639,23 +654,31 @@ class BatchRunner:
         return part
 
 
+def _collate_bank(items: list[dict]) -> list[tuple[int, torch.Tensor | None]]:
+    return [(it["index"], it.get("sift_map")) for it in items]  # unreadable inputs: no map, as in the main pass
+
+
 def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The image-swap null's bank: SIFT maps of the first k + 1 images of the run (input order) that have
     one, and their image ids; None with fewer than 2 such images. Every rank builds the same bank."""
     maps, ids = [], []
     chunk = 32
     loader = DataLoader(ds, batch_sampler=[list(range(s, min(s + chunk, len(ds)))) for s in range(0, len(ds), chunk)],
-                        num_workers=runner.cfg.workers, collate_fn=collate)
+                        num_workers=runner.cfg.workers, collate_fn=_collate_bank if ds.sift_map_only else collate)
     for batch in loader:
-        if batch.n == 0:
-            continue
-        if batch.pending is not None:
-            runner.kornia_maps(batch)
-        has_sift = ~torch.isnan(batch.C[:, 0]).any(-1)
-        for b, i in enumerate(batch.index.tolist()):
-            if has_sift[b]:
-                maps.append(batch.C[b, 0])
-                ids.append(i)
+        if isinstance(batch, list):  # SIFT maps from the workers (OpenCV): (image index, map or None), in order
+            for i, m in batch:
+                if m is not None and not torch.isnan(m).any():
+                    maps.append(m)
+                    ids.append(i)
+        elif batch.n:  # kornia: detect on the batch here, like the main pass
+            if batch.pending is not None:
+                runner.kornia_maps(batch)
+            has_sift = ~torch.isnan(batch.C[:, 0]).any(-1)
+            for b, i in enumerate(batch.index.tolist()):
+                if has_sift[b]:
+                    maps.append(batch.C[b, 0])
+                    ids.append(i)
         if len(maps) > k:
             break
     if len(maps) < 2:
