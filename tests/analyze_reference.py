@@ -38,14 +38,13 @@ def tiny_model():
     return lm
 
 
-def run(name: str, out: Path) -> Path:
-    """Analyse the bundled images with the tiny model into ``out``; returns ``out``."""
+def run(name: str, out: Path):
+    """Analyse the bundled images with the tiny model into ``out``; returns analyze's result."""
     from siftlens.analyze import analyze
 
     with torch.inference_mode(False):
-        analyze(tiny_model(), images=BUNDLED, out=out, workers=0, batch_size=3, seed=7, report=False,
-                progress=False, **RUNS[name])
-    return out
+        return analyze(tiny_model(), images=BUNDLED, out=out, workers=0, batch_size=3, seed=7, report=False,
+                       progress=False, **RUNS[name])
 
 
 TABLES = ("per_image.parquet", "images.parquet", "twin/per_image.parquet", "twin/images.parquet")
@@ -59,7 +58,7 @@ def main() -> None:
 
     for name in RUNS:
         with tempfile.TemporaryDirectory() as tmp:
-            out = run(name, Path(tmp) / name)
+            out = run(name, Path(tmp) / name).out
             for table in TABLES:
                 if (out / table).is_file():
                     dst = REFERENCE / name / table
