@@ -246,6 +246,17 @@ class Batch:
     def n(self) -> int:
         return len(self.index)
 
+    def below(self, limit: int) -> Batch:
+        """The same batch restricted to the inputs with index < limit (maps already built)."""
+        keep = self.index < limit
+        if bool(keep.all()) and all(i < limit for i, _ in self.errors):
+            return self
+        rows = keep.nonzero().flatten().tolist()
+        return Batch([(i, e) for i, e in self.errors if i < limit], self.index[keep],
+                     None if self.x is None or not rows else self.x[keep],
+                     None if self.C is None else self.C[keep], None if self.groups is None else self.groups[keep],
+                     [self.n_keypoints[r] for r in rows], [self.keypoints[r] for r in rows])
+
 
 def collate(items: list[dict]) -> Batch:
     ok = [it for it in items if "error" not in it]
@@ -427,15 +438,21 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
         bank_ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
                                    sift_here=cfg.keypoint_detector == "opencv", sift_map_only=True)
         runner.set_bank(swap_null_bank(bank_ds, cfg.null_permutations, runner))
+    twin = _plan_twin(lm, out, cfg, paths, cache) if cfg.twin != "none" else None
+    # the twin runs on the main pass's batches (its images are the first ones), so they are loaded and mapped once
+    twin_pass = _start_twin_pass(twin, out, paths, layout, map_names, runner.bank, rank, world) \
+        if twin is not None and twin.model is not None and not twin.finished else None  # every rank: a barrier
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
     with torch.inference_mode():
-        for b, batch in zip(todo, loader):
+        for b, batch in zip(todo, loader if batches else ()):
             _write_part(parts, b, runner.run(batch, paths, keep=b < max(cfg.examples, cfg.keep_full_maps)))
+            if twin_pass is not None and b * cfg.batch_size < twin.limit and not _part_done(twin_pass[1], b):
+                _write_part(twin_pass[1], b, twin_pass[0].run(batch.below(twin.limit), paths, keep=False))
             bar.update(len(batch.errors) + batch.n)
     bar.close()
     _barrier(world)
-    twin = _run_twin(lm, images, out, cfg, runner.bank, cache) if cfg.twin != "none" else {"mode": "none"}
+    twin_info = _run_twin(twin, images, out, runner.bank) if twin is not None else {"mode": "none"}
     if rank != 0:
         return None
     null = {"mode": cfg.null_mode, "K": cfg.null_permutations}
@@ -445,7 +462,7 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     null["min_p"] = 1 / (null["K"] + 1) if null["K"] else None
     null["anti_conservative"] = cfg.null_mode in ANTI_CONSERVATIVE_NULLS
     result = _merge_parts(out, parts, n_batches, lm, layout, map_names, paths, cfg, images, t_start,
-                          {"null": null, "twin": twin, "fingerprint": fingerprint})
+                          {"null": null, "twin": twin_info, "fingerprint": fingerprint})
     if cfg.report:
         from .report import write_report
 
@@ -686,8 +703,18 @@ def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[t
     return torch.stack(maps[: k + 1]), torch.tensor(ids[: k + 1])
 
 
-def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank, cache: str | None) -> dict:
-    """Analyse the random-weights twin into out/twin (skipped if a finished identical twin run is there)."""
+@dataclass
+class TwinPlan:
+    """The random-weights twin of a run: its model (None if it cannot be made), options and images."""
+
+    info: dict  # what the manifest says about the twin
+    model: LoadedModel | None
+    cfg: AnalyzeConfig | None
+    limit: int  # the twin analyses the run's first `limit` images
+    finished: bool  # an identical finished twin run is in out/twin already
+
+
+def _plan_twin(lm: LoadedModel, out: Path, cfg: AnalyzeConfig, paths: list[Path], cache: str | None) -> TwinPlan:
     from .models import random_init_twin
 
     twin_seed = cfg.seed + 1_000_003  # not the seed a --random-init model itself was drawn with
@@ -696,17 +723,35 @@ def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank, cach
     try:
         twin = random_init_twin(lm, seed=twin_seed)
     except ValueError as e:
-        return {**info, "mode": "none", "reason": str(e)}
+        return TwinPlan({**info, "mode": "none", "reason": str(e)}, None, None, limit, False)
     tcfg = replace(cfg, twin="none", report=False, examples=0, keep_full_maps=0, limit=limit, progress=False,
                    keypoint_cache=cache)  # the images' keypoints are there already
     done = out / "twin" / "manifest.json"
+    finished = False
     if done.is_file() and not (out / "twin" / ".parts").exists():
-        old = json.loads(done.read_text()).get("fingerprint")
-        if old == _fingerprint(twin, find_images(images if images is not None else default_images())[:limit],
-                               tcfg, None, True):
-            return info
-    analyze(twin, images=images, out=out / "twin", config=tcfg, random_init=True, _null_bank=bank)
-    return info
+        finished = json.loads(done.read_text()).get("fingerprint") == _fingerprint(twin, paths[:limit], tcfg, None,
+                                                                                   True)
+    return TwinPlan(info, twin, tcfg, limit, finished)
+
+
+def _start_twin_pass(twin: TwinPlan, out: Path, paths: list[Path], layout: TokenLayout, map_names: tuple[str, ...],
+                     bank, rank: int, world: int) -> tuple[BatchRunner, Path]:
+    """The twin's runner and parts directory: out/twin/.parts, with the fingerprint of the twin's own run, which
+    _run_twin then resumes (nothing left to analyse unless the main pass was interrupted) and merges."""
+    twin.model.module.to(twin.cfg.device).eval()
+    parts = out / "twin" / ".parts"
+    if rank == 0:
+        _start_or_resume(out / "twin", parts, _fingerprint(twin.model, paths[: twin.limit], twin.cfg, None, True))
+    _barrier(world)
+    return BatchRunner(twin.model, layout, map_names, twin.cfg, bank=bank), parts
+
+
+def _run_twin(twin: TwinPlan, images, out: Path, bank) -> dict:
+    """Finish the random-weights twin in out/twin: its batches not done in the main pass, the merge (skipped
+    if a finished identical twin run is there)."""
+    if twin.model is not None and not twin.finished:
+        analyze(twin.model, images=images, out=out / "twin", config=twin.cfg, random_init=True, _null_bank=bank)
+    return twin.info
 
 
 # --- parts: one per batch, written atomically; the json is written last and marks the part done ---
