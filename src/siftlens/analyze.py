@@ -442,6 +442,8 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     # the twin runs on the main pass's batches (its images are the first ones), so they are loaded and mapped once
     twin_pass = _start_twin_pass(twin, out, paths, layout, map_names, runner.bank, rank, world) \
         if twin is not None and twin.model is not None and not twin.finished else None  # every rank: a barrier
+    if twin_pass is not None:
+        twin_pass[0].workspace = runner.workspace  # the two run one after the other: one set of temporaries
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
     with torch.inference_mode():
