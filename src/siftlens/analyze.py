@@ -10,7 +10,13 @@ Outputs in ``out``:
   manifest.json      model, preprocessing, options, versions, counts, skipped inputs + reasons
   report.html        self-contained report
 While running, finished batches live in ``.parts/`` (one atomic part per batch; removed after the
-merge and the report): that is what makes a killed run resumable and a torchrun run mergeable.
+merge and the report): that is what makes a killed run resumable and a torchrun run mergeable. The
+random-weights twin (``twin/``) runs on the same batches right after the model, into ``twin/.parts``.
+
+Per batch: the workers load the image and build its maps (``ImageMapsDataset``, collated into a ``Batch``);
+``BatchRunner.run`` prepares the maps on the model's device and runs the forward pass inside an
+``AttentionCapture`` whose hook closes over that batch's ``BatchContext`` and reduces each layer there;
+the statistics are copied to the host once per batch and written as one part.
 """
 
 from __future__ import annotations
