@@ -186,6 +186,9 @@ def instrumented(clock: Clock):
     wrap(analyze_mod, "swap_null_bank", "null_bank_pass")
     wrap(analyze_mod, "_write_part", "part_write")
     wrap(analyze_mod, "_run_twin", "twin")
+    for name in ("_plan_twin", "_start_twin_pass"):  # this branch: the twin's model and parts, before the loop
+        if hasattr(analyze_mod, name):
+            wrap(analyze_mod, name, "twin_setup")
     wrap(analyze_mod, "_merge_parts", "merge")
     wrap(BatchRunner, "run", "forward_reduce_rows")
     report_mod = importlib.import_module("siftlens.report")
