@@ -2,6 +2,7 @@
 
     python benchmarks/bench_analyze.py --model vit_tiny_imagenette --images DIR --n 256 --workers 2
     python benchmarks/bench_analyze.py --model timm:vit_base_patch16_224 --random-init --n 64
+    python benchmarks/bench_analyze.py --memory-only 32,320   # peak RSS only, whole runs at 32 and 320 images
 
 Prints, for the same model, images and batch size:
   forward_only_tensors  images/s of model(x) on preloaded tensors (fused attention; the hard limit)
@@ -101,6 +102,22 @@ def peak_rss_run(args, n: int, tmp: Path) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def memory_only(args, sizes: list[int]) -> None:
+    """Peak RSS (MiB) of fresh processes analysing each number of images (defaults otherwise, report off)."""
+    src = find_images(args.images or default_images())
+    tmp = Path(tempfile.mkdtemp(prefix="siftlens-bench-"))
+    try:
+        res = {"model": args.model, "random_init": args.random_init, "load_avg_1m_at_start": os.getloadavg()[0]}
+        for n in sizes:
+            replicate_images(src, n, tmp / f"img{n}")
+            res[f"peak_rss_mib_{n}"] = round(peak_rss_run(args, n, tmp), 1)
+        res[f"ratio_{sizes[-1]}_over_{sizes[0]}"] = round(res[f"peak_rss_mib_{sizes[-1]}"]
+                                                          / res[f"peak_rss_mib_{sizes[0]}"], 3)
+        print(json.dumps(res, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_tiny_imagenette")
@@ -110,8 +127,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--memory", action="store_true", help="also measure peak RSS at n and 10n images")
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS at n and 10*n images")
+    ap.add_argument("--memory-only", default=None, metavar="N1,N2,...",
+                    help="only the peak RSS of whole analyze runs (merge included) at these image counts")
     args = ap.parse_args()
+    if args.memory_only:
+        memory_only(args, [int(v) for v in args.memory_only.split(",")])
+        return
 
     load_at_start = os.getloadavg()[0]
     src = find_images(args.images or default_images())

@@ -476,7 +476,7 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, TINY):
     def bug(*_a, **_k):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(analyze_mod, "rows_from_layers", bug)
+    monkeypatch.setattr(analyze_mod, "rows_from_stacked", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         cli("analyze", *TINY, *FAST, "--limit", "1", "--out", tmp_path / "out")
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # released on any exception

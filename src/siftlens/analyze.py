@@ -10,7 +10,13 @@ Outputs in ``out``:
   manifest.json      model, preprocessing, options, versions, counts, skipped inputs + reasons
   report.html        self-contained report
 While running, finished batches live in ``.parts/`` (one atomic part per batch; removed after the
-merge and the report): that is what makes a killed run resumable and a torchrun run mergeable.
+merge and the report): that is what makes a killed run resumable and a torchrun run mergeable. The
+random-weights twin (``twin/``) runs on the same batches right after the model, into ``twin/.parts``.
+
+Per batch: the workers load the image and build its maps (``ImageMapsDataset``, collated into a ``Batch``);
+``BatchRunner.run`` prepares the maps on the model's device and runs the forward pass inside an
+``AttentionCapture`` whose hook closes over that batch's ``BatchContext`` and reduces each layer there;
+the statistics are copied to the host once per batch and written as one part.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +49,11 @@ from .argtypes import analyze_option_types, check_ranges
 from .capture import AttentionCapture, TokenLayout
 from .image_source import find_images
 from .io import (
+    OutputDirError,
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_npz,
-    atomic_write_parquet,
     ensure_writable_dir,
 )
 from .models import LoadedModel, load_model
@@ -59,8 +66,11 @@ from .semantic_maps import (
     SiftParams,
     assemble_maps,
     compute_maps,
+    concentration,
+    detect_sift,
     keypoint_free_maps,
     keypoint_maps,
+    keypoint_mass,
 )
 from .stats import (
     ANTI_CONSERVATIVE_NULLS,
@@ -73,6 +83,7 @@ from .stats import (
     swapped_maps,
 )
 from .validation import (
+    NonFiniteError,
     UserRuntimeError,
     UserValueError,
     check_finite_attention,
@@ -121,13 +132,37 @@ class AnalyzeConfig:
         return MapConfig(mode=self.map_mode, weight=self.weight, groups=self.groups, sift=self.sift)
 
 
-@dataclass
 class AnalysisResult:
-    out: Path
-    per_image: pd.DataFrame
-    images: pd.DataFrame
-    lift: dict[str, np.ndarray]
-    manifest: dict
+    """What ``analyze`` wrote: the output directory, its manifest, and the tables, read from disk only when
+    asked for (so a run of any size ends without its per-image table in memory)."""
+
+    def __init__(self, out: Path, manifest: dict) -> None:
+        self.out, self.manifest = Path(out), manifest
+
+    @property
+    def per_image_path(self) -> Path:
+        return self.out / "per_image.parquet"
+
+    @property
+    def images_path(self) -> Path:
+        return self.out / "images.parquet"
+
+    @cached_property
+    def per_image(self) -> pd.DataFrame:
+        """One row per image x layer x head (read on first access: at 50,000 images x 144 heads, GBs)."""
+        return pd.read_parquet(self.per_image_path)
+
+    @cached_property
+    def images(self) -> pd.DataFrame:
+        return pd.read_parquet(self.images_path)
+
+    @cached_property
+    def lift(self) -> dict[str, np.ndarray]:
+        with np.load(self.out / "lift.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def __repr__(self) -> str:
+        return f"AnalysisResult(out={str(self.out)!r}, analysed={self.manifest['counts']['analysed']})"
 
 
 class ImageMapsDataset(Dataset):
@@ -135,12 +170,14 @@ class ImageMapsDataset(Dataset):
 
     def __init__(self, paths: list[Path], preprocess: Preprocess, layout: TokenLayout,
                  map_cfg: MapConfig, seed: int, cache_dir: str | None = None, sift_here: bool = True,
-                 cache_writes: bool = True) -> None:
+                 cache_writes: bool = True, sift_map_only: bool = False) -> None:
         self.paths, self.preprocess, self.layout, self.map_cfg, self.seed = paths, preprocess, layout, map_cfg, seed
         self.cache = KeypointCache(cache_dir, write=cache_writes) if cache_dir else None
         # False (--keypoint-detector kornia): only the maps that do not need SIFT keypoints; the main process
         # detects SIFT on the batch and fills in the rest (BatchRunner.kornia_maps)
         self.sift_here = sift_here
+        # True (the swap null's bank pass, OpenCV): only the SIFT map, no model input and no baseline maps
+        self.sift_map_only = sift_map_only and sift_here
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -151,6 +188,8 @@ class ImageMapsDataset(Dataset):
             img = load_rgb(path, min_side=self.layout.patch_size)
             x = self.preprocess(img)
             gray = self.preprocess.to_uint8_gray(x)
+            if self.sift_map_only:
+                return {"index": i, "sift_map": self._sift_map(gray)}
             if self.sift_here:
                 maps = compute_maps(gray, self.layout.grid, self.layout.patch_size, self.map_cfg,
                                     seed=hash_seed(self.seed, i), cache=self.cache)
@@ -162,12 +201,19 @@ class ImageMapsDataset(Dataset):
         except Exception as e:  # anything else unexpected about this one file: skip, keep going
             return {"index": i, "error": f"{path}: {type(e).__name__}: {e}"}
         if not self.sift_here:
-            return {"index": i, "x": x, "gray": torch.from_numpy(gray), "maps": other, "edges": edges}
+            return {"index": i, "x": x, "pending": {"gray": torch.from_numpy(gray), "maps": other, "edges": edges}}
         n = self.layout.num_patches
         C = np.stack([m if m is not None else np.full(n, np.nan) for m in maps.maps.values()])
-        return {"index": i, "x": x, "C": torch.from_numpy(C).float(),
-                "groups": torch.from_numpy(maps.groups), "n_keypoints": len(maps.keypoints),
-                "kp_xy": maps.keypoints.xy, "kp_size": maps.keypoints.size}
+        return {"index": i, "x": x, "C": torch.from_numpy(C).float(), "groups": torch.from_numpy(maps.groups),
+                "n_keypoints": len(maps.keypoints), "keypoints": (maps.keypoints.xy, maps.keypoints.size)}
+
+    def _sift_map(self, gray: np.ndarray) -> torch.Tensor | None:
+        """The SIFT concentration map [n] as compute_maps makes it (float32), None without keypoints."""
+        cfg, layout = self.map_cfg, self.layout
+        kp = (self.cache.get_or_detect(gray, "sift", cfg.sift, lambda: detect_sift(gray, cfg.sift))
+              if self.cache is not None else detect_sift(gray, cfg.sift))
+        c = concentration(keypoint_mass(kp, layout.grid, layout.patch_size, cfg.mode, cfg.weight))
+        return None if c is None else torch.from_numpy(c).float()
 
 
 @contextmanager
@@ -189,21 +235,53 @@ def hash_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def collate(items: list[dict]) -> dict:
+@dataclass
+class Batch:
+    """The images of one batch that loaded, and the inputs that did not (one layout for both detectors)."""
+
+    errors: list[tuple[int, str]]  # (image index, reason) of inputs that could not be loaded
+    index: torch.Tensor  # [B] image indices into the run's input list
+    x: torch.Tensor | None  # [B, 3, h, w] model inputs
+    C: torch.Tensor | None = None  # [B, M, n] maps (NaN rows where undefined); None until kornia_maps ran
+    groups: torch.Tensor | None = None  # [B, n] SIFT concentration groups
+    n_keypoints: list[int] = field(default_factory=list)
+    keypoints: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (xy, size) per image
+    # --keypoint-detector kornia: what the workers made for BatchRunner.kornia_maps (grey images [B, H, W]
+    # uint8, the maps that do not need SIFT, edge densities); None once the maps above are filled in
+    pending: dict | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.index)
+
+    def below(self, limit: int) -> Batch:
+        """The same batch restricted to the inputs with index < limit (maps already built)."""
+        keep = self.index < limit
+        if bool(keep.all()) and all(i < limit for i, _ in self.errors):
+            return self
+        rows = keep.nonzero().flatten().tolist()
+        return Batch([(i, e) for i, e in self.errors if i < limit], self.index[keep],
+                     None if self.x is None or not rows else self.x[keep],
+                     None if self.C is None else self.C[keep], None if self.groups is None else self.groups[keep],
+                     [self.n_keypoints[r] for r in rows], [self.keypoints[r] for r in rows])
+
+
+def collate(items: list[dict]) -> Batch:
     ok = [it for it in items if "error" not in it]
-    batch = {"errors": [(it["index"], it["error"]) for it in items if "error" in it], "n": len(ok)}
-    if ok:
-        batch["index"] = torch.tensor([it["index"] for it in ok])
-        batch["x"] = torch.stack([it["x"] for it in ok])
-        if "C" in ok[0]:  # maps built in the worker (OpenCV SIFT)
-            batch["C"] = torch.stack([it["C"] for it in ok])
-            batch["groups"] = torch.stack([it["groups"] for it in ok])
-            batch["n_keypoints"] = [it["n_keypoints"] for it in ok]
-            batch["kp"] = [(it["kp_xy"], it["kp_size"]) for it in ok]
-        else:  # SIFT still to detect on the batch (kornia)
-            batch["gray"] = torch.stack([it["gray"] for it in ok])
-            batch["maps"] = [it["maps"] for it in ok]
-            batch["edges"] = [it["edges"] for it in ok]
+    errors = [(it["index"], it["error"]) for it in items if "error" in it]
+    batch = Batch(errors, torch.tensor([it["index"] for it in ok], dtype=torch.long),
+                  torch.stack([it["x"] for it in ok]) if ok else None)
+    if not ok:
+        return batch
+    if "pending" in ok[0]:  # SIFT still to detect on the batch (kornia)
+        batch.pending = {"gray": torch.stack([it["pending"]["gray"] for it in ok]),
+                         "maps": [it["pending"]["maps"] for it in ok],
+                         "edges": [it["pending"]["edges"] for it in ok]}
+    else:  # maps built in the worker (OpenCV SIFT)
+        batch.C = torch.stack([it["C"] for it in ok])
+        batch.groups = torch.stack([it["groups"] for it in ok])
+        batch.n_keypoints = [it["n_keypoints"] for it in ok]
+        batch.keypoints = [it["keypoints"] for it in ok]
     return batch
 
 
@@ -215,28 +293,35 @@ PER_HEAD_BY_MAP = ("s_cls", "s_pp", "s_ppw", "spearman")
 def rows_from_layers(layer_out: list[dict], image_ids: np.ndarray, map_names: tuple[str, ...],
                      groups: int) -> pa.Table:
     """Flatten per-layer statistics [B, H, ...] into one row per image x layer x head."""
-    L = len(layer_out)
-    B, H = layer_out[0]["prefix_mass"].shape
+    stacked = {key: torch.stack([lo[key] for lo in layer_out]) for key in layer_out[0] if key != "cls_attn"}
+    return rows_from_stacked(stacked, image_ids, map_names, groups)
 
-    def col(key: str, *idx) -> np.ndarray:  # [L, B, H] -> image-major [B * L * H]
-        v = torch.stack([lo[key][(slice(None), slice(None)) + idx] for lo in layer_out])
-        return v.permute(1, 0, 2).reshape(-1).numpy().astype(np.float32)
 
+def rows_from_stacked(stacked: dict[str, torch.Tensor], image_ids: np.ndarray, map_names: tuple[str, ...],
+                      groups: int) -> pa.Table:
+    """One row per image x layer x head from every layer's statistics stacked: [L, B, H, ...] per key (CPU)."""
+    L, B, H = stacked["prefix_mass"].shape
+
+    def image_major(v: torch.Tensor) -> np.ndarray:  # [L, B, H, ...] -> [B * L * H, ...]
+        v = v.movedim(1, 0).reshape(B * L * H, *v.shape[3:])
+        return v.numpy().astype(np.float32, copy=False)
+
+    nan = np.full(B * L * H, np.nan, np.float32)
     cols = {
         "image_id": np.repeat(image_ids, L * H).astype(np.int64),
         "layer": np.tile(np.repeat(np.arange(L), H), B).astype(np.int16),
         "head": np.tile(np.arange(H), B * L).astype(np.int16),
     }
-    has_cls = "s_cls" in layer_out[0]
     for key in PER_HEAD_BY_MAP:
+        v = image_major(stacked[key]) if key in stacked else None  # [rows, M]; s_cls etc. absent without CLS
         for m, name in enumerate(map_names):
-            cols[f"{key}__{name}"] = col(key, m) if (has_cls or key.startswith("s_pp")) else \
-                np.full(B * L * H, np.nan, np.float32)
+            cols[f"{key}__{name}"] = np.ascontiguousarray(v[:, m]) if v is not None else nan
     for key in PER_HEAD_SCALARS:
-        cols[key] = col(key) if key in layer_out[0] else np.full(B * L * H, np.nan, np.float32)
+        cols[key] = image_major(stacked[key]) if key in stacked else nan
+    lift = image_major(stacked["lift"])  # [rows, G, G]
     for g in range(groups):
         for f in range(groups):
-            cols[f"lift_{g}_{f}"] = col("lift", g, f)
+            cols[f"lift_{g}_{f}"] = np.ascontiguousarray(lift[:, g, f])
     return pa.table(cols)
 
 
@@ -356,23 +441,28 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
                           sift_here=cfg.keypoint_detector == "opencv", cache_writes=cfg.keypoint_cache is not None)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                         prefetch_factor=4 if cfg.workers > 0 else None)
-    runner = BatchRunner(lm, layout, map_names, cfg)
-    if _null_bank is not None:
-        runner.bank = _null_bank
-    elif swap:
+    runner = BatchRunner(lm, layout, map_names, cfg, bank=_null_bank)
+    if _null_bank is None and swap:
         bank_ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
-                                   sift_here=cfg.keypoint_detector == "opencv")
-        runner.bank = swap_null_bank(bank_ds, cfg.null_permutations, runner)
+                                   sift_here=cfg.keypoint_detector == "opencv", sift_map_only=True)
+        runner.set_bank(swap_null_bank(bank_ds, cfg.null_permutations, runner))
+    twin = _plan_twin(lm, out, cfg, paths, cache) if cfg.twin != "none" else None
+    # the twin runs on the main pass's batches (its images are the first ones), so they are loaded and mapped once
+    twin_pass = _start_twin_pass(twin, out, paths, layout, map_names, runner.bank, rank, world) \
+        if twin is not None and twin.model is not None and not twin.finished else None  # every rank: a barrier
+    if twin_pass is not None:
+        twin_pass[0].workspace = runner.workspace  # the two run one after the other: one set of temporaries
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"analyze[{rank}]" if world > 1 else "analyze",
                unit="img", disable=not cfg.progress)
-    with torch.inference_mode(), AttentionCapture(lm.module, lm.backend, runner.on_attention) as cap:
-        runner.capture = cap
-        for b, batch in zip(todo, loader):
+    with torch.inference_mode():
+        for b, batch in zip(todo, loader if batches else ()):
             _write_part(parts, b, runner.run(batch, paths, keep=b < max(cfg.examples, cfg.keep_full_maps)))
-            bar.update(len(batch["errors"]) + batch["n"])
+            if twin_pass is not None and b * cfg.batch_size < twin.limit and not _part_done(twin_pass[1], b):
+                _write_part(twin_pass[1], b, twin_pass[0].run(batch.below(twin.limit), paths, keep=False))
+            bar.update(len(batch.errors) + batch.n)
     bar.close()
     _barrier(world)
-    twin = _run_twin(lm, images, out, cfg, runner.bank, cache) if cfg.twin != "none" else {"mode": "none"}
+    twin_info = _run_twin(twin, images, out, runner.bank) if twin is not None else {"mode": "none"}
     if rank != 0:
         return None
     null = {"mode": cfg.null_mode, "K": cfg.null_permutations}
@@ -382,7 +472,7 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     null["min_p"] = 1 / (null["K"] + 1) if null["K"] else None
     null["anti_conservative"] = cfg.null_mode in ANTI_CONSERVATIVE_NULLS
     result = _merge_parts(out, parts, n_batches, lm, layout, map_names, paths, cfg, images, t_start,
-                          {"null": null, "twin": twin, "fingerprint": fingerprint})
+                          {"null": null, "twin": twin_info, "fingerprint": fingerprint})
     if cfg.report:
         from .report import write_report
 
@@ -397,17 +487,36 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     return result
 
 
-class BatchRunner:
-    """Runs one batch through the model, reducing each layer's attention inside the hook."""
+@dataclass
+class BatchContext:
+    """One batch's forward pass: the maps its capture hook reduces attention against and what the hook
+    collects, layer by layer (on the model's device until the batch is done: one host copy per batch)."""
 
-    def __init__(self, lm: LoadedModel, layout: TokenLayout, map_names: tuple[str, ...], cfg: AnalyzeConfig):
+    maps: BatchMaps
+    keep_ex: int  # images of this batch whose CLS attention is kept for figures
+    keep_full: int  # images of this batch whose full attention maps are kept
+    rollout: RolloutState = field(default_factory=RolloutState)
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # statistics [B, H, ...] per layer
+    ex_cls: list[torch.Tensor] = field(default_factory=list)  # [keep_ex, H, n] per layer
+    full: list[torch.Tensor] = field(default_factory=list)  # [keep_full, H, T, T] float16 per layer
+    finite: list[torch.Tensor] = field(default_factory=list)  # off CPU: one 0-d bool per layer, checked after
+
+
+class BatchRunner:
+    """Runs one batch through the model, reducing each layer's attention inside the capture hook.
+
+    The hook closes over a fresh BatchContext per batch (no state shared between batches or with the
+    caller); the capture is entered per batch, so the model runs with fused attention outside ``run``."""
+
+    def __init__(self, lm: LoadedModel, layout: TokenLayout, map_names: tuple[str, ...], cfg: AnalyzeConfig,
+                 bank: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.lm, self.layout, self.map_names, self.cfg = lm, layout, map_names, cfg
         self.map_cfg = cfg.map_config()
+        self.device = torch.device(cfg.device)
         self.cache = KeypointCache(cfg.keypoint_cache) if cfg.keypoint_cache else None
-        self.capture: AttentionCapture | None = None
         self.bank: tuple[torch.Tensor, torch.Tensor] | None = None  # image-swap null: (maps [K+1, n], image ids)
-        self.layer_out: dict[int, dict] = {}
-        self.state: dict = {}
+        self._bank_on_device: torch.Tensor | None = None
+        self.set_bank(bank)
         self.workspace = Workspace()  # the large per-layer temporaries, reused across layers and batches
         # Threads for the statistics. They are many memory-bound ops on tens of MB, where a second thread
         # gains little, while every parallel op waits for all threads: with the SIFT workers (or any other
@@ -416,38 +525,46 @@ class BatchRunner:
         # DataLoader worker; the forward pass keeps all threads. Thread counts change no result beyond
         # float summation order.
         self.stats_threads = max(1, torch.get_num_threads() - cfg.workers) \
-            if torch.device(cfg.device).type == "cpu" else torch.get_num_threads()
+            if self.device.type == "cpu" else torch.get_num_threads()
 
-    def on_attention(self, idx: int, attn: torch.Tensor) -> None:
+    def set_bank(self, bank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """The swap null's bank, kept once on the model's device (each batch indexes it there)."""
+        self.bank = bank
+        self._bank_on_device = None if bank is None else bank[0].to(self.device)
+
+    def on_attention(self, ctx: BatchContext, idx: int, attn: torch.Tensor) -> None:
         layout = self.layout
-        check_finite_attention(idx, attn, self.lm.name)  # before any statistic: NaN never reaches a p-value
         if attn.shape[-1] != layout.num_tokens:
             raise UserRuntimeError(
                 f"{self.lm.name}: layer {idx} attends over {attn.shape[-1]} tokens but the layout read from the "
                 f"model says {layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches = "
                 f"{layout.num_tokens}; this architecture's token layout is not supported")
+        if attn.device.type == "cpu":
+            check_finite_attention(idx, attn, self.lm.name)  # before any statistic: NaN never reaches a p-value
+        else:  # no host round trip per layer: the flags are read once after the forward (run), before any output
+            ctx.finite.append(torch.isfinite(attn).all())
         with torch_threads(self.stats_threads):
-            self._reduce(idx, attn)
+            self._reduce(ctx, attn)
 
-    def _reduce(self, idx: int, attn: torch.Tensor) -> None:
-        """Statistics, rollout and kept examples of one layer's attention."""
+    def _reduce(self, ctx: BatchContext, attn: torch.Tensor) -> None:
+        """Statistics, rollout and kept examples of one layer's attention (all left on attn's device)."""
         layout = self.layout
-        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, self.state["maps"], self.workspace)
-        self.state["rollout"].update(attn)
-        if self.state["keep_ex"] and "cls_attn" in st:
-            self.state["ex_cls"].append(st["cls_attn"][: self.state["keep_ex"]].cpu())
-        if self.state["keep_full"]:
-            self.state["full"].append(attn[: self.state["keep_full"]].detach().to(torch.float16).cpu())
-        st.pop("cls_attn", None)
-        self.layer_out[idx] = {key: v.detach().cpu() for key, v in st.items()}
+        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, ctx.maps, self.workspace)
+        ctx.rollout.update(attn)
+        cls_attn = st.pop("cls_attn", None)
+        if ctx.keep_ex and cls_attn is not None:
+            ctx.ex_cls.append(cls_attn[: ctx.keep_ex])
+        if ctx.keep_full:
+            ctx.full.append(attn[: ctx.keep_full].detach().to(torch.float16))
+        ctx.layers.append(st)
 
-    def kornia_maps(self, batch: dict) -> None:
+    def kornia_maps(self, batch: Batch) -> None:
         """--keypoint-detector kornia: SIFT keypoints of the whole batch on cfg.device, then every map that
         depends on them (sift, random_kp, edges_sparse) and the groups; the workers made the other maps."""
         from .keypoints_kornia import KORNIA_VERSION, detect_sift_kornia
 
         cfg, layout, map_cfg = self.cfg, self.layout, self.map_cfg
-        grays = batch["gray"]  # [B, H, W] uint8: the image OpenCV would get
+        grays, other_maps, edges = batch.pending["gray"], batch.pending["maps"], batch.pending["edges"]
         key = (cfg.sift, f"kornia {KORNIA_VERSION}")
         kps: list[Keypoints | None] = [self.cache.get(g, "sift-kornia", key) if self.cache else None
                                        for g in grays.numpy()]
@@ -460,94 +577,112 @@ class BatchRunner:
                     self.cache.put(grays[b].numpy(), "sift-kornia", key, kp)
         n = layout.num_patches
         C, groups = [], []
-        for b, i in enumerate(batch["index"].tolist()):
+        for b, i in enumerate(batch.index.tolist()):
             kp_maps, mass = keypoint_maps(kps[b], layout.grid, layout.patch_size, map_cfg, seed=hash_seed(cfg.seed, i),
-                                          edges=batch["edges"][b])
-            im = assemble_maps(kps[b], mass, kp_maps, batch["maps"][b], map_cfg)
+                                          edges=edges[b])
+            im = assemble_maps(kps[b], mass, kp_maps, other_maps[b], map_cfg)
             C.append(np.stack([m if m is not None else np.full(n, np.nan) for m in im.maps.values()]))
             groups.append(im.groups)
-        batch["C"] = torch.from_numpy(np.stack(C)).float()
-        batch["groups"] = torch.from_numpy(np.stack(groups))
-        batch["n_keypoints"] = [len(kp) for kp in kps]
-        batch["kp"] = [(kp.xy, kp.size) for kp in kps]
+        batch.C = torch.from_numpy(np.stack(C)).float()
+        batch.groups = torch.from_numpy(np.stack(groups))
+        batch.n_keypoints = [len(kp) for kp in kps]
+        batch.keypoints = [(kp.xy, kp.size) for kp in kps]
+        batch.pending = None
 
-    def run(self, batch: dict, paths: list[Path], keep: bool) -> dict:
-        """Everything one batch contributes: rows, lift sums, image rows, skipped inputs, examples."""
-        cfg, layout, lm = self.cfg, self.layout, self.lm
-        part: dict = {"skipped": [{"path": str(paths[i]), "reason": err} for i, err in batch["errors"]],
-                      "images": []}
-        if batch["n"] == 0:
-            return part
-        ids = batch["index"].numpy()
-        if "C" not in batch:
+    def prepare(self, batch: Batch) -> BatchMaps:
+        """The batch's maps, ranks and null maps on the model's device (SIFT first if still to detect)."""
+        cfg, layout = self.cfg, self.layout
+        if batch.pending is not None:
             self.kornia_maps(batch)
         swap = cfg.null_mode == "swap"
-        C_null = swapped_maps(self.bank[0], self.bank[1], batch["index"]).to(cfg.device) \
+        C_null = swapped_maps(self._bank_on_device, self.bank[1].to(self.device), batch.index.to(self.device)) \
             if swap and self.bank is not None else None
         with torch_threads(self.stats_threads):
-            maps = prepare_maps(batch["C"].to(cfg.device), batch["groups"].to(cfg.device), self.map_names,
+            return prepare_maps(batch.C.to(self.device), batch.groups.to(self.device), self.map_names,
                                 cfg.groups, layout.grid, layout.patch_size,
-                                null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in ids],
+                                null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in batch.index.tolist()],
                                 n_perm=0 if swap else cfg.null_permutations, null_mode=cfg.null_mode,
                                 C_null=C_null)
-        keep_ex = min(batch["n"], cfg.examples) if keep else 0
-        keep_full = min(batch["n"], cfg.keep_full_maps) if keep else 0
-        self.state = {"maps": maps, "rollout": RolloutState(), "keep_ex": keep_ex, "keep_full": keep_full,
-                      "ex_cls": [], "full": []}
-        self.layer_out.clear()
-        calls_before = self.capture.calls
-        device_type = torch.device(cfg.device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
-            logits = lm.forward(batch["x"].to(cfg.device))
-        if self.capture.calls == calls_before:
+
+    def run(self, batch: Batch, paths: list[Path], keep: bool) -> dict:
+        """Everything one batch contributes: rows, lift sums, image rows, skipped inputs, examples."""
+        cfg, lm = self.cfg, self.lm
+        part: dict = {"skipped": [{"path": str(paths[i]), "reason": err} for i, err in batch.errors],
+                      "images": []}
+        if batch.n == 0:
+            return part
+        ctx = BatchContext(self.prepare(batch), keep_ex=min(batch.n, cfg.examples) if keep else 0,
+                           keep_full=min(batch.n, cfg.keep_full_maps) if keep else 0)
+        with AttentionCapture(lm.module, lm.backend, partial(self.on_attention, ctx)) as cap, \
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            logits = lm.forward(batch.x.to(self.device))
+        if cap.calls == 0:
             raise UserRuntimeError(f"{lm.name}: the forward pass produced no attention maps")
+        if ctx.finite:
+            finite = torch.stack(ctx.finite).cpu()
+            if not bool(finite.all()):
+                raise NonFiniteError(
+                    f"--model {lm.name}: layer {int((~finite).nonzero()[0])} attention has NaN or Inf (model "
+                    "weights non-finite or so large that the attention logits overflow?); nothing was written "
+                    "for this batch")
         check_finite_output(logits, lm.name)
         with torch_threads(self.stats_threads):
-            return self._finish(batch, paths, part, ids, maps, logits, keep_ex, keep_full)
+            return self._finish(batch, paths, part, ctx, logits)
 
-    def _finish(self, batch: dict, paths: list[Path], part: dict, ids: np.ndarray, maps: BatchMaps,
-                logits: torch.Tensor, keep_ex: int, keep_full: int) -> dict:
+    def _finish(self, batch: Batch, paths: list[Path], part: dict, ctx: BatchContext,
+                logits: torch.Tensor) -> dict:
         """Rows, lift sums, image rows and examples of a batch whose forward pass is done."""
-        cfg, layout, lm = self.cfg, self.layout, self.lm
-        per_layer = [self.layer_out[i] for i in range(len(self.layer_out))]
-        part["table"] = rows_from_layers(per_layer, ids, self.map_names, cfg.groups)
-        part["lift_obs"] = torch.stack([lo["lift_obs"].sum(0) for lo in per_layer]).double().numpy()
-        part["lift_exp"] = torch.stack([lo["lift_exp"].sum(0) for lo in per_layer]).double().numpy()
-        part["num_layers"], part["num_heads"] = len(per_layer), int(per_layer[0]["prefix_mass"].shape[1])
+        layout, lm = self.layout, self.lm
+        ids = batch.index.numpy()
+        # every layer's statistics stacked on the device, then copied to the host once: [L, B, H, ...] per key
+        stacked = {key: torch.stack([lo[key] for lo in ctx.layers]).cpu() for key in ctx.layers[0]}
+        part["table"] = rows_from_stacked(stacked, ids, self.map_names, self.cfg.groups)
+        part["lift_obs"] = stacked["lift_obs"].sum(1).double().numpy()
+        part["lift_exp"] = stacked["lift_exp"].sum(1).double().numpy()
+        part["num_layers"], part["num_heads"] = len(ctx.layers), int(stacked["prefix_mass"].shape[2])
 
-        rollout = self.state["rollout"].cls_map(layout.num_prefix, layout.cls_index)
-        s_roll = (layout.num_patches * (rollout[:, None, :] * maps.C).sum(-1)).cpu().numpy() \
-            if rollout is not None else np.full((batch["n"], len(self.map_names)), np.nan)
+        rollout = ctx.rollout.cls_map(layout.num_prefix, layout.cls_index)
+        s_roll = (layout.num_patches * (rollout[:, None, :] * ctx.maps.C).sum(-1)).cpu().numpy() \
+            if rollout is not None else np.full((batch.n, len(self.map_names)), np.nan)
         headless = getattr(lm.module, "num_classes", None) == 0  # e.g. a pre-trained encoder: outputs features
         probs = logits.float().softmax(-1).cpu() if logits.dim() == 2 and not headless else None
-        for b, i in enumerate(ids):
-            row = {"image_id": int(i), "path": str(paths[i]), "n_keypoints": batch["n_keypoints"][b],
-                   "sift_coverage": float((batch["C"][b, 0] > 0).float().mean()) if batch["n_keypoints"][b] else 0.0,
-                   "has_sift_map": bool(maps.sift_valid[b])}
+        if probs is not None:
+            conf, pred = probs.max(-1)
+        coverage = (batch.C[:, 0] > 0).float().mean(-1)
+        sift_valid = ctx.maps.sift_valid.cpu()
+        names = lm.label_names
+        for b, i in enumerate(ids.tolist()):
+            row = {"image_id": i, "path": str(paths[i]), "n_keypoints": batch.n_keypoints[b],
+                   "sift_coverage": float(coverage[b]) if batch.n_keypoints[b] else 0.0,
+                   "has_sift_map": bool(sift_valid[b])}
             if probs is not None:
-                row["pred"] = int(probs[b].argmax())
-                names = lm.label_names
+                row["pred"] = int(pred[b])
                 row["pred_label"] = names[row["pred"]] if names and row["pred"] < len(names) else str(row["pred"])
-                row["confidence"] = float(probs[b].max())
+                row["confidence"] = float(conf[b])
             for m, name in enumerate(self.map_names):
                 row[f"rollout_s__{name}"] = float(s_roll[b, m])
             part["images"].append(row)
 
+        keep_ex, keep_full = ctx.keep_ex, ctx.keep_full
         if keep_ex:
-            ex = {"ex_index": ids[:keep_ex], "ex_C": batch["C"][:keep_ex].numpy(),
-                  "ex_groups": batch["groups"][:keep_ex].numpy(),
-                  "ex_rgb": np.stack([lm.preprocess.to_uint8_rgb(batch["x"][b]) for b in range(keep_ex)])}
-            if self.state["ex_cls"]:
-                ex["ex_cls_attn"] = torch.stack(self.state["ex_cls"], 1).numpy()  # [k, L, H, n]
+            ex = {"ex_index": ids[:keep_ex], "ex_C": batch.C[:keep_ex].numpy(),
+                  "ex_groups": batch.groups[:keep_ex].numpy(),
+                  "ex_rgb": np.stack([lm.preprocess.to_uint8_rgb(batch.x[b]) for b in range(keep_ex)])}
+            if ctx.ex_cls:
+                ex["ex_cls_attn"] = torch.stack(ctx.ex_cls, 1).cpu().numpy()  # [k, L, H, n]
             if rollout is not None:
                 ex["ex_rollout"] = rollout[:keep_ex].cpu().numpy()
             for j in range(keep_ex):
-                ex[f"ex_kp_xy_{j}"], ex[f"ex_kp_size_{j}"] = batch["kp"][j]
+                ex[f"ex_kp_xy_{j}"], ex[f"ex_kp_size_{j}"] = batch.keypoints[j]
             part["examples"] = ex
         if keep_full:
-            part["full_maps"] = torch.stack(self.state["full"], 1).numpy()  # [k, L, H, T, T]
+            part["full_maps"] = torch.stack(ctx.full, 1).cpu().numpy()  # [k, L, H, T, T]
             part["full_index"] = ids[:keep_full]
         return part
+
+
+def _collate_bank(items: list[dict]) -> list[tuple[int, torch.Tensor | None]]:
+    return [(it["index"], it.get("sift_map")) for it in items]  # unreadable inputs: no map, as in the main pass
 
 
 def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -556,16 +691,21 @@ def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[t
     maps, ids = [], []
     chunk = 32
     loader = DataLoader(ds, batch_sampler=[list(range(s, min(s + chunk, len(ds)))) for s in range(0, len(ds), chunk)],
-                        num_workers=runner.cfg.workers, collate_fn=collate)
+                        num_workers=runner.cfg.workers, collate_fn=_collate_bank if ds.sift_map_only else collate)
     for batch in loader:
-        if batch["n"] == 0:
-            continue
-        if "C" not in batch:
-            runner.kornia_maps(batch)
-        for b, i in enumerate(batch["index"].tolist()):
-            if not torch.isnan(batch["C"][b, 0]).any():
-                maps.append(batch["C"][b, 0])
-                ids.append(i)
+        if isinstance(batch, list):  # SIFT maps from the workers (OpenCV): (image index, map or None), in order
+            for i, m in batch:
+                if m is not None and not torch.isnan(m).any():
+                    maps.append(m)
+                    ids.append(i)
+        elif batch.n:  # kornia: detect on the batch here, like the main pass
+            if batch.pending is not None:
+                runner.kornia_maps(batch)
+            has_sift = ~torch.isnan(batch.C[:, 0]).any(-1)
+            for b, i in enumerate(batch.index.tolist()):
+                if has_sift[b]:
+                    maps.append(batch.C[b, 0])
+                    ids.append(i)
         if len(maps) > k:
             break
     if len(maps) < 2:
@@ -573,8 +713,18 @@ def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[t
     return torch.stack(maps[: k + 1]), torch.tensor(ids[: k + 1])
 
 
-def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank, cache: str | None) -> dict:
-    """Analyse the random-weights twin into out/twin (skipped if a finished identical twin run is there)."""
+@dataclass
+class TwinPlan:
+    """The random-weights twin of a run: its model (None if it cannot be made), options and images."""
+
+    info: dict  # what the manifest says about the twin
+    model: LoadedModel | None
+    cfg: AnalyzeConfig | None
+    limit: int  # the twin analyses the run's first `limit` images
+    finished: bool  # an identical finished twin run is in out/twin already
+
+
+def _plan_twin(lm: LoadedModel, out: Path, cfg: AnalyzeConfig, paths: list[Path], cache: str | None) -> TwinPlan:
     from .models import random_init_twin
 
     twin_seed = cfg.seed + 1_000_003  # not the seed a --random-init model itself was drawn with
@@ -583,17 +733,35 @@ def _run_twin(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, bank, cach
     try:
         twin = random_init_twin(lm, seed=twin_seed)
     except ValueError as e:
-        return {**info, "mode": "none", "reason": str(e)}
+        return TwinPlan({**info, "mode": "none", "reason": str(e)}, None, None, limit, False)
     tcfg = replace(cfg, twin="none", report=False, examples=0, keep_full_maps=0, limit=limit, progress=False,
                    keypoint_cache=cache)  # the images' keypoints are there already
     done = out / "twin" / "manifest.json"
+    finished = False
     if done.is_file() and not (out / "twin" / ".parts").exists():
-        old = json.loads(done.read_text()).get("fingerprint")
-        if old == _fingerprint(twin, find_images(images if images is not None else default_images())[:limit],
-                               tcfg, None, True):
-            return info
-    analyze(twin, images=images, out=out / "twin", config=tcfg, random_init=True, _null_bank=bank)
-    return info
+        finished = json.loads(done.read_text()).get("fingerprint") == _fingerprint(twin, paths[:limit], tcfg, None,
+                                                                                   True)
+    return TwinPlan(info, twin, tcfg, limit, finished)
+
+
+def _start_twin_pass(twin: TwinPlan, out: Path, paths: list[Path], layout: TokenLayout, map_names: tuple[str, ...],
+                     bank, rank: int, world: int) -> tuple[BatchRunner, Path]:
+    """The twin's runner and parts directory: out/twin/.parts, with the fingerprint of the twin's own run, which
+    _run_twin then resumes (nothing left to analyse unless the main pass was interrupted) and merges."""
+    twin.model.module.to(twin.cfg.device).eval()
+    parts = out / "twin" / ".parts"
+    if rank == 0:
+        _start_or_resume(out / "twin", parts, _fingerprint(twin.model, paths[: twin.limit], twin.cfg, None, True))
+    _barrier(world)
+    return BatchRunner(twin.model, layout, map_names, twin.cfg, bank=bank), parts
+
+
+def _run_twin(twin: TwinPlan, images, out: Path, bank) -> dict:
+    """Finish the random-weights twin in out/twin: its batches not done in the main pass, the merge (skipped
+    if a finished identical twin run is there)."""
+    if twin.model is not None and not twin.finished:
+        analyze(twin.model, images=images, out=out / "twin", config=twin.cfg, random_init=True, _null_bank=bank)
+    return twin.info
 
 
 # --- parts: one per batch, written atomically; the json is written last and marks the part done ---
@@ -682,13 +850,28 @@ def _has_finished_batch(parts: Path) -> bool:
 def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout: TokenLayout,
                  map_names: tuple[str, ...], paths: list[Path], cfg: AnalyzeConfig, images, t_start: float,
                  extra: dict | None = None) -> AnalysisResult:
-    """Stream the parts, in batch order, into the final outputs (the caller removes the parts)."""
-    writer = None
+    """Stream the parts, in batch order, into the final outputs (the caller removes the parts).
+
+    Memory stays flat in the number of images: rows and image rows go from each part straight to their
+    Parquet writer; only the lift sums, the few kept examples and the skipped inputs are held."""
     lift_obs = lift_exp = None
-    image_rows, skipped, ex_parts, full_parts = [], [], [], []
+    skipped, ex_parts, full_parts, no_kp = [], [], [], []
+    n_analysed = 0
     num_layers = num_heads = None
-    # a unique temporary name (two writers never share it), renamed when complete, removed if anything fails
-    with atomic_path(out / "per_image.parquet") as tmp_rows, ExitStack() as stack:
+    writers: dict[str, pq.ParquetWriter] = {}
+    # unique temporary names (two writers never share them), renamed when complete, removed if anything fails
+    with atomic_path(out / "per_image.parquet") as tmp_rows, atomic_path(out / "images.parquet") as tmp_images, \
+            ExitStack() as stack:
+        def write(name: str, path: Path, table: pa.Table) -> None:
+            try:
+                if name not in writers:
+                    writers[name] = stack.enter_context(pq.ParquetWriter(path, table.schema, compression="zstd"))
+                writers[name].write_table(table)
+            except OSError as e:  # name the output being written (both temporaries are open at once)
+                if isinstance(e, OutputDirError):
+                    raise
+                raise OutputDirError(f"{out / name}: cannot write output ({e.strerror or e})") from e
+
         for b in range(n_batches):
             name = _part_name(b)
             try:
@@ -699,13 +882,14 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
             if meta is None:
                 raise UserRuntimeError(f"{parts}/{name}.json is missing: a worker did not finish its batches")
             skipped += meta["skipped"]
-            image_rows += meta["images"]
             if not meta["has_rows"]:
                 continue
             num_layers, num_heads = meta["num_layers"], meta["num_heads"]
-            if writer is None:
-                writer = stack.enter_context(pq.ParquetWriter(tmp_rows, table.schema, compression="zstd"))
-            writer.write_table(table)
+            write("per_image.parquet", tmp_rows, table)
+            image_rows = pd.DataFrame(meta["images"])
+            write("images.parquet", tmp_images, pa.Table.from_pandas(image_rows, preserve_index=False))
+            n_analysed += len(image_rows)
+            no_kp += image_rows.loc[~image_rows["has_sift_map"], "path"].tolist()
             with z:
                 lift_obs = z["lift_obs"] if lift_obs is None else lift_obs + z["lift_obs"]
                 lift_exp = z["lift_exp"] if lift_exp is None else lift_exp + z["lift_exp"]
@@ -713,21 +897,32 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
                     ex_parts.append({k: z[k] for k in z.files if k.startswith("ex_")})
                 if "full_maps" in z and sum(len(f[0]) for f in full_parts) < cfg.keep_full_maps:
                     full_parts.append((z["full_maps"], z["full_index"]))
-        if writer is None:
+        if not writers:
             raise UserRuntimeError(f"no image could be analysed out of {len(paths)} ({len(skipped)} skipped); "
                                    f"first error: {skipped[0]['reason'] if skipped else 'none'}")
+        stack.close()  # both files complete before they are renamed into place
         retire_outputs(out, "analyze")  # the previous run's outputs go first: never a mixture of two runs
-    images_df = pd.DataFrame(image_rows)
-    atomic_write_parquet(images_df, out / "images.parquet")
-    lift = {"obs": lift_obs, "exp": lift_exp, "map_names": np.array(map_names)}
-    atomic_write_npz(out / "lift.npz", **lift)
+    atomic_write_npz(out / "lift.npz", obs=lift_obs, exp=lift_exp, map_names=np.array(map_names))
     _write_examples(out, ex_parts, cfg.examples, map_names, layout)
     if full_parts:
         atomic_write_npz(out / "attention_maps.npz",
                    attention=np.concatenate([f[0] for f in full_parts])[: cfg.keep_full_maps],
                    index=np.concatenate([f[1] for f in full_parts])[: cfg.keep_full_maps])
+    counts = {"inputs": len(paths), "analysed": n_analysed, "skipped": len(skipped), "no_keypoints": len(no_kp),
+              "rows": n_analysed * num_layers * num_heads}
+    outputs = ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"] \
+        + (["examples.npz"] if ex_parts and cfg.examples > 0 else []) \
+        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else [])
+    manifest = _write_manifest(out, lm, layout, map_names, cfg, images, t_start, counts, skipped, no_kp,
+                               (num_layers, num_heads), outputs, extra)
+    return AnalysisResult(out, manifest)
 
-    no_kp = images_df.loc[~images_df["has_sift_map"], "path"].tolist()
+
+def _write_manifest(out: Path, lm: LoadedModel, layout: TokenLayout, map_names: tuple[str, ...],
+                    cfg: AnalyzeConfig, images, t_start: float, counts: dict, skipped: list[dict],
+                    no_kp: list[str], shape: tuple[int, int], outputs: list[str], extra: dict | None) -> dict:
+    """manifest.json: model, preprocessing, options, versions, counts, skipped inputs, this run's files."""
+    num_layers, num_heads = shape
     manifest = {
         "siftlens_version": __version__,
         "model": {"name": lm.name, "backend": lm.backend, "class": type(lm.module).__name__,
@@ -739,8 +934,7 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "options": {**{k: v for k, v in asdict(cfg).items() if k != "sift"},
                     "sift": asdict(cfg.sift), "map_names": list(map_names)},
         "images_source": str(images if images is not None else default_images()),
-        "counts": {"inputs": len(paths), "analysed": len(images_df), "skipped": len(skipped),
-                   "no_keypoints": len(no_kp), "rows": len(images_df) * num_layers * num_heads},
+        "counts": counts,
         "skipped": skipped,
         "no_keypoints": no_kp,
         "keypoint_detector": _detector_info(cfg),
@@ -750,13 +944,11 @@ def _merge_parts(out: Path, parts: Path, n_batches: int, lm: LoadedModel, layout
         "seconds": round(time.time() - t_start, 2),
         # the files of this run; an earlier run's others were removed (runguard.retire_outputs)
         "command": "analyze",
-        "outputs": ["per_image.parquet", "images.parquet", "lift.npz", "manifest.json"]
-        + (["examples.npz"] if ex_parts and cfg.examples > 0 else [])
-        + (["attention_maps.npz"] if full_parts else []) + (["report.html"] if cfg.report else []),
+        "outputs": outputs,
         **(extra or {}),
     }
     atomic_write_json(out / "manifest.json", manifest)
-    return AnalysisResult(out, pd.read_parquet(out / "per_image.parquet"), images_df, lift, manifest)
+    return manifest
 
 
 def _write_examples(out: Path, ex_parts: list[dict], k: int, map_names, layout: TokenLayout) -> None:

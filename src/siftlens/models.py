@@ -405,7 +405,8 @@ def random_init_twin(lm: LoadedModel, seed: int = 0) -> LoadedModel:
     redraws position embeddings and class tokens. Raises ValueError if a weight matrix kept its values.
     """
     module = copy.deepcopy(lm.module)
-    before = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+    # the original's weights, which the reset below does not touch: what the copy held, without a second copy
+    before = {k: v.detach() for k, v in lm.module.state_dict().items() if v.is_floating_point()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for m in module.modules():

@@ -127,8 +127,27 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
     r = np.maximum(kp.size / 2, 1e-6)  # [K]
     cx, cy = kp.xy[:, 0], kp.xy[:, 1]
     first = np.floor((cx - r) / patch).astype(int)  # first patch column the disc touches
-    span = int((np.floor((cx + r) / patch).astype(int) - first).max()) + 1
-    col = first[:, None] + np.arange(span)  # [K, C] candidate columns
+    row0 = np.floor((cy - r) / patch).astype(int)  # first patch row
+    col_span = np.floor((cx + r) / patch).astype(int) - first + 1
+    row_span = np.floor((cy + r) / patch).astype(int) - row0 + 1
+    # Keypoints grouped by how many patch columns x rows their disc reaches, so each is integrated over its
+    # own few patches, not over the largest keypoint's span (most SIFT discs reach 1-2 patches, the largest 5+)
+    flat_index, share = [], []
+    for cs, rs in sorted(set(zip(col_span.tolist(), row_span.tolist()))):
+        sel = np.flatnonzero((col_span == cs) & (row_span == rs))
+        fi, sh = _footprint_shares(cx[sel], cy[sel], r[sel], wk[sel], first[sel], row0[sel], cs, rs, grid, patch,
+                                   samples)
+        flat_index.append(fi)
+        share.append(sh)
+    return np.bincount(np.concatenate(flat_index), weights=np.concatenate(share), minlength=h * w)
+
+
+def _footprint_shares(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, wk: np.ndarray, first: np.ndarray,
+                      row0: np.ndarray, span: int, rspan: int, grid: tuple[int, int], patch: int, samples: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat patch indices and mass shares of keypoints whose discs reach ``span`` columns x ``rspan`` rows."""
+    h, w = grid
+    col = first[:, None] + np.arange(span)  # [K, C] columns the disc touches
     a = np.maximum(col * patch, (cx - r)[:, None])  # [K, C] x-extent of disc within each column
     b = np.minimum((col + 1) * patch, (cx + r)[:, None])
     valid = (b > a) & (col >= 0) & (col < w)
@@ -137,10 +156,7 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
     dx = np.where(valid, b - a, 0.0)[..., None] / samples  # [K, C, 1]
     half = np.sqrt(np.clip(r[:, None, None] ** 2 - (x - cx[:, None, None]) ** 2, 0, None))
     lo, hi = cy[:, None, None] - half, cy[:, None, None] + half  # [K, C, S] vertical chord
-    # only the patch rows the disc can reach (a few), not all h rows
-    row0 = np.floor((cy - r) / patch).astype(int)
-    rspan = int((np.floor((cy + r) / patch).astype(int) - row0).max()) + 1
-    rows = row0[:, None] + np.arange(rspan)  # [K, R]
+    rows = row0[:, None] + np.arange(rspan)  # [K, R] the patch rows the disc reaches
     tops = (rows * patch)[:, None, None, :]  # [K, 1, 1, R]
     overlap = np.clip(np.minimum(hi[..., None], tops + patch) - np.maximum(lo[..., None], tops), 0, None)
     overlap *= ((rows >= 0) & (rows < h))[:, None, None, :]  # rows outside the image hold nothing
@@ -149,7 +165,7 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
     keep = total > 0
     share = area[keep] * (wk[keep] / total[keep])[:, None, None]
     flat_index = np.clip(rows[keep], 0, h - 1)[:, None, :] * w + np.clip(col[keep], 0, w - 1)[..., None]
-    return np.bincount(flat_index.ravel(), weights=share.ravel(), minlength=h * w)
+    return flat_index.ravel(), share.ravel()
 
 
 def concentration(mass: np.ndarray) -> np.ndarray | None:
