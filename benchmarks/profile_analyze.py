@@ -40,9 +40,10 @@ from bench_analyze import forward_only, replicate_images  # noqa: E402
 
 from siftlens.analyze import AnalyzeConfig, BatchRunner, ImageMapsDataset, collate, default_images  # noqa: E402
 from siftlens.capture import AttentionCapture  # noqa: E402
+from siftlens.image_source import find_images  # noqa: E402
 from siftlens.models import load_model  # noqa: E402
-from siftlens.preprocess import find_images, load_rgb  # noqa: E402
-from siftlens.semantic_maps import detect_sift, image_maps, keypoint_maps  # noqa: E402
+from siftlens.preprocess import load_rgb  # noqa: E402
+from siftlens.semantic_maps import detect_sift, keypoint_free_maps, keypoint_maps  # noqa: E402
 from siftlens.stats import RolloutState, layer_statistics, prepare_maps, swapped_maps  # noqa: E402
 
 analyze_mod = importlib.import_module("siftlens.analyze")
@@ -86,7 +87,7 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = 
             kps = [detect_sift(g, map_cfg.sift) for g in grays]
         with clock("maps_without_sift"):
             for i, (g, kp) in enumerate(zip(grays, kps)):
-                other, edges = image_maps(g, layout.grid, layout.patch_size, map_cfg)
+                other, edges = keypoint_free_maps(g, layout.grid, layout.patch_size, map_cfg)
                 keypoint_maps(kp, layout.grid, layout.patch_size, map_cfg, i, edges)
     if kornia:  # SIFT on the batch on `device` (what --keypoint-detector kornia runs in the main process)
         from siftlens.keypoints_kornia import detect_sift_kornia
