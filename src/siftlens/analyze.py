@@ -21,6 +21,7 @@ the statistics are copied to the host once per batch and written as one part.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -382,11 +383,11 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     With ``twin="random-init"`` the same architecture with random weights is analysed on the first
     ``twin_images`` images into ``out/twin`` (same maps, same null), for the report's sanity check.
     """
-    cfg = config or AnalyzeConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
+    base = config or AnalyzeConfig()
+    for k in overrides:
+        if not hasattr(base, k):
             raise TypeError(f"analyze() got an unknown option {k!r}")
-        setattr(cfg, k, v)
+    cfg = dataclasses.replace(base, **overrides)  # a copy: the caller's config is never changed (device included)
     check_ranges(asdict(cfg), analyze_option_types())  # what the CLI checks at parse time, for library callers
     if cfg.null_mode not in NULL_MODES:
         raise UserValueError(f"--null-mode {cfg.null_mode!r} is not one of {NULL_MODES}")
