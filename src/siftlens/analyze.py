@@ -129,6 +129,16 @@ class AnalyzeConfig:
     report: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """What the CLI checks at parse time, for library callers too (and for every copy analyze() makes)."""
+        check_ranges(asdict(self), analyze_option_types())
+        if self.null_mode not in NULL_MODES:
+            raise UserValueError(f"--null-mode {self.null_mode!r} is not one of {NULL_MODES}")
+        if self.twin not in ("random-init", "none"):
+            raise UserValueError(f"--twin {self.twin!r} is not one of random-init, none")
+        if self.keypoint_detector not in KEYPOINT_DETECTORS:
+            raise UserValueError(f"--keypoint-detector {self.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
+
     def map_config(self) -> MapConfig:
         return MapConfig(mode=self.map_mode, weight=self.weight, groups=self.groups, sift=self.sift)
 
@@ -388,13 +398,6 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
         if not hasattr(base, k):
             raise TypeError(f"analyze() got an unknown option {k!r}")
     cfg = dataclasses.replace(base, **overrides)  # a copy: the caller's config is never changed (device included)
-    check_ranges(asdict(cfg), analyze_option_types())  # what the CLI checks at parse time, for library callers
-    if cfg.null_mode not in NULL_MODES:
-        raise UserValueError(f"--null-mode {cfg.null_mode!r} is not one of {NULL_MODES}")
-    if cfg.twin not in ("random-init", "none"):
-        raise UserValueError(f"--twin {cfg.twin!r} is not one of random-init, none")
-    if cfg.keypoint_detector not in KEYPOINT_DETECTORS:
-        raise UserValueError(f"--keypoint-detector {cfg.keypoint_detector!r} is not one of {KEYPOINT_DETECTORS}")
     if cfg.keypoint_detector == "kornia":
         try:
             from . import keypoints_kornia  # noqa: F401

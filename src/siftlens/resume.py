@@ -41,7 +41,6 @@ class BatchParts:
             for old in self.root.iterdir():
                 if old != self.dir:
                     shutil.rmtree(old, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
 
     def done(self, i: int) -> bool:
         return (self.dir / f"{i:06d}.json").is_file()
@@ -53,6 +52,7 @@ class BatchParts:
 
     def write(self, i: int, rows: pd.DataFrame | None, **meta) -> None:
         n = 0 if rows is None else len(rows)
+        self.dir.mkdir(parents=True, exist_ok=True)  # only once a batch is done: a run that fails first leaves none
         if n:
             atomic_write_parquet(rows, self.dir / f"{i:06d}.parquet")
         atomic_write_json(self.dir / f"{i:06d}.json", {"n_rows": n, **meta})
