@@ -269,6 +269,10 @@ def test_pretrain_runs_logs_and_exports(npz, tmp_path, masking):
     assert list(log["epoch"]) == [0, 1, 2]
     assert log["knn_acc"].notna().all() and log["linear_acc"].notna().all()
     assert log["loss"].iloc[2] < log["loss"].iloc[1]
+    with np.load(tmp_path / masking / "probe_outcomes.npz") as z:  # per-image outcomes behind each logged accuracy
+        assert list(z["epochs"]) == [0, 1, 2] and z["knn"].dtype == bool and z["knn"].shape == z["linear"].shape
+        np.testing.assert_allclose(z["knn"].mean(1), log["knn_acc"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(z["linear"].mean(1), log["linear_acc"], rtol=0, atol=1e-6)
     meta = json.loads((tmp_path / masking / "encoder.json").read_text())
     assert (tmp_path / masking / "masking_examples.png").stat().st_size > 1000
     assert meta["probe_split"].startswith("10% of train held out")
@@ -324,6 +328,9 @@ def test_resume_after_crash_equals_uninterrupted(npz, tmp_path, monkeypatch):
     a, b = pd.read_parquet(ref / "log.parquet"), pd.read_parquet(crashed / "log.parquet")
     pd.testing.assert_frame_equal(a.drop(columns=["train_seconds", "guidance_seconds"]),
                                   b.drop(columns=["train_seconds", "guidance_seconds"]))
+    with np.load(ref / "probe_outcomes.npz") as za, np.load(crashed / "probe_outcomes.npz") as zb:
+        assert list(zb["epochs"]) == list(za["epochs"])  # no probe twice after the resume
+        assert (za["knn"] == zb["knn"]).all() and (za["linear"] == zb["linear"]).all()
 
 
 def test_kill_9_then_resume_gives_the_same_loss_curve(npz, tmp_path):

@@ -16,17 +16,25 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from ..io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_npz,
+    atomic_write_parquet,
+    atomic_write_text,
+    ensure_writable_dir,
+)
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..runguard import OutputLock
 from ..schedule import warmup_cosine_lr
 from ..validation import NonFiniteError, UserValueError
 from .data import PretrainData, load_pretrain_data
-from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from .evaluate import extract_features, knn_correct, linear_probe_correct
 from .figures import masks_figure
 from .guidance import (
     apply_crop,
@@ -275,8 +283,26 @@ class Pretrainer:
         enc = self.model.encoder
         ftr = extract_features(enc, tx, MEAN, STD, device=self.device)
         fva = extract_features(enc, vx, MEAN, STD, device=self.device)
-        return {"knn_acc": knn_accuracy(ftr, ty, fva, vy, k=self.cfg.knn_k),
-                "linear_acc": linear_probe_accuracy(ftr, ty, fva, vy)}
+        knn = knn_correct(ftr, ty, fva, vy, k=self.cfg.knn_k)
+        lin = linear_probe_correct(ftr, ty, fva, vy)
+        self._pending_outcomes = (knn.numpy(), lin.numpy())  # written with the epoch's log row
+        # the same arithmetic as knn_accuracy / linear_probe_accuracy, so the logged numbers do not move
+        return {"knn_acc": knn.sum().item() / len(knn), "linear_acc": lin.float().mean().item()}
+
+    def _write_outcomes(self, epoch: int) -> None:
+        """probe_outcomes.npz: per probe epoch, each validation image's kNN / linear-probe outcome (for the
+        bootstrap over seeds and images of pretrain/protocol.py). A probe logged again after a resume
+        replaces the earlier one of the same or a later epoch."""
+        knn, lin = self._pending_outcomes
+        self._pending_outcomes = None
+        path = self.out / "probe_outcomes.npz"
+        epochs, k_rows, l_rows = [], [], []
+        if path.is_file():
+            with np.load(path) as z:
+                keep = z["epochs"] < epoch
+                epochs, k_rows, l_rows = list(z["epochs"][keep]), list(z["knn"][keep]), list(z["linear"][keep])
+        atomic_write_npz(path, epochs=np.array(epochs + [epoch]), knn=np.array(k_rows + [knn]),
+                         linear=np.array(l_rows + [lin]))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> pd.DataFrame:
@@ -357,6 +383,8 @@ class Pretrainer:
                "guidance_seconds": s["guidance_seconds"], "knn_acc": None, "linear_acc": None, **extra}
         s["history"].append(row)
         s["epoch_loss_sum"] = 0.0
+        if getattr(self, "_pending_outcomes", None) is not None:
+            self._write_outcomes(epoch)
         df = pd.DataFrame(s["history"])
         atomic_write_parquet(df, self.out / "log.parquet")
         atomic_write_text(self.out / "log.csv", df.to_csv(index=False))
