@@ -200,7 +200,7 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
     summary = {"target_knn": target, "seeds": seeds, "table": rows,
                "config": metas[("random", seeds[0])]["pretrain"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    md = markdown_table(table, target)
+    md = markdown_table(table, target) + protocol_table(runs, names, seeds)
     (out / "summary.md").write_text(md)
     plot_curves(logs, names, seeds, target, out / "curves.png")
     png = base64.b64encode((out / "curves.png").read_bytes()).decode()
@@ -208,6 +208,38 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
         f"<html><body><h1>SIFT-guided MAE: time to random masking's final kNN ({target:.4f})</h1>"
         f"<pre>{md}</pre><img src='data:image/png;base64,{png}' width='100%'></body></html>")
     return summary
+
+
+def protocol_table(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int]) -> str:
+    """Issue 15's low-noise verdict from each run's probe_outcomes.npz (siftlens.pretrain.protocol): epochs to
+    95% of random's final accuracy as a ratio to random's, and the curve-area difference, with 95% CIs from a
+    bootstrap over seeds and validation images; empty when a run has no per-image outcomes (older runs)."""
+    from siftlens.pretrain.protocol import speedup
+
+    files = {k: Path(v) / "probe_outcomes.npz" for k, v in runs.items()}
+    if not all(f.is_file() for f in files.values()):
+        return ""
+
+    def load(name: str, probe: str) -> tuple[np.ndarray, np.ndarray]:
+        zs = [np.load(files[(name, s)]) for s in seeds]
+        return zs[0]["epochs"], np.stack([z[probe] for z in zs])
+
+    lines = ["", "Low-noise verdict (per-image probe outcomes; bootstrap over seeds and validation images; "
+             "no multiplicity correction here: one row per strategy, read the family of all rows together):", "",
+             "| strategy | probe | epochs to 95% of random's final, ratio to random [95% CI] "
+             "| curve area − random's [95% CI] |", "|---|---|---|---|"]
+    for name in names:
+        if name == "random":
+            continue
+        for probe in ("knn", "linear"):
+            epochs, ref = load("random", probe)
+            _, outcomes = load(name, probe)
+            r = speedup(epochs, outcomes, ref)
+            lo, hi = r["epochs_ratio_ci"]
+            alo, ahi = r["area_difference_ci"]
+            lines.append(f"| {name} | {probe} | {r['epochs_ratio']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                         f"{r['area_difference']:+.4f} [{alo:+.4f}, {ahi:+.4f}] |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(t: pd.DataFrame, target: float) -> str:

@@ -56,3 +56,26 @@ def test_speedup_of_the_same_process_is_one_and_refuses_mismatched_shapes():
     assert lo < 1.0 < hi
     with pytest.raises(ValueError, match="do not share"):
         speedup(epochs, np.zeros((2, 10, 5)), np.zeros((2, 9, 5)))
+
+
+def test_bench_pretrain_protocol_table_reads_the_runs_outcomes(tmp_path):
+    from bench_pretrain import protocol_table
+
+    rng = np.random.default_rng(2)
+    epochs = np.arange(0, 9, dtype=float)
+    curves = {"random": 0.6 * (1 - np.exp(-(epochs + 0.5) / 3)), "sift": 0.6 * (1 - np.exp(-(epochs + 0.5) / 1.5))}
+    runs = {}
+    for name, curve in curves.items():
+        for s in (0, 1):
+            d = tmp_path / f"{name}-{s}"
+            d.mkdir()
+            np.savez(d / "probe_outcomes.npz", epochs=epochs, knn=_outcomes(curve, 1, 2000, rng)[0],
+                     linear=_outcomes(curve, 1, 2000, rng)[0])
+            runs[(name, s)] = d
+    table = protocol_table(runs, ["random", "sift"], [0, 1])
+    rows = [line for line in table.splitlines() if line.startswith("| sift |")]
+    assert len(rows) == 2  # knn and linear
+    ratio = float(rows[0].split("|")[3].split()[0])
+    assert 0.3 < ratio < 0.7  # twice as fast
+    (tmp_path / "sift-1" / "probe_outcomes.npz").unlink()
+    assert protocol_table(runs, ["random", "sift"], [0, 1]) == ""  # a run without outcomes: no table
