@@ -37,6 +37,8 @@ STRATEGIES = {
     "sift-curriculum(-1->+1)": ["--masking", "sift-curriculum", "--alpha-start", "-1", "--alpha", "1"],
     "edge(a=+1)": ["--masking", "edge", "--alpha", "1"],
     "edge(a=-1)": ["--masking", "edge", "--alpha", "-1"],
+    "edge-matched(a=+1)": ["--masking", "edge-matched", "--alpha", "1"],
+    "edge-matched(a=-1)": ["--masking", "edge-matched", "--alpha", "-1"],
     "sift(a=+1)+kamim(g=1)": ["--masking", "sift", "--alpha", "1", "--loss-gamma", "1"],
     "random+kamim(g=1)": ["--masking", "random", "--loss-gamma", "1"],
 }

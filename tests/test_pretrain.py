@@ -420,3 +420,34 @@ def test_cli_errors_are_one_line(npz, tmp_path):
     pretrain(tiny_cfg(npz, out, epochs=1))
     with pytest.raises(ValueError, match="different settings"):
         pretrain(tiny_cfg(npz, out, epochs=1, masking="edge"))
+
+
+def test_edge_matched_control_has_the_sift_samplers_entropy():
+    from siftlens.pretrain.masking import masking_noise, matched_alpha, powered_weights, weight_entropy
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    # SIFT: mass on 3 patches, zeros elsewhere (peaked); edges: smooth and dense (flat)
+    sift = torch.zeros(4, n)
+    sift[:, [1, 5, 9]] = torch.tensor([0.5, 0.3, 0.2])
+    edge = torch.rand(4, n, generator=g) + 0.5
+    edge = edge / edge.sum(1, keepdim=True)
+    for alpha in (1.0, -1.0):
+        target = weight_entropy(guidance_weights(sift, alpha))
+        a = matched_alpha(edge, target, 1.0 if alpha > 0 else -1.0)
+        got = weight_entropy(powered_weights(edge, a))
+        torch.testing.assert_close(got, target, atol=1e-4, rtol=0)
+        assert (a.abs() > abs(alpha)).all()  # flat edge weights need a larger |alpha| to depart as far
+        assert (a.sign() == np.sign(alpha)).all()
+        # at the same alpha the plain edge control stays much closer to uniform than SIFT
+        assert (weight_entropy(guidance_weights(edge, alpha)) > target + 0.1).all()
+    u = torch.rand(4, n, generator=g)
+    noise = masking_noise("edge-matched", u, sift, edge, 1.0)
+    assert noise.shape == (4, n) and torch.isfinite(noise).all()
+    with pytest.raises(ValueError, match="needs the SIFT and the edge"):
+        masking_noise("edge-matched", u, None, edge, 1.0)
+
+
+def test_pretrain_runs_with_the_edge_matched_control(npz, tmp_path):
+    log = pretrain(tiny_cfg(npz, tmp_path / "em", masking="edge-matched", epochs=1, eval_every=0))
+    assert list(log["epoch"]) == [0, 1] and log["loss"].notna().iloc[-1]

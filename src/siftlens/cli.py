@@ -314,7 +314,8 @@ def _pretrain_parser(sub) -> None:
                    "running again with the same arguments resumes")
     p.add_argument("--masking", choices=MASKINGS, default=d.masking,
                    help="random (MAE); sift: P(mask) ∝ (c+eps)^alpha; sift-curriculum: alpha from --alpha-start "
-                   "to --alpha; edge: the same sampler on Sobel edge density (control)")
+                   "to --alpha; edge: the same sampler on Sobel edge density (control); edge-matched: the edge sampler "
+                   "with, per image, the alpha whose weights are as far from uniform (entropy) as SIFT's at --alpha")
     p.add_argument("--alpha", type=finite_float, default=d.alpha, 
                    help=">0 masks SIFT-dense patches more, <0 keeps them")
     p.add_argument("--alpha-start", type=finite_float, default=d.alpha_start, help="sift-curriculum's first alpha")

@@ -55,7 +55,7 @@ MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 class PretrainConfig:
     data: str
     out: str
-    masking: str = "random"  # random | sift | sift-curriculum | edge
+    masking: str = "random"  # random | sift | sift-curriculum | edge | edge-matched
     alpha: float = 1.0  # exponent of (c + eps); the curriculum's final value
     alpha_start: float = -1.0  # sift-curriculum: alpha moves from here to ``alpha``
     alpha_shape: str = "linear"  # sift-curriculum: linear | cosine
@@ -158,7 +158,7 @@ class Pretrainer:
 
         t0 = time.perf_counter()
         self.keypoints = self.valid = None
-        if cfg.masking.startswith("sift") or cfg.loss_gamma:
+        if cfg.masking.startswith("sift") or cfg.masking == "edge-matched" or cfg.loss_gamma:
             self._compute_keypoints()
         self.keypoint_seconds = time.perf_counter() - t0
 
@@ -200,7 +200,7 @@ class Pretrainer:
         if self.keypoints is not None:
             kp, ok = transform_keypoints(self.keypoints[local], self.valid[local], crop, cfg.model.img_size)
             sift_c = to_concentration(box_footprint_mass(kp, ok, (self.grid, self.grid), cfg.model.patch_size))
-        if cfg.masking == "edge":
+        if cfg.masking in ("edge", "edge-matched"):
             edge_c = to_concentration(edge_mass(x01, cfg.model.patch_size))
         alpha = cfg.alpha
         if cfg.masking == "sift-curriculum":

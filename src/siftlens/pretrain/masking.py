@@ -14,7 +14,7 @@ import math
 
 import torch
 
-MASKINGS = ("random", "sift", "sift-curriculum", "edge")
+MASKINGS = ("random", "sift", "sift-curriculum", "edge", "edge-matched")
 
 
 def mask_from_noise(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
@@ -64,6 +64,38 @@ def alpha_schedule(start: float, end: float, progress: float, shape: str = "line
     return start + (end - start) * progress
 
 
+def weight_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy [B] of each row's weights normalised to sum 1 (log N for uniform weights): how far a sampler
+    departs from random masking."""
+    q = weights / weights.sum(dim=1, keepdim=True)
+    return -(q * q.clamp_min(1e-30).log()).sum(dim=1)
+
+
+def matched_alpha(concentration: torch.Tensor, target_entropy: torch.Tensor, sign: float, eps: float = 1e-3,
+                  iters: int = 50, max_abs: float = 64.0) -> torch.Tensor:
+    """Per image [B], the alpha (with the given sign) whose weights on ``concentration`` have the target
+    entropy: the entropy of normalised (c + eps/N) ** alpha falls as |alpha| grows, so bisect on |alpha|
+    (in float64 and log space: large |alpha| would overflow the weights). A target below what ``max_abs``
+    reaches gets ``max_abs``."""
+    log_base = (concentration.double() + eps / concentration.shape[1]).log()
+    target = target_entropy.double()
+    lo = torch.zeros(len(concentration), dtype=torch.float64)
+    hi = torch.full_like(lo, max_abs)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        logq = torch.log_softmax(sign * mid[:, None] * log_base, dim=1)
+        too_flat = -(logq.exp() * logq).sum(dim=1) > target
+        lo, hi = torch.where(too_flat, mid, lo), torch.where(too_flat, hi, mid)
+    return (sign * (lo + hi) / 2).to(concentration.dtype)
+
+
+def powered_weights(concentration: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """(c + eps/N) ** alpha with a per-image alpha [B], scaled so each row's largest weight is 1 (no overflow
+    at large |alpha|; the sampler only needs ratios)."""
+    logw = alpha[:, None].double() * (concentration.double() + eps / concentration.shape[1]).log()
+    return (logw - logw.max(dim=1, keepdim=True).values).exp().to(concentration.dtype)
+
+
 def masking_noise(strategy: str, uniform: torch.Tensor, sift_concentration: torch.Tensor | None = None,
                   edge_concentration: torch.Tensor | None = None, alpha: float = 1.0,
                   eps: float = 1e-3) -> torch.Tensor:
@@ -73,9 +105,18 @@ def masking_noise(strategy: str, uniform: torch.Tensor, sift_concentration: torc
     random masking's masks under "random" and under any guided strategy with alpha = 0.
     "sift-curriculum" takes the already-scheduled ``alpha`` (see ``alpha_schedule``).
     "edge" is the control: the same sampler on Sobel edge density instead of SIFT concentration.
+    "edge-matched" is the control matched to SIFT's departure from random masking: per image, the edge
+    sampler's alpha is chosen so that its weights have the same entropy as the SIFT sampler's (SIFT's
+    zero-mass patches make its weights far more peaked than the edge weights at the same alpha).
     """
     if strategy == "random":
         return uniform
+    if strategy == "edge-matched":
+        if sift_concentration is None or edge_concentration is None:
+            raise ValueError("masking 'edge-matched' needs the SIFT and the edge concentration maps")
+        target = weight_entropy(guidance_weights(sift_concentration, alpha, eps))
+        a = matched_alpha(edge_concentration, target, 1.0 if alpha >= 0 else -1.0, eps)
+        return guided_noise(uniform, powered_weights(edge_concentration, a, eps))
     if strategy in ("sift", "sift-curriculum"):
         c = sift_concentration
     elif strategy == "edge":
