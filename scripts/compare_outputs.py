@@ -2,10 +2,10 @@
 and compare every table, array and JSON file exactly (run times, versions and the folder's own path aside) and
 every HTML page's embedded figures (their text may change).
 
-    # old code: a copy of main's src/ (git archive main src | tar -x -C /tmp/old)
-    PYTHONPATH=/tmp/old/src python -m siftlens spurious --images DATA --out /tmp/a/spurious ...
-    python -m siftlens spurious --images DATA --out /tmp/b/spurious ...
-    python scripts/compare_outputs.py /tmp/a /tmp/b
+    # old code: a copy of main's src/ (git archive main src | tar -x -C old)
+    PYTHONPATH=old/src python -m siftlens spurious --images DATA --out a/spurious ...
+    python -m siftlens spurious --images DATA --out b/spurious ...
+    python scripts/compare_outputs.py a b
 
 Exit status 1 when a table, array or JSON file differs.
 """

@@ -50,6 +50,17 @@ def run(name: str, out: Path):
 TABLES = ("per_image.parquet", "images.parquet", "twin/per_image.parquet", "twin/images.parquet")
 
 
+def strip_paths(table: Path) -> None:
+    """Keep only the file name in a stored table's ``path`` column (the test compares names; no machine's
+    absolute paths in the repository)."""
+    import pandas as pd
+
+    df = pd.read_parquet(table)
+    if "path" in df:
+        df["path"] = [Path(p).name for p in df["path"]]
+        df.to_parquet(table, index=False)
+
+
 def main() -> None:
     import shutil
     import tempfile
@@ -64,6 +75,7 @@ def main() -> None:
                     dst = REFERENCE / name / table
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(out / table, dst)
+                    strip_paths(dst)
             with np.load(out / "lift.npz") as z:
                 np.savez_compressed(REFERENCE / name / "lift.npz", obs=z["obs"], exp=z["exp"])
     print(f"wrote {REFERENCE}", file=sys.stderr)
