@@ -84,6 +84,28 @@ def window_drops(lm: LoadedModel, x: torch.Tensor, layers: list[int], windows: n
     return drop, pred_without
 
 
+def _occlusion_columns(kp_win: np.ndarray, drop: np.ndarray, pred_without: np.ndarray, windows: np.ndarray,
+                       pred: int, rng: np.random.Generator, controls: bool) -> dict:
+    """One image's window-occlusion columns from its drops / predictions per window [n_windows]: the best
+    keypoint window (``occlusion_pred``: the prediction with it removed, the image's own where none was
+    tested: steering for a cue that moves) and, with ``controls``, the SIFT-free searches: every window, and
+    as many windows as SIFT chose drawn at random (``rng`` is drawn from only where SIFT chose some)."""
+    k = int(kp_win.sum())
+    score, v = _max_or_zero(np.where(kp_win, drop, np.nan))
+    out = {"occlusion_score": score, "occlusion_windows": k,
+           "occlusion_tokens": " ".join(map(str, np.flatnonzero(windows[v]))) if v >= 0 else "",
+           "occlusion_pred": int(pred_without[v]) if v >= 0 else pred}
+    if controls:
+        score_all, v_all = _max_or_zero(drop)
+        pick = rng.choice(len(windows), k, replace=False) if k else np.zeros(0, int)
+        score_rnd, v_rnd = _max_or_zero(drop[pick]) if k else (0.0, -1)
+        out.update({"occlusion_score_all": score_all,
+                    "occlusion_pred_all": int(pred_without[v_all]) if v_all >= 0 else pred,
+                    "occlusion_score_random": score_rnd,
+                    "occlusion_pred_random": int(pred_without[pick[v_rnd]]) if v_rnd >= 0 else pred})
+    return out
+
+
 def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
     """Largest finite value (clipped at 0) and its index (-1 where there is none)."""
     if not np.isfinite(d).any():
@@ -99,8 +121,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
-    windows, the SIFT-free controls; "off"). ``parts``: a folder where each finished batch is kept, so a
-    killed run started again with the same settings skips what is done and gives the same numbers."""
+    windows, the SIFT-free controls; "off"). ``parts``: where each finished batch is kept (resume.BatchParts),
+    so a killed run started again with the same settings skips what is done and gives the same numbers."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
@@ -152,23 +174,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                     drop, j, q = float(p[pred] - qq[pred]), jj, qq
             unit = shortcuts.units[j] if j is not None else None
             kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
-            occ = {}
-            if occlusion != "off":
-                k = int(kp_win[b].sum())
-                score, v = _max_or_zero(np.where(kp_win[b], wd[b], np.nan))
-                # occlusion_pred: the prediction with the decisive window removed (the image's own prediction
-                # where no window was tested): inference-time steering for a cue that moves
-                occ = {"occlusion_score": score, "occlusion_windows": k,
-                       "occlusion_tokens": " ".join(map(str, np.flatnonzero(windows[v]))) if v >= 0 else "",
-                       "occlusion_pred": int(wpred[b, v]) if v >= 0 else pred}
-                if occlusion == "compare":  # SIFT-free: every window; as many windows drawn at random
-                    score_all, v_all = _max_or_zero(wd[b])
-                    pick = rng.choice(len(windows), k, replace=False) if k else np.zeros(0, int)
-                    score_rnd, v_rnd = _max_or_zero(wd[b][pick]) if k else (0.0, -1)
-                    occ.update({"occlusion_score_all": score_all,
-                                "occlusion_pred_all": int(wpred[b, v_all]) if v_all >= 0 else pred,
-                                "occlusion_score_random": score_rnd,
-                                "occlusion_pred_random": int(wpred[b, pick[v_rnd]]) if v_rnd >= 0 else pred})
+            occ = (_occlusion_columns(kp_win[b], wd[b], wpred[b], windows, pred, rng, occlusion == "compare")
+                   if occlusion != "off" else {})
             rows.append({"path": path, "flag_score": max(drop, 0.0),
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
