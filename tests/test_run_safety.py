@@ -97,7 +97,7 @@ def png(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
 # finished its attempt of the round (at most 15 s): so the two runs always overlap, however the machine
 # schedules them, and without a lock both run.
 RACER = textwrap.dedent("""
-    import contextlib, importlib, io, json, sys, time
+    import contextlib, importlib, io, json, os, sys, time
     from pathlib import Path
     from siftlens.cli import main
     sync, me, rounds, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -124,7 +124,10 @@ RACER = textwrap.dedent("""
                 rc = main(["analyze", *args, "--out", out])
             except BaseException as e:  # today's code: a raw traceback
                 rc, _ = 99, print(repr(e), file=err)
-        (sync / f"result-{k}-{me}.json").write_text(json.dumps({"rc": rc, "err": err.getvalue()}))
+        # written whole, then renamed: the reader polls for the name and must never see a half-written file
+        tmp = sync / f".result-{k}-{me}.tmp"
+        tmp.write_text(json.dumps({"rc": rc, "err": err.getvalue()}))
+        os.replace(tmp, sync / f"result-{k}-{me}.json")
 """)
 
 
