@@ -41,7 +41,9 @@ STRATEGIES = {
     "edge-matched(a=-1)": ["--masking", "edge-matched", "--alpha", "-1"],
     "sift(a=+1)+kamim(g=1)": ["--masking", "sift", "--alpha", "1", "--loss-gamma", "1"],
     "random+kamim(g=1)": ["--masking", "random", "--loss-gamma", "1"],
+    "random(2x)": ["--masking", "random"],  # the reference for "how much is half": twice the epochs
 }
+EPOCH_SCALE = {"random(2x)": 2}  # strategies trained for a multiple of the benchmark's --epochs
 DEFAULT = ["random", "sift(a=+1)", "sift(a=-1)", "sift-curriculum(-1->+1)", "edge(a=+1)"]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95% t quantiles
 
@@ -57,6 +59,8 @@ def run_one(name: str, seed: int, args: argparse.Namespace, threads: int) -> Pat
         return out
     cmd = [sys.executable, "-m", "siftlens", "pretrain", "--data", args.data, "--out", str(out),
            "--seed", str(seed), "--threads", str(threads), "--quiet", *STRATEGIES[name], *args.pretrain_args]
+    if name in EPOCH_SCALE:  # the last --epochs wins
+        cmd += ["--epochs", str(EPOCH_SCALE[name] * _epochs(args.pretrain_args))]
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(out / "stdout.log", "a") as log:
@@ -66,6 +70,14 @@ def run_one(name: str, seed: int, args: argparse.Namespace, threads: int) -> Pat
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {rc}); see {out}/stdout.log")
     return out
+
+
+def _epochs(pretrain_args: list[str]) -> int:
+    """The --epochs among the arguments passed to every run (siftlens pretrain's default if absent)."""
+    if "--epochs" in pretrain_args:
+        return int(pretrain_args[len(pretrain_args) - 1 - pretrain_args[::-1].index("--epochs") + 1])
+    from siftlens.pretrain.loop import PretrainConfig
+    return PretrainConfig.epochs
 
 
 def full_eval(run: Path, data_cache: dict, cache_dir: str | None) -> dict:
