@@ -41,7 +41,8 @@ STRATEGIES = {
     "edge-matched(a=-1)": ["--masking", "edge-matched", "--alpha", "-1"],
     "sift(a=+1)+kamim(g=1)": ["--masking", "sift", "--alpha", "1", "--loss-gamma", "1"],
     "random+kamim(g=1)": ["--masking", "random", "--loss-gamma", "1"],
-    "random(2x)": ["--masking", "random"],  # the reference for "how much is half": twice the epochs
+    "random(2x)": ["--masking", "random"],
+    "attmask-high": ["--masking", "attmask-high"],  # the published anchor: mask what the encoder's CLS attends  # the reference for "how much is half": twice the epochs
 }
 EPOCH_SCALE = {"random(2x)": 2}  # strategies trained for a multiple of the benchmark's --epochs
 DEFAULT = ["random", "sift(a=+1)", "sift(a=-1)", "sift-curriculum(-1->+1)", "edge(a=+1)"]

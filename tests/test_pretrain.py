@@ -451,3 +451,50 @@ def test_edge_matched_control_has_the_sift_samplers_entropy():
 def test_pretrain_runs_with_the_edge_matched_control(npz, tmp_path):
     log = pretrain(tiny_cfg(npz, tmp_path / "em", masking="edge-matched", epochs=1, eval_every=0))
     assert list(log["epoch"]) == [0, 1] and log["loss"].notna().iloc[-1]
+
+
+def test_cls_attention_matches_timms_own_attention_weights():
+    """cls_attention recomputes the last block's attention by hand; timm's unfused path forms the same weights
+    (captured at attn_drop), so the two must agree on a random-init model with asymmetric inputs."""
+    import timm
+
+    from siftlens.pretrain.guidance import cls_attention
+
+    torch.manual_seed(0)
+    enc = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2,
+                            num_heads=3, num_classes=0, global_pool="avg", fc_norm=False)
+    x = torch.randn(3, 3, 32, 32)
+    got = cls_attention(enc, x)
+    seen = {}
+    last = enc.blocks[-1].attn
+    last.fused_attn = False
+    hook = last.attn_drop.register_forward_hook(lambda m, i, o: seen.setdefault("a", o.detach()))
+    enc.eval()
+    with torch.no_grad():
+        enc(x)
+    hook.remove()
+    want = seen["a"][:, :, 0, 1:].mean(1)
+    want = want / want.sum(1, keepdim=True)
+    assert got.shape == (3, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    enc.train()  # the caller's mode is restored
+    cls_attention(enc, x)
+    assert enc.training
+
+
+def test_attmask_high_masks_the_most_attended_patches():
+    attention = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15], [0.30, 0.05, 0.25, 0.20, 0.20]])
+    u = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    _, mask, _ = mask_from_noise(torch.zeros(2, 5, 1), masking_noise("attmask-high", u, attention=attention), 0.6)
+    # n_keep = int(5 * 0.4) = 2: the two least attended stay visible, whatever the uniform draws
+    assert mask[0].tolist() == [0, 1, 0, 1, 1]
+    # row 2: patches 3 and 4 tie at 0.20; the uniform draw picks which one stays visible beside patch 1
+    assert mask[1, :3].tolist() == [1, 0, 1] and mask[1, 3:].sum() == 1
+    with pytest.raises(ValueError, match="CLS attention"):
+        masking_noise("attmask-high", u)
+
+
+def test_pretrain_attmask_high_runs(npz, tmp_path):
+    log = pretrain(tiny_cfg(npz, tmp_path / "am", masking="attmask-high", epochs=1, eval_every=0))
+    assert np.isfinite(log["loss"].dropna()).all()
+    assert (tmp_path / "am" / "masking_examples.png").is_file()

@@ -315,7 +315,9 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--masking", choices=MASKINGS, default=d.masking,
                    help="random (MAE); sift: P(mask) ∝ (c+eps)^alpha; sift-curriculum: alpha from --alpha-start "
                    "to --alpha; edge: the same sampler on Sobel edge density (control); edge-matched: the edge sampler "
-                   "with, per image, the alpha whose weights are as far from uniform (entropy) as SIFT's at --alpha")
+                   "with, per image, the alpha whose weights are as far from uniform (entropy) as SIFT's at --alpha; "
+                   "attmask-high: mask the patches the encoder's own last-block CLS attention ranks highest "
+                   "(AttMask, the published anchor)")
     p.add_argument("--alpha", type=finite_float, default=d.alpha, 
                    help=">0 masks SIFT-dense patches more, <0 keeps them")
     p.add_argument("--alpha-start", type=finite_float, default=d.alpha_start, help="sift-curriculum's first alpha")

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..io import atomic_write_npz
 from ..preprocess import rgb01_to_gray_u8
@@ -172,3 +173,26 @@ def cached_keypoint_table(images_u8: torch.Tensor, cache_dir: str | Path | None,
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_npz(path, table=table.numpy(), valid=valid.numpy())
     return table, valid
+
+
+@torch.no_grad()
+def cls_attention(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[B, N] the last block's CLS-to-patch attention (mean over heads, rows sum to 1) of a timm
+    VisionTransformer on the full, unmasked images [B, 3, H, W]: what AttMask ranks patches by.
+    Computed by hand for the last block because fused attention never forms the weights."""
+    was_training = encoder.training
+    encoder.eval()
+    x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in encoder.blocks[:-1]:
+        x = blk(x)
+    last = encoder.blocks[-1]
+    attn = last.attn
+    qkv = attn.qkv(last.norm1(x))  # [B, T, 3 * D]
+    q, k, _ = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=attn.num_heads)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = (q[:, :, :1] * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, T]
+    encoder.train(was_training)
+    cls_to_patch = a[:, :, 0, 1:].mean(dim=1)  # [B, N]
+    return cls_to_patch / cls_to_patch.sum(dim=1, keepdim=True)

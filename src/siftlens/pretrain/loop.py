@@ -40,6 +40,7 @@ from .guidance import (
     apply_crop,
     box_footprint_mass,
     cached_keypoint_table,
+    cls_attention,
     edge_mass,
     sample_crop_params,
     to_concentration,
@@ -55,7 +56,7 @@ MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 class PretrainConfig:
     data: str
     out: str
-    masking: str = "random"  # random | sift | sift-curriculum | edge | edge-matched
+    masking: str = "random"  # random | sift | sift-curriculum | edge | edge-matched | attmask-high
     alpha: float = 1.0  # exponent of (c + eps); the curriculum's final value
     alpha_start: float = -1.0  # sift-curriculum: alpha moves from here to ``alpha``
     alpha_shape: str = "linear"  # sift-curriculum: linear | cosine
@@ -202,10 +203,13 @@ class Pretrainer:
             sift_c = to_concentration(box_footprint_mass(kp, ok, (self.grid, self.grid), cfg.model.patch_size))
         if cfg.masking in ("edge", "edge-matched"):
             edge_c = to_concentration(edge_mass(x01, cfg.model.patch_size))
+        attention = None
+        if cfg.masking == "attmask-high":  # the current encoder's own saliency, as AttMask (no gradient)
+            attention = cls_attention(self.model.encoder, ((x01 - self.mean) / self.std).to(self.device)).cpu()
         alpha = cfg.alpha
         if cfg.masking == "sift-curriculum":
             alpha = alpha_schedule(cfg.alpha_start, cfg.alpha, step / max(1, self.total_steps - 1), cfg.alpha_shape)
-        noise = masking_noise(cfg.masking, uniform[share], sift_c, edge_c, alpha, cfg.eps)
+        noise = masking_noise(cfg.masking, uniform[share], sift_c, edge_c, alpha, cfg.eps, attention)
         weights = loss_weights(sift_c, cfg.loss_gamma, cfg.eps) if cfg.loss_gamma else None
         guidance_seconds = time.perf_counter() - t0
         return (x01 - self.mean) / self.std, noise, weights, alpha, guidance_seconds
@@ -227,7 +231,10 @@ class Pretrainer:
         masks = {"random": mask_from_noise(zeros, uniform, cfg.mask_ratio)[1]}
         if cfg.masking != "random":
             alpha = cfg.alpha_start if cfg.masking == "sift-curriculum" else cfg.alpha
-            noise = masking_noise(cfg.masking, uniform, sift_c, edge_c, alpha, cfg.eps)
+            attention = None
+            if cfg.masking == "attmask-high":
+                attention = cls_attention(self.model.encoder, ((x01 - self.mean) / self.std).to(self.device)).cpu()
+            noise = masking_noise(cfg.masking, uniform, sift_c, edge_c, alpha, cfg.eps, attention)
             masks[f"{cfg.masking} a={alpha:+g}"] = mask_from_noise(zeros, noise, cfg.mask_ratio)[1]
         masks_figure(x01, {"SIFT": sift_c, "edge": edge_c}, masks, self.grid, path)
 

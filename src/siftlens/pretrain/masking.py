@@ -14,7 +14,7 @@ import math
 
 import torch
 
-MASKINGS = ("random", "sift", "sift-curriculum", "edge", "edge-matched")
+MASKINGS = ("random", "sift", "sift-curriculum", "edge", "edge-matched", "attmask-high")
 
 
 def mask_from_noise(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
@@ -98,7 +98,7 @@ def powered_weights(concentration: torch.Tensor, alpha: torch.Tensor, eps: float
 
 def masking_noise(strategy: str, uniform: torch.Tensor, sift_concentration: torch.Tensor | None = None,
                   edge_concentration: torch.Tensor | None = None, alpha: float = 1.0,
-                  eps: float = 1e-3) -> torch.Tensor:
+                  eps: float = 1e-3, attention: torch.Tensor | None = None) -> torch.Tensor:
     """Noise for ``mask_from_noise`` under a masking strategy (see MASKINGS).
 
     ``uniform`` [B, N] ~ U(0, 1) is the only randomness, drawn by the caller: the same draws give
@@ -108,9 +108,17 @@ def masking_noise(strategy: str, uniform: torch.Tensor, sift_concentration: torc
     "edge-matched" is the control matched to SIFT's departure from random masking: per image, the edge
     sampler's alpha is chosen so that its weights have the same entropy as the SIFT sampler's (SIFT's
     zero-mass patches make its weights far more peaked than the edge weights at the same alpha).
+    "attmask-high" is the published anchor (AttMask-High, Kakogeorgiou et al. 2022): the patches the
+    encoder's own CLS attention (``attention`` [B, N], see ``guidance.cls_attention``) ranks highest are
+    masked, deterministically given the crop; ``uniform`` only breaks exact ties.
     """
     if strategy == "random":
         return uniform
+    if strategy == "attmask-high":
+        if attention is None:
+            raise ValueError("masking 'attmask-high' needs the encoder's CLS attention")
+        scale = attention.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        return attention / scale + 1e-6 * uniform  # largest noise = masked: the most attended patches
     if strategy == "edge-matched":
         if sift_concentration is None or edge_concentration is None:
             raise ValueError("masking 'edge-matched' needs the SIFT and the edge concentration maps")
