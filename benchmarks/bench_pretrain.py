@@ -7,7 +7,11 @@ at which it first reaches random masking's final kNN accuracy (mean over seeds),
 random's, and the guidance overhead. Writes summary.json, summary.md, curves.png, report.html.
 
     python benchmarks/bench_pretrain.py --data ../shared/data/imagenette2-160.tar \\
-        --out benchmarks/results/pretrain/cpu64 --epochs 20 --seeds 0 1 2 --parallel 2
+        --out benchmarks/results/pretrain/cpu64 --seeds 0 1 2 --parallel 2 -- --epochs 20
+
+Issue 15's verdict (``protocol_table``): with ``--eval-every 1`` every run logs each validation image's probe
+outcome every epoch; epochs to 95% of random's final accuracy and the curve area are compared to random with
+bootstrap CIs over paired seeds and images, Bonferroni-corrected over the table (protocol_curves.png).
 
 Runs already finished are reused, unfinished ones resume: run the same command again after a
 crash. Wall times are training time only (evaluation excluded) and are comparable only between
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import json
 import math
 import os
@@ -41,8 +46,8 @@ STRATEGIES = {
     "edge-matched(a=-1)": ["--masking", "edge-matched", "--alpha", "-1"],
     "sift(a=+1)+kamim(g=1)": ["--masking", "sift", "--alpha", "1", "--loss-gamma", "1"],
     "random+kamim(g=1)": ["--masking", "random", "--loss-gamma", "1"],
-    "random(2x)": ["--masking", "random"],
-    "attmask-high": ["--masking", "attmask-high"],  # the published anchor: mask what the encoder's CLS attends  # the reference for "how much is half": twice the epochs
+    "random(2x)": ["--masking", "random"],  # the reference for "how much is half": twice the epochs
+    "attmask-high": ["--masking", "attmask-high"],  # the published anchor: mask what the encoder's CLS attends
 }
 EPOCH_SCALE = {"random(2x)": 2}  # strategies trained for a multiple of the benchmark's --epochs
 DEFAULT = ["random", "sift(a=+1)", "sift(a=-1)", "sift-curriculum(-1->+1)", "edge(a=+1)"]
@@ -161,33 +166,38 @@ def first_reaching(log: pd.DataFrame, target: float) -> tuple[float, float]:
     return float(hit["epoch"].iloc[0]), float(hit["train_seconds"].iloc[0])
 
 
-def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int], out: Path,
+def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds_of: dict[str, list[int]], out: Path,
               cache_dir: str | None = None, step_seconds: dict[str, float] | None = None) -> dict:
+    """Tables (final accuracies, first probe reaching random's final kNN, the low-noise verdict), figures and
+    report.html; ``seeds_of`` gives each strategy's seeds (differences to random use the seeds both have)."""
     logs = {k: pd.read_parquet(p / "log.parquet") for k, p in runs.items()}
     data_cache: dict = {}
     full = {k: full_eval(p, data_cache, cache_dir) for k, p in runs.items()}
     metas = {k: json.loads((p / "encoder.json").read_text()) for k, p in runs.items()}
     final = lambda k, col: float(logs[k].dropna(subset=[col])[col].iloc[-1])
-    target = float(np.mean([final(("random", s), "knn_acc") for s in seeds]))
-    rand_ttt = np.array([first_reaching(logs[("random", s)], target) for s in seeds])
+    target = float(np.mean([final(("random", s), "knn_acc") for s in seeds_of["random"]]))
+    rand_ttt = np.array([first_reaching(logs[("random", s)], target) for s in seeds_of["random"]])
     rows = []
     for name in names:
+        seeds = seeds_of[name]
+        common = [s for s in seeds if s in seeds_of["random"]]
         knn = np.array([final((name, s), "knn_acc") for s in seeds])
         lin = np.array([final((name, s), "linear_acc") for s in seeds])
         knn0 = np.array([float(logs[(name, s)]["knn_acc"].iloc[0]) for s in seeds])
-        d_knn = knn - np.array([final(("random", s), "knn_acc") for s in seeds])
-        d_lin = lin - np.array([final(("random", s), "linear_acc") for s in seeds])
+        d_knn = np.array([final((name, s), "knn_acc") - final(("random", s), "knn_acc") for s in common])
+        d_lin = np.array([final((name, s), "linear_acc") - final(("random", s), "linear_acc") for s in common])
         ttt = np.array([first_reaching(logs[(name, s)], target) for s in seeds])
         knn_full = np.array([full[(name, s)]["knn_acc_full"] for s in seeds])
         lin_full = np.array([full[(name, s)]["linear_acc_full"] for s in seeds])
-        d_knn_full = knn_full - np.array([full[("random", s)]["knn_acc_full"] for s in seeds])
-        d_lin_full = lin_full - np.array([full[("random", s)]["linear_acc_full"] for s in seeds])
+        d_knn_full = np.array([full[(name, s)]["knn_acc_full"] - full[("random", s)]["knn_acc_full"] for s in common])
+        d_lin_full = np.array([full[(name, s)]["linear_acc_full"] - full[("random", s)]["linear_acc_full"]
+                               for s in common])
         reached = int(np.isfinite(ttt[:, 0]).sum())
         all_reached = reached == len(seeds) and np.isfinite(rand_ttt).all()
         guidance = np.array([metas[(name, s)]["guidance_seconds"] / metas[(name, s)]["train_seconds"] for s in seeds])
         kp_share = np.array([metas[(name, s)]["keypoint_seconds"] / metas[(name, s)]["train_seconds"] for s in seeds])
         rows.append({
-            "strategy": name,
+            "strategy": name, "seeds": seeds,
             "knn_final_mean": knn.mean(), "knn_final_std": knn.std(ddof=1) if len(seeds) > 1 else math.nan,
             "linear_final_mean": lin.mean(), "linear_final_std": lin.std(ddof=1) if len(seeds) > 1 else math.nan,
             "knn_epoch0_mean": knn0.mean(),
@@ -212,49 +222,144 @@ def summarize(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[i
             "keypoint_precompute_share": float(kp_share.mean()),
         })
     table = pd.DataFrame(rows)
-    summary = {"target_knn": target, "seeds": seeds, "table": rows,
-               "config": metas[("random", seeds[0])]["pretrain"]}
+    summary = {"target_knn": target, "seeds": seeds_of, "table": rows,
+               "config": metas[("random", seeds_of["random"][0])]["pretrain"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    md = markdown_table(table, target) + protocol_table(runs, names, seeds)
+    verdict = protocol_table(runs, names, seeds_of, step_seconds)
+    md = markdown_table(table, target) + verdict
     (out / "summary.md").write_text(md)
-    plot_curves(logs, names, seeds, target, out / "curves.png")
-    png = base64.b64encode((out / "curves.png").read_bytes()).decode()
+    plot_curves(logs, names, seeds_of, target, out / "curves.png")
+    figures = ["curves.png"]
+    if verdict:
+        plot_protocol_curves(runs, names, seeds_of, out / "protocol_curves.png")
+        figures.insert(0, "protocol_curves.png")
+    imgs = "".join(f"<img src='data:image/png;base64,{base64.b64encode((out / f).read_bytes()).decode()}' "
+                   "width='100%'>" for f in figures)
     (out / "report.html").write_text(
         f"<html><body><h1>SIFT-guided MAE: time to random masking's final kNN ({target:.4f})</h1>"
-        f"<pre>{md}</pre><img src='data:image/png;base64,{png}' width='100%'></body></html>")
+        f"<pre>{html.escape(md)}</pre>{imgs}</body></html>")
     return summary
 
 
-def protocol_table(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int]) -> str:
-    """Issue 15's low-noise verdict from each run's probe_outcomes.npz (siftlens.pretrain.protocol): epochs to
-    95% of random's final accuracy as a ratio to random's, and the curve-area difference, with 95% CIs from a
-    bootstrap over seeds and validation images; empty when a run has no per-image outcomes (older runs)."""
+SIFT_STRATEGIES = ("sift", "sift-curriculum")  # the claim under test; everything else is a control or anchor
+
+
+def _is_sift(name: str) -> bool:
+    return name.split("(")[0].split("+")[0] in SIFT_STRATEGIES
+
+
+def load_outcomes(runs: dict[tuple[str, int], Path], name: str, seeds: list[int], probe: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(probe epochs [E], per-image outcomes [S, E, N]) of one strategy's runs, from probe_outcomes.npz."""
+    zs = [np.load(Path(runs[(name, s)]) / "probe_outcomes.npz") for s in seeds]
+    return zs[0]["epochs"].astype(float), np.stack([z[probe] for z in zs])
+
+
+def protocol_table(runs: dict[tuple[str, int], Path], names: list[str], seeds: list[int] | dict[str, list[int]],
+                   step_seconds: dict[str, float] | None = None, n_boot: int = 2000) -> str:
+    """Issue 15's low-noise verdict from each run's probe_outcomes.npz (siftlens.pretrain.protocol).
+
+    Per strategy and probe: epochs to reach 95% of random masking's final accuracy as a ratio to random's, and
+    the curve-area difference (mean accuracy over the run), each with a 95% bootstrap CI over seeds (paired with
+    random's same seeds: same initialisation, data order, crops) and validation images, and a family-wise CI
+    (Bonferroni over every comparison in the table). Reference rows (a longer schedule) are outside the family.
+    Empty when a run has no per-image outcomes (older runs)."""
     from siftlens.pretrain.protocol import speedup
 
-    files = {k: Path(v) / "probe_outcomes.npz" for k, v in runs.items()}
-    if not all(f.is_file() for f in files.values()):
+    seeds_of = seeds if isinstance(seeds, dict) else {n: list(seeds) for n in names}
+    if not all((Path(runs[(n, s)]) / "probe_outcomes.npz").is_file() for n in names for s in seeds_of[n]):
         return ""
-
-    def load(name: str, probe: str) -> tuple[np.ndarray, np.ndarray]:
-        zs = [np.load(files[(name, s)]) for s in seeds]
-        return zs[0]["epochs"], np.stack([z[probe] for z in zs])
-
-    lines = ["", "Low-noise verdict (per-image probe outcomes; bootstrap over seeds and validation images; "
-             "no multiplicity correction here: one row per strategy, read the family of all rows together):", "",
-             "| strategy | probe | epochs to 95% of random's final, ratio to random [95% CI] "
-             "| curve area − random's [95% CI] |", "|---|---|---|---|"]
+    compared = [n for n in names if n != "random" and n not in EPOCH_SCALE]
+    m = max(1, len(compared) * 2 * 2)  # strategies x {kNN, linear} x {epochs ratio, curve area}
+    family = 1 - 0.05 / m
+    lines = ["", f"Low-noise verdict (per-image probe outcomes, every epoch, whole validation split; 95% CI and "
+             f"family-wise CI = Bonferroni over the {m} comparisons of this table, i.e. each at "
+             f"{family:.4f}; bootstrap over seeds, paired with random's same seeds, and validation images, "
+             f"{n_boot} resamples):", "",
+             "| strategy | seeds | probe | final acc | epochs to 95% of random's final: ratio to random "
+             "[95% CI] {family-wise CI} | wall-time ratio (× step time) | curve area − random's [95% CI] "
+             "{family-wise CI} |", "|---|---|---|---|---|---|---|"]
+    results = {}
     for name in names:
         if name == "random":
             continue
+        ref = name in EPOCH_SCALE
+        common = [s for s in seeds_of[name] if s in seeds_of["random"]]
         for probe in ("knn", "linear"):
-            epochs, ref = load("random", probe)
-            _, outcomes = load(name, probe)
-            r = speedup(epochs, outcomes, ref)
-            lo, hi = r["epochs_ratio_ci"]
-            alo, ahi = r["area_difference_ci"]
-            lines.append(f"| {name} | {probe} | {r['epochs_ratio']:.2f} [{lo:.2f}, {hi:.2f}] | "
-                         f"{r['area_difference']:+.4f} [{alo:+.4f}, {ahi:+.4f}] |")
+            ep_r, out_r = load_outcomes(runs, "random", common, probe)
+            ep_a, out_a = load_outcomes(runs, name, common, probe)
+            r = speedup(ep_a, out_a, out_r, n_boot=n_boot, paired=True, levels=(0.95, family), epochs_random=ep_r)
+            results[(name, probe)] = r
+            (lo, hi), (flo, fhi) = r["epochs_ratio_cis"][0.95], r["epochs_ratio_cis"][family]
+            (alo, ahi), (aflo, afhi) = r["area_difference_cis"][0.95], r["area_difference_cis"][family]
+            step = (step_seconds or {}).get(name, math.nan) / (step_seconds or {}).get("random", math.nan)
+            wall = f"{r['epochs_ratio'] * step:.2f} [{lo * step:.2f}, {hi * step:.2f}]" if step_seconds else "n/a"
+            fam = "(reference, not in the family)" if ref else f"{{{flo:.2f}, {fhi:.2f}}}"
+            afam = "(common span)" if ref else f"{{{aflo:+.4f}, {afhi:+.4f}}}"
+            lines.append(f"| {name} | {len(common)} | {probe} | {out_a[:, -1].mean():.4f} | "
+                         f"{r['epochs_ratio']:.2f} [{lo:.2f}, {hi:.2f}] {fam} | {wall} | "
+                         f"{r['area_difference']:+.4f} [{alo:+.4f}, {ahi:+.4f}] {afam} |")
+    lines += ["", verdict_text(results, compared, family, step_seconds)]
     return "\n".join(lines) + "\n"
+
+
+def verdict_text(results: dict, compared: list[str], family: float, step_seconds: dict[str, float] | None) -> str:
+    """The issue's two-sided verdict on the kNN probe, read off the family-wise CIs: shown (a SIFT strategy
+    reaches the target in <= 0.5x random's epochs with the CI's upper end below 0.5, <= 0.6x the wall time, and
+    a higher curve area than every matched edge / attention control), or a 25% speed-up (ratio 0.75) excluded
+    for every SIFT strategy (lower end above 0.75), or neither (undecided at this scale)."""
+    sift = [n for n in compared if _is_sift(n)]
+    controls = [n for n in compared if not _is_sift(n) and "kamim" not in n and n != "random"]
+    out = []
+    for n in sift:
+        r = results[(n, "knn")]
+        lo, hi = r["epochs_ratio_cis"][family]
+        step = (step_seconds[n] / step_seconds["random"]) if step_seconds else math.nan
+        beats = [c for c in controls if results[(n, "knn")]["area_difference"] > results[(c, "knn")]["area_difference"]]
+        out.append(f"- {n}: kNN epochs ratio {r['epochs_ratio']:.2f}, family-wise CI [{lo:.2f}, {hi:.2f}]; "
+                   f"wall ratio ≈ {r['epochs_ratio'] * step:.2f}; curve area above {len(beats)}/{len(controls)} "
+                   f"controls ({', '.join(controls) or 'none run'}) — "
+                   + ("SHOWN: ≤ 0.5× with the CI below 0.5" if hi < 0.5 and r["epochs_ratio"] * step <= 0.6
+                      and len(beats) == len(controls)
+                      else "a 25% speed-up is EXCLUDED (CI above 0.75)" if lo > 0.75
+                      else "neither shown nor excluded"))
+    shown = any("SHOWN" in line for line in out)
+    excluded = bool(sift) and all("EXCLUDED" in line for line in out)
+    head = ("**Verdict: SIFT guidance speeds pre-training at this scale.**" if shown else
+            "**Verdict: no SIFT strategy speeds pre-training by 25% or more at this scale (family-wise CIs).**"
+            if excluded else "**Verdict: undecided — the CIs neither show a 2× speed-up nor exclude a 25% one.**")
+    return "\n".join([head, *out])
+
+
+def plot_protocol_curves(runs: dict[tuple[str, int], Path], names: list[str], seeds_of: dict[str, list[int]],
+                         path: Path) -> None:
+    """Probe accuracy vs epoch per strategy (kNN, linear): mean over seeds with a 95% bootstrap band over
+    seeds and validation images; the longer-schedule reference dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from siftlens.pretrain.protocol import accuracy_band
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, probe in zip(axes, ("knn", "linear")):
+        for name in names:
+            epochs, outcomes = load_outcomes(runs, name, seeds_of[name], probe)
+            mean, lo, hi = accuracy_band(outcomes, n_boot=200)
+            line, = ax.plot(epochs, mean, marker="o", ms=2.5, ls="--" if name in EPOCH_SCALE else "-",
+                            label=f"{name} ({len(seeds_of[name])} seeds)")
+            ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.18)
+        _, ref = load_outcomes(runs, "random", seeds_of["random"], probe)
+        ax.axhline(0.95 * ref[:, -1].mean(), color="k", lw=1, ls=":", label="95% of random's final")
+        ax.set_title(f"{'kNN (k=20)' if probe == 'knn' else 'linear probe'} accuracy, whole validation split "
+                     "— band: 95% bootstrap CI")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown_table(t: pd.DataFrame, target: float) -> str:
@@ -289,7 +394,7 @@ def markdown_table(t: pd.DataFrame, target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(logs: dict, names: list[str], seeds: list[int], target: float, path: Path) -> None:
+def plot_curves(logs: dict, names: list[str], seeds_of: dict[str, list[int]], target: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +402,7 @@ def plot_curves(logs: dict, names: list[str], seeds: list[int], target: float, p
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     for name in names:
-        ev = [logs[(name, s)].dropna(subset=["knn_acc"]) for s in seeds]
+        ev = [logs[(name, s)].dropna(subset=["knn_acc"]) for s in seeds_of[name]]
         epochs = ev[0]["epoch"].to_numpy()
         for ax, col, x in ((axes[0], "knn_acc", "epoch"), (axes[1], "knn_acc", "train_seconds"),
                            (axes[2], "linear_acc", "epoch")):
@@ -325,6 +430,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/pretrain/run")
     ap.add_argument("--strategies", nargs="+", default=DEFAULT, choices=list(STRATEGIES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--more-seeds", nargs="*", type=int, default=[],
+                    help="further seeds for the strategies in --more-seeds-for only (e.g. random and the best two)")
+    ap.add_argument("--more-seeds-for", nargs="*", default=["random"], choices=list(STRATEGIES))
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores/parallel)")
     ap.add_argument("--step-time-rounds", type=int, default=8,
@@ -341,6 +449,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
     jobs = [(n, s) for s in args.seeds for n in args.strategies]  # seed-major: early results are comparable
+    jobs += [(n, s) for s in args.more_seeds for n in args.strategies if n in args.more_seeds_for]
+    seeds_of = {n: [s for m, s in jobs if m == n] for n in args.strategies}
     with ThreadPoolExecutor(args.parallel) as pool:
         paths = dict(zip(jobs, pool.map(lambda j: run_one(j[0], j[1], args, threads), jobs)))
     cache_dir = None
@@ -348,9 +458,12 @@ def main() -> None:
         cache_dir = args.pretrain_args[args.pretrain_args.index("--cache-dir") + 1]
     step_file = out / "step_seconds.json"
     if args.step_time_rounds and not step_file.exists():
-        step_file.write_text(json.dumps(measure_step_seconds(args.strategies, args, args.step_time_rounds), indent=1))
+        timed = [n for n in args.strategies if n not in EPOCH_SCALE]  # a longer schedule has random's step time
+        step = measure_step_seconds(timed, args, args.step_time_rounds)
+        step.update({n: step["random"] for n in args.strategies if n in EPOCH_SCALE})
+        step_file.write_text(json.dumps(step, indent=1))
     step_seconds = json.loads(step_file.read_text()) if step_file.exists() else None
-    summary = summarize(paths, args.strategies, args.seeds, out, cache_dir, step_seconds)
+    summary = summarize(paths, args.strategies, seeds_of, out, cache_dir, step_seconds)
     print((out / "summary.md").read_text())
     print(f"-> {out}/report.html, summary.json, curves.png (config: {json.dumps(summary['config'])})")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from siftlens.pretrain.protocol import curve_area, epochs_to_reach, speedup
+from siftlens.pretrain.protocol import accuracy_band, curve_area, epochs_to_reach, speedup
 
 
 def test_epochs_to_reach_interpolates_between_probes():
@@ -58,24 +58,102 @@ def test_speedup_of_the_same_process_is_one_and_refuses_mismatched_shapes():
         speedup(epochs, np.zeros((2, 10, 5)), np.zeros((2, 9, 5)))
 
 
+def test_paired_seeds_narrow_the_ci_when_seeds_share_their_noise():
+    """Seed s of every strategy shares initialisation and data order: a seed-level offset common to both runs
+    cancels in the paired bootstrap but not in the unpaired one."""
+    rng = np.random.default_rng(3)
+    epochs = np.arange(0, 13, dtype=float)
+    base = lambda speed: 0.3 + 0.3 * (1 - np.exp(-speed * epochs / 4))
+    offsets = np.array([-0.04, 0.05, -0.02, 0.03, 0.0])  # per seed, shared by both strategies
+    fast = np.stack([rng.random((len(epochs), 3000)) < (base(1.3) + o)[:, None] for o in offsets])
+    slow = np.stack([rng.random((len(epochs), 3000)) < (base(1.0) + o)[:, None] for o in offsets])
+    paired = speedup(epochs, fast, slow, n_boot=300, paired=True)
+    unpaired = speedup(epochs, fast, slow, n_boot=300, paired=False)
+    width = lambda r: r["area_difference_ci"][1] - r["area_difference_ci"][0]
+    assert width(paired) < 0.5 * width(unpaired)
+    assert paired["area_difference_ci"][0] > 0  # the faster strategy is shown faster only when paired
+    with pytest.raises(ValueError, match="paired"):
+        speedup(epochs, fast[:3], slow, paired=True)
+
+
+def test_speedup_against_a_longer_schedule_and_family_wise_levels():
+    rng = np.random.default_rng(4)
+    e12, e24 = np.arange(0, 13, dtype=float), np.arange(0, 25, dtype=float)
+    curve = lambda e, tau: 0.6 * (1 - np.exp(-(e + 0.5) / tau))
+    one_x = _outcomes(curve(e12, 3.0), 3, 3000, rng)
+    two_x = _outcomes(curve(e24, 6.0), 3, 3000, rng)  # half the speed per epoch, twice the epochs
+    r = speedup(e24, two_x, one_x, epochs_random=e12, n_boot=200, paired=True, levels=(0.95, 0.99))
+    target = 0.95 * curve(e12, 3.0)[-1]
+    truth = epochs_to_reach(e24, curve(e24, 6.0), target) / epochs_to_reach(e12, curve(e12, 3.0), target)
+    assert truth == pytest.approx(2.0, abs=0.1)
+    assert r["epochs_ratio"] == pytest.approx(truth, abs=0.2)
+    (lo95, hi95), (lo99, hi99) = r["epochs_ratio_cis"][0.95], r["epochs_ratio_cis"][0.99]
+    assert lo99 <= lo95 < truth < hi95 <= hi99  # the family-wise interval is the wider one
+    assert r["area_difference"] < 0  # over the common 12 epochs the slower schedule is lower
+
+
+def test_accuracy_band_brackets_the_mean_and_narrows_with_more_images():
+    rng = np.random.default_rng(5)
+    curve = np.linspace(0.2, 0.6, 6)
+    small, large = _outcomes(curve, 3, 300, rng), _outcomes(curve, 3, 6000, rng)
+    b_small, b_large = accuracy_band(small, n_boot=200), accuracy_band(large, n_boot=200)
+    assert (b_large[1] <= b_large[0]).all() and (b_large[0] <= b_large[2]).all()
+    assert np.abs(b_large[0] - curve).max() < 0.03
+    assert ((b_large[2] - b_large[1]) < (b_small[2] - b_small[1])).all()
+
+
+def _write_runs(tmp_path, curves: dict, seeds, rng, n: int = 2000) -> dict:
+    runs = {}
+    for name, (epochs, curve) in curves.items():
+        for s in seeds:
+            d = tmp_path / f"{name}-{s}"
+            d.mkdir(parents=True)
+            np.savez(d / "probe_outcomes.npz", epochs=epochs, knn=_outcomes(curve, 1, n, rng)[0],
+                     linear=_outcomes(curve, 1, n, rng)[0])
+            runs[(name, s)] = d
+    return runs
+
+
 def test_bench_pretrain_protocol_table_reads_the_runs_outcomes(tmp_path):
     from bench_pretrain import protocol_table
 
     rng = np.random.default_rng(2)
     epochs = np.arange(0, 9, dtype=float)
-    curves = {"random": 0.6 * (1 - np.exp(-(epochs + 0.5) / 3)), "sift": 0.6 * (1 - np.exp(-(epochs + 0.5) / 1.5))}
-    runs = {}
-    for name, curve in curves.items():
-        for s in (0, 1):
-            d = tmp_path / f"{name}-{s}"
-            d.mkdir()
-            np.savez(d / "probe_outcomes.npz", epochs=epochs, knn=_outcomes(curve, 1, 2000, rng)[0],
-                     linear=_outcomes(curve, 1, 2000, rng)[0])
-            runs[(name, s)] = d
-    table = protocol_table(runs, ["random", "sift"], [0, 1])
-    rows = [line for line in table.splitlines() if line.startswith("| sift |")]
+    curves = {"random": (epochs, 0.6 * (1 - np.exp(-(epochs + 0.5) / 3))),
+              "sift(a=+1)": (epochs, 0.6 * (1 - np.exp(-(epochs + 0.5) / 1.5))),
+              "edge-matched(a=+1)": (epochs, 0.6 * (1 - np.exp(-(epochs + 0.5) / 3)))}
+    runs = _write_runs(tmp_path, curves, (0, 1, 2), rng)
+    names = list(curves)
+    table = protocol_table(runs, names, [0, 1, 2], step_seconds={n: 1.0 for n in names}, n_boot=200)
+    rows = [line for line in table.splitlines() if line.startswith("| sift(a=+1) |")]
     assert len(rows) == 2  # knn and linear
-    ratio = float(rows[0].split("|")[3].split()[0])
+    ratio = float(rows[0].split("|")[5].split()[0])
     assert 0.3 < ratio < 0.7  # twice as fast
-    (tmp_path / "sift-1" / "probe_outcomes.npz").unlink()
-    assert protocol_table(runs, ["random", "sift"], [0, 1]) == ""  # a run without outcomes: no table
+    assert "Bonferroni over the 8 comparisons" in table  # 2 strategies x 2 probes x 2 metrics
+    # twice as fast is not "shown" (the CI's upper end must be below 0.5) but a 25% speed-up is not excluded
+    assert "EXCLUDED" not in table
+    (tmp_path / "sift(a=+1)-1" / "probe_outcomes.npz").unlink()
+    assert protocol_table(runs, names, [0, 1, 2]) == ""  # a run without outcomes: no table
+
+
+def test_bench_pretrain_verdict_excludes_a_speed_up_when_there_is_none_and_shows_a_large_one(tmp_path):
+    from bench_pretrain import protocol_table
+
+    rng = np.random.default_rng(6)
+    epochs = np.arange(0, 13, dtype=float)
+    same = 0.25 + 0.35 * (1 - np.exp(-epochs / 4))
+    fast = 0.25 + 0.35 * (1 - np.exp(-3 * epochs / 4))
+    names = ["random", "sift(a=-1)", "edge-matched(a=-1)"]
+    none = _write_runs(tmp_path / "none", {"random": (epochs, same), "sift(a=-1)": (epochs, same),
+                                           "edge-matched(a=-1)": (epochs, same)}, range(5), rng, n=8000)
+    t = protocol_table(none, names, list(range(5)), n_boot=200)
+    assert "EXCLUDED" in t and "no SIFT strategy speeds" in t
+    big = _write_runs(tmp_path / "big", {"random": (epochs, same), "sift(a=-1)": (epochs, fast),
+                                         "edge-matched(a=-1)": (epochs, same)}, range(5), rng, n=2000)
+    t = protocol_table(big, names, list(range(5)), step_seconds={n: 1.0 for n in names}, n_boot=300)
+    assert "SHOWN" in t and "Verdict: SIFT guidance speeds" in t
+    # the same gain is not SIFT's when the matched edge control has it too
+    both = _write_runs(tmp_path / "both", {"random": (epochs, same), "sift(a=-1)": (epochs, fast),
+                                           "edge-matched(a=-1)": (epochs, fast + 0.01)}, range(5), rng, n=2000)
+    t = protocol_table(both, names, list(range(5)), step_seconds={n: 1.0 for n in names}, n_boot=300)
+    assert "SHOWN" not in t

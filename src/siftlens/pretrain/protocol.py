@@ -12,7 +12,8 @@ image i), so the uncertainty can be resampled over both seeds and images:
   percentile CIs from a bootstrap that resamples each strategy's seeds and, paired across strategies,
   the validation images.
 
-Not wired into ``siftlens pretrain`` yet: the loop logs mean accuracies, not per-image outcomes.
+``siftlens pretrain`` writes the per-image outcomes (``probe_outcomes.npz``); ``benchmarks/bench_pretrain.py``
+turns them into the verdict table and figure.
 """
 
 from __future__ import annotations
@@ -43,34 +44,76 @@ def curve_area(epochs: np.ndarray, acc: np.ndarray) -> float:
 
 
 def _curves(correct: np.ndarray, seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Mean accuracy per probe [E] over the chosen seeds and images of ``correct`` [S, E, N]."""
-    return correct[seeds][:, :, images].mean(axis=(0, 2))
+    """Mean accuracy per probe [E] over the chosen seeds and images (with repeats) of ``correct`` [S, E, N]."""
+    weights = np.bincount(images, minlength=correct.shape[2]) / len(images)  # a resample as image weights
+    return (correct @ weights)[seeds].mean(axis=0)  # [S, E] per-seed curves, then the chosen seeds
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval by order statistics (no interpolation, so an inf bound stays inf, not NaN)."""
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(values, [tail, 1 - tail], method="inverted_cdf")
+    return float(lo), float(hi)
 
 
 def speedup(epochs: np.ndarray, correct: np.ndarray, correct_random: np.ndarray, fraction: float = 0.95,
-            n_boot: int = 2000, seed: int = 0) -> dict:
-    """Epochs-to-target ratio (strategy / random) and curve-area difference (strategy − random), each with a
-    95% bootstrap CI; ``correct`` [S, E, N] and ``correct_random`` [S_r, E, N] on the same images and probes."""
+            n_boot: int = 2000, seed: int = 0, paired: bool = False, levels: tuple[float, ...] = (0.95,),
+            epochs_random: np.ndarray | None = None) -> dict:
+    """Epochs-to-target ratio (strategy / random) and curve-area difference (strategy − random), with bootstrap
+    CIs at each of ``levels`` (e.g. 0.95 and a Bonferroni-corrected family-wise level).
+
+    ``correct`` [S, E, N] at ``epochs`` and ``correct_random`` [S_r, E_r, N] at ``epochs_random`` (default: the
+    same probes) hold per-image outcomes on the same validation images. The target is ``fraction`` of random's
+    final accuracy, recomputed in every resample. ``paired``: seed s of both runs shares initialisation, data
+    order, crops and masking draws, so seeds are resampled jointly (S must equal S_r); otherwise each run's
+    seeds are resampled on their own. Images are always resampled jointly (the same validation images). With
+    different probe epochs (e.g. a longer schedule), the areas are compared over the common span only.
+    """
+    epochs = np.asarray(epochs, float)
+    epochs_random = epochs if epochs_random is None else np.asarray(epochs_random, float)
     correct, correct_random = np.asarray(correct, float), np.asarray(correct_random, float)
-    if correct.shape[1:] != correct_random.shape[1:] or correct.shape[1] != len(epochs):
-        raise ValueError(f"shapes {correct.shape} and {correct_random.shape} do not share probes {len(epochs)} "
-                         "and images")
+    if (correct.shape[1] != len(epochs) or correct_random.shape[1] != len(epochs_random)
+            or correct.shape[2] != correct_random.shape[2]):
+        raise ValueError(f"shapes {correct.shape} and {correct_random.shape} do not share probes "
+                         f"({len(epochs)}, {len(epochs_random)}) and images")
+    S, S_r, N = len(correct), len(correct_random), correct.shape[2]
+    if paired and S != S_r:
+        raise ValueError(f"paired seeds need as many seeds in both runs, got {S} and {S_r}")
+    span = min(epochs[-1], epochs_random[-1])
+    in_a, in_r = epochs <= span, epochs_random <= span
 
     def stats(s_a, s_r, imgs) -> tuple[float, float]:
         a, r = _curves(correct, s_a, imgs), _curves(correct_random, s_r, imgs)
         target = fraction * r[-1]
-        t_r = epochs_to_reach(epochs, r, target)
-        return epochs_to_reach(epochs, a, target) / t_r, curve_area(epochs, a) - curve_area(epochs, r)
+        ratio = epochs_to_reach(epochs, a, target) / epochs_to_reach(epochs_random, r, target)
+        return ratio, curve_area(epochs[in_a], a[in_a]) - curve_area(epochs_random[in_r], r[in_r])
 
-    S, S_r, N = len(correct), len(correct_random), correct.shape[2]
     ratio, area = stats(np.arange(S), np.arange(S_r), np.arange(N))
     rng = np.random.default_rng([seed, 31])
-    boot = np.array([stats(rng.integers(0, S, S), rng.integers(0, S_r, S_r), rng.integers(0, N, N))
-                     for _ in range(n_boot)])
+    boot = []
+    for _ in range(n_boot):
+        s_a = rng.integers(0, S, S)
+        s_r = s_a if paired else rng.integers(0, S_r, S_r)
+        boot.append(stats(s_a, s_r, rng.integers(0, N, N)))
+    boot = np.array(boot)
     # a resample where the strategy never reaches the target gives ratio inf: it sorts last, as it should
-    # (order statistics, no interpolation, so an inf bound stays inf rather than NaN)
-    lo_r, hi_r = np.quantile(boot[:, 0], [0.025, 0.975], method="inverted_cdf")
-    lo_a, hi_a = np.quantile(boot[:, 1], [0.025, 0.975])
-    return {"epochs_ratio": ratio, "epochs_ratio_ci": (float(lo_r), float(hi_r)),
-            "area_difference": area, "area_difference_ci": (float(lo_a), float(hi_a)),
-            "fraction": fraction, "n_seeds": (S, S_r), "n_images": N, "n_boot": n_boot}
+    out = {"epochs_ratio": ratio, "area_difference": area, "fraction": fraction, "n_seeds": (S, S_r),
+           "n_images": N, "n_boot": n_boot, "paired": paired,
+           "epochs_ratio_cis": {lv: _interval(boot[:, 0], lv) for lv in levels},
+           "area_difference_cis": {lv: _interval(boot[:, 1][np.isfinite(boot[:, 1])], lv) for lv in levels}}
+    out["epochs_ratio_ci"] = out["epochs_ratio_cis"][levels[0]]
+    out["area_difference_ci"] = out["area_difference_cis"][levels[0]]
+    return out
+
+
+def accuracy_band(correct: np.ndarray, level: float = 0.95, n_boot: int = 500, seed: int = 0) -> np.ndarray:
+    """[3, E]: mean accuracy per probe over seeds and images, and its bootstrap interval (seeds and images
+    resampled), for the curve figure's bands. ``correct`` [S, E, N]."""
+    correct = np.asarray(correct, float)
+    S, _, N = correct.shape
+    rng = np.random.default_rng([seed, 37])
+    per_seed_image = correct  # [S, E, N]
+    boot = np.stack([_curves(per_seed_image, rng.integers(0, S, S), rng.integers(0, N, N)) for _ in range(n_boot)])
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(boot, [tail, 1 - tail], axis=0)
+    return np.stack([correct.mean(axis=(0, 2)), lo, hi])
