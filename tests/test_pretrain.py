@@ -498,3 +498,16 @@ def test_pretrain_attmask_high_runs(npz, tmp_path):
     log = pretrain(tiny_cfg(npz, tmp_path / "am", masking="attmask-high", epochs=1, eval_every=0))
     assert np.isfinite(log["loss"].dropna()).all()
     assert (tmp_path / "am" / "masking_examples.png").is_file()
+
+
+def test_pretrain_logs_curve_area_and_epochs_to_a_reference(npz, tmp_path):
+    ref = pretrain(tiny_cfg(npz, tmp_path / "ref", epochs=2))
+    assert ref["knn_area"].notna().all()  # eval_every=1: every row is a probe
+    assert "knn_epochs_to_reference" not in ref
+    log = pretrain(tiny_cfg(npz, tmp_path / "other", epochs=2, masking="sift", reference=str(tmp_path / "ref")))
+    reached = log["knn_epochs_to_reference"].dropna()
+    target = 0.95 * ref["knn_acc"].iloc[-1]
+    first = log.index[log["knn_acc"] >= target]
+    assert reached.empty == first.empty  # NaN exactly until the probe reaches 95% of the reference's final
+    if len(first):
+        assert 0 <= reached.iloc[-1] <= log["epoch"].iloc[first[0]]

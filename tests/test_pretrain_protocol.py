@@ -157,3 +157,36 @@ def test_bench_pretrain_verdict_excludes_a_speed_up_when_there_is_none_and_shows
                                            "edge-matched(a=-1)": (epochs, fast + 0.01)}, range(5), rng, n=2000)
     t = protocol_table(both, names, list(range(5)), step_seconds={n: 1.0 for n in names}, n_boot=300)
     assert "SHOWN" not in t
+
+
+def test_curve_metrics_logged_by_pretrain_follow_the_probes_so_far():
+    from siftlens.pretrain.loop import curve_metrics
+
+    history = [{"epoch": 0, "knn_acc": 0.2, "linear_acc": 0.3}, {"epoch": 1, "knn_acc": None, "linear_acc": None},
+               {"epoch": 2, "knn_acc": 0.4, "linear_acc": 0.3}, {"epoch": 4, "knn_acc": 0.5, "linear_acc": 0.6}]
+    m = curve_metrics(history, {"knn_acc": 0.45, "linear_acc": 0.45})
+    # kNN trapezoids: (0.2+0.4)/2*2 + (0.4+0.5)/2*2 = 0.6 + 0.9 = 1.5 over 4 epochs
+    assert m["knn_area"] == pytest.approx(1.5 / 4)
+    assert m["linear_area"] == pytest.approx((0.3 * 2 + 0.45 * 2) / 4)
+    assert m["knn_epochs_to_reference"] == pytest.approx(3.0)  # halfway from 0.4 (epoch 2) to 0.5 (epoch 4)
+    assert m["linear_epochs_to_reference"] == pytest.approx(3.0)
+    early = curve_metrics(history[:3], {"knn_acc": 0.45, "linear_acc": 0.45})
+    assert np.isnan(early["knn_epochs_to_reference"])  # not reached yet
+    assert "knn_epochs_to_reference" not in curve_metrics(history, None)
+
+
+def test_reference_run_must_be_a_pretrain_run_with_probes(tmp_path):
+    import pandas as pd
+
+    from siftlens.pretrain.loop import reference_targets
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--reference .*no log.parquet"):
+        reference_targets(tmp_path)
+    pd.DataFrame({"epoch": [0, 1], "knn_acc": [None, None], "linear_acc": [None, None]}).to_parquet(
+        tmp_path / "log.parquet")
+    with pytest.raises(UserValueError, match="no knn_acc probe"):
+        reference_targets(tmp_path)
+    pd.DataFrame({"epoch": [0, 2, 3], "knn_acc": [0.1, 0.4, None], "linear_acc": [0.2, 0.6, None]}).to_parquet(
+        tmp_path / "log.parquet")
+    assert reference_targets(tmp_path) == {"knn_acc": pytest.approx(0.38), "linear_acc": pytest.approx(0.57)}

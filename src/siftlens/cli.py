@@ -356,6 +356,9 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int_range(1, 1024), default=None, help="torch CPU threads per process")
     p.add_argument("--cache-dir", default=None, help="keep decoded images, extracted archives and keypoints here")
+    p.add_argument("--reference", default=None, metavar="RUN",
+                   help="a finished run (e.g. random masking, same data): log and print the epoch at which this "
+                        "run's probes first reach 95%% of its final accuracy (knn/linear_epochs_to_reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_pretrain)
 
@@ -376,7 +379,8 @@ def pretrain_config_from_args(args: argparse.Namespace):
         knn_k=args.knn_k, probe_train_limit=args.probe_train_limit, probe_val_limit=args.probe_val_limit,
         checkpoint_every=args.checkpoint_every, max_keypoints=args.max_keypoints,
         keypoint_workers=args.keypoint_workers, limit=args.limit, seed=args.seed,
-        device=args.device, amp=args.amp, cache_dir=args.cache_dir, progress=not args.quiet)
+        device=args.device, amp=args.amp, cache_dir=args.cache_dir, progress=not args.quiet,
+        reference=args.reference)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:

@@ -48,6 +48,40 @@ from .guidance import (
 )
 from .mae import ENCODER_ARCH, MAE, MAEConfig
 from .masking import MASKINGS, alpha_schedule, loss_weights, mask_from_noise, masking_noise
+from .protocol import curve_area, epochs_to_reach
+
+REFERENCE_FRACTION = 0.95  # issue 15's target: this fraction of the reference run's final probe accuracy
+
+
+def reference_targets(run: str | Path) -> dict[str, float]:
+    """{probe: REFERENCE_FRACTION x the final accuracy} of a finished `siftlens pretrain` run (its log.parquet)."""
+    path = Path(run) / "log.parquet"
+    if not path.is_file():
+        raise UserValueError(f"--reference {run}: no log.parquet there (not a `siftlens pretrain` run directory)")
+    log = pd.read_parquet(path)
+    out = {}
+    for probe in ("knn_acc", "linear_acc"):
+        done = log.dropna(subset=[probe]) if probe in log else log.iloc[:0]
+        if done.empty:
+            raise UserValueError(f"--reference {run}: its log has no {probe} probe (run it with --eval-every > 0)")
+        out[probe] = REFERENCE_FRACTION * float(done[probe].iloc[-1])
+    return out
+
+
+def curve_metrics(history: list[dict], targets: dict[str, float] | None) -> dict[str, float]:
+    """The low-noise metrics of the probes so far: curve area (the run's mean probe accuracy, trapezoids) and,
+    given a reference, the epoch at which each probe first reached its target (interpolated; NaN until then)."""
+    out = {}
+    for probe in ("knn_acc", "linear_acc"):
+        rows = [(r["epoch"], r[probe]) for r in history if r.get(probe) is not None]
+        if not rows:
+            continue
+        epochs, acc = np.array(rows, float).T
+        out[probe.replace("_acc", "_area")] = curve_area(epochs, acc)
+        if targets:
+            reached = epochs_to_reach(epochs, acc, targets[probe])
+            out[probe.replace("_acc", "_epochs_to_reference")] = reached if math.isfinite(reached) else math.nan
+    return out
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
@@ -85,6 +119,7 @@ class PretrainConfig:
     amp: bool = False  # bf16 autocast (GPU)
     cache_dir: str | None = None
     progress: bool = True
+    reference: str | None = None  # a finished run (e.g. random masking): log epochs to 95% of its final probes
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -105,7 +140,7 @@ class PretrainConfig:
 
     # what must match for a resume to continue the same run
     def identity(self) -> dict:
-        skip = {"out", "progress", "device", "amp", "cache_dir", "checkpoint_every", "keypoint_workers"}
+        skip = {"out", "progress", "device", "amp", "cache_dir", "checkpoint_every", "keypoint_workers", "reference"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["model"] = self.model.to_dict()
         return json.loads(json.dumps(d))
@@ -316,6 +351,7 @@ class Pretrainer:
         cfg = self.cfg
         resumed = self.try_resume()
         self.probes = self._probe_sets() if self.rank == 0 else None
+        self.targets = reference_targets(cfg.reference) if cfg.reference and self.rank == 0 else None
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
         if self.rank == 0 and not self.state["history"]:
             try:  # a picture must never cost a training run
@@ -389,6 +425,8 @@ class Pretrainer:
                "alpha": s.get("alpha", self.cfg.alpha), "train_seconds": s["train_seconds"],
                "guidance_seconds": s["guidance_seconds"], "knn_acc": None, "linear_acc": None, **extra}
         s["history"].append(row)
+        if extra:
+            row.update(curve_metrics(s["history"], getattr(self, "targets", None)))
         s["epoch_loss_sum"] = 0.0
         if getattr(self, "_pending_outcomes", None) is not None:
             self._write_outcomes(epoch)
@@ -398,7 +436,8 @@ class Pretrainer:
         atomic_write_text(self.out / "step_losses.csv", "step,loss\n" + "".join(
             f"{i + 1},{v!r}\n" for i, v in enumerate(s["step_losses"])))
         if extra and self.cfg.progress:
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+            shown = {k: row[k] for k in row if k.endswith(("_acc", "_area", "_to_reference"))}
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
     def export_encoder(self) -> Path:
         """encoder.safetensors (timm state dict) + encoder.json (how to build it, preprocessing)."""
