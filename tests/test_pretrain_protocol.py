@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from siftlens.pretrain.protocol import accuracy_band, curve_area, epochs_to_reach, speedup
+from siftlens.pretrain.protocol import accuracy_band, area_gain_of_speedup, curve_area, epochs_to_reach, speedup
 
 
 def test_epochs_to_reach_interpolates_between_probes():
@@ -190,3 +190,12 @@ def test_reference_run_must_be_a_pretrain_run_with_probes(tmp_path):
     pd.DataFrame({"epoch": [0, 2, 3], "knn_acc": [0.1, 0.4, None], "linear_acc": [0.2, 0.6, None]}).to_parquet(
         tmp_path / "log.parquet")
     assert reference_targets(tmp_path) == {"knn_acc": pytest.approx(0.38), "linear_acc": pytest.approx(0.57)}
+
+
+def test_area_gain_of_a_speedup_is_what_a_time_compressed_copy_of_the_curve_adds():
+    epochs = np.array([0.0, 1, 2, 3, 4])
+    acc = np.array([0.0, 0.2, 0.4, 0.4, 0.4])
+    # 0.5x the epochs: acc(t / 0.5) = acc(2t) -> [0, 0.4, 0.4, 0.4, 0.4]; area 1.4/4 against 1.2/4
+    assert area_gain_of_speedup(epochs, acc, 0.5) == pytest.approx(0.2 / 4)
+    assert area_gain_of_speedup(epochs, acc, 1.0) == 0.0
+    assert area_gain_of_speedup(epochs, acc, 2.0) < 0  # twice as slow loses area

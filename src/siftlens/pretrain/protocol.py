@@ -43,6 +43,15 @@ def curve_area(epochs: np.ndarray, acc: np.ndarray) -> float:
     return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(epochs)) / span)  # trapezoids (np.trapz left numpy 2)
 
 
+def area_gain_of_speedup(epochs: np.ndarray, acc: np.ndarray, epochs_ratio: float) -> float:
+    """The curve-area difference a strategy would show if it were exactly ``epochs_ratio``× random's epochs to
+    every accuracy (its curve ``acc(t / epochs_ratio)``, flat at the final accuracy past the last probe): turns
+    "a 25% speed-up" (ratio 0.75) into the area metric, whose CI is far tighter than a single crossing's."""
+    epochs, acc = np.asarray(epochs, float), np.asarray(acc, float)
+    faster = np.interp(epochs / epochs_ratio, epochs, acc)  # np.interp holds the last value beyond the end
+    return curve_area(epochs, faster) - curve_area(epochs, acc)
+
+
 def _curves(correct: np.ndarray, seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
     """Mean accuracy per probe [E] over the chosen seeds and images (with repeats) of ``correct`` [S, E, N]."""
     weights = np.bincount(images, minlength=correct.shape[2]) / len(images)  # a resample as image weights
