@@ -140,10 +140,15 @@ def measure_step_seconds(names: list[str], args: argparse.Namespace, rounds: int
             idx = order[(r * p.cfg.batch_size) % (len(order) - p.cfg.batch_size):][:p.cfg.batch_size]
             t0 = time.perf_counter()
             x, noise, weights, _, _ = p.batch_inputs(r, idx)
-            loss, _, _ = p.model(x, noise, p.cfg.mask_ratio, weights)
+            dev = p.device
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.cfg.amp):
+                loss, _, _ = p.model(x.to(dev), noise.to(dev), p.cfg.mask_ratio,
+                                     None if weights is None else weights.to(dev))
             p.opt.zero_grad(set_to_none=True)
             loss.backward()
             p.opt.step()
+            if dev.type == "cuda":  # the step is asynchronous on a GPU: wait for it before reading the clock
+                torch.cuda.synchronize(dev)
             if r:
                 times[name].append(time.perf_counter() - t0)
     return {n: float(np.median(t)) for n, t in times.items()}
