@@ -346,18 +346,20 @@ def test_prompt_resumes_after_a_kill_with_the_same_predictions(cue, tmp_path, mo
     full = pd.read_parquet(tmp_path / "full" / "predictions.parquet")
     assert not (tmp_path / "full" / ".parts").exists() and full["steered"].sum() >= 4
 
-    real_write, writes = prompt_mod.BatchParts.write, []
+    real_write, writes = prompt_mod.RunParts.write, []
 
-    def killed_after_two_batches(self, i, rows, **meta):
+    def killed_after_two_batches(self, name, i, part):
         if len(writes) == 2:
             raise KeyboardInterrupt
         writes.append(i)
-        return real_write(self, i, rows, **meta)
+        return real_write(self, name, i, part)
 
-    monkeypatch.setattr(prompt_mod.BatchParts, "write", killed_after_two_batches)
+    monkeypatch.setattr(prompt_mod.RunParts, "write", killed_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
-    monkeypatch.setattr(prompt_mod.BatchParts, "write", real_write)
+    monkeypatch.setattr(prompt_mod.RunParts, "write", lambda self, name, i, part: (writes.append(i),
+                                                                                  real_write(self, name, i, part))[1])
     run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
+    assert writes == [0, 1, 2]  # 12 images in chunks of 4: only the unfinished one was steered again
     again = pd.read_parquet(tmp_path / "again" / "predictions.parquet")
     pd.testing.assert_frame_equal(again, full)  # random_mask's draws included

@@ -120,33 +120,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args):
+DRIVER = """import json, os, sys
+from siftlens.cli import main
+from siftlens.resume import RunParts
+written, real_write = [], RunParts.write
+def write(self, name, i, part):  # which rank computed which part (kept in out/.parts, not in memory)
+    if self.root is not None:
+        written.append([self.command, name, i])
+    return real_write(self, name, i, part)
+RunParts.write = write
+for args in json.loads(sys.argv[1]):  # one process group for every command: one start-up for the test
+    rc = main(args)
+    if rc:
+        sys.exit(rc)
+open(sys.argv[2] + os.environ["RANK"], "w").write(json.dumps(written))
+"""
+
+
+def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "siftlens", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-
-
-def test_flag_under_torchrun_two_processes_equals_one(setup):
-    root, _ = setup
-    args = ["flag", "--model", str(root / "m.safetensors"), "--motifs", str(root / "ref"), "--images",
+    root, spurious = setup
+    flag = ["flag", "--model", str(root / "m.safetensors"), "--motifs", str(root / "ref"), "--images",
             str(root / "new"), "--batch-size", "4", "--window", "1"]
-    assert main([*args, "--out", str(root / "flag1")]) == 0
-    r = _torchrun([*args, "--out", str(root / "flag2")])
+    prompt = ["prompt", "--model", str(root / "m.safetensors"), "--motifs", str(root / "ref"), "--images",
+              str(root / "new"), "--method", "random_mask", "--layers", "all", "--labels", "none", "--batch-size",
+              "4", "--seed", "3"]
+    assert main([*flag, "--out", str(root / "flag1")]) == 0
+    assert main([*prompt, "--out", str(root / "prompt1")]) == 0
+    (root / "driver.py").write_text(DRIVER)
+    cmds = [[*flag, "--out", str(root / "flag2")], [*prompt, "--out", str(root / "prompt2")],
+            [*spurious, "--out", str(root / "dist")]]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), str(root / "driver.py"), json.dumps(cmds), str(root / "written")],
+                       capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    by_rank = [{tuple(w) for w in json.loads((root / f"written{rank}").read_text())} for rank in (0, 1)]
+    assert not by_rank[0] & by_rank[1]  # each part computed once, by one rank: rank r takes items r, r + 2, ...
+    for rank in (0, 1):
+        assert {i for c, n, i in by_rank[rank] if n == "flag"} == set(range(rank, 7, 2))
+        assert {n for _, n, _ in by_rank[rank]} == {"flag", "prompt", "extract", "causal", "control", "counterfactual"}
+
     one, two = pd.read_parquet(root / "flag1" / "flags.parquet"), pd.read_parquet(root / "flag2" / "flags.parquet")
     assert len(one) == 27  # 28 files, one unreadable; 7 chunks of 4 over two ranks
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     m1, m2 = (json.loads((root / d / "manifest.json").read_text()) for d in ("flag1", "flag2"))
-    assert m1 == m2 and (root / "flag2" / "flags.html").is_file() and not (root / "flag2" / ".parts").exists()
+    assert m1 == m2 and (root / "flag2" / "flags.html").is_file()
 
+    one = pd.read_parquet(root / "prompt1" / "predictions.parquet")
+    two = pd.read_parquet(root / "prompt2" / "predictions.parquet")
+    assert len(one) == 27 and one["steered"].sum() >= 9  # random draws on the images with a shortcut present
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    s1, s2 = (json.loads((root / d / "summary.json").read_text()) for d in ("prompt1", "prompt2"))
+    assert s1 == s2
 
-def test_spurious_under_torchrun_two_processes_equals_one(setup):
-    root, args = setup
-    r = _torchrun([*args, "--out", str(root / "dist")])
-    assert r.returncode == 0, r.stderr[-3000:]
     same_spurious(root / "ref", root / "dist")
-    assert not (root / "dist" / ".parts").exists()
+    assert not any((root / d / ".parts").exists() for d in ("flag2", "prompt2", "dist"))

@@ -261,6 +261,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(json.dumps(summary, indent=1))
     return 0
 

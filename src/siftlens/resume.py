@@ -1,12 +1,11 @@
-"""Finished batches of a long per-image command, kept so a killed run resumes; torchrun ranks.
+"""Finished batches of the long per-image commands (`spurious`, `flag`, `prompt`), kept so a killed run
+resumes, and shared by torchrun ranks (``RunParts``; `analyze` keeps its own parts, analyze.py).
 
-``RunParts`` (``spurious``, ``flag``): several passes of numbered parts under ``out/.parts/<command>/``,
-shared by torchrun ranks, refused with the differing settings named when the arguments change.
-
-``BatchParts(out, command, key)`` keeps batch i as ``out/.parts/<command>/<key>/<i>.parquet`` (its rows)
-and ``<i>.json`` (written last: it marks the batch finished). ``key`` hashes everything that decides the
-numbers (``run_key``); parts of a run with another key are removed, so a batch is never reused by another
-run. ``finish()`` removes the parts once the command's own outputs are written.
+``out/.parts/<command>/run.json`` holds the settings that decide the numbers (``settings_fingerprint``); each
+pass keeps numbered parts ``<pass>/<i>.{parquet,npz}`` and ``<i>.json``, written last, atomically: it marks the
+part finished. A run with the same settings reuses every finished part; with other settings it is refused
+(one line naming --out and the settings) while finished parts exist. ``finish()`` removes the parts once the
+command's own outputs are written.
 """
 
 from __future__ import annotations
@@ -27,54 +26,6 @@ from .io import atomic_write_json, atomic_write_npz, atomic_write_parquet
 from .models import LoadedModel
 from .validation import UserRuntimeError
 
-
-def run_key(lm: LoadedModel, paths: list[Path], *settings, files: tuple[Path, ...] = ()) -> str:
-    """Hash of the model (name, preprocessing, a sample of every weight tensor), the image list (path, size),
-    the contents of ``files`` and the JSON of ``settings``."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
-    for p in paths:
-        h.update(f"{p}\0{p.stat().st_size if p.exists() else -1}\0".encode())
-    for t in lm.module.state_dict().values():  # same name, other weights: another run
-        h.update(t.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
-    h.update(json.dumps([lm.name, lm.preprocess.to_dict(), *settings], default=str).encode())
-    return h.hexdigest()[:16]
-
-
-class BatchParts:
-    def __init__(self, out: str | Path, command: str, key: str) -> None:
-        self.root = Path(out) / ".parts" / command
-        self.dir = self.root / key
-        if self.root.is_dir():
-            for old in self.root.iterdir():
-                if old != self.dir:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    def done(self, i: int) -> bool:
-        return (self.dir / f"{i:06d}.json").is_file()
-
-    def read(self, i: int) -> tuple[pd.DataFrame | None, dict]:
-        meta = json.loads((self.dir / f"{i:06d}.json").read_text())
-        rows = pd.read_parquet(self.dir / f"{i:06d}.parquet") if meta["n_rows"] else None
-        return rows, meta
-
-    def write(self, i: int, rows: pd.DataFrame | None, **meta) -> None:
-        n = 0 if rows is None else len(rows)
-        self.dir.mkdir(parents=True, exist_ok=True)  # only once a batch is done: a run that fails first leaves none
-        if n:
-            atomic_write_parquet(rows, self.dir / f"{i:06d}.parquet")
-        atomic_write_json(self.dir / f"{i:06d}.json", {"n_rows": n, **meta})
-
-    def finish(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            self.root.parent.rmdir()  # .parts, if nothing else is in it
-        except OSError:
-            pass
-
-
-# --- multi-pass commands (`spurious`, `flag`): settings that must match, passes of numbered parts, ranks ---
 
 def settings_fingerprint(lm: LoadedModel, paths: list[Path], files: tuple[Path, ...] = (), **options) -> dict:
     """What decides a run's numbers, as named entries (a resumed run is refused with the names that differ):
@@ -151,12 +102,13 @@ class RunParts:
         self.root = None if out is None else Path(out) / ".parts" / command
         self._memory: dict[tuple[str, int], Part] = {}
         self._written: dict[str, int] = {}
+        self.settings = settings or {}
         if self.root is None:
             if world > 1:
                 raise ValueError("a distributed run needs an output directory for its parts")
             return
         if rank == 0:
-            self._start_or_resume(Path(out), settings or {})
+            self._start_or_resume(Path(out), self.settings)
         barrier(world)
 
     @classmethod
@@ -181,9 +133,8 @@ class RunParts:
                 raise UserRuntimeError(
                     f"--out {out} holds an unfinished {self.command} run with different {'; '.join(diff)}: run it "
                     f"again with its arguments to resume, or use another --out, or delete {self.root} to start over")
-            shutil.rmtree(self.root)  # a run that finished no part holds nothing worth keeping
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_file, settings)
+            self.finish()  # a run that finished no part holds nothing worth keeping
+        # run.json is written with the first finished part: a run that fails before one leaves nothing behind
 
     def _dir(self, name: str) -> Path:
         return self.root / name
@@ -199,6 +150,8 @@ class RunParts:
             return
         d = self._dir(name)
         d.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "run.json").is_file():
+            atomic_write_json(self.root / "run.json", self.settings)
         if part.table is not None:
             atomic_write_parquet(part.table, d / f"{i:06d}.parquet")
         if part.arrays:
@@ -240,7 +193,8 @@ class RunParts:
         self._memory.clear()
         if self.root is None or self.rank != 0:
             return
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            shutil.rmtree(self.root, ignore_errors=True)
         try:
             self.root.parent.rmdir()  # .parts, if nothing else is in it
         except OSError:

@@ -62,17 +62,17 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     rank, world = distributed(device)
     device = rank_device(device)
     out = ensure_writable_dir(out)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
-                                                                 random_init=random_init, device=device)
-    check_finite_parameters(lm.module, lm.name)
-    paths = find_images(images)
-    root = Path(images) if Path(images).is_dir() else None
-    y, class_names = read_labels(paths, labels, root)
-    counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
-    small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
-    if small:
-        raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
     with OutputLock(out, "spurious", enabled=rank == 0):  # one run per --out (runguard.py)
+        lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
+                                                                     random_init=random_init, device=device)
+        check_finite_parameters(lm.module, lm.name)
+        paths = find_images(images)
+        root = Path(images) if Path(images).is_dir() else None
+        y, class_names = read_labels(paths, labels, root)
+        counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
+        small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
+        if small:
+            raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
         parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg), rank, world)
         source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
         res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts)
