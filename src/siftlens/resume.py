@@ -188,6 +188,11 @@ class RunParts:
         barrier(self.world)
         return (self.read(name, i) for i in range(n))
 
+    def release(self) -> None:
+        """Every rank has read the parts it needs: wait for all of them, so that rank 0 may remove the parts
+        (``finish``) while the others return."""
+        barrier(self.world)
+
     def finish(self) -> None:
         """Remove the parts (once the command's outputs are written; rank 0)."""
         self._memory.clear()

@@ -453,18 +453,19 @@ def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
 
     source = as_source(images)
     parts = parts or RunParts.memory()
+    device = next(lm.module.parameters()).device
     with (SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=masker) as steered,
           # the control only needs the counts of the mask the steered pass has just computed for this batch
           SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=lambda _x: steered.last_mask,
                      seed=seed) as control):
         def batch(c: int) -> Part:
-            x = source.get(np.arange(c * batch_size, min((c + 1) * batch_size, len(source))))
+            x = source.get(np.arange(c * batch_size, min((c + 1) * batch_size, len(source)))).to(device)
             # the control's draws restart per batch: a resumed run or another rank draws what one run draws
             control.reset_rng(int(np.random.SeedSequence([seed, c]).generate_state(1)[0]))
-            p1 = steered(x).float().softmax(-1)
-            return Part(arrays={"p0": lm.forward(x).float().softmax(-1).numpy(), "p1": p1.numpy(),
-                                "n_masked": steered.last_mask.sum(1).numpy(),
-                                "p2": control(x).float().softmax(-1).numpy()})
+            p1 = steered(x).float().softmax(-1).cpu()
+            return Part(arrays={"p0": lm.forward(x).float().softmax(-1).cpu().numpy(), "p1": p1.numpy(),
+                                "n_masked": steered.last_mask.sum(1).cpu().numpy(),
+                                "p2": control(x).float().softmax(-1).cpu().numpy()})
 
         done = list(parts.run("counterfactual", -(-len(source) // batch_size), batch))
     P0, P1, P2 = (np.concatenate([p.arrays[k] for p in done]).astype(np.float64) for k in ("p0", "p1", "p2"))

@@ -218,6 +218,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
             token_units=token_units, occlusion=occlusion, window=window, seed=seed), rank, world)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts)
+        parts.release()
         if rank != 0:
             return None
         skipped = source.skipped + no_kp

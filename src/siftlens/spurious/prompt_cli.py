@@ -121,6 +121,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
             skipped += part.meta["skipped"]
     steered.remove()
     source.set_readable(kept, skipped)
+    parts.release()
     if rank != 0:
         return None
     df = pd.concat(frames, ignore_index=True)

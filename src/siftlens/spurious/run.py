@@ -84,6 +84,7 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         except NotImplementedError as e:  # attention modules that take no mask: discovery stands, no counterfactual
             if rank == 0:
                 print(f"warning: no counterfactual scores for {lm.name}: {e}")
+        parts.release()
         if rank != 0:
             return None
         res.per_image.insert(0, "path", [str(p) for p in source.paths])
