@@ -114,6 +114,27 @@ def test_spurious_resumed_in_process_equals_uninterrupted_and_redoes_only_what_w
     same_spurious(root / "ref", out)
 
 
+def test_spurious_holds_at_most_one_batch_of_images(setup, monkeypatch):
+    """Memory flat in the number of images: no pass keeps more than --batch-size decoded images alive."""
+    import weakref
+
+    from siftlens.spurious.source import PathSource
+
+    root, args = setup
+    real_load, alive, most = PathSource._load, [0], [0]
+
+    def counted(self, p):
+        x = real_load(self, p)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(x, lambda: alive.__setitem__(0, alive[0] - 1))
+        return x
+
+    monkeypatch.setattr(PathSource, "_load", counted)
+    assert main([*args, "--out", str(root / "flat")]) == 0
+    assert 1 <= most[0] <= 16, most  # 90 readable images, batches of 16
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
