@@ -14,13 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
-from ..image_source import find_images, read_labels, read_model_input  # noqa: E402
+from ..image_source import find_images, read_labels  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..models import LoadedModel, load_model  # noqa: E402
-from ..preprocess import BadImageError  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
@@ -31,21 +29,6 @@ from .discover import (  # noqa: E402
     discover_shortcuts,
 )
 from .source import PathSource  # noqa: E402
-
-
-def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Model inputs of the readable images (all in memory: for small sets and tests; the commands stream
-    with ``siftlens.spurious.source.PathSource``), their indices, and the skipped ones with reasons."""
-    xs, keep, skipped = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            xs.append(read_model_input(lm, p))
-            keep.append(i)
-        except BadImageError as e:
-            skipped.append({"path": str(p), "reason": str(e)})
-    if not xs:
-        raise UserValueError(f"--images {source}: no readable image")
-    return torch.stack(xs), keep, skipped
 
 
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
