@@ -288,13 +288,12 @@ def test_window_occlusion_flags_cue_images_and_finds_the_cue(cue):
 
 def test_flag_resumes_after_a_kill_with_the_same_numbers(cue, tmp_path, monkeypatch):
     import siftlens.spurious.flag as flag_mod
+    from siftlens.resume import RunParts
 
     data, lm, res = cue
     x = inputs(lm, data["conflict"])[:20]
     full, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1)
-    from siftlens.resume import BatchParts
-
-    parts = BatchParts(tmp_path, "flag", "k")
+    parts = RunParts(tmp_path, "flag", {"k": 1})
     real, calls = flag_mod.window_drops, []
 
     def dies_on_the_second_batch(*a, **k):
@@ -306,14 +305,14 @@ def test_flag_resumes_after_a_kill_with_the_same_numbers(cue, tmp_path, monkeypa
     monkeypatch.setattr(flag_mod, "window_drops", dies_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1, parts=parts)
-    assert sorted(f.name for f in parts.dir.iterdir()) == ["000000.json", "000000.parquet"]
-    assert parts.done(0) and not parts.done(1)
+    assert sorted(f.name for f in (parts.root / "flag").iterdir()) == ["000000.json", "000000.parquet"]
+    assert parts.done("flag", 0) and not parts.done("flag", 1)
     calls.clear()
     monkeypatch.setattr(flag_mod, "window_drops", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed, _ = flag_images(lm, res.shortcuts, TensorSource(x), batch_size=8, window=1,
-                             parts=BatchParts(tmp_path, "flag", "k"))
+                             parts=RunParts(tmp_path, "flag", {"k": 1}))
     assert len(calls) == 2  # batches 2 and 3 only: the first was read back
-    pd.testing.assert_frame_equal(resumed, full)  # random-window control included: its draws are replayed
+    pd.testing.assert_frame_equal(resumed, full)  # random-window control included: its draws restart per batch
 
 
 def test_path_source_names_the_right_file_during_its_first_pass(cue, tmp_path):
@@ -347,18 +346,20 @@ def test_prompt_resumes_after_a_kill_with_the_same_predictions(cue, tmp_path, mo
     full = pd.read_parquet(tmp_path / "full" / "predictions.parquet")
     assert not (tmp_path / "full" / ".parts").exists() and full["steered"].sum() >= 4
 
-    real_write, writes = prompt_mod.BatchParts.write, []
+    real_write, writes = prompt_mod.RunParts.write, []
 
-    def killed_after_two_batches(self, i, rows, **meta):
+    def killed_after_two_batches(self, name, i, part):
         if len(writes) == 2:
             raise KeyboardInterrupt
         writes.append(i)
-        return real_write(self, i, rows, **meta)
+        return real_write(self, name, i, part)
 
-    monkeypatch.setattr(prompt_mod.BatchParts, "write", killed_after_two_batches)
+    monkeypatch.setattr(prompt_mod.RunParts, "write", killed_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
-    monkeypatch.setattr(prompt_mod.BatchParts, "write", real_write)
+    monkeypatch.setattr(prompt_mod.RunParts, "write", lambda self, name, i, part: (writes.append(i),
+                                                                                  real_write(self, name, i, part))[1])
     run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
+    assert writes == [0, 1, 2]  # 12 images in chunks of 4: only the unfinished one was steered again
     again = pd.read_parquet(tmp_path / "again" / "predictions.parquet")
     pd.testing.assert_frame_equal(again, full)  # random_mask's draws included

@@ -207,6 +207,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, causal=causal)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
+    if res is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     for k, name in enumerate(res.class_names):
         top = res.motifs[res.motifs["cls"] == k].head(1)
         if len(top):
@@ -259,6 +261,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init)
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -295,6 +299,8 @@ def _run_flag(args: argparse.Namespace) -> int:
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed)
+    if df is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "
           f"{(df['pred'] != df['pred_without']).sum()} change prediction without it) -> {args.out}/flags.html")
     return 0

@@ -50,6 +50,7 @@ from scipy.cluster.vq import vq
 
 from ..io import atomic_write_json
 from ..models import LoadedModel
+from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, keypoint_mass
 from ..validation import UserValueError
 
@@ -101,24 +102,27 @@ class _MaskHolder:
 
 @torch.no_grad()
 def masked_probs(lm: LoadedModel, source, layers: list[int], jobs: list[tuple[int, np.ndarray]],
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, parts: RunParts | None = None, name: str = "masked") -> np.ndarray:
     """Class probabilities [J, K] with, for job j = (image index, bool mask [n]), the masked tokens removed
-    as keys in ``layers``. Jobs are run in batches; each batch's images are read from ``source`` once."""
+    as keys in ``layers``. Jobs are run in batches; each batch's images are read from ``source`` once.
+    ``parts``: where each finished batch is kept (pass ``name``: resume after a kill, torchrun ranks)."""
     from ..prompting import SteeredViT
 
     if not jobs:
         return np.zeros((0, 0))
     device = next(lm.module.parameters()).device
     holder = _MaskHolder()
-    out = []
+    parts = parts or RunParts.memory()
     with SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=holder) as steered:
-        for s in range(0, len(jobs), batch_size):
-            chunk = jobs[s:s + batch_size]
+        def batch(c: int) -> Part:
+            chunk = jobs[c * batch_size:(c + 1) * batch_size]
             idx = [i for i, _ in chunk]
             uniq, inv = np.unique(idx, return_inverse=True)
             x = source.get(uniq)[torch.from_numpy(inv.reshape(-1))]
             holder.mask = torch.from_numpy(np.stack([m for _, m in chunk]).astype(bool))
-            out.append(steered(x.to(device)).float().softmax(-1).cpu().numpy())
+            return Part(arrays={"p": steered(x.to(device)).float().softmax(-1).cpu().numpy()})
+
+        out = [p.arrays["p"] for p in parts.run(name, -(-len(jobs) // batch_size), batch)]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -226,7 +230,7 @@ class CausalResult:
 
 def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
                      attn: np.ndarray, kps: pd.DataFrame, grid: tuple[int, int], patch: int, K: int,
-                     input_hw: tuple[int, int], cfg: CausalConfig) -> CausalResult:
+                     input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None) -> CausalResult:
     """Rank every class's candidate units by the counterfactual drop of the class probability; with the
     label-permutation null, bootstrap CIs, attention lift, boxes, and the SIFT-free occlusion control."""
     n = grid[0] * grid[1]
@@ -267,7 +271,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
                 job_at.append((pos[int(i)], j))
     order = np.argsort([i for i, _ in jobs], kind="stable")  # image-major: each batch reads few images
     jobs, job_at = [jobs[o] for o in order], [job_at[o] for o in order]
-    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size)
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "causal")
     drops = np.zeros((S, U, K))
     p0 = probs[sample, :K]
     for (sp, j), p in zip(job_at, pm):
@@ -288,7 +292,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         own = np.flatnonzero(y == r.cls)
         d = drops[own, r.unit_index, r.cls]
         evidence[(r.cls, r.unit_index)] = [(int(sample[o]), float(v)) for o, v in zip(own, d)]
-    control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg)
+    control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts)
     for k in range(K):
         budget[k]["control_forwards"] = ctrl_budget[k]
     return CausalResult(units_df, control, budget, units, evidence)
@@ -388,7 +392,8 @@ def _evidence_tokens(j, own, d, word_masks, sub_kps, n, share) -> list[int]:
     return sorted(order[: int(np.searchsorted(cum, share - 1e-12)) + 1].tolist())
 
 
-def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg) -> tuple[pd.DataFrame, dict]:
+def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts: RunParts | None = None
+                      ) -> tuple[pd.DataFrame, dict]:
     """SIFT-free control: per class, every token masked alone on m_k of the class's sample images, m_k =
     the SIFT units' forwards on the class / n (same budget; ``control_budget='full'``: all sample images)."""
     n = grid[0] * grid[1]
@@ -409,7 +414,7 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
                 m[t] = True
                 jobs.append((int(sample[sp]), m))
                 at.append((k, int(sample[sp]), t))
-    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size)
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "control")
     rows = []
     if len(at):
         a = pd.DataFrame(at, columns=["cls", "image", "token"])

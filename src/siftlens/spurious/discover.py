@@ -30,10 +30,11 @@ from ..capture import AttentionCapture
 from ..io import atomic_write_npz
 from ..layers import resolve_layers
 from ..models import LoadedModel
+from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 from ..validation import NonFiniteError, UserValueError, check_finite_output
 from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery
-from .source import PathSource, as_source
+from .source import as_source
 
 DECISIVE = ("mean", "rollout")
 
@@ -260,18 +261,26 @@ class ShortcutMasker:
 
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
-            colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean"
-            ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
+            colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
+            parts: RunParts | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
     per keypoint: a table (image, patch, position, size, lift) and motif descriptors [K, D].
 
-    ``images``: model inputs [N, 3, H, W] or a source (``siftlens.spurious.source``) read batch by batch."""
+    ``images``: model inputs [N, 3, H, W] or a source (``siftlens.spurious.source``), read chunk by chunk
+    (the readable files are fixed in the source afterwards). ``parts``: where each chunk's results are kept
+    (pass ``extract``), so a killed run resumes and torchrun ranks share the chunks."""
     source = as_source(images)
+    parts = parts or RunParts.memory()
     layout = lm.layout(source.input_hw)
     n = layout.num_patches
     device = next(lm.module.parameters()).device
-    attn_all, probs_all, kp_rows, descs, group_rows = [], [], [], [], []
-    for idx, x in source.batches(batch_size):
+    width = descriptor_dim(colour_weight, orientation_weight)
+
+    def chunk(c: int) -> Part:
+        kept, x, skipped = source.read_chunk(c, batch_size)
+        meta = {"kept": kept.tolist(), "skipped": skipped}
+        if x is None:
+            return Part(meta)
         a, logits = decisive_attention(lm, x.to(device), layers, decisive)
         a, logits = a.cpu(), logits.cpu()
         if logits.dim() != 2 or logits.shape[1] < 2:
@@ -281,8 +290,7 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
         if not np.isfinite(a.numpy()).all():  # NaN attention would rank motifs by NaN (docs/CHOICES.md)
             raise NonFiniteError(f"--model {lm.name}: the decisive attention has NaN or Inf (model weights "
                                  "non-finite or too large?)")
-        attn_all.append(a.numpy())
-        probs_all.append(logits.float().softmax(-1).numpy())
+        kp_rows, descs, group_rows = [], [], []
         for b in range(len(x)):
             gray, kp, desc = image_descriptors(lm, x[b], colour_weight, orientation_weight)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
@@ -293,36 +301,53 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
             row = np.clip((kp.xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
             patch = row * layout.grid[1] + col
             H, W = gray.shape
-            kp_rows.append(pd.DataFrame({"image": int(idx[b]), "patch": patch, "x": kp.xy[:, 0] / W,
+            kp_rows.append(pd.DataFrame({"image": b, "patch": patch, "x": kp.xy[:, 0] / W,  # b: within the chunk
                                          "y": kp.xy[:, 1] / H, "size": kp.size,
                                          "lift": n * a[b, patch].numpy()}))
             descs.append(desc)
+        return Part(meta, pd.concat(kp_rows, ignore_index=True) if kp_rows else None,
+                    {"attn": a.numpy(), "probs": logits.float().softmax(-1).numpy(), "groups": np.stack(group_rows),
+                     "desc": np.concatenate(descs) if descs else np.zeros((0, width), np.float32)})
+
+    attn_all, probs_all, kp_rows, descs, group_rows, kept, skipped = [], [], [], [], [], [], []
+    for part in parts.run("extract", source.n_chunks(batch_size), chunk):
+        skipped += part.meta["skipped"]
+        if not part.meta["kept"]:
+            continue
+        if part.table is not None:  # images numbered among the readable ones, in file order
+            kp_rows.append(part.table.assign(image=part.table["image"].to_numpy() + len(kept)))
+        kept += part.meta["kept"]
+        attn_all.append(part.arrays["attn"])
+        probs_all.append(part.arrays["probs"])
+        group_rows.append(part.arrays["groups"])
+        descs.append(part.arrays["desc"])
+    source.set_readable(kept, skipped)
     kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
         columns=["image", "patch", "x", "y", "size", "lift"])
     # no keypoint anywhere: an empty table of the descriptors' width (callers stop)
-    D = np.concatenate(descs) if descs else np.zeros((0, descriptor_dim(colour_weight, orientation_weight)), np.float32)
-    return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.stack(group_rows)
+    D = np.concatenate(descs) if descs else np.zeros((0, width), np.float32)
+    return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.concatenate(group_rows)
 
 
 def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None,
                        class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None,
-                       min_per_class: int = 1) -> DiscoveryResult:
+                       min_per_class: int = 1, parts: RunParts | None = None) -> DiscoveryResult:
     """Find shortcut candidates: visual words and the fixed tokens they occupy, ranked per class by their
     causal effect (``cfg.causal``; see ``siftlens.spurious.causal``) and by the attention they get.
 
     images: normalised model inputs [N, 3, H, W], or a ``PathSource`` (read batch by batch; ``labels``
-    then has one entry per file and is narrowed to the readable ones)."""
+    then has one entry per file and is narrowed to the readable ones). ``parts``: where the costly passes keep
+    their finished batches (``siftlens.resume.RunParts``: resume after a kill, torchrun ranks)."""
     cfg = cfg or DiscoveryConfig()
     from ..capture import ATTENTION_FINDERS
 
     source = as_source(images)
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
-    n_expected = len(source.all_paths) if isinstance(source, PathSource) else len(source)
-    if labels is not None and len(labels) != n_expected:
-        raise UserValueError(f"labels: {len(labels)} labels for {n_expected} images")
+    if labels is not None and len(labels) != source.n_files:
+        raise UserValueError(f"labels: {len(labels)} labels for {source.n_files} images")
     attn, probs, kps, D, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
-                                       cfg.colour_weight, cfg.orientation_weight, cfg.decisive)
-    if labels is not None and isinstance(source, PathSource):
+                                       cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts)
+    if labels is not None and hasattr(source, "kept"):
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
     cls_of_image = np.asarray(labels) if labels is not None else preds
@@ -366,7 +391,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         # label k is the model's output k (as in the rest of discovery); only the labelled classes are ranked
         res.causal = causal_discovery(lm, source, layers, cls_of_image, probs, attn, kps, layout.grid,
                                       layout.patch_size, len(class_names), source.input_hw,
-                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size))
+                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size), parts)
         if len(res.causal.units):
             res.causal.units.insert(1, "class", [class_names[k] for k in res.causal.units["cls"]])
         if len(res.causal.control):
@@ -411,7 +436,8 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
 
 @torch.no_grad()
 def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
-                          layers: str | list[int] = "all", seed: int = 0) -> pd.DataFrame:
+                          layers: str | list[int] = "all", seed: int = 0, parts: RunParts | None = None
+                          ) -> pd.DataFrame:
     """Per image, what the prediction rests on: the class probabilities with and without the shortcut
     tokens (their keys masked in ``layers``), and
 
@@ -420,21 +446,29 @@ def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
     - ``masked_disagreement``: 1 - p_masked(pred), the chance the model would not say the same without it;
     - ``pred_masked``: the prediction without the shortcut tokens;
     - ``random_kl``: the control, KL(p || p_random) with as many random tokens masked (seeded).
-    ``n_masked``: tokens masked per image. ``images``: model inputs or a source read batch by batch;
-    ``masker``: a ``ShortcutMasker`` or the gated masker of a ``ShortcutSet``."""
+    ``n_masked``: tokens masked per image. ``images``: model inputs or a source read batch by batch (its
+    readable images, as a first pass fixed them); ``masker``: a ``ShortcutMasker`` or the gated masker of a
+    ``ShortcutSet``. ``parts``: where each batch's probabilities are kept (pass ``counterfactual``)."""
     from ..prompting import SteeredViT
 
-    p0, p1, p2, n_masked = [], [], [], []
+    source = as_source(images)
+    parts = parts or RunParts.memory()
+    device = next(lm.module.parameters()).device
     with (SteeredViT(lm, "mask_tokens", layers=layers, token_mask_fn=masker) as steered,
           # the control only needs the counts of the mask the steered pass has just computed for this batch
           SteeredViT(lm, "random_mask", layers=layers, token_mask_fn=lambda _x: steered.last_mask,
                      seed=seed) as control):
-        for _, x in as_source(images).batches(batch_size):
-            p0.append(lm.forward(x).float().softmax(-1))
-            p1.append(steered(x).float().softmax(-1))
-            n_masked.append(steered.last_mask.sum(1))
-            p2.append(control(x).float().softmax(-1))
-    P0, P1, P2 = (torch.cat(p).numpy().astype(np.float64) for p in (p0, p1, p2))
+        def batch(c: int) -> Part:
+            x = source.get(np.arange(c * batch_size, min((c + 1) * batch_size, len(source)))).to(device)
+            # the control's draws restart per batch: a resumed run or another rank draws what one run draws
+            control.reset_rng(int(np.random.SeedSequence([seed, c]).generate_state(1)[0]))
+            p1 = steered(x).float().softmax(-1).cpu()
+            return Part(arrays={"p0": lm.forward(x).float().softmax(-1).cpu().numpy(), "p1": p1.numpy(),
+                                "n_masked": steered.last_mask.sum(1).cpu().numpy(),
+                                "p2": control(x).float().softmax(-1).cpu().numpy()})
+
+        done = list(parts.run("counterfactual", -(-len(source) // batch_size), batch))
+    P0, P1, P2 = (np.concatenate([p.arrays[k] for p in done]).astype(np.float64) for k in ("p0", "p1", "p2"))
     pred = P0.argmax(1)
     rows = np.arange(len(pred))
 
@@ -443,7 +477,7 @@ def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
 
     return pd.DataFrame({"p_pred": P0[rows, pred], "p_pred_masked": P1[rows, pred], "pred_masked": P1.argmax(1),
                          "masked_disagreement": 1 - P1[rows, pred], "shortcut_kl": kl(P1), "random_kl": kl(P2),
-                         "n_masked": torch.cat(n_masked).numpy()})
+                         "n_masked": np.concatenate([p.arrays["n_masked"] for p in done])})
 
 
 def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFrame:

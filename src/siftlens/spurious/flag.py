@@ -27,7 +27,7 @@ from ..html_page import html_page, png_data_uri, skipped_html, table_html
 from ..image_source import find_images
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
 from ..models import LoadedModel, load_model
-from ..resume import BatchParts, run_key
+from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import ShortcutSet, masked_probs, token_box
@@ -116,32 +116,29 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
-                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: BatchParts | None = None
+                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None
                 ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
-    windows, the SIFT-free controls; "off"). ``parts``: where each finished batch is kept (resume.BatchParts),
-    so a killed run started again with the same settings skips what is done and gives the same numbers."""
+    windows, the SIFT-free controls; "off"). ``parts``: where each finished chunk of files is kept
+    (``siftlens.resume.RunParts``, pass ``flag``), so a killed run started again with the same settings skips
+    what is done, and torchrun ranks each score their share; the random draws restart per chunk, so the numbers
+    are those of one uninterrupted process."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
-    rows, no_kp = [], []
     names = shortcuts.class_names
     layout = lm.layout(tuple(source.input_hw))
     windows = occlusion_windows(layout.grid, window)
-    rng = np.random.default_rng([seed, 23])
-    for bi, (idx, x) in enumerate(source.batches(batch_size)):
-        if parts is not None and parts.done(bi):  # finished before a kill: read back, replay its random draws
-            part_df, meta = parts.read(bi)
-            part = part_df.to_dict("records") if part_df is not None else []
-            for r in part:
-                if occlusion == "compare" and r["occlusion_windows"]:
-                    rng.choice(len(windows), int(r["occlusion_windows"]), replace=False)
-            rows += part
-            no_kp += meta["no_kp"]
-            continue
-        n_rows, n_no_kp = len(rows), len(no_kp)
+    parts = parts or RunParts.memory()
+
+    def chunk(c: int) -> Part:
+        kept, x, skipped = source.read_chunk(c, batch_size)
+        if x is None:
+            return Part({"kept": [], "skipped": skipped, "no_kp": []})
+        rng = np.random.default_rng([seed, 23, c])
+        rows, no_kp = [], []
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
         info: dict = {}
         present = shortcuts.present_units(lm, x, token_units, info)
@@ -161,7 +158,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             wd, wpred = window_drops(lm, x, shortcuts.layers, windows, pred0, p0[np.arange(len(x)), pred0], use,
                                      batch_size)
         for b in range(len(x)):
-            path = str(source.paths[int(idx[b])]) if hasattr(source, "paths") else str(int(idx[b]))
+            path = str(source.all_paths[int(kept[b])]) if hasattr(source, "all_paths") else str(int(kept[b]))
             if present[b] is None:
                 no_kp.append({"path": path, "reason": f"{path}: no SIFT keypoints, so no shortcut can be "
                                                       "found in it (not scored)"})
@@ -186,27 +183,44 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
-        if parts is not None:
-            parts.write(bi, pd.DataFrame(rows[n_rows:]) if len(rows) > n_rows else None, no_kp=no_kp[n_no_kp:])
-    return pd.DataFrame(rows), no_kp
+        return Part({"kept": kept.tolist(), "skipped": skipped, "no_kp": no_kp},
+                    pd.DataFrame(rows) if rows else None)
+
+    tables, no_kp, kept, skipped = [], [], [], []
+    for part in parts.run("flag", source.n_chunks(batch_size), chunk):  # in file order, whoever scored them
+        if part.table is not None:
+            tables.append(part.table)
+        no_kp += part.meta["no_kp"]
+        kept += part.meta["kept"]
+        skipped += part.meta["skipped"]
+    source.set_readable(kept, skipped)
+    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()), no_kp
 
 
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
-             token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0) -> pd.DataFrame:
-    """Write flags.parquet, flags.html and manifest.json; return the flags table."""
+             token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0
+             ) -> pd.DataFrame | None:
+    """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
+    which score their share of the images; rank 0 merges and writes)."""
+    rank, world = distributed(device)
+    device = rank_device(device)
     shortcuts = ShortcutSet.load(motifs)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
     shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     out = ensure_writable_dir(out)
-    with OutputLock(out, "flag"):  # one run per --out (runguard.py)
+    with OutputLock(out, "flag", enabled=rank == 0):  # one run per --out (runguard.py)
         paths = find_images(images)
         source = PathSource(lm, paths, images)
         m = Path(motifs)
-        parts = BatchParts(out, "flag", run_key(lm, paths, batch_size, token_units, occlusion, window, seed,
-                                                files=(m / "shortcuts.json" if m.is_dir() else m,)))
+        parts = RunParts(out, "flag", settings_fingerprint(
+            lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
+            token_units=token_units, occlusion=occlusion, window=window, seed=seed), rank, world)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts)
+        parts.release()
+        if rank != 0:
+            return None
         skipped = source.skipped + no_kp
         if df.empty:
             raise UserValueError(f"--images {images}: no image could be scored ({len(skipped)} skipped: "

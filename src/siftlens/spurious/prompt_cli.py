@@ -3,7 +3,8 @@
 Token-mask methods (``mask_tokens`` and its controls ``random_mask``, ``edge_mask``) are gated by the
 shortcuts of a `siftlens spurious` run (``--motifs``, shortcuts.json): an image is steered only where a
 discovered shortcut unit is present in it, and an image without one keeps the unsteered prediction
-exactly (it is not run through the steered model at all). Images are read batch by batch.
+exactly (it is not run through the steered model at all). Images are read batch by batch; finished batches
+are kept so a killed run resumes, and under torchrun each rank steers its share (``siftlens.resume.RunParts``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from ..image_source import find_images, read_labels
 from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
 from ..models import load_model
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
-from ..resume import BatchParts, run_key
-from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs
+from ..resume import Part, RunParts, distributed, settings_fingerprint
+from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
 from .source import PathSource
@@ -33,15 +34,16 @@ class _RowMask:
         return self.mask
 
 
-@holds_out_lock("prompt")
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
-               random_init: bool = False) -> dict:
+               random_init: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label) and
-    summary.json; return the summary."""
+    summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
+    files, rank 0 merges and writes). Finished chunks are kept in ``out/.parts/prompt`` (resume.RunParts)."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
+    rank, world = distributed("cpu")
     gated = method in TOKEN_MASK_METHODS
     shortcuts = None
     if gated:
@@ -49,6 +51,14 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
             raise UserValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
         shortcuts = ShortcutSet.load(motifs)
     out = ensure_writable_dir(out)
+    with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
+        return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
+                              checkpoint, random_init, rank, world)
+
+
+def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
+                   batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int) -> dict | None:
+    gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
     if shortcuts is not None:
@@ -68,39 +78,52 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     gate = shortcuts.masker(lm) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
-    parts = BatchParts(out, "prompt", run_key(lm, paths, method, layers, beta, batch_size, seed,
-                                              files=(Path(motifs) / "shortcuts.json",) if gated else ()))
-    frames = []
+    mp = Path(motifs) if gated else None
+    parts = RunParts(out, "prompt", settings_fingerprint(
+        lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
+        layers=layers, beta=beta, batch_size=batch_size, seed=seed), rank, world)
+
+    def chunk(c: int) -> Part:
+        kept, x, skipped = source.read_chunk(c, batch_size)
+        meta = {"kept": kept.tolist(), "skipped": skipped}
+        if x is None:
+            return Part(meta)
+        # random_mask's draws restart per chunk, so a resumed run or another rank draws what one run draws
+        steered.reset_rng(int(np.random.SeedSequence([seed, c]).generate_state(1)[0]))
+        p0 = lm.forward(x).float().softmax(-1)
+        p1 = p0.clone()
+        if gated:
+            m = gate(x)
+            rows = m.any(1)
+            if rows.any():  # only images with a shortcut present go through the steered model
+                holder.mask = m[rows]
+                p1[rows] = steered(x[rows]).float().softmax(-1)
+            n_masked = m.sum(1)
+        else:
+            p1 = steered(x).float().softmax(-1)
+            rows = torch.ones(len(x), dtype=torch.bool)
+            n_masked = (steered.last_mask.sum(1) if steered.last_mask is not None
+                        else torch.zeros(len(x), dtype=torch.long))
+        for p in (p0, p1):
+            check_finite_output(p, lm.name)
+        pb, pa = p0.numpy(), p1.numpy()
+        return Part(meta, pd.DataFrame({"path": [str(source.all_paths[int(i)]) for i in kept],
+                                        "pred_base": pb.argmax(1), "conf_base": pb.max(1),
+                                        "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
+                                        "steered": rows.numpy(), "n_masked": n_masked.numpy()}))
+
+    frames, kept, skipped = [], [], []
     with torch.no_grad():
-        for bi, (idx, x) in enumerate(source.batches(batch_size)):
-            if parts.done(bi):  # finished before a kill
-                frames.append(parts.read(bi)[0])
-                continue
-            # random_mask's draws restart per batch, so a resumed run draws what the first run drew
-            steered.reset_rng(int(np.random.SeedSequence([seed, bi]).generate_state(1)[0]))
-            p0 = lm.forward(x).float().softmax(-1)
-            p1 = p0.clone()
-            if gated:
-                m = gate(x)
-                rows = m.any(1)
-                if rows.any():  # only images with a shortcut present go through the steered model
-                    holder.mask = m[rows]
-                    p1[rows] = steered(x[rows]).float().softmax(-1)
-                n_masked = m.sum(1)
-            else:
-                p1 = steered(x).float().softmax(-1)
-                rows = torch.ones(len(x), dtype=torch.bool)
-                n_masked = (steered.last_mask.sum(1) if steered.last_mask is not None
-                            else torch.zeros(len(x), dtype=torch.long))
-            for p in (p0, p1):
-                check_finite_output(p, lm.name)
-            pb, pa = p0.numpy(), p1.numpy()
-            frame = pd.DataFrame({"path": [str(source.paths[int(i)]) for i in idx], "pred_base": pb.argmax(1),
-                                  "conf_base": pb.max(1), "pred_steered": pa.argmax(1), "conf_steered": pa.max(1),
-                                  "steered": rows.numpy(), "n_masked": n_masked.numpy()})
-            parts.write(bi, frame)
-            frames.append(frame)
+        for part in parts.run("prompt", source.n_chunks(batch_size), chunk):  # in file order
+            if part.table is not None:
+                frames.append(part.table)
+            kept += part.meta["kept"]
+            skipped += part.meta["skipped"]
     steered.remove()
+    source.set_readable(kept, skipped)
+    parts.release()
+    if rank != 0:
+        return None
     df = pd.concat(frames, ignore_index=True)
     summary = {"model": lm.name, "method": method, "layers": layers, "beta": beta, "n_images": len(df),
                "skipped": source.skipped, "changed_predictions": float((df.pred_base != df.pred_steered).mean()),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
-from ..image_source import find_images, read_labels, read_model_input  # noqa: E402
+from ..image_source import find_images, read_labels  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..models import LoadedModel, load_model  # noqa: E402
-from ..preprocess import BadImageError  # noqa: E402
-from ..runguard import COMMAND_OUTPUTS, holds_out_lock, retire_outputs  # noqa: E402
+from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
+from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
@@ -29,48 +31,59 @@ from .discover import (  # noqa: E402
 from .source import PathSource  # noqa: E402
 
 
-def load_inputs(lm: LoadedModel, paths: list[Path], source) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Model inputs of the readable images (all in memory: for small sets and tests; the commands stream
-    with ``siftlens.spurious.source.PathSource``), their indices, and the skipped ones with reasons."""
-    xs, keep, skipped = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            xs.append(read_model_input(lm, p))
-            keep.append(i)
-        except BadImageError as e:
-            skipped.append({"path": str(p), "reason": str(e)})
-    if not xs:
-        raise UserValueError(f"--images {source}: no readable image")
-    return torch.stack(xs), keep, skipped
-
-
-@holds_out_lock("spurious")
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
-                 random_init: bool = False, device: str = "cpu") -> DiscoveryResult:
+                 random_init: bool = False, device: str = "cpu") -> DiscoveryResult | None:
+    """Discovery, counterfactual scores and the report in ``out``; the result (None on torchrun ranks > 0).
+
+    The costly passes (attention and keypoints of every image, the causal and control forwards, the
+    counterfactual scores) keep each finished batch in ``out/.parts/spurious`` (``siftlens.resume.RunParts``):
+    a killed run started again with the same arguments continues from there and gives the same numbers; other
+    arguments are refused while finished batches are kept. Under torchrun every rank takes its share of each
+    pass's batches and rank 0 writes the outputs."""
     cfg = cfg or DiscoveryConfig()
+    rank, world = distributed(device)
+    device = rank_device(device)
     out = ensure_writable_dir(out)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
-                                                                 random_init=random_init, device=device)
-    check_finite_parameters(lm.module, lm.name)
-    paths = find_images(images)
-    root = Path(images) if Path(images).is_dir() else None
-    y, class_names = read_labels(paths, labels, root)
-    counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
-    small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
-    if small:
-        raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-    source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
-    res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class)
-    masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
-    try:
-        cf = counterfactual_scores(lm, source, masker, cfg.batch_size, layers=res.layers, seed=cfg.seed)
-        res.per_image = pd.concat([res.per_image, cf.drop(columns=["p_pred"])], axis=1)
-    except NotImplementedError as e:  # attention modules that take no mask: discovery stands, no counterfactual
-        print(f"warning: no counterfactual scores for {lm.name}: {e}")
-    res.per_image.insert(0, "path", [str(p) for p in source.paths])
-    _write_outputs(out, res, lm, source.skipped)
+    with OutputLock(out, "spurious", enabled=rank == 0):  # one run per --out (runguard.py)
+        lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
+                                                                     random_init=random_init, device=device)
+        check_finite_parameters(lm.module, lm.name)
+        paths = find_images(images)
+        root = Path(images) if Path(images).is_dir() else None
+        y, class_names = read_labels(paths, labels, root)
+        counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
+        small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
+        if small:
+            raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
+        parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg), rank, world)
+        source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
+        res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts)
+        masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
+        try:
+            cf = counterfactual_scores(lm, source, masker, cfg.batch_size, layers=res.layers, seed=cfg.seed,
+                                       parts=parts)
+            res.per_image = pd.concat([res.per_image, cf.drop(columns=["p_pred"])], axis=1)
+        except NotImplementedError as e:  # attention modules that take no mask: discovery stands, no counterfactual
+            if rank == 0:
+                print(f"warning: no counterfactual scores for {lm.name}: {e}")
+        parts.release()
+        if rank != 0:
+            return None
+        res.per_image.insert(0, "path", [str(p) for p in source.paths])
+        _write_outputs(out, res, lm, source.skipped)
+        parts.finish()  # everything is in the outputs now
     return res
+
+
+def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_names: list[str],
+                      cfg: DiscoveryConfig) -> dict:
+    """What decides the numbers of a `spurious` run, by name (a resumed run must match; not the device)."""
+    options = {k: v for k, v in asdict(cfg).items() if k != "causal"}
+    causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
+    options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
+    labels = hashlib.sha256(np.asarray(y, np.int64).tobytes() + json.dumps(class_names).encode()).hexdigest()[:16]
+    return settings_fingerprint(lm, paths, labels=labels, **options)
 
 
 def motifs_table(res: DiscoveryResult) -> pd.DataFrame:

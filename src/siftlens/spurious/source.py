@@ -4,6 +4,10 @@
 counterfactual forwards on a sample, exemplar crops), so a source is indexable: ``batches(indices)``
 decodes and preprocesses only the images of one batch at a time, ``get(indices)`` a few of them.
 A tensor already in memory (tests, the library API) is wrapped as the same interface.
+
+The first pass reads the files in fixed chunks (``read_chunk(c, batch_size)``: files c·B .. c·B + B - 1, the
+unreadable ones left out), so a chunk is the same whichever earlier chunks were read: a resumed run skips
+finished chunks and torchrun ranks take their own. ``set_readable`` then fixes the readable files.
 """
 
 from __future__ import annotations
@@ -37,6 +41,20 @@ class TensorSource:
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         return self.x[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
 
+    @property
+    def n_files(self) -> int:
+        return len(self.x)
+
+    def n_chunks(self, batch_size: int) -> int:
+        return -(-len(self.x) // batch_size)
+
+    def read_chunk(self, c: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor | None, list[dict]]:
+        idx = np.arange(c * batch_size, min((c + 1) * batch_size, len(self.x)))
+        return idx, self.get(idx), []
+
+    def set_readable(self, kept: Sequence[int], skipped: list[dict]) -> None:
+        pass  # every input is readable
+
     def batches(self, batch_size: int, indices: Sequence[int] | None = None
                 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -67,31 +85,51 @@ class PathSource:
     def _load(self, p: Path) -> torch.Tensor:
         return read_model_input(self.lm, p)
 
-    def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """First pass over every file: yields (indices among the readable ones, inputs) and fixes ``paths``."""
-        keep: list[int] = []
-        xs: list[torch.Tensor] = []
-        idx: list[int] = []
-        self.paths = []  # grows with the scan, so paths[i] is the file of every index yielded so far
-        for i, p in enumerate(self.all_paths):
+    @property
+    def n_files(self) -> int:
+        return len(self.all_paths)
+
+    def n_chunks(self, batch_size: int) -> int:
+        return -(-len(self.all_paths) // batch_size)
+
+    def read_chunk(self, c: int, batch_size: int) -> tuple[np.ndarray, torch.Tensor | None, list[dict]]:
+        """Files c·B .. c·B + B - 1: (indices into ``all_paths`` of the readable ones, their inputs or None
+        when there are none, the skipped ones with reasons)."""
+        keep, xs, skipped = [], [], []
+        for i in range(c * batch_size, min((c + 1) * batch_size, len(self.all_paths))):
             try:
-                xs.append(self._load(p))
+                xs.append(self._load(self.all_paths[i]))
+                keep.append(i)
             except BadImageError as e:
-                self.skipped.append({"path": str(p), "reason": str(e)})
-                continue
-            idx.append(len(keep))
-            keep.append(i)
-            self.paths.append(p)
-            if len(xs) == batch_size:
-                yield np.array(idx), torch.stack(xs)
-                xs, idx = [], []
-        if xs:
-            yield np.array(idx), torch.stack(xs)
-        self.kept = np.array(keep, dtype=np.int64)
-        self.paths = [self.all_paths[i] for i in keep]
+                skipped.append({"path": str(self.all_paths[i]), "reason": str(e)})
+        return np.array(keep, dtype=np.int64), (torch.stack(xs) if xs else None), skipped
+
+    def set_readable(self, kept: Sequence[int], skipped: list[dict]) -> None:
+        """After a first pass (read here or by other ranks / an earlier run): index i is ``paths[i]``."""
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.paths = [self.all_paths[int(i)] for i in self.kept]
+        self.skipped = list(skipped)
         self._scanned = True
-        if not keep:
+        if not len(self.kept):
             raise UserValueError(f"--images {self.name}: no readable image")
+
+    def scan(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """First pass over every file, chunk by chunk: yields (indices among the readable ones, inputs) and
+        fixes ``paths``."""
+        keep: list[int] = []
+        skipped: list[dict] = []
+        self.paths = []  # grows with the scan, so paths[i] is the file of every index yielded so far
+        for c in range(self.n_chunks(batch_size)):
+            kept, x, sk = self.read_chunk(c, batch_size)
+            skipped += sk
+            self.skipped = list(skipped)
+            if x is None:
+                continue
+            idx = np.arange(len(keep), len(keep) + len(kept))
+            keep += kept.tolist()
+            self.paths += [self.all_paths[int(i)] for i in kept]
+            yield idx, x
+        self.set_readable(keep, skipped)
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([self._load(self.paths[int(i)]) for i in indices])
