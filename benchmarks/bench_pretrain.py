@@ -59,8 +59,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def out_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    return Path(args.out) / "runs" / f"{slug(name)}-seed{seed}"
+
+
 def run_one(name: str, seed: int, args: argparse.Namespace, threads: int) -> Path:
-    out = Path(args.out) / "runs" / f"{slug(name)}-seed{seed}"
+    out = out_dir(args, name, seed)
     if (out / "encoder.json").exists():
         return out
     cmd = [sys.executable, "-m", "siftlens", "pretrain", "--data", args.data, "--out", str(out),
@@ -456,6 +460,8 @@ def main() -> None:
     ap.add_argument("--more-seeds-for", nargs="*", default=["random"], choices=list(STRATEGIES))
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (each gets cores/parallel threads)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores/parallel)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="run nothing: summarise the finished runs among those asked for, and list the missing ones")
     ap.add_argument("--no-full-eval", action="store_true",
                     help="skip the final encoders' probe with the whole training set as memory bank (the per-epoch "
                          "probes already use the whole validation split when --probe-val-limit is unset)")
@@ -474,7 +480,14 @@ def main() -> None:
     (out / "command.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
     jobs = [(n, s) for s in args.seeds for n in args.strategies]  # seed-major: early results are comparable
     jobs += [(n, s) for s in args.more_seeds for n in args.strategies if n in args.more_seeds_for]
+    if args.summarize_only:
+        finished = lambda j: (out_dir(args, *j) / "encoder.json").is_file()  # noqa: E731
+        missing = [j for j in jobs if not finished(j)]
+        if missing:
+            print("not run (left out of the summary): " + ", ".join(f"{n} seed {s}" for n, s in missing))
+        jobs = [j for j in jobs if finished(j)]
     seeds_of = {n: [s for m, s in jobs if m == n] for n in args.strategies}
+    args.strategies = [n for n in args.strategies if seeds_of[n]]  # --summarize-only: a strategy not run yet
     with ThreadPoolExecutor(args.parallel) as pool:
         paths = dict(zip(jobs, pool.map(lambda j: run_one(j[0], j[1], args, threads), jobs)))
     cache_dir = None
