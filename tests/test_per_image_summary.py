@@ -103,7 +103,8 @@ def test_running_group_means_match_pandas_on_hard_sums():
     # float32 values of very different sizes, infinities, NaNs, fed in uneven pieces: pandas' compensated sum
     rng = np.random.default_rng(3)
     n = 3000
-    frame = pd.DataFrame({"layer": rng.integers(0, 3, n).astype(np.int16), "head": rng.integers(0, 4, n).astype(np.int16),
+    frame = pd.DataFrame({"layer": rng.integers(0, 3, n).astype(np.int16),
+                          "head": rng.integers(0, 4, n).astype(np.int16),
                           "v": (rng.normal(size=n) * 10.0 ** rng.integers(-4, 6, n)).astype(np.float32)})
     frame.loc[rng.uniform(size=n) < 0.05, "v"] = np.nan
     frame.loc[[7, 900], "v"] = np.inf
@@ -154,7 +155,8 @@ def test_images_out_of_order_in_the_file_fall_back_to_the_whole_table(run, tmp_p
     for col in ("s_cls__sift", "s_pp_null"):
         want = shuffled.groupby(["image_id", "layer"])[col].mean().unstack("layer").sort_index(axis=1)
         pd.testing.assert_frame_equal(summary.layer_means(col), want, check_exact=True, check_names=False)
-    pd.testing.assert_series_equal(bh_fraction(summary, "s_cls_p"), significant_fraction(shuffled, "s_cls_p")["fraction"],
+    want = significant_fraction(shuffled, "s_cls_p")["fraction"]
+    pd.testing.assert_series_equal(bh_fraction(summary, "s_cls_p"), want,
                                    check_exact=True, check_names=False, check_index_type=False)
 
 
