@@ -19,13 +19,13 @@ from siftlens.verdict import layer_verdicts
 
 MAPS = ("sift", "random_kp", "edges", "center", "uniform")
 MEANS = ["partial_spearman_sift", "s_cls_null", "s_pp_null"] + [f"{s}__{m}" for s in ("s_cls", "s_pp") for m in MAPS]
-GRIDS = ["s_cls__sift", "s_pp__sift", "partial_spearman_sift"]
+GRIDS = ["s_cls__sift", "s_pp__sift", "partial_spearman_sift", "s_cls__random_kp"]  # the last: no NaN
 PS = ["s_cls_p", "s_pp_p"]
 K = 199  # null maps: p-values are multiples of 1/200
 
 
 def synthetic_rows(n_images: int, L: int = 4, H: int = 3, seed: int = 0, effect: float = 0.3,
-                   no_kp: tuple[int, ...] = (2,)) -> pa.Table:
+                   no_kp: tuple[int, ...] = (2,), shuffled_ids: bool = False) -> pa.Table:
     """Rows as analyze writes them (rows_from_stacked), with statistics that depend on layer, head and image."""
     g = torch.Generator().manual_seed(seed)
     shape = (L, n_images, H)
@@ -51,7 +51,8 @@ def synthetic_rows(n_images: int, L: int = 4, H: int = 3, seed: int = 0, effect:
             stacked[key][:, i, :, MAPS.index("sift")] = float("nan")
         for key in ("partial_spearman_sift", "s_cls_p", "s_pp_p", "s_cls_null", "s_pp_null"):
             stacked[key][:, i] = float("nan")
-    ids = np.random.default_rng(seed).permutation(1000)[:n_images]  # ids in no particular order
+    ids = np.random.default_rng(seed).permutation(1000)[:n_images]
+    ids = ids if shuffled_ids else np.sort(ids)  # sorted, as analyze writes them, or in no particular order
     return rows_from_stacked(stacked, ids, MAPS, 2)
 
 
@@ -62,10 +63,12 @@ def write(table: pa.Table, path, pieces: int = 3) -> None:
             w.write_table(table.slice(int(chunk[0]), len(chunk)), row_group_size=40)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+# image ids in order (as analyze writes them) or not: pandas' groupby mean takes another path for each
+@pytest.fixture(scope="module", params=[False, True], ids=["sorted_ids", "shuffled_ids"])
+def run(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("per_image")
-    model, twin = synthetic_rows(37, seed=0), synthetic_rows(23, seed=1, effect=0.0)
+    model = synthetic_rows(37, seed=0, shuffled_ids=request.param)
+    twin = synthetic_rows(23, seed=1, effect=0.0, shuffled_ids=request.param)
     write(model, d / "model.parquet")
     write(twin, d / "twin.parquet")
     # batches of 50 rows: an image's 12 rows are often split between two batches

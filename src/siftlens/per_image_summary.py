@@ -29,24 +29,29 @@ import pyarrow.parquet as pq
 from .dataset_stats import per_image_layer_means, significant_fraction
 
 KEYS = ["image_id", "layer", "head"]
+# pandas (3.1) has two groupby means: with the group keys in sorted order and no NaN in the column, one in
+# float64; otherwise Kahan sums in the column's dtype (float32 here). The two differ in the last bits. The
+# whole table's groupby picks one per column, so each batch must be averaged the way its whole column was:
+# a first pass over the file finds the columns with a NaN and whether the (image, layer) keys are sorted.
 BATCH_ROWS = 1 << 16  # rows per record batch: ~6 MB of float32 statistics for the report's ~22 columns
 
 
 class GroupMeans:
     """Mean of a column per (layer, head) over rows fed in order: pandas' groupby mean, kept running.
 
-    pandas sums each group with Kahan compensation in the column's dtype and skips NaNs; the same steps in
-    the same row order give the same bits as ``frame.groupby(["layer", "head"])[col].mean()`` on the whole
-    table, which a sum of per-batch means would not."""
+    pandas sums each group with Kahan compensation and skips NaNs; the same steps in the same row order and
+    the same dtype give the same bits as ``frame.groupby(["layer", "head"])[col].mean()`` on the whole table,
+    which a sum of per-batch means would not."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: type = np.float32) -> None:
         self.slots: dict[tuple[int, int], int] = {}
+        self.dtype = dtype  # the column's: pandas' Kahan path sums in it
         self.sums = self.comp = None
         self.nobs = np.zeros(0, np.int64)
 
-    def _grow(self, n: int, dtype: np.dtype) -> None:
+    def _grow(self, n: int) -> None:
         if self.sums is None:
-            self.sums, self.comp = np.zeros(0, dtype), np.zeros(0, dtype)
+            self.sums, self.comp = np.zeros(0, self.dtype), np.zeros(0, self.dtype)
         extra = n - len(self.nobs)
         if extra > 0:
             self.sums = np.concatenate([self.sums, np.zeros(extra, self.sums.dtype)])
@@ -56,10 +61,10 @@ class GroupMeans:
     def update(self, layer: np.ndarray, head: np.ndarray, values: np.ndarray) -> None:
         keys, inverse = np.unique(np.stack([layer, head], axis=1), axis=0, return_inverse=True)
         slot_of_key = np.array([self.slots.setdefault((int(a), int(b)), len(self.slots)) for a, b in keys])
-        self._grow(len(self.slots), values.dtype)
+        self._grow(len(self.slots))
         slot = slot_of_key[inverse.ravel()]
         keep = ~np.isnan(values)
-        slot, values = slot[keep], values[keep]
+        slot, values = slot[keep], values[keep].astype(self.dtype, copy=False)
         # the k-th value of every group, for k = 0, 1, ...: one vectorised Kahan step per k, groups in parallel
         order = np.argsort(slot, kind="stable")
         starts = np.r_[0, np.flatnonzero(np.diff(slot[order])) + 1]
@@ -154,6 +159,34 @@ def bh_fraction(per_image: PerImage, p_column: str, alpha: float = 0.05) -> pd.S
     return significant_fraction(per_image, p_column, alpha)["fraction"]
 
 
+def _first_pass(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> tuple[set[str], bool]:
+    """The columns with a NaN somewhere, and whether the (image_id, layer) keys never decrease."""
+    with_nan: set[str] = set()
+    keys_sorted, last = True, None
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=KEYS[:2] + columns):
+        with_nan.update(c for c in columns
+                        if c not in with_nan and np.isnan(batch.column(c).to_numpy(zero_copy_only=False)).any())
+        if keys_sorted and batch.num_rows:
+            ids, layer = (batch.column(k).to_numpy().astype(np.int64) for k in KEYS[:2])
+            if last is not None:
+                ids, layer = np.r_[last[0], ids], np.r_[last[1], layer]
+            d_id, d_layer = np.diff(ids), np.diff(layer)
+            keys_sorted = bool(((d_id > 0) | ((d_id == 0) & (d_layer >= 0))).all())
+            last = ids[-1], layer[-1]
+    return with_nan, keys_sorted
+
+
+def _kahan_mean(df: pd.DataFrame, column: str) -> pd.Series:
+    """Per (image, layer) mean by pandas' Kahan path, whatever this batch's keys and values: one extra row (a
+    NaN, in an image id the batch lacks) keeps pandas off its sorted, NaN-free path."""
+    ids = df["image_id"].to_numpy()
+    dummy = int(ids.min()) - 1
+    extra = pd.DataFrame({"image_id": np.array([dummy], ids.dtype), "layer": df["layer"].iloc[:1].to_numpy(),
+                          column: np.array([np.nan], df[column].dtype)})
+    both = pd.concat([extra, df[["image_id", "layer", column]]], ignore_index=True)
+    return both.groupby(["image_id", "layer"])[column].mean().drop(dummy, level="image_id")
+
+
 def _tail_start(ids: np.ndarray) -> int:
     """Index of the first row of the last image's trailing run (0 if the batch is all one image)."""
     other = np.flatnonzero(ids != ids[-1])
@@ -173,15 +206,23 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
     grid_cols = [c for c in dict.fromkeys(grid_columns) if c in have]
     p_cols = [c for c in dict.fromkeys(p_columns) if c in have]
     stats = list(dict.fromkeys(mean_cols + grid_cols + p_cols))
-    pieces: list[pd.DataFrame] = []
-    grids = {c: GroupMeans() for c in grid_cols}
+    with_nan, keys_sorted = _first_pass(pf, mean_cols, batch_rows) if mean_cols else (set(), True)
+    # the columns whose whole-table mean took pandas' Kahan path (see the note at KEYS)
+    kahan = {c for c in mean_cols if c in with_nan or not keys_sorted}
+    pieces: dict[str, list[pd.Series]] = {c: [] for c in mean_cols}
+    # (layer, head) keys cycle with every image: the whole table's grid always took the Kahan path
+    grids = {c: GroupMeans(pf.schema_arrow.field(c).type.to_pandas_dtype()) for c in grid_cols}
     p_counts: dict[str, list[pd.Series]] = {c: [] for c in p_cols}
     p_layers: dict[str, set[int]] = {c: set() for c in p_cols}
     nonempty: set[str] = set()
 
     def reduce(df: pd.DataFrame) -> None:
-        if mean_cols:  # one groupby for every column: pandas averages each column on its own
-            pieces.append(df.groupby(["image_id", "layer"])[mean_cols].mean())
+        by_image_layer = df.groupby(["image_id", "layer"])
+        for c in mean_cols:
+            if c in kahan and not df[c].isna().any():  # this batch alone might take the other path
+                pieces[c].append(_kahan_mean(df, c))
+            else:  # takes the whole column's path: a NaN here too, or sorted keys and no NaN anywhere
+                pieces[c].append(by_image_layer[c].mean())
         layer, head = df["layer"].to_numpy(), df["head"].to_numpy()
         for c in grid_cols:
             grids[c].update(layer, head, df[c].to_numpy())
@@ -206,10 +247,10 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
     if carry is not None and len(carry):
         reduce(carry)
 
-    means = pd.concat(pieces) if pieces else pd.DataFrame(columns=mean_cols,
-                                                           index=pd.MultiIndex.from_arrays([[], []],
-                                                                                           names=["image_id", "layer"]))
-    if not means.index.is_unique:  # an image's rows were not contiguous: read it whole (same numbers)
+    means = {c: pd.concat(pieces[c]) if pieces[c] else
+             pd.Series(dtype=np.float64, index=pd.MultiIndex.from_arrays([[], []], names=["image_id", "layer"]))
+             for c in mean_cols}
+    if any(not m.index.is_unique for m in means.values()):  # an image's rows were not contiguous: read it whole
         frame = pd.read_parquet(path, columns=KEYS + stats)
         layer_means = {c: per_image_layer_means(frame, c) for c in mean_cols}
         grid_frames = {c: head_grid(frame, c) for c in grid_cols}
@@ -217,8 +258,7 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
         layers = {c: np.unique(frame["layer"].to_numpy()) for c in p_cols}
         return PerImageSummary(set(stats), layer_means, grid_frames, counts, layers,
                                {c for c in stats if frame[c].notna().any()})
-    means = means.sort_index()
-    layer_means = {c: means[c].unstack("layer").sort_index(axis=1) for c in mean_cols}
+    layer_means = {c: m.sort_index().unstack("layer").sort_index(axis=1) for c, m in means.items()}
     counts = {}
     for c in p_cols:
         parts = [s for s in p_counts[c] if len(s)]
