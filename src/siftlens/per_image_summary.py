@@ -211,7 +211,7 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
     with_nan, keys_sorted = _first_pass(pf, mean_cols, batch_rows) if mean_cols else (set(), True)
     # the columns whose whole-table mean took pandas' Kahan path (see the note at KEYS)
     kahan = {c for c in mean_cols if c in with_nan or not keys_sorted}
-    pieces: dict[str, list[pd.Series]] = {c: [] for c in mean_cols}
+    pieces: dict[str, list[pd.DataFrame]] = {c: [] for c in mean_cols}  # per batch: [images x layers]
     # (layer, head) keys cycle with every image: the whole table's grid always took the Kahan path
     grids = {c: GroupMeans(pf.schema_arrow.field(c).type.to_pandas_dtype()) for c in grid_cols}
     p_counts: dict[str, list[pd.Series]] = {c: [] for c in p_cols}
@@ -222,9 +222,10 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
         by_image_layer = df.groupby(["image_id", "layer"])
         for c in mean_cols:
             if c in kahan and not df[c].isna().any():  # this batch alone might take the other path
-                pieces[c].append(_kahan_mean(df, c))
+                mean = _kahan_mean(df, c)
             else:  # takes the whole column's path: a NaN here too, or sorted keys and no NaN anywhere
-                pieces[c].append(by_image_layer[c].mean())
+                mean = by_image_layer[c].mean()
+            pieces[c].append(mean.unstack("layer"))
         layer, head = df["layer"].to_numpy(), df["head"].to_numpy()
         for c in grid_cols:
             grids[c].update(layer, head, df[c].to_numpy())
@@ -249,10 +250,14 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
     if carry is not None and len(carry):
         reduce(carry)
 
-    means = {c: pd.concat(pieces[c]) if pieces[c] else
-             pd.Series(dtype=np.float64, index=pd.MultiIndex.from_arrays([[], []], names=["image_id", "layer"]))
-             for c in mean_cols}
-    if any(not m.index.is_unique for m in means.values()):  # an image's rows were not contiguous: read it whole
+    layer_means = {}
+    for c in mean_cols:  # one column at a time, its batches freed as they are joined
+        wide = pd.concat(pieces.pop(c)) if pieces[c] else pd.DataFrame(index=pd.Index([], name="image_id"))
+        if not wide.index.is_unique:  # an image's rows were not contiguous
+            break
+        layer_means[c] = wide.sort_index().sort_index(axis=1)
+    if len(layer_means) < len(mean_cols):  # read the file whole instead (the same numbers, all the memory)
+        del layer_means, pieces
         frame = pd.read_parquet(path, columns=KEYS + stats)
         layer_means = {c: per_image_layer_means(frame, c) for c in mean_cols}
         grid_frames = {c: head_grid(frame, c) for c in grid_cols}
@@ -260,7 +265,6 @@ def read_per_image_summary(path: str | Path, mean_columns: Iterable[str], grid_c
         layers = {c: np.unique(frame["layer"].to_numpy()) for c in p_cols}
         return PerImageSummary(set(stats), layer_means, grid_frames, counts, layers,
                                {c for c in stats if frame[c].notna().any()})
-    layer_means = {c: m.sort_index().unstack("layer").sort_index(axis=1) for c, m in means.items()}
     counts = {}
     for c in p_cols:
         parts = [s for s in p_counts[c] if len(s)]
