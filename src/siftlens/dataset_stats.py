@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-BOOT_CHUNK = 64  # bootstrap resamples drawn and applied at a time
+BOOT_CHUNK = 16  # bootstrap resamples drawn and applied at a time (16 N float64 + 16 N int64 bytes)
 
 
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
@@ -30,10 +30,11 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.9
             return nan, nan, nan
         rng = np.random.default_rng(seed)
         p = np.full(N, 1.0 / N)
+        weights = valid.astype(np.float64)  # what ``counts @ valid`` casts to, once
         boots = np.empty((n_boot, v.shape[1]))
         for start in range(0, n_boot, BOOT_CHUNK):
             counts = rng.multinomial(N, p, size=min(BOOT_CHUNK, n_boot - start)).astype(np.float64)  # [chunk, N]
-            boots[start:start + len(counts)] = (counts @ x) / (counts @ valid)
+            boots[start:start + len(counts)] = (counts @ x) / (counts @ weights)
         alpha = (1 - level) / 2
         lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0) if N > 1 else (mean, mean)
     return mean, np.asarray(lo), np.asarray(hi)
