@@ -9,7 +9,9 @@ statistics need far less:
 * per layer, how many image x head p-values take each value (the Benjamini-Hochberg share; with K null maps a
   p-value is one of K + 1 values, so this does not grow with the number of images).
 
-Only the first still grows with the number of images: 4 bytes per image x layer x column kept (float32).
+Only the first still grows with the number of images: 4-8 bytes per image x layer x column kept (float32, or
+float64 where pandas averages in float64; see the note at KEYS). benchmarks/RESULTS.md (issue 14) has the
+measurement: ~2.4 KB per image at 12 layers for the whole report step, against ~64 KB before.
 
 ``PerImageSummary`` answers the same questions as the whole DataFrame, with the same numbers: each
 (image, layer) mean is pandas' groupby mean over the same rows in the same order (an image's rows are never
