@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+BOOT_CHUNK = 16  # bootstrap resamples drawn and applied at a time (16 N float64 + 16 N int64 bytes)
+
 
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and percentile bootstrap CI over rows (images), per column; NaNs are skipped.
 
-    values: [N, K]. Returns (mean, lo, hi), each [K]. Resampling uses multinomial counts, so memory is
-    O(n_boot * N) however many columns there are.
+    values: [N, K]. Returns (mean, lo, hi), each [K]. Resampling uses multinomial counts, drawn BOOT_CHUNK
+    resamples at a time (the same draws as all at once), so memory is O(BOOT_CHUNK * N + n_boot * K) however
+    many columns there are. The chunked matrix products can differ from one [n_boot, N] product in the last
+    bits (BLAS picks its kernels by shape): relative differences of ~1e-15 in a resample's mean.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim == 1:
@@ -25,15 +29,22 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.9
             nan = np.full(v.shape[1], np.nan)
             return nan, nan, nan
         rng = np.random.default_rng(seed)
-        counts = rng.multinomial(N, np.full(N, 1.0 / N), size=n_boot).astype(np.float64)  # [n_boot, N]
-        boots = (counts @ x) / (counts @ valid)
+        p = np.full(N, 1.0 / N)
+        weights = valid.astype(np.float64)  # what ``counts @ valid`` casts to, once
+        boots = np.empty((n_boot, v.shape[1]))
+        for start in range(0, n_boot, BOOT_CHUNK):
+            counts = rng.multinomial(N, p, size=min(BOOT_CHUNK, n_boot - start)).astype(np.float64)  # [chunk, N]
+            boots[start:start + len(counts)] = (counts @ x) / (counts @ weights)
         alpha = (1 - level) / 2
         lo, hi = np.nanquantile(boots, [alpha, 1 - alpha], axis=0) if N > 1 else (mean, mean)
     return mean, np.asarray(lo), np.asarray(hi)
 
 
 def per_image_layer_means(per_image: pd.DataFrame, column: str) -> pd.DataFrame:
-    """[images x layers] table of ``column`` averaged over heads."""
+    """[images x layers] table of ``column`` averaged over heads (``per_image``: the rows, or a
+    ``per_image_summary.PerImageSummary`` that averaged them while reading the file)."""
+    if not isinstance(per_image, pd.DataFrame):
+        return per_image.layer_means(column)
     return per_image.groupby(["image_id", "layer"])[column].mean().unstack("layer").sort_index(axis=1)
 
 

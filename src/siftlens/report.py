@@ -12,12 +12,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 
 from .dataset_stats import bh_detectable_share, bootstrap_mean_ci, layer_curve, lift_matrices  # noqa: E402
 from .html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
+from .per_image_summary import PerImage, has_values, head_grid, read_per_image_summary  # noqa: E402
 from .verdict import BASELINE_LABELS, BASELINES, MIN_EFFECT, effect_over_null, layer_verdicts, verdict_sentences  # noqa: E402
 
 MAP_STYLE = {
@@ -117,8 +117,8 @@ def fig_lift(lift: np.ndarray) -> str:
     return png_data_uri(fig)
 
 
-def fig_layer_head_grid(per_image: pd.DataFrame, column: str, title: str) -> str:
-    grid = per_image.groupby(["layer", "head"])[column].mean().unstack("head")
+def fig_layer_head_grid(per_image: PerImage, column: str, title: str) -> str:
+    grid = head_grid(per_image, column)
     fig, ax = plt.subplots(figsize=(1 + 0.45 * grid.shape[1], 0.6 + 0.35 * grid.shape[0]))
     center = 1.0 if column.startswith("s_") else 0.0
     span = float(np.nanmax(np.abs(grid.to_numpy() - center))) if np.isfinite(grid.to_numpy()).any() else 1
@@ -138,8 +138,8 @@ def _share(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.0%}"
 
 
-def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_cls",
-                  twin: pd.DataFrame | None = None, null_mode: str = "swap") -> tuple[pd.DataFrame, list[str]]:
+def verdict_table(per_image: PerImage, map_names: list[str], stat: str = "s_cls",
+                  twin: PerImage | None = None, null_mode: str = "swap") -> tuple[pd.DataFrame, list[str]]:
     """Per layer: the statistic, its effect over the null beside the random-weights twin's, the tests and the
     conclusions (verdict.layer_verdicts); plus the conclusions in words."""
     rows = layer_verdicts(per_image, stat, map_names, twin)
@@ -168,12 +168,12 @@ def verdict_table(per_image: pd.DataFrame, map_names: list[str], stat: str = "s_
     return pd.DataFrame(t), verdict_sentences(rows, stat, null_mode, has_twin)
 
 
-def fig_effects(per_image: pd.DataFrame, twin: pd.DataFrame | None, stats: list[str]) -> str:
+def fig_effects(per_image: PerImage, twin: PerImage | None, stats: list[str]) -> str:
     """S_own − S_null per layer with 95% CIs, the model beside its random-weights twin."""
     fig, axes = plt.subplots(1, len(stats), figsize=(6 * len(stats), 3.4), squeeze=False)
     for ax, stat in zip(axes[0], stats):
         for df, label, color in ((per_image, "model", "C3"), (twin, "random-weights twin", "C7")):
-            if df is None or f"{stat}__sift" not in df or df[f"{stat}__sift"].isna().all():
+            if not has_values(df, f"{stat}__sift"):
                 continue
             eff = effect_over_null(df, stat)
             mean, lo, hi = bootstrap_mean_ci(eff.to_numpy())
@@ -192,12 +192,15 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text())
     map_names = manifest["options"]["map_names"]
-    cols = ["image_id", "layer", "head", "partial_spearman_sift", "s_cls_z", "s_cls_p", "s_cls_null",
-            "s_pp_z", "s_pp_p", "s_pp_null"] + [f"{s}__{m}" for s in ("s_cls", "s_pp") for m in map_names]
+    # per_image.parquet is read in record batches and reduced as it goes (per_image_summary.py): per image and
+    # layer the head means the CIs and tests need, per layer and head the grid figure's means, per layer the
+    # p-value counts of the BH shares; never the whole table (~7 million rows at 50,000 images x 144 heads)
+    means = ["partial_spearman_sift", "s_cls_null", "s_pp_null"] + [f"{s}__{m}" for s in ("s_cls", "s_pp")
+                                                                    for m in map_names]
 
-    def read(path: Path) -> pd.DataFrame:
-        have = set(pq.read_schema(path).names)
-        return pd.read_parquet(path, columns=[c for c in cols if c in have])
+    def read(path: Path) -> PerImage:
+        return read_per_image_summary(path, means, grid_columns=["s_cls__sift", "s_pp__sift", "partial_spearman_sift"],
+                                      p_columns=["s_cls_p", "s_pp_p"])
 
     per_image = read(out / "per_image.parquet")
     twin_info = manifest.get("twin", {})
@@ -205,7 +208,7 @@ def write_report(out: str | Path) -> Path:
     twin = read(twin_rows) if twin_info.get("mode", "none") != "none" and twin_rows.is_file() else None
     null = manifest.get("null", {"mode": manifest["options"].get("null_mode", "permute"),
                                  "K": manifest["options"].get("null_permutations", 0)})
-    has_cls = per_image["s_cls__sift"].notna().any()
+    has_cls = has_values(per_image, "s_cls__sift")
     curves = {s: {m: layer_curve(per_image, f"{s}__{m}") for m in map_names}
               for s in (("s_cls", "s_pp") if has_cls else ("s_pp",))}
     lift_npz = np.load(out / "lift.npz")

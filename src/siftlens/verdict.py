@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .dataset_stats import bootstrap_mean_ci, per_image_layer_means, significant_fraction
+from .dataset_stats import bootstrap_mean_ci, per_image_layer_means
+from .per_image_summary import PerImage, bh_fraction, has_values
 from .stats import MIN_EFFECT
 
 ALPHA = 0.05
@@ -72,12 +73,13 @@ def p_diff_above(x: np.ndarray, y: np.ndarray, delta: float) -> float:
     return float(sps.ttest_ind(x, y + delta, equal_var=False, alternative="greater").pvalue)
 
 
-def effect_over_null(per_image: pd.DataFrame, stat: str, own: pd.DataFrame | None = None) -> pd.DataFrame:
+def effect_over_null(per_image: PerImage, stat: str, own: pd.DataFrame | None = None) -> pd.DataFrame:
     """[images x layers] S_own − mean S_null (heads averaged; ``own``: S_own's table if already computed).
-    Without a null column the null is uniform attention (S = 1)."""
+    Without a null column the null is uniform attention (S = 1). ``per_image``: the rows or their
+    ``PerImageSummary`` (the same numbers)."""
     own = per_image_layer_means(per_image, f"{stat}__sift") if own is None else own
     null_col = f"{stat}_null"
-    if null_col in per_image and per_image[null_col].notna().any():
+    if has_values(per_image, null_col):
         return own - per_image_layer_means(per_image, null_col)
     return own - 1.0
 
@@ -87,8 +89,8 @@ def _ci(wide: pd.DataFrame, layers: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return bootstrap_mean_ci(wide.to_numpy())
 
 
-def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
-                   twin: pd.DataFrame | None = None, min_effect: float = MIN_EFFECT,
+def layer_verdicts(per_image: PerImage, stat: str, map_names: list[str],
+                   twin: PerImage | None = None, min_effect: float = MIN_EFFECT,
                    alpha: float = ALPHA, min_partial: float = MIN_PARTIAL) -> pd.DataFrame:
     """One row per layer: effect over the null (mean, 95% CI), the twin's, the tests and the two conclusions."""
     own = per_image_layer_means(per_image, f"{stat}__sift")  # [images x layers], reused below
@@ -98,7 +100,7 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
     rows["S"], rows["S_lo"], rows["S_hi"] = _ci(own, layers)
     rows["effect"], rows["effect_lo"], rows["effect_hi"] = _ci(eff, layers)
     rows["n_images"] = eff.notna().sum(axis=0).to_numpy()
-    has_twin = twin is not None and f"{stat}__sift" in twin and twin[f"{stat}__sift"].notna().any()
+    has_twin = has_values(twin, f"{stat}__sift")
     if has_twin:
         teff = effect_over_null(twin, stat).reindex(columns=layers)
         rows["twin_effect"], rows["twin_effect_lo"], rows["twin_effect_hi"] = _ci(teff, layers)
@@ -132,10 +134,10 @@ def layer_verdicts(per_image: pd.DataFrame, stat: str, map_names: list[str],
     rows["specific"] = specific
 
     p_col = f"{stat}_p"
-    if p_col in per_image and per_image[p_col].notna().any():
-        rows["bh_share"] = significant_fraction(per_image, p_col, alpha)["fraction"].reindex(layers).to_numpy()
-        if has_twin and p_col in twin and twin[p_col].notna().any():
-            rows["twin_bh_share"] = significant_fraction(twin, p_col, alpha)["fraction"].reindex(layers).to_numpy()
+    if has_values(per_image, p_col):
+        rows["bh_share"] = bh_fraction(per_image, p_col, alpha).reindex(layers).to_numpy()
+        if has_twin and has_values(twin, p_col):
+            rows["twin_bh_share"] = bh_fraction(twin, p_col, alpha).reindex(layers).to_numpy()
     return rows
 
 
