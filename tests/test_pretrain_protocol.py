@@ -160,7 +160,7 @@ def test_bench_pretrain_verdict_excludes_a_speed_up_when_there_is_none_and_shows
 
 
 def test_curve_metrics_logged_by_pretrain_follow_the_probes_so_far():
-    from siftlens.pretrain.loop import curve_metrics
+    from siftlens.pretrain.protocol import curve_metrics
 
     history = [{"epoch": 0, "knn_acc": 0.2, "linear_acc": 0.3}, {"epoch": 1, "knn_acc": None, "linear_acc": None},
                {"epoch": 2, "knn_acc": 0.4, "linear_acc": 0.3}, {"epoch": 4, "knn_acc": 0.5, "linear_acc": 0.6}]

@@ -48,7 +48,7 @@ from .guidance import (
 )
 from .mae import ENCODER_ARCH, MAE, MAEConfig
 from .masking import MASKINGS, alpha_schedule, loss_weights, mask_from_noise, masking_noise
-from .protocol import curve_area, epochs_to_reach
+from .protocol import curve_metrics
 
 REFERENCE_FRACTION = 0.95  # issue 15's target: this fraction of the reference run's final probe accuracy
 
@@ -67,21 +67,6 @@ def reference_targets(run: str | Path) -> dict[str, float]:
         out[probe] = REFERENCE_FRACTION * float(done[probe].iloc[-1])
     return out
 
-
-def curve_metrics(history: list[dict], targets: dict[str, float] | None) -> dict[str, float]:
-    """The low-noise metrics of the probes so far: curve area (the run's mean probe accuracy, trapezoids) and,
-    given a reference, the epoch at which each probe first reached its target (interpolated; NaN until then)."""
-    out = {}
-    for probe in ("knn_acc", "linear_acc"):
-        rows = [(r["epoch"], r[probe]) for r in history if r.get(probe) is not None]
-        if not rows:
-            continue
-        epochs, acc = np.array(rows, float).T
-        out[probe.replace("_acc", "_area")] = curve_area(epochs, acc)
-        if targets:
-            reached = epochs_to_reach(epochs, acc, targets[probe])
-            out[probe.replace("_acc", "_epochs_to_reference")] = reached if math.isfinite(reached) else math.nan
-    return out
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
@@ -206,6 +191,7 @@ class Pretrainer:
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
+        self.targets = None  # --reference: set in run()
         self.state = {"step": 0, "history": [], "step_losses": [], "train_seconds": 0.0,
                       "guidance_seconds": 0.0, "epoch_loss_sum": 0.0}
 
@@ -238,9 +224,7 @@ class Pretrainer:
             sift_c = to_concentration(box_footprint_mass(kp, ok, (self.grid, self.grid), cfg.model.patch_size))
         if cfg.masking in ("edge", "edge-matched"):
             edge_c = to_concentration(edge_mass(x01, cfg.model.patch_size))
-        attention = None
-        if cfg.masking == "attmask-high":  # the current encoder's own saliency, as AttMask (no gradient)
-            attention = cls_attention(self.model.encoder, ((x01 - self.mean) / self.std).to(self.device)).cpu()
+        attention = self._encoder_attention(x01) if cfg.masking == "attmask-high" else None
         alpha = cfg.alpha
         if cfg.masking == "sift-curriculum":
             alpha = alpha_schedule(cfg.alpha_start, cfg.alpha, step / max(1, self.total_steps - 1), cfg.alpha_shape)
@@ -248,6 +232,10 @@ class Pretrainer:
         weights = loss_weights(sift_c, cfg.loss_gamma, cfg.eps) if cfg.loss_gamma else None
         guidance_seconds = time.perf_counter() - t0
         return (x01 - self.mean) / self.std, noise, weights, alpha, guidance_seconds
+
+    def _encoder_attention(self, x01: torch.Tensor) -> torch.Tensor:
+        """[B, N] the current encoder's own CLS attention on these crops (AttMask's saliency; no gradient)."""
+        return cls_attention(self.model.encoder, ((x01 - self.mean) / self.std).to(self.device)).cpu()
 
     def write_masking_figure(self, path: Path, n: int = 4) -> None:
         """masking_examples.png: step 0's first crops, their SIFT and edge maps, random vs this run's masks."""
@@ -266,9 +254,7 @@ class Pretrainer:
         masks = {"random": mask_from_noise(zeros, uniform, cfg.mask_ratio)[1]}
         if cfg.masking != "random":
             alpha = cfg.alpha_start if cfg.masking == "sift-curriculum" else cfg.alpha
-            attention = None
-            if cfg.masking == "attmask-high":
-                attention = cls_attention(self.model.encoder, ((x01 - self.mean) / self.std).to(self.device)).cpu()
+            attention = self._encoder_attention(x01) if cfg.masking == "attmask-high" else None
             noise = masking_noise(cfg.masking, uniform, sift_c, edge_c, alpha, cfg.eps, attention)
             masks[f"{cfg.masking} a={alpha:+g}"] = mask_from_noise(zeros, noise, cfg.mask_ratio)[1]
         masks_figure(x01, {"SIFT": sift_c, "edge": edge_c}, masks, self.grid, path)
@@ -426,7 +412,7 @@ class Pretrainer:
                "guidance_seconds": s["guidance_seconds"], "knn_acc": None, "linear_acc": None, **extra}
         s["history"].append(row)
         if extra:
-            row.update(curve_metrics(s["history"], getattr(self, "targets", None)))
+            row.update(curve_metrics(s["history"], self.targets))
         s["epoch_loss_sum"] = 0.0
         if getattr(self, "_pending_outcomes", None) is not None:
             self._write_outcomes(epoch)

@@ -18,6 +18,8 @@ turns them into the verdict table and figure.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -121,8 +123,23 @@ def accuracy_band(correct: np.ndarray, level: float = 0.95, n_boot: int = 500, s
     correct = np.asarray(correct, float)
     S, _, N = correct.shape
     rng = np.random.default_rng([seed, 37])
-    per_seed_image = correct  # [S, E, N]
-    boot = np.stack([_curves(per_seed_image, rng.integers(0, S, S), rng.integers(0, N, N)) for _ in range(n_boot)])
+    boot = np.stack([_curves(correct, rng.integers(0, S, S), rng.integers(0, N, N)) for _ in range(n_boot)])
     tail = (1 - level) / 2
     lo, hi = np.quantile(boot, [tail, 1 - tail], axis=0)
     return np.stack([correct.mean(axis=(0, 2)), lo, hi])
+
+
+def curve_metrics(history: list[dict], targets: dict[str, float] | None) -> dict[str, float]:
+    """The low-noise metrics of the probes so far: curve area (the run's mean probe accuracy, trapezoids) and,
+    given a reference, the epoch at which each probe first reached its target (interpolated; NaN until then)."""
+    out = {}
+    for probe in ("knn_acc", "linear_acc"):
+        rows = [(r["epoch"], r[probe]) for r in history if r.get(probe) is not None]
+        if not rows:
+            continue
+        epochs, acc = np.array(rows, float).T
+        out[probe.replace("_acc", "_area")] = curve_area(epochs, acc)
+        if targets:
+            reached = epochs_to_reach(epochs, acc, targets[probe])
+            out[probe.replace("_acc", "_epochs_to_reference")] = reached if math.isfinite(reached) else math.nan
+    return out
