@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,26 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = 
                             "lift_exp": torch.stack([o["lift_exp"].sum(0) for o in outs]).double().cpu().numpy()}
                     analyze_mod._write_part(tmp, k, part)
             shutil.rmtree(tmp, ignore_errors=True)
+        # the main loop's step as analyze runs it (BatchRunner.run: forward with capture, reducers, rollout,
+        # rows), with the layers on whole batches and, where the code has it, on cache-sized slices (issue 14)
+        runner = BatchRunner(lm, layout, map_cfg.map_names, replace(cfg, device=device),
+                             bank=(bank.cpu(), bank_ids.cpu()))
+        budgets = {"batch_runner_whole": 2**62}
+        if hasattr(analyze_mod, "ATTENTION_SLICE_BYTES"):
+            budgets["batch_runner_sliced"] = analyze_mod.ATTENTION_SLICE_BYTES
+        default_budget = getattr(analyze_mod, "ATTENTION_SLICE_BYTES", None)
+        try:
+            for label, budget in budgets.items():
+                if default_budget is not None:
+                    analyze_mod.ATTENTION_SLICE_BYTES = budget
+                    runner.images_per_call = analyze_mod.attention_images_per_call(lm, layout, torch.device(device))
+                runner.run(collated, paths, keep=False)  # warm-up
+                with clock(label):
+                    for _ in range(reps):
+                        runner.run(collated, paths, keep=False)
+        finally:
+            if default_budget is not None:
+                analyze_mod.ATTENTION_SLICE_BYTES = default_budget
     clock.cpu["nulls"] = clock.cpu["reducers_swap_null"] - clock.cpu["reducers_no_null"]
     clock.wall["nulls"] = clock.wall["reducers_swap_null"] - clock.wall["reducers_no_null"]
     per_img = B * reps

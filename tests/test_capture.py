@@ -481,3 +481,48 @@ def test_analyze_end_to_end(family, noise_dir, tmp_path):
         assert res.manifest["layout"]["prefix_tokens"] == ["cls", "dist"]
         assert res.manifest["model"]["class"] == "DeiTForImageClassificationWithTeacher"
         assert module.config._attn_implementation == "sdpa"
+
+
+def test_sliced_capture_matches_whole_batch_and_restores_the_model():
+    """images_per_call (issue 14): each layer runs on slices of the batch; the callback gets each slice with
+    its first image's index, the slices put together equal the whole-batch maps, the model's output is
+    unchanged, and the model is restored on exit (no instance forward left behind)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, num_classes=3, **SMALL).eval()
+    x = torch.randn(5, 3, 32, 32)
+    whole, out_whole = _collect(model, "timm", x)
+    pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def on_attention(i, a, start):
+        pieces.setdefault(i, []).append((start, a.detach().clone()))
+
+    with torch.no_grad(), AttentionCapture(model, "timm", on_attention, images_per_call=2) as cap:
+        out_sliced = model(x)
+    assert cap.calls == 2 * 3  # 2 layers x slices of 2, 2, 1 images
+    for i, got in pieces.items():
+        assert [s for s, _ in got] == [0, 2, 4] and [len(a) for _, a in got] == [2, 2, 1]
+        torch.testing.assert_close(torch.cat([a for _, a in got]), whole[i], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(out_sliced, out_whole, atol=ATOL, rtol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(m.fused_attn == model.blocks[0].attn.fused_attn for m in (b.attn for b in model.blocks))
+
+
+def test_sliced_capture_runs_whole_batch_when_the_layer_gets_a_mask():
+    """A layer called with a mask (or any other tensor) cannot be sliced safely: it runs on the whole batch."""
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(dim=16, num_heads=2).eval()
+    seen = []
+    x, mask = torch.randn(4, 5, 16), torch.zeros(4, 1, 5, 5)
+    with torch.no_grad(), AttentionCapture(nn.Sequential(attn), "timm", lambda i, a, s: seen.append((s, len(a))),
+                                           images_per_call=1):
+        attn(x, attn_mask=mask)
+        attn(x)
+    assert seen == [(0, 4), (0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_sliced_capture_is_timm_only():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    with pytest.raises(ValueError, match="timm"):
+        AttentionCapture(model, "torchvision", lambda i, a, s: None, images_per_call=2)

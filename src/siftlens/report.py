@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
+from matplotlib.collections import EllipseCollection  # noqa: E402
 
 from .dataset_stats import bh_detectable_share, bootstrap_mean_ci, layer_curve, lift_matrices  # noqa: E402
 from .html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
@@ -53,8 +53,11 @@ def fig_examples(ex: dict, manifest: dict) -> str | None:
         ext = (0, grid[1] * p, grid[0] * p, 0)
         ax = axes[r, 0]
         ax.imshow(rgb)
-        for (x, y), s in zip(ex[f"kp_xy_{r}"], ex[f"kp_size_{r}"]):
-            ax.add_patch(Circle((x - 0.5, y - 0.5), s / 2, fill=False, color="yellow", lw=0.6))
+        xy, size = np.asarray(ex[f"kp_xy_{r}"], float).reshape(-1, 2), np.asarray(ex[f"kp_size_{r}"], float)
+        # one collection, not one patch per keypoint: add_patch re-computes the data limits each time
+        ax.add_collection(EllipseCollection(size, size, 0.0, units="xy", offsets=xy - 0.5,
+                                            offset_transform=ax.transData, facecolors="none",
+                                            edgecolors="yellow", linewidths=0.6), autolim=False)
         ax.set_title(f"{len(ex[f'kp_size_{r}'])} SIFT keypoints", fontsize=8)
         panels = [("SIFT concentration", ex["C"][r][names.index("sift")]),
                   ("edge density", ex["C"][r][names.index("edges")] if "edges" in names else None)]
