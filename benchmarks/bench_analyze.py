@@ -3,6 +3,7 @@
     python benchmarks/bench_analyze.py --model vit_tiny_imagenette --images DIR --n 256 --workers 2
     python benchmarks/bench_analyze.py --model timm:vit_base_patch16_224 --random-init --n 64
     python benchmarks/bench_analyze.py --memory-only 32,320   # peak RSS only, whole runs at 32 and 320 images
+    python benchmarks/bench_analyze.py --model timm:vit_small_patch16_224 --random-init --marginal 128,512
 
 Prints, for the same model, images and batch size:
   forward_only_tensors  images/s of model(x) on preloaded tensors (fused attention; the hard limit)
@@ -12,6 +13,11 @@ Prints, for the same model, images and batch size:
   ratios                analyze / forward_only_* (goal >= 0.9 with workers >= 2)
   sift_per_core         images/s of SIFT + all baseline maps on one core, at the model's input size
   peak RSS              of the main process for n and 10*n images (goal: flat), in subprocesses
+
+--marginal N1,N2 measures the cost of one more image at dataset scale instead: forward with the loader and
+analyze (defaults: twin on min(n, 100) images, swap null; report off) at N1 and at N2 images, each in one run,
+interleaved; the marginal rate is (N2 - N1) / (t(N2) - t(N1)). What a run pays once (worker start-up, the swap
+null's bank pass, the twin's 100 images, the merge) cancels out; it is printed as fixed_s = t(N1) - N1 / rate.
 """
 
 from __future__ import annotations
@@ -118,6 +124,55 @@ def memory_only(args, sizes: list[int]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def timed_analyze(lm, img_dir: Path, out: Path, cfg: AnalyzeConfig) -> float:
+    t0 = time.perf_counter()
+    analyze(lm, img_dir, out, cfg)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
+def marginal(args, sizes: list[int]) -> None:
+    """Marginal images/s of forward-with-loader and of analyze between two image counts (see the docstring)."""
+    n1, n2 = sizes
+    load_at_start = os.getloadavg()
+    src = find_images(args.images or default_images())
+    tmp = Path(tempfile.mkdtemp(prefix="siftlens-bench-"))
+    try:
+        lm = load_model(args.model, random_init=args.random_init, device=args.device)
+        cfg = AnalyzeConfig(batch_size=args.batch_size, workers=args.workers, device=args.device,
+                            report=False, progress=False, examples=0)
+        fwd_s, ana_s = {}, {}
+        # first-time costs (imports in the first workers, allocator growth) are paid here, outside the timing
+        warm = replicate_images(src, min(n1, 2 * args.batch_size), tmp / "warm")
+        timed_analyze(lm, warm, tmp / "out-warm", cfg)
+        for n in (n1, n2):
+            img_dir = replicate_images(src, n, tmp / f"img{n}")
+            paths = find_images(img_dir)
+            # the forward's best of two (the cheaper side gets the benefit of the doubt: the ratio is not flattered)
+            fwd_s[n] = min(n / forward_only(lm, paths, args.batch_size, args.workers, args.device)[1]
+                           for _ in range(2))
+            ana_s[n] = timed_analyze(lm, img_dir, tmp / f"out{n}", cfg)
+        fwd_rate = (n2 - n1) / (fwd_s[n2] - fwd_s[n1])
+        ana_rate = (n2 - n1) / (ana_s[n2] - ana_s[n1])
+        res = {
+            "load_avg_at_start": [round(v, 2) for v in load_at_start],
+            "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
+            "model": lm.name, "input": list(lm.preprocess.input_size), "n_images": [n1, n2],
+            "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "forward_loader_s": {n: round(v, 2) for n, v in fwd_s.items()},
+            "analyze_s": {n: round(v, 2) for n, v in ana_s.items()},
+            "marginal_forward_loader_img_s": round(fwd_rate, 2), "marginal_analyze_img_s": round(ana_rate, 2),
+            "marginal_ratio": round(ana_rate / fwd_rate, 3),
+            "whole_run_ratio": {n: round(fwd_s[n] / ana_s[n], 3) for n in (n1, n2)},
+            "analyze_fixed_s": round(ana_s[n1] - n1 / ana_rate, 2),
+        }
+        print(json.dumps(res, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="vit_tiny_imagenette")
@@ -130,7 +185,15 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS at n and 10*n images")
     ap.add_argument("--memory-only", default=None, metavar="N1,N2,...",
                     help="only the peak RSS of whole analyze runs (merge included) at these image counts")
+    ap.add_argument("--marginal", default=None, metavar="N1,N2",
+                    help="marginal images/s between N1 and N2 images (fixed costs cancel), forward and analyze")
     args = ap.parse_args()
+    if args.marginal:
+        sizes = [int(v) for v in args.marginal.split(",")]
+        if len(sizes) != 2 or not 0 < sizes[0] < sizes[1]:
+            ap.error("--marginal takes two image counts N1 < N2, e.g. 128,512")
+        marginal(args, sizes)
+        return
     if args.memory_only:
         memory_only(args, [int(v) for v in args.memory_only.split(",")])
         return

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -225,6 +226,22 @@ class ImageMapsDataset(Dataset):
               if self.cache is not None else detect_sift(gray, cfg.sift))
         c = concentration(keypoint_mass(kp, layout.grid, layout.patch_size, cfg.mode, cfg.weight))
         return None if c is None else torch.from_numpy(c).float()
+
+
+WORKER_NICENESS = 5
+
+
+def init_map_worker(_worker_id: int) -> None:
+    """A DataLoader worker that decodes and maps images: one OpenCV thread (by default OpenCV's SIFT spreads
+    over every core, on top of the workers and the forward pass's threads), and a lower priority than the
+    forward pass, whose parallel ops stall when one of their threads is descheduled; the workers take the
+    cycles the forward leaves. Neither changes any number: OpenCV's SIFT gives the same keypoints on any
+    thread count (tests/test_analyze.py)."""
+    cv2.setNumThreads(1)
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not allowed here: run at the same priority
+        pass
 
 
 @contextmanager
@@ -444,7 +461,7 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
                           sift_here=cfg.keypoint_detector == "opencv", cache_writes=cfg.keypoint_cache is not None)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+                        prefetch_factor=4 if cfg.workers > 0 else None, worker_init_fn=init_map_worker)
     runner = BatchRunner(lm, layout, map_names, cfg, bank=_null_bank)
     if _null_bank is None and swap:
         bank_ds = ImageMapsDataset(paths, lm.preprocess, layout, map_cfg, cfg.seed, cache,
@@ -737,7 +754,8 @@ def swap_null_bank(ds: ImageMapsDataset, k: int, runner: BatchRunner) -> tuple[t
     maps, ids = [], []
     chunk = 32
     loader = DataLoader(ds, batch_sampler=[list(range(s, min(s + chunk, len(ds)))) for s in range(0, len(ds), chunk)],
-                        num_workers=runner.cfg.workers, collate_fn=_collate_bank if ds.sift_map_only else collate)
+                        num_workers=runner.cfg.workers, collate_fn=_collate_bank if ds.sift_map_only else collate,
+                        worker_init_fn=init_map_worker)
     for batch in loader:
         if isinstance(batch, list):  # SIFT maps from the workers (OpenCV): (image index, map or None), in order
             for i, m in batch:
