@@ -231,13 +231,23 @@ class ImageMapsDataset(Dataset):
 WORKER_NICENESS = 5
 
 
+@contextmanager
+def opencv_threads(n: int) -> Iterator[None]:
+    """OpenCV's thread count for the run (restored after). Set in this process, before the DataLoader forks
+    its workers, so each worker runs SIFT on one thread: by default OpenCV spreads it over every core, on top
+    of the other workers and the forward pass's threads. (Calling cv2.setNumThreads in a forked worker can
+    deadlock when this process has used OpenCV's thread pool.) The keypoints do not depend on it (tested)."""
+    old = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(old)
+
+
 def init_map_worker(_worker_id: int) -> None:
-    """A DataLoader worker that decodes and maps images: one OpenCV thread (by default OpenCV's SIFT spreads
-    over every core, on top of the workers and the forward pass's threads), and a lower priority than the
-    forward pass, whose parallel ops stall when one of their threads is descheduled; the workers take the
-    cycles the forward leaves. Neither changes any number: OpenCV's SIFT gives the same keypoints on any
-    thread count (tests/test_analyze.py)."""
-    cv2.setNumThreads(1)
+    """A DataLoader worker that decodes and maps images runs at a lower priority than the forward pass, whose
+    parallel ops stall whenever one of their threads is descheduled; the workers take the cycles it leaves."""
     try:
         os.nice(WORKER_NICENESS)
     except OSError:  # not allowed here: run at the same priority
@@ -431,7 +441,7 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     check_finite_parameters(lm.module, lm.name)  # NaN weights would give NaN attention, never a finding
     check_model_accepts_input(lm, cfg.device, input_size)
     out = ensure_writable_dir(out)  # after the model: a bad --model leaves no empty output directory
-    with OutputLock(out, "analyze", enabled=rank == 0):  # one run per --out (runguard.py)
+    with OutputLock(out, "analyze", enabled=rank == 0), opencv_threads(1):  # one run per --out (runguard.py)
         return _analyze_locked(lm, images, out, cfg, map_cfg, rank, world, t_start, checkpoint, random_init,
                                _null_bank)
 
