@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,21 +163,24 @@ class RunParts:
         if hook and hook.rsplit(":", 1) == [name, str(self._written[name])]:  # tests: a real kill mid-run
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def read(self, name: str, i: int) -> Part:
+    def read(self, name: str, i: int, arrays: Sequence[str] | None = None, table: bool = True) -> Part:
+        """Part i of pass ``name``; ``arrays``: only these of its arrays (default: all); ``table=False``: without
+        its table (a later pass that needs one array of every part reads no more than that)."""
         if self.root is None:
             return self._memory[(name, i)]
         d = self._dir(name)
         try:
             head = json.loads((d / f"{i:06d}.json").read_text())
-            table = pd.read_parquet(d / f"{i:06d}.parquet") if head["table"] else None
-            arrays = {}
-            if head["arrays"]:
+            frame = pd.read_parquet(d / f"{i:06d}.parquet") if head["table"] and table else None
+            wanted = [k for k in head["arrays"] if arrays is None or k in arrays]
+            loaded = {}
+            if wanted:
                 with np.load(d / f"{i:06d}.npz", allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in head["arrays"]}
+                    loaded = {k: z[k] for k in wanted}
         except (OSError, ValueError, KeyError) as e:
             raise UserRuntimeError(f"{d}/{i:06d}.*: unreadable resume part ({type(e).__name__}: {e}); delete "
                                    f"{self.root} to start over") from None
-        return Part(head["meta"], table, arrays)
+        return Part(head["meta"], frame, loaded)
 
     def run(self, name: str, n: int, compute: Callable[[int], Part]) -> Iterator[Part]:
         """Compute this rank's unfinished items of pass ``name`` (0..n-1), wait for every rank, then yield all
