@@ -10,6 +10,8 @@ command's own outputs are written.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +81,25 @@ class Part:
     meta: dict = field(default_factory=dict)
     table: pd.DataFrame | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by the last batch back to the system (glibc ``malloc_trim``; elsewhere
+    nothing). Why: a batch's forward frees hundreds of MB of large blocks, and glibc, whose mmap threshold
+    grows after such frees, serves the next batch's from a heap that small long-lived objects keep from
+    shrinking: without this the resident memory of a pass grew with its number of batches (~55 KB per image,
+    benchmarks/RESULTS.md, "spurious: peak memory")."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 KILL_HOOK = "SIFTLENS_TEST_KILL_AFTER"  # "<pass>:<n>": SIGKILL this process once it has written n parts of <pass>
@@ -188,6 +209,7 @@ class RunParts:
         for i in range(n):
             if i % self.world == self.rank and not self.done(name, i):
                 self.write(name, i, compute(i))
+                release_freed_memory()
         barrier(self.world)
         return (self.read(name, i) for i in range(n))
 

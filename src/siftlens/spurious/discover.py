@@ -263,7 +263,8 @@ class ShortcutMasker:
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
-            parts: RunParts | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
+            parts: RunParts | None = None
+            ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
     per keypoint: a table (image, patch, position, size, lift) and its motif descriptors [K, D], left in the
     parts (``DescriptorParts``: read back chunk by chunk).
