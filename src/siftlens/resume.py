@@ -87,8 +87,8 @@ def release_freed_memory() -> None:
     """Hand the heap pages freed by the last batch back to the system (glibc ``malloc_trim``; elsewhere
     nothing). Why: a batch's forward frees hundreds of MB of large blocks, and glibc, whose mmap threshold
     grows after such frees, serves the next batch's from a heap that small long-lived objects keep from
-    shrinking: without this the resident memory of a pass grew with its number of batches (~55 KB per image,
-    benchmarks/RESULTS.md, "spurious: peak memory")."""
+    shrinking: without this the peak resident memory of `spurious` rose with its number of batches
+    (benchmarks/RESULTS.md, "`spurious`: peak memory in the number of images")."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
