@@ -261,3 +261,81 @@ def test_counterfactual_scores_flag_conflicts_beyond_the_random_control(shortcut
     assert auroc(cf["shortcut_kl"].to_numpy(), g == "conflict") > auroc(cf["random_kl"].to_numpy(), g == "conflict")
     again = counterfactual_scores(lm, xt, res.masker(lm), seed=0)
     assert np.array_equal(again.to_numpy(), cf.to_numpy())  # deterministic for a seed
+
+
+def _all_descriptors(parts):
+    """Every keypoint's descriptor, read from the extract pass's parts in order (the old in-memory array)."""
+    i, out = 0, []
+    while parts.done("extract", i):
+        part = parts.read("extract", i)
+        if part.table is not None:
+            out.append(part.arrays["desc"])
+        i += 1
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("word_keypoints", ["all", "attended"])
+def test_descriptors_are_read_chunk_by_chunk_and_the_kmeans_sample_is_capped(shortcut_model, tmp_path,
+                                                                             monkeypatch, word_keypoints):
+    """The motif descriptors of all images are never held together: word assignment sees one chunk at a time
+    and k-means at most max_fit_descriptors rows; the words are those of the whole array (seeded sample by row,
+    the same draw as before streaming), with the parts on disk or in memory."""
+    import pandas as pd
+    from scipy.cluster.vq import kmeans2, vq
+
+    import siftlens.spurious.discover as discover
+    from siftlens.resume import RunParts
+
+    ds, lm, _ = shortcut_model
+    x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
+    cap, batch = 150, 16
+    cfg = DiscoveryConfig(n_words=8, layers="all", causal=None, n_null=0, batch_size=batch, max_fit_descriptors=cap,
+                          word_keypoints=word_keypoints)
+    fit_rows, vq_rows = [], []
+    monkeypatch.setattr(discover, "kmeans2", lambda d, *a, **k: (fit_rows.append(len(d)), kmeans2(d, *a, **k))[1])
+    monkeypatch.setattr(discover, "vq", lambda d, c: (vq_rows.append(len(d)), vq(d, c))[1])
+    parts = RunParts(tmp_path, "spurious", {"test": 1})
+    res = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, cfg, parts=parts)
+    monkeypatch.undo()
+
+    n_kp = len(res.keypoints)
+    per_image = res.keypoints.groupby("image").size().reindex(range(len(x)), fill_value=0).to_numpy()
+    largest_chunk = max(per_image[s:s + batch].sum() for s in range(0, len(x), batch))
+    eligible = n_kp if word_keypoints == "all" else int(res.keypoints["attended"].sum())
+    assert eligible > cap  # the sampled path
+    assert fit_rows == [cap]
+    assert sum(vq_rows) == n_kp and max(vq_rows) <= largest_chunk < n_kp
+
+    # the words of the old path: every descriptor in one array, the same seeded draw over the eligible rows
+    D = _all_descriptors(parts)
+    assert len(D) == n_kp
+    Dfit = D if word_keypoints == "all" else D[res.keypoints["attended"].to_numpy()]
+    fit = Dfit[np.random.default_rng(cfg.seed).choice(len(Dfit), cap, replace=False)]
+    centroids, _ = kmeans2(fit.astype(np.float64), cfg.n_words, minit="++", seed=cfg.seed)
+    np.testing.assert_array_equal(res.centroids, centroids)
+    np.testing.assert_array_equal(res.keypoints["word"].to_numpy(), vq(D.astype(np.float64), centroids)[0])
+
+    in_memory = discover_shortcuts(lm, x, ds.train.labels.numpy(), CLASSES, cfg)  # library API: parts in memory
+    np.testing.assert_array_equal(in_memory.centroids, res.centroids)
+    pd.testing.assert_frame_equal(in_memory.motifs, res.motifs, check_exact=True)
+    pd.testing.assert_frame_equal(in_memory.per_image, res.per_image, check_exact=True)
+
+
+def test_descriptor_parts_take_gathers_rows_in_the_order_asked():
+    from siftlens.resume import Part, RunParts
+    from siftlens.spurious.discover import DescriptorParts
+
+    parts = RunParts.memory()
+    rng = np.random.default_rng(0)
+    chunks = [rng.random((n, 5)).astype(np.float32) for n in (3, 0, 4, 2)]
+    for i, d in enumerate(chunks):
+        parts.write("extract", i, Part(arrays={"desc": d}))
+    desc = DescriptorParts(parts, [0, 2, 3], [3, 4, 2], 5)  # chunk 1 held no keypoint
+    everything = np.concatenate(chunks)
+    rows = np.array([8, 0, 4, 3, 7, 1])
+    np.testing.assert_array_equal(desc.take(rows), everything[rows])
+    assert len(desc) == 9 and desc.max_rows_read == 4
+    centroids = everything[[0, 5]].astype(np.float64)
+    from scipy.cluster.vq import vq
+
+    np.testing.assert_array_equal(desc.words(centroids), vq(everything.astype(np.float64), centroids)[0])

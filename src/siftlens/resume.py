@@ -10,12 +10,14 @@ command's own outputs are written.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,25 @@ class Part:
     meta: dict = field(default_factory=dict)
     table: pd.DataFrame | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by the last batch back to the system (glibc ``malloc_trim``; elsewhere
+    nothing). Why: a batch's forward frees hundreds of MB of large blocks, and glibc, whose mmap threshold
+    grows after such frees, serves the next batch's from a heap that small long-lived objects keep from
+    shrinking: without this the peak resident memory of `spurious` rose with its number of batches
+    (benchmarks/RESULTS.md, "`spurious`: peak memory in the number of images")."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 KILL_HOOK = "SIFTLENS_TEST_KILL_AFTER"  # "<pass>:<n>": SIGKILL this process once it has written n parts of <pass>
@@ -163,21 +184,24 @@ class RunParts:
         if hook and hook.rsplit(":", 1) == [name, str(self._written[name])]:  # tests: a real kill mid-run
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def read(self, name: str, i: int) -> Part:
+    def read(self, name: str, i: int, arrays: Sequence[str] | None = None, table: bool = True) -> Part:
+        """Part i of pass ``name``; ``arrays``: only these of its arrays (default: all); ``table=False``: without
+        its table (a later pass that needs one array of every part reads no more than that)."""
         if self.root is None:
             return self._memory[(name, i)]
         d = self._dir(name)
         try:
             head = json.loads((d / f"{i:06d}.json").read_text())
-            table = pd.read_parquet(d / f"{i:06d}.parquet") if head["table"] else None
-            arrays = {}
-            if head["arrays"]:
+            frame = pd.read_parquet(d / f"{i:06d}.parquet") if head["table"] and table else None
+            wanted = [k for k in head["arrays"] if arrays is None or k in arrays]
+            loaded = {}
+            if wanted:
                 with np.load(d / f"{i:06d}.npz", allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in head["arrays"]}
+                    loaded = {k: z[k] for k in wanted}
         except (OSError, ValueError, KeyError) as e:
             raise UserRuntimeError(f"{d}/{i:06d}.*: unreadable resume part ({type(e).__name__}: {e}); delete "
                                    f"{self.root} to start over") from None
-        return Part(head["meta"], table, arrays)
+        return Part(head["meta"], frame, loaded)
 
     def run(self, name: str, n: int, compute: Callable[[int], Part]) -> Iterator[Part]:
         """Compute this rank's unfinished items of pass ``name`` (0..n-1), wait for every rank, then yield all
@@ -185,6 +209,7 @@ class RunParts:
         for i in range(n):
             if i % self.world == self.rank and not self.done(name, i):
                 self.write(name, i, compute(i))
+                release_freed_memory()
         barrier(self.world)
         return (self.read(name, i) for i in range(n))
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -262,9 +263,11 @@ class ShortcutMasker:
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
-            parts: RunParts | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray, np.ndarray]:
+            parts: RunParts | None = None
+            ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
-    per keypoint: a table (image, patch, position, size, lift) and motif descriptors [K, D].
+    per keypoint: a table (image, patch, position, size, lift) and its motif descriptors [K, D], left in the
+    parts (``DescriptorParts``: read back chunk by chunk).
 
     ``images``: model inputs [N, 3, H, W] or a source (``siftlens.spurious.source``), read chunk by chunk
     (the readable files are fixed in the source afterwards). ``parts``: where each chunk's results are kept
@@ -309,24 +312,66 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
                     {"attn": a.numpy(), "probs": logits.float().softmax(-1).numpy(), "groups": np.stack(group_rows),
                      "desc": np.concatenate(descs) if descs else np.zeros((0, width), np.float32)})
 
-    attn_all, probs_all, kp_rows, descs, group_rows, kept, skipped = [], [], [], [], [], [], []
-    for part in parts.run("extract", source.n_chunks(batch_size), chunk):
+    attn_all, probs_all, kp_rows, group_rows, kept, skipped = [], [], [], [], [], []
+    desc_chunks, desc_counts = [], []
+    for c, part in enumerate(parts.run("extract", source.n_chunks(batch_size), chunk)):
         skipped += part.meta["skipped"]
         if not part.meta["kept"]:
             continue
         if part.table is not None:  # images numbered among the readable ones, in file order
             kp_rows.append(part.table.assign(image=part.table["image"].to_numpy() + len(kept)))
+            desc_chunks.append(c)  # the descriptors stay in the part: one row per row of its table
+            desc_counts.append(len(part.table))
         kept += part.meta["kept"]
         attn_all.append(part.arrays["attn"])
         probs_all.append(part.arrays["probs"])
         group_rows.append(part.arrays["groups"])
-        descs.append(part.arrays["desc"])
     source.set_readable(kept, skipped)
     kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
         columns=["image", "patch", "x", "y", "size", "lift"])
-    # no keypoint anywhere: an empty table of the descriptors' width (callers stop)
-    D = np.concatenate(descs) if descs else np.zeros((0, width), np.float32)
-    return np.concatenate(attn_all), np.concatenate(probs_all), kps, D, np.concatenate(group_rows)
+    descriptors = DescriptorParts(parts, desc_chunks, desc_counts, width)  # no keypoint anywhere: empty
+    return np.concatenate(attn_all), np.concatenate(probs_all), kps, descriptors, np.concatenate(group_rows)
+
+
+class DescriptorParts:
+    """The motif descriptors of every keypoint ([K, D] float32, row i = row i of the keypoint table), left in the
+    ``extract`` pass's parts and read back one chunk at a time: the descriptors of all images are never in
+    memory together (at 128 keypoints per image they would cost ~70 KB per image, ~1 KB per keypoint with the
+    float64 copies that k-means and word assignment make)."""
+
+    def __init__(self, parts: RunParts, chunks: list[int], counts: list[int], width: int) -> None:
+        self.parts, self.chunks, self.width = parts, list(chunks), width
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # first row of each chunk, total
+        self.max_rows_read = 0  # the most descriptor rows held at once (tests check it stays one chunk's)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, descriptors) of each chunk, in order."""
+        for c, start, stop in zip(self.chunks, self.starts[:-1], self.starts[1:]):
+            desc = self.parts.read("extract", c, arrays=("desc",), table=False).arrays["desc"]
+            if len(desc) != stop - start:
+                raise RuntimeError(f"extract part {c}: {len(desc)} descriptors for {stop - start} keypoints")
+            self.max_rows_read = max(self.max_rows_read, len(desc))
+            yield int(start), desc
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The descriptors of keypoint ``rows`` (indices into the table, any order), in that order: [len(rows), D]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.width), np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        for start, desc in self:
+            lo, hi = np.searchsorted(sorted_rows, [start, start + len(desc)])
+            out[order[lo:hi]] = desc[sorted_rows[lo:hi] - start]
+        return out
+
+    def words(self, centroids: np.ndarray) -> np.ndarray:
+        """The nearest visual word of every keypoint (``scipy.cluster.vq.vq``, chunk by chunk: each row's word
+        does not depend on the other rows)."""
+        out = [vq(desc.astype(np.float64), centroids)[0] for _, desc in self]
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
 
 
 def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None,
@@ -345,8 +390,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
     if labels is not None and len(labels) != source.n_files:
         raise UserValueError(f"labels: {len(labels)} labels for {source.n_files} images")
-    attn, probs, kps, D, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
-                                       cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts)
+    attn, probs, kps, descriptors, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
+                                                 cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts)
     if labels is not None and hasattr(source, "kept"):
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
@@ -357,7 +402,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if 0 < c < min_per_class]
     if small:
         raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-    if not len(D):
+    if not len(descriptors):
         raise UserValueError("no SIFT keypoints in any image: nothing to discover")
 
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
@@ -367,13 +412,17 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         kps["attended"] = True
     # the attention view describes only keypoints under the decisive attention; the causal view needs
     # words for every keypoint, the ones the CLS never looks at included
-    Dfit = D if cfg.word_keypoints == "all" else D[kps["attended"].to_numpy()]
+    # words for every keypoint, the ones the CLS never looks at included. The k-means sample (at most
+    # max_fit_descriptors, seeded) is drawn by row before any descriptor is read, then gathered from the parts
+    eligible = np.arange(len(kps)) if cfg.word_keypoints == "all" else np.flatnonzero(kps["attended"].to_numpy())
     rng = np.random.default_rng(cfg.seed)
-    fit = Dfit if len(Dfit) <= cfg.max_fit_descriptors else \
-        Dfit[rng.choice(len(Dfit), cfg.max_fit_descriptors, replace=False)]
+    fit_rows = eligible if len(eligible) <= cfg.max_fit_descriptors else \
+        eligible[rng.choice(len(eligible), cfg.max_fit_descriptors, replace=False)]
+    fit = descriptors.take(fit_rows)
     k_words = min(cfg.n_words, len(fit))
     centroids, _ = kmeans2(fit.astype(np.float64), k_words, minit="++", seed=cfg.seed)
-    kps["word"] = vq(D.astype(np.float64), centroids)[0]
+    del fit
+    kps["word"] = descriptors.words(centroids)
     kps["cls"] = cls_of_image[kps["image"].to_numpy()]
 
     motifs = motif_table(kps[kps["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency, cfg.n_null,
@@ -428,9 +477,9 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
     from ..capture import ATTENTION_FINDERS
 
     layers = select_layers(len(ATTENTION_FINDERS[lm.backend](lm.module)), cfg.layers)
-    attn, probs, kps, D, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
-                                       *result.descriptor_weights, cfg.decisive)  # the words' own descriptor
-    kps["word"] = vq(D.astype(np.float64), result.centroids)[0] if len(D) else np.zeros(0, int)
+    attn, probs, kps, descriptors, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
+                                                 *result.descriptor_weights, cfg.decisive)  # the words' own
+    kps["word"] = descriptors.words(result.centroids) if len(descriptors) else np.zeros(0, int)
     return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels)
 
 
@@ -467,8 +516,14 @@ def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
                                 "n_masked": steered.last_mask.sum(1).cpu().numpy(),
                                 "p2": control(x).float().softmax(-1).cpu().numpy()})
 
-        done = list(parts.run("counterfactual", -(-len(source) // batch_size), batch))
-    P0, P1, P2 = (np.concatenate([p.arrays[k] for p in done]).astype(np.float64) for k in ("p0", "p1", "p2"))
+        # each batch's class probabilities are reduced to its rows' scores as it is read back: the [N, K]
+        # tables of every image are never in memory together (row-wise numbers, the same as over all rows)
+        scores = [_counterfactual_rows(p) for p in parts.run("counterfactual", -(-len(source) // batch_size), batch)]
+    return pd.concat(scores, ignore_index=True)
+
+
+def _counterfactual_rows(part: Part) -> pd.DataFrame:
+    P0, P1, P2 = (part.arrays[k].astype(np.float64) for k in ("p0", "p1", "p2"))
     pred = P0.argmax(1)
     rows = np.arange(len(pred))
 
@@ -477,7 +532,7 @@ def counterfactual_scores(lm: LoadedModel, images, masker, batch_size: int = 64,
 
     return pd.DataFrame({"p_pred": P0[rows, pred], "p_pred_masked": P1[rows, pred], "pred_masked": P1.argmax(1),
                          "masked_disagreement": 1 - P1[rows, pred], "shortcut_kl": kl(P1), "random_kl": kl(P2),
-                         "n_masked": np.concatenate([p.arrays["n_masked"] for p in done])})
+                         "n_masked": part.arrays["n_masked"]})
 
 
 def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFrame:
