@@ -74,7 +74,8 @@ def _field(batch, key: str):
     return batch[key] if isinstance(batch, dict) else getattr(batch, key)
 
 
-def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = "cpu", kornia: bool = False) -> dict:
+def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = "cpu", kornia: bool = False,
+                  null_k: int | None = None) -> dict:
     """Each stage alone in this process; seconds per image."""
     clock = Clock()
     layout, cfg = lm.layout(), AnalyzeConfig()
@@ -103,8 +104,10 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = 
     batch = {k: _field(collated, k) for k in ("n", "C", "groups", "index", "x")}
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     B = batch["n"]
-    bank_ids = torch.arange(n, device=device)
-    bank = torch.cat([batch["C"][:, 0]] * (-(-n // B)))[:n]  # K + 1 = n maps, as analyze's bank for n <= 1000
+    # the swap null's bank: K + 1 = n maps as analyze's bank for n <= 1000, or --null-k + 1 (999 + 1 at scale)
+    n_bank = n if null_k is None else null_k + 1
+    bank_ids = torch.arange(n_bank, device=device)
+    bank = torch.cat([batch["C"][:, 0]] * (-(-n_bank // B)))[:n_bank]
     x_all = torch.stack(xs).to(device)
     with torch.inference_mode():
         lm.forward(x_all[:B])  # warm-up
@@ -149,26 +152,13 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = 
                             "lift_exp": torch.stack([o["lift_exp"].sum(0) for o in outs]).double().cpu().numpy()}
                     analyze_mod._write_part(tmp, k, part)
             shutil.rmtree(tmp, ignore_errors=True)
-        # the main loop's step as analyze runs it (BatchRunner.run: forward with capture, reducers, rollout,
-        # rows), with the layers on whole batches and, where the code has it, on cache-sized slices (issue 14)
+        # the main loop's step as analyze runs it (BatchRunner.run: forward with capture, reducers, rollout, rows)
         runner = BatchRunner(lm, layout, map_cfg.map_names, replace(cfg, device=device),
                              bank=(bank.cpu(), bank_ids.cpu()))
-        budgets = {"batch_runner_whole": 2**62}
-        if hasattr(analyze_mod, "ATTENTION_SLICE_BYTES"):
-            budgets["batch_runner_sliced"] = analyze_mod.ATTENTION_SLICE_BYTES
-        default_budget = getattr(analyze_mod, "ATTENTION_SLICE_BYTES", None)
-        try:
-            for label, budget in budgets.items():
-                if default_budget is not None:
-                    analyze_mod.ATTENTION_SLICE_BYTES = budget
-                    runner.images_per_call = analyze_mod.attention_images_per_call(lm, layout, torch.device(device))
-                runner.run(collated, paths, keep=False)  # warm-up
-                with clock(label):
-                    for _ in range(reps):
-                        runner.run(collated, paths, keep=False)
-        finally:
-            if default_budget is not None:
-                analyze_mod.ATTENTION_SLICE_BYTES = default_budget
+        runner.run(collated, paths, keep=False)  # warm-up
+        with clock("batch_runner"):
+            for _ in range(reps):
+                runner.run(collated, paths, keep=False)
     clock.cpu["nulls"] = clock.cpu["reducers_swap_null"] - clock.cpu["reducers_no_null"]
     clock.wall["nulls"] = clock.wall["reducers_swap_null"] - clock.wall["reducers_no_null"]
     per_img = B * reps
@@ -256,6 +246,9 @@ def main() -> None:
     ap.add_argument("--keypoint-detector", default="opencv")
     ap.add_argument("--repeats", type=int, default=1, help="forward / analyze pairs, interleaved")
     ap.add_argument("--skip-stages", action="store_true")
+    ap.add_argument("--null-k", type=int, default=None,
+                    help="swap-null maps in the stage profile (default n - 1, as analyze; 999: at >= 1000 images)")
+    ap.add_argument("--skip-runs", action="store_true", help="the stage profile only")
     args = ap.parse_args()
 
     load_start = os.getloadavg()
@@ -275,9 +268,9 @@ def main() -> None:
                      "load_avg_at_start": [round(v, 2) for v in load_start]}
         if not args.skip_stages:
             res["stages_alone"] = stage_profile(lm, paths, args.batch_size, stats_threads, args.device,
-                                                kornia=args.keypoint_detector == "kornia")
+                                                kornia=args.keypoint_detector == "kornia", null_k=args.null_k)
         runs = []
-        for r in range(args.repeats):
+        for r in range(0 if args.skip_runs else args.repeats):
             row: dict = {}
             _, row["forward_loader_img_s"] = forward_only(lm, paths, args.batch_size, args.workers, args.device)
             for twin in ("random-init", "none"):

@@ -5,7 +5,6 @@ counts over K null maps, so they must match within the same tolerance, i.e. exac
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 from tests.analyze_reference import REFERENCE, RUNS, TABLES, run
 
 RTOL, ATOL = 1e-4, 1e-5
-ANALYZE = importlib.import_module("siftlens.analyze")  # the module (the package exports a function of that name)
 
 
 def _compare(new: pd.DataFrame, ref: pd.DataFrame, what: str) -> None:
@@ -32,17 +30,8 @@ def _compare(new: pd.DataFrame, ref: pd.DataFrame, what: str) -> None:
             assert list(a) == list(b), f"{what}: {col}"
 
 
-# bytes of one image's attention maps in the reference model (3 heads x 65 tokens^2, float32)
-PER_IMAGE_ATTENTION = 3 * 65 * 65 * 4
-
-
-@pytest.mark.parametrize("images_per_call", [None, 1, 2])
 @pytest.mark.parametrize("name", list(RUNS))
-def test_analyze_matches_stored_reference(name, images_per_call, tmp_path, monkeypatch):
-    """Also with the sliced capture (issue 14): layers run on 1 or 2 images at a time (batch 3: a slice
-    of 2 and a slice of 1), statistics, rollout and examples put back together in image order."""
-    if images_per_call is not None:
-        monkeypatch.setattr(ANALYZE, "ATTENTION_SLICE_BYTES", images_per_call * PER_IMAGE_ATTENTION)
+def test_analyze_matches_stored_reference(name, tmp_path):
     res = run(name, tmp_path / name)
     out = res.out
     # the result holds paths and the manifest; its tables are read from disk only when asked for (issue 13.5)
@@ -57,39 +46,6 @@ def test_analyze_matches_stored_reference(name, images_per_call, tmp_path, monke
     with np.load(out / "lift.npz") as z, np.load(REFERENCE / name / "lift.npz") as ref:
         for key in ("obs", "exp"):
             np.testing.assert_allclose(z[key], ref[key], rtol=RTOL, atol=ATOL, err_msg=f"{name} lift {key}")
-
-
-def test_sliced_capture_keeps_examples_and_full_maps(tmp_path, monkeypatch):
-    """examples.npz (CLS attention and rollout of the kept images) and the kept full maps are the same
-    whether the layers see the whole batch or slices of one image."""
-    from siftlens.analyze import BatchRunner, analyze
-    from tests.analyze_reference import BUNDLED, tiny_model
-
-    seen: list[int | None] = []
-    original = BatchRunner.__init__
-
-    def spy(self, *a, **k):
-        original(self, *a, **k)
-        seen.append(self.images_per_call)
-
-    monkeypatch.setattr(BatchRunner, "__init__", spy)
-    outs = {}
-    for label, budget in (("whole", 10**9), ("sliced", PER_IMAGE_ATTENTION)):
-        monkeypatch.setattr(ANALYZE, "ATTENTION_SLICE_BYTES", budget)
-        outs[label] = analyze(tiny_model(), images=BUNDLED, out=tmp_path / label, workers=0, batch_size=3, seed=7,
-                              report=False, progress=False, twin="none", examples=2, keep_full_maps=2).out
-    assert seen == [10**9 // PER_IMAGE_ATTENTION, 1]  # the budget reached BatchRunner: whole batch, then 1 image
-    with np.load(outs["whole"] / "examples.npz") as a, np.load(outs["sliced"] / "examples.npz") as b:
-        assert sorted(a.files) == sorted(b.files) and "cls_attn" in a.files and "rollout" in a.files
-        for key in a.files:
-            if a[key].dtype.kind in "fc":
-                np.testing.assert_allclose(b[key], a[key], rtol=RTOL, atol=ATOL, err_msg=key)
-            else:
-                np.testing.assert_array_equal(b[key], a[key], err_msg=key)
-    with np.load(outs["whole"] / "attention_maps.npz") as a, np.load(outs["sliced"] / "attention_maps.npz") as b:
-        assert a["attention"].shape[0] == 2
-        np.testing.assert_allclose(b["attention"], a["attention"], rtol=1e-3, atol=1e-3)  # float16
-        np.testing.assert_array_equal(b["index"], a["index"])
 
 
 def test_reference_is_not_trivial():

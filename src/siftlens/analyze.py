@@ -518,51 +518,19 @@ def _analyze_locked(lm: LoadedModel, images, out: Path, cfg: AnalyzeConfig, map_
     return result
 
 
-# Bytes of one slice's attention maps [c, H, T, T] (float32) that the sliced capture aims for on a CPU: small
-# enough to stay in cache through the softmax, attn @ v and the statistics (see benchmarks/RESULTS.md, issue 14).
-ATTENTION_SLICE_BYTES = 4 * 2**20
-
-
-def attention_images_per_call(lm: LoadedModel, layout: TokenLayout, device: torch.device) -> int | None:
-    """Images per attention call for the sliced capture, or None for whole batches (GPU, non-timm models,
-    or maps so small that a whole batch fits the budget anyway)."""
-    if device.type != "cpu" or lm.backend != "timm":
-        return None
-    heads = [getattr(m, "num_heads", None) for m in lm.module.modules() if hasattr(m, "fused_attn")]
-    if not heads or not all(isinstance(h, int) for h in heads):
-        return None
-    per_image = max(heads) * layout.num_tokens ** 2 * 4
-    return max(1, ATTENTION_SLICE_BYTES // per_image)
-
-
 @dataclass
 class BatchContext:
     """One batch's forward pass: the maps its capture hook reduces attention against and what the hook
-    collects, layer by layer (on the model's device until the batch is done: one host copy per batch).
-
-    With a sliced capture (``images_per_call``) the hook sees each layer as slices of images; everything
-    below is kept per slice (keyed by the slice's first image) and put back together in ``layer_stats``."""
+    collects, layer by layer (on the model's device until the batch is done: one host copy per batch)."""
 
     maps: BatchMaps
     keep_ex: int  # images of this batch whose CLS attention is kept for figures
     keep_full: int  # images of this batch whose full attention maps are kept
-    rollout: dict[int, RolloutState] = field(default_factory=dict)  # per slice start
-    layers: list[dict[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # per layer: slice -> stats
-    ex_cls: list[list[torch.Tensor]] = field(default_factory=list)  # per layer: [k, H, n] pieces
-    full: list[list[torch.Tensor]] = field(default_factory=list)  # per layer: [k, H, T, T] float16 pieces
+    rollout: RolloutState = field(default_factory=RolloutState)
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)  # statistics [B, H, ...] per layer
+    ex_cls: list[torch.Tensor] = field(default_factory=list)  # [keep_ex, H, n] per layer
+    full: list[torch.Tensor] = field(default_factory=list)  # [keep_full, H, T, T] float16 per layer
     finite: list[torch.Tensor] = field(default_factory=list)  # off CPU: one 0-d bool per layer, checked after
-
-    def layer_stats(self) -> list[dict[str, torch.Tensor]]:
-        """Each layer's statistics over the whole batch (slices concatenated in image order)."""
-        out = []
-        for slices in self.layers:
-            parts = [slices[s] for s in sorted(slices)]
-            out.append(parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-        return out
-
-    def rollout_cls_map(self, num_prefix: int, cls_index: int | None) -> torch.Tensor | None:
-        maps = [self.rollout[s].cls_map(num_prefix, cls_index) for s in sorted(self.rollout)]
-        return None if not maps or maps[0] is None else torch.cat(maps)
 
 
 class BatchRunner:
@@ -589,15 +557,13 @@ class BatchRunner:
         # float summation order.
         self.stats_threads = max(1, torch.get_num_threads() - cfg.workers) \
             if self.device.type == "cpu" else torch.get_num_threads()
-        self.images_per_call = attention_images_per_call(lm, layout, self.device)
 
     def set_bank(self, bank: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """The swap null's bank, kept once on the model's device (each batch indexes it there)."""
         self.bank = bank
         self._bank_on_device = None if bank is None else bank[0].to(self.device)
 
-    def on_attention(self, ctx: BatchContext, idx: int, attn: torch.Tensor, start: int = 0) -> None:
-        """The capture hook: layer ``idx``'s attention for images start..start+len(attn)-1 of the batch."""
+    def on_attention(self, ctx: BatchContext, idx: int, attn: torch.Tensor) -> None:
         layout = self.layout
         if attn.shape[-1] != layout.num_tokens:
             raise UserRuntimeError(
@@ -609,25 +575,19 @@ class BatchRunner:
         else:  # no host round trip per layer: the flags are read once after the forward (run), before any output
             ctx.finite.append(torch.isfinite(attn).all())
         with torch_threads(self.stats_threads):
-            self._reduce(ctx, idx, attn, start)
+            self._reduce(ctx, attn)
 
-    def _reduce(self, ctx: BatchContext, idx: int, attn: torch.Tensor, start: int) -> None:
+    def _reduce(self, ctx: BatchContext, attn: torch.Tensor) -> None:
         """Statistics, rollout and kept examples of one layer's attention (all left on attn's device)."""
-        layout, b = self.layout, attn.shape[0]
-        maps = ctx.maps if start == 0 and b == ctx.maps.C.shape[0] else ctx.maps.narrow(start, start + b)
-        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, maps, self.workspace)
-        ctx.rollout.setdefault(start, RolloutState()).update(attn)
-        if start == 0:  # a new layer begins with its first slice
-            ctx.layers.append({})
-            ctx.ex_cls.append([])
-            ctx.full.append([])
+        layout = self.layout
+        st = layer_statistics(attn, layout.num_prefix, layout.cls_index, ctx.maps, self.workspace)
+        ctx.rollout.update(attn)
         cls_attn = st.pop("cls_attn", None)
-        keep_ex, keep_full = max(0, ctx.keep_ex - start), max(0, ctx.keep_full - start)
-        if keep_ex and cls_attn is not None:
-            ctx.ex_cls[-1].append(cls_attn[:keep_ex])
-        if keep_full:
-            ctx.full[-1].append(attn[:keep_full].detach().to(torch.float16))
-        ctx.layers[-1][start] = st
+        if ctx.keep_ex and cls_attn is not None:
+            ctx.ex_cls.append(cls_attn[: ctx.keep_ex])
+        if ctx.keep_full:
+            ctx.full.append(attn[: ctx.keep_full].detach().to(torch.float16))
+        ctx.layers.append(st)
 
     def kornia_maps(self, batch: Batch) -> None:
         """--keypoint-detector kornia: SIFT keypoints of the whole batch on cfg.device, then every map that
@@ -684,8 +644,7 @@ class BatchRunner:
             return part
         ctx = BatchContext(self.prepare(batch), keep_ex=min(batch.n, cfg.examples) if keep else 0,
                            keep_full=min(batch.n, cfg.keep_full_maps) if keep else 0)
-        with AttentionCapture(lm.module, lm.backend, partial(self.on_attention, ctx),
-                              images_per_call=self.images_per_call) as cap, \
+        with AttentionCapture(lm.module, lm.backend, partial(self.on_attention, ctx)) as cap, \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             logits = lm.forward(batch.x.to(self.device))
         if cap.calls == 0:
@@ -707,14 +666,13 @@ class BatchRunner:
         layout, lm = self.layout, self.lm
         ids = batch.index.numpy()
         # every layer's statistics stacked on the device, then copied to the host once: [L, B, H, ...] per key
-        layers = ctx.layer_stats()
-        stacked = {key: torch.stack([lo[key] for lo in layers]).cpu() for key in layers[0]}
+        stacked = {key: torch.stack([lo[key] for lo in ctx.layers]).cpu() for key in ctx.layers[0]}
         part["table"] = rows_from_stacked(stacked, ids, self.map_names, self.cfg.groups)
         part["lift_obs"] = stacked["lift_obs"].sum(1).double().numpy()
         part["lift_exp"] = stacked["lift_exp"].sum(1).double().numpy()
-        part["num_layers"], part["num_heads"] = len(layers), int(stacked["prefix_mass"].shape[2])
+        part["num_layers"], part["num_heads"] = len(ctx.layers), int(stacked["prefix_mass"].shape[2])
 
-        rollout = ctx.rollout_cls_map(layout.num_prefix, layout.cls_index)
+        rollout = ctx.rollout.cls_map(layout.num_prefix, layout.cls_index)
         s_roll = (layout.num_patches * (rollout[:, None, :] * ctx.maps.C).sum(-1)).cpu().numpy() \
             if rollout is not None else np.full((batch.n, len(self.map_names)), np.nan)
         headless = getattr(lm.module, "num_classes", None) == 0  # e.g. a pre-trained encoder: outputs features
@@ -741,15 +699,15 @@ class BatchRunner:
             ex = {"ex_index": ids[:keep_ex], "ex_C": batch.C[:keep_ex].numpy(),
                   "ex_groups": batch.groups[:keep_ex].numpy(),
                   "ex_rgb": np.stack([lm.preprocess.to_uint8_rgb(batch.x[b]) for b in range(keep_ex)])}
-            if any(ctx.ex_cls):
-                ex["ex_cls_attn"] = torch.stack([torch.cat(p) for p in ctx.ex_cls], 1).cpu().numpy()  # [k, L, H, n]
+            if ctx.ex_cls:
+                ex["ex_cls_attn"] = torch.stack(ctx.ex_cls, 1).cpu().numpy()  # [k, L, H, n]
             if rollout is not None:
                 ex["ex_rollout"] = rollout[:keep_ex].cpu().numpy()
             for j in range(keep_ex):
                 ex[f"ex_kp_xy_{j}"], ex[f"ex_kp_size_{j}"] = batch.keypoints[j]
             part["examples"] = ex
         if keep_full:
-            part["full_maps"] = torch.stack([torch.cat(p) for p in ctx.full], 1).cpu().numpy()  # [k, L, H, T, T]
+            part["full_maps"] = torch.stack(ctx.full, 1).cpu().numpy()  # [k, L, H, T, T]
             part["full_index"] = ids[:keep_full]
         return part
 

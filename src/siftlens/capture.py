@@ -5,11 +5,6 @@ calls ``on_attention(layer_index, attn)`` once per attention layer, in execution
 post-softmax attention ``attn`` [B, heads, T, T] (rows = queries). The callback reduces it right
 away, so only one layer's N x N maps are alive at a time. Fused attention (SDPA) returns no
 weights, so it is switched off for the pass; the model is restored exactly on exit.
-
-``images_per_call=c`` (timm only) runs each attention layer on slices of at most c images and calls
-``on_attention(layer_index, attn, start)`` once per slice (images start..start+c-1 of the batch). On a
-CPU, a slice's [c, heads, T, T] maps can stay in cache while the softmax, attn @ v and the callback's
-statistics read them; a whole batch's maps (30 MB for ViT-S at batch 32) go to memory and back each time.
 """
 
 from __future__ import annotations
@@ -140,14 +135,10 @@ def detect_backend(model: nn.Module) -> str:
 class AttentionCapture:
     """Context manager that streams per-layer attention maps to ``on_attention``."""
 
-    def __init__(self, model: nn.Module, backend: str, on_attention: Callable[..., None],
-                 images_per_call: int | None = None) -> None:
+    def __init__(self, model: nn.Module, backend: str,
+                 on_attention: Callable[[int, torch.Tensor], None]) -> None:
         self.model, self.backend, self.on_attention = model, backend, on_attention
         self.modules = ATTENTION_FINDERS[backend](model)
-        if images_per_call is not None and backend != "timm":
-            raise ValueError("images_per_call is supported for timm models only")
-        self.images_per_call = images_per_call
-        self._start = 0  # first image of the slice now in an attention layer
         self._handles: list = []
         self._restore: list[Callable[[], None]] = []
         self.calls = 0
@@ -173,10 +164,7 @@ class AttentionCapture:
 
     def _emit(self, idx: int, attn: torch.Tensor) -> None:
         self.calls += 1
-        if self.images_per_call is None:
-            self.on_attention(idx, attn)
-        else:
-            self.on_attention(idx, attn, self._start)
+        self.on_attention(idx, attn)
 
     # timm: switch SDPA off, read the softmax output where it passes through attn_drop (identity in eval)
     def _setup_timm(self, idx: int, m: nn.Module) -> None:
@@ -185,29 +173,6 @@ class AttentionCapture:
         self._restore.append(lambda m=m, old=old: setattr(m, "fused_attn", old))
         self._handles.append(m.attn_drop.register_forward_hook(
             lambda _mod, _inp, out, idx=idx: self._emit(idx, out)))
-        if self.images_per_call is not None:
-            self._slice_batch(m)
-
-    def _slice_batch(self, m: nn.Module) -> None:
-        """Run ``m`` on slices of the batch (images are independent in an attention layer). Only for the
-        plain call ``m(x)``: with a mask or any other tensor argument the layer runs on the whole batch."""
-        had_own = "forward" in m.__dict__
-        original, per_call = m.forward, self.images_per_call
-
-        def forward(x, *args, **kwargs):
-            plain = not any(torch.is_tensor(a) for a in (*args, *kwargs.values()))
-            if not plain or x.shape[0] <= per_call:
-                self._start = 0
-                return original(x, *args, **kwargs)
-            out = []
-            for start in range(0, x.shape[0], per_call):
-                self._start = start
-                out.append(original(x[start:start + per_call], *args, **kwargs))
-            self._start = 0
-            return torch.cat(out)
-
-        m.forward = forward
-        self._restore.append(partial(_restore_forward, m, had_own, original))
 
     # HF: eager attention returns (attn_output, attn_weights) from the innermost *Attention module
     def _hf_hook(self, idx: int, _mod: nn.Module, _inp, out) -> None:
@@ -250,15 +215,14 @@ class AttentionCapture:
             return out
 
         m.forward = forward
-        self._restore.append(partial(_restore_forward, m, had_own, original))
 
+        def restore(m=m, had_own=had_own, original=original) -> None:
+            if had_own:
+                m.forward = original
+            else:
+                m.__dict__.pop("forward", None)
 
-def _restore_forward(m: nn.Module, had_own: bool, original: Callable) -> None:
-    """Undo an instance-level ``forward``: put back the one that was there, or fall back to the class's."""
-    if had_own:
-        m.forward = original
-    else:
-        m.__dict__.pop("forward", None)
+        self._restore.append(restore)
 
 
 _MISSING = object()
