@@ -411,7 +411,6 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     if not kps["attended"].any():  # no keypoint under the top attention: describe them all
         kps["attended"] = True
     # the attention view describes only keypoints under the decisive attention; the causal view needs
-    # words for every keypoint, the ones the CLS never looks at included
     # words for every keypoint, the ones the CLS never looks at included. The k-means sample (at most
     # max_fit_descriptors, seeded) is drawn by row before any descriptor is read, then gathered from the parts
     eligible = np.arange(len(kps)) if cfg.word_keypoints == "all" else np.flatnonzero(kps["attended"].to_numpy())
