@@ -33,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from siftlens.analyze import AnalyzeConfig, analyze, default_images
@@ -44,11 +46,20 @@ from siftlens.semantic_maps import MapConfig, compute_maps
 
 
 def replicate_images(src: list[Path], n: int, dst: Path) -> Path:
-    """n image files in dst, cycling through src (symlinks: no extra disk)."""
+    """n image files in dst: the first len(src) as symlinks, every further one a copy of src[i % len(src)] with a
+    centre block recoloured. Why not plain repeats: analyze caches keypoints by image content (the swap null's
+    bank pass hands its keypoints to the main pass), so a repeated file would get its SIFT for free and the
+    benchmark would time less work than a run on n distinct images does."""
     dst.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         f = src[i % len(src)]
-        (dst / f"{i:06d}{f.suffix}").symlink_to(f.resolve())
+        if i < len(src):
+            (dst / f"{i:06d}{f.suffix}").symlink_to(f.resolve())
+            continue
+        img = np.array(Image.open(f).convert("RGB"))
+        h, w = img.shape[:2]
+        img[h // 2 - 4: h // 2 + 4, w // 2 - 4: w // 2 + 4] = (37 * (i // len(src))) % 256  # another content hash
+        Image.fromarray(img).save(dst / f"{i:06d}.png")
     return dst
 
 
