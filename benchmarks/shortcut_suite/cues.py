@@ -94,10 +94,13 @@ class Variant:
 
 # The fixed variant list. Dev: two per family (generator seeds 0-9). Held-out: one per family with new
 # generator seeds; not to be generated before the method is frozen (generate.py refuses without
-# --frozen-commit).
+# --frozen-commit). ``heldout2_*`` (session 6): a second held-out round from the same pool with other
+# generator seeds (other colours, shapes, cells, angles, characters), for a method changed after the first
+# held-out round had been run and read.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
-    + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout2_{f}", f, "heldout", 1000 + 7 * j + 5) for j, f in enumerate(FAMILIES)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
