@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from planted.evaluate import auroc
 
-from siftlens.spurious.causal import ShortcutSet, token_box
+from siftlens.spurious.causal import CausalConfig, ShortcutSet, token_box
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.source import TensorSource
@@ -46,12 +46,18 @@ def test_causal_ranking_puts_the_cue_first_and_boxes_it(cue):
     _, _, res = cue
     units = res.causal.units
     for k in range(3):
+        # the top unit of any kind holds the cue, its box centre within one token of the cue's cell
         top = units[(units["cls"] == k) & (units["causal_rank"] == 1)].iloc[0]
         assert _cue_token(k) in [int(t) for t in top["tokens"].split()], (k, top)
-        box = (top.box_x0, top.box_y0, top.box_x1, top.box_y1)
-        assert box == token_box([_cue_token(k)], GRID), (k, box)  # the box is the cue's cell, nothing more
         assert top["causal_p"] <= 0.05 and top["causal_lo"] > 0  # beyond the label null, stable over images
-        assert top["f_in"] > 2 * top["f_out"]
+        r, c = CUE_CELLS[k]
+        cx, cy = (top.box_x0 + top.box_x1) / 2 * GRID[1], (top.box_y0 + top.box_y1) / 2 * GRID[0]
+        assert c - 1 <= cx <= c + 2 and r - 1 <= cy <= r + 2, (k, top)
+        # the top word / token unit (what flag and gated prompt apply) is boxed at the cue's cell, nothing more
+        sel = units[(units["cls"] == k) & (units["kind"] != "region")].sort_values("causal_rank").iloc[0]
+        box = (sel.box_x0, sel.box_y0, sel.box_x1, sel.box_y1)
+        assert box == token_box([_cue_token(k)], GRID), (k, box)
+        assert sel["causal_p"] <= 0.05 and sel["f_in"] > 2 * sel["f_out"]
     # every unit has a box in [0, 1] and the columns of the contract
     for c in ("class", "unit", "kind", "causal_rank", "causal_effect", "causal_p", "attention_rank"):
         assert c in units.columns
@@ -363,3 +369,44 @@ def test_prompt_resumes_after_a_kill_with_the_same_predictions(cue, tmp_path, mo
     assert writes == [0, 1, 2]  # 12 images in chunks of 4: only the unfinished one was steered again
     again = pd.read_parquet(tmp_path / "again" / "predictions.parquet")
     pd.testing.assert_frame_equal(again, full)  # random_mask's draws included
+
+
+def test_main_region_boxes_the_heaviest_group_and_says_how_much_it_holds():
+    from siftlens.spurious.causal import main_region
+
+    grid = (4, 5)  # not square: rows and columns must not be swapped
+    weight = np.zeros(20)
+    weight[[0, 1]] = [1.0, 1.0]  # a group in the top-left corner, 2.0
+    weight[[13, 14, 19]] = [0.5, 1.5, 1.0]  # a heavier group at the right (row 2-3, cols 3-4), 3.0
+    tokens = [0, 1, 13, 14, 19]
+    group, share = main_region(tokens, weight, grid)
+    assert sorted(group) == [13, 14, 19] and share == pytest.approx(3.0 / 5.0)
+    assert token_box(group, grid) == (3 / 5, 2 / 4, 1.0, 1.0)
+    # diagonal neighbours are one group (8-connectivity); weight outside the tokens still counts in the share
+    weight2 = np.zeros(20)
+    weight2[[0, 6, 19]] = [1.0, 1.0, 2.0]
+    group, share = main_region([0, 6], weight2, grid)
+    assert sorted(group) == [0, 6] and share == pytest.approx(0.5)
+
+
+def test_region_units_leave_the_word_and_token_units_p_values_as_they_were(cue):
+    """Region units join the ranking with their own null (best of all candidates); the word and token units
+    (what flag and gated prompt apply) keep the null over their own kind, so adding regions changes nothing
+    for them; each region unit is built on class images outside the causal sample."""
+    data, lm, res = cue
+    units = res.causal.units
+    assert (units["kind"] == "region").any()
+    without = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES,
+                                 DiscoveryConfig(n_words=16, causal=CausalConfig(region_images=0))).causal.units
+    assert not (without["kind"] == "region").any()
+    a = units[units["kind"] != "region"].set_index(["cls", "unit"]).sort_index()
+    b = without.set_index(["cls", "unit"]).sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(a["causal_p"], b["causal_p"])
+    np.testing.assert_allclose(a["causal_effect"], b["causal_effect"], atol=1e-5)
+    regions = units[units["kind"] == "region"]
+    assert regions["f_in"].isna().all()  # never selected as a shortcut: no keypoint gate
+    assert all(u["kind"] != "region" for u in res.shortcuts.units)
+    # a region is built from each image's decisive window cut to its smallest sufficient part: it holds the cue
+    for r in regions.itertuples():
+        assert _cue_token(r.cls) in [int(t) for t in r.tokens.split()], r

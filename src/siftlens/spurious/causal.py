@@ -24,9 +24,12 @@ sample images as the SIFT units' forwards on that class allow (same number of fo
 the same mean drop. If the control finds the same place, SIFT added nothing to localising it; the report
 says so per class.
 
-Boxes (``box_x0..box_y1`` in [0, 1], x = column / width, y = row / height of the model input): a token unit,
-its tokens; a word, the smallest set of tokens that carries >= ``evidence_share`` of its effect (each image's
-drop shared equally by the tokens masked there), which for a fixed cue is the cue's tokens.
+Boxes (``box_x0..box_y1`` in [0, 1], x = column / width, y = row / height of the model input): the unit's
+evidence tokens (a token unit: its tokens; a word: the smallest set of tokens that carries >= ``evidence_share``
+of its effect, each image's drop shared equally by the tokens masked there, which for a fixed cue is the cue's
+tokens), cut to their 8-connected group with the most evidence (``main_region``): a cue that sits in one of
+several places (corners) is boxed at one of them, not between them. ``box_share`` = the share of the unit's
+evidence inside that group.
 
 ``ShortcutSet`` holds the per-class shortcut units (top causal unit with causal_p <= ``shortcut_alpha`` and
 effect >= ``shortcut_min_effect``) with the words and model identity needed to apply them to new images
@@ -37,6 +40,7 @@ masks only present units.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -46,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 from scipy.cluster.vq import vq
 
 from ..io import atomic_write_json
@@ -72,6 +77,10 @@ class CausalConfig:
     n_null: int = 200  # label permutations (0: none)
     n_boot: int = 1000
     evidence_share: float = 0.5  # a word's box: smallest token set carrying this share of its effect
+    # region units: per class, the tokens where the decisive SIFT window of each of up to this many class images
+    # (outside the causal sample) lies; 0: none
+    region_images: int = 16
+    region_window: int = 2  # region units: window side in tokens (as flag --window)
     control_budget: str = "matched"  # "matched": same forwards as the SIFT units of the class; "full": all images
     # a shortcut (applied by flag / gated prompt): the class's top causal unit with causal_p <= alpha, an effect
     # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
@@ -146,6 +155,29 @@ def token_name(tokens: Sequence[int], grid: tuple[int, int]) -> str:
     return "token:" + "+".join(f"{t // grid[1]},{t % grid[1]}" for t in sorted(tokens))
 
 
+def occlusion_windows(grid: tuple[int, int], window: int) -> np.ndarray:
+    """bool [n_windows, n]: every ``window`` x ``window`` square of tokens (stride 1, row-major; a grid
+    smaller than the window gives one window of the whole side)."""
+    h, w = grid
+    wh, ww = min(window, h), min(window, w)
+    out = []
+    for r in range(h - wh + 1):
+        for c in range(w - ww + 1):
+            m = np.zeros((h, w), bool)
+            m[r:r + wh, c:c + ww] = True
+            out.append(m.reshape(-1))
+    return np.stack(out)
+
+
+def keypoint_windows(windows: np.ndarray, kp_xy: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """bool [n_windows]: the windows holding at least one keypoint centre (``kp_xy`` [k, 2] in pixels)."""
+    if not len(kp_xy):
+        return np.zeros(len(windows), bool)
+    col = np.clip((kp_xy[:, 0] // patch).astype(int), 0, grid[1] - 1)
+    row = np.clip((kp_xy[:, 1] // patch).astype(int), 0, grid[0] - 1)
+    return windows[:, row * grid[1] + col].any(1)
+
+
 # --- candidate units ------------------------------------------------------------------------------
 
 @dataclass
@@ -155,9 +187,12 @@ class Unit:
     tokens: tuple[int, ...] = ()  # token units: the fixed tokens
     cls: int = -1  # token units: the class they were found in
     gate_words: tuple[int, ...] = ()  # token units: the class's words whose fixed tokens overlap these tokens
+    evidence: np.ndarray | None = None  # region units: [n] decisive-window drops per token (where it was found)
 
     def name(self, grid: tuple[int, int]) -> str:
-        return f"word:{self.word}" if self.kind == "word" else token_name(self.tokens, grid)
+        if self.kind == "word":
+            return f"word:{self.word}"
+        return token_name(self.tokens, grid) if self.kind == "token" else "region:" + token_name(self.tokens, grid)[6:]
 
 
 def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[int, int], cfg: CausalConfig
@@ -207,6 +242,79 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
     return units, cands
 
 
+def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
+                 kps: pd.DataFrame, sample: np.ndarray, K: int, grid: tuple[int, int], patch: int,
+                 input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None
+                 ) -> tuple[list[Unit], dict[int, int]]:
+    """Per class k, one ``region`` unit: where class k's evidence sits image by image, for cues that move or
+    that no single word captures. In each of up to ``region_images`` class-k images *outside* the causal sample
+    (so the unit's effect is measured on images it was not built from), every ``region_window``-square of tokens
+    holding a SIFT keypoint centre is masked alone; the window with the largest drop of p_k is the image's
+    decisive window; its smallest part whose removal still gives half that drop (every proper subset of the
+    window is tried) gets the drop, shared by its tokens. The unit = the smallest token set carrying
+    ``evidence_share`` of those drops. Returns the units and, per class, the forwards spent."""
+    n = grid[0] * grid[1]
+    H, W = input_hw
+    windows = occlusion_windows(grid, cfg.region_window)
+    rng = np.random.default_rng([cfg.seed, 23])
+    in_sample = np.zeros(len(labels), bool)
+    in_sample[sample] = True
+    chosen = {}
+    for k in range(K):
+        pool = np.flatnonzero((labels == k) & ~in_sample)
+        chosen[k] = pool if len(pool) <= cfg.region_images else np.sort(rng.choice(pool, cfg.region_images,
+                                                                                   replace=False))
+    jobs, at = [], []
+    xy = {int(i): np.stack([g["x"].to_numpy() * W, g["y"].to_numpy() * H], 1) for i, g in kps.groupby("image")}
+    for k in range(K):
+        for i in chosen[k]:
+            use = keypoint_windows(windows, xy.get(int(i), np.zeros((0, 2))), grid, patch)
+            for v in np.flatnonzero(use):
+                jobs.append((int(i), windows[v]))
+                at.append((k, int(i), int(v)))
+    order = np.argsort([i for i, _ in jobs], kind="stable")
+    jobs, at = [jobs[o] for o in order], [at[o] for o in order]
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "region")
+    best: dict[tuple[int, int], tuple[float, int]] = {}  # (class, image) -> (drop, window)
+    for (k, i, v), p in zip(at, pm):
+        d = float(probs[i, k] - p[k])
+        if d > best.get((k, i), (0.0, -1))[0]:
+            best[(k, i)] = (d, v)
+    spent = {k: 0 for k in range(K)}
+    for k, _, _ in at:
+        spent[k] += 1
+    # the decisive window cut to its smallest part that still removes >= half its drop (a cue in one token is
+    # that token, a cue straddling the window needs all of it): every proper subset of the window's tokens
+    sub_jobs, sub_at = [], []
+    for (k, i), (_, v) in best.items():
+        toks = np.flatnonzero(windows[v])
+        for size in range(1, len(toks)):
+            for subset in itertools.combinations(toks.tolist(), size):
+                m = np.zeros(n, bool)
+                m[list(subset)] = True
+                sub_jobs.append((i, m))
+                sub_at.append((k, i, subset))
+                spent[k] += 1
+    pm = masked_probs(lm, source, layers, sub_jobs, cfg.batch_size, parts, "region_parts")
+    part: dict[tuple[int, int], tuple[int, ...]] = {(k, i): tuple(np.flatnonzero(windows[v]).tolist())
+                                                    for (k, i), (_, v) in best.items()}
+    for (k, i, subset), p in zip(sub_at, pm):  # subsets come smallest first: keep the first that suffices
+        if len(subset) < len(part[(k, i)]) and probs[i, k] - p[k] >= 0.5 * best[(k, i)][0]:
+            part[(k, i)] = subset
+    units = []
+    for k in range(K):
+        heat = np.zeros(n)
+        for i in chosen[k]:
+            d, v = best.get((k, int(i)), (0.0, -1))
+            if v >= 0:
+                toks = list(part[(k, int(i))])
+                heat[toks] += d / len(toks)
+        if heat.sum() > 0:
+            toks = tuple(_evidence_tokens(heat, cfg.evidence_share))
+            units.append(Unit("region", -1, toks, k, (), heat))
+    return units, spent
+
+
 def sample_images(labels: np.ndarray, K: int, per_class: int, seed: int) -> np.ndarray:
     """Seeded sample of up to ``per_class`` image indices per class, sorted."""
     rng = np.random.default_rng([seed, 13])
@@ -237,6 +345,15 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     H, W = input_hw
     units, cands = candidate_units(kps, labels, K, grid, cfg)
     sample = sample_images(labels, K, cfg.causal_images, cfg.seed)
+    region_spent = {k: 0 for k in range(K)}
+    if cfg.region_images > 0:
+        regions, region_spent = region_units(lm, source, layers, labels, probs, kps, sample, K, grid, patch,
+                                             input_hw, cfg, parts)
+        for u in regions:
+            if any(units[j].kind == "token" and units[j].tokens == u.tokens for j in cands[u.cls]):
+                continue  # the class's token unit already removes exactly these tokens
+            cands[u.cls].append(len(units))
+            units.append(u)
     pos = {int(i): j for j, i in enumerate(sample)}
     S, U = len(sample), len(units)
     if S * U * K > 2e8:  # the drops table below holds every class's probability for every (image, unit)
@@ -263,7 +380,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
             jobs.append((int(i), m))
             job_at.append((pos[int(i)], j))
     for j, u in enumerate(units):
-        if u.kind == "token":
+        if u.kind in ("token", "region"):  # fixed tokens: removed in every sample image
             m = np.zeros(n, bool)
             m[list(u.tokens)] = True
             for i in sample:
@@ -282,9 +399,9 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     budget = {}
     for k in range(K):
         own = set(np.flatnonzero(y == k).tolist())
-        n_tok = sum(1 for j in cands[k] if units[j].kind == "token") * len(own)
+        n_tok = sum(1 for j in cands[k] if units[j].kind in ("token", "region")) * len(own)
         n_word = sum(1 for (sp, j) in word_masks if sp in own and j in cands[k])
-        budget[k] = {"sift_forwards": n_word + n_tok}
+        budget[k] = {"sift_forwards": n_word + n_tok + region_spent[k]}
 
     units_df = _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg)
     evidence = {}
@@ -308,14 +425,20 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
 
     E = effects(onehot)
     rows = []
+    # two nulls: a word or token unit (what flag / gated prompt may apply) pays for being the best of the class's
+    # word and token units; a region unit for being the best of all its candidates. So adding region units
+    # leaves the word and token units' p-values as they were.
     null_best = None
     if cfg.n_null > 0:
-        null_best = np.full((cfg.n_null, K), -np.inf)
+        null_best = {"unit": np.full((cfg.n_null, K), -np.inf), "all": np.full((cfg.n_null, K), -np.inf)}
         for b in range(cfg.n_null):
             Eb = effects(onehot[rng.permutation(len(y))])
             for k in range(K):
+                units_k = [j for j in cands[k] if units[j].kind != "region"]
+                if units_k:
+                    null_best["unit"][b, k] = Eb[k, units_k].max()
                 if cands[k]:
-                    null_best[b, k] = Eb[k, cands[k]].max()
+                    null_best["all"][b, k] = Eb[k, cands[k]].max()
     img_cls = labels[kps["image"].to_numpy()]
     for k in range(K):
         own = np.flatnonzero(y == k)
@@ -329,30 +452,39 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
         class_imgs = np.flatnonzero(labels == k)
         for c, j in enumerate(cj):
             u = units[j]
-            f_in, f_out = _frequency(u, kps, labels, k)
-            if u.kind == "token":
+            f_in, f_out = _frequency(u, kps, labels, k) if u.kind != "region" else (float("nan"), float("nan"))
+            if u.kind == "region":
                 toks = list(u.tokens)
+                weight = u.evidence  # where it was found, on images outside the sample
+                present = float("nan")  # not a keypoint unit: removed in every image
+            elif u.kind == "token":
+                toks = list(u.tokens)
+                weight = np.zeros(n)
+                weight[toks] = 1.0  # a token unit is removed whole: its tokens count alike
                 present = f_in  # masked in every image; present (a gate word in its tokens) in this share
             else:
-                toks = _evidence_tokens(j, own, d[:, c], word_masks, kps[(img_cls == k) & (kps["word"] == u.word)],
-                                        n, cfg.evidence_share)
+                weight = _evidence_weight(j, own, d[:, c], word_masks,
+                                          kps[(img_cls == k) & (kps["word"] == u.word)], n)
+                toks = _evidence_tokens(weight, cfg.evidence_share)
                 present = float(np.mean([(i, j) in word_masks for i in own]))
             # attention view: mean n·a over the unit's tokens in the class's images (1 = uniform attention)
-            if u.kind == "token":
+            if u.kind != "word":
                 lift = float(n * attn[class_imgs][:, toks].mean()) if len(class_imgs) else float("nan")
             else:
                 sub = kps[(img_cls == k) & (kps["word"] == u.word)]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
-            x0, y0, x1, y1 = token_box(toks, grid)
+            region, region_share = main_region(toks, weight, grid)
+            x0, y0, x1, y1 = token_box(region, grid)
             rows.append({"cls": k, "unit": u.name(grid), "kind": u.kind, "word": u.word,
                          "tokens": " ".join(map(str, sorted(toks))), "unit_index": int(j),
                          "causal_effect": float(E[k, j]), "causal_lo": float(lo[c]), "causal_hi": float(hi[c]),
-                         "causal_p": (float((1 + (null_best[:, k] >= E[k, j] - 1e-12).sum()) / (1 + cfg.n_null))
+                         "causal_p": (float((1 + (null_best["all" if u.kind == "region" else "unit"][:, k]
+                                                  >= E[k, j] - 1e-12).sum()) / (1 + cfg.n_null))
                                       if null_best is not None else float("nan")),
                          "positive_share": float((d[:, c] > 0.01).mean()), "present_share": present,
                          "n_images": len(own), "f_in": f_in, "f_out": f_out, "attention_lift": lift,
-                         "gate_words": " ".join(map(str, u.gate_words or (u.word,))),
-                         "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1})
+                         "gate_words": " ".join(map(str, u.gate_words or ((u.word,) if u.kind != "region" else ()))),
+                         "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "box_share": region_share})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -375,9 +507,9 @@ def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int) -> tuple[
     return float(in_k.sum() / max(n_k, 1)), float((~in_k).sum() / max(n_o, 1))
 
 
-def _evidence_tokens(j, own, d, word_masks, sub_kps, n, share) -> list[int]:
-    """Tokens carrying >= ``share`` of word unit j's effect: each image's positive drop shared equally
-    by the tokens masked there; no positive drop anywhere: where the word's keypoints sit most often."""
+def _evidence_weight(j, own, d, word_masks, sub_kps, n) -> np.ndarray:
+    """[n] where word unit j's effect sits: each image's positive drop shared equally by the tokens masked
+    there; no positive drop anywhere: where the word's keypoints sit most often."""
     weight = np.zeros(n)
     for o, i in enumerate(own):
         toks = word_masks.get((int(i), j))
@@ -385,11 +517,39 @@ def _evidence_tokens(j, own, d, word_masks, sub_kps, n, share) -> list[int]:
             weight[toks] += d[o] / len(toks)
     if weight.sum() <= 0:
         weight = np.bincount(sub_kps["patch"].to_numpy(), minlength=n).astype(float)
+    return weight
+
+
+def _evidence_tokens(weight: np.ndarray, share: float) -> list[int]:
+    """The smallest set of tokens carrying >= ``share`` of ``weight`` (every token when there is none)."""
     if weight.sum() <= 0:
-        return list(range(n))
+        return list(range(len(weight)))
     order = np.argsort(-weight, kind="stable")
     cum = np.cumsum(weight[order]) / weight.sum()
     return sorted(order[: int(np.searchsorted(cum, share - 1e-12)) + 1].tolist())
+
+
+def main_region(tokens: Sequence[int], weight: np.ndarray, grid: tuple[int, int]) -> tuple[list[int], float]:
+    """The 8-connected group of ``tokens`` that carries the most ``weight``, and its share of all the weight.
+
+    A unit's evidence can sit in several places (a word on the cue and elsewhere; a cue in one of four corners):
+    the bounding box of all of it would be centred between them, on none. The box reports the main place and
+    ``box_share`` says how much of the evidence it holds (1: all of it)."""
+    h, w = grid
+    grid_mask = np.zeros(h * w, bool)
+    grid_mask[list(tokens)] = True
+    labels, count = ndimage.label(grid_mask.reshape(h, w), structure=np.ones((3, 3), int))
+    labels = labels.ravel()
+    if count <= 1:
+        group = np.flatnonzero(grid_mask)
+    else:
+        mass = np.bincount(labels, weights=weight, minlength=count + 1)[1:]
+        size = np.bincount(labels, minlength=count + 1)[1:]
+        best = int(np.lexsort((-size, -mass))[0]) + 1  # most weight; ties: the larger group
+        group = np.flatnonzero(labels == best)
+    total = float(weight.sum())
+    share = float(weight[group].sum() / total) if total > 0 else 1.0
+    return group.tolist(), share
 
 
 def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts: RunParts | None = None
@@ -467,7 +627,11 @@ class ShortcutSet:
                                "word": int(r.word), "tokens": [int(t) for t in str(r.tokens).split()],
                                "gate_words": [int(w) for w in str(r.gate_words).split()],
                                "causal_effect": float(r.causal_effect), "causal_p": float(r.causal_p),
-                               "box": [float(r.box_x0), float(r.box_y0), float(r.box_x1), float(r.box_y1)]})
+                               "box": [float(r.box_x0), float(r.box_y0), float(r.box_x1), float(r.box_y1)],
+                               # where a word is looked for in a new image: all its evidence tokens, not only
+                               # the main place the box reports
+                               "gate_box": list(token_box([int(t) for t in str(r.tokens).split()],
+                                                          layout.grid))})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
                  "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names))}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
@@ -551,7 +715,7 @@ class ShortcutSet:
                 if u["kind"] == "word":
                     # where the word's evidence was found (its box grown by one token): a fixed cue's word
                     # is looked for near its place, a moving cue's box is wide
-                    x0, y0, x1, y1 = u["box"]
+                    x0, y0, x1, y1 = u.get("gate_box", u["box"])  # files before gate_box: box was all of it
                     hit &= (col >= x0 * grid[1] - 1) & (col < x1 * grid[1] + 1) & \
                         (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
                     cover = keypoint_cover(kp.xy[hit], kp.size[hit], grid, p)

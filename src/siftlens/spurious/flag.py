@@ -30,7 +30,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .causal import ShortcutSet, masked_probs, token_box
+from .causal import ShortcutSet, keypoint_windows, masked_probs, occlusion_windows, token_box
 from .source import PathSource, TensorSource
 
 
@@ -46,29 +46,6 @@ def check_classifier(lm: LoadedModel) -> int:
 
 
 OCCLUSION_MODES = ("compare", "sift", "off")
-
-
-def occlusion_windows(grid: tuple[int, int], window: int) -> np.ndarray:
-    """bool [n_windows, n]: every ``window`` x ``window`` square of tokens (stride 1, row-major; a grid
-    smaller than the window gives one window of the whole side)."""
-    h, w = grid
-    wh, ww = min(window, h), min(window, w)
-    out = []
-    for r in range(h - wh + 1):
-        for c in range(w - ww + 1):
-            m = np.zeros((h, w), bool)
-            m[r:r + wh, c:c + ww] = True
-            out.append(m.reshape(-1))
-    return np.stack(out)
-
-
-def keypoint_windows(windows: np.ndarray, kp_xy: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
-    """bool [n_windows]: the windows holding at least one keypoint centre (``kp_xy`` [k, 2] in pixels)."""
-    if not len(kp_xy):
-        return np.zeros(len(windows), bool)
-    col = np.clip((kp_xy[:, 0] // patch).astype(int), 0, grid[1] - 1)
-    row = np.clip((kp_xy[:, 1] // patch).astype(int), 0, grid[0] - 1)
-    return windows[:, row * grid[1] + col].any(1)
 
 
 def window_drops(lm: LoadedModel, x: torch.Tensor, layers: list[int], windows: np.ndarray, pred: np.ndarray,

@@ -201,10 +201,15 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
     c = res.causal
     grid = lm.layout(res.source.input_hw).grid
     parts = ["<h2>Causal view: what removing a unit does to the class evidence</h2>"
-             f"<p class=note>Candidate units: SIFT visual words and the fixed tokens they occupy. causal_effect = mean "
+             f"<p class=note>Candidate units: SIFT visual words, the fixed tokens they occupy, and per class one "
+             "region (where masking a window of tokens that holds a SIFT keypoint lowered the class probability "
+             "most, image by image, on class images outside the sample; for cues that move or that no single word "
+             "covers; it is ranked, never applied by flag or prompt). causal_effect = mean "
              f"drop of the class probability on the class's images (sample of up to {c.units['n_images'].max()}) "
              f"when the unit's tokens are masked as keys in layers {res.layers}; causal_lo–causal_hi: 95% bootstrap "
-             "CI over images; causal_p: label-permutation null (max over the class's units); positive_share: "
+             "CI over images; causal_p: label-permutation null (max over the class's word and token units; for a "
+             "region, over all its units); box: the unit's main place (its 8-connected group of tokens with the most "
+             "evidence), box_share: the share of its evidence there; positive_share: "
              "images where removal lowers the class probability by &gt; 0.01; attention_lift: CLS attention on the "
              "unit's tokens (1 = uniform) and attention_rank, the second view. Control (right): every token "
              "masked alone, no SIFT, on as many images as the SIFT units' forwards allow (budget per class "
@@ -219,7 +224,7 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
         parts.append(f"<h3>{html.escape(name)}</h3>")
         cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "positive_share",
                 "present_share", "f_in", "f_out", "attention_lift", "attention_rank", "box_x0", "box_y0", "box_x1",
-                "box_y1"]
+                "box_y1", "box_share"]
         left = table_html(u[cols]) if len(u) else "none"
         ctrl_cols = ["rank", "unit", "effect", "effect_lo", "effect_hi", "n_images"]
         right = table_html(ctrl[ctrl_cols]) if len(ctrl) else "none"
@@ -234,10 +239,12 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
             same = _same_place((t.box_x0, t.box_y0, t.box_x1, t.box_y1),
                                (ct.box_x0, ct.box_y0, ct.box_x1, ct.box_y1), grid)
             agree += same
+            name = (f"a name ({t['unit']}, in {t['f_in']:.0%} of the class's images, {t['f_out']:.0%} of the "
+                    "others) that can be looked for in new images" if t["kind"] != "region" else
+                    f"nothing (its top unit, {t['unit']}, is a region found by occluding SIFT windows)")
             verdict = (f"The control's top token ({ct['unit']}) lies in the top SIFT unit's region: for locating "
-                       "this class's strongest unit SIFT adds nothing over occlusion alone; what it adds is a name "
-                       f"({t['unit']}, in {t['f_in']:.0%} of the class's images, {t['f_out']:.0%} of the others) "
-                       "that can be looked for in new images." if same else
+                       f"this class's strongest unit SIFT adds nothing over occlusion alone; what it adds is {name}."
+                       if same else
                        f"They disagree: the top SIFT unit {t['unit']} (effect {t['causal_effect']:.3f}) and the "
                        f"control's top token {ct['unit']} (effect {ct['effect']:.3f}) are in different places.")
             parts.append(f"<p>Forward passes on this class: SIFT units {b.get('sift_forwards', 0)}, control "
