@@ -301,7 +301,14 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return df
 
 
-def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False) -> dict:
+# extra `siftlens spurious` runs judged on "cue located" only: the region units' SIFT-free twin (every window
+# searched, not only those holding a keypoint) and, with --ablate-regions, the method without region units
+LOCATION_RUNS = {"method_region_all_windows": ["--region-windows", "all"]}
+ABLATIONS = {"method_without_regions": ["--region-images", "0"]}
+
+
+def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
+                 ablate_regions: bool = False) -> dict:
     t_start = time.time()
     out = out or run / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +329,11 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     if not skip_cli:
         status["spurious"] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
                                       "--out", str(sp), "--seed", str(seed)], sp / "motifs.csv", log)
+        extra = LOCATION_RUNS | (ABLATIONS if ablate_regions else {})
+        for name, args in extra.items():
+            status[name] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
+                                    "--out", str(out / name), "--seed", str(seed), *args],
+                                   out / name / "motifs.csv", log)
         status["flag"] = run_cli(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(run / "test"),
                                   "--out", str(out / "flag")], out / "flag" / "flags.parquet", log)
         for m in STEERING:
@@ -367,6 +379,10 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         cue_loc["method"] = "not available"
     cue_loc["method_occlusion_control"] = (located(occlusion_csv_centres(sp, class_names), disc, k, size, patch)
                                            if (sp / "occlusion_control.csv").exists() else "not available")
+    for name in (*LOCATION_RUNS, *ABLATIONS):
+        if (out / name / "motifs.csv").exists():
+            basis, centres = method_centres(out / name, class_names)
+            cue_loc[name] = located(centres, disc, k, size, patch) | {"basis": basis}
 
     # --- flags
     boot = group_boot_indices(groups, N_BOOT, seed)
@@ -597,8 +613,13 @@ def compact_tables(results: list[dict]) -> str:
             cells = [(f"{_fmt(r['flags'][tgt][s]['auroc'])}{_ci(r['flags'][tgt][s]['ci'])}"
                       if s in r["flags"][tgt] else "—") for s in scores]
             lines.append(f"| {tag} | {short} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | cue located: method (basis) | method's occlusion control | benchmark occlusion reference |",
-              "|---|---|---|---|"]
+    keys = ["method", "method_occlusion_control", "bench_occlusion_reference"]
+    keys += [k for k in (*LOCATION_RUNS, *ABLATIONS) if any(k in r["cue_located"] for r in results)]
+    heads = {"method_region_all_windows": "region units over every window (SIFT-free twin)",
+             "method_without_regions": "method without region units"}
+    cols = ["run", "cue located: method (basis)", "method's occlusion control", "benchmark occlusion reference",
+            *(heads[k] for k in keys[3:])]
+    lines += ["", "| " + " | ".join(cols) + " |", "|---|" + "---|" * len(keys)]
     for r in results:
         tag = f"{r['variant']} {r['setting']} s{r['seed']}"
         chance = None
@@ -606,7 +627,7 @@ def compact_tables(results: list[dict]) -> str:
             disc = pd.read_csv(Path(r["run"], "discovery.csv"), keep_default_na=False)
             chance = located_chance(disc, int(disc.label.max()) + 1, r["image_size"], r["patch"])
         cells = []
-        for key in ("method", "method_occlusion_control", "bench_occlusion_reference"):
+        for key in keys:
             v = r["cue_located"].get(key, "not available")
             if isinstance(v, dict):
                 judged = [x for x in v["per_class"] if x is not None]
@@ -660,6 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run")
     r.add_argument("--run", nargs="+", required=True, help="generated (variant, setting, seed) folders with model/")
     r.add_argument("--skip-cli", action="store_true", help="only the model-side references (oracle, ERM)")
+    r.add_argument("--ablate-regions", action="store_true",
+                   help="also run `siftlens spurious --region-images 0` and judge where its top unit is")
     r.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
@@ -668,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "run":
         torch.set_num_threads(a.threads)
         for run in a.run:
-            res = evaluate_run(Path(run), skip_cli=a.skip_cli)
+            res = evaluate_run(Path(run), skip_cli=a.skip_cli, ablate_regions=a.ablate_regions)
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]

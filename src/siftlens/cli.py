@@ -191,6 +191,8 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--region-images", type=non_negative_int, default=c.region_images,
                    help="per class, images (outside the causal sample) whose decisive SIFT window builds the class's "
                    "region unit, for cues that move or that no single word captures (0: no region units)")
+    p.add_argument("--region-windows", choices=("sift", "all"), default=c.region_windows,
+                   help="region units search the windows holding a SIFT keypoint, or every window (the SIFT-free twin)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
@@ -205,7 +207,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
     causal = None if args.no_causal else CausalConfig(causal_images=args.causal_images,
                                                       control_budget=args.control_budget,
-                                                      region_images=args.region_images)
+                                                      region_images=args.region_images,
+                                                      region_windows=args.region_windows)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal)

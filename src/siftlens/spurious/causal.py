@@ -81,6 +81,7 @@ class CausalConfig:
     # (outside the causal sample) lies; 0: none
     region_images: int = 16
     region_window: int = 2  # region units: window side in tokens (as flag --window)
+    region_windows: str = "sift"  # "sift": windows holding a SIFT keypoint centre; "all": every window (SIFT-free twin)
     control_budget: str = "matched"  # "matched": same forwards as the SIFT units of the class; "full": all images
     # a shortcut (applied by flag / gated prompt): the class's top causal unit with causal_p <= alpha, an effect
     # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
@@ -95,6 +96,8 @@ class CausalConfig:
     def __post_init__(self) -> None:
         if self.control_budget not in ("matched", "full"):
             raise UserValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
+        if self.region_windows not in ("sift", "all"):
+            raise UserValueError(f"region_windows {self.region_windows!r} is not 'sift' or 'all'")
 
 
 # --- forwards with token masks -------------------------------------------------------------------
@@ -268,7 +271,8 @@ def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray,
     xy = {int(i): np.stack([g["x"].to_numpy() * W, g["y"].to_numpy() * H], 1) for i, g in kps.groupby("image")}
     for k in range(K):
         for i in chosen[k]:
-            use = keypoint_windows(windows, xy.get(int(i), np.zeros((0, 2))), grid, patch)
+            use = (keypoint_windows(windows, xy.get(int(i), np.zeros((0, 2))), grid, patch)
+                   if cfg.region_windows == "sift" else np.ones(len(windows), bool))
             for v in np.flatnonzero(use):
                 jobs.append((int(i), windows[v]))
                 at.append((k, int(i), int(v)))
