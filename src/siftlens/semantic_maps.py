@@ -108,8 +108,9 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
 
     footprint: keypoint k's weight is spread over its disc of diameter size_k in proportion to
     the disc area inside each patch (area outside the image is dropped and the rest renormalised).
-    Within each patch column the area is integrated in x with a midpoint rule of ``samples``
-    vertical chords; each chord's overlap with every patch row is exact (error ~1e-3 of the area).
+    The areas are exact (closed form of disc ∩ rectangle, rounding error only). ``samples`` is
+    ignored: it set the number of chords of the numerical integration this replaced, and is still
+    accepted so that existing callers keep working.
     """
     h, w = grid
     mass = np.zeros((h, w))
@@ -123,49 +124,75 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
         return mass.ravel()
     if mode != "footprint":
         raise ValueError(f"map mode {mode!r} is not one of {MAP_MODES}")
-
-    r = np.maximum(kp.size / 2, 1e-6)  # [K]
-    cx, cy = kp.xy[:, 0], kp.xy[:, 1]
-    first = np.floor((cx - r) / patch).astype(int)  # first patch column the disc touches
-    row0 = np.floor((cy - r) / patch).astype(int)  # first patch row
-    col_span = np.floor((cx + r) / patch).astype(int) - first + 1
-    row_span = np.floor((cy + r) / patch).astype(int) - row0 + 1
-    # Keypoints grouped by how many patch columns x rows their disc reaches, so each is integrated over its
-    # own few patches, not over the largest keypoint's span (most SIFT discs reach 1-2 patches, the largest 5+)
-    flat_index, share = [], []
-    for cs, rs in sorted(set(zip(col_span.tolist(), row_span.tolist()))):
-        sel = np.flatnonzero((col_span == cs) & (row_span == rs))
-        fi, sh = _footprint_shares(cx[sel], cy[sel], r[sel], wk[sel], first[sel], row0[sel], cs, rs, grid, patch,
-                                   samples)
-        flat_index.append(fi)
-        share.append(sh)
-    return np.bincount(np.concatenate(flat_index), weights=np.concatenate(share), minlength=h * w)
+    share, flat_index = _footprint_shares(kp.xy[:, 0], kp.xy[:, 1], np.maximum(kp.size / 2, 1e-6), wk, grid, patch)
+    return np.bincount(flat_index, weights=share, minlength=h * w)
 
 
-def _footprint_shares(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, wk: np.ndarray, first: np.ndarray,
-                      row0: np.ndarray, span: int, rspan: int, grid: tuple[int, int], patch: int, samples: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat patch indices and mass shares of keypoints whose discs reach ``span`` columns x ``rspan`` rows."""
+def _disc_cdf(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Area of the unit disc with x < u and y < v (exact; u, v in units of the radius, clipped to [-1, 1]).
+
+    With s(t) = sqrt(1 - t^2) the half chord at x = t and S(t) = (t s(t) + asin t) / 2 its integral
+    from 0, the chord at x = t has length min(max(v + s(t), 0), 2 s(t)) below y = v. That is v + s(t)
+    where |t| < c = sqrt(1 - v^2) (the line y = v cuts the chord), and 2 s(t) if v >= 0 else 0
+    elsewhere. Over x in [-1, u]: the cut part is [-c, q] with q = clip(u, -c, c), the rest of [-1, u]
+    is whole chords or none.
+    """
+    c = np.sqrt(np.maximum(1.0 - v * v, 0.0))
+    q = np.clip(u, -c, c)
+
+    def integral(t: np.ndarray) -> np.ndarray:  # S(t)
+        return 0.5 * (t * np.sqrt(np.maximum(1.0 - t * t, 0.0)) + np.arcsin(t))
+
+    cut = v * (q + c) + integral(q) + integral(c)  # integral of v + s(t) over [-c, q]; S is odd
+    whole = 2.0 * (integral(u) + np.pi / 4) - 2.0 * (integral(q) + integral(c))  # 2 s(t) over [-1, u] minus [-c, q]
+    return cut + np.where(v >= 0, whole, 0.0)
+
+
+def _footprint_shares(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, wk: np.ndarray, grid: tuple[int, int],
+                      patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mass shares and flat patch indices of every (keypoint, patch) pair whose disc area inside the image is > 0.
+
+    Each keypoint only touches its own bounding box of patches (most SIFT discs reach 1-2 columns and rows,
+    the largest 5+), so the pairs are a ragged list built with np.repeat, not a [K, max span] array. A patch's
+    area is the 2-D difference of the disc's CDF at its four corners, with the corners clipped to the image
+    so that area outside it is dropped.
+    """
     h, w = grid
-    col = first[:, None] + np.arange(span)  # [K, C] columns the disc touches
-    a = np.maximum(col * patch, (cx - r)[:, None])  # [K, C] x-extent of disc within each column
-    b = np.minimum((col + 1) * patch, (cx + r)[:, None])
-    valid = (b > a) & (col >= 0) & (col < w)
-    t = (np.arange(samples) + 0.5) / samples  # [S] midpoints within each column's extent
-    x = a[..., None] + (b - a)[..., None] * t  # [K, C, S]
-    dx = np.where(valid, b - a, 0.0)[..., None] / samples  # [K, C, 1]
-    half = np.sqrt(np.clip(r[:, None, None] ** 2 - (x - cx[:, None, None]) ** 2, 0, None))
-    lo, hi = cy[:, None, None] - half, cy[:, None, None] + half  # [K, C, S] vertical chord
-    rows = row0[:, None] + np.arange(rspan)  # [K, R] the patch rows the disc reaches
-    tops = (rows * patch)[:, None, None, :]  # [K, 1, 1, R]
-    overlap = np.clip(np.minimum(hi[..., None], tops + patch) - np.maximum(lo[..., None], tops), 0, None)
-    overlap *= ((rows >= 0) & (rows < h))[:, None, None, :]  # rows outside the image hold nothing
-    area = (overlap * dx[..., None]).sum(2)  # [K, C, R] disc area in each (column, row) patch
-    total = area.sum(axis=(1, 2))  # [K] area inside the image
-    keep = total > 0
-    share = area[keep] * (wk[keep] / total[keep])[:, None, None]
-    flat_index = np.clip(rows[keep], 0, h - 1)[:, None, :] * w + np.clip(col[keep], 0, w - 1)[..., None]
-    return flat_index.ravel(), share.ravel()
+    n = len(cx)
+    col0 = np.floor((cx - r) / patch).astype(np.int64)  # first patch column / row the disc's bounding box reaches
+    row0 = np.floor((cy - r) / patch).astype(np.int64)
+    ncol = np.floor((cx + r) / patch).astype(np.int64) - col0 + 1
+    nrow = np.floor((cy + r) / patch).astype(np.int64) - row0 + 1
+
+    # Corners: (ncol + 1) x (nrow + 1) patch corners per keypoint, corner (i, j) at flat position
+    # corner_start[k] + i * (nrow[k] + 1) + j.
+    n_corner = (ncol + 1) * (nrow + 1)
+    corner_start = np.cumsum(n_corner) - n_corner
+    k = np.repeat(np.arange(n), n_corner)
+    off = np.arange(len(k)) - corner_start[k]
+    ci, cj = np.divmod(off, nrow[k] + 1)
+    x = np.clip((col0[k] + ci) * patch, 0, w * patch)  # corners clipped to the image: area outside it is dropped
+    y = np.clip((row0[k] + cj) * patch, 0, h * patch)
+    cdf = _disc_cdf(np.clip((x - cx[k]) / r[k], -1.0, 1.0), np.clip((y - cy[k]) / r[k], -1.0, 1.0))
+
+    # Patches: ncol x nrow per keypoint, patch (i, j) = column col0 + i, row row0 + j.
+    n_patch = ncol * nrow
+    patch_start = np.cumsum(n_patch) - n_patch
+    k = np.repeat(np.arange(n), n_patch)
+    pi, pj = np.divmod(np.arange(len(k)) - patch_start[k], nrow[k])
+    c00 = corner_start[k] + pi * (nrow[k] + 1) + pj
+    c10 = c00 + nrow[k] + 1  # next column
+    area = (cdf[c10 + 1] - cdf[c10]) - (cdf[c00 + 1] - cdf[c00])
+    col, row = col0[k] + pi, row0[k] + pj
+    # Exact zeros where the disc misses the patch (the CDF differences there are 0 only up to rounding, and
+    # concentration_groups puts zero-mass patches in a group of their own).
+    gap_x = np.maximum(np.maximum(col * patch - cx[k], cx[k] - (col + 1) * patch), 0.0)
+    gap_y = np.maximum(np.maximum(row * patch - cy[k], cy[k] - (row + 1) * patch), 0.0)
+    hit = (gap_x**2 + gap_y**2 < r[k] ** 2) & (col >= 0) & (col < w) & (row >= 0) & (row < h) & (area > 0)
+    k, area, col, row = k[hit], area[hit], col[hit], row[hit]
+    total = np.bincount(k, weights=area, minlength=n)  # [K] disc area inside the image, in units of r^2
+    share = area * (wk[k] / total[k])  # total[k] > 0 for every pair left
+    return share, row * w + col
 
 
 def concentration(mass: np.ndarray) -> np.ndarray | None:
