@@ -99,14 +99,21 @@ def test_footprint_disc_covering_the_image_is_uniform():
 
 
 def test_footprint_exact_zero_where_the_disc_misses():
-    # the bounding box reaches the diagonal patch but the disc does not: that patch must be exactly 0
-    # (concentration_groups puts zero-mass patches in their own group)
-    # (13, 11.6): the corner (16, 16) is 5.25 from the centre; the four-corner CDF difference there is
-    # 1.4e-16, not 0, so this needs the explicit test of whether the disc reaches the patch
-    for x, y in [(13.0, 11.6), (16 - 5 / math.sqrt(2) - 0.3, 16 - 5 / math.sqrt(2) - 0.3)]:
-        m = keypoint_mass(kps((x, y, 10.0, 1.0)), (2, 2), 16, weight="unit")
-        assert m[3] == 0.0 and (m[:3] > 0).all()
-        assert (concentration_groups(m) == 0).sum() == 1
+    # Discs up and left of the corner (16, 16), further than r from it: the bounding box reaches the
+    # bottom-right patch, the disc does not, and that patch must hold exactly 0 (concentration_groups puts
+    # zero-mass patches in a group of their own). The four-corner CDF difference there is ~1e-16 in some
+    # of these positions, not 0; every position on a 0.1 px grid is tried, so that any leak shows.
+    tried = 0
+    for r in (3.0, 5.0, 7.5, 10.0):
+        for dx in np.arange(1, round(10 * r)) / 10:
+            for dy in np.arange(1, round(10 * r)) / 10:
+                if dx * dx + dy * dy <= r * r:
+                    continue
+                m = keypoint_mass(kps((16 - dx, 16 - dy, 2 * r, 1.0)), (2, 2), 16, weight="unit")
+                assert m[3] == 0.0 and (m[:3] > 0).all(), (r, dx, dy, m)
+                tried += 1
+    assert tried > 1000
+    assert (concentration_groups(m) == 0).sum() == 1
 
 
 def test_footprint_drops_keypoints_wholly_outside_and_ignores_samples():

@@ -128,71 +128,82 @@ def keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = 
     return np.bincount(flat_index, weights=share, minlength=h * w)
 
 
-def _disc_cdf(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Area of the unit disc with x < u and y < v (exact; u, v in units of the radius, clipped to [-1, 1]).
+# Patch areas below this (in units of r^2; the disc is pi) are rounding noise of the four-corner difference
+# (|noise| < 1e-14): they are set to 0, so that a patch the disc misses or only grazes (by < ~1e-8 r) holds
+# exactly nothing, as concentration_groups puts zero-mass patches in a group of their own.
+_AREA_EPS = 1e-12
 
-    With s(t) = sqrt(1 - t^2) the half chord at x = t and S(t) = (t s(t) + asin t) / 2 its integral
-    from 0, the chord at x = t has length min(max(v + s(t), 0), 2 s(t)) below y = v. That is v + s(t)
-    where |t| < c = sqrt(1 - v^2) (the line y = v cuts the chord), and 2 s(t) if v >= 0 else 0
-    elsewhere. Over x in [-1, u]: the cut part is [-c, q] with q = clip(u, -c, c), the rest of [-1, u]
-    is whole chords or none.
-    """
-    c = np.sqrt(np.maximum(1.0 - v * v, 0.0))
-    q = np.clip(u, -c, c)
 
-    def integral(t: np.ndarray) -> np.ndarray:  # S(t)
-        return 0.5 * (t * np.sqrt(np.maximum(1.0 - t * t, 0.0)) + np.arcsin(t))
+def _chord_integral(t: np.ndarray) -> np.ndarray:
+    """S(t) = integral from 0 to t of s(x) = sqrt(1 - x^2), the unit disc's half chord: (t s(t) + asin t) / 2."""
+    return 0.5 * (t * np.sqrt(np.maximum(1.0 - t * t, 0.0)) + np.arcsin(t))
 
-    cut = v * (q + c) + integral(q) + integral(c)  # integral of v + s(t) over [-c, q]; S is odd
-    whole = 2.0 * (integral(u) + np.pi / 4) - 2.0 * (integral(q) + integral(c))  # 2 s(t) over [-1, u] minus [-c, q]
-    return cut + np.where(v >= 0, whole, 0.0)
+
+def _bbox_edges(first: np.ndarray, count: np.ndarray, centre: np.ndarray, r: np.ndarray, patch: int, n_patches: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged list of the count + 1 patch edges of each keypoint's bounding box along one axis, clipped to the
+    image (so that area outside it is dropped), in units of r from the centre and clipped to [-1, 1];
+    and where each keypoint's edges start in it."""
+    n_edges = count + 1
+    start = np.cumsum(n_edges) - n_edges
+    k = np.repeat(np.arange(len(first)), n_edges)
+    edge = np.clip((first[k] + np.arange(len(k)) - start[k]) * patch, 0, n_patches * patch)
+    return np.clip((edge - centre[k]) / r[k], -1.0, 1.0), start
 
 
 def _footprint_shares(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, wk: np.ndarray, grid: tuple[int, int],
                       patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mass shares and flat patch indices of every (keypoint, patch) pair whose disc area inside the image is > 0.
+    """Mass shares and flat patch indices of every (keypoint, patch) pair with disc area inside the image.
 
-    Each keypoint only touches its own bounding box of patches (most SIFT discs reach 1-2 columns and rows,
-    the largest 5+), so the pairs are a ragged list built with np.repeat, not a [K, max span] array. A patch's
-    area is the 2-D difference of the disc's CDF at its four corners, with the corners clipped to the image
-    so that area outside it is dropped.
+    A patch's area is the 2-D difference at its four corners of the disc's CDF, F(u, v) = area of the disc
+    with x < u and y < v (exact, below). Each keypoint only touches its own bounding box of patches (most
+    SIFT discs reach 1-2 columns and rows, the largest 5+), so the corners are a ragged list built with
+    np.repeat, not a [K, max span] array.
+
+    F in units of r from the centre (area in units of r^2): with s(t) = sqrt(1 - t^2) and S(t) its integral
+    from 0, the chord at x = t has length min(max(v + s(t), 0), 2 s(t)) below y = v. That is v + s(t) where
+    |t| < c = s(v) (the line y = v cuts the chord), and 2 s(t) if v >= 0 else 0 elsewhere. Over [-1, u] the
+    cut part is [-c, q], q = clip(u, -c, c); S is odd and S(1) = pi/4, so
+        F = v (q + c) + S(q) + S(c) + [v >= 0] * 2 (S(u) + pi/4 - S(q) - S(c)).
+    The terms in v alone and u alone are computed once per bounding-box edge, not per corner.
     """
     h, w = grid
     n = len(cx)
-    col0 = np.floor((cx - r) / patch).astype(np.int64)  # first patch column / row the disc's bounding box reaches
+    col0 = np.floor((cx - r) / patch).astype(np.int64)  # first patch column / row of the disc's bounding box
     row0 = np.floor((cy - r) / patch).astype(np.int64)
     ncol = np.floor((cx + r) / patch).astype(np.int64) - col0 + 1
     nrow = np.floor((cy + r) / patch).astype(np.int64) - row0 + 1
 
-    # Corners: (ncol + 1) x (nrow + 1) patch corners per keypoint, corner (i, j) at flat position
-    # corner_start[k] + i * (nrow[k] + 1) + j.
-    n_corner = (ncol + 1) * (nrow + 1)
+    u, u_start = _bbox_edges(col0, ncol, cx, r, patch, w)
+    v, v_start = _bbox_edges(row0, nrow, cy, r, patch, h)
+    twice_su = 2.0 * _chord_integral(u)
+    c = np.sqrt(np.maximum(1.0 - v * v, 0.0))
+    below = v >= 0  # the whole chords left of the cut count (v >= 0) or not
+    s_c = _chord_integral(c)
+    in_v = v * c + s_c + np.where(below, np.pi / 2 - 2.0 * s_c, 0.0)
+    sign_sq = np.where(below, -1.0, 1.0)  # S(q) enters with +1, and -2 more when v >= 0
+
+    # Corners: (ncol + 1) x (nrow + 1) per keypoint, corner (i, j) at flat position corner_start + i * stride + j
+    stride = nrow + 1
+    n_corner = (ncol + 1) * stride
     corner_start = np.cumsum(n_corner) - n_corner
     k = np.repeat(np.arange(n), n_corner)
-    off = np.arange(len(k)) - corner_start[k]
-    ci, cj = np.divmod(off, nrow[k] + 1)
-    x = np.clip((col0[k] + ci) * patch, 0, w * patch)  # corners clipped to the image: area outside it is dropped
-    y = np.clip((row0[k] + cj) * patch, 0, h * patch)
-    cdf = _disc_cdf(np.clip((x - cx[k]) / r[k], -1.0, 1.0), np.clip((y - cy[k]) / r[k], -1.0, 1.0))
+    i, j = np.divmod(np.arange(len(k)) - corner_start[k], stride[k])
+    ui, vj = u_start[k] + i, v_start[k] + j
+    cv = c[vj]
+    q = np.minimum(np.maximum(u[ui], -cv), cv)
+    cdf = v[vj] * q + sign_sq[vj] * _chord_integral(q) + in_v[vj] + below[vj] * twice_su[ui]
 
-    # Patches: ncol x nrow per keypoint, patch (i, j) = column col0 + i, row row0 + j.
-    n_patch = ncol * nrow
-    patch_start = np.cumsum(n_patch) - n_patch
-    k = np.repeat(np.arange(n), n_patch)
-    pi, pj = np.divmod(np.arange(len(k)) - patch_start[k], nrow[k])
-    c00 = corner_start[k] + pi * (nrow[k] + 1) + pj
-    c10 = c00 + nrow[k] + 1  # next column
-    area = (cdf[c10 + 1] - cdf[c10]) - (cdf[c00 + 1] - cdf[c00])
-    col, row = col0[k] + pi, row0[k] + pj
-    # Exact zeros where the disc misses the patch (the CDF differences there are 0 only up to rounding, and
-    # concentration_groups puts zero-mass patches in a group of their own).
-    gap_x = np.maximum(np.maximum(col * patch - cx[k], cx[k] - (col + 1) * patch), 0.0)
-    gap_y = np.maximum(np.maximum(row * patch - cy[k], cy[k] - (row + 1) * patch), 0.0)
-    hit = (gap_x**2 + gap_y**2 < r[k] ** 2) & (col >= 0) & (col < w) & (row >= 0) & (row < h) & (area > 0)
-    k, area, col, row = k[hit], area[hit], col[hit], row[hit]
-    total = np.bincount(k, weights=area, minlength=n)  # [K] disc area inside the image, in units of r^2
+    # Patch (i, j) = column col0 + i, row row0 + j has its top-left corner at corner (i, j)
+    tl = np.flatnonzero((i < ncol[k]) & (j < nrow[k]))
+    k, i, j = k[tl], i[tl], j[tl]
+    tr = tl + stride[k]  # the next column's corner
+    area = (cdf[tr + 1] - cdf[tr]) - (cdf[tl + 1] - cdf[tl])  # exactly 0 for patches outside the image
+    hit = area > _AREA_EPS
+    k, area = k[hit], area[hit]
+    total = np.bincount(k, weights=area, minlength=n)  # [K] disc area inside the image
     share = area * (wk[k] / total[k])  # total[k] > 0 for every pair left
-    return share, row * w + col
+    return share, (row0[k] + j[hit]) * w + col0[k] + i[hit]
 
 
 def concentration(mass: np.ndarray) -> np.ndarray | None:
