@@ -91,7 +91,7 @@ def box_footprint_mass(kp: torch.Tensor, valid: torch.Tensor, grid: tuple[int, i
 
     Each keypoint's disc is replaced by the square of equal area (half-side r·√π/2), whose patch
     overlaps factorise into x and y overlaps: exact for the square, within a few % of the disc
-    footprint in ``semantic_maps.keypoint_mass`` and ~100x cheaper on a batch. As there, area
+    footprint in ``semantic_maps.keypoint_mass`` (exact disc areas) and cheaper on a batch. As there, area
     outside the image is dropped and the keypoint's weight renormalised over what remains.
     """
     h, w = grid
