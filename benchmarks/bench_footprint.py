@@ -27,7 +27,6 @@ import numpy as np
 from siftlens.models import load_model
 from siftlens.preprocess import Preprocess, load_rgb
 from siftlens.semantic_maps import (
-    MAP_MODES,
     Keypoints,
     MapConfig,
     concentration,
@@ -43,19 +42,13 @@ BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "src" / "siftlens" / "bun
 # --- the old implementation (main at 228e8b9), copied as the reference ---
 def old_keypoint_mass(kp: Keypoints, grid: tuple[int, int], patch: int, mode: str = "footprint",
                       weight: str = "response", samples: int = 32) -> np.ndarray:
+    """The old footprint map with response weights (the only mode timed here; same call as keypoint_mass)."""
+    if (mode, weight) != ("footprint", "response"):
+        raise ValueError("the copied reference covers mode='footprint', weight='response' only")
     h, w = grid
-    mass = np.zeros((h, w))
     if len(kp) == 0:
-        return mass.ravel()
-    wk = kp.response.copy() if (weight == "response" and mode != "count") else np.ones(len(kp))
-    if mode in ("point", "count"):
-        col = np.clip((kp.xy[:, 0] // patch).astype(int), 0, w - 1)
-        row = np.clip((kp.xy[:, 1] // patch).astype(int), 0, h - 1)
-        np.add.at(mass, (row, col), wk)
-        return mass.ravel()
-    if mode != "footprint":
-        raise ValueError(f"map mode {mode!r} is not one of {MAP_MODES}")
-
+        return np.zeros(h * w)
+    wk = kp.response.copy()
     r = np.maximum(kp.size / 2, 1e-6)  # [K]
     cx, cy = kp.xy[:, 0], kp.xy[:, 1]
     first = np.floor((cx - r) / patch).astype(int)  # first patch column the disc touches
