@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pretrain import run_one  # noqa: E402
 
-STRATEGIES = ["random", "sift(a=-1)", "sift(a=+1)"]  # random and the protocol's best two
+STRATEGIES = ["random", "sift(a=-1)", "sift(a=+1)"]  # random and the protocol's best two (the default)
 PRETRAIN_ARGS = ("--epochs 12 --img-size 64 --stored-size 72 --patch-size 8 --embed-dim 96 --depth 3 --heads 3 "
                  "--decoder-dim 64 --decoder-depth 1 --decoder-heads 2 --eval-every 1 --probe-train-limit 3000").split()
 
@@ -31,13 +31,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/pretrain/issue15")
     ap.add_argument("--seeds", default="5-14", help="first-last, inclusive")
     ap.add_argument("--stop-at", required=True, help="UTC time after which no new run starts (ISO format)")
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, help="run for every seed, in this order")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "siftlens"))
     args = ap.parse_args()
     first, last = (int(s) for s in args.seeds.split("-"))
     stop = dt.datetime.fromisoformat(args.stop_at).replace(tzinfo=dt.timezone.utc)
     ns = argparse.Namespace(out=args.out, data=args.data, pretrain_args=[*PRETRAIN_ARGS, "--cache-dir", args.cache_dir])
-    jobs = [(name, seed) for seed in range(first, last + 1) for name in STRATEGIES]
+    jobs = [(name, seed) for seed in range(first, last + 1) for name in args.strategies]
 
     def job(j: tuple[str, int]) -> None:
         if dt.datetime.now(dt.timezone.utc) >= stop:
