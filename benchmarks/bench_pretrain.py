@@ -319,7 +319,43 @@ def protocol_table(runs: dict[tuple[str, int], Path], names: list[str], seeds: l
     lines += ["", "A strategy exactly 0.75× random's epochs to every accuracy (a 25% speed-up) would show a curve-area "
               f"difference of {gain_25['knn']:+.4f} (kNN) / {gain_25['linear']:+.4f} (linear) on random's mean curve.",
               "", verdict_text(results, compared, family, step_seconds, gain_25["knn"])]
+    lines += matched_control_lines(runs, names, seeds_of, n_boot)
     return "\n".join(lines) + "\n"
+
+
+def matched_controls(names: list[str]) -> list[tuple[str, str]]:
+    """(SIFT strategy, its entropy-matched edge control) pairs among ``names``: sift(a=X) with edge-matched(a=X)."""
+    return [(n, "edge-matched" + n[len("sift"):]) for n in names
+            if n.startswith("sift(") and "edge-matched" + n[len("sift"):] in names]
+
+
+def matched_control_lines(runs: dict[tuple[str, int], Path], names: list[str], seeds_of: dict[str, list[int]],
+                          n_boot: int = 2000) -> list[str]:
+    """Secondary comparison (session 7's plan): each SIFT strategy's curve area minus its matched edge
+    control's, on the seeds both have, paired by seed (same initialisation, data order and crops), bootstrap over
+    seeds and validation images, Bonferroni over the pairs x {kNN, linear}. Does SIFT add anything over a
+    SIFT-free sampler that departs from uniform masking as much?"""
+    from siftlens.pretrain.protocol import speedup
+
+    pairs = matched_controls(names)
+    if not pairs:
+        return []
+    m = 2 * len(pairs)
+    family = 1 - 0.05 / m
+    lines = ["", f"SIFT vs its entropy-matched edge control, paired by seed (curve area of the SIFT strategy minus "
+             f"the control's; 95% CI and family-wise CI = Bonferroni over these {m} comparisons):", "",
+             "| SIFT strategy | matched control | common seeds | probe | area difference [95% CI] {family-wise CI} |",
+             "|---|---|---|---|---|"]
+    for sift, edge in pairs:
+        common = [s for s in seeds_of[sift] if s in seeds_of[edge]]
+        for probe in ("knn", "linear"):
+            ep_s, out_s = load_outcomes(runs, sift, common, probe)
+            ep_e, out_e = load_outcomes(runs, edge, common, probe)
+            r = speedup(ep_s, out_s, out_e, n_boot=n_boot, paired=True, levels=(0.95, family), epochs_random=ep_e)
+            (lo, hi), (flo, fhi) = r["area_difference_cis"][0.95], r["area_difference_cis"][family]
+            lines.append(f"| {sift} | {edge} | {len(common)} | {probe} | {r['area_difference']:+.4f} "
+                         f"[{lo:+.4f}, {hi:+.4f}] {{{flo:+.4f}, {fhi:+.4f}}} |")
+    return lines
 
 
 def verdict_text(results: dict, compared: list[str], family: float, step_seconds: dict[str, float] | None,

@@ -125,8 +125,8 @@ def test_bench_pretrain_protocol_table_reads_the_runs_outcomes(tmp_path):
     runs = _write_runs(tmp_path, curves, (0, 1, 2), rng)
     names = list(curves)
     table = protocol_table(runs, names, [0, 1, 2], step_seconds={n: 1.0 for n in names}, n_boot=200)
-    rows = [line for line in table.splitlines() if line.startswith("| sift(a=+1) |")]
-    assert len(rows) == 2  # knn and linear
+    rows = [line for line in table.splitlines() if line.startswith("| sift(a=+1) | 3 |")]
+    assert len(rows) == 2  # knn and linear (the matched-control rows name the control in their second cell)
     ratio = float(rows[0].split("|")[5].split()[0])
     assert 0.3 < ratio < 0.7  # twice as fast
     assert "Bonferroni over the 8 comparisons" in table  # 2 strategies x 2 probes x 2 metrics
@@ -157,6 +157,33 @@ def test_bench_pretrain_verdict_excludes_a_speed_up_when_there_is_none_and_shows
                                            "edge-matched(a=-1)": (epochs, fast + 0.01)}, range(5), rng, n=2000)
     t = protocol_table(both, names, list(range(5)), step_seconds={n: 1.0 for n in names}, n_boot=300)
     assert "SHOWN" not in t
+
+
+def test_bench_pretrain_compares_each_sift_strategy_with_its_matched_control_on_common_seeds(tmp_path):
+    from bench_pretrain import matched_control_lines, matched_controls
+
+    rng = np.random.default_rng(8)
+    epochs = np.arange(0, 13, dtype=float)
+    slow = 0.25 + 0.35 * (1 - np.exp(-epochs / 4))
+    fast = 0.25 + 0.35 * (1 - np.exp(-3 * epochs / 4))
+    curves = {"random": (epochs, slow), "sift(a=-1)": (epochs, fast), "edge-matched(a=-1)": (epochs, slow),
+              "sift(a=+1)": (epochs, slow), "edge-matched(a=+1)": (epochs, fast), "attmask-high": (epochs, slow)}
+    runs = _write_runs(tmp_path, curves, range(4), rng, n=3000)
+    names = list(curves)
+    assert matched_controls(names) == [("sift(a=-1)", "edge-matched(a=-1)"), ("sift(a=+1)", "edge-matched(a=+1)")]
+    seeds_of = {n: [0, 1, 2, 3] for n in names}
+    seeds_of["edge-matched(a=+1)"] = [0, 2]  # a control with fewer seeds: compared on the common ones only
+    lines = matched_control_lines(runs, names, seeds_of, n_boot=300)
+    assert any("Bonferroni over these 4 comparisons" in line for line in lines)
+    rows = {(r.split("|")[1].strip(), r.split("|")[4].strip()): r.split("|") for r in lines if r.startswith("| sift(")}
+    gain = np.mean(fast) - np.mean(slow)  # trapezoids on a uniform grid differ from the plain mean only at the ends
+    for probe in ("knn", "linear"):
+        m, f = rows[("sift(a=-1)", probe)], rows[("sift(a=+1)", probe)]
+        assert m[3].strip() == "4" and f[3].strip() == "2"
+        d_m, d_f = float(m[5].split()[0]), float(f[5].split()[0])
+        assert abs(d_m - gain) < 0.02 and abs(d_f + gain) < 0.02  # signed: SIFT minus its control
+        assert float(m[5].split("[")[1].split(",")[0]) > 0  # the 95% CI excludes zero for a real gap
+    assert matched_control_lines(runs, ["random", "sift(a=-1)"], seeds_of) == []  # no control run: no table
 
 
 def test_curve_metrics_logged_by_pretrain_follow_the_probes_so_far():
