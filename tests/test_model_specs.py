@@ -58,3 +58,20 @@ def test_torchvision_and_timm_local_checkpoints(tmp_path):
     # a checkpoint of another architecture is refused with the reason
     assert main(["analyze", "--model", "timm:vit_small_patch16_224", "--checkpoint", str(tmp_path / "t.safetensors"),
                  "--out", str(tmp_path / "o3"), *ARGS]) == 2
+
+
+def test_random_init_on_a_model_that_ships_its_weights_gives_fresh_weights(tmp_path):
+    """`--random-init` with the bundled model (or an exported .safetensors) was ignored: the trained weights ran
+    under a random-init label, so a calibration run on "random weights" measured the trained model."""
+    trained = load_model("vit_tiny_imagenette")
+    fresh = load_model("vit_tiny_imagenette", random_init=True)
+    again = load_model("vit_tiny_imagenette", random_init=True)
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(trained.module.state_dict()[w], fresh.module.state_dict()[w])
+    assert torch.equal(fresh.module.state_dict()[w], again.module.state_dict()[w])  # seeded: same every time
+    assert "random init" in fresh.name and fresh.preprocess == trained.preprocess
+    x = torch.randn(2, 3, *trained.preprocess.input_size)
+    with torch.no_grad():
+        assert not torch.allclose(trained.module(x), fresh.module(x))
+    # the trained model is untouched by building its random twin
+    assert torch.equal(load_model("vit_tiny_imagenette").module.state_dict()[w], trained.module.state_dict()[w])

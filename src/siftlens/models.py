@@ -180,8 +180,12 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
         labels = [IMAGENETTE_NAMES.get(c, c) for c in meta.get("label_names", [])] or None
         lm = LoadedModel(module, "timm", BUNDLED_NAME, pre, labels,
                          {"val_top1": meta.get("val_top1"), "bundled": True})
+        if random_init:  # the bundled architecture with fresh weights (a calibration control), not its trained ones
+            lm = _with_random_weights(lm)
     elif str(spec).endswith(".safetensors"):
         lm = _load_exported_timm(Path(spec))
+        if random_init:
+            lm = _with_random_weights(lm)
     elif ":" in str(spec):
         kind, name = str(spec).split(":", 1)
         loader = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision}.get(kind)
@@ -393,6 +397,14 @@ def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> L
     return LoadedModel(model, "torchvision", f"torchvision:{name}",
                        _torchvision_preprocess(model, default, input_size), labels,
                        {"checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def _with_random_weights(lm: LoadedModel) -> LoadedModel:
+    """``--random-init`` on a model that comes with its weights: the same model with fresh ones, named so."""
+    twin = random_init_twin(lm, seed=0)
+    twin.name = f"{lm.name} (random init)"
+    twin.info = {"random_init": True}  # not the trained weights' val_top1
+    return twin
 
 
 def random_init_twin(lm: LoadedModel, seed: int = 0) -> LoadedModel:
