@@ -4,9 +4,13 @@ Tiny random-init (or seconds-trained) models built here; nothing downloads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from PIL import Image
 
+from siftlens.cli import main
 from siftlens.models import from_module
 from siftlens.prompting import SteeredViT
 
@@ -41,3 +45,129 @@ def test_a_masked_token_is_removed_from_the_prediction_whatever_the_pooling(kw):
         assert not torch.allclose(lm.forward(x), lm.forward(changed), atol=1e-4)  # the token matters unmasked
         with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _: mask) as steered:
             assert torch.allclose(steered(x), steered(changed), atol=1e-5)
+
+
+# --- the CLI chain with models and motifs that do not fit ----------------------------------------------------
+
+
+def _export(model, kw: dict, path) -> str:
+    """Save a timm model as `siftlens pretrain` exports one (safetensors + JSON of how to build it)."""
+    from safetensors.torch import save_file
+
+    from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "timm_arch": "vit_tiny_patch16_224", "timm_kwargs": kw, "input_size": [3, 32, 32], "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD), "crop_pct": None}))
+    return str(path)
+
+
+def _model(tmp, name: str, **kw) -> str:
+    torch.manual_seed(0)
+    kw = {**TINY, **kw}
+    return _export(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw), kw, tmp / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A `spurious` run of a 3-block random-init ViT on 3 x 5 planted-cue images, and a folder of new images."""
+    from tests.cue_model import CLASSES, make_data
+
+    tmp = tmp_path_factory.mktemp("shortcut_models")
+    data = make_data(6, seed=3)
+    for folder, images, labels in (("train", data["train"], data["y"]), ("new", data["conflict"], None)):
+        for i, img in enumerate(images):
+            d = tmp / folder / (CLASSES[labels[i]] if labels is not None else "")
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:03d}.png")
+    model = _model(tmp, "d3", depth=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert main(["spurious", "--model", model, "--images", str(tmp / "train"), "--out", str(tmp / "sp"),
+                 "--words", "8", "--layers", "all", "--causal-images", "6", "--region-images", "0"]) == 0
+    torch.set_num_threads(threads)
+    return tmp, model
+
+
+def _fails(capsys, argv: list[str], *words: str) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("siftlens ")]  # not a library's progress bar
+    assert len(ours) == 1 and "Traceback" not in err, err
+    err = ours[0]
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_flag_refuses_motifs_from_a_model_of_another_depth_or_token_layout(run, tmp_path, capsys):
+    tmp, _ = run
+    sp = str(tmp / "sp")
+    assert json.loads((tmp / "sp" / "shortcuts.json").read_text())["model"]["num_layers"] == 3
+    out = tmp_path / "fl"
+    out.mkdir()
+    (out / "flags.parquet").write_bytes(b"an earlier run's output")
+    for name, kw, why in (("d2", dict(depth=2), "3 attention layers"), ("d4", dict(depth=4), "3 attention layers"),
+                          ("reg", dict(depth=3, reg_tokens=2), "prefix tokens")):
+        model = _model(tmp_path, name, **kw)  # same input size, patch, grid and classes: only the model differs
+        _fails(capsys, ["flag", "--model", model, "--motifs", sp, "--images", str(tmp / "new"), "--out", str(out)],
+               "--motifs", why, "motifs from another model")
+        _fails(capsys, ["prompt", "--model", model, "--motifs", sp, "--method", "mask_tokens", "--images",
+                        str(tmp / "new"), "--labels", "none", "--out", str(tmp_path / "pr")],
+               "motifs from another model")
+    assert (out / "flags.parquet").read_bytes() == b"an earlier run's output"  # nothing written is lost
+
+    # a file from before num_layers was stored: the layers it masks must exist in the model
+    old = json.loads((tmp / "sp" / "shortcuts.json").read_text())
+    for key in ("num_layers", "prefix_tokens"):
+        del old["model"][key]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "shortcuts.json").write_text(json.dumps(old))
+    _fails(capsys, ["flag", "--model", _model(tmp_path, "d2"), "--motifs", str(tmp_path / "old"), "--images",
+                    str(tmp / "new"), "--out", str(out)], "at least 3 attention layers", "motifs from another model")
+
+
+@pytest.mark.parametrize("drop", ["units", "centroids", "model.grid", "units[].tokens"])
+def test_flag_names_what_an_incomplete_shortcuts_file_lacks(run, tmp_path, capsys, drop):
+    tmp, model = run
+    d = json.loads((tmp / "sp" / "shortcuts.json").read_text())
+    if drop == "units[].tokens":
+        d["units"] = [{"cls": 0, "class_name": "ant", "unit": "token:1,1", "kind": "token", "word": 0,
+                       "box": [0.25, 0.25, 0.5, 0.5]}]
+    elif drop.startswith("model."):
+        del d["model"][drop.split(".")[1]]
+    else:
+        del d[drop]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "shortcuts.json").write_text(json.dumps(d))
+    _fails(capsys, ["flag", "--model", model, "--motifs", str(tmp_path / "m"), "--images", str(tmp / "new"),
+                    "--out", str(tmp_path / "fl")], "--motifs", f"lacks {drop}")
+
+
+def test_models_without_a_classifier_head_or_with_too_few_outputs_are_refused(run, tmp_path, capsys):
+    tmp, _ = run
+    headless = _model(tmp_path, "enc", depth=3, num_classes=0)
+    _fails(capsys, ["spurious", "--model", headless, "--images", str(tmp / "train"), "--out", str(tmp_path / "s")],
+           "no classifier head")
+    _fails(capsys, ["prompt", "--model", headless, "--images", str(tmp / "new"), "--labels", "none", "--out",
+                    str(tmp_path / "p")], "no classifier head")
+    two = _model(tmp_path, "two", depth=3, num_classes=2)  # 3 class folders, 2 outputs
+    _fails(capsys, ["spurious", "--model", two, "--images", str(tmp / "train"), "--out", str(tmp_path / "s")],
+           "3 label classes", "2 outputs")
+    assert not (tmp_path / "s" / "motifs.csv").exists()
+    # prompt takes class folders as labels only where they can be: here it predicts without accuracy
+    assert main(["prompt", "--model", two, "--images", str(tmp / "train"), "--out", str(tmp_path / "p2")]) == 0
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert "accuracy_before" not in summary and "2 model outputs" in summary["note"]
+
+
+def test_hf_model_without_a_classification_head_is_refused(run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    tmp, _ = run
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "enc")  # pooler output [B, 32], no logits
+    _fails(capsys, ["flag", "--model", f"hf:{tmp_path / 'enc'}", "--motifs", str(tmp / "sp"), "--images",
+                    str(tmp / "new"), "--out", str(tmp_path / "fl")], "no classifier head")
