@@ -171,3 +171,36 @@ def test_hf_model_without_a_classification_head_is_refused(run, tmp_path, capsys
     transformers.ViTModel(cfg).save_pretrained(tmp_path / "enc")  # pooler output [B, 32], no logits
     _fails(capsys, ["flag", "--model", f"hf:{tmp_path / 'enc'}", "--motifs", str(tmp / "sp"), "--images",
                     str(tmp / "new"), "--out", str(tmp_path / "fl")], "no classifier head")
+
+
+# --- models that pool their patch tokens learn the planted cue: discovery must find it --------------------------
+
+
+@pytest.mark.parametrize("kw", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False)],
+                         ids=["avg_pool", "no_cls_token"])
+def test_discovery_finds_the_cue_of_a_model_that_averages_its_patch_tokens(kw):
+    """Before: on the avg-pooled model every causal effect was ~1e-5 (the masked cue token's own output was still
+    averaged in) and no shortcut was selected; without a CLS token discovery refused to run."""
+    from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
+    from siftlens.train import TrainConfig, train_classifier
+    from tests.cue_model import CLASSES, CUE_CELLS, PATCH, SIZE, inputs, make_data
+
+    torch.manual_seed(0)
+    data = make_data(30, seed=0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY, **kw})
+    train_classifier(model, torch.from_numpy(data["train"]), torch.from_numpy(data["y"]), SIZE, IMAGENET_MEAN,
+                     IMAGENET_STD, TrainConfig(batch_size=32, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.1,
+                                               augment="none", epochs=30, seed=0), log=lambda row: None)
+    lm = from_module(model.eval(), Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None, "bicubic"))
+    with torch.no_grad():
+        pred = lm.forward(inputs(lm, data["conflict"])).argmax(1).numpy()
+    assert (pred == data["test_conflict_cue"]).mean() > 0.6  # the model mostly follows the cue
+    res = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES,
+                             DiscoveryConfig(n_words=16, layers="all"))
+    grid = SIZE // PATCH
+    for k, (r, c) in enumerate(CUE_CELLS):
+        top = res.causal.units[(res.causal.units["cls"] == k) & (res.causal.units["kind"] != "region")].iloc[0]
+        assert r * grid + c in [int(t) for t in top["tokens"].split()], (k, top)
+        assert top["causal_effect"] > 0.05 and top["causal_p"] <= 0.05, (k, top)
+    assert {u["cls"] for u in res.shortcuts.units} == {0, 1, 2}
