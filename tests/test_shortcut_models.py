@@ -204,3 +204,22 @@ def test_discovery_finds_the_cue_of_a_model_that_averages_its_patch_tokens(kw):
         assert r * grid + c in [int(t) for t in top["tokens"].split()], (k, top)
         assert top["causal_effect"] > 0.05 and top["causal_p"] <= 0.05, (k, top)
     assert {u["cls"] for u in res.shortcuts.units} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("arch", ["Dinov2", "Beit"])
+def test_hf_classifiers_that_average_patch_tokens_drop_a_masked_token(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                                 use_mean_pooling=True)
+    lm = from_module(getattr(transformers, f"{arch}ForImageClassification")(cfg))
+    x = torch.randn(2, 3, 32, 32)
+    changed = x.clone()
+    changed[:, :, 8:16, 8:16] = torch.randn(2, 3, 8, 8) * 3
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 5] = True
+    with torch.no_grad():
+        assert not torch.allclose(lm.forward(x), lm.forward(changed), atol=1e-4)
+        with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _: mask) as steered:
+            assert torch.allclose(steered(x), steered(changed), atol=1e-5)

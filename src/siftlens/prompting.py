@@ -31,9 +31,9 @@ Methods (each is also a module-level function returning the patch-key bias [B, n
   matters, or any edge map would do.
 - ``mask_tokens``: b_j = -beta * mask_value (1e4, finite so that a row can never become all -inf / NaN)
   on the patch tokens that ``token_mask_fn(x) -> bool [B, n]`` flags (e.g. patches under shortcut motifs).
-  In a model that pools its final patch tokens (timm ``global_pool`` avg / max), the masked tokens are also
-  left out of the pool (``patch_pool_input``), as for ``random_mask`` and ``edge_mask``: a removed token's
-  own output would otherwise still reach the prediction.
+  In a model that pools its final patch tokens (timm ``global_pool`` avg / max, HF DINOv2 / BEiT classifiers),
+  the masked tokens are also left out of the pool (``patch_pool_input``), as for ``random_mask`` and
+  ``edge_mask``: a removed token's own output would otherwise still reach the prediction.
 - ``random_mask``: the control for ``mask_tokens``: per image the same number of patch tokens as
   ``token_mask_fn`` flags, drawn uniformly without replacement from all n patches by a
   ``torch.Generator`` seeded with ``seed`` (deterministic for a given seed and sequence of calls;
@@ -513,7 +513,8 @@ class SteeredViT(nn.Module):
 
 def patch_pool_input(lm: LoadedModel) -> nn.Module | None:
     """The module whose output [B, T, D] is pooled over the patch tokens for the prediction, for models that
-    pool (timm ``global_pool`` avg / max / avgmax, e.g. ``class_token=False`` ViTs, BEiT, EVA); None for models
+    pool (timm ``global_pool`` avg / max / avgmax, e.g. ``class_token=False`` ViTs, BEiT, EVA; Hugging Face DINOv2
+    classifiers and ``use_mean_pooling`` BEiT / data2vec-vision); None for models
     that predict from a prefix token (CLS, distillation), where masking a token's key already keeps it out.
 
     Why: masking a token as a key stops other tokens from reading it, but an average over the final patch
@@ -522,6 +523,12 @@ def patch_pool_input(lm: LoadedModel) -> nn.Module | None:
     if lm.backend == "timm" and getattr(m, "global_pool", None) in ("avg", "max", "avgmax") and \
             getattr(m, "attn_pool", None) is None and isinstance(getattr(m, "norm", None), nn.Module):
         return m.norm
+    if lm.backend == "hf" and "ForImageClassification" in type(m).__name__:
+        # HF DINOv2 classifiers read [CLS, mean of the patch tokens]; BEiT / data2vec with use_mean_pooling the mean
+        base = getattr(m, getattr(m, "base_model_prefix", ""), None)
+        pools = type(m).__name__.startswith("Dinov2") or getattr(m.config, "use_mean_pooling", False)
+        if pools and isinstance(getattr(base, "layernorm", None), nn.Module):
+            return base.layernorm
     return None
 
 
