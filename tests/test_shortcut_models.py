@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.mark.parametrize("kw", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False),
                                 dict(global_pool="max", class_token=False), dict(global_pool="token"),
-                                dict(global_pool="avg", reg_tokens=2)])
+                                dict(global_pool="avg", reg_tokens=2), dict(global_pool="map", class_token=False)])
 def test_a_masked_token_is_removed_from_the_prediction_whatever_the_pooling(kw):
     """Masked in every layer, a token's content must not reach the prediction. Key masking alone leaves it in an
     average over the final patch tokens (the token's own output is pooled), so for pooled models it must also be

@@ -440,7 +440,10 @@ class SteeredViT(nn.Module):
                     lambda mod, args, kwargs, i=i: self._hook(i, mod, args, kwargs), with_kwargs=True))
             pooled = patch_pool_input(self.lm) if self.method in TOKEN_MASK_METHODS else None
             if pooled is not None and self.last_mask is not None:
-                self._handles.append(pooled.register_forward_hook(self._drop_masked_from_pool))
+                if pooled is getattr(self.model, "attn_pool", None):  # attention pooling: its keys are masked too
+                    self._handles.append(pooled.register_forward_pre_hook(self._mask_pool_keys, with_kwargs=True))
+                else:
+                    self._handles.append(pooled.register_forward_hook(self._drop_masked_from_pool))
             return self.lm.forward(x)
         finally:
             self._remove_hooks()
@@ -475,6 +478,11 @@ class SteeredViT(nn.Module):
         mean_kept = (patches * keep).sum(1, keepdim=True) / n_kept.clamp(min=1)
         patches = torch.where(keep | (n_kept == 0), patches, mean_kept.to(patches.dtype))
         return torch.cat([out[:, :prefix], patches], dim=1)
+
+    def _mask_pool_keys(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """timm attention pooling (``global_pool="map"``): the key bias on its attention too."""
+        x = args[0] if args else kwargs["x"]
+        return _inject(args, kwargs, "attn_mask", 1, self._key_bias.to(x.device, x.dtype)[:, None, None, :])
 
     def _hook(self, idx: int, mod: nn.Module, args: tuple, kwargs: dict):
         bias = self._key_bias
@@ -514,12 +522,15 @@ class SteeredViT(nn.Module):
 def patch_pool_input(lm: LoadedModel) -> nn.Module | None:
     """The module whose output [B, T, D] is pooled over the patch tokens for the prediction, for models that
     pool (timm ``global_pool`` avg / max / avgmax, e.g. ``class_token=False`` ViTs, BEiT, EVA; Hugging Face DINOv2
-    classifiers and ``use_mean_pooling`` BEiT / data2vec-vision); None for models
-    that predict from a prefix token (CLS, distillation), where masking a token's key already keeps it out.
+    classifiers and ``use_mean_pooling`` BEiT / data2vec-vision), or timm's attention pool itself
+    (``global_pool="map"``, whose input is pooled); None for models that predict from a prefix token (CLS,
+    distillation), where masking a token's key already keeps it out.
 
     Why: masking a token as a key stops other tokens from reading it, but an average over the final patch
     tokens still reads the masked token's own output; removing a unit must take it out of the pool too."""
     m = lm.module
+    if lm.backend == "timm" and isinstance(getattr(m, "attn_pool", None), nn.Module):  # "map" (SigLIP): the pool
+        return m.attn_pool  # attends over the final tokens; SteeredViT masks its keys as in the blocks
     if lm.backend == "timm" and getattr(m, "global_pool", None) in ("avg", "max", "avgmax") and \
             getattr(m, "attn_pool", None) is None and isinstance(getattr(m, "norm", None), nn.Module):
         return m.norm

@@ -160,8 +160,9 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
 
     layout = lm.layout(tuple(x.shape[-2:]))
     P = layout.num_prefix
-    # a model without a CLS token that averages its patch tokens: every patch row reaches the prediction
-    # equally, so the decisive attention is the patch rows' mean
+    # a model without a CLS token that pools its patch tokens: every patch row reaches the prediction (equally
+    # for an average; for an attention pool this is an approximation), so the decisive attention is the patch
+    # rows' mean
     if layout.cls_index is None and patch_pool_input(lm) is None:
         raise UserValueError(f"{lm.name}: has no CLS token and does not pool its patch tokens; decisive (CLS) "
                              "attention is undefined")
