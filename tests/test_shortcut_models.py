@@ -223,3 +223,20 @@ def test_hf_classifiers_that_average_patch_tokens_drop_a_masked_token(arch):
         assert not torch.allclose(lm.forward(x), lm.forward(changed), atol=1e-4)
         with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _: mask) as steered:
             assert torch.allclose(steered(x), steered(changed), atol=1e-5)
+
+
+def test_timm_name_with_a_fine_tuned_or_encoder_checkpoint_takes_its_classifier(tmp_path):
+    """`--model timm:NAME --checkpoint FILE` builds NAME with its pretrained head (1000 classes); a user's fine-tuned
+    checkpoint has its own classes, an encoder's has none. Before: refused as 'does not match'."""
+    from safetensors.torch import save_file
+
+    from siftlens.models import ModelSpecError, load_model
+
+    for classes in (3, 0):
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=classes)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / f"c{classes}.safetensors"))
+        lm = load_model("timm:vit_tiny_patch16_224", checkpoint=tmp_path / f"c{classes}.safetensors")
+        assert lm.module.num_classes == classes
+        assert torch.equal(lm.module.state_dict()["pos_embed"], m.state_dict()["pos_embed"])  # its weights
+    with pytest.raises(ModelSpecError, match="does not match"):  # another architecture is still refused
+        load_model("timm:vit_small_patch16_224", checkpoint=tmp_path / "c3.safetensors")
