@@ -240,3 +240,12 @@ def test_timm_name_with_a_fine_tuned_or_encoder_checkpoint_takes_its_classifier(
         assert torch.equal(lm.module.state_dict()["pos_embed"], m.state_dict()["pos_embed"])  # its weights
     with pytest.raises(ModelSpecError, match="does not match"):  # another architecture is still refused
         load_model("timm:vit_small_patch16_224", checkpoint=tmp_path / "c3.safetensors")
+
+
+def test_flag_on_a_no_causal_run_says_so_not_that_it_is_old(run, tmp_path, capsys):
+    tmp, model = run
+    assert main(["spurious", "--model", model, "--images", str(tmp / "train"), "--out", str(tmp_path / "nc"),
+                 "--words", "8", "--no-causal"]) == 0
+    err = _fails(capsys, ["flag", "--model", model, "--motifs", str(tmp_path / "nc"), "--images", str(tmp / "new"),
+                          "--out", str(tmp_path / "fl")], "no shortcuts.json", "--no-causal")
+    assert "older" not in err

@@ -603,6 +603,17 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
 
 # --- shortcuts for new images ---------------------------------------------------------------------
 
+def _no_causal_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a current `siftlens spurious --no-causal` run (its manifest lists no shortcuts and
+    no causal budget; older runs' manifests have neither key)."""
+    try:
+        man = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(man, dict) and man.get("command") == "spurious" and man.get("budget") == {} and \
+        man.get("shortcuts") == []
+
+
 class ShortcutFileError(UserValueError):
     """A motifs folder / shortcuts.json that cannot be used with this model."""
 
@@ -663,6 +674,9 @@ class ShortcutSet:
         if not f.is_file():
             old = " (it has shortcut_words.npz: written by an older siftlens; run `siftlens spurious` again)" \
                 if (p / "shortcut_words.npz").is_file() else ""
+            if _no_causal_run(p):  # today's runs write shortcut_words.npz too
+                old = " (the run was made with --no-causal, which selects no shortcuts; run `siftlens spurious` " \
+                      "without it)"
             raise ShortcutFileError(f"--motifs {motifs}: no shortcuts.json{old}")
         try:
             d = json.loads(f.read_text())
