@@ -249,3 +249,23 @@ def test_flag_on_a_no_causal_run_says_so_not_that_it_is_old(run, tmp_path, capsy
     err = _fails(capsys, ["flag", "--model", model, "--motifs", str(tmp_path / "nc"), "--images", str(tmp / "new"),
                           "--out", str(tmp_path / "fl")], "no shortcuts.json", "--no-causal")
     assert "older" not in err
+
+
+def test_hf_distilled_deit_classifier_is_loaded_with_its_heads(tmp_path):
+    """DeiTForImageClassificationWithTeacher (cls + distillation heads) was loaded as the headless DeiTModel: its
+    pooled features were taken for 32 class logits."""
+    transformers = pytest.importorskip("transformers")
+    from siftlens.models import load_model
+    from siftlens.spurious.flag import check_classifier
+
+    cfg = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                  architectures=["DeiTForImageClassificationWithTeacher"])
+    torch.manual_seed(0)
+    saved = transformers.DeiTForImageClassificationWithTeacher(cfg).eval()
+    saved.save_pretrained(tmp_path / "deit")
+    lm = load_model(f"hf:{tmp_path / 'deit'}")
+    assert check_classifier(lm) == 3 and lm.layout().prefix_names == ("cls", "dist")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(lm.forward(x), saved(pixel_values=x).logits, atol=1e-5)  # the saved heads

@@ -347,8 +347,14 @@ def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedMode
         raise ModelSpecError(f"--model hf:{name}: not a folder (a Hugging Face model is a folder with config.json)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local)
-        auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and \
-            any(a.endswith("ForImageClassification") for a in (config.architectures or [])) else AutoModel
+        classifier = [a for a in (config.architectures or []) if "ForImageClassification" in a]
+        auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and classifier else AutoModel
+        # a classifier the auto class does not map to (DeiTForImageClassificationWithTeacher: two heads) is
+        # built as the class its config names, so its own heads are loaded
+        if classifier and not classifier[0].endswith("ForImageClassification"):
+            import transformers
+
+            auto = getattr(transformers, classifier[0], auto)
         if random_init:
             model = auto.from_config(config, attn_implementation="eager")
         else:
