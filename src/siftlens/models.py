@@ -152,8 +152,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _load_weights(model: nn.Module, checkpoint: str | Path, name: str) -> None:
-    sd = load_state_dict_file(checkpoint)
+def _load_weights(model: nn.Module, checkpoint: str | Path, name: str,
+                  sd: dict[str, torch.Tensor] | None = None) -> None:
+    sd = load_state_dict_file(checkpoint) if sd is None else sd
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches are errors even with strict=False
@@ -250,9 +251,26 @@ def _load_timm(name: str, checkpoint, random_init: bool, input_size) -> LoadedMo
             f"--model timm:{name}: pretrained weights could not be fetched ({type(e).__name__}: {e}); "
             "pass --checkpoint FILE for local weights or --random-init") from None
     if checkpoint is not None:
-        _load_weights(model, checkpoint, f"timm:{name}")
+        sd = load_state_dict_file(checkpoint)
+        _match_timm_classifier(model, sd)
+        _load_weights(model, checkpoint, f"timm:{name}", sd)
     return LoadedModel(model, "timm", f"timm:{name}", _timm_preprocess(model, None, input_size),
                        None, {"pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def _match_timm_classifier(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` the classifier of checkpoint ``sd``: timm builds NAME with its pretrained head (e.g. 1000
+    classes, or none for an encoder), but a fine-tuned checkpoint has its own number of classes and an encoder
+    checkpoint has none. Anything else that differs is still refused when the weights are loaded."""
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    if not hasattr(model, "reset_classifier") or not isinstance(head, str):
+        return
+    w = sd.get(f"{head}.weight")
+    if w is not None and w.dim() == 2 and w.shape[0] != getattr(model, "num_classes", w.shape[0]):
+        model.reset_classifier(int(w.shape[0]))
+    elif w is None and getattr(model, "num_classes", 0) and not any(k.startswith(f"{head}.") for k in sd):
+        model.reset_classifier(0)  # an encoder's weights: the model without a head
 
 
 def _load_exported_timm(path: Path) -> LoadedModel:
@@ -333,8 +351,14 @@ def _load_hf(name: str, checkpoint, random_init: bool, input_size) -> LoadedMode
         raise ModelSpecError(f"--model hf:{name}: not a folder (a Hugging Face model is a folder with config.json)")
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local)
-        auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and \
-            any(a.endswith("ForImageClassification") for a in (config.architectures or [])) else AutoModel
+        classifier = [a for a in (config.architectures or []) if "ForImageClassification" in a]
+        auto = AutoModelForImageClassification if getattr(config, "num_labels", 0) and classifier else AutoModel
+        # a classifier the auto class does not map to (DeiTForImageClassificationWithTeacher: two heads) is
+        # built as the class its config names, so its own heads are loaded
+        if classifier and not classifier[0].endswith("ForImageClassification"):
+            import transformers
+
+            auto = getattr(transformers, classifier[0], auto)
         if random_init:
             model = auto.from_config(config, attn_implementation="eager")
         else:

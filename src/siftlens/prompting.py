@@ -31,6 +31,9 @@ Methods (each is also a module-level function returning the patch-key bias [B, n
   matters, or any edge map would do.
 - ``mask_tokens``: b_j = -beta * mask_value (1e4, finite so that a row can never become all -inf / NaN)
   on the patch tokens that ``token_mask_fn(x) -> bool [B, n]`` flags (e.g. patches under shortcut motifs).
+  In a model that pools its final patch tokens (timm ``global_pool`` avg / max, HF DINOv2 / BEiT classifiers),
+  the masked tokens are also left out of the pool (``patch_pool_input``), as for ``random_mask`` and
+  ``edge_mask``: a removed token's own output would otherwise still reach the prediction.
 - ``random_mask``: the control for ``mask_tokens``: per image the same number of patch tokens as
   ``token_mask_fn`` flags, drawn uniformly without replacement from all n patches by a
   ``torch.Generator`` seeded with ``seed`` (deterministic for a given seed and sequence of calls;
@@ -435,6 +438,12 @@ class SteeredViT(nn.Module):
                 m = self.attention_modules[i]
                 self._handles.append(m.register_forward_pre_hook(
                     lambda mod, args, kwargs, i=i: self._hook(i, mod, args, kwargs), with_kwargs=True))
+            pooled = patch_pool_input(self.lm) if self.method in TOKEN_MASK_METHODS else None
+            if pooled is not None and self.last_mask is not None:
+                if pooled is getattr(self.model, "attn_pool", None):  # attention pooling: its keys are masked too
+                    self._handles.append(pooled.register_forward_pre_hook(self._mask_pool_keys, with_kwargs=True))
+                else:
+                    self._handles.append(pooled.register_forward_hook(self._drop_masked_from_pool))
             return self.lm.forward(x)
         finally:
             self._remove_hooks()
@@ -456,6 +465,24 @@ class SteeredViT(nn.Module):
                 "bias can be added to its attention logits (supported: timm Attention-style modules with "
                 "attn_mask, HF *Attention with attention_mask (eager/sdpa), torch nn.MultiheadAttention)")
         return pos
+
+    def _drop_masked_from_pool(self, mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The final tokens [B, T, D] with each masked patch token replaced by the mean of the image's unmasked
+        patch tokens: the average (and the maximum) over patches is then that of the unmasked ones alone, so a
+        removed token is also gone from the pool (an image whose every patch is masked is left as it is)."""
+        mask = self.last_mask.to(out.device)
+        prefix = out.shape[1] - mask.shape[1]
+        patches = out[:, prefix:]
+        keep = ~mask[..., None]
+        n_kept = keep.sum(1, keepdim=True)
+        mean_kept = (patches * keep).sum(1, keepdim=True) / n_kept.clamp(min=1)
+        patches = torch.where(keep | (n_kept == 0), patches, mean_kept.to(patches.dtype))
+        return torch.cat([out[:, :prefix], patches], dim=1)
+
+    def _mask_pool_keys(self, mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """timm attention pooling (``global_pool="map"``): the key bias on its attention too."""
+        x = args[0] if args else kwargs["x"]
+        return _inject(args, kwargs, "attn_mask", 1, self._key_bias.to(x.device, x.dtype)[:, None, None, :])
 
     def _hook(self, idx: int, mod: nn.Module, args: tuple, kwargs: dict):
         bias = self._key_bias
@@ -490,6 +517,30 @@ class SteeredViT(nn.Module):
         full = bias[:, None, None, :].expand(B, heads, T, T).reshape(B * heads, T, T)  # MHA wants 3-D
         # an existing [T, T] or [B*heads, T, T] mask broadcasts against it; bool there means "blocked"
         return _inject(args, kwargs, "attn_mask", pos, full, true_means_masked=True)
+
+
+def patch_pool_input(lm: LoadedModel) -> nn.Module | None:
+    """The module whose output [B, T, D] is pooled over the patch tokens for the prediction, for models that
+    pool (timm ``global_pool`` avg / max / avgmax, e.g. ``class_token=False`` ViTs, BEiT, EVA; Hugging Face DINOv2
+    classifiers and ``use_mean_pooling`` BEiT / data2vec-vision), or timm's attention pool itself
+    (``global_pool="map"``, whose input is pooled); None for models that predict from a prefix token (CLS,
+    distillation), where masking a token's key already keeps it out.
+
+    Why: masking a token as a key stops other tokens from reading it, but an average over the final patch
+    tokens still reads the masked token's own output; removing a unit must take it out of the pool too."""
+    m = lm.module
+    if lm.backend == "timm" and isinstance(getattr(m, "attn_pool", None), nn.Module):  # "map" (SigLIP): the pool
+        return m.attn_pool  # attends over the final tokens; SteeredViT masks its keys as in the blocks
+    if lm.backend == "timm" and getattr(m, "global_pool", None) in ("avg", "max", "avgmax") and \
+            getattr(m, "attn_pool", None) is None and isinstance(getattr(m, "norm", None), nn.Module):
+        return m.norm
+    if lm.backend == "hf" and "ForImageClassification" in type(m).__name__:
+        # HF DINOv2 classifiers read [CLS, mean of the patch tokens]; BEiT / data2vec with use_mean_pooling the mean
+        base = getattr(m, getattr(m, "base_model_prefix", ""), None)
+        pools = type(m).__name__.startswith("Dinov2") or getattr(m.config, "use_mean_pooling", False)
+        if pools and isinstance(getattr(base, "layernorm", None), nn.Module):
+            return base.layernorm
+    return None
 
 
 @torch.no_grad()

@@ -61,6 +61,10 @@ from ..validation import UserValueError
 
 FORMAT = "siftlens-shortcuts"
 FORMAT_VERSION = 1
+# what flag / gated prompt read from shortcuts.json (num_layers / prefix_tokens in "model" are checked when present)
+REQUIRED_KEYS = ("model", "class_names", "layers", "centroids", "descriptor_weights", "units")
+REQUIRED_MODEL_KEYS = ("input_size", "patch_size", "grid", "num_classes")
+REQUIRED_UNIT_KEYS = ("cls", "class_name", "unit", "kind", "word", "tokens", "box")
 COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one keypoint's footprint disc
 
 
@@ -599,6 +603,17 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
 
 # --- shortcuts for new images ---------------------------------------------------------------------
 
+def _no_causal_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a current `siftlens spurious --no-causal` run (its manifest lists no shortcuts and
+    no causal budget; older runs' manifests have neither key)."""
+    try:
+        man = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(man, dict) and man.get("command") == "spurious" and man.get("budget") == {} and \
+        man.get("shortcuts") == []
+
+
 class ShortcutFileError(UserValueError):
     """A motifs folder / shortcuts.json that cannot be used with this model."""
 
@@ -637,7 +652,8 @@ class ShortcutSet:
                                "gate_box": list(token_box([int(t) for t in str(r.tokens).split()],
                                                           layout.grid))})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
-                 "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names))}
+                 "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names)),
+                 "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names)}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen)
 
@@ -658,6 +674,9 @@ class ShortcutSet:
         if not f.is_file():
             old = " (it has shortcut_words.npz: written by an older siftlens; run `siftlens spurious` again)" \
                 if (p / "shortcut_words.npz").is_file() else ""
+            if _no_causal_run(p):  # today's runs write shortcut_words.npz too
+                old = " (the run was made with --no-causal, which selects no shortcuts; run `siftlens spurious` " \
+                      "without it)"
             raise ShortcutFileError(f"--motifs {motifs}: no shortcuts.json{old}")
         try:
             d = json.loads(f.read_text())
@@ -668,6 +687,13 @@ class ShortcutSet:
         if d.get("format_version") != FORMAT_VERSION:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json has format version {d.get('format_version')}, "
                                     f"this siftlens reads version {FORMAT_VERSION}; run `siftlens spurious` again")
+        lacking = [k for k in REQUIRED_KEYS if k not in d]
+        lacking += [f"model.{k}" for k in REQUIRED_MODEL_KEYS if k not in (d.get("model") or {})]
+        units = d.get("units") if isinstance(d.get("units"), list) else []
+        lacking += sorted({f"units[].{k}" for u in units for k in REQUIRED_UNIT_KEYS if k not in u})
+        if lacking:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json lacks {', '.join(lacking)} (an incomplete or "
+                                    "edited file, or one from an older siftlens); run `siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
                    tuple(d["descriptor_weights"]), d["units"])
 
@@ -680,6 +706,17 @@ class ShortcutSet:
             if list(np.atleast_1d(self.model[key])) != list(np.atleast_1d(val)):
                 raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {key} {self.model[key]}, "
                                         f"but --model {lm.name} has {key} {val}: motifs from another model")
+        # files before num_layers / prefix_tokens were stored: the layers they mask must at least exist
+        if max(self.layers, default=-1) >= lm.num_layers or \
+                self.model.get("num_layers", lm.num_layers) != lm.num_layers:
+            raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with "
+                                    f"{self.model.get('num_layers', f'at least {max(self.layers) + 1}')} attention "
+                                    f"layers, but --model {lm.name} has {lm.num_layers}: motifs from another model")
+        prefix = list(layout.prefix_names)
+        if self.model.get("prefix_tokens", prefix) != prefix:
+            raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with prefix tokens "
+                                    f"{self.model['prefix_tokens']}, but --model {lm.name} has {prefix}: motifs from "
+                                    "another model")
         if num_classes is not None and num_classes != self.model["num_classes"]:
             raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {self.model['num_classes']} "
                                     f"classes, but --model {lm.name} has {num_classes}: motifs from another model")

@@ -147,7 +147,8 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decisive attention over patches [B, n] (sums to 1 per image) and the logits.
 
-    ``how="mean"``: the CLS row averaged over ``layers`` and heads. ``how="rollout"``: attention
+    ``how="mean"``: the CLS row averaged over ``layers`` and heads (for a model without a CLS token that
+    averages its patch tokens, the mean of the patch rows). ``how="rollout"``: attention
     rollout (Abnar & Zuidema: (A + I)/2 multiplied from the first layer to the last of ``layers``),
     which also credits patches whose information reached the CLS token through other tokens in
     earlier layers, as a small fixed-position cue often does."""
@@ -155,9 +156,16 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
 
     if how not in DECISIVE:
         raise ValueError(f"decisive attention {how!r} is not one of {DECISIVE}")
+    from ..prompting import patch_pool_input
+
     layout = lm.layout(tuple(x.shape[-2:]))
-    if layout.cls_index is None:
-        raise UserValueError(f"{lm.name}: has no CLS token; decisive (CLS) attention is undefined")
+    P = layout.num_prefix
+    # a model without a CLS token that pools its patch tokens: every patch row reaches the prediction (equally
+    # for an average; for an attention pool this is an approximation), so the decisive attention is the patch
+    # rows' mean
+    if layout.cls_index is None and patch_pool_input(lm) is None:
+        raise UserValueError(f"{lm.name}: has no CLS token and does not pool its patch tokens; decisive (CLS) "
+                             "attention is undefined")
     rows: list[torch.Tensor] = []
     rollout = RolloutState()
 
@@ -166,13 +174,20 @@ def decisive_attention(lm: LoadedModel, x: torch.Tensor, layers: list[int], how:
             if idx <= max(layers):
                 rollout.update(attn.float())
         elif idx in layers:
-            a = attn[:, :, layout.cls_index, layout.num_prefix:].float()
-            rows.append((a / a.sum(-1, keepdim=True)).mean(1))
+            if layout.cls_index is None:
+                a = attn[:, :, P:, P:].float()
+                rows.append((a / a.sum(-1, keepdim=True)).mean((1, 2)))
+            else:
+                a = attn[:, :, layout.cls_index, P:].float()
+                rows.append((a / a.sum(-1, keepdim=True)).mean(1))
 
     with AttentionCapture(lm.module, lm.backend, keep):
         logits = lm.forward(x)
     if how == "rollout":
-        return rollout.cls_map(layout.num_prefix, layout.cls_index), logits  # renormalised over patches
+        if layout.cls_index is not None:
+            return rollout.cls_map(P, layout.cls_index), logits  # renormalised over patches
+        r = rollout.R[:, P:, P:].mean(1)
+        return r / r.sum(-1, keepdim=True), logits
     return torch.stack(rows).mean(0), logits
 
 

@@ -39,10 +39,18 @@ def check_classifier(lm: LoadedModel) -> int:
     H, W = lm.preprocess.input_size
     with torch.no_grad():
         out = lm.forward(torch.zeros(1, 3, H, W, device=next(lm.module.parameters()).device))
-    if out.dim() != 2 or out.shape[1] < 2 or getattr(lm.module, "num_classes", None) == 0:  # timm: 0 = no head
+    hf_headless = lm.backend == "hf" and "ForImageClassification" not in type(lm.module).__name__  # pooler output
+    if out.dim() != 2 or out.shape[1] < 2 or getattr(lm.module, "num_classes", None) == 0 or hf_headless:  # timm: 0
         raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
                          "flags need class probabilities")
     return int(out.shape[1])
+
+
+def check_label_count(lm: LoadedModel, class_names: list[str], num_outputs: int, source: str | Path) -> None:
+    """One-line error when the labels name more classes than the model has outputs (label k is output k)."""
+    if len(class_names) > num_outputs:
+        raise UserValueError(f"{source}: {len(class_names)} label classes, but --model {lm.name} has {num_outputs} "
+                             "outputs (label k is read as the model's output k)")
 
 
 OCCLUSION_MODES = ("compare", "sift", "off")

@@ -23,6 +23,7 @@ from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
+from .flag import check_classifier, check_label_count
 from .source import PathSource
 
 
@@ -61,19 +62,23 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
+    num_outputs = check_classifier(lm)  # predictions need class outputs, steered or not
     if shortcuts is not None:
-        from .flag import check_classifier
-
-        shortcuts.check_model(lm, check_classifier(lm), str(motifs))
+        shortcuts.check_model(lm, num_outputs, str(motifs))
     paths = find_images(images)
-    y = None
+    y, labels_ignored = None, None
     if labels != "none":
         root = Path(images) if Path(images).is_dir() else None
         try:
-            y, _ = read_labels(paths, labels, root)
+            y, class_names = read_labels(paths, labels, root)
         except ValueError:
             if labels is not None:
                 raise
+        if y is not None and len(class_names) > num_outputs:
+            if labels is not None:  # a labels CSV the model cannot be scored on
+                check_label_count(lm, class_names, num_outputs, labels)
+            y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: folders "
+                                       "not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
     gate = shortcuts.masker(lm) if shortcuts is not None else None
     holder = _RowMask()
@@ -131,6 +136,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     if gated:
         summary["gate"] = ("token masks applied only to images where a shortcut of --motifs is present "
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
+    if labels_ignored:
+        summary["note"] = labels_ignored
     if y is not None and lm.label_names is None:
         summary["note"] = "model has no label names: accuracy assumes label index order = class folder order"
     if y is not None:

@@ -28,6 +28,7 @@ from .discover import (  # noqa: E402
     counterfactual_scores,
     discover_shortcuts,
 )
+from .flag import check_classifier, check_label_count  # noqa: E402
 from .source import PathSource  # noqa: E402
 
 
@@ -49,9 +50,11 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
                                                                      random_init=random_init, device=device)
         check_finite_parameters(lm.module, lm.name)
+        num_outputs = check_classifier(lm)  # class probabilities are what discovery measures
         paths = find_images(images)
         root = Path(images) if Path(images).is_dir() else None
         y, class_names = read_labels(paths, labels, root)
+        check_label_count(lm, class_names, num_outputs, labels or images)
         counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
         small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
         if small:
