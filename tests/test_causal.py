@@ -410,3 +410,38 @@ def test_region_units_leave_the_word_and_token_units_p_values_as_they_were(cue):
     # a region is built from each image's decisive window cut to its smallest sufficient part: it holds the cue
     for r in regions.itertuples():
         assert _cue_token(r.cls) in [int(t) for t in r.tokens.split()], r
+
+
+def test_shortcut_verdict_names_the_applied_unit_or_why_none_is_claimed():
+    """The per-class line `spurious` prints and writes: the unit selection applies (not simply the top causal
+    unit), and why nothing is claimed when a generic unit tops the ranking with a small p (as on a model trained
+    on clean data: bundled model, clean Imagenette, docs/CHOICES.md)."""
+    import pandas as pd
+
+    from siftlens.spurious.causal import CausalConfig, shortcut_candidates, shortcut_verdict
+
+    cfg = CausalConfig()
+    units = pd.DataFrame([
+        # class 0: rank 1 is generic (72% vs 68%), rank 2 is specific and significant -> rank 2 is the shortcut
+        dict(cls=0, unit="word:16", kind="word", causal_rank=1, causal_effect=0.05, causal_p=0.005, f_in=0.72,
+             f_out=0.68),
+        dict(cls=0, unit="token:1,2", kind="token", causal_rank=2, causal_effect=0.04, causal_p=0.01, f_in=0.9,
+             f_out=0.1),
+        # class 1: specific but not significant
+        dict(cls=1, unit="word:3", kind="word", causal_rank=1, causal_effect=0.2, causal_p=0.2, f_in=0.8, f_out=0.1),
+        # class 2: only generic units, tiny p (what a clean model gives)
+        dict(cls=2, unit="word:7", kind="word", causal_rank=1, causal_effect=0.03, causal_p=0.005, f_in=0.95,
+             f_out=0.75),
+        dict(cls=2, unit="region:2", kind="region", causal_rank=2, causal_effect=0.3, causal_p=0.005,
+             f_in=float("nan"), f_out=float("nan")),
+    ])
+    assert shortcut_verdict(units, 0, cfg).startswith("shortcut claimed: token:1,2 (causal rank 2")
+    assert list(shortcut_candidates(units, 0, cfg)["unit"]) == ["token:1,2"]
+    assert shortcut_verdict(units, 1, cfg).startswith("no shortcut claimed: the class-specific units are not "
+                                                      "significant (best word:3, p=0.200")
+    v2 = shortcut_verdict(units, 2, cfg)
+    assert v2.startswith("no shortcut claimed: no unit with an effect is class-specific") and "word:7" in v2
+    assert shortcut_candidates(units, 2, cfg).empty  # a region unit never qualifies, whatever its effect
+    assert shortcut_verdict(units, 3, cfg) == "no shortcut claimed: no candidate unit"
+    # without a null, significance is not required
+    assert shortcut_verdict(units, 1, CausalConfig(n_null=0)).startswith("shortcut claimed: word:3")

@@ -201,7 +201,7 @@ def _spurious_parser(sub) -> None:
 
 
 def _run_spurious(args: argparse.Namespace) -> int:
-    from .spurious.causal import CausalConfig
+    from .spurious.causal import CausalConfig, shortcut_verdict
     from .spurious.discover import DiscoveryConfig
     from .spurious.run import run_spurious
 
@@ -231,6 +231,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
                 print(f"{name}: top causal unit {c['unit']} effect {c['causal_effect']:.3f} "
                       f"[{c['causal_lo']:.3f}, {c['causal_hi']:.3f}], label-permutation p={c['causal_p']:.3f}, box "
                       f"({c['box_x0']:.2f}, {c['box_y0']:.2f})-({c['box_x1']:.2f}, {c['box_y1']:.2f})")
+            print(f"{name}: {shortcut_verdict(res.causal.units, k, res.causal.config)}")
     if res.shortcuts is not None:
         print(f"shortcuts for flag / gated prompt: {[u['class_name'] + ' ' + u['unit'] for u in res.shortcuts.units]}")
     print(f"-> {args.out}/spurious.html")

@@ -342,6 +342,7 @@ class CausalResult:
     budget: dict  # per class: forwards of the SIFT units and of the control
     unit_list: list[Unit] = field(default_factory=list)
     evidence: dict = field(default_factory=dict)  # (class, unit index) -> [(image, drop)] for exemplar crops
+    config: CausalConfig = field(default_factory=CausalConfig)  # what the units were ranked and selected with
 
 
 def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
@@ -420,7 +421,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts)
     for k in range(K):
         budget[k]["control_forwards"] = ctrl_budget[k]
-    return CausalResult(units_df, control, budget, units, evidence)
+    return CausalResult(units_df, control, budget, units, evidence, cfg)
 
 
 def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg) -> pd.DataFrame:
@@ -618,6 +619,44 @@ class ShortcutFileError(UserValueError):
     """A motifs folder / shortcuts.json that cannot be used with this model."""
 
 
+def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
+    """Class k's units that may be applied as a shortcut: an effect above ``shortcut_min_effect``, class-specific
+    (f_in >= ``shortcut_specificity`` x f_out; region units have no frequency and never qualify) and, with a
+    null, causal_p <= ``shortcut_alpha``. The label-permutation p alone is not enough: on a trained model any
+    unit that carries some of the evidence lowers p_k more in class k's images (where p_k is high) than in
+    others', so generic units get small p too (docs/CHOICES.md)."""
+    if not len(units):
+        return units
+    sub = units[(units["cls"] == k) & (units["causal_effect"] > cfg.shortcut_min_effect)
+                & (units["f_in"] >= cfg.shortcut_specificity * units["f_out"])]
+    return sub[sub["causal_p"] <= cfg.shortcut_alpha] if cfg.n_null > 0 else sub
+
+
+def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
+    """One line for a user: is a shortcut claimed for class k, which unit, and if not, why not."""
+    own = units[units["cls"] == k].sort_values("causal_rank") if len(units) else units
+    if not len(own):
+        return "no shortcut claimed: no candidate unit"
+    chosen = shortcut_candidates(units, k, cfg).sort_values("causal_rank")
+    if len(chosen):
+        r = chosen.iloc[0]
+        return (f"shortcut claimed: {r['unit']} (causal rank {int(r['causal_rank'])}, effect {r['causal_effect']:.3f}, "
+                f"p={r['causal_p']:.3f}, in {r['f_in']:.0%} of the class's images vs {r['f_out']:.0%} of the others')")
+    words = own[own["kind"] != "region"]
+    specific = words[(words["causal_effect"] > cfg.shortcut_min_effect)
+                     & (words["f_in"] >= cfg.shortcut_specificity * words["f_out"])]
+    if not len(specific):
+        t = words.iloc[0] if len(words) else own.iloc[0]
+        freq = (f"; the top one, {t['unit']}, is in {t['f_in']:.0%} of the class's images and {t['f_out']:.0%} of "
+                "the others'" if np.isfinite(t["f_in"]) else "")
+        return (f"no shortcut claimed: no unit with an effect is class-specific (>= {cfg.shortcut_specificity:g}x as "
+                f"frequent in the class as elsewhere){freq}. A small causal_p alone only says a unit carries some of "
+                "the class's evidence, as generic texture does in a model trained on clean data")
+    best = specific.iloc[0]
+    return (f"no shortcut claimed: the class-specific units are not significant (best {best['unit']}, "
+            f"p={best['causal_p']:.3f} > {cfg.shortcut_alpha:g})")
+
+
 @dataclass
 class ShortcutSet:
     """The discovered shortcut units and what is needed to find them in new images (shortcuts.json)."""
@@ -637,10 +676,7 @@ class ShortcutSet:
         chosen = []
         df = causal.units
         for k in range(len(class_names)):
-            sub = df[(df["cls"] == k) & (df["causal_effect"] > cfg.shortcut_min_effect)
-                     & (df["f_in"] >= cfg.shortcut_specificity * df["f_out"])] if len(df) else df
-            if len(sub) and cfg.n_null > 0:
-                sub = sub[sub["causal_p"] <= cfg.shortcut_alpha]
+            sub = shortcut_candidates(df, k, cfg)
             for r in sub.sort_values("causal_rank").head(cfg.top_shortcuts).itertuples():
                 chosen.append({"cls": int(k), "class_name": class_names[k], "unit": r.unit, "kind": r.kind,
                                "word": int(r.word), "tokens": [int(t) for t in str(r.tokens).split()],

@@ -22,6 +22,7 @@ from ..models import LoadedModel, load_model  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
+from .causal import shortcut_verdict  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -252,6 +253,8 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
                        f"control's top token {ct['unit']} (effect {ct['effect']:.3f}) are in different places.")
             parts.append(f"<p>Forward passes on this class: SIFT units {b.get('sift_forwards', 0)}, control "
                          f"{b.get('control_forwards', 0)}. {html.escape(verdict)}</p>")
+        if len(u):
+            parts.append(f"<p><b>{html.escape(shortcut_verdict(c.units, k, c.config))}.</b></p>")
         crops = [_unit_crops(res, lm, k, int(r.unit_index), (r.box_x0, r.box_y0, r.box_x1, r.box_y1))
                  for r in c.units[c.units["cls"] == k].head(3).itertuples()]
         if any(crops):
