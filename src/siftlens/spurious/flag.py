@@ -47,13 +47,6 @@ def check_classifier(lm: LoadedModel) -> int:
     return int(out.shape[1])
 
 
-def check_label_count(lm: LoadedModel, class_names: list[str], num_outputs: int, source: str | Path) -> None:
-    """One-line error when the labels name more classes than the model has outputs (label k is output k)."""
-    if len(class_names) > num_outputs:
-        raise UserValueError(f"{source}: {len(class_names)} label classes, but --model {lm.name} has {num_outputs} "
-                             "outputs (label k is read as the model's output k)")
-
-
 OCCLUSION_MODES = ("compare", "sift", "off")
 
 

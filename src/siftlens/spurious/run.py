@@ -60,6 +60,10 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         label_map = map_labels(lm, class_names, num_outputs, f"--labels {labels}" if labels else f"--images {images}")
         if label_map.note and rank == 0:
             print(f"note: {label_map.note}")
+        elif label_map.by_name and rank == 0:
+            pairs = [f"{c} = output {j}" for c, j in zip(class_names, label_map.output_index)]
+            print(f"labels matched to --model outputs by name: {', '.join(pairs[:5])}"
+                  + (f" (and {len(pairs) - 5} more)" if len(pairs) > 5 else ""))
         counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
         small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
         if small:
