@@ -220,3 +220,22 @@ def test_hf_id2label_names_the_outputs(tmp_path):
     transformers.ViTForImageClassification(cfg2).save_pretrained(tmp_path / "hf2")
     lm2 = load_model(f"hf:{tmp_path / 'hf2'}")
     assert lm2.label_names is not None and map_labels(lm2, CLASSES, 6).output_index == [0, 1, 2]
+
+
+def test_hf_imagenet_head_gains_wordnet_ids(tmp_path):
+    # an HF ImageNet-1k classifier's id2label holds timm's descriptions ("tench, Tinca tinca"), in ImageNet order:
+    # folders named by WordNet id match too
+    transformers = pytest.importorskip("transformers")
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    id2label = {j: info.index_to_description(j) for j in range(1000)}
+    cfg = transformers.ViTConfig(image_size=SIZE, patch_size=PATCH, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, id2label=id2label,
+                                 label2id={v: k for k, v in id2label.items()})
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "hf")
+    lm = load_model(f"hf:{tmp_path / 'hf'}")
+    assert map_labels(lm, WNIDS, 1000).output_index == IMAGENET_INDEX
+    assert map_labels(lm, ["goldfish", "tench"], 1000).output_index == [1, 0]
+    # "crane" is the description of outputs 134 (the bird) and 517 (the machine): their WordNet ids tell them apart
+    assert map_labels(lm, ["n02012849", "n03126707"], 1000).output_index == [134, 517]

@@ -91,7 +91,10 @@ def output_names(lm, num_outputs: int) -> list[list[str]] | None:
     if net is not None:
         wnids, descs = net
         wnid_index = {w: j for j, w in enumerate(wnids)}
-        desc_index = {_norm(d): j for j, d in enumerate(descs)}
+        counts: dict[str, int] = {}
+        for d in descs:
+            counts[_norm(d)] = counts.get(_norm(d), 0) + 1
+        desc_index = {_norm(d): j for j, d in enumerate(descs) if counts[_norm(d)] == 1}  # "crane" is two classes
         # names that are ImageNet-1k's in its own order (torchvision's categories, an HF ImageNet head): the
         # WordNet ids and descriptions too (2 of torchvision's 1000 names differ from timm's descriptions)
         in_order = num_outputs == len(wnids) and sum(
@@ -160,6 +163,7 @@ def map_labels(lm, class_names: list[str], num_outputs: int, source: str = "") -
     """Match the run's labels to the model's outputs by name (module docstring); a one-line error naming the
     labels when only some match, when a label names two outputs or two labels one output, and when, matched
     by position, there are more labels than outputs."""
+    where = f"{source}: " if source else ""
     names = output_names(lm, num_outputs)
     display = [o[0].split(",")[0].strip() for o in names] if names else None
     matches: dict[str, list[int]] = {}
@@ -174,23 +178,23 @@ def map_labels(lm, class_names: list[str], num_outputs: int, source: str = "") -
         if unmatched:
             shown = ", ".join(repr(c) for c in unmatched[:5]) + (f" and {len(unmatched) - 5} more"
                                                                   if len(unmatched) > 5 else "")
-            raise UserValueError(f"{source}: labels {shown} match no output of --model {lm.name}, while "
+            raise UserValueError(f"{where}labels {shown} match no output of --model {lm.name}, while "
                                  f"{len(matches)} other label(s) do (e.g. {next(iter(matches))!r} is output "
                                  f"{matches[next(iter(matches))][0]}); name every class as the model does "
                                  "(its label, or the ImageNet WordNet id) or none")
         twice = [f"{c!r} (outputs {', '.join(map(str, js))})" for c, js in matches.items() if len(js) > 1]
         if twice:
-            raise UserValueError(f"{source}: label {twice[0]} names more than one output of --model {lm.name}; "
+            raise UserValueError(f"{where}label {twice[0]} names more than one output of --model {lm.name}; "
                                  "use a name only one output has (e.g. its ImageNet WordNet id)")
         index = [matches[c][0] for c in class_names]
         if len(set(index)) < len(index):
             j = next(j for j in index if index.count(j) > 1)
             both = [c for c in class_names if matches[c][0] == j]
-            raise UserValueError(f"{source}: labels {both[0]!r} and {both[1]!r} both name output {j} "
+            raise UserValueError(f"{where}labels {both[0]!r} and {both[1]!r} both name output {j} "
                                  f"({display[j]}) of --model {lm.name}")
         return LabelMap(index, True, num_outputs, list(class_names), display)
     if len(class_names) > num_outputs:
-        raise UserValueError(f"{source}: {len(class_names)} label classes, but --model {lm.name} has {num_outputs} "
+        raise UserValueError(f"{where}{len(class_names)} label classes, but --model {lm.name} has {num_outputs} "
                              "outputs (label k is read as the model's output k)")
     note = ""
     if num_outputs > len(class_names):
