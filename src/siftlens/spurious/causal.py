@@ -118,10 +118,13 @@ class _MaskHolder:
 
 @torch.no_grad()
 def masked_probs(lm: LoadedModel, source, layers: list[int], jobs: list[tuple[int, np.ndarray]],
-                 batch_size: int = 64, parts: RunParts | None = None, name: str = "masked") -> np.ndarray:
+                 batch_size: int = 64, parts: RunParts | None = None, name: str = "masked",
+                 columns: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities [J, K] with, for job j = (image index, bool mask [n]), the masked tokens removed
     as keys in ``layers``. Jobs are run in batches; each batch's images are read from ``source`` once.
-    ``parts``: where each finished batch is kept (pass ``name``: resume after a kill, torchrun ranks)."""
+    ``parts``: where each finished batch is kept (pass ``name``: resume after a kill, torchrun ranks).
+    ``columns``: the outputs to keep, in the run's class order (``LabelMap.columns``: the softmax is over all
+    outputs, then these are read); None: every output."""
     from ..prompting import SteeredViT
 
     if not jobs:
@@ -136,7 +139,8 @@ def masked_probs(lm: LoadedModel, source, layers: list[int], jobs: list[tuple[in
             uniq, inv = np.unique(idx, return_inverse=True)
             x = source.get(uniq)[torch.from_numpy(inv.reshape(-1))]
             holder.mask = torch.from_numpy(np.stack([m for _, m in chunk]).astype(bool))
-            return Part(arrays={"p": steered(x.to(device)).float().softmax(-1).cpu().numpy()})
+            p = steered(x.to(device)).float().softmax(-1).cpu().numpy()
+            return Part(arrays={"p": p if columns is None else p[:, columns]})
 
         out = [p.arrays["p"] for p in parts.run(name, -(-len(jobs) // batch_size), batch)]
     return np.concatenate(out).astype(np.float64)
@@ -251,8 +255,8 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
 
 def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
                  kps: pd.DataFrame, sample: np.ndarray, K: int, grid: tuple[int, int], patch: int,
-                 input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None
-                 ) -> tuple[list[Unit], dict[int, int]]:
+                 input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None,
+                 columns: np.ndarray | None = None) -> tuple[list[Unit], dict[int, int]]:
     """Per class k, one ``region`` unit: where class k's evidence sits image by image, for cues that move or
     that no single word captures. In each of up to ``region_images`` class-k images *outside* the causal sample
     (so the unit's effect is measured on images it was not built from), every ``region_window``-square of tokens
@@ -282,7 +286,7 @@ def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray,
                 at.append((k, int(i), int(v)))
     order = np.argsort([i for i, _ in jobs], kind="stable")
     jobs, at = [jobs[o] for o in order], [at[o] for o in order]
-    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "region")
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "region", columns)
     best: dict[tuple[int, int], tuple[float, int]] = {}  # (class, image) -> (drop, window)
     for (k, i, v), p in zip(at, pm):
         d = float(probs[i, k] - p[k])
@@ -303,7 +307,7 @@ def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray,
                 sub_jobs.append((i, m))
                 sub_at.append((k, i, subset))
                 spent[k] += 1
-    pm = masked_probs(lm, source, layers, sub_jobs, cfg.batch_size, parts, "region_parts")
+    pm = masked_probs(lm, source, layers, sub_jobs, cfg.batch_size, parts, "region_parts", columns)
     part: dict[tuple[int, int], tuple[int, ...]] = {(k, i): tuple(np.flatnonzero(windows[v]).tolist())
                                                     for (k, i), (_, v) in best.items()}
     for (k, i, subset), p in zip(sub_at, pm):  # subsets come smallest first: keep the first that suffices
@@ -347,9 +351,12 @@ class CausalResult:
 
 def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
                      attn: np.ndarray, kps: pd.DataFrame, grid: tuple[int, int], patch: int, K: int,
-                     input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None) -> CausalResult:
+                     input_hw: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None,
+                     columns: np.ndarray | None = None) -> CausalResult:
     """Rank every class's candidate units by the counterfactual drop of the class probability; with the
-    label-permutation null, bootstrap CIs, attention lift, boxes, and the SIFT-free occlusion control."""
+    label-permutation null, bootstrap CIs, attention lift, boxes, and the SIFT-free occlusion control.
+    Class k (``labels``, 0..K-1) is model output ``columns[k]`` (``siftlens.label_map``; None: output k):
+    ``probs`` [N, K] holds those columns of the softmax over all outputs, and the masked forwards read the same."""
     n = grid[0] * grid[1]
     H, W = input_hw
     units, cands = candidate_units(kps, labels, K, grid, cfg)
@@ -357,7 +364,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
     region_spent = {k: 0 for k in range(K)}
     if cfg.region_images > 0:
         regions, region_spent = region_units(lm, source, layers, labels, probs, kps, sample, K, grid, patch,
-                                             input_hw, cfg, parts)
+                                             input_hw, cfg, parts, columns)
         for u in regions:
             if any(units[j].kind == "token" and units[j].tokens == u.tokens for j in cands[u.cls]):
                 continue  # the class's token unit already removes exactly these tokens
@@ -397,7 +404,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
                 job_at.append((pos[int(i)], j))
     order = np.argsort([i for i, _ in jobs], kind="stable")  # image-major: each batch reads few images
     jobs, job_at = [jobs[o] for o in order], [job_at[o] for o in order]
-    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "causal")
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "causal", columns)
     drops = np.zeros((S, U, K))
     p0 = probs[sample, :K]
     for (sp, j), p in zip(job_at, pm):
@@ -418,7 +425,8 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         own = np.flatnonzero(y == r.cls)
         d = drops[own, r.unit_index, r.cls]
         evidence[(r.cls, r.unit_index)] = [(int(sample[o]), float(v)) for o, v in zip(own, d)]
-    control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts)
+    control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts,
+                                             columns)
     for k in range(K):
         budget[k]["control_forwards"] = ctrl_budget[k]
     return CausalResult(units_df, control, budget, units, evidence, cfg)
@@ -561,8 +569,8 @@ def main_region(tokens: Sequence[int], weight: np.ndarray, grid: tuple[int, int]
     return group.tolist(), share
 
 
-def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts: RunParts | None = None
-                      ) -> tuple[pd.DataFrame, dict]:
+def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts: RunParts | None = None,
+                      columns: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
     """SIFT-free control: per class, every token masked alone on m_k of the class's sample images, m_k =
     the SIFT units' forwards on the class / n (same budget; ``control_budget='full'``: all sample images)."""
     n = grid[0] * grid[1]
@@ -583,7 +591,7 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
                 m[t] = True
                 jobs.append((int(sample[sp]), m))
                 at.append((k, int(sample[sp]), t))
-    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "control")
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "control", columns)
     rows = []
     if len(at):
         a = pd.DataFrame(at, columns=["cls", "image", "token"])
@@ -667,11 +675,14 @@ class ShortcutSet:
     centroids: np.ndarray  # [W, D]
     descriptor_weights: tuple[float, float]
     units: list[dict]  # cls, class_name, unit, kind, word, tokens, causal_effect, causal_p, box
+    # class k (``class_names[k]``, a unit's ``cls``) is model output output_index[k] (siftlens.label_map); files
+    # written before it was stored: output k
+    output_index: list[int] | None = None
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
                class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
-               num_outputs: int | None = None) -> ShortcutSet:
+               num_outputs: int | None = None, output_index: list[int] | None = None) -> ShortcutSet:
         layout = lm.layout(input_hw)
         chosen = []
         df = causal.units
@@ -691,13 +702,18 @@ class ShortcutSet:
                  "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names)),
                  "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names)}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
-                   tuple(map(float, descriptor_weights)), chosen)
+                   tuple(map(float, descriptor_weights)), chosen,
+                   [int(j) for j in (output_index if output_index is not None else range(len(class_names)))])
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
                 "class_names": self.class_names, "layers": self.layers,
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
-                "units": self.units}
+                "units": self.units, "output_index": self.class_outputs()}
+
+    def class_outputs(self) -> list[int]:
+        """Model output of each class (output k where the file predates the stored mapping)."""
+        return list(self.output_index) if self.output_index is not None else list(range(len(self.class_names)))
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_json())
@@ -730,11 +746,17 @@ class ShortcutSet:
         if lacking:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json lacks {', '.join(lacking)} (an incomplete or "
                                     "edited file, or one from an older siftlens); run `siftlens spurious` again")
+        index = d.get("output_index")
+        if index is not None and (not isinstance(index, list) or len(index) != len(d["class_names"])
+                                  or not all(isinstance(j, int) and j >= 0 for j in index)):
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's output_index is not one output index per "
+                                    "class (an edited file?); run `siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
-                   tuple(d["descriptor_weights"]), d["units"])
+                   tuple(d["descriptor_weights"]), d["units"], index)
 
-    def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = "") -> None:
-        """One-line error when the shortcuts were discovered on another model."""
+    def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
+        """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
+        are not, see ``label_map``); the ``LabelMap`` of the run's classes on ``lm`` when ``num_classes`` is given."""
         layout = lm.layout(tuple(lm.preprocess.input_size))
         here = {"input_size": list(lm.preprocess.input_size), "patch_size": int(layout.patch_size),
                 "grid": list(layout.grid)}
@@ -756,6 +778,26 @@ class ShortcutSet:
         if num_classes is not None and num_classes != self.model["num_classes"]:
             raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {self.model['num_classes']} "
                                     f"classes, but --model {lm.name} has {num_classes}: motifs from another model")
+        return self.label_map(lm, num_classes, source_name) if num_classes is not None else None
+
+    def label_map(self, lm: LoadedModel, num_outputs: int, source_name: str = ""):
+        """The run's classes matched to ``lm``'s outputs as `spurious` matched them (``siftlens.label_map``); a
+        one-line error where ``lm`` names its outputs otherwise than the model the motifs were found on."""
+        from ..label_map import LabelMap, map_labels
+
+        stored = self.class_outputs()
+        try:
+            here = map_labels(lm, self.class_names, num_outputs, f"--motifs {source_name}")
+        except UserValueError as e:
+            raise ShortcutFileError(str(e)) from None
+        if here.output_index != stored:
+            diff = next(k for k, (a, b) in enumerate(zip(stored, here.output_index)) if a != b)
+            raise ShortcutFileError(
+                f"--motifs {source_name}: class {self.class_names[diff]!r} was model output {stored[diff]} where the "
+                f"motifs were found, but is output {here.output_index[diff]} of --model {lm.name}"
+                + ("" if self.output_index is not None else " (a file from before labels were matched to outputs by "
+                   "name; run `siftlens spurious` again)") + ": motifs from another model")
+        return LabelMap(stored, here.by_name, num_outputs, list(self.class_names), here.display, here.note)
 
     def present_units(self, lm: LoadedModel, x: torch.Tensor, token_units: str = "gated",
                       info: dict | None = None) -> list[list[tuple[int, np.ndarray]] | None]:

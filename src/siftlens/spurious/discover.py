@@ -29,6 +29,7 @@ from scipy.cluster.vq import kmeans2, vq
 from ..argtypes import check_ranges, discovery_option_types
 from ..capture import AttentionCapture
 from ..io import atomic_write_npz
+from ..label_map import LabelMap
 from ..layers import resolve_layers
 from ..models import LoadedModel
 from ..resume import Part, RunParts
@@ -205,6 +206,7 @@ class DiscoveryResult:
     shortcuts: ShortcutSet | None = None  # the shortcut units applied to new images (flag, gated prompt)
     layers: list[int] = field(default_factory=list)
     source: object = field(default=None, repr=False)  # where the images are (exemplar crops read them back)
+    label_map: LabelMap | None = None  # class k is model output label_map.output_index[k] (None: output k)
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)
@@ -391,13 +393,16 @@ class DescriptorParts:
 
 def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None,
                        class_names: list[str] | None = None, cfg: DiscoveryConfig | None = None,
-                       min_per_class: int = 1, parts: RunParts | None = None) -> DiscoveryResult:
+                       min_per_class: int = 1, parts: RunParts | None = None,
+                       label_map: LabelMap | None = None) -> DiscoveryResult:
     """Find shortcut candidates: visual words and the fixed tokens they occupy, ranked per class by their
     causal effect (``cfg.causal``; see ``siftlens.spurious.causal``) and by the attention they get.
 
     images: normalised model inputs [N, 3, H, W], or a ``PathSource`` (read batch by batch; ``labels``
     then has one entry per file and is narrowed to the readable ones). ``parts``: where the costly passes keep
-    their finished batches (``siftlens.resume.RunParts``: resume after a kill, torchrun ranks)."""
+    their finished batches (``siftlens.resume.RunParts``: resume after a kill, torchrun ranks). ``label_map``:
+    which model output each label is (``siftlens.label_map.map_labels``; None: label k is output k); the
+    class evidence is the softmax over all outputs read at the label's output."""
     cfg = cfg or DiscoveryConfig()
     from ..capture import ATTENTION_FINDERS
 
@@ -411,8 +416,10 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
     cls_of_image = np.asarray(labels) if labels is not None else preds
-    K = probs.shape[1]
-    class_names = class_names or [str(k) for k in range(K)]
+    class_names = class_names or [str(k) for k in range(probs.shape[1])]
+    label_map = label_map or LabelMap.positional(class_names, probs.shape[1])
+    # by name: the run's classes only (a 1000-output head need not be carried); by position, as before
+    K = len(class_names) if label_map.by_name else probs.shape[1]
     counts = np.bincount(cls_of_image, minlength=K)
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if 0 < c < min_per_class]
     if small:
@@ -445,22 +452,26 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
                       if len(motifs) else [] for k in range(K)}
-    per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels)
+    per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels, label_map)
     layout = lm.layout(source.input_hw)
     fixed = fixed_position_tokens(kps, cls_of_image, shortcut_words, layout.grid, cfg.fixed_share)
     res = DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
-                          (cfg.colour_weight, cfg.orientation_weight), fixed, layers=layers, source=source)
+                          (cfg.colour_weight, cfg.orientation_weight), fixed, layers=layers, source=source,
+                          label_map=label_map)
     if cfg.causal is not None:
-        # label k is the model's output k (as in the rest of discovery); only the labelled classes are ranked
-        res.causal = causal_discovery(lm, source, layers, cls_of_image, probs, attn, kps, layout.grid,
+        # class k is output label_map.output_index[k] (output k by position); only the labelled classes are ranked
+        columns = label_map.columns if label_map.by_name else None
+        res.causal = causal_discovery(lm, source, layers, cls_of_image,
+                                      probs if columns is None else probs[:, columns], attn, kps, layout.grid,
                                       layout.patch_size, len(class_names), source.input_hw,
-                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size), parts)
+                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size), parts, columns)
         if len(res.causal.units):
             res.causal.units.insert(1, "class", [class_names[k] for k in res.causal.units["cls"]])
         if len(res.causal.control):
             res.causal.control.insert(1, "class", [class_names[k] for k in res.causal.control["cls"]])
         res.shortcuts = ShortcutSet.select(lm, res.causal, centroids, res.descriptor_weights, class_names, layers,
-                                           source.input_hw, cfg.causal, num_outputs=K)
+                                           source.input_hw, cfg.causal, num_outputs=probs.shape[1],
+                                           output_index=label_map.output_index)
     return res
 
 
@@ -494,7 +505,7 @@ def score_images(lm: LoadedModel, images: torch.Tensor, result: DiscoveryResult,
     attn, probs, kps, descriptors, groups = extract(lm, images, layers, cfg.batch_size, cfg.groups,
                                                  *result.descriptor_weights, cfg.decisive)  # the words' own
     kps["word"] = descriptors.words(result.centroids) if len(descriptors) else np.zeros(0, int)
-    return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels)
+    return _per_image(attn, probs, groups, kps, result.shortcut_words, cfg.groups, labels, result.label_map)
 
 
 @torch.no_grad()
@@ -549,14 +560,21 @@ def _counterfactual_rows(part: Part) -> pd.DataFrame:
                          "n_masked": part.arrays["n_masked"]})
 
 
-def _per_image(attn, probs, groups, kps, shortcut_words, G, labels) -> pd.DataFrame:
+def _per_image(attn, probs, groups, kps, shortcut_words, G, labels, label_map: LabelMap | None = None
+               ) -> pd.DataFrame:
+    """``pred``: the argmax over all the model's outputs (an output index, ``pred_name`` its name); ``label``:
+    the label's output index (``label_map``), so ``pred == label`` is a correct prediction."""
     preds = probs.argmax(1)
-    df = reliance_scores(attn, groups, kps, preds, shortcut_words, G)
+    # the shortcut words of class k count where the prediction is class k's output
+    pred_cls = preds if label_map is None else label_map.class_of_output()[preds]
+    df = reliance_scores(attn, groups, kps, pred_cls, shortcut_words, G)
     df["pred"] = preds
+    if label_map is not None:
+        df["pred_name"] = [label_map.output_name(int(j)) for j in preds]
     df["confidence"] = probs.max(1)
     df["entropy"] = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
     if labels is not None:
-        df["label"] = np.asarray(labels)
+        df["label"] = np.asarray(labels) if label_map is None else label_map.columns[np.asarray(labels)]
     return df
 
 

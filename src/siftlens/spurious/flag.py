@@ -26,6 +26,7 @@ import torch
 from ..html_page import html_page, png_data_uri, skipped_html, table_html
 from ..image_source import find_images
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir
+from ..label_map import LabelMap
 from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
@@ -44,13 +45,6 @@ def check_classifier(lm: LoadedModel) -> int:
         raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
                          "flags need class probabilities")
     return int(out.shape[1])
-
-
-def check_label_count(lm: LoadedModel, class_names: list[str], num_outputs: int, source: str | Path) -> None:
-    """One-line error when the labels name more classes than the model has outputs (label k is output k)."""
-    if len(class_names) > num_outputs:
-        raise UserValueError(f"{source}: {len(class_names)} label classes, but --model {lm.name} has {num_outputs} "
-                             "outputs (label k is read as the model's output k)")
 
 
 OCCLUSION_MODES = ("compare", "sift", "off")
@@ -101,19 +95,21 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
-                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None
-                ) -> tuple[pd.DataFrame, list[dict]]:
+                occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None,
+                label_map: LabelMap | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
     windows, the SIFT-free controls; "off"). ``parts``: where each finished chunk of files is kept
     (``siftlens.resume.RunParts``, pass ``flag``), so a killed run started again with the same settings skips
     what is done, and torchrun ranks each score their share; the random draws restart per chunk, so the numbers
-    are those of one uninterrupted process."""
+    are those of one uninterrupted process. ``label_map``: the names of the model's outputs (``pred_name``; default:
+    the run's classes at the outputs shortcuts.json stores, other outputs by index)."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
-    names = shortcuts.class_names
+    names = label_map or LabelMap(shortcuts.class_outputs(), shortcuts.output_index is not None,
+                                  int(shortcuts.model.get("num_classes", 0)), list(shortcuts.class_names))
     layout = lm.layout(tuple(source.input_hw))
     windows = occlusion_windows(layout.grid, window)
     parts = parts or RunParts.memory()
@@ -162,7 +158,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
                          "keypoints": b not in no_keypoints,
-                         "pred": pred, "pred_name": names[pred] if pred < len(names) else str(pred),
+                         "pred": pred, "pred_name": names.output_name(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
                          "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
@@ -193,7 +189,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
     shortcuts = ShortcutSet.load(motifs)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
-    shortcuts.check_model(lm, check_classifier(lm), str(motifs))
+    label_map = shortcuts.check_model(lm, check_classifier(lm), str(motifs))
     out = ensure_writable_dir(out)
     with OutputLock(out, "flag", enabled=rank == 0):  # one run per --out (runguard.py)
         paths = find_images(images)
@@ -202,7 +198,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
             token_units=token_units, occlusion=occlusion, window=window, seed=seed), rank, world)
-        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts)
+        df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
+                                label_map)
         parts.release()
         if rank != 0:
             return None
@@ -219,7 +216,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "occlusion": occlusion, "window": window, "seed": seed,
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
                                                   "shortcuts": [u["unit"] for u in shortcuts.units],
-                                                  "layers": shortcuts.layers, "command": "flag",
+                                                  "layers": shortcuts.layers, "label_map": label_map.to_json(),
+                                                  "command": "flag",
                                                   "outputs": list(COMMAND_OUTPUTS["flag"])})
         atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
         parts.finish()  # the batches are in flags.parquet now

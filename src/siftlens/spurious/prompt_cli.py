@@ -17,13 +17,14 @@ import torch
 
 from ..image_source import find_images, read_labels
 from ..io import atomic_write_json, atomic_write_parquet, ensure_writable_dir
+from ..label_map import map_labels
 from ..models import load_model
 from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
 from .causal import ShortcutSet
-from .flag import check_classifier, check_label_count
+from .flag import check_classifier
 from .source import PathSource
 
 
@@ -39,7 +40,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False) -> dict | None:
-    """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label) and
+    """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
+    and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
     files, rank 0 merges and writes). Finished chunks are kept in ``out/.parts/prompt`` (resume.RunParts)."""
     if batch_size < 1:
@@ -66,7 +68,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     if shortcuts is not None:
         shortcuts.check_model(lm, num_outputs, str(motifs))
     paths = find_images(images)
-    y, labels_ignored = None, None
+    y, labels_ignored, label_map = None, None, None
     if labels != "none":
         root = Path(images) if Path(images).is_dir() else None
         try:
@@ -74,11 +76,15 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         except ValueError:
             if labels is not None:
                 raise
-        if y is not None and len(class_names) > num_outputs:
-            if labels is not None:  # a labels CSV the model cannot be scored on
-                check_label_count(lm, class_names, num_outputs, labels)
-            y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: folders "
-                                       "not used as labels, no accuracy")
+        if y is not None:
+            try:  # which model output each label is (by name where the model names its outputs)
+                label_map = map_labels(lm, class_names, num_outputs,
+                                       f"--labels {labels}" if labels is not None else f"--images {images}")
+            except UserValueError:
+                if labels is not None or len(class_names) <= num_outputs:
+                    raise  # a labels CSV the model cannot be scored on, or folders that name only some outputs
+                y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
+                                           "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
     gate = shortcuts.masker(lm) if shortcuts is not None else None
     holder = _RowMask()
@@ -138,10 +144,14 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if labels_ignored:
         summary["note"] = labels_ignored
-    if y is not None and lm.label_names is None:
-        summary["note"] = "model has no label names: accuracy assumes label index order = class folder order"
     if y is not None:
-        df["label"] = np.asarray(y)[source.kept]
+        summary["label_map"] = label_map.to_json()
+        if label_map.note:
+            summary["note"] = label_map.note
+        elif not label_map.by_name and lm.label_names is None:
+            summary["note"] = "model has no label names: accuracy assumes label index order = class folder order"
+        # the label's model output: a prediction (argmax over all outputs) is right where it is that output
+        df["label"] = label_map.columns[np.asarray(y)[source.kept]]
         summary["accuracy_before"] = float((df.pred_base == df.label).mean())
         summary["accuracy_after"] = float((df.pred_steered == df.label).mean())
     summary["command"], summary["outputs"] = "prompt", list(COMMAND_OUTPUTS["prompt"])

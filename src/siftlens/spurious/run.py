@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noqa: E402
 from ..image_source import find_images, read_labels  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
+from ..label_map import LabelMap, map_labels  # noqa: E402
 from ..models import LoadedModel, load_model  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
@@ -29,7 +30,7 @@ from .discover import (  # noqa: E402
     counterfactual_scores,
     discover_shortcuts,
 )
-from .flag import check_classifier, check_label_count  # noqa: E402
+from .flag import check_classifier  # noqa: E402
 from .source import PathSource  # noqa: E402
 
 
@@ -55,14 +56,22 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         paths = find_images(images)
         root = Path(images) if Path(images).is_dir() else None
         y, class_names = read_labels(paths, labels, root)
-        check_label_count(lm, class_names, num_outputs, labels or images)
+        # which model output each label is: by name where the model names its outputs (siftlens.label_map)
+        label_map = map_labels(lm, class_names, num_outputs, f"--labels {labels}" if labels else f"--images {images}")
+        if label_map.note and rank == 0:
+            print(f"note: {label_map.note}")
+        elif label_map.by_name and rank == 0:
+            pairs = [f"{c} = output {j}" for c, j in zip(class_names, label_map.output_index)]
+            print(f"labels matched to --model outputs by name: {', '.join(pairs[:5])}"
+                  + (f" (and {len(pairs) - 5} more)" if len(pairs) > 5 else ""))
         counts = np.bincount(y, minlength=len(class_names))  # before reading any image: fail fast
         small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
         if small:
             raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-        parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg), rank, world)
+        parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg, label_map), rank, world)
         source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
-        res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts)
+        res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts,
+                                 label_map=label_map)
         masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
         try:
             cf = counterfactual_scores(lm, source, masker, cfg.batch_size, layers=res.layers, seed=cfg.seed,
@@ -81,12 +90,14 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
 
 
 def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_names: list[str],
-                      cfg: DiscoveryConfig) -> dict:
+                      cfg: DiscoveryConfig, label_map: LabelMap | None = None) -> dict:
     """What decides the numbers of a `spurious` run, by name (a resumed run must match; not the device)."""
     options = {k: v for k, v in asdict(cfg).items() if k != "causal"}
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
     labels = hashlib.sha256(np.asarray(y, np.int64).tobytes() + json.dumps(class_names).encode()).hexdigest()[:16]
+    if label_map is not None and label_map.by_name:  # (by position: the fingerprint of earlier versions)
+        options["output_index"] = label_map.output_index
     return settings_fingerprint(lm, paths, labels=labels, **options)
 
 
@@ -187,6 +198,7 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         "layers": res.layers, "shortcut_words": res.shortcut_words,
         "shortcuts": [u["class_name"] + " " + u["unit"] for u in res.shortcuts.units] if res.shortcuts else [],
         "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {},
+        "label_map": res.label_map.to_json() if res.label_map is not None else None,
         "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
 
 
