@@ -3,6 +3,7 @@ before the module existed (reference decoders written out here from the code it 
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -151,6 +152,17 @@ def test_class_labels_first_folder_under_the_root(tree, tmp_path):
                                             for i, f in enumerate(files[:3])))
     y, classes = read_labels(files[:3], str(csv), None)
     assert classes == ["even", "odd"] and y.tolist() == [0, 1, 1]
+    # integer CSV labels are class indices: numeric order ("2" before "10"), not string order
+    csv.write_text("path,label\n" + "".join(f"{f},{lab}\n" for f, lab in zip(files[:4], [10, 2, 2, 0])))
+    y, classes = read_labels(files[:4], str(csv), None)
+    assert classes == ["0", "2", "10"] and y.tolist() == [2, 1, 1, 0]
+    # class folders keep torchvision ImageFolder's string order, which models trained with it learned
+    for name in ("2", "10"):
+        (tmp_path / "num" / name).mkdir(parents=True)
+        shutil.copy(files[0], tmp_path / "num" / name / ("a" + files[0].suffix))
+    num = find_images(tmp_path / "num")
+    y, classes = read_labels(num, None, tmp_path / "num")
+    assert classes == ["10", "2"] and sorted(y.tolist()) == [0, 1]
 
 
 def test_pretrain_decodes_resize_then_crop(tree):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import re
 import shutil
 import tarfile
 import tempfile
@@ -152,7 +153,10 @@ def extract_tar(path: Path, cache_dir: Path, what: str = "--data") -> Path:
 
 
 def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tuple[np.ndarray, list[str]]:
-    """Labels from a CSV (columns path,label) or, with labels=None, from ImageFolder class folders."""
+    """Labels from a CSV (columns path,label) or, with labels=None, from ImageFolder class folders, numbered
+    0..C-1 in sorted order. Folder names sort as strings (torchvision ``ImageFolder``'s order: "10" before "2",
+    which a model trained with it learned); CSV labels that are all integers sort as numbers (class indices: "2"
+    before "10")."""
     if labels is None:
         if root is None or not root.is_dir():
             raise UserValueError("--labels is required unless --images is an ImageFolder directory (class/*.jpg)")
@@ -173,8 +177,10 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
         if missing:
             raise UserValueError(f"--labels {labels}: no label for {len(missing)} of {len(images)} images "
                                  f"(first: {missing[0]})")
-    classes = sorted(set(names))
-    return np.array([classes.index(n) for n in names]), classes
+    numeric = labels is not None and all(re.fullmatch(r"[+-]?\d+", n.strip()) for n in names)
+    classes = sorted(set(names), key=(lambda n: int(n)) if numeric else None)
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[n] for n in names]), classes
 
 
 # --------------------------------------------------------------------------------------------------
