@@ -633,11 +633,17 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.Da
     null, causal_p <= ``shortcut_alpha``. The label-permutation p alone is not enough: on a trained model any
     unit that carries some of the evidence lowers p_k more in class k's images (where p_k is high) than in
     others', so generic units get small p too (docs/CHOICES.md)."""
+    sub = _specific_units(units, k, cfg)
+    return sub[sub["causal_p"] <= cfg.shortcut_alpha] if cfg.n_null > 0 and len(sub) else sub
+
+
+def _specific_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
+    """Class k's units with an effect above ``shortcut_min_effect`` that are class-specific (f_in >=
+    ``shortcut_specificity`` x f_out), before any significance test."""
     if not len(units):
         return units
-    sub = units[(units["cls"] == k) & (units["causal_effect"] > cfg.shortcut_min_effect)
-                & (units["f_in"] >= cfg.shortcut_specificity * units["f_out"])]
-    return sub[sub["causal_p"] <= cfg.shortcut_alpha] if cfg.n_null > 0 else sub
+    return units[(units["cls"] == k) & (units["causal_effect"] > cfg.shortcut_min_effect)
+                 & (units["f_in"] >= cfg.shortcut_specificity * units["f_out"])]
 
 
 def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
@@ -651,8 +657,7 @@ def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
         return (f"shortcut claimed: {r['unit']} (causal rank {int(r['causal_rank'])}, effect {r['causal_effect']:.3f}, "
                 f"p={r['causal_p']:.3f}, in {r['f_in']:.0%} of the class's images vs {r['f_out']:.0%} of the others')")
     words = own[own["kind"] != "region"]
-    specific = words[(words["causal_effect"] > cfg.shortcut_min_effect)
-                     & (words["f_in"] >= cfg.shortcut_specificity * words["f_out"])]
+    specific = _specific_units(units, k, cfg).sort_values("causal_rank")  # regions have no frequency: never here
     if not len(specific):
         t = words.iloc[0] if len(words) else own.iloc[0]
         freq = (f"; the top one, {t['unit']}, is in {t['f_in']:.0%} of the class's images and {t['f_out']:.0%} of "
