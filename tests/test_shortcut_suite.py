@@ -228,6 +228,24 @@ def test_cue_tokens_and_located():
     assert np.isclose(res["chance"], (64 + 144) / 2 / 1024)
 
 
+def test_cue_reliance_per_class_on_aligned_images_only():
+    from shortcut_suite.evaluate import RELIANT_DROP, cue_reliance, rate_among_reliant
+
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    groups = np.array(["aligned", "aligned", "aligned", "aligned", "conflict", "none"])
+    p0 = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1], [0.1, 0.9]])
+    p_or = p0.copy()
+    p_or[:2, 0] -= [0.2, 0.4]  # class 0 relies on its cue: mean drop 0.3 on its aligned images
+    p_or[2:4, 1] -= [0.01, 0.03]  # class 1 barely: mean drop 0.02, below the threshold
+    p_or[5, 1] -= 0.9  # a cue-free image's drop must not count toward class 1
+    p_or[4, 0] += 0.5  # nor a conflicting image's toward class 0
+    r = cue_reliance(p0, p_or, labels, groups, 2)
+    assert np.allclose(r["oracle_drop"], [0.3, 0.02]) and r["reliant"] == [True, False]
+    assert 0.02 < RELIANT_DROP <= 0.3
+    assert rate_among_reliant([False, True], r["reliant"]) == {"rate_reliant": 0.0, "n_reliant": 1}
+    assert rate_among_reliant([True, None], [True, True]) == {"rate_reliant": 1.0, "n_reliant": 1}
+
+
 def test_missing_cli_command_is_recorded_not_fatal(tmp_path):
     from shortcut_suite.evaluate import run_cli
 

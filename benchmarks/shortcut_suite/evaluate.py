@@ -64,6 +64,7 @@ GROUPS = ("aligned", "conflict", "none")
 TRAIN_MIX = {"aligned": 0.95, "conflict": 0.025, "none": 0.025}
 STEERING = ("mask_tokens", "random_mask", "edge_mask")
 N_BOOT = 2000
+RELIANT_DROP = 0.05  # "the model relies on the class's cue": masking its true tokens drops p_class by >= this
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +246,23 @@ def occlusion_csv_centres(spurious_dir: Path, class_names: list[str]) -> dict[in
     return out
 
 
+def cue_reliance(p0: np.ndarray, p_oracle: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> dict:
+    """Per class: the mean drop of p_class when the true cue tokens are masked, on the class's aligned test
+    images, and whether it reaches ``RELIANT_DROP``. A class whose prediction does not rest on its cue leaves
+    nothing to locate; the secondary "located" rate counts only the others."""
+    drop = []
+    for c in range(k):
+        m = (groups == "aligned") & (labels == c)
+        drop.append(float(np.mean(p0[m, c] - p_oracle[m, c])) if m.any() else float("nan"))
+    return {"oracle_drop": drop, "reliant": [bool(d >= RELIANT_DROP) for d in drop], "threshold": RELIANT_DROP}
+
+
+def rate_among_reliant(per_class: list, reliant: list[bool]) -> dict:
+    """"Cue located" among the reliant classes (None where none is judged)."""
+    judged = [v for v, r in zip(per_class, reliant) if r and v is not None]
+    return {"rate_reliant": float(np.mean(judged)) if judged else None, "n_reliant": len(judged)}
+
+
 # --------------------------------------------------------------------------------------------------
 # statistics
 
@@ -384,6 +402,15 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
             basis, centres = method_centres(out / name, class_names)
             cue_loc[name] = located(centres, disc, k, size, patch) | {"basis": basis}
 
+    # a class whose prediction does not rest on its cue leaves nothing to locate: a secondary rate counts only the
+    # classes where masking the true cue tokens drops p_class by >= RELIANT_DROP on the class's aligned test images
+    reliance = None
+    if p_oracle is not None:
+        reliance = cue_reliance(p0, p_oracle, labels, groups, k)
+        for entry in cue_loc.values():
+            if isinstance(entry, dict) and "per_class" in entry:
+                entry |= rate_among_reliant(entry["per_class"], reliance["reliant"])
+
     # --- flags
     boot = group_boot_indices(groups, N_BOOT, seed)
     scores: dict[str, np.ndarray] = {
@@ -468,7 +495,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "variant": meta["variant"]["name"], "family": meta["variant"]["family"], "split": meta["variant"]["split"],
         "setting": meta["setting"], "seed": seed, "run": str(run), "model": str(model),
         "n_test": {g: int((groups == g).sum()) for g in GROUPS}, "patch": patch, "image_size": size,
-        "cli": log, "status": status, "cue_located": cue_loc, "flags": flags, "accuracy": accuracy,
+        "cli": log, "status": status, "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
+        "accuracy": accuracy,
         "differences": diffs,
         "oracle": "n/a: global cue (tint), token masking would mask every token" if global_cue else
         "true cue tokens (twin differs) masked as keys in every block",
