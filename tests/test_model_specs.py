@@ -60,6 +60,21 @@ def test_torchvision_and_timm_local_checkpoints(tmp_path):
                  "--out", str(tmp_path / "o3"), *ARGS]) == 2
 
 
+def test_random_init_of_a_named_model_is_seeded_whatever_the_rng_state():
+    """`timm:NAME --random-init` drew its weights from the global RNG: two commands in one process (or after other
+    random draws) got two different models, so motifs from `spurious` were refused by `prompt` as another model's."""
+    pytest.importorskip("timm")
+    torch.manual_seed(123)
+    a = load_model("timm:vit_tiny_patch16_224", random_init=True, input_size=(32, 32))
+    torch.rand(1000)  # the caller's RNG moves on
+    b = load_model("timm:vit_tiny_patch16_224", random_init=True, input_size=(32, 32))
+    w = "blocks.0.attn.qkv.weight"
+    assert torch.equal(a.module.state_dict()[w], b.module.state_dict()[w])
+    state = torch.random.get_rng_state()
+    load_model("timm:vit_tiny_patch16_224", random_init=True, input_size=(32, 32))
+    assert torch.equal(state, torch.random.get_rng_state())  # and the caller's RNG is left as it was
+
+
 def test_random_init_on_a_model_that_ships_its_weights_gives_fresh_weights(tmp_path):
     """`--random-init` with the bundled model (or an exported .safetensors) was ignored: the trained weights ran
     under a random-init label, so a calibration run on "random weights" measured the trained model."""

@@ -63,8 +63,8 @@ def _export(model, kw: dict, path) -> str:
     return str(path)
 
 
-def _model(tmp, name: str, **kw) -> str:
-    torch.manual_seed(0)
+def _model(tmp, name: str, seed: int = 0, **kw) -> str:
+    torch.manual_seed(seed)
     kw = {**TINY, **kw}
     return _export(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw), kw, tmp / f"{name}.safetensors")
 
@@ -127,6 +127,28 @@ def test_flag_refuses_motifs_from_a_model_of_another_depth_or_token_layout(run, 
     (tmp_path / "old" / "shortcuts.json").write_text(json.dumps(old))
     _fails(capsys, ["flag", "--model", _model(tmp_path, "d2"), "--motifs", str(tmp_path / "old"), "--images",
                     str(tmp / "new"), "--out", str(out)], "at least 3 attention layers", "motifs from another model")
+
+
+def test_flag_refuses_motifs_from_the_same_architecture_with_other_weights(run, tmp_path, capsys):
+    """Depth, grid, prefix tokens and classes all match; only the weights differ (another seed, or another
+    fine-tuning of the same architecture): the stored output probe tells them apart."""
+    tmp, model = run
+    sp = str(tmp / "sp")
+    assert len(json.loads((tmp / "sp" / "shortcuts.json").read_text())["model"]["output_probe"]) == TINY["num_classes"]
+    other = _model(tmp_path, "d3_seed1", seed=1, depth=3)
+    _fails(capsys, ["flag", "--model", other, "--motifs", sp, "--images", str(tmp / "new"), "--out",
+                    str(tmp_path / "fl")], "--motifs", "other weights", "motifs from another model")
+    _fails(capsys, ["prompt", "--model", other, "--motifs", sp, "--method", "mask_tokens", "--images",
+                    str(tmp / "new"), "--labels", "none", "--out", str(tmp_path / "pr")], "other weights")
+    # the same weights under another file name pass the check
+    import shutil
+
+    copy = tmp_path / "renamed.safetensors"
+    shutil.copy(model, copy)
+    shutil.copy(model.replace(".safetensors", ".json"), copy.with_suffix(".json"))
+    capsys.readouterr()
+    assert main(["flag", "--model", str(copy), "--motifs", sp, "--images", str(tmp / "new"), "--out",
+                 str(tmp_path / "ok")]) == 0
 
 
 @pytest.mark.parametrize("drop", ["units", "centroids", "model.grid", "units[].tokens"])

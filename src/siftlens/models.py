@@ -192,7 +192,12 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
         loader = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision}.get(kind)
         if loader is None:
             raise ModelSpecError(f"--model {spec}: unknown model source {kind!r} (use timm:, hf: or torchvision:)")
-        lm = loader(name, checkpoint, random_init, input_size)
+        if random_init:  # seeded whatever the caller's RNG state: two commands on the same spec get the same model
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                lm = loader(name, checkpoint, random_init, input_size)
+        else:
+            lm = loader(name, checkpoint, random_init, input_size)
     else:
         raise ModelSpecError(
             f"--model {spec}: unknown model; use {BUNDLED_NAME}, timm:NAME, hf:PATH_OR_ID or torchvision:NAME")

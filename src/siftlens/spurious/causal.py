@@ -65,6 +65,9 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "class_names", "layers", "centroids", "descriptor_weights", "units")
 REQUIRED_MODEL_KEYS = ("input_size", "patch_size", "grid", "num_classes")
 REQUIRED_UNIT_KEYS = ("cls", "class_name", "unit", "kind", "word", "tokens", "box")
+# the model's outputs on one seeded noise input (shortcuts.json "output_probe"): motifs are refused for a model whose
+# outputs there differ by more than this share of their spread (other weights); float noise across devices is ~1e-4
+PROBE_RTOL = 1e-2
 COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one keypoint's footprint disc
 
 
@@ -627,6 +630,16 @@ class ShortcutFileError(UserValueError):
     """A motifs folder / shortcuts.json that cannot be used with this model."""
 
 
+def output_probe(lm: LoadedModel, input_hw: tuple[int, int]) -> np.ndarray:
+    """The model's outputs, centred, on one fixed seeded noise input [1, 3, H, W]: a fingerprint of its weights that
+    does not depend on the file format or name it was loaded from, so that motifs found on one model are not
+    applied to another of the same architecture."""
+    x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = lm.forward(x.to(next(lm.module.parameters()).device)).float().cpu()[0].numpy().astype(np.float64)
+    return out - out.mean()
+
+
 def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
     """Class k's units that may be applied as a shortcut: an effect above ``shortcut_min_effect``, class-specific
     (f_in >= ``shortcut_specificity`` x f_out; region units have no frequency and never qualify) and, with a
@@ -705,7 +718,8 @@ class ShortcutSet:
                                                           layout.grid))})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
                  "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names)),
-                 "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names)}
+                 "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names),
+                 "output_probe": output_probe(lm, input_hw).tolist()}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen,
                    [int(j) for j in (output_index if output_index is not None else range(len(class_names)))])
@@ -783,6 +797,15 @@ class ShortcutSet:
         if num_classes is not None and num_classes != self.model["num_classes"]:
             raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {self.model['num_classes']} "
                                     f"classes, but --model {lm.name} has {num_classes}: motifs from another model")
+        probe = self.model.get("output_probe")  # files before it was stored: not checked
+        if probe is not None:
+            there, here = np.asarray(probe, np.float64), output_probe(lm, tuple(self.model["input_size"]))
+            gap = float(np.abs(there - here).max()) if there.shape == here.shape else float("inf")
+            if gap > PROBE_RTOL * max(float(there.std()), 1e-6):
+                raise ShortcutFileError(
+                    f"--motifs {source_name}: discovered on a model whose outputs on a fixed probe input differ from "
+                    f"--model {lm.name}'s (largest gap {gap:.3g}, {there.std():.3g} spread): the same architecture "
+                    "with other weights, i.e. motifs from another model; run `siftlens spurious` on this model")
         return self.label_map(lm, num_classes, source_name) if num_classes is not None else None
 
     def label_map(self, lm: LoadedModel, num_outputs: int, source_name: str = ""):
