@@ -62,6 +62,12 @@ class LoadedModel:
         return self.module(x)
 
     @property
+    def is_hf_classifier(self) -> bool:
+        """A Hugging Face model with a classification head (``*ForImageClassification*``), not a bare encoder
+        whose output is a pooled feature."""
+        return self.backend == "hf" and "ForImageClassification" in type(self.module).__name__
+
+    @property
     def num_layers(self) -> int:
         return len(ATTENTION_FINDERS[self.backend](self.module))
 

@@ -534,7 +534,7 @@ def patch_pool_input(lm: LoadedModel) -> nn.Module | None:
     if lm.backend == "timm" and getattr(m, "global_pool", None) in ("avg", "max", "avgmax") and \
             getattr(m, "attn_pool", None) is None and isinstance(getattr(m, "norm", None), nn.Module):
         return m.norm
-    if lm.backend == "hf" and "ForImageClassification" in type(m).__name__:
+    if lm.is_hf_classifier:
         # HF DINOv2 classifiers read [CLS, mean of the patch tokens]; BEiT / data2vec with use_mean_pooling the mean
         base = getattr(m, getattr(m, "base_model_prefix", ""), None)
         pools = type(m).__name__.startswith("Dinov2") or getattr(m.config, "use_mean_pooling", False)

@@ -40,7 +40,7 @@ def check_classifier(lm: LoadedModel) -> int:
     H, W = lm.preprocess.input_size
     with torch.no_grad():
         out = lm.forward(torch.zeros(1, 3, H, W, device=next(lm.module.parameters()).device))
-    hf_headless = lm.backend == "hf" and "ForImageClassification" not in type(lm.module).__name__  # pooler output
+    hf_headless = lm.backend == "hf" and not lm.is_hf_classifier  # its output is the pooled feature
     if out.dim() != 2 or out.shape[1] < 2 or getattr(lm.module, "num_classes", None) == 0 or hf_headless:  # timm: 0
         raise UserValueError(f"--model {lm.name}: has no classifier head (output shape {tuple(out.shape)}); "
                          "flags need class probabilities")
