@@ -45,7 +45,7 @@ from siftlens.image_source import find_images  # noqa: E402
 from siftlens.models import load_model  # noqa: E402
 from siftlens.preprocess import load_rgb  # noqa: E402
 from siftlens.semantic_maps import detect_sift, keypoint_free_maps, keypoint_maps  # noqa: E402
-from siftlens.stats import RolloutState, layer_statistics, prepare_maps, swapped_maps  # noqa: E402
+from siftlens.stats import RolloutState, layer_statistics, prepare_maps, swap_columns  # noqa: E402
 
 analyze_mod = importlib.import_module("siftlens.analyze")
 
@@ -128,7 +128,8 @@ def stage_profile(lm, paths, batch_size: int, stats_threads: int, device: str = 
                     maps = prepare_maps(batch["C"], batch["groups"], map_cfg.map_names, cfg.groups, layout.grid,
                                         layout.patch_size)
             maps_null = prepare_maps(batch["C"], batch["groups"], map_cfg.map_names, cfg.groups, layout.grid,
-                                     layout.patch_size, C_null=swapped_maps(bank, bank_ids, batch["index"]))
+                                     layout.patch_size, null_bank=bank,
+                                     null_keep=swap_columns(bank_ids, batch["index"]))  # as analyze does
             with clock("reducers_no_null"):
                 for _ in range(reps):
                     for a in attn:

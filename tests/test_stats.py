@@ -321,6 +321,47 @@ def test_swapped_maps_exclude_the_own_map_and_keep_k_fixed():
     assert rows(out[2]) == {1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_swap_null_from_the_shared_bank_equals_the_gathered_copy(monkeypatch, chunked):
+    """analyze tests each image against the bank's maps through one matmul on the shared bank (null_bank /
+    null_keep); it must give the statistics of the [B, K, n] copy (swapped_maps), image by image, including an
+    image that is itself in the bank, one that is not, and one without a SIFT map (no test: NaN)."""
+    import siftlens.stats as stats
+    from siftlens.stats import swap_columns, swapped_maps
+
+    if chunked:  # layer_statistics then reduces the batch in pieces (BatchMaps.narrow)
+        monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 2 * 3 * 17 * 17)
+    g = torch.Generator().manual_seed(5)
+    B, H, h, w, K = 6, 3, 4, 4, 9
+    n, P = h * w, 1
+    C = torch.rand(B, len(NAMES), n, generator=g)
+    C = C / C.sum(-1, keepdim=True)
+    C[4, 0] = torch.nan  # image 4 has no SIFT map
+    groups = torch.randint(0, 4, (B, n), generator=g)
+    A = torch.rand(B, H, P + n, P + n, generator=g).pow(3)
+    A = A / A.sum(-1, keepdim=True)
+    bank = torch.rand(K + 1, n, generator=g)
+    bank = bank / bank.sum(-1, keepdim=True)
+    bank_ids = torch.tensor([20, 1, 21, 3, 22, 23, 24, 25, 26, 27])  # images 1 and 3 of the batch are in it
+    index = torch.arange(B)
+    copy = prepare_maps(C, groups, NAMES, 4, (h, w), PATCH, C_null=swapped_maps(bank, bank_ids, index))
+    shared = prepare_maps(C, groups, NAMES, 4, (h, w), PATCH, null_bank=bank, null_keep=swap_columns(bank_ids, index))
+    a, b = layer_statistics(A, P, 0, copy, min_effect=0.0), layer_statistics(A, P, 0, shared, min_effect=0.0)
+    for key in ("s_cls_null", "s_cls_z", "s_pp_null", "s_pp_z"):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, equal_nan=True)
+    for key in ("s_cls_p", "s_pp_p"):  # the same counts, but a null value within float rounding of the
+        # threshold may tip one way or the other: at most one step of 1 / (K + 1), rarely
+        assert torch.equal(torch.isnan(a[key]), torch.isnan(b[key]))
+        step = (torch.nan_to_num(a[key]) - torch.nan_to_num(b[key])).abs() * (K + 1)
+        assert step.max() <= 1 + 1e-4 and (step > 0.5).float().mean() <= 0.05
+    assert torch.isnan(b["s_cls_p"][4]).all() and not torch.isnan(b["s_cls_p"][[0, 1, 2, 3, 5]]).any()
+    # image 1 is bank column 1: its own map is not among its null maps, the bank's last one is for image 0
+    keep = swap_columns(bank_ids, index)
+    assert 1 not in keep[1].tolist() and 9 in keep[1].tolist() and 9 not in keep[0].tolist()
+    # and the p-values vary between images (not a case where every null ties)
+    assert len(set(b["s_cls_p"][[0, 1, 2, 3, 5]].flatten().tolist())) > 3
+
+
 def test_swap_null_is_calibrated_where_within_image_shuffles_are_not():
     """Smooth attention and smooth maps from independent images: shuffling the own map over patches calls
     far more than 5% significant; the image-swap null stays near 5%."""

@@ -82,7 +82,7 @@ from .stats import (
     Workspace,
     layer_statistics,
     prepare_maps,
-    swapped_maps,
+    swap_columns,
 )
 from .validation import (
     NonFiniteError,
@@ -626,14 +626,14 @@ class BatchRunner:
         if batch.pending is not None:
             self.kornia_maps(batch)
         swap = cfg.null_mode == "swap"
-        C_null = swapped_maps(self._bank_on_device, self.bank[1].to(self.device), batch.index.to(self.device)) \
-            if swap and self.bank is not None else None
+        bank = swap and self.bank is not None
+        keep = swap_columns(self.bank[1], batch.index).to(self.device) if bank else None
         with torch_threads(self.stats_threads):
             return prepare_maps(batch.C.to(self.device), batch.groups.to(self.device), self.map_names,
                                 cfg.groups, layout.grid, layout.patch_size,
                                 null_seeds=[hash_seed(cfg.seed + 1, int(i)) for i in batch.index.tolist()],
                                 n_perm=0 if swap else cfg.null_permutations, null_mode=cfg.null_mode,
-                                C_null=C_null)
+                                null_bank=self._bank_on_device if bank else None, null_keep=keep)
 
     def run(self, batch: Batch, paths: list[Path], keep: bool) -> dict:
         """Everything one batch contributes: rows, lift sums, image rows, skipped inputs, examples."""

@@ -33,10 +33,29 @@ class BatchMaps:
     C_null: torch.Tensor | None = None  # [B, K, n] K null SIFT maps per image (other images' maps, or rearranged)
     # the maps above the group indicators, so that one matmul per layer weighs Ã's keys by all of them
     key_weights: torch.Tensor | None = None  # [B, M + G, n] = [C; groups_onehot^T]
+    # the image-swap null without a [B, K, n] copy: the bank's maps [K + 1, n], shared by the batch, and the K of
+    # them each image is tested against [B, K] (``swap_columns``); used instead of C_null when given
+    null_bank: torch.Tensor | None = None
+    null_keep: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key_weights is None:
             self.key_weights = torch.cat([self.C, self.groups_onehot.transpose(1, 2)], 1).contiguous()
+
+    @property
+    def has_null(self) -> bool:
+        return self.C_null is not None or self.null_bank is not None
+
+    def null_dots(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, K]: Σ_j x_bhj c_kj for each image's K null maps; x: [B, H, n]. NaN for an image without a SIFT
+        map (no test). With a shared bank this is one [B·H, n] x [n, K + 1] matmul for the whole batch (then each
+        image's own column is dropped), not B small products against a gathered [B, K, n] copy."""
+        if self.C_null is not None:
+            return einsum(x, self.C_null.to(x.device), "b h j, b k j -> b h k")
+        B, H, n = x.shape
+        every = (x.reshape(B * H, n) @ self.null_bank.to(x.device).T).view(B, H, -1)  # [B, H, K + 1]
+        keep = self.null_keep.to(x.device)[:, None, :].expand(B, H, -1)
+        return torch.where(self.sift_valid.to(x.device)[:, None, None], every.gather(-1, keep), torch.nan)
 
     def narrow(self, start: int, end: int) -> BatchMaps:
         """The same maps for images start..end-1 of the batch."""
@@ -45,7 +64,7 @@ class BatchMaps:
 
         return BatchMaps(cut(self.C), cut(self.groups_onehot), cut(self.sift_valid), cut(self.rankC),
                          cut(self.partial_basis), cut(self.rank_sift_resid), self.dist, cut(self.C_null),
-                         cut(self.key_weights))
+                         cut(self.key_weights), self.null_bank, cut(self.null_keep))
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -119,30 +138,37 @@ def permuted_maps(c: torch.Tensor, seeds: list[int], n_perm: int, grid: tuple[in
     return torch.gather(c[:, None].expand(-1, n_perm, -1), 2, perms)
 
 
-def swapped_maps(bank: torch.Tensor, bank_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-    """The image-swap null: [B, K, n] other images' SIFT maps for each image of a batch.
+def swap_columns(bank_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """The image-swap null's choice: [B, K] indices of the K bank maps each image is tested against.
 
-    bank: [K + 1, n] SIFT maps of K + 1 images of the run (ids ``bank_ids`` [K + 1]); each image gets the
+    The bank holds the SIFT maps of K + 1 images of the run (ids ``bank_ids`` [K + 1]); each image gets the
     K bank maps that are not its own (an image outside the bank drops the bank's last map), so every
     image is tested against the same number of maps and p-values share one resolution, 1 / (K + 1).
     """
-    K = len(bank) - 1
+    K = len(bank_ids) - 1
     own = image_ids[:, None] == bank_ids[None, :]  # [B, K + 1]
     # drop the own map if present, else the last one: keep = the first K of the others
     drop = torch.where(own.any(1), own.float().argmax(1), torch.full_like(image_ids, K))
-    keep = torch.arange(K + 1, device=bank.device)[None, :].expand(len(image_ids), -1)
-    keep = keep[keep != drop[:, None]].view(len(image_ids), K)
-    return bank[keep]
+    keep = torch.arange(K + 1, device=bank_ids.device)[None, :].expand(len(image_ids), -1)
+    return keep[keep != drop[:, None]].view(len(image_ids), K)
+
+
+def swapped_maps(bank: torch.Tensor, bank_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """The image-swap null as a [B, K, n] copy of each image's K other images' SIFT maps (``swap_columns``);
+    ``prepare_maps(null_bank=, null_keep=)`` uses the bank without this copy."""
+    return bank[swap_columns(bank_ids.to(bank.device), image_ids.to(bank.device))]
 
 
 def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ...], num_groups: int,
                  grid: tuple[int, int], patch: int, null_seeds: list[int] | None = None,
-                 n_perm: int = 0, null_mode: str = "permute", C_null: torch.Tensor | None = None) -> BatchMaps:
+                 n_perm: int = 0, null_mode: str = "permute", C_null: torch.Tensor | None = None,
+                 null_bank: torch.Tensor | None = None, null_keep: torch.Tensor | None = None) -> BatchMaps:
     """Ranks, residual bases, one-hot groups and the null maps for a batch of maps.
 
-    C: [B, M, n] (map 0 is SIFT), groups: [B, n]. The null: ``C_null`` [B, K, n] given by the caller (the
-    image-swap null, see ``swapped_maps``), or ``n_perm`` > 0 rearrangements of each image's own map
-    (``null_mode`` shift or permute) seeded by ``null_seeds``.
+    C: [B, M, n] (map 0 is SIFT), groups: [B, n]. The null: the image-swap null as a shared bank of maps
+    ``null_bank`` [K + 1, n] with each image's columns ``null_keep`` [B, K] (``swap_columns``), or ``C_null``
+    [B, K, n] given by the caller (e.g. ``swapped_maps``), or ``n_perm`` > 0 rearrangements of each image's own
+    map (``null_mode`` shift or permute) seeded by ``null_seeds``.
     """
     C = C.float()
     rankC = _unit(average_ranks(torch.nan_to_num(C, nan=0.0)))
@@ -165,6 +191,9 @@ def prepare_maps(C: torch.Tensor, groups: torch.Tensor, map_names: tuple[str, ..
         C_null = permuted_maps(C[:, 0], null_seeds, n_perm, grid, null_mode)
     if C_null is not None:  # an image without its own SIFT map has no test
         C_null = torch.where(sift_valid[:, None, None], C_null.float(), torch.nan)
+    if null_bank is not None:
+        return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device),
+                         null_bank=null_bank.float(), null_keep=null_keep)
     return BatchMaps(C, onehot, sift_valid, rankC, basis, rs, patch_distances(grid, patch, C.device), C_null)
 
 
@@ -252,15 +281,15 @@ def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None
 
     col_mean = At.mean(-2)  # [B, H, n]: mean over queries of Ã_ij
     out["s_pp"] = n * einsum(col_mean, C, "b h j, b m j -> b h m")
-    if maps.C_null is not None:
-        null = n * einsum(col_mean, maps.C_null.to(dev), "b h j, b k j -> b h k")
+    if maps.has_null:
+        null = n * maps.null_dots(col_mean)
         out["s_pp_z"], out["s_pp_p"], out["s_pp_null"] = permutation_test(out["s_pp"][..., 0], null, min_effect)
     if cls_index is not None:
         a = A[:, :, cls_index, P:]
         a = a / a.sum(-1, keepdim=True).clamp_min(EPS)  # [B, H, n]
         out["s_cls"] = n * einsum(a, C, "b h j, b m j -> b h m")
-        if maps.C_null is not None:
-            null = n * einsum(a, maps.C_null.to(dev), "b h j, b k j -> b h k")
+        if maps.has_null:
+            null = n * maps.null_dots(a)
             out["s_cls_z"], out["s_cls_p"], out["s_cls_null"] = permutation_test(out["s_cls"][..., 0], null, min_effect)
 
     # Σ_j -Ã_ij log Ã_ij (entr's value, 0 log 0 = 0, with a vectorised log; entr itself is scalar code)
