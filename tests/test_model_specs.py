@@ -71,8 +71,9 @@ def test_random_init_of_a_named_model_is_seeded_whatever_the_rng_state():
     w = "blocks.0.attn.qkv.weight"
     assert torch.equal(a.module.state_dict()[w], b.module.state_dict()[w])
     state = torch.random.get_rng_state()
-    load_model("timm:vit_tiny_patch16_224", random_init=True, input_size=(32, 32))
+    c = load_model("timm:vit_tiny_patch16_224", random_init=True, input_size=(32, 32), seed=7)
     assert torch.equal(state, torch.random.get_rng_state())  # and the caller's RNG is left as it was
+    assert not torch.equal(a.module.state_dict()[w], c.module.state_dict()[w])  # another seed, another model
 
 
 def test_random_init_on_a_model_that_ships_its_weights_gives_fresh_weights(tmp_path):

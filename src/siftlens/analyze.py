@@ -436,7 +436,8 @@ def analyze(model: str | torch.nn.Module | LoadedModel = "vit_tiny_imagenette",
     torch.manual_seed(cfg.seed)
 
     lm = model if isinstance(model, LoadedModel) else load_model(
-        model, checkpoint=checkpoint, random_init=random_init, input_size=input_size, device=cfg.device)
+        model, checkpoint=checkpoint, random_init=random_init, input_size=input_size, device=cfg.device,
+        seed=cfg.seed)  # --random-init: --seed draws the weights
     lm.module.to(cfg.device).eval()
     check_finite_parameters(lm.module, lm.name)  # NaN weights would give NaN attention, never a finding
     check_model_accepts_input(lm, cfg.device, input_size)

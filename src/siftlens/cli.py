@@ -142,7 +142,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="vit_tiny_imagenette (bundled), timm:NAME, hf:PATH_OR_ID or torchvision:NAME")
     p.add_argument("--checkpoint", default=None, help="local weights (.safetensors, or a torch file loaded "
                    "with weights_only=True) for timm:/hf:/torchvision: models; no download happens")
-    p.add_argument("--random-init", action="store_true", help="random weights (no download; for smoke tests)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights (no download; for smoke tests and controls), drawn with seed 0; analyze: "
+                   "with --seed")
 
 
 def _parse_layers(text: str) -> str | list[int]:

@@ -176,8 +176,9 @@ def _load_weights(model: nn.Module, checkpoint: str | Path, name: str,
 
 def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | None = None,
                random_init: bool = False, input_size: tuple[int, int] | None = None,
-               device: str = "cpu", preprocess: Preprocess | None = None) -> LoadedModel:
-    """Build a LoadedModel from a spec string (see module docstring) or an nn.Module."""
+               device: str = "cpu", preprocess: Preprocess | None = None, seed: int = 0) -> LoadedModel:
+    """Build a LoadedModel from a spec string (see module docstring) or an nn.Module. ``random_init``: fresh
+    weights drawn with ``seed``, whatever the caller's RNG state (the same spec and seed give the same model)."""
     if isinstance(spec, nn.Module):
         lm = from_module(spec, preprocess=preprocess, input_size=input_size)
     elif spec in (BUNDLED_NAME, f"bundled:{BUNDLED_NAME}"):
@@ -188,11 +189,11 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
         lm = LoadedModel(module, "timm", BUNDLED_NAME, pre, labels,
                          {"val_top1": meta.get("val_top1"), "bundled": True})
         if random_init:  # the bundled architecture with fresh weights (a calibration control), not its trained ones
-            lm = _with_random_weights(lm)
+            lm = _with_random_weights(lm, seed)
     elif str(spec).endswith(".safetensors"):
         lm = _load_exported_timm(Path(spec))
         if random_init:
-            lm = _with_random_weights(lm)
+            lm = _with_random_weights(lm, seed)
     elif ":" in str(spec):
         kind, name = str(spec).split(":", 1)
         loader = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision}.get(kind)
@@ -200,7 +201,7 @@ def load_model(spec: str | nn.Module = BUNDLED_NAME, checkpoint: str | Path | No
             raise ModelSpecError(f"--model {spec}: unknown model source {kind!r} (use timm:, hf: or torchvision:)")
         if random_init:  # seeded whatever the caller's RNG state: two commands on the same spec get the same model
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+                torch.manual_seed(seed)
                 lm = loader(name, checkpoint, random_init, input_size)
         else:
             lm = loader(name, checkpoint, random_init, input_size)
@@ -434,9 +435,9 @@ def _load_torchvision(name: str, checkpoint, random_init: bool, input_size) -> L
                        {"checkpoint": str(checkpoint) if checkpoint else None})
 
 
-def _with_random_weights(lm: LoadedModel) -> LoadedModel:
+def _with_random_weights(lm: LoadedModel, seed: int = 0) -> LoadedModel:
     """``--random-init`` on a model that comes with its weights: the same model with fresh ones, named so."""
-    twin = random_init_twin(lm, seed=0)
+    twin = random_init_twin(lm, seed=seed)
     twin.name = f"{lm.name} (random init)"
     twin.info = {"random_init": True}  # not the trained weights' val_top1
     return twin
