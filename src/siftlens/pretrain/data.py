@@ -106,7 +106,9 @@ def _from_npz(path: Path, size: int) -> dict:
         if key not in z.files:
             return None
         a = read(key)
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
+        whole = np.issubdtype(a.dtype, np.integer) or (np.issubdtype(a.dtype, np.floating)
+                                                       and bool(np.all(np.isfinite(a) & (a == np.round(a)))))
+        if a.ndim != 1 or not whole or (a.size and a.min() < 0):  # whole-number floats (np.zeros) are indices
             raise PretrainDataError(f"--data {path}: '{key}' must be non-negative integer class indices [N], got "
                                     f"{a.dtype} {list(a.shape)}" + (f" with minimum {a.min()}" if a.size and
                                                                   np.issubdtype(a.dtype, np.number) else ""))
