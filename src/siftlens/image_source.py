@@ -136,8 +136,14 @@ def extract_tar(path: Path, cache_dir: Path, what: str = "--data") -> Path:
         try:
             with tarfile.open(path) as tf:
                 tf.extractall(tmp, filter="data")
+                complete, n_members = _ends_with_end_marker(tf), len(tf.getmembers())
         except (tarfile.TarError, OSError, EOFError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise UserValueError(f"{what} {path}: cannot read archive ({e})") from None
+        if not complete:  # tarfile stops without a word where a cut falls between members
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserValueError(f"{what} {path}: truncated archive (no end-of-archive marker after its "
+                                 f"{n_members} readable members; an interrupted download or copy?)")
         try:
             tmp.rename(dest)  # complete or absent
         except OSError:  # another process finished the same extraction first
@@ -146,6 +152,14 @@ def extract_tar(path: Path, cache_dir: Path, what: str = "--data") -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     tops = [p for p in dest.iterdir() if p.is_dir()]
     return tops[0] if len(tops) == 1 else dest
+
+
+def _ends_with_end_marker(tf: tarfile.TarFile) -> bool:
+    """Whether the archive read to its end has the zero block that ends every tar (POSIX; GNU tar and Python
+    write two): tarfile ends the member list silently where a truncated file stops between two members."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +180,28 @@ def read_labels(images: list[Path], labels: str | None, root: Path | None) -> tu
     else:
         try:
             df = pd.read_csv(labels)
+        except FileNotFoundError:
+            raise UserValueError(f"--labels {labels}: no such file") from None
         except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
             raise UserValueError(f"--labels {labels}: not a readable CSV ({type(e).__name__}: {e})") from None
         if not {"path", "label"} <= set(df.columns):
             raise UserValueError(f"--labels {labels}: needs columns 'path' and 'label' (has {list(df.columns)})")
-        by_path = {str(Path(p)): str(lab) for p, lab in zip(df["path"], df["label"])}
-        by_name = {Path(p).name: str(lab) for p, lab in zip(df["path"], df["label"])}
+        blank = df["label"].isna() | df["path"].isna()
+        if blank.any():  # an empty cell (or NA): a label was read as a class named "nan"
+            raise UserValueError(f"--labels {labels}: {int(blank.sum())} rows with an empty path or label (first: row "
+                                 f"{int(blank.to_numpy().argmax()) + 2} of the file)")
+        by_path: dict[str, str] = {}
+        by_name: dict[str, str | None] = {}  # None: one file name with two labels (in two folders)
+        for p, lab in zip(df["path"], df["label"].astype(str)):
+            key = str(Path(p))
+            if by_path.setdefault(key, lab) != lab:  # the later row won before, silently
+                raise UserValueError(f"--labels {labels}: {p} is listed with two labels ({by_path[key]!r}, {lab!r})")
+            name = Path(p).name
+            by_name[name] = lab if by_name.get(name, lab) == lab else None
+        ambiguous = [str(p) for p in images if str(p) not in by_path and p.name in by_name and by_name[p.name] is None]
+        if ambiguous:
+            raise UserValueError(f"--labels {labels}: {len(ambiguous)} images are matched only by file name, and "
+                                 f"that name has two labels (first: {ambiguous[0]}); give their full paths")
         names = [by_path.get(str(p), by_name.get(p.name)) for p in images]
         missing = [str(p) for p, n in zip(images, names) if n is None]
         if missing:

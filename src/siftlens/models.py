@@ -301,12 +301,40 @@ def _load_exported_timm(path: Path) -> LoadedModel:
         model = timm.create_model(meta["timm_arch"], pretrained=False, **meta.get("timm_kwargs", {}))
         pre = Preprocess(tuple(meta["input_size"][1:]), tuple(meta["mean"]), tuple(meta["std"]),
                          meta.get("crop_pct", 0.875), meta.get("interpolation", "bicubic"))
+        _check_exported_preprocess(meta)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as e:
         raise ModelSpecError(f"--model {path}: {meta_path.name} does not describe a timm model "
                              f"({type(e).__name__}: {e})") from None
     _load_weights(model, path, f"{meta['timm_arch']} from {meta_path.name}")
+    try:  # the input size the JSON states must be one the model takes (an edited file fails here, not mid-run)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *pre.input_size))
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelSpecError(f"--model {path}: {meta_path.name}'s input_size {meta['input_size']} does not fit the "
+                             f"model ({type(e).__name__}: {first})") from None
     labels = meta.get("label_names") if getattr(model, "num_classes", 0) else None  # an encoder has no head
     return LoadedModel(model, "timm", str(path), pre, labels, {"checkpoint": str(path), "exported": meta_path.name})
+
+
+def _check_exported_preprocess(meta: dict) -> None:
+    """ValueError naming the first preprocessing field of an exported model's JSON that cannot be applied."""
+    from torchvision.transforms import InterpolationMode
+
+    size, mean, std = meta["input_size"], meta["mean"], meta["std"]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ValueError(f"input_size {size!r} is not [3, H, W]")
+    for key, v in (("mean", mean), ("std", std)):
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(c, (int, float)) for c in v)):
+            raise ValueError(f"{key} {v!r} is not 3 numbers")
+    if min(std) <= 0:
+        raise ValueError(f"std {std!r} must be positive")
+    interpolation = meta.get("interpolation", "bicubic")
+    if interpolation not in {m.value for m in InterpolationMode}:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {[m.value for m in InterpolationMode]}")
+    crop = meta.get("crop_pct", 0.875)
+    if crop is not None and not (isinstance(crop, (int, float)) and crop > 0):
+        raise ValueError(f"crop_pct {crop!r} is not a positive number")
 
 
 def _hf_preprocessor_file(src: str) -> Path | None:

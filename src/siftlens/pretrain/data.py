@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,16 +82,40 @@ def _split_dirs(root: Path) -> tuple[Path, Path | None]:
     return train, find_split_dir(root, "val", nested=False)
 
 
+# what numpy raises on an .npz that is empty, cut short, not a zip or holds pickled objects
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _from_npz(path: Path, size: int) -> dict:
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise PretrainDataError(f"--data {path}: not a readable .npz ({e})") from None
+    except _NPZ_ERRORS as e:
+        raise PretrainDataError(f"--data {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if not hasattr(z, "files"):  # np.load of a plain .npy renamed .npz: one array, no names
+        raise PretrainDataError(f"--data {path}: not an .npz archive of named arrays (a single .npy array?)")
     if "images" not in z.files:
         raise PretrainDataError(f"--data {path}: .npz has no 'images' array (has {z.files})")
 
+    def read(key: str) -> np.ndarray:
+        try:
+            return z[key]
+        except _NPZ_ERRORS as e:
+            raise PretrainDataError(f"--data {path}: cannot read '{key}' ({type(e).__name__}: {e})") from None
+
+    def labels(key: str) -> np.ndarray | None:
+        if key not in z.files:
+            return None
+        a = read(key)
+        whole = np.issubdtype(a.dtype, np.integer) or (np.issubdtype(a.dtype, np.floating)
+                                                       and bool(np.all(np.isfinite(a) & (a == np.round(a)))))
+        if a.ndim != 1 or not whole or (a.size and a.min() < 0):  # whole-number floats (np.zeros) are indices
+            raise PretrainDataError(f"--data {path}: '{key}' must be non-negative integer class indices [N], got "
+                                    f"{a.dtype} {list(a.shape)}" + (f" with minimum {a.min()}" if a.size and
+                                                                  np.issubdtype(a.dtype, np.number) else ""))
+        return a.astype(np.int64)
+
     def images(key: str) -> np.ndarray:
-        a = z[key]
+        a = read(key)
         if a.ndim != 4 or a.dtype != np.uint8 or 3 not in (a.shape[1], a.shape[3]):
             raise PretrainDataError(f"--data {path}: '{key}' must be uint8 [N, H, W, 3] or [N, 3, H, W], "
                                     f"got {a.dtype} {list(a.shape)}")
@@ -98,13 +124,17 @@ def _from_npz(path: Path, size: int) -> dict:
             a = np.stack([resize_center_crop(Image.fromarray(im.transpose(1, 2, 0)), size) for im in a])
         return np.ascontiguousarray(a)
 
-    out = {"train": images("images"), "train_labels": z["labels"] if "labels" in z.files else None}
+    out = {"train": images("images"), "train_labels": labels("labels")}
     if "val_images" in z.files:
-        out["val"], out["val_labels"] = images("val_images"), z["val_labels"] if "val_labels" in z.files else None
+        out["val"], out["val_labels"] = images("val_images"), labels("val_labels")
     for split in ("train", "val"):
         lab = out.get(f"{split}_labels")
         if lab is not None and len(lab) != len(out[split]):
             raise PretrainDataError(f"--data {path}: {len(lab)} {split} labels for {len(out[split])} images")
+    if out.get("val_labels") is not None and out["train_labels"] is not None:
+        unknown = sorted(set(out["val_labels"].tolist()) - set(out["train_labels"].tolist()))
+        if unknown:  # as for folders: the probes are trained on train's classes only
+            raise PretrainDataError(f"--data {path}: 'val_labels' has classes not in 'labels': {unknown[:5]}")
     return out
 
 
@@ -145,6 +175,7 @@ def load_pretrain_data(spec: str | Path, size: int, cache_dir: str | Path | None
                     arrays["val_labels"] = np.array([classes.index(vclasses[i]) for i in vy])
                 arrays["val"] = vx
             if cache_dir:
+                cache.mkdir(parents=True, exist_ok=True)  # a new --cache-dir (an archive's extraction makes it)
                 extra = {"classes": np.array(classes)} if classes else {}
                 if skipped:
                     extra["skipped"] = np.array([[s["path"], s["reason"]] for s in skipped])

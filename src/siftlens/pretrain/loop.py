@@ -275,14 +275,27 @@ class Pretrainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {e}); "
+            first = (str(e).strip().splitlines() or [""])[0]  # torch's unpickling errors run to many lines
+            raise UserValueError(f"{path}: cannot read the checkpoint to resume ({type(e).__name__}: {first}); "
                              "delete it to start over") from None
+        lacking = [k for k in ("config", "model", "optimizer", "state") if not isinstance(ck, dict) or k not in ck
+                   or (k in ("config", "state") and not isinstance(ck[k], dict))]
+        lacking += [f"state.{k}" for k in self.state if isinstance(ck, dict) and isinstance(ck.get("state"), dict)
+                    and k not in ck["state"]]
+        if lacking:
+            raise UserValueError(f"{path}: not a siftlens pretrain checkpoint (lacks {', '.join(lacking)}); "
+                                 "delete it to start over")
         if ck["config"] != self.cfg.identity():
             diff = sorted(k for k in ck["config"] if ck["config"].get(k) != self.cfg.identity().get(k))
             raise UserValueError(f"--out {self.out} holds a run with different settings ({', '.join(diff)}); "
                              "use another --out or delete its checkpoint.pt")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # same settings, other tensors: an edited file
+            first = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2])[:300]  # the cause: line 2
+            raise UserValueError(f"{path}: the checkpoint's weights do not fit the model its settings build "
+                                 f"({type(e).__name__}: {first}); delete it to start over") from None
         self.state = ck["state"]
         return True
 
@@ -290,6 +303,10 @@ class Pretrainer:
     def _probe_sets(self):
         d, cfg = self.data, self.cfg
         if d.train_labels is None or d.val is None or d.val_labels is None:
+            return None
+        if len(torch.unique(d.train_labels)) < 2:  # every probe would score 100%: no accuracy to report
+            print(f"note: --data {cfg.data} has one class ({', '.join(d.classes or ['0'])[:80]}): no kNN / linear "
+                  "probes (they need two classes)")
             return None
 
         def subset(x, y, limit):

@@ -683,6 +683,50 @@ def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
             f"p={best['causal_p']:.3f} > {cfg.shortcut_alpha:g})")
 
 
+def _malformed_fields(d: dict) -> str:
+    """The first field of a shortcuts.json (all keys present) that cannot be applied as written, or ''.
+    Without this an edited file fails deep in a run, or silently never matches (a word no centroid has)."""
+    from .discover import descriptor_dim
+
+    def ints(v, lo: int, hi: int) -> bool:
+        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and lo <= t < hi for t in v)
+
+    def numbers(v, n: int) -> bool:
+        return isinstance(v, list) and len(v) == n and all(isinstance(t, (int, float)) and np.isfinite(t) for t in v)
+
+    grid, weights = d["model"].get("grid"), d["descriptor_weights"]
+    if not ints(grid, 1, 1 << 20) or len(grid) != 2:
+        return f"model.grid {grid!r}, not [rows, columns]"
+    if not numbers(weights, 2) or min(weights) < 0:
+        return f"descriptor_weights {weights!r}, not two non-negative numbers"
+    try:
+        cen = np.asarray(d["centroids"], np.float64)
+    except (ValueError, TypeError):  # ragged rows, or not numbers
+        return "centroids that are not a table of numbers"
+    dim = descriptor_dim(*weights)
+    if cen.ndim != 2 or not len(cen) or cen.shape[1] != dim:
+        return f"centroids of shape {list(cen.shape)}, not [words, {dim}] (the width descriptor_weights {weights} give)"
+    if not isinstance(d["layers"], list) or not all(isinstance(layer, int) for layer in d["layers"]):
+        return f"layers {d['layers']!r}, not a list of layer indices"
+    n_layers = d["model"].get("num_layers")
+    if isinstance(n_layers, int) and not ints(d["layers"], -n_layers, n_layers):
+        return f"layers {d['layers']!r}, not layers of its model's {n_layers} attention layers"
+    if not isinstance(d["units"], list) or not all(isinstance(u, dict) for u in d["units"]):
+        return "units that are not a list of objects"
+    n_tokens, n_words, n_classes = grid[0] * grid[1], len(cen), len(d["class_names"])
+    for j, u in enumerate(d["units"]):
+        where = f"units[{j}] ({u.get('unit')})"
+        if not ints([u["cls"]], 0, n_classes):
+            return f"{where} cls {u['cls']!r}, not a class index below {n_classes}"
+        if not ints(u["tokens"], 0, n_tokens) or not u["tokens"]:
+            return f"{where} tokens {u['tokens']!r}: not token indices of the {grid[0]}x{grid[1]} grid"
+        if not ints([u["word"]] + list(u.get("gate_words") or []), -1 if u["kind"] == "region" else 0, n_words):
+            return f"{where} word {u['word']!r} / gate_words {u.get('gate_words')!r}: not among the {n_words} centroids"
+        if not all(numbers(u[k], 4) for k in ("box", "gate_box") if k in u):
+            return f"{where} box {u['box']!r} / gate_box {u.get('gate_box')!r}: not [x0, y0, x1, y1]"
+    return ""
+
+
 @dataclass
 class ShortcutSet:
     """The discovered shortcut units and what is needed to find them in new images (shortcuts.json)."""
@@ -765,6 +809,10 @@ class ShortcutSet:
         if lacking:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json lacks {', '.join(lacking)} (an incomplete or "
                                     "edited file, or one from an older siftlens); run `siftlens spurious` again")
+        bad = _malformed_fields(d)
+        if bad:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json has {bad} (an edited or damaged file); run "
+                                    "`siftlens spurious` again")
         index = d.get("output_index")
         if index is not None and (not isinstance(index, list) or len(index) != len(d["class_names"])
                                   or not all(isinstance(j, int) and j >= 0 for j in index)):
@@ -784,7 +832,7 @@ class ShortcutSet:
                 raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with {key} {self.model[key]}, "
                                         f"but --model {lm.name} has {key} {val}: motifs from another model")
         # files before num_layers / prefix_tokens were stored: the layers they mask must at least exist
-        if max(self.layers, default=-1) >= lm.num_layers or \
+        if max(self.layers, default=-1) >= lm.num_layers or min(self.layers, default=0) < -lm.num_layers or \
                 self.model.get("num_layers", lm.num_layers) != lm.num_layers:
             raise ShortcutFileError(f"--motifs {source_name}: discovered on a model with "
                                     f"{self.model.get('num_layers', f'at least {max(self.layers) + 1}')} attention "

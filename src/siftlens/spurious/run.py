@@ -56,6 +56,9 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         paths = find_images(images)
         root = Path(images) if Path(images).is_dir() else None
         y, class_names = read_labels(paths, labels, root)
+        if len(class_names) < 2:  # a motif is specific to a class only against other classes' images
+            raise UserValueError(f"{f'--labels {labels}' if labels else f'--images {images}'}: one class "
+                                 f"({class_names[0]}); spurious compares classes, it needs at least two")
         # which model output each label is: by name where the model names its outputs (siftlens.label_map)
         label_map = map_labels(lm, class_names, num_outputs, f"--labels {labels}" if labels else f"--images {images}")
         if label_map.note and rank == 0:
