@@ -19,12 +19,7 @@ timm = pytest.importorskip("timm")
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, mlp_ratio=2, depth=2, num_classes=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("kw", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False),
