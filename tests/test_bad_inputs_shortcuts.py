@@ -188,7 +188,10 @@ def _pretrain(data, out, *extra) -> list[str]:
     (dict(labels=np.array([f"c{i % 3}" for i in range(24)])), ["'labels'", "<U2"]),
     (dict(labels=np.arange(24) % 3, val_images=np.zeros((6, 16, 16, 3), np.uint8), val_labels=np.arange(6) + 10),
      ["'val_labels' has classes not in 'labels'", "[10, 11"]),  # probes scored against unseen classes before
-], ids=["float", "2d", "negative", "str", "val_unknown"])
+    (dict(labels=np.arange(24) % 3, val_images=np.zeros((6, 16, 16, 3), np.uint8)),
+     ["'val_images' but no 'val_labels'"]),  # the held-out split was ignored without a word before
+    (dict(labels=np.arange(24) % 3, val_labels=np.arange(6) % 3), ["'val_labels' but no 'val_images'"]),
+], ids=["float", "2d", "negative", "str", "val_unknown", "val_images_alone", "val_labels_alone"])
 def test_pretrain_npz_labels_that_are_not_class_indices_are_refused(tmp_path, capsys, arrays, words):
     images = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=images, **arrays)

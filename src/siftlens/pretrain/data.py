@@ -124,6 +124,11 @@ def _from_npz(path: Path, size: int) -> dict:
             a = np.stack([resize_center_crop(Image.fromarray(im.transpose(1, 2, 0)), size) for im in a])
         return np.ascontiguousarray(a)
 
+    half = [k for k in ("val_images", "val_labels") if k in z.files]
+    if len(half) == 1:  # the held-out split was silently ignored (10% of train held out instead)
+        missing = "val_labels" if half == ["val_images"] else "val_images"
+        raise PretrainDataError(f"--data {path}: .npz has '{half[0]}' but no '{missing}': the held-out split needs "
+                                "both (or neither, to hold out part of train)")
     out = {"train": images("images"), "train_labels": labels("labels")}
     if "val_images" in z.files:
         out["val"], out["val_labels"] = images("val_images"), labels("val_labels")
