@@ -191,16 +191,7 @@ def test_sift_finds_the_patch_cue():
         assert hits >= 9, f"cue {k}: SIFT keypoints inside the patch on only {hits}/12 images"
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train much faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_tiny_model_learns_the_cue_and_round_trips(tmp_path, one_thread):
+def test_tiny_model_learns_the_cue_and_round_trips(tmp_path, one_torch_thread):
     src = SourceImages(smooth_images(60, 32, 3), torch.arange(3).repeat_interleave(20), list(CLASSES))
     ds = build_planted_dataset(src, "patch", p_aligned=0.95, seed=0)
     cfg = PlantedModelConfig(depth=2, embed_dim=64, num_heads=2)
@@ -227,7 +218,7 @@ def test_tiny_model_learns_the_cue_and_round_trips(tmp_path, one_thread):
     assert (split.groups == ds.test.groups).all() and torch.equal(split.cue_ids, ds.test.cue_ids)
 
 
-def test_cli_on_a_folder(folder, tmp_path, one_thread):
+def test_cli_on_a_folder(folder, tmp_path, one_torch_thread):
     out = tmp_path / "run"
     res = main(["--data", str(folder), "--kind", "texture", "--out", str(out), "--classes", "bee,cat",
                 "--per-class", "5", "--test-per-class", "3", "--size", "32", "--epochs", "1", "--threads", "1"])
