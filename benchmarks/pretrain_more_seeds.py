@@ -34,10 +34,14 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES, help="run for every seed, in this order")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "siftlens"))
+    ap.add_argument("--train-limit", type=int, default=None,
+                    help="pre-train on a seeded subset of this many training images (siftlens pretrain --limit)")
     args = ap.parse_args()
     first, last = (int(s) for s in args.seeds.split("-"))
     stop = dt.datetime.fromisoformat(args.stop_at).replace(tzinfo=dt.timezone.utc)
-    ns = argparse.Namespace(out=args.out, data=args.data, pretrain_args=[*PRETRAIN_ARGS, "--cache-dir", args.cache_dir])
+    limit = ["--limit", str(args.train_limit)] if args.train_limit else []
+    ns = argparse.Namespace(out=args.out, data=args.data,
+                            pretrain_args=[*PRETRAIN_ARGS, *limit, "--cache-dir", args.cache_dir])
     jobs = [(name, seed) for seed in range(first, last + 1) for name in args.strategies]
 
     def job(j: tuple[str, int]) -> None:

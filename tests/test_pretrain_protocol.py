@@ -226,3 +226,39 @@ def test_area_gain_of_a_speedup_is_what_a_time_compressed_copy_of_the_curve_adds
     assert area_gain_of_speedup(epochs, acc, 0.5) == pytest.approx(0.2 / 4)
     assert area_gain_of_speedup(epochs, acc, 1.0) == 0.0
     assert area_gain_of_speedup(epochs, acc, 2.0) < 0  # twice as slow loses area
+
+
+def test_bench_pretrain_verdict_family_holds_only_what_the_verdict_reads(tmp_path):
+    from bench_pretrain import family_members, protocol_table
+
+    rng = np.random.default_rng(11)
+    epochs = np.arange(0, 13, dtype=float)
+    same = 0.25 + 0.35 * (1 - np.exp(-epochs / 4))
+    fast = 0.25 + 0.35 * (1 - np.exp(-3 * epochs / 4))
+    names = ["random", "sift(a=-1)", "sift(a=+1)", "edge-matched(a=-1)"]
+    assert family_members(names, "verdict") == {(n, "knn", m) for n in ("sift(a=-1)", "sift(a=+1)")
+                                                 for m in ("ratio", "area")}
+    assert len(family_members(names, "table")) == 12
+    with pytest.raises(ValueError, match="family scope"):
+        family_members(names, "all")
+    runs = _write_runs(tmp_path / "a", {n: (epochs, same) for n in names}, range(3), rng, n=3000)
+    t = protocol_table(runs, names, list(range(3)), n_boot=200, family_scope="verdict")
+    assert "Bonferroni over the 4 comparisons the verdict reads" in t
+    edge_rows = [line for line in t.splitlines() if line.startswith("| edge-matched(a=-1) | 3 |")]
+    assert len(edge_rows) == 2 and all(line.count("(secondary)") == 2 for line in edge_rows)
+    sift_knn = [line for line in t.splitlines() if line.startswith("| sift(a=-1) | 3 | knn |")][0]
+    assert "(secondary)" not in sift_knn
+    # the narrower family gives narrower family-wise intervals than the whole table's, on the same runs
+    wide = protocol_table(runs, names, list(range(3)), n_boot=200, family_scope="table")
+    def width(table: str) -> float:  # the curve-area family-wise interval of sift(a=-1), kNN
+        row = [line for line in table.splitlines() if line.startswith("| sift(a=-1) | 3 | knn |")][0]
+        lo, hi = (float(x) for x in row.split("{")[-1].split("}")[0].split(","))
+        return hi - lo
+
+    assert width(t) < width(wide)
+    # a large speed-up with no control run is not called shown
+    fast_runs = _write_runs(tmp_path / "b", {"random": (epochs, same), "sift(a=-1)": (epochs, fast)}, range(5), rng,
+                            n=2000)
+    t = protocol_table(fast_runs, ["random", "sift(a=-1)"], list(range(5)), step_seconds={"random": 1.0,
+                       "sift(a=-1)": 1.0}, n_boot=300, family_scope="verdict")
+    assert "no control was run: not shown" in t and "SHOWN" not in t
