@@ -239,3 +239,18 @@ def test_hf_imagenet_head_gains_wordnet_ids(tmp_path):
     assert map_labels(lm, ["goldfish", "tench"], 1000).output_index == [1, 0]
     # "crane" is the description of outputs 134 (the bird) and 517 (the machine): their WordNet ids tell them apart
     assert map_labels(lm, ["n02012849", "n03126707"], 1000).output_index == [134, 517]
+
+
+@pytest.mark.parametrize("names, why", [(["a", "b"], r"\(2 entries\) is not a list of 3 names"),
+                                        ("abc", r"\(str\) is not a list of 3 names"),
+                                        (["a", "b", 3], r"\(3 entries\) is not a list of 3 names")])
+def test_exported_model_with_label_names_that_do_not_fit_its_outputs_is_refused(tmp_path, names, why):
+    # outputs are matched to labels by these names: a list of the wrong length or type would pair them wrongly
+    from siftlens.models import ModelSpecError, load_model
+
+    path = tmp_path / "m.safetensors"
+    _export(_tiny_timm(3), path, names)
+    with pytest.raises(ModelSpecError, match=rf"--model {path}: m.json's label_names {why}"):
+        load_model(str(path))
+    _export(_tiny_timm(3), path, ["a", "b", "c"])
+    assert load_model(str(path)).label_names == ["a", "b", "c"]

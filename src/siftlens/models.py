@@ -314,6 +314,12 @@ def _load_exported_timm(path: Path) -> LoadedModel:
         raise ModelSpecError(f"--model {path}: {meta_path.name}'s input_size {meta['input_size']} does not fit the "
                              f"model ({type(e).__name__}: {first})") from None
     labels = meta.get("label_names") if getattr(model, "num_classes", 0) else None  # an encoder has no head
+    if labels is not None and not (isinstance(labels, list) and len(labels) == model.num_classes
+                                   and all(isinstance(c, str) for c in labels)):
+        # outputs are matched to labels by these names (siftlens.label_map): wrong ones would pair them wrongly
+        got = f"{len(labels)} entries" if isinstance(labels, list) else type(labels).__name__
+        raise ModelSpecError(f"--model {path}: {meta_path.name}'s label_names ({got}) is not a list of "
+                             f"{model.num_classes} names, one per output")
     return LoadedModel(model, "timm", str(path), pre, labels, {"checkpoint": str(path), "exported": meta_path.name})
 
 
