@@ -228,6 +228,24 @@ def test_cue_tokens_and_located():
     assert np.isclose(res["chance"], (64 + 144) / 2 / 1024)
 
 
+def test_located_counts_a_whole_frame_unit_whose_box_centre_is_the_image_centre():
+    from shortcut_suite.evaluate import located
+
+    # 32 px, patch 4 (8 x 8 tokens), a frame 4 px wide: the band grown by a patch is the two outer token rings
+    disc = pd.DataFrame({"cue_class": [0], "group": ["aligned"], "region": ["frame"], "frame_width": [0.125],
+                         "box_x0": [0.0], "box_y0": [0.0], "box_x1": [1.0], "box_y1": [1.0]})
+    ring = [r * 8 + c for r in range(8) for c in range(8) if r in (0, 7) or c in (0, 7)]
+    centre = [r * 8 + c for r in (3, 4) for c in (3, 4)]
+    assert located({0: (0.5, 0.5)}, disc, 1, 32, 4)["per_class"] == [False]  # the box centre alone: not in the band
+    assert located({0: (0.5, 0.5)}, disc, 1, 32, 4, {0: ring})["per_class"] == [True]  # but every token is
+    assert located({0: (0.5, 0.5)}, disc, 1, 32, 4, {0: centre})["per_class"] == [False]
+    assert located({0: (0.5, 0.5)}, disc, 1, 32, 4, {0: ring[:6] + centre * 2})["per_class"] == [False]  # < half
+    assert located({0: (0.05, 0.5)}, disc, 1, 32, 4, {0: centre})["per_class"] == [True]  # centre rule as before
+    # a box cue is judged by the centre only, as in every earlier round
+    box = disc.assign(region=["box"], box_x1=[0.125], box_y1=[0.125])
+    assert located({0: (0.5, 0.5)}, box, 1, 32, 4, {0: [0, 1, 8, 9]})["per_class"] == [False]
+
+
 def test_cue_reliance_per_class_on_aligned_images_only():
     from shortcut_suite.evaluate import RELIANT_DROP, cue_reliance, rate_among_reliant
 

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -194,9 +196,13 @@ def true_region(disc: pd.DataFrame, cls: int, size: int, patch: int) -> np.ndarr
 
 
 def located(centres: dict[int, tuple[float, float] | None], disc: pd.DataFrame, k: int, size: int,
-            patch: int) -> dict:
-    """Per class: is the unit's centre (x, y in [0, 1]) inside the class's true cue region grown by a patch."""
+            patch: int, tokens: dict[int, list[int]] | None = None) -> dict:
+    """Per class: is the unit's centre (x, y in [0, 1]) inside the class's true cue region grown by a patch.
+    A frame is a ring: a unit that is the whole ring has its box centre in the middle of the image, on no cue
+    pixel, so for a frame a unit also counts as located when most of its ``tokens`` (token centres) lie in
+    the grown band (session 9; a unit of one border token is judged as before)."""
     per_class = []
+    g = size // patch
     for c in range(k):
         region = true_region(disc, c, size, patch)
         if region is None:
@@ -207,7 +213,13 @@ def located(centres: dict[int, tuple[float, float] | None], disc: pd.DataFrame, 
             per_class.append(False)
             continue
         xi, yi = min(int(xy[0] * size), size - 1), min(int(xy[1] * size), size - 1)
-        per_class.append(bool(region[yi, xi]))
+        inside = bool(region[yi, xi])
+        toks = (tokens or {}).get(c)
+        frame = (disc[(disc.cue_class == c) & (disc.group == "aligned")].region == "frame").any()
+        if not inside and frame and toks:
+            centre_px = [((t // g) * patch + patch // 2, (t % g) * patch + patch // 2) for t in toks]
+            inside = float(np.mean([region[y, x] for y, x in centre_px])) >= 0.5
+        per_class.append(inside)
     judged = [v for v in per_class if v is not None]
     return {"per_class": per_class, "rate": float(np.mean(judged)) if judged else None,
             "n_judged": len(judged), "chance": located_chance(disc, k, size, patch)}
@@ -218,6 +230,18 @@ def located_chance(disc: pd.DataFrame, k: int, size: int, patch: int) -> float |
     classes' grown cue regions (the null beside "cue located"; large for bands and frames)."""
     shares = [r.mean() for r in (true_region(disc, c, size, patch) for c in range(k)) if r is not None]
     return float(np.mean(shares)) if shares else None
+
+
+def method_tokens(spurious_dir: Path, class_names: list[str]) -> dict[int, list[int]]:
+    """The tokens of each class's top causal unit (motifs.csv ``tokens``), for the frame rule of ``located``."""
+    df = pd.read_csv(spurious_dir / "motifs.csv", keep_default_na=False)
+    out = {}
+    if {"causal_rank", "tokens", "class"} <= set(df.columns):
+        for c, name in enumerate(class_names):
+            top = df[(df["class"].astype(str) == name) & (df.causal_rank.astype(str) == "1")]
+            if len(top) and str(top.tokens.iloc[0]).strip():
+                out[c] = [int(t) for t in str(top.tokens.iloc[0]).split()]
+    return out
 
 
 def method_centres(spurious_dir: Path, class_names: list[str]) -> tuple[str, dict[int, tuple[float, float] | None]]:
@@ -326,7 +350,9 @@ ABLATIONS = {"method_without_regions": ["--region-images", "0"]}
 
 
 def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
-                 ablate_regions: bool = False) -> dict:
+                 ablate_regions: bool = False, spurious_args: Sequence[str] = ()) -> dict:
+    """Every number of one (variant, setting, seed) folder; ``spurious_args``: extra `siftlens spurious` options
+    for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``)."""
     t_start = time.time()
     out = out or run / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -346,11 +372,11 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     sp = out / "spurious"
     if not skip_cli:
         status["spurious"] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
-                                      "--out", str(sp), "--seed", str(seed)], sp / "motifs.csv", log)
+                                      "--out", str(sp), "--seed", str(seed), *spurious_args], sp / "motifs.csv", log)
         extra = LOCATION_RUNS | (ABLATIONS if ablate_regions else {})
         for name, args in extra.items():
             status[name] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
-                                    "--out", str(out / name), "--seed", str(seed), *args],
+                                    "--out", str(out / name), "--seed", str(seed), *spurious_args, *args],
                                    out / name / "motifs.csv", log)
         status["flag"] = run_cli(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(run / "test"),
                                   "--out", str(out / "flag")], out / "flag" / "flags.parquet", log)
@@ -392,7 +418,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "basis": "top token of single-token key masking (every block), 20 aligned discovery images per class"}
     if (sp / "motifs.csv").exists():
         basis, centres = method_centres(sp, class_names)
-        cue_loc["method"] = located(centres, disc, k, size, patch) | {"basis": basis}
+        cue_loc["method"] = located(centres, disc, k, size, patch, method_tokens(sp, class_names)) | {"basis": basis}
     else:
         cue_loc["method"] = "not available"
     cue_loc["method_occlusion_control"] = (located(occlusion_csv_centres(sp, class_names), disc, k, size, patch)
@@ -400,7 +426,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     for name in (*LOCATION_RUNS, *ABLATIONS):
         if (out / name / "motifs.csv").exists():
             basis, centres = method_centres(out / name, class_names)
-            cue_loc[name] = located(centres, disc, k, size, patch) | {"basis": basis}
+            cue_loc[name] = located(centres, disc, k, size, patch, method_tokens(out / name, class_names)) | {
+                "basis": basis}
 
     # a class whose prediction does not rest on its cue leaves nothing to locate: a secondary rate counts only the
     # classes where masking the true cue tokens drops p_class by >= RELIANT_DROP on the class's aligned test images
@@ -495,7 +522,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "variant": meta["variant"]["name"], "family": meta["variant"]["family"], "split": meta["variant"]["split"],
         "setting": meta["setting"], "seed": seed, "run": str(run), "model": str(model),
         "n_test": {g: int((groups == g).sum()) for g in GROUPS}, "patch": patch, "image_size": size,
-        "cli": log, "status": status, "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
+        "cli": log, "status": status, "spurious_args": list(spurious_args),
+        "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
         "accuracy": accuracy,
         "differences": diffs,
         "oracle": "n/a: global cue (tint), token masking would mask every token" if global_cue else
@@ -712,6 +740,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--ablate-regions", action="store_true",
                    help="also run `siftlens spurious --region-images 0` and judge where its top unit is")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--spurious-args", default="", help="extra `siftlens spurious` options, one string (a method "
+                   "variant under test, e.g. '--dense-words 64'); with --eval-dir, its results stay apart")
+    r.add_argument("--eval-dir", default="eval", help="folder of each run that the results go to")
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
     t.add_argument("--out", required=True)
@@ -719,7 +750,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "run":
         torch.set_num_threads(a.threads)
         for run in a.run:
-            res = evaluate_run(Path(run), skip_cli=a.skip_cli, ablate_regions=a.ablate_regions)
+            res = evaluate_run(Path(run), Path(run) / a.eval_dir, skip_cli=a.skip_cli,
+                               ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args))
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]

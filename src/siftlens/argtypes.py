@@ -66,6 +66,7 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 SEED = int_range(0, 2**32 - 1)  # numpy's SeedSequence and OpenCV take unsigned 32-bit seeds
 N_WORDS = int_range(2, 4096)  # `spurious --words`: k-means needs two clusters; more than 4096 words rarely recur
+DENSE_WORDS = int_range(0, 4096)  # `spurious --dense-words`: 0 = none
 
 
 def float_range(lo: float | None = None, hi: float | None = None, open_lo: bool = False,
@@ -104,7 +105,7 @@ def analyze_option_types() -> dict[str, _Number]:
 def discovery_option_types() -> dict[str, _Number]:
     """The range of every numeric DiscoveryConfig field that `spurious` exposes (the CLI uses the same types)."""
     return {"n_words": N_WORDS, "colour_weight": non_negative_float, "orientation_weight": non_negative_float,
-            "batch_size": positive_int, "seed": SEED}
+            "batch_size": positive_int, "seed": SEED, "dense_words": DENSE_WORDS}
 
 
 def add_ranges_to_help(parser: argparse.ArgumentParser) -> None:

@@ -69,6 +69,7 @@ REQUIRED_UNIT_KEYS = ("cls", "class_name", "unit", "kind", "word", "tokens", "bo
 # outputs there differ by more than this share of their spread (other weights); float noise across devices is ~1e-4
 PROBE_RTOL = 1e-2
 COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one keypoint's footprint disc
+DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
 
 
 @dataclass
@@ -220,10 +221,17 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
     word_index: dict[int, int] = {}
     cands: dict[int, list[int]] = {k: [] for k in range(K)}
     token_seen: dict[tuple[int, tuple[int, ...]], int] = {}
+    # dense words (one per token, ``--dense-words``) sit at every token of every image, so "fixed in position"
+    # says nothing about them: they are candidates only where they are also rare elsewhere
+    dense_ids = set(kps.loc[kps["dense"].to_numpy(bool), "word"].astype(int)) if "dense" in kps else set()
+    per_word = freq.groupby(level=1).sum() if len(freq) else freq
     for k in range(K):
         fk = freq[freq.index.get_level_values(0) == k] if len(freq) else freq
         need = max(cfg.min_images, math.ceil(cfg.min_class_frequency * n_k[k]))
-        words = [int(w) for (_, w), c in fk.items() if c >= need]
+        n_rest = max(int(len(labels) - n_k[k]), 1)
+        words = [int(w) for (_, w), c in fk.items() if c >= need and (
+            int(w) not in dense_ids
+            or c / max(n_k[k], 1) >= cfg.shortcut_specificity * (per_word[w] - c) / n_rest)]
         for w in words:
             if w not in word_index:
                 word_index[w] = len(units)
@@ -243,17 +251,29 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
                 f_in = (labels[at] == k).sum() / max(n_k[k], 1)
                 f_out = (labels[at] != k).sum() / n_other
                 tok_units.append((n_img * float(share.max()), int(w), fixed, f_in, f_out))
-        for _, w, fixed, _, _ in sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]:
-            key = (k, fixed)
-            if key in token_seen:
-                continue
-            token_seen[key] = len(units)
-            cands[k].append(len(units))
+        top = sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]
+        for _, w, fixed, _, _ in top:
             # gate: this word and the other words found at these tokens that are specific to the class there
             gate = tuple(sorted({w} | {w2 for _, w2, f2, fi, fo in tok_units
                                        if set(f2) & set(fixed) and fi >= cfg.gate_specificity * fo}))
-            units.append(Unit("token", w, fixed, k, gate))
+            _add_token_unit(units, cands, token_seen, Unit("token", w, fixed, k, gate))
+        # one texture over many tokens (a frame) falls into several dense words by where it is (at the border,
+        # beside the image content): the class's specific dense words' tokens together, as one more unit
+        parts = [(w, fixed) for _, w, fixed, fi, fo in top if w in dense_ids and fi >= cfg.gate_specificity * fo]
+        if len(parts) >= 2:
+            tokens = tuple(sorted({t for _, fixed in parts for t in fixed}))
+            _add_token_unit(units, cands, token_seen, Unit("token", parts[0][0], tokens, k,
+                                                           tuple(sorted({w for w, _ in parts}))))
     return units, cands
+
+
+def _add_token_unit(units: list[Unit], cands: dict[int, list[int]], seen: dict, unit: Unit) -> None:
+    """Append a token unit as one of its class's candidates, unless the class has one on the same tokens."""
+    key = (unit.cls, unit.tokens)
+    if key not in seen:
+        seen[key] = len(units)
+        cands[unit.cls].append(len(units))
+        units.append(unit)
 
 
 def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray, probs: np.ndarray,
@@ -279,7 +299,8 @@ def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray,
         chosen[k] = pool if len(pool) <= cfg.region_images else np.sort(rng.choice(pool, cfg.region_images,
                                                                                    replace=False))
     jobs, at = [], []
-    xy = {int(i): np.stack([g["x"].to_numpy() * W, g["y"].to_numpy() * H], 1) for i, g in kps.groupby("image")}
+    detected = kps[~kps["dense"].to_numpy(bool)] if "dense" in kps else kps  # windows that hold a SIFT keypoint
+    xy = {int(i): np.stack([g["x"].to_numpy() * W, g["y"].to_numpy() * H], 1) for i, g in detected.groupby("image")}
     for k in range(K):
         for i in chosen[k]:
             use = (keypoint_windows(windows, xy.get(int(i), np.zeros((0, 2))), grid, patch)
@@ -740,11 +761,13 @@ class ShortcutSet:
     # class k (``class_names[k]``, a unit's ``cls``) is model output output_index[k] (siftlens.label_map); files
     # written before it was stored: output k
     output_index: list[int] | None = None
+    dense_words: int = 0  # the last this many centroids are dense words (per-token descriptors; 0: none)
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
                class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
-               num_outputs: int | None = None, output_index: list[int] | None = None) -> ShortcutSet:
+               num_outputs: int | None = None, output_index: list[int] | None = None,
+               dense_words: int = 0) -> ShortcutSet:
         layout = lm.layout(input_hw)
         chosen = []
         df = causal.units
@@ -766,13 +789,14 @@ class ShortcutSet:
                  "output_probe": output_probe(lm, input_hw).tolist()}
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen,
-                   [int(j) for j in (output_index if output_index is not None else range(len(class_names)))])
+                   [int(j) for j in (output_index if output_index is not None else range(len(class_names)))],
+                   int(dense_words))
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
                 "class_names": self.class_names, "layers": self.layers,
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
-                "units": self.units, "output_index": self.class_outputs()}
+                "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words}
 
     def class_outputs(self) -> list[int]:
         """Model output of each class (output k where the file predates the stored mapping)."""
@@ -818,8 +842,13 @@ class ShortcutSet:
                                   or not all(isinstance(j, int) and j >= 0 for j in index)):
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's output_index is not one output index per "
                                     "class (an edited file?); run `siftlens spurious` again")
+        dense = d.get("dense_words", 0)  # files before dense words: none
+        if not (isinstance(dense, int) and 0 <= dense < len(d["centroids"])):
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_words {dense!r} is not a count below "
+                                    f"its {len(d['centroids'])} centroids (an edited file?); run `siftlens spurious` "
+                                    "again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
-                   tuple(d["descriptor_weights"]), d["units"], index)
+                   tuple(d["descriptor_weights"]), d["units"], index, dense)
 
     def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
         """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
@@ -890,36 +919,49 @@ class ShortcutSet:
         layout = lm.layout(tuple(x.shape[-2:]))
         grid, p, n = layout.grid, layout.patch_size, layout.num_patches
         out: list = []
+        detected_words = len(self.centroids) - self.dense_words
         for b in range(len(x)):
-            _, kp, desc = image_descriptors(lm, x[b], *self.descriptor_weights)
+            _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0)
             if info is not None:
                 info.setdefault("keypoints", {})[b] = kp
-            if not len(desc):
-                if info is not None:
+                if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)
                     info.setdefault("no_keypoints", []).append(b)
+            if not len(desc) and dense is None:
                 always = [(j, self._token_mask(u, n)) for j, u in enumerate(self.units)
                           if u["kind"] == "token" and token_units == "always"]
                 out.append(always or None)
                 continue
-            words = vq(desc.astype(np.float64), self.centroids)[0]
+            xy, size = kp.xy, kp.size
+            words = (vq(desc.astype(np.float64), self.centroids[:detected_words])[0] if len(desc)
+                     else np.zeros(0, np.int32))
+            if dense is not None:  # each token's dense word, numbered after the detected words
+                xy, size = np.concatenate([xy, dense[0]]), np.concatenate([size, dense[1]])
+                words = np.concatenate([words, detected_words + vq(dense[2].astype(np.float64),
+                                                                   self.centroids[detected_words:])[0]])
             found = []
-            col = np.clip((kp.xy[:, 0] // p).astype(int), 0, grid[1] - 1)
-            row = np.clip((kp.xy[:, 1] // p).astype(int), 0, grid[0] - 1)
+            col = np.clip((xy[:, 0] // p).astype(int), 0, grid[1] - 1)
+            row = np.clip((xy[:, 1] // p).astype(int), 0, grid[0] - 1)
+            token = row * grid[1] + col
             for j, u in enumerate(self.units):
-                hit = np.isin(words, u.get("gate_words") or [u["word"]])
+                gate = u.get("gate_words") or [u["word"]]
+                hit = np.isin(words, gate)
+                # a dense word sits at every token, so one token holding it by chance is no sign of the cue:
+                # a dense unit is present where its words fill at least half of its tokens
+                dense_unit = min(gate) >= detected_words
+                need = max(1, math.ceil(DENSE_PRESENCE * len(u["tokens"]))) if dense_unit else 1
                 if u["kind"] == "word":
                     # where the word's evidence was found (its box grown by one token): a fixed cue's word
                     # is looked for near its place, a moving cue's box is wide
                     x0, y0, x1, y1 = u.get("gate_box", u["box"])  # files before gate_box: box was all of it
                     hit &= (col >= x0 * grid[1] - 1) & (col < x1 * grid[1] + 1) & \
                         (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
-                    cover = keypoint_cover(kp.xy[hit], kp.size[hit], grid, p)
-                    if hit.any() and cover.any():
+                    cover = keypoint_cover(xy[hit], size[hit], grid, p)
+                    if hit.any() and cover.sum() >= need:
                         found.append((j, cover))
                 else:
                     m = self._token_mask(u, n)
-                    # gated: a gate word's keypoint centre in its tokens
-                    if token_units == "always" or m[(row * grid[1] + col)[hit]].any():
+                    # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
+                    if token_units == "always" or len(np.intersect1d(token[hit], np.flatnonzero(m))) >= need:
                         found.append((j, m))
             out.append(found)
         return out

@@ -65,6 +65,10 @@ class DiscoveryConfig:
     # visual words are fit on the descriptors of "all" keypoints (the causal ranking must find cues the CLS
     # does not attend to) or only on the "attended" ones (the attention-only discovery of earlier versions)
     word_keypoints: str = "all"
+    # dense words (0: none): one descriptor at every token centre as well, clustered into their own vocabulary of
+    # this many words. SIFT finds no keypoint near the image border and few on fine texture, so a cue spread over
+    # many tokens there (a frame) has no detected word covering it; a dense word does (``dense_descriptors``)
+    dense_words: int = 0
     causal: CausalConfig | None = field(default_factory=CausalConfig)  # None: attention ranking only
 
     def __post_init__(self) -> None:
@@ -134,13 +138,48 @@ def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
     return out
 
 
-def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, orientation_weight: float
-                      ) -> tuple[np.ndarray, Keypoints, np.ndarray]:
-    """The grey image SIFT sees, its keypoints and motif descriptors, for one model input [3, H, W]."""
+def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int, int], patch: int,
+                      colour_weight: float = 0.0, orientation_weight: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One motif descriptor per token, at its centre: (xy [n, 2] in pixels, pixel-centre convention as
+    ``Keypoints``; size [n]; descriptors [n, D], the same layout as ``sift_with_descriptors``), row-major.
+
+    The SIFT descriptor is computed upright (angle 0: a pattern's orientation is part of what it is) at size
+    patch / 6, so that its 4 x 4 cells of 1.5 x size pixels span one token; the colour part is the token's mean
+    opponent colour; the orientation part is constant (angle 0). Tokens at the border get a descriptor too,
+    where SIFT detects nothing."""
+    rows, cols = grid
+    centre = lambda i: i * patch + (patch - 1) / 2  # noqa: E731  (OpenCV: pixel i's centre is at i)
+    pts = [(centre(c), centre(r)) for r in range(rows) for c in range(cols)]
+    kps = [cv2.KeyPoint(float(x), float(y), patch / 6, 0.0) for x, y in pts]
+    kept, desc = cv2.SIFT_create().compute(gray, kps)
+    if desc is None or len(kept) != len(kps):  # OpenCV keeps every given point; refuse to misalign rows if not
+        raise RuntimeError(f"dense SIFT: {0 if desc is None else len(kept)} descriptors for {len(kps)} tokens")
+    desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
+    parts = [np.sqrt(desc)]
+    if colour_weight > 0:
+        if rgb is None:
+            raise ValueError("colour_weight > 0 needs the RGB image")
+        token_windows = [cv2.KeyPoint(float(x), float(y), float(patch), 0.0) for x, y in pts]
+        parts.append(colour_weight * _window_opponent_colour(rgb, token_windows))
+    if orientation_weight > 0:
+        parts.append(np.tile([orientation_weight, 0.0], (len(kps), 1)))  # cos 0, sin 0
+    xy = np.asarray(pts, np.float64) + 0.5
+    return xy, np.full(len(kps), patch / 6, np.float64), np.concatenate(parts, 1).astype(np.float32)
+
+
+def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, orientation_weight: float,
+                      dense: bool = False) -> tuple[np.ndarray, Keypoints, np.ndarray, tuple | None]:
+    """The grey image SIFT sees, its keypoints and motif descriptors, for one model input [3, H, W]; with
+    ``dense``, also the per-token descriptors (``dense_descriptors``: xy, size, descriptors), else None."""
     gray = lm.preprocess.to_uint8_gray(x)
     rgb = lm.preprocess.to_uint8_rgb(x) if colour_weight > 0 else None
     kp, desc = sift_with_descriptors(gray, rgb, colour_weight, orientation_weight)
-    return gray, kp, desc
+    extra = None
+    if dense:
+        layout = lm.layout(tuple(x.shape[-2:]))
+        extra = dense_descriptors(gray, rgb, layout.grid, layout.patch_size, colour_weight, orientation_weight)
+    return gray, kp, desc, extra
 
 
 @torch.no_grad()
@@ -207,6 +246,7 @@ class DiscoveryResult:
     layers: list[int] = field(default_factory=list)
     source: object = field(default=None, repr=False)  # where the images are (exemplar crops read them back)
     label_map: LabelMap | None = None  # class k is model output label_map.output_index[k] (None: output k)
+    dense_centroids: np.ndarray | None = None  # [dense words, D]: word W >= len(centroids) is dense word W - that
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)
@@ -266,7 +306,7 @@ class ShortcutMasker:
         layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
         for b in range(len(x)):
-            _, kp, desc = image_descriptors(self.lm, x[b], self.colour_weight, self.orientation_weight)
+            _, kp, desc, _ = image_descriptors(self.lm, x[b], self.colour_weight, self.orientation_weight)
             if not len(desc):
                 continue
             hit = np.isin(vq(desc.astype(np.float64), self.centroids)[0], self.words)
@@ -280,11 +320,13 @@ class ShortcutMasker:
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
-            parts: RunParts | None = None
+            parts: RunParts | None = None, dense: bool = False
             ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
-    per keypoint: a table (image, patch, position, size, lift) and its motif descriptors [K, D], left in the
-    parts (``DescriptorParts``: read back chunk by chunk).
+    per keypoint: a table (image, patch, position, size, lift, dense) and its motif descriptors [K, D], left in
+    the parts (``DescriptorParts``: read back chunk by chunk). ``dense``: each image's per-token descriptors
+    (``dense_descriptors``) follow its keypoints in the table, with ``dense`` True; the concentration groups
+    use the detected keypoints only.
 
     ``images``: model inputs [N, 3, H, W] or a source (``siftlens.spurious.source``), read chunk by chunk
     (the readable files are fixed in the source afterwards). ``parts``: where each chunk's results are kept
@@ -312,19 +354,20 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
                                  "non-finite or too large?)")
         kp_rows, descs, group_rows = [], [], []
         for b in range(len(x)):
-            gray, kp, desc = image_descriptors(lm, x[b], colour_weight, orientation_weight)
+            gray, kp, desc, extra = image_descriptors(lm, x[b], colour_weight, orientation_weight, dense)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
             group_rows.append(concentration_groups(mass, groups))
-            if len(kp) == 0:
-                continue
-            col = np.clip((kp.xy[:, 0] // layout.patch_size).astype(int), 0, layout.grid[1] - 1)
-            row = np.clip((kp.xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
-            patch = row * layout.grid[1] + col
             H, W = gray.shape
-            kp_rows.append(pd.DataFrame({"image": b, "patch": patch, "x": kp.xy[:, 0] / W,  # b: within the chunk
-                                         "y": kp.xy[:, 1] / H, "size": kp.size,
-                                         "lift": n * a[b, patch].numpy()}))
-            descs.append(desc)
+            for xy, size, d, is_dense in ((kp.xy, kp.size, desc, False), (*(extra or (None,) * 3), True)):
+                if xy is None or not len(xy):
+                    continue
+                col = np.clip((xy[:, 0] // layout.patch_size).astype(int), 0, layout.grid[1] - 1)
+                row = np.clip((xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
+                patch = row * layout.grid[1] + col
+                kp_rows.append(pd.DataFrame({"image": b, "patch": patch, "x": xy[:, 0] / W,  # b: within the chunk
+                                             "y": xy[:, 1] / H, "size": size, "lift": n * a[b, patch].numpy(),
+                                             "dense": is_dense}))
+                descs.append(d)
         return Part(meta, pd.concat(kp_rows, ignore_index=True) if kp_rows else None,
                     {"attn": a.numpy(), "probs": logits.float().softmax(-1).numpy(), "groups": np.stack(group_rows),
                      "desc": np.concatenate(descs) if descs else np.zeros((0, width), np.float32)})
@@ -345,7 +388,8 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
         group_rows.append(part.arrays["groups"])
     source.set_readable(kept, skipped)
     kps = pd.concat(kp_rows, ignore_index=True) if kp_rows else pd.DataFrame(
-        columns=["image", "patch", "x", "y", "size", "lift"])
+        columns=["image", "patch", "x", "y", "size", "lift", "dense"])
+    kps["dense"] = kps["dense"].astype(bool)
     descriptors = DescriptorParts(parts, desc_chunks, desc_counts, width)  # no keypoint anywhere: empty
     return np.concatenate(attn_all), np.concatenate(probs_all), kps, descriptors, np.concatenate(group_rows)
 
@@ -384,10 +428,19 @@ class DescriptorParts:
             out[order[lo:hi]] = desc[sorted_rows[lo:hi] - start]
         return out
 
-    def words(self, centroids: np.ndarray) -> np.ndarray:
+    def words(self, centroids: np.ndarray, dense: np.ndarray | None = None,
+              dense_centroids: np.ndarray | None = None) -> np.ndarray:
         """The nearest visual word of every keypoint (``scipy.cluster.vq.vq``, chunk by chunk: each row's word
-        does not depend on the other rows)."""
-        out = [vq(desc.astype(np.float64), centroids)[0] for _, desc in self]
+        does not depend on the other rows). Rows where ``dense`` (bool, one per row) is True are matched to
+        ``dense_centroids`` instead and numbered after ``centroids``' words."""
+        out = []
+        for start, desc in self:
+            w = vq(desc.astype(np.float64), centroids)[0]
+            if dense is not None and dense_centroids is not None and len(dense_centroids):
+                d = dense[start:start + len(desc)]
+                if d.any():
+                    w[d] = len(centroids) + vq(desc[d].astype(np.float64), dense_centroids)[0]
+            out.append(w)
         return np.concatenate(out) if out else np.zeros(0, np.int32)
 
 
@@ -411,7 +464,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     if labels is not None and len(labels) != source.n_files:
         raise UserValueError(f"labels: {len(labels)} labels for {source.n_files} images")
     attn, probs, kps, descriptors, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
-                                                 cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts)
+                                                 cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts,
+                                                 dense=cfg.dense_words > 0)
     if labels is not None and hasattr(source, "kept"):
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
@@ -424,40 +478,43 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if 0 < c < min_per_class]
     if small:
         raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-    if not len(descriptors):
+    is_dense = kps["dense"].to_numpy()
+    if is_dense.all():  # also with no keypoint at all (an empty table)
         raise UserValueError("no SIFT keypoints in any image: nothing to discover")
 
     top = np.argsort(-attn, axis=1)[:, : cfg.top_patches]
     in_top = (top[kps["image"].to_numpy()] == kps["patch"].to_numpy()[:, None]).any(1)
-    kps["attended"] = (kps["lift"].to_numpy() >= cfg.min_lift) | in_top
+    kps["attended"] = ((kps["lift"].to_numpy() >= cfg.min_lift) | in_top) & ~is_dense
     if not kps["attended"].any():  # no keypoint under the top attention: describe them all
-        kps["attended"] = True
+        kps["attended"] = ~is_dense
     # the attention view describes only keypoints under the decisive attention; the causal view needs
     # words for every keypoint, the ones the CLS never looks at included. The k-means sample (at most
     # max_fit_descriptors, seeded) is drawn by row before any descriptor is read, then gathered from the parts
-    eligible = np.arange(len(kps)) if cfg.word_keypoints == "all" else np.flatnonzero(kps["attended"].to_numpy())
+    eligible = np.flatnonzero(~is_dense) if cfg.word_keypoints == "all" else \
+        np.flatnonzero(kps["attended"].to_numpy())
     rng = np.random.default_rng(cfg.seed)
-    fit_rows = eligible if len(eligible) <= cfg.max_fit_descriptors else \
-        eligible[rng.choice(len(eligible), cfg.max_fit_descriptors, replace=False)]
-    fit = descriptors.take(fit_rows)
-    k_words = min(cfg.n_words, len(fit))
-    centroids, _ = kmeans2(fit.astype(np.float64), k_words, minit="++", seed=cfg.seed)
-    del fit
-    kps["word"] = descriptors.words(centroids)
+    centroids = _fit_words(descriptors, eligible, cfg.n_words, cfg.max_fit_descriptors, rng, cfg.seed)
+    k_words = len(centroids)
+    # dense words: their own vocabulary (so the detected keypoints' words are what they are without them),
+    # numbered after the detected words
+    dense_centroids = (_fit_words(descriptors, np.flatnonzero(is_dense), cfg.dense_words, cfg.max_fit_descriptors,
+                                  rng, cfg.seed) if cfg.dense_words > 0 and is_dense.any() else None)
+    kps["word"] = descriptors.words(centroids, is_dense, dense_centroids)
     kps["cls"] = cls_of_image[kps["image"].to_numpy()]
+    detected = kps[~is_dense]  # the attention view and the legacy masks read the detected keypoints only
 
-    motifs = motif_table(kps[kps["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency, cfg.n_null,
-                         cfg.seed)
+    motifs = motif_table(detected[detected["attended"]], cls_of_image, K, k_words, cfg.min_class_frequency,
+                         cfg.n_null, cfg.seed)
     if len(motifs):
         motifs["class_name"] = [class_names[k] for k in motifs["cls"]]
     shortcut_words = {k: motifs[motifs["cls"] == k].nsmallest(cfg.top_motifs, "rank")["word"].tolist()
                       if len(motifs) else [] for k in range(K)}
-    per_image = _per_image(attn, probs, groups, kps, shortcut_words, cfg.groups, labels, label_map)
+    per_image = _per_image(attn, probs, groups, detected, shortcut_words, cfg.groups, labels, label_map)
     layout = lm.layout(source.input_hw)
-    fixed = fixed_position_tokens(kps, cls_of_image, shortcut_words, layout.grid, cfg.fixed_share)
+    fixed = fixed_position_tokens(detected, cls_of_image, shortcut_words, layout.grid, cfg.fixed_share)
     res = DiscoveryResult(motifs, per_image, centroids, class_names, shortcut_words, kps,
                           (cfg.colour_weight, cfg.orientation_weight), fixed, layers=layers, source=source,
-                          label_map=label_map)
+                          label_map=label_map, dense_centroids=dense_centroids)
     if cfg.causal is not None:
         # class k is output label_map.output_index[k] (output k by position); only the labelled classes are ranked
         columns = label_map.columns if label_map.by_name else None
@@ -469,10 +526,22 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
             res.causal.units.insert(1, "class", [class_names[k] for k in res.causal.units["cls"]])
         if len(res.causal.control):
             res.causal.control.insert(1, "class", [class_names[k] for k in res.causal.control["cls"]])
-        res.shortcuts = ShortcutSet.select(lm, res.causal, centroids, res.descriptor_weights, class_names, layers,
+        all_words = centroids if dense_centroids is None else np.concatenate([centroids, dense_centroids])
+        res.shortcuts = ShortcutSet.select(lm, res.causal, all_words, res.descriptor_weights, class_names, layers,
                                            source.input_hw, cfg.causal, num_outputs=probs.shape[1],
-                                           output_index=label_map.output_index)
+                                           output_index=label_map.output_index,
+                                           dense_words=0 if dense_centroids is None else len(dense_centroids))
     return res
+
+
+def _fit_words(descriptors: DescriptorParts, rows: np.ndarray, n_words: int, max_fit: int,
+               rng: np.random.Generator, seed: int) -> np.ndarray:
+    """k-means centroids [<= n_words, D] of the descriptors of ``rows`` (a seeded sample of at most ``max_fit``,
+    drawn by row before any descriptor is read, then gathered from the parts)."""
+    fit_rows = rows if len(rows) <= max_fit else rows[rng.choice(len(rows), max_fit, replace=False)]
+    fit = descriptors.take(fit_rows)
+    centroids, _ = kmeans2(fit.astype(np.float64), min(n_words, len(fit)), minit="++", seed=seed)
+    return centroids
 
 
 def fixed_position_tokens(kps: pd.DataFrame, cls_of_image: np.ndarray, shortcut_words: dict[int, list[int]],

@@ -1,0 +1,201 @@
+"""Dense words (`spurious --dense-words`): a cue SIFT detects no keypoint on, spread over many tokens.
+
+A tiny ViT (48 px, patch 8: a 6 x 6 grid) learns a class-specific stripe frame one token wide: 20 border tokens,
+each of which alone carries the cue, so removing any one token (the SIFT-free control) or any detected SIFT word
+(SIFT finds no keypoint within ~5 px of the border) leaves the rest of the frame and barely moves the class
+evidence. A dense word, one descriptor per token clustered into its own vocabulary, covers the whole frame: its
+unit removes it and is ranked first; `flag` and gated steering apply it to new images, and leave images without
+a frame alone."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from planted.build import texture_pattern
+from planted.evaluate import auroc
+
+from siftlens.models import LoadedModel
+from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from siftlens.spurious.causal import ShortcutSet
+from siftlens.spurious.discover import DiscoveryConfig, dense_descriptors, discover_shortcuts
+from siftlens.spurious.flag import flag_images
+from siftlens.spurious.source import TensorSource
+from siftlens.train import TrainConfig, normalize, train_classifier
+
+CLASSES = ["ant", "bee", "cat"]
+SIZE, PATCH, N_WORDS, N_DENSE = 48, 8, 16, 16
+GRID = (SIZE // PATCH, SIZE // PATCH)
+RING = {r * GRID[1] + c for r in range(GRID[0]) for c in range(GRID[1])
+        if r in (0, GRID[0] - 1) or c in (0, GRID[1] - 1)}  # the 20 border tokens
+TINT = np.array([[40, -20, -20], [-20, 40, -20], [-20, -20, 40]], np.float32)
+
+
+def _base(labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [N, 3, 48, 48]: smooth colour noise with a weak, noisy class tint (the task)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(len(labels), 3, 6, 6, generator=g)
+    x = F.interpolate(low, size=(SIZE, SIZE), mode="bicubic", align_corners=False).clamp(0, 1).numpy() * 200 + 28
+    shift = 0.3 * TINT[labels] * np.random.default_rng(seed).uniform(0, 2, (len(labels), 1))
+    return np.clip(x + shift[:, :, None, None], 0, 255).round().astype(np.uint8)
+
+
+def _frame(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
+    """Class ``cue[i]``'s stripe texture on the one-token border of image i (cue -1: none)."""
+    out = images.copy()
+    inside = np.zeros((SIZE, SIZE), bool)
+    inside[PATCH:-PATCH, PATCH:-PATCH] = True
+    for i, k in enumerate(cue):
+        if k >= 0:
+            tex = texture_pattern(int(k), (SIZE, SIZE))
+            out[i] = np.where(inside[None], out[i], tex)
+    return out
+
+
+@pytest.fixture(scope="module")
+def frame():
+    import timm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: more threads only add synchronisation
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    train = _frame(_base(y, 0), np.where(rng.random(len(y)) < 0.95, y, -1))
+    yt = np.repeat(np.arange(3), 30)
+    bt = _base(yt, 1000)
+    other = (yt + rng.integers(1, 3, len(yt))) % 3
+    data = {"train": train, "y": y, "test_y": yt, "other": other, "aligned": _frame(bt, yt),
+            "conflict": _frame(bt, other), "absent": bt}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=3)
+    tc = TrainConfig(batch_size=32, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.1, augment="none", epochs=30,
+                     seed=0)
+    train_classifier(model, torch.from_numpy(train), torch.from_numpy(y), SIZE, IMAGENET_MEAN, IMAGENET_STD, tc,
+                     log=lambda row: None)
+    lm = LoadedModel(model.eval(), "timm", "tiny-frame", Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None,
+                                                                    "bicubic"), list(CLASSES))
+    x = _inputs(lm, train)
+    dense = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS, dense_words=N_DENSE))
+    plain = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS))
+    yield data, lm, dense, plain
+    torch.set_num_threads(threads)
+
+
+def _inputs(lm: LoadedModel, images: np.ndarray) -> torch.Tensor:
+    return normalize(torch.from_numpy(images), lm.preprocess.mean, lm.preprocess.std)
+
+
+def _predict(lm: LoadedModel, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return lm.forward(_inputs(lm, images)).argmax(1).numpy()
+
+
+def test_the_model_rests_on_the_frame(frame):
+    data, lm, _, _ = frame
+    assert (_predict(lm, data["conflict"]) == data["other"]).mean() > 0.8
+
+
+def test_dense_descriptors_one_per_token_upright_with_the_token_colour():
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    rgb[:PATCH, :PATCH] = (255, 0, 0)  # token 0: pure red
+    gray = rgb.mean(2).astype(np.uint8)
+    xy, size, desc = dense_descriptors(gray, rgb, GRID, PATCH, colour_weight=1.0, orientation_weight=0.5)
+    assert desc.shape == (GRID[0] * GRID[1], 128 + 3 + 2) and len(xy) == len(size) == len(desc)
+    # row-major token centres in the pixel-centre convention: token (r, c) at (c + 1/2, r + 1/2) x patch
+    assert np.allclose(xy[GRID[1] + 2], [(2 + 0.5) * PATCH, (1 + 0.5) * PATCH])
+    assert np.allclose(desc[:, 131:], [0.5, 0.0])  # upright: angle 0
+    assert desc[0, 128] == pytest.approx(1.0)  # O1 = R - G of the red token, its whole window
+    assert np.allclose(np.linalg.norm(desc[:, :128], axis=1), 1, atol=1e-3)  # RootSIFT
+    # upright: a pattern and its 90-degree turn get different descriptors (detected SIFT would align them)
+    stripes = np.tile(((np.arange(SIZE) // 2) % 2 * 255).astype(np.uint8)[None], (SIZE, 1))
+    d0 = dense_descriptors(stripes, None, GRID, PATCH)[2]
+    d1 = dense_descriptors(stripes.T.copy(), None, GRID, PATCH)[2]
+    assert np.linalg.norm(d0[14] - d1[14]) > 0.5
+
+
+def test_a_dense_word_unit_removes_the_whole_frame_and_ranks_first(frame):
+    _, _, dense, plain = frame
+    units, ctrl = dense.causal.units, dense.causal.control
+    for k in range(3):
+        top = units[(units["cls"] == k) & (units["causal_rank"] == 1)].iloc[0]
+        toks = {int(t) for t in top["tokens"].split()}
+        assert len(toks & RING) >= 0.75 * len(RING) and len(toks - RING) <= 2, (k, top["unit"], sorted(toks))
+        assert top["causal_p"] <= 0.05 and top["causal_lo"] > 0
+        # a dense word, or the fixed tokens one occupies (its gate words are dense words)
+        words = [int(top["word"])] if top["kind"] == "word" else [int(w) for w in top["gate_words"].split()]
+        assert top["kind"] in ("word", "token") and min(words) >= N_WORDS, (k, top["unit"], words)
+        # what neither single-token occlusion at the same budget nor the detected SIFT words can do
+        best_token = ctrl[(ctrl["cls"] == k) & (ctrl["rank"] == 1)].iloc[0]
+        assert top["causal_effect"] > 3 * best_token["effect"], (k, top["causal_effect"], best_token["effect"])
+        without = plain.causal.units
+        best_plain = without[without["cls"] == k]["causal_effect"].max()
+        assert top["causal_effect"] > 2 * best_plain, (k, top["causal_effect"], best_plain)
+    # the dense rows are kept apart: the attention view's motifs and the legacy masks use detected keypoints only
+    assert dense.keypoints["dense"].any() and (dense.motifs["word"] < N_WORDS).all()
+    assert dense.centroids.shape[0] == N_WORDS and dense.dense_centroids.shape[0] == N_DENSE
+    assert dense.shortcuts.dense_words == N_DENSE and len(dense.shortcuts.centroids) == N_WORDS + N_DENSE
+
+
+def test_flag_and_gated_steering_apply_the_frame_unit_to_new_images(frame, tmp_path):
+    from siftlens.prompting import SteeredViT
+
+    data, lm, dense, _ = frame
+    dense.shortcuts.save(tmp_path / "shortcuts.json")
+    shortcuts = ShortcutSet.load(tmp_path)  # through the file, as `flag` and `prompt` read it
+    assert shortcuts.dense_words == N_DENSE
+    flags = {g: flag_images(lm, shortcuts, TensorSource(_inputs(lm, data[g])), token_units="gated")[0]
+             for g in ("aligned", "conflict", "absent")}
+
+    def separation(a: str, b: str) -> float:
+        scores = np.r_[flags[a]["flag_score"], flags[b]["flag_score"]]
+        return auroc(scores, np.r_[np.ones(len(flags[a])), np.zeros(len(flags[b]))])
+
+    # framed images' predictions rest on the frame, cue-free ones' do not
+    assert separation("conflict", "absent") > 0.95 and separation("aligned", "absent") > 0.9
+    # conflicting above aligned, though both rest on the frame (the model learned little else: capped, FINDINGS.md)
+    assert separation("conflict", "aligned") > 0.6
+    # right for the wrong reason: aligned images whose frame-free twin is misclassified, against the other
+    # correctly classified aligned images; well above the 1 - max softmax baseline
+    right = _predict(lm, data["aligned"]) == data["test_y"]
+    rwr = (_predict(lm, data["absent"]) != data["test_y"])[right].astype(float)
+    assert 10 <= rwr.sum() <= len(rwr) - 10  # both groups are there
+    a = flags["aligned"][right]
+    assert auroc(a["flag_score"].to_numpy(), rwr) > 0.75
+    assert auroc(a["flag_score"].to_numpy(), rwr) > auroc(a["one_minus_max_softmax"].to_numpy(), rwr) + 0.15
+    f = flags["conflict"]
+    assert (f["pred"] != f["pred_without"]).mean() > 0.5  # removing the frame flips most conflicting images
+    assert (flags["absent"]["pred"] == flags["absent"]["pred_without"]).mean() > 0.9  # nothing to remove
+    # present in framed images, absent where there is no frame: gated steering leaves those unchanged
+    present = [shortcuts.present_units(lm, _inputs(lm, data[g])) for g in ("conflict", "absent")]
+    assert np.mean([bool(p) for p in present[0]]) > 0.9
+    assert np.mean([bool(p) for p in present[1]]) < 0.2
+    x = _inputs(lm, data["absent"])
+    none_found = [i for i, p in enumerate(present[1]) if not p]
+    xc = _inputs(lm, data["conflict"])
+    with torch.no_grad():
+        a = lm.forward(x[none_found])
+        before = (lm.forward(xc).argmax(1).numpy() == data["test_y"]).mean()
+        with SteeredViT(lm, "mask_tokens", layers=dense.layers, token_mask_fn=shortcuts.masker(lm)) as st:
+            b = st(x[none_found])
+            after = (st(xc).argmax(1).numpy() == data["test_y"]).mean()
+    assert torch.equal(a, b)
+    assert after > before + 0.15, (before, after)  # the worst group (conflicting images) gains
+
+
+def test_shortcuts_json_with_a_bad_dense_word_count_is_refused(frame, tmp_path):
+    from siftlens.spurious.causal import ShortcutFileError
+
+    _, _, dense, _ = frame
+    dense.shortcuts.save(tmp_path / "shortcuts.json")
+    d = json.loads((tmp_path / "shortcuts.json").read_text())
+    d["dense_words"] = len(d["centroids"])
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    with pytest.raises(ShortcutFileError, match="dense_words .* is not a count below"):
+        ShortcutSet.load(tmp_path)
+    del d["dense_words"]  # a file from before dense words: none, every centroid a detected word
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).dense_words == 0
