@@ -197,16 +197,18 @@ def keypoint_windows(windows: np.ndarray, kp_xy: np.ndarray, grid: tuple[int, in
 
 @dataclass
 class Unit:
-    kind: str  # word | token
-    word: int  # the word (for a token unit: the word whose keypoints define it and gate it)
+    kind: str  # word | words (a set of dense words) | token | region
+    word: int  # the word (for a token unit: the word whose keypoints define it and gate it; words: the first)
     tokens: tuple[int, ...] = ()  # token units: the fixed tokens
     cls: int = -1  # token units: the class they were found in
-    gate_words: tuple[int, ...] = ()  # token units: the class's words whose fixed tokens overlap these tokens
+    gate_words: tuple[int, ...] = ()  # token units: the class's words whose fixed tokens overlap these; words: the set
     evidence: np.ndarray | None = None  # region units: [n] decisive-window drops per token (where it was found)
 
     def name(self, grid: tuple[int, int]) -> str:
         if self.kind == "word":
             return f"word:{self.word}"
+        if self.kind == "words":
+            return "words:" + "+".join(map(str, self.gate_words))
         return token_name(self.tokens, grid) if self.kind == "token" else "region:" + token_name(self.tokens, grid)[6:]
 
 
@@ -237,6 +239,12 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
                 word_index[w] = len(units)
                 units.append(Unit("word", w))
             cands[k].append(word_index[w])
+        # the class's specific dense words together, removed wherever any of them sits in an image: one texture
+        # (a frame) falls into several dense words by place and phase, and only removing all of it moves p_k
+        dense_k = tuple(sorted(w for w in words if w in dense_ids))
+        if len(dense_k) >= 2:
+            cands[k].append(len(units))
+            units.append(Unit("words", dense_k[0], (), k, dense_k))
         # token units: where the class's frequent words sit at a fixed place
         sub = kps[(img_cls == k) & kps["word"].isin(words)].drop_duplicates(["image", "word", "patch"])
         tok_units = []
@@ -402,23 +410,29 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
                          "--words, or use --no-causal")
     kp_s = kps[kps["image"].isin(sample)]
     word_unit = {u.word: j for j, u in enumerate(units) if u.kind == "word"}
+    word_sets = [(j, set(u.gate_words)) for j, u in enumerate(units) if u.kind == "words"]
 
     # jobs: every word unit in the sample images that hold it; every token unit in every sample image
     jobs: list[tuple[int, np.ndarray]] = []
     job_at: list[tuple[int, int]] = []  # (sample position, unit)
     word_masks: dict[tuple[int, int], np.ndarray] = {}
+
+    def add_word_job(i: int, j: int, gw: pd.DataFrame) -> None:  # unit j's keypoints gw in image i
+        m = keypoint_cover(np.stack([gw["x"].to_numpy() * W, gw["y"].to_numpy() * H], 1), gw["size"].to_numpy(),
+                           grid, patch)
+        if m.any():
+            word_masks[(pos[i], j)] = np.flatnonzero(m)
+            jobs.append((i, m))
+            job_at.append((pos[i], j))
+
     for i, g in kp_s.groupby("image"):
         for w, gw in g.groupby("word"):
-            j = word_unit.get(int(w))
-            if j is None:
-                continue
-            m = keypoint_cover(np.stack([gw["x"].to_numpy() * W, gw["y"].to_numpy() * H], 1), gw["size"].to_numpy(),
-                               grid, patch)
-            if not m.any():
-                continue
-            word_masks[(pos[int(i)], j)] = np.flatnonzero(m)
-            jobs.append((int(i), m))
-            job_at.append((pos[int(i)], j))
+            if int(w) in word_unit:
+                add_word_job(int(i), word_unit[int(w)], gw)
+        for j, ws in word_sets:
+            gw = g[g["word"].isin(ws)]
+            if len(gw):
+                add_word_job(int(i), j, gw)
     for j, u in enumerate(units):
         if u.kind in ("token", "region"):  # fixed tokens: removed in every sample image
             m = np.zeros(n, bool)
@@ -503,16 +517,16 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
                 weight = np.zeros(n)
                 weight[toks] = 1.0  # a token unit is removed whole: its tokens count alike
                 present = f_in  # masked in every image; present (a gate word in its tokens) in this share
-            else:
+            else:  # word, words
                 weight = _evidence_weight(j, own, d[:, c], word_masks,
-                                          kps[(img_cls == k) & (kps["word"] == u.word)], n)
+                                          kps[(img_cls == k) & kps["word"].isin(_words_of(u))], n)
                 toks = _evidence_tokens(weight, cfg.evidence_share)
                 present = float(np.mean([(i, j) in word_masks for i in own]))
             # attention view: mean n·a over the unit's tokens in the class's images (1 = uniform attention)
-            if u.kind != "word":
+            if u.kind not in ("word", "words"):
                 lift = float(n * attn[class_imgs][:, toks].mean()) if len(class_imgs) else float("nan")
             else:
-                sub = kps[(img_cls == k) & (kps["word"] == u.word)]
+                sub = kps[(img_cls == k) & kps["word"].isin(_words_of(u))]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
             region, region_share = main_region(toks, weight, grid)
             x0, y0, x1, y1 = token_box(region, grid)
@@ -538,14 +552,19 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
 def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int) -> tuple[float, float]:
     """Share of class k's images, and of the other images, holding the unit (a token unit: one of its
     gate words with a keypoint centre in its tokens)."""
-    if u.kind == "word":
-        hit = kps["word"].to_numpy() == u.word
+    if u.kind in ("word", "words"):
+        hit = kps["word"].isin(_words_of(u)).to_numpy()
     else:
         hit = kps["word"].isin(u.gate_words).to_numpy() & kps["patch"].isin(u.tokens).to_numpy()
     imgs = np.unique(kps["image"].to_numpy()[hit])
     in_k = labels[imgs] == k
     n_k, n_o = int((labels == k).sum()), int((labels != k).sum())
     return float(in_k.sum() / max(n_k, 1)), float((~in_k).sum() / max(n_o, 1))
+
+
+def _words_of(u: Unit) -> tuple[int, ...]:
+    """The words whose keypoints make up a word or word-set unit."""
+    return u.gate_words if u.kind == "words" else (u.word,)
 
 
 def _evidence_weight(j, own, d, word_masks, sub_kps, n) -> np.ndarray:
@@ -949,7 +968,7 @@ class ShortcutSet:
                 # a dense unit is present where its words fill at least half of its tokens
                 dense_unit = min(gate) >= detected_words
                 need = max(1, math.ceil(DENSE_PRESENCE * len(u["tokens"]))) if dense_unit else 1
-                if u["kind"] == "word":
+                if u["kind"] in ("word", "words"):
                     # where the word's evidence was found (its box grown by one token): a fixed cue's word
                     # is looked for near its place, a moving cue's box is wide
                     x0, y0, x1, y1 = u.get("gate_box", u["box"])  # files before gate_box: box was all of it
