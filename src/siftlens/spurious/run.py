@@ -220,10 +220,15 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
     c = res.causal
     grid = lm.layout(res.source.input_hw).grid
     parts = ["<h2>Causal view: what removing a unit does to the class evidence</h2>"
-             f"<p class=note>Candidate units: SIFT visual words, the fixed tokens they occupy, and per class one "
+             "<p class=note>Candidate units: SIFT visual words, the fixed tokens they occupy, and per class one "
              "region (where masking a window of tokens that holds a SIFT keypoint lowered the class probability "
              "most, image by image, on class images outside the sample; for cues that move or that no single word "
-             "covers; it is ranked, never applied by flag or prompt). causal_effect = mean "
+             "covers; it is ranked, never applied by flag or prompt)"
+             + ("; with --dense-words also dense words (a descriptor at every token centre, own vocabulary, "
+                "numbered after the detected words; candidates only where class-specific) and per class its "
+                "specific dense words together (words:W+W'…, removed wherever any of them sits)"
+                if res.dense_centroids is not None else "")
+             + ". causal_effect = mean "
              f"drop of the class probability on the class's images (sample of up to {c.units['n_images'].max()}) "
              f"when the unit's tokens are masked as keys in layers {res.layers}; causal_lo–causal_hi: 95% bootstrap "
              "CI over images; causal_p: label-permutation null (max over the class's word and token units; for a "
