@@ -10,6 +10,7 @@ a frame alone."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,3 +206,45 @@ def test_shortcuts_json_with_a_bad_dense_word_count_is_refused(frame, tmp_path):
     del d["dense_words"]  # a file from before dense words: none, every centroid a detected word
     (tmp_path / "shortcuts.json").write_text(json.dumps(d))
     assert ShortcutSet.load(tmp_path).dense_words == 0
+
+
+def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
+    """The commands as a user runs them: dense units in motifs.csv and shortcuts.json, applied by flag and the
+    gated prompt; frame-free images keep their prediction."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from siftlens.cli import main
+
+    data, lm, _, _ = frame
+    model = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in lm.module.state_dict().items()}, str(model))
+    meta = {"timm_arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": SIZE, "patch_size": PATCH, "depth": 2,
+            "embed_dim": 32, "num_heads": 2, "num_classes": 3}, "input_size": [3, SIZE, SIZE],
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": None, "label_names": CLASSES}
+    model.with_suffix(".json").write_text(json.dumps(meta))
+    for name, images, labels in (("train", data["train"], data["y"]), ("new", data["conflict"][::3], None),
+                                 ("plain", data["absent"][::3], None)):
+        for i, img in enumerate(images):
+            d = tmp_path / name / (CLASSES[labels[i]] if labels is not None else "")
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:03d}.png")
+    sp = tmp_path / "sp"
+    assert main(["spurious", "--model", str(model), "--images", str(tmp_path / "train"), "--out", str(sp),
+                 "--words", str(N_WORDS), "--dense-words", str(N_DENSE)]) == 0
+    shortcuts = json.loads((sp / "shortcuts.json").read_text())
+    assert shortcuts["dense_words"] == N_DENSE and len(shortcuts["centroids"]) == N_WORDS + N_DENSE
+    assert shortcuts["units"] and all(min(u["gate_words"]) >= N_WORDS for u in shortcuts["units"])
+    motifs = pd.read_csv(sp / "motifs.csv")
+    assert motifs["kind"].isin(["words"]).any() and "dense words" in (sp / "spurious.html").read_text()
+    assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--out", str(tmp_path / "fl")]) == 0
+    flags = pd.read_parquet(tmp_path / "fl" / "flags.parquet")
+    assert (flags["pred"] != flags["pred_without"]).mean() > 0.5  # conflicting frames: removing it flips them
+    for name in ("new", "plain"):
+        assert main(["prompt", "--model", str(model), "--images", str(tmp_path / name), "--method", "mask_tokens",
+                     "--motifs", str(sp), "--layers", "all", "--out", str(tmp_path / f"pr_{name}")]) == 0
+    steered = {n: pd.read_parquet(tmp_path / f"pr_{n}" / "predictions.parquet") for n in ("new", "plain")}
+    assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < 0.2
+    plain = steered["plain"][~steered["plain"]["steered"]]
+    assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
