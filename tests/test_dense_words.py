@@ -235,6 +235,9 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
     shortcuts = json.loads((sp / "shortcuts.json").read_text())
     assert shortcuts["dense_words"] == N_DENSE and len(shortcuts["centroids"]) == N_WORDS + N_DENSE
     assert shortcuts["units"] and all(min(u["gate_words"]) >= N_WORDS for u in shortcuts["units"])
+    # a word set was removed wherever its words sit, so new images are searched all over for it
+    sets = [u for u in shortcuts["units"] if u["kind"] == "words"]
+    assert sets and all(u["gate_box"] == [0.0, 0.0, 1.0, 1.0] for u in sets)
     motifs = pd.read_csv(sp / "motifs.csv")
     assert motifs["kind"].isin(["words"]).any() and "dense words" in (sp / "spurious.html").read_text()
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),

@@ -799,9 +799,9 @@ class ShortcutSet:
                                "causal_effect": float(r.causal_effect), "causal_p": float(r.causal_p),
                                "box": [float(r.box_x0), float(r.box_y0), float(r.box_x1), float(r.box_y1)],
                                # where a word is looked for in a new image: all its evidence tokens, not only
-                               # the main place the box reports
-                               "gate_box": list(token_box([int(t) for t in str(r.tokens).split()],
-                                                          layout.grid))})
+                               # the main place the box reports; a word set anywhere, as it was removed
+                               "gate_box": [0.0, 0.0, 1.0, 1.0] if r.kind == "words" else
+                               list(token_box([int(t) for t in str(r.tokens).split()], layout.grid))})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
                  "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names)),
                  "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names),
