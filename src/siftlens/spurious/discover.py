@@ -358,8 +358,9 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
             group_rows.append(concentration_groups(mass, groups))
             H, W = gray.shape
-            for xy, size, d, is_dense in ((kp.xy, kp.size, desc, False), (*(extra or (None,) * 3), True)):
-                if xy is None or not len(xy):
+            rows = [(kp.xy, kp.size, desc, False)] + ([(*extra, True)] if extra is not None else [])
+            for xy, size, d, is_dense in rows:  # detected keypoints, then the per-token descriptors
+                if not len(xy):
                     continue
                 col = np.clip((xy[:, 0] // layout.patch_size).astype(int), 0, layout.grid[1] - 1)
                 row = np.clip((xy[:, 1] // layout.patch_size).astype(int), 0, layout.grid[0] - 1)
