@@ -97,12 +97,14 @@ class Variant:
 # --frozen-commit). ``heldout2_*`` (session 6): a second held-out round from the same pool with other
 # generator seeds (other colours, shapes, cells, angles, characters), for a method changed after the first
 # held-out round had been run and read. ``heldout3_*`` (session 8): a third round, same pool, new generator
-# seeds, for the method changed after round 2 had been read.
+# seeds, for the method changed after round 2 had been read. ``heldout4_*`` (session 10): a fourth round,
+# same pool, new generator seeds, for the dense words designed on dev after round 3 had been read.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout2_{f}", f, "heldout", 1000 + 7 * j + 5) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout3_{f}", f, "heldout", 1000 + 7 * j + 6) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout3_{f}", f, "heldout", 1000 + 7 * j + 6) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout4_{f}", f, "heldout", 1000 + 7 * j + 1) for j, f in enumerate(FAMILIES)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
