@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -270,3 +271,12 @@ def test_missing_cli_command_is_recorded_not_fatal(tmp_path):
     log: list[dict] = []
     status = run_cli(["no-such-command", "--x", "1"], tmp_path / "never", log)
     assert status.startswith("not available") and log[0]["status"] == status
+
+
+def test_claimed_classes_counts_distinct_classes_of_the_shortcut_units(tmp_path):
+    from shortcut_suite.evaluate import claimed_classes
+
+    assert claimed_classes(tmp_path) is None  # no shortcuts.json: not run, not "zero claimed"
+    units = [{"cls": 0, "unit": "token:1,1"}, {"cls": 0, "unit": "word:3"}, {"cls": 3, "unit": "words:70+71"}]
+    (tmp_path / "shortcuts.json").write_text(json.dumps({"units": units}))
+    assert claimed_classes(tmp_path) == 2

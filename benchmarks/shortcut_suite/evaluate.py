@@ -244,6 +244,12 @@ def method_tokens(spurious_dir: Path, class_names: list[str]) -> dict[int, list[
     return out
 
 
+def claimed_classes(spurious_dir: Path) -> int | None:
+    """How many classes a `spurious` run claimed a shortcut for (shortcuts.json units; what flag and prompt apply)."""
+    f = spurious_dir / "shortcuts.json"
+    return len({u["cls"] for u in json.loads(f.read_text())["units"]}) if f.exists() else None
+
+
 def method_centres(spurious_dir: Path, class_names: list[str]) -> tuple[str, dict[int, tuple[float, float] | None]]:
     """Top unit per class from motifs.csv: contract columns if present, else the legacy attention rank."""
     df = pd.read_csv(spurious_dir / "motifs.csv")
@@ -347,10 +353,12 @@ def read_predictions(path: Path) -> pd.DataFrame:
 # searched, not only those holding a keypoint) and, with --ablate-regions, the method without region units
 LOCATION_RUNS = {"method_region_all_windows": ["--region-windows", "all"]}
 ABLATIONS = {"method_without_regions": ["--region-images", "0"]}
+# with --ablate-dense: the same method without dense words (the last --dense-words wins), i.e. what they add
+DENSE_ABLATIONS = {"method_without_dense_words": ["--dense-words", "0"]}
 
 
 def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
-                 ablate_regions: bool = False, spurious_args: Sequence[str] = ()) -> dict:
+                 ablate_regions: bool = False, spurious_args: Sequence[str] = (), ablate_dense: bool = False) -> dict:
     """Every number of one (variant, setting, seed) folder; ``spurious_args``: extra `siftlens spurious` options
     for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``)."""
     t_start = time.time()
@@ -373,7 +381,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     if not skip_cli:
         status["spurious"] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
                                       "--out", str(sp), "--seed", str(seed), *spurious_args], sp / "motifs.csv", log)
-        extra = LOCATION_RUNS | (ABLATIONS if ablate_regions else {})
+        extra = LOCATION_RUNS | (ABLATIONS if ablate_regions else {}) | (DENSE_ABLATIONS if ablate_dense else {})
         for name, args in extra.items():
             status[name] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
                                     "--out", str(out / name), "--seed", str(seed), *spurious_args, *args],
@@ -418,16 +426,17 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "basis": "top token of single-token key masking (every block), 20 aligned discovery images per class"}
     if (sp / "motifs.csv").exists():
         basis, centres = method_centres(sp, class_names)
-        cue_loc["method"] = located(centres, disc, k, size, patch, method_tokens(sp, class_names)) | {"basis": basis}
+        cue_loc["method"] = located(centres, disc, k, size, patch, method_tokens(sp, class_names)) | {
+            "basis": basis, "classes_with_claimed_shortcut": claimed_classes(sp)}
     else:
         cue_loc["method"] = "not available"
     cue_loc["method_occlusion_control"] = (located(occlusion_csv_centres(sp, class_names), disc, k, size, patch)
                                            if (sp / "occlusion_control.csv").exists() else "not available")
-    for name in (*LOCATION_RUNS, *ABLATIONS):
+    for name in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS):
         if (out / name / "motifs.csv").exists():
             basis, centres = method_centres(out / name, class_names)
             cue_loc[name] = located(centres, disc, k, size, patch, method_tokens(out / name, class_names)) | {
-                "basis": basis}
+                "basis": basis, "classes_with_claimed_shortcut": claimed_classes(out / name)}
 
     # a class whose prediction does not rest on its cue leaves nothing to locate: a secondary rate counts only the
     # classes where masking the true cue tokens drops p_class by >= RELIANT_DROP on the class's aligned test images
@@ -670,9 +679,10 @@ def compact_tables(results: list[dict]) -> str:
                       if s in r["flags"][tgt] else "—") for s in scores]
             lines.append(f"| {tag} | {short} | " + " | ".join(cells) + " |")
     keys = ["method", "method_occlusion_control", "bench_occlusion_reference"]
-    keys += [k for k in (*LOCATION_RUNS, *ABLATIONS) if any(k in r["cue_located"] for r in results)]
+    keys += [k for k in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS) if any(k in r["cue_located"] for r in results)]
     heads = {"method_region_all_windows": "region units over every window (SIFT-free twin)",
-             "method_without_regions": "method without region units"}
+             "method_without_regions": "method without region units",
+             "method_without_dense_words": "method without dense words"}
     cols = ["run", "cue located: method (basis)", "method's occlusion control", "benchmark occlusion reference",
             *(heads[k] for k in keys[3:])]
     lines += ["", "| " + " | ".join(cols) + " |", "|---|" + "---|" * len(keys)]
@@ -739,6 +749,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--skip-cli", action="store_true", help="only the model-side references (oracle, ERM)")
     r.add_argument("--ablate-regions", action="store_true",
                    help="also run `siftlens spurious --region-images 0` and judge where its top unit is")
+    r.add_argument("--ablate-dense", action="store_true",
+                   help="also run `siftlens spurious` with --dense-words 0 and judge where its top unit is")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--spurious-args", default="", help="extra `siftlens spurious` options, one string (a method "
                    "variant under test, e.g. '--dense-words 64'); with --eval-dir, its results stay apart")
@@ -751,7 +763,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
         for run in a.run:
             res = evaluate_run(Path(run), Path(run) / a.eval_dir, skip_cli=a.skip_cli,
-                               ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args))
+                               ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args),
+                               ablate_dense=a.ablate_dense)
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]
