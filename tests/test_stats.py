@@ -149,8 +149,29 @@ def test_rollout_single_layer_and_identity():
     torch.testing.assert_close(ro.R, M)
     r = ro.cls_map(1, 0)
     torch.testing.assert_close(r, M[:, 0, 1:] / M[:, 0, 1:].sum(-1, keepdim=True))
-    ro.update(A)
-    torch.testing.assert_close(ro.R, M @ M)
+    A2 = torch.rand(1, 2, 5, 5).pow(3).softmax(-1)  # a second, different layer: the order of the product matters
+    ro.update(A2)
+    M2 = 0.5 * A2.mean(1) + 0.5 * torch.eye(5)
+    M2 = M2 / M2.sum(-1, keepdim=True)
+    torch.testing.assert_close(ro.R, M2 @ M)
+    assert not torch.allclose(M2 @ M, M @ M2, atol=1e-4)
+
+
+def test_rollout_cls_row_equals_the_row_of_the_full_product():
+    g = torch.Generator().manual_seed(3)
+    ro = RolloutState()
+    Ms = []
+    for _ in range(4):
+        A = (3 * torch.randn(2, 3, 6, 6, generator=g)).softmax(-1)
+        ro.update(A)
+        M = 0.5 * A.mean(1) + 0.5 * torch.eye(6)
+        Ms.append(M / M.sum(-1, keepdim=True))
+    R = Ms[0]
+    for M in Ms[1:]:
+        R = M @ R
+    for cls, P in ((0, 1), (1, 2)):  # the CLS row at another index too (e.g. after a register token)
+        want = R[:, cls, P:] / R[:, cls, P:].sum(-1, keepdim=True)
+        torch.testing.assert_close(ro.cls_map(P, cls), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bootstrap_ci():

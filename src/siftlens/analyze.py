@@ -582,7 +582,8 @@ class BatchRunner:
         """Statistics, rollout and kept examples of one layer's attention (all left on attn's device)."""
         layout = self.layout
         st = layer_statistics(attn, layout.num_prefix, layout.cls_index, ctx.maps, self.workspace)
-        ctx.rollout.update(attn)
+        if layout.cls_index is not None:  # rollout is read from the CLS row only (no CLS: reported as NaN)
+            ctx.rollout.update(attn)
         cls_attn = st.pop("cls_attn", None)
         if ctx.keep_ex and cls_attn is not None:
             ctx.ex_cls.append(cls_attn[: ctx.keep_ex])

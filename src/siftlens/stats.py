@@ -319,20 +319,35 @@ def _layer_statistics(attn: torch.Tensor, num_prefix: int, cls_index: int | None
 
 
 class RolloutState:
-    """Attention rollout (Abnar & Zuidema), accumulated layer by layer: R <- (A_mean + I)/2 · R."""
+    """Attention rollout (Abnar & Zuidema): R = M_L ··· M_1, M_l = (A_l mean over heads + I)/2, rows renormalised.
+
+    Each layer's M_l is kept ([B, T, T] per layer, for one batch) and multiplied out only when asked: the CLS
+    row of R is e_cls^T M_L ··· M_1, L vector-matrix products (B·T² each) from the last layer down, instead of
+    the L matrix products (B·T³ each) of accumulating R layer by layer (ViT-S/16: ~4.6 ms of CPU per image)."""
 
     def __init__(self) -> None:
-        self.R: torch.Tensor | None = None
+        self.layers: list[torch.Tensor] = []
 
     def update(self, attn: torch.Tensor) -> None:
         A = attn.float().mean(1).mul_(0.5)  # [B, T, T]
         A.diagonal(dim1=-2, dim2=-1).add_(0.5)  # 0.5 A + 0.5 I, in place (the same floats)
         A /= A.sum(-1, keepdim=True)
-        self.R = A if self.R is None else A @ self.R
+        self.layers.append(A)
+
+    @property
+    def R(self) -> torch.Tensor | None:
+        """The whole rollout matrix [B, T, T] (for models that pool their patch rows; B·T³ per layer)."""
+        R = None
+        for M in self.layers:
+            R = M if R is None else M @ R
+        return R
 
     def cls_map(self, num_prefix: int, cls_index: int | None) -> torch.Tensor | None:
         """Rollout from the CLS token to the patches, renormalised: [B, n]."""
-        if self.R is None or cls_index is None:
+        if not self.layers or cls_index is None:
             return None
-        r = self.R[:, cls_index, num_prefix:]
+        r = self.layers[-1][:, cls_index, :]  # [B, T]: e_cls^T M_L
+        for M in reversed(self.layers[:-1]):
+            r = (r.unsqueeze(1) @ M).squeeze(1)  # [B, 1, T] @ [B, T, T] -> [B, T]
+        r = r[:, num_prefix:]
         return r / r.sum(-1, keepdim=True).clamp_min(EPS)
