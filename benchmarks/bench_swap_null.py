@@ -9,13 +9,13 @@ ratio measured in this run; and the largest difference between the two results.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
 
 import numpy as np
 import torch
+from attention_shapes import attention_shape_parser
 
 from siftlens.stats import layer_statistics, prepare_maps, swap_columns, swapped_maps
 
@@ -23,14 +23,8 @@ NAMES = ("sift", "random_kp", "edges", "edges_sparse", "orb", "center", "uniform
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--grid", type=int, default=14)
+    ap = attention_shape_parser(__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=999)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (analyze's statistics thread with 2 workers)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
