@@ -248,7 +248,6 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
         # token units: where the class's frequent words sit at a fixed place
         sub = kps[(img_cls == k) & kps["word"].isin(words)].drop_duplicates(["image", "word", "patch"])
         tok_units = []
-        n_other = max(int(len(labels) - n_k[k]), 1)
         for w, g in sub.groupby("word"):
             n_img = g["image"].nunique()
             share = g.groupby("patch")["image"].nunique() / n_img
@@ -257,7 +256,7 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
                 # the word at these tokens: in how many of the class's images, and of the others'
                 at = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(fixed).to_numpy()]["image"].unique()
                 f_in = (labels[at] == k).sum() / max(n_k[k], 1)
-                f_out = (labels[at] != k).sum() / n_other
+                f_out = (labels[at] != k).sum() / n_rest
                 tok_units.append((n_img * float(share.max()), int(w), fixed, f_in, f_out))
         top = sorted(tok_units, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]
         for _, w, fixed, _, _ in top:
