@@ -116,6 +116,19 @@ def test_dense_descriptors_one_per_token_upright_with_the_token_colour():
     d0 = dense_descriptors(stripes, None, GRID, PATCH)[2]
     d1 = dense_descriptors(stripes.T.copy(), None, GRID, PATCH)[2]
     assert np.linalg.norm(d0[14] - d1[14]) > 0.5
+    # gradient weight 0 (`--dense-gradient-weight 0`): the token's colour alone, in the same layout
+    _, _, colour_only = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.5, gradient_weight=0.0)
+    assert colour_only.shape == desc.shape and not colour_only[:, :128].any()
+    assert np.array_equal(colour_only[:, 128:], desc[:, 128:])
+
+
+def test_dense_words_need_a_colour_or_gradient_part():
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--dense-words 8: dense descriptors need --colour-weight > 0"):
+        DiscoveryConfig(dense_words=8, colour_weight=0.0, dense_gradient_weight=0.0)
+    DiscoveryConfig(dense_words=8, colour_weight=0.0, dense_gradient_weight=1.0)  # grey SIFT at every token
+    DiscoveryConfig(dense_words=0, colour_weight=0.0, dense_gradient_weight=0.0)  # no dense words: nothing to check
 
 
 def test_a_dense_word_unit_removes_the_whole_frame_and_ranks_first(frame):
@@ -153,7 +166,7 @@ def test_flag_and_gated_steering_apply_the_frame_unit_to_new_images(frame, tmp_p
     data, lm, dense, _ = frame
     dense.shortcuts.save(tmp_path / "shortcuts.json")
     shortcuts = ShortcutSet.load(tmp_path)  # through the file, as `flag` and `prompt` read it
-    assert shortcuts.dense_words == N_DENSE
+    assert shortcuts.dense_words == N_DENSE and shortcuts.dense_gradient_weight == 1.0  # stored: flag and prompt use it
     flags = {g: flag_images(lm, shortcuts, TensorSource(_inputs(lm, data[g])), token_units="gated")[0]
              for g in ("aligned", "conflict", "absent")}
 
@@ -203,6 +216,14 @@ def test_shortcuts_json_with_a_bad_dense_word_count_is_refused(frame, tmp_path):
     (tmp_path / "shortcuts.json").write_text(json.dumps(d))
     with pytest.raises(ShortcutFileError, match="dense_words .* is not a count below"):
         ShortcutSet.load(tmp_path)
+    for bad in (-1.0, "0", True, float("inf")):
+        d["dense_words"], d["dense_gradient_weight"] = N_DENSE, bad
+        (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+        with pytest.raises(ShortcutFileError, match="dense_gradient_weight .* is not a weight >= 0"):
+            ShortcutSet.load(tmp_path)
+    del d["dense_gradient_weight"]  # a file from before the option: dense words with their SIFT part
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).dense_gradient_weight == 1.0
     del d["dense_words"]  # a file from before dense words: none, every centroid a detected word
     (tmp_path / "shortcuts.json").write_text(json.dumps(d))
     assert ShortcutSet.load(tmp_path).dense_words == 0

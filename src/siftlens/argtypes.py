@@ -105,7 +105,8 @@ def analyze_option_types() -> dict[str, _Number]:
 def discovery_option_types() -> dict[str, _Number]:
     """The range of every numeric DiscoveryConfig field that `spurious` exposes (the CLI uses the same types)."""
     return {"n_words": N_WORDS, "colour_weight": non_negative_float, "orientation_weight": non_negative_float,
-            "batch_size": positive_int, "seed": SEED, "dense_words": DENSE_WORDS}
+            "batch_size": positive_int, "seed": SEED, "dense_words": DENSE_WORDS,
+            "dense_gradient_weight": non_negative_float}
 
 
 def add_ranges_to_help(parser: argparse.ArgumentParser) -> None:

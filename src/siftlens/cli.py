@@ -185,6 +185,9 @@ def _spurious_parser(sub) -> None:
                    help="also describe every token at its centre and cluster those descriptors into this many dense "
                    "words, candidate units for cues SIFT detects no keypoint on (a border frame, fine texture); 0: "
                    "none")
+    p.add_argument("--dense-gradient-weight", type=non_negative_float, default=d.dense_gradient_weight,
+                   help="weight of the SIFT (gradient) part of the dense descriptors; 0: dense words are the token's "
+                   "colour alone")
     p.add_argument("--colour-weight", type=non_negative_float, default=d.colour_weight,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=non_negative_float, default=d.orientation_weight,
@@ -218,7 +221,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       region_windows=args.region_windows)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
-                          batch_size=args.batch_size, causal=causal, dense_words=args.dense_words)
+                          batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,
+                          dense_gradient_weight=args.dense_gradient_weight)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
     if res is None:  # a torchrun rank other than 0: rank 0 reports

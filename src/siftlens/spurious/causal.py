@@ -780,12 +780,13 @@ class ShortcutSet:
     # written before it was stored: output k
     output_index: list[int] | None = None
     dense_words: int = 0  # the last this many centroids are dense words (per-token descriptors; 0: none)
+    dense_gradient_weight: float = 1.0  # their descriptors' SIFT part (0: colour alone; files before it: 1)
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
                class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
                num_outputs: int | None = None, output_index: list[int] | None = None,
-               dense_words: int = 0) -> ShortcutSet:
+               dense_words: int = 0, dense_gradient_weight: float = 1.0) -> ShortcutSet:
         layout = lm.layout(input_hw)
         chosen = []
         df = causal.units
@@ -808,13 +809,14 @@ class ShortcutSet:
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen,
                    [int(j) for j in (output_index if output_index is not None else range(len(class_names)))],
-                   int(dense_words))
+                   int(dense_words), float(dense_gradient_weight))
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
                 "class_names": self.class_names, "layers": self.layers,
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
-                "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words}
+                "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words,
+                "dense_gradient_weight": self.dense_gradient_weight}
 
     def class_outputs(self) -> list[int]:
         """Model output of each class (output k where the file predates the stored mapping)."""
@@ -865,8 +867,12 @@ class ShortcutSet:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_words {dense!r} is not a count below "
                                     f"its {len(d['centroids'])} centroids (an edited file?); run `siftlens spurious` "
                                     "again")
+        gradient = d.get("dense_gradient_weight", 1.0)  # files before it: dense words with their SIFT part
+        if isinstance(gradient, bool) or not (isinstance(gradient, (int, float)) and 0 <= gradient < math.inf):
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_gradient_weight {gradient!r} is not "
+                                    "a weight >= 0 (an edited file?); run `siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
-                   tuple(d["descriptor_weights"]), d["units"], index, dense)
+                   tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient))
 
     def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
         """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
@@ -939,7 +945,8 @@ class ShortcutSet:
         out: list = []
         detected_words = len(self.centroids) - self.dense_words
         for b in range(len(x)):
-            _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0)
+            _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0,
+                                                   dense_gradient_weight=self.dense_gradient_weight)
             if info is not None:
                 info.setdefault("keypoints", {})[b] = kp
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)

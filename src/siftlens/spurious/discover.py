@@ -69,6 +69,11 @@ class DiscoveryConfig:
     # this many words. SIFT finds no keypoint near the image border and few on fine texture, so a cue spread over
     # many tokens there (a frame) has no detected word covering it; a dense word does (``dense_descriptors``)
     dense_words: int = 0
+    # weight of the RootSIFT part of a dense descriptor (0: the token's colour alone). Held-out round 4
+    # (benchmarks/RESULTS.md): with it, a frame of fine oblique stripes fell into words every class shares, while
+    # colour-alone words were class-specific there; but colour alone loses the toy frame of tests/test_dense_words
+    # (its colours recur in other images' backgrounds). Undecided: kept at 1, the design the held-out round judged
+    dense_gradient_weight: float = 1.0
     causal: CausalConfig | None = field(default_factory=CausalConfig)  # None: attention ranking only
 
     def __post_init__(self) -> None:
@@ -76,6 +81,9 @@ class DiscoveryConfig:
             raise ValueError(f"word_keypoints {self.word_keypoints!r} is not 'all' or 'attended'")
         if self.decisive not in DECISIVE:
             raise UserValueError(f"--decisive {self.decisive!r} is not one of {DECISIVE}")
+        if self.dense_words and not (self.colour_weight > 0 or self.dense_gradient_weight > 0):
+            raise UserValueError(f"--dense-words {self.dense_words}: dense descriptors need --colour-weight > 0 or "
+                                 "--dense-gradient-weight > 0 (both are 0: every token would look the same)")
         types = discovery_option_types()  # the ranges `siftlens spurious` checks at parse time, for library callers
         check_ranges({name: getattr(self, name) for name in types}, types)
 
@@ -139,7 +147,7 @@ def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
 
 
 def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int, int], patch: int,
-                      colour_weight: float = 0.0, orientation_weight: float = 0.0
+                      colour_weight: float = 0.0, orientation_weight: float = 0.0, gradient_weight: float = 1.0
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One motif descriptor per token, at its centre: (xy [n, 2] in pixels, pixel-centre convention as
     ``Keypoints``; size [n]; descriptors [n, D], the same layout as ``sift_with_descriptors``), row-major.
@@ -147,7 +155,8 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     The SIFT descriptor is computed upright (angle 0: a pattern's orientation is part of what it is) at size
     patch / 6, so that its 4 x 4 cells of 1.5 x size pixels span one token; the colour part is the token's mean
     opponent colour; the orientation part is constant (angle 0). Tokens at the border get a descriptor too,
-    where SIFT detects nothing."""
+    where SIFT detects nothing. ``gradient_weight`` scales the SIFT part (0: the token's colour alone, with the
+    same descriptor layout)."""
     rows, cols = grid
     centre = lambda i: i * patch + (patch - 1) / 2  # noqa: E731  (OpenCV: pixel i's centre is at i)
     pts = [(centre(c), centre(r)) for r in range(rows) for c in range(cols)]
@@ -156,7 +165,7 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     if desc is None or len(kept) != len(kps):  # OpenCV keeps every given point; refuse to misalign rows if not
         raise RuntimeError(f"dense SIFT: {0 if desc is None else len(kept)} descriptors for {len(kps)} tokens")
     desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
-    parts = [np.sqrt(desc)]
+    parts = [gradient_weight * np.sqrt(desc)]
     if colour_weight > 0:
         if rgb is None:
             raise ValueError("colour_weight > 0 needs the RGB image")
@@ -169,7 +178,8 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
 
 
 def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, orientation_weight: float,
-                      dense: bool = False) -> tuple[np.ndarray, Keypoints, np.ndarray, tuple | None]:
+                      dense: bool = False, dense_gradient_weight: float = 1.0
+                      ) -> tuple[np.ndarray, Keypoints, np.ndarray, tuple | None]:
     """The grey image SIFT sees, its keypoints and motif descriptors, for one model input [3, H, W]; with
     ``dense``, also the per-token descriptors (``dense_descriptors``: xy, size, descriptors), else None."""
     gray = lm.preprocess.to_uint8_gray(x)
@@ -178,7 +188,8 @@ def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, or
     extra = None
     if dense:
         layout = lm.layout(tuple(x.shape[-2:]))
-        extra = dense_descriptors(gray, rgb, layout.grid, layout.patch_size, colour_weight, orientation_weight)
+        extra = dense_descriptors(gray, rgb, layout.grid, layout.patch_size, colour_weight, orientation_weight,
+                                  dense_gradient_weight)
     return gray, kp, desc, extra
 
 
@@ -320,7 +331,7 @@ class ShortcutMasker:
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
-            parts: RunParts | None = None, dense: bool = False
+            parts: RunParts | None = None, dense: bool = False, dense_gradient_weight: float = 1.0
             ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
     per keypoint: a table (image, patch, position, size, lift, dense) and its motif descriptors [K, D], left in
@@ -354,7 +365,8 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
                                  "non-finite or too large?)")
         kp_rows, descs, group_rows = [], [], []
         for b in range(len(x)):
-            gray, kp, desc, extra = image_descriptors(lm, x[b], colour_weight, orientation_weight, dense)
+            gray, kp, desc, extra = image_descriptors(lm, x[b], colour_weight, orientation_weight, dense,
+                                                      dense_gradient_weight)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
             group_rows.append(concentration_groups(mass, groups))
             H, W = gray.shape
@@ -466,7 +478,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         raise UserValueError(f"labels: {len(labels)} labels for {source.n_files} images")
     attn, probs, kps, descriptors, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
                                                  cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts,
-                                                 dense=cfg.dense_words > 0)
+                                                 dense=cfg.dense_words > 0,
+                                                 dense_gradient_weight=cfg.dense_gradient_weight)
     if labels is not None and hasattr(source, "kept"):
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
@@ -531,7 +544,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         res.shortcuts = ShortcutSet.select(lm, res.causal, all_words, res.descriptor_weights, class_names, layers,
                                            source.input_hw, cfg.causal, num_outputs=probs.shape[1],
                                            output_index=label_map.output_index,
-                                           dense_words=0 if dense_centroids is None else len(dense_centroids))
+                                           dense_words=0 if dense_centroids is None else len(dense_centroids),
+                                           dense_gradient_weight=cfg.dense_gradient_weight)
     return res
 
 
