@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.cluster.vq import vq
 
 from siftlens.image_source import read_model_input
 from siftlens.models import load_model
@@ -26,12 +25,11 @@ from siftlens.spurious.source import TensorSource
 
 def unit_masks(lm, x: torch.Tensor, sc: ShortcutSet, words: list[int]) -> list[np.ndarray]:
     """Per image, bool [n]: the tokens whose dense word is one of ``words``."""
-    detected = len(sc.centroids) - sc.dense_words
     out = []
     for b in range(len(x)):
         dense = image_descriptors(lm, x[b], *sc.descriptor_weights, dense=True,
                                   dense_gradient_weight=sc.dense_gradient_weight)[3]
-        out.append(np.isin(detected + vq(dense[2].astype(np.float64), sc.centroids[detected:])[0], words))
+        out.append(np.isin(sc.dense_word_ids(dense[2]), words))
     return out
 
 

@@ -959,10 +959,9 @@ class ShortcutSet:
             xy, size = kp.xy, kp.size
             words = (vq(desc.astype(np.float64), self.centroids[:detected_words])[0] if len(desc)
                      else np.zeros(0, np.int32))
-            if dense is not None:  # each token's dense word, numbered after the detected words
+            if dense is not None:
                 xy, size = np.concatenate([xy, dense[0]]), np.concatenate([size, dense[1]])
-                words = np.concatenate([words, detected_words + vq(dense[2].astype(np.float64),
-                                                                   self.centroids[detected_words:])[0]])
+                words = np.concatenate([words, self.dense_word_ids(dense[2])])
             found = []
             col = np.clip((xy[:, 0] // p).astype(int), 0, grid[1] - 1)
             row = np.clip((xy[:, 1] // p).astype(int), 0, grid[0] - 1)
@@ -990,6 +989,11 @@ class ShortcutSet:
                         found.append((j, m))
             out.append(found)
         return out
+
+    def dense_word_ids(self, descriptors: np.ndarray) -> np.ndarray:
+        """Each token's dense word ([n] from its dense descriptors [n, D]), numbered after the detected words."""
+        detected = len(self.centroids) - self.dense_words
+        return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
     @staticmethod
     def _token_mask(u: dict, n: int) -> np.ndarray:
