@@ -22,6 +22,10 @@ gen. seeds     0-99                                         1000-1099
 model seeds    0, 1, 2                                      100, 101, 102
 =============  ==========================================  ==========================================
 
+``dev_frames`` (session 11): a second dev pool for the stripe frame only, the dev pool with other stripe periods
+(0.3, 0.875 token) and frame widths (0.5, 1.25 token), disjoint from both pools above, so that a frame method is
+tuned on more than one stripe design before a held-out round (generator seeds 200-299, dev model seeds).
+
 Geometry is in token units ``u = image_size // 8`` (an 8 x 8 token grid: patch 8 at 64 px from scratch,
 patch 16 at 128 px for the fine-tuned bundled model), so a variant is the same cue in both settings.
 Cells of the fixed-patch family avoid the outer ring of tokens (SIFT finds no keypoints within ~5 px of
@@ -34,7 +38,7 @@ or for the tint the whole image); the cue box in the metadata is the mask's boun
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -81,7 +85,8 @@ HELDOUT = Pool("heldout", hues=tuple(float(h) for h in range(20, 360, 40)),
                tint_alphas=(0.25, 0.35), chars="NOPQRSTUVWXYZ23456789", corners=("tr", "bl"),
                fonts=(cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX), gen_seeds=range(1000, 1100),
                model_seeds=(100, 101, 102))
-POOLS = {"dev": DEV, "heldout": HELDOUT}
+DEV_FRAMES = replace(DEV, name="dev_frames", periods=(0.3, 0.875), frame_widths=(0.5, 1.25), gen_seeds=range(200, 300))
+POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Variant:
     family: str
     split: str  # dev | heldout
     gen_seed: int
+    pool: str = ""  # the pool its parameters are drawn from, when not its split's (dev_frames)
 
 
 # The fixed variant list. Dev: two per family (generator seeds 0-9). Held-out: one per family with new
@@ -104,7 +110,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout2_{f}", f, "heldout", 1000 + 7 * j + 5) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout3_{f}", f, "heldout", 1000 + 7 * j + 6) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout4_{f}", f, "heldout", 1000 + 7 * j + 1) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout4_{f}", f, "heldout", 1000 + 7 * j + 1) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
@@ -134,7 +141,7 @@ def stripe_mask(angle: float, hw: tuple[int, int], period: float, phase: float) 
 
 def draw_class_params(variant: Variant, num_classes: int) -> list[dict]:
     """Per-class cue parameters of a variant, drawn from its pool with its generator seed."""
-    pool = POOLS[variant.split]
+    pool = POOLS[variant.pool or variant.split]
     if variant.gen_seed not in pool.gen_seeds:
         raise ValueError(f"variant {variant.name}: generator seed {variant.gen_seed} is outside the {pool.name} "
                          f"pool's seeds {pool.gen_seeds}")
@@ -261,5 +268,5 @@ def region_kind(family: str) -> str:
     return {"stripe_frame": "frame", "tint": "global"}.get(family, "box")
 
 
-__all__ = ["FAMILIES", "POOLS", "DEV", "HELDOUT", "VARIANTS", "VARIANTS_BY_NAME", "Variant", "Pool",
+__all__ = ["FAMILIES", "POOLS", "DEV", "DEV_FRAMES", "HELDOUT", "VARIANTS", "VARIANTS_BY_NAME", "Variant", "Pool",
            "draw_class_params", "render_cue", "mask_box", "region_kind", "colour_pair"]

@@ -144,8 +144,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="local weights (.safetensors, or a torch file loaded "
                    "with weights_only=True) for timm:/hf:/torchvision: models; no download happens")
     p.add_argument("--random-init", action="store_true",
-                   help="random weights (no download; for smoke tests and controls), drawn with seed 0; analyze: "
-                   "with --seed")
+                   help="random weights (no download; for smoke tests and controls), drawn with seed 0; analyze and "
+                   "spurious: with --seed")
 
 
 def _parse_layers(text: str) -> str | list[int]:

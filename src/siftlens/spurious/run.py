@@ -50,7 +50,8 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
     out = ensure_writable_dir(out)
     with OutputLock(out, "spurious", enabled=rank == 0):  # one run per --out (runguard.py)
         lm = model if isinstance(model, LoadedModel) else load_model(model, checkpoint=checkpoint,
-                                                                     random_init=random_init, device=device)
+                                                                     random_init=random_init, device=device,
+                                                                     seed=cfg.seed)
         check_finite_parameters(lm.module, lm.name)
         num_outputs = check_classifier(lm)  # class probabilities are what discovery measures
         paths = find_images(images)
