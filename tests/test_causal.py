@@ -445,3 +445,15 @@ def test_shortcut_verdict_names_the_applied_unit_or_why_none_is_claimed():
     assert shortcut_verdict(units, 3, cfg) == "no shortcut claimed: no candidate unit"
     # without a null, significance is not required
     assert shortcut_verdict(units, 1, CausalConfig(n_null=0)).startswith("shortcut claimed: word:3")
+    # class 4: specific and significant, but it moves p_k less than the effect floor (what random weights give);
+    # a larger-effect unit of the class is generic, so nothing above the floor qualifies
+    small = pd.concat([units, pd.DataFrame([
+        dict(cls=4, unit="word:9", kind="word", causal_rank=2, causal_effect=0.004, causal_p=0.005, f_in=0.6,
+             f_out=0.1),
+        dict(cls=4, unit="word:5", kind="word", causal_rank=1, causal_effect=0.2, causal_p=0.005, f_in=0.6,
+             f_out=0.5)])], ignore_index=True)
+    v4 = shortcut_verdict(small, 4, CausalConfig(shortcut_min_effect=0.01))
+    assert v4.startswith("no shortcut claimed: no class-specific unit lowers the class probability by more than the "
+                         "effect floor 0.01 (largest: word:9, 0.0040)"), v4
+    assert shortcut_candidates(small, 4, CausalConfig(shortcut_min_effect=0.01)).empty
+    assert shortcut_verdict(small, 4, CausalConfig(shortcut_min_effect=0.003)).startswith("shortcut claimed: word:9")

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="val")
+    ap.add_argument("--classes", nargs="*", help="class folder names (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -36,6 +37,11 @@ def main() -> None:
         return
     with tarfile.open(args.data) as tar:
         files = list_tar_image_folder(tar, Path(args.data), args.split)
+        if args.classes:
+            missing = sorted(set(args.classes) - set(files))
+            if missing:
+                raise SystemExit(f"--classes {missing}: not class folders of {args.data}'s {args.split} split")
+            files = {c: files[c] for c in args.classes}
         for ci, (cls, members) in enumerate(files.items()):
             rng = np.random.default_rng([args.seed, ci])
             idx = np.sort(rng.choice(len(members), size=min(args.per_class, len(members)), replace=False))

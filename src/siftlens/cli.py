@@ -203,6 +203,9 @@ def _spurious_parser(sub) -> None:
                    "region unit, for cues that move or that no single word captures (0: no region units)")
     p.add_argument("--region-windows", choices=("sift", "all"), default=c.region_windows,
                    help="region units search the windows holding a SIFT keypoint, or every window (the SIFT-free twin)")
+    p.add_argument("--min-effect", type=non_negative_float, default=c.shortcut_min_effect,
+                   help="effect floor of a shortcut claim: its unit must lower the class probability by more than "
+                   "this on average over the class's images (calibrated on random-weights models)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
@@ -218,7 +221,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
     causal = None if args.no_causal else CausalConfig(causal_images=args.causal_images,
                                                       control_budget=args.control_budget,
                                                       region_images=args.region_images,
-                                                      region_windows=args.region_windows)
+                                                      region_windows=args.region_windows,
+                                                      shortcut_min_effect=args.min_effect)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,

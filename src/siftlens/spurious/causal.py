@@ -686,15 +686,16 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.Da
     unit that carries some of the evidence lowers p_k more in class k's images (where p_k is high) than in
     others', so generic units get small p too (docs/CHOICES.md)."""
     sub = _specific_units(units, k, cfg)
+    sub = sub[sub["causal_effect"] > cfg.shortcut_min_effect] if len(sub) else sub
     return sub[sub["causal_p"] <= cfg.shortcut_alpha] if cfg.n_null > 0 and len(sub) else sub
 
 
 def _specific_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
-    """Class k's units with an effect above ``shortcut_min_effect`` that are class-specific (f_in >=
-    ``shortcut_specificity`` x f_out), before any significance test."""
+    """Class k's units with an effect (removing them lowers p_k on average) that are class-specific (f_in >=
+    ``shortcut_specificity`` x f_out), before the effect floor and any significance test."""
     if not len(units):
         return units
-    return units[(units["cls"] == k) & (units["causal_effect"] > cfg.shortcut_min_effect)
+    return units[(units["cls"] == k) & (units["causal_effect"] > 0)
                  & (units["f_in"] >= cfg.shortcut_specificity * units["f_out"])]
 
 
@@ -717,7 +718,13 @@ def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
         return (f"no shortcut claimed: no unit with an effect is class-specific (>= {cfg.shortcut_specificity:g}x as "
                 f"frequent in the class as elsewhere){freq}. A small causal_p alone only says a unit carries some of "
                 "the class's evidence, as generic texture does in a model trained on clean data")
-    best = specific.iloc[0]
+    large = specific[specific["causal_effect"] > cfg.shortcut_min_effect]
+    if not len(large):
+        top = specific.sort_values("causal_effect", ascending=False).iloc[0]
+        return (f"no shortcut claimed: no class-specific unit lowers the class probability by more than the effect "
+                f"floor {cfg.shortcut_min_effect:g} (largest: {top['unit']}, {top['causal_effect']:.4f}); effects this "
+                "small are also found on random-weights models (docs/CHOICES.md)")
+    best = large.iloc[0]
     return (f"no shortcut claimed: the class-specific units are not significant (best {best['unit']}, "
             f"p={best['causal_p']:.3f} > {cfg.shortcut_alpha:g})")
 
