@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from shortcut_suite import generate  # noqa: E402
 from shortcut_suite.cues import (  # noqa: E402
     DEV,
+    DEV_FRAMES,
     FAMILIES,
     HELDOUT,
+    POOLS,
     VARIANTS,
     Variant,
     colour_pair,
@@ -131,13 +133,16 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 
 def test_dev_and_heldout_pools_are_disjoint():
-    for f in dataclasses.fields(DEV):
-        if f.name == "name":
-            continue
-        a, b = getattr(DEV, f.name), getattr(HELDOUT, f.name)
-        assert not set(a) & set(b), f"pool field {f.name} shared by dev and held-out: {set(a) & set(b)}"
+    for dev in (DEV, DEV_FRAMES):
+        for f in dataclasses.fields(dev):
+            if f.name == "name":
+                continue
+            a, b = getattr(dev, f.name), getattr(HELDOUT, f.name)
+            assert not set(a) & set(b), f"pool field {f.name} shared by {dev.name} and held-out: {set(a) & set(b)}"
+    for f in ("periods", "frame_widths", "gen_seeds"):  # the second dev pool's frames are new designs
+        assert not set(getattr(DEV, f)) & set(getattr(DEV_FRAMES, f))
     for v in VARIANTS:  # every drawn value comes from the variant's own pool
-        pool = DEV if v.split == "dev" else HELDOUT
+        pool = POOLS[v.pool or v.split]
         for p in draw_class_params(v, 5):
             assert p["hue"] in pool.hues
             for key, allowed in (("shape", pool.shapes), ("band", pool.bands), ("angle", pool.angles),
