@@ -21,7 +21,7 @@ import numpy as np
 from siftlens.image_source import list_tar_image_folder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="imagenette2-160.tar (or any ImageFolder tar with a val split)")
     ap.add_argument("--per-class", type=int, default=20)
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--classes", nargs="*", help="class folder names (default: all)")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     if out.exists():

@@ -1,0 +1,78 @@
+"""The shortcut suite's calibration tools: the clean-image sampler and the claimable-effect table."""
+
+from __future__ import annotations
+
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from shortcut_suite import calibration_images  # noqa: E402
+from shortcut_suite.claim_floor import claimable  # noqa: E402
+
+from siftlens.spurious.causal import CausalConfig  # noqa: E402
+
+
+@pytest.fixture()
+def tar_source(tmp_path) -> Path:
+    """A tar with train/ and val/ class folders (val: 10 images per class)."""
+    root = tmp_path / "data"
+    for split, n in (("train", 2), ("val", 10)):
+        for c in ("cA", "cB", "cC"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / split / c / f"{c}_{i}.png")
+    path = tmp_path / "data.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(root, arcname="data")
+    return path
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+
+
+def test_calibration_images_are_a_seeded_val_sample(tar_source, tmp_path):
+    for out, seed in (("a", 3), ("b", 3), ("c", 4)):
+        calibration_images.main(["--data", str(tar_source), "--per-class", "4", "--seed", str(seed), "--out",
+                                 str(tmp_path / out)])
+    a = _names(tmp_path / "a")
+    assert len(a) == 12 and {n.split("/")[0] for n in a} == {"cA", "cB", "cC"}
+    assert a == _names(tmp_path / "b")  # same arguments, same images
+    assert a != _names(tmp_path / "c")  # another seed, another sample
+    # bytes copied as they are in the archive (no re-encoding)
+    src = tarfile.open(tar_source).extractfile(f"data/val/{a[0]}").read()
+    assert (tmp_path / "a" / a[0]).read_bytes() == src
+    calibration_images.main(["--data", str(tar_source), "--per-class", "4", "--classes", "cB", "--out",
+                             str(tmp_path / "d")])
+    assert {n.split("/")[0] for n in _names(tmp_path / "d")} == {"cB"}
+    with pytest.raises(SystemExit, match="cZ"):
+        calibration_images.main(["--data", str(tar_source), "--classes", "cZ", "--out", str(tmp_path / "e")])
+
+
+def test_claimable_takes_the_causal_top_of_the_specific_significant_units():
+    units = pd.DataFrame([
+        # class 0: rank 1 generic, rank 2 specific + significant (claimable), rank 3 specific, larger p
+        dict(cls=0, **{"class": "a"}, unit="word:1", causal_rank=1, causal_effect=0.3, causal_p=0.005, f_in=0.9,
+             f_out=0.8),
+        dict(cls=0, **{"class": "a"}, unit="word:2", causal_rank=2, causal_effect=0.004, causal_p=0.01, f_in=0.6,
+             f_out=0.1),
+        dict(cls=0, **{"class": "a"}, unit="word:3", causal_rank=3, causal_effect=0.002, causal_p=0.2, f_in=0.6,
+             f_out=0.1),
+        # class 1: specific but not significant -> nothing claimable
+        dict(cls=1, **{"class": "b"}, unit="word:4", causal_rank=1, causal_effect=0.5, causal_p=0.3, f_in=0.7,
+             f_out=0.0),
+        # class 2: a negative effect is never claimable, even specific and significant
+        dict(cls=2, **{"class": "c"}, unit="word:5", causal_rank=1, causal_effect=-0.01, causal_p=0.01, f_in=0.7,
+             f_out=0.0),
+    ])
+    c = claimable(units, CausalConfig(shortcut_min_effect=-np.inf))
+    assert list(c["unit"]) == ["word:2"] and c["causal_effect"].iloc[0] == 0.004
+    # the floor is applied by the caller: with the default one the same unit is not a claim
+    assert claimable(units, CausalConfig()).empty
