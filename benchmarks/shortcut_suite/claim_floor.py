@@ -49,7 +49,7 @@ def main() -> None:
         listed = ", ".join(f"{r['class']} {r['unit']}: {r['causal_effect']:.4f}" for _, r in c.iterrows()) or "none"
         counts = " | ".join(str(int((eff > f).sum())) for f in args.floors)
         spec = units[units["f_in"] >= cfg.shortcut_specificity * units["f_out"]]
-        print(f"| {Path(run).name} | {units['cls'].nunique()} | {units['causal_effect'].max():.4f} / "
+        print(f"| {run} | {units['cls'].nunique()} | {units['causal_effect'].max():.4f} / "
               f"{spec['causal_effect'].max() if len(spec) else float('nan'):.4f} | {listed} | "
               f"{eff.max() if len(eff) else float('nan'):.4f} | {counts} |")
 
