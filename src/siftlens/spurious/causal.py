@@ -95,7 +95,8 @@ class CausalConfig:
     # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
     # the others'): "frequent within one class, rare elsewhere or fixed in position" (METHOD.md §4)
     shortcut_alpha: float = 0.05
-    shortcut_min_effect: float = 0.02  # above every unit of nine random-weights models (RESULTS "Dev round 6")
+    # over the largest unit effect of nine random-weights models (RESULTS "Dev round 6")
+    shortcut_min_effect: float = 0.02
     shortcut_specificity: float = 2.0
     top_shortcuts: int = 1
     batch_size: int = 64
