@@ -206,6 +206,21 @@ def test_flag_and_gated_steering_apply_the_frame_unit_to_new_images(frame, tmp_p
     assert after > before + 0.15, (before, after)  # the worst group (conflicting images) gains
 
 
+def test_colour_only_dense_units_are_labelled_sift_free(frame):
+    """A claim on dense words without their SIFT part is a token's colour: the report must not call it a SIFT unit.
+    Only dense units at gradient weight 0 are labelled; detected-word units and gradient-weighted ones are not."""
+    import dataclasses
+
+    _, _, dense, _ = frame
+    sc = dense.shortcuts
+    assert sc.units and not any(sc.colour_only(u) for u in sc.units)  # this run: gradient weight 1
+    colour = dataclasses.replace(sc, dense_gradient_weight=0.0)
+    assert all(colour.colour_only(u) for u in sc.units)  # its claims are all dense units (the frame)
+    detected_word = {**sc.units[0], "kind": "word", "word": N_WORDS - 1}  # the last detected word
+    assert not colour.colour_only(detected_word)
+    assert not dataclasses.replace(colour, dense_words=0).colour_only(detected_word)
+
+
 def test_shortcuts_json_with_a_bad_dense_word_count_is_refused(frame, tmp_path):
     from siftlens.spurious.causal import ShortcutFileError
 

@@ -248,7 +248,10 @@ def _run_spurious(args: argparse.Namespace) -> int:
                       f"({c['box_x0']:.2f}, {c['box_y0']:.2f})-({c['box_x1']:.2f}, {c['box_y1']:.2f})")
             print(f"{name}: {shortcut_verdict(res.causal.units, k, res.causal.config)}")
     if res.shortcuts is not None:
-        print(f"shortcuts for flag / gated prompt: {[u['class_name'] + ' ' + u['unit'] for u in res.shortcuts.units]}")
+        sift_free = " (colour only: SIFT-free)"
+        named = [f"{u['class_name']} {u['unit']}{sift_free if res.shortcuts.colour_only(u) else ''}"
+                 for u in res.shortcuts.units]
+        print(f"shortcuts for flag / gated prompt: {named}")
     print(f"-> {args.out}/spurious.html")
     return 0
 

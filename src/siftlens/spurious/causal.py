@@ -998,6 +998,12 @@ class ShortcutSet:
             out.append(found)
         return out
 
+    def colour_only(self, u: dict) -> bool:
+        """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
+        token's colour, so a claim on it is a SIFT-free finding and the report says so."""
+        return (self.dense_words > 0 and self.dense_gradient_weight == 0
+                and int(u["word"]) >= len(self.centroids) - self.dense_words)
+
     def dense_word_ids(self, descriptors: np.ndarray) -> np.ndarray:
         """Each token's dense word ([n] from its dense descriptors [n, D]), numbered after the detected words."""
         detected = len(self.centroids) - self.dense_words
