@@ -16,9 +16,7 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
-from siftlens.image_source import list_tar_image_folder
+from siftlens.image_source import list_tar_image_folder, select_per_class
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,20 +35,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tarfile.open(args.data) as tar:
         files = list_tar_image_folder(tar, Path(args.data), args.split)
-        if args.classes:
-            missing = sorted(set(args.classes) - set(files))
-            if missing:
-                raise SystemExit(f"--classes {missing}: not class folders of {args.data}'s {args.split} split")
-            files = {c: files[c] for c in args.classes}
-        for ci, (cls, members) in enumerate(files.items()):
-            rng = np.random.default_rng([args.seed, ci])
-            idx = np.sort(rng.choice(len(members), size=min(args.per_class, len(members)), replace=False))
+        try:  # the seeded per-class draw load_image_folder makes
+            _, picked = select_per_class(files, args.classes or None, args.per_class, args.seed, {})
+        except ValueError as e:
+            raise SystemExit(f"--classes / --per-class: {e}") from None
+        for cls, members in picked.items():
             (tmp / cls).mkdir(parents=True, exist_ok=True)
-            for i in idx:
-                m = members[i]
+            for m in members:
                 (tmp / cls / Path(m.name).name).write_bytes(tar.extractfile(m).read())
     os.replace(tmp, out)
-    print(f"{sum(1 for _ in out.rglob('*.*'))} images in {len(files)} classes -> {out}")
+    print(f"{sum(1 for _ in out.rglob('*.*'))} images in {len(picked)} classes -> {out}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def load_split_sources(data: Path, num_classes: int, size: int, seed: int, n_tra
     rng = np.random.default_rng([seed, 3])
     tr_rows, disc_rows, tr_names, disc_names = [], [], [], []
     picked_rng_names = {}
-    for ci, c in enumerate(classes):  # the names load_source_images drew (same rule as image_source._select)
+    for ci, c in enumerate(classes):  # the names load_source_images drew (same rule as image_source.select_per_class)
         idx = np.sort(np.random.default_rng([seed, ci]).choice(len(names[c]), n_train + n_disc, replace=False))
         picked_rng_names[c] = [names[c][i] for i in idx]
         rows = np.flatnonzero(both.labels.numpy() == ci)

@@ -260,8 +260,10 @@ class SourceImages(NamedTuple):
     class_names: list[str]
 
 
-def _select(files: dict[str, list], classes: Sequence[str] | int | None, per_class: int | None, seed: int,
+def select_per_class(files: dict[str, list], classes: Sequence[str] | int | None, per_class: int | None, seed: int,
             display_names: Mapping[str, str]) -> tuple[list[str], dict[str, list]]:
+    """The chosen classes and, per class, a seeded draw of ``per_class`` of its files (in file order; class i of
+    the chosen ones draws with seed [seed, i]); a class with too few files, or one not in ``files``, is an error."""
     available = list(files)
     if classes is None:
         chosen = available
@@ -325,7 +327,7 @@ def load_image_folder(path: str | Path, split: str | None = "train", classes: Se
         files = image_folder(root)
         if not files:
             raise FileNotFoundError(f"no class folders with images under {root}")
-        chosen, picked = _select(files, classes, per_class, seed, names)
+        chosen, picked = select_per_class(files, classes, per_class, seed, names)
         for ci, c in enumerate(chosen):
             for f in picked[c]:
                 images.append(decode_square(f, size, crop, draft))
@@ -337,7 +339,7 @@ def load_image_folder(path: str | Path, split: str | None = "train", classes: Se
             raise ValueError(f"{path} is neither a folder nor a readable tar archive ({e})") from None
         with tar:
             files = list_tar_image_folder(tar, path, split)
-            chosen, picked = _select(files, classes, per_class, seed, names)
+            chosen, picked = select_per_class(files, classes, per_class, seed, names)
             where = {m.name: (ci, j) for ci, c in enumerate(chosen) for j, m in enumerate(picked[c])}
             decoded: dict[tuple[int, int], np.ndarray] = {}
             for m in sorted((m for c in chosen for m in picked[c]), key=lambda m: m.offset):  # archive order
