@@ -480,3 +480,62 @@ def test_shortcut_verdict_names_the_applied_unit_or_why_none_is_claimed():
                          "effect floor 0.01 (largest: word:9, 0.0040)"), v4
     assert shortcut_candidates(small, 4, CausalConfig(shortcut_min_effect=0.01)).empty
     assert shortcut_verdict(small, 4, CausalConfig(shortcut_min_effect=0.003)).startswith("shortcut claimed: word:9")
+
+
+def test_with_two_families_each_is_tested_at_half_alpha_and_both_can_be_claimed():
+    """Dense words add a second family of units (its own null, ``_effect_table``); a class's claim is then tested
+    at alpha / 2 per family (Bonferroni), and a class may get one claim per family (a scene colour and a
+    watermark both)."""
+    import pandas as pd
+
+    from siftlens.spurious.causal import CausalConfig, family_alpha, shortcut_candidates, shortcut_verdict
+
+    cfg = CausalConfig()
+    row = dict(kind="word", f_in=0.9, f_out=0.1)
+    units = pd.DataFrame([
+        # class 0: keypoints only, p 0.03 -> claimed at the whole alpha
+        dict(row, cls=0, unit="word:1", family="keypoint", causal_rank=1, causal_effect=0.1, causal_p=0.03),
+        # class 1: both families; keypoint p 0.03 > 0.025 (not claimed), dense p 0.02 (claimed)
+        dict(row, cls=1, unit="word:2", family="keypoint", causal_rank=2, causal_effect=0.1, causal_p=0.03),
+        dict(row, cls=1, unit="word:70", family="dense", causal_rank=1, causal_effect=0.2, causal_p=0.02),
+        # class 2: both families significant: both claimed, each family's top one
+        dict(row, cls=2, unit="word:3", family="keypoint", causal_rank=2, causal_effect=0.1, causal_p=0.005),
+        dict(row, cls=2, unit="word:71", family="dense", causal_rank=1, causal_effect=0.3, causal_p=0.005),
+        dict(row, cls=2, unit="word:72", family="dense", causal_rank=3, causal_effect=0.05, causal_p=0.01),
+        # a region unit is not a claimable family: class 0 still has one family
+        dict(cls=0, unit="region:1", kind="region", family="region", causal_rank=2, causal_effect=0.5,
+             causal_p=0.005, f_in=float("nan"), f_out=float("nan")),
+    ])
+    assert family_alpha(units, 0, cfg) == pytest.approx(0.05)
+    assert family_alpha(units, 1, cfg) == pytest.approx(0.025)
+    assert list(shortcut_candidates(units, 0, cfg)["unit"]) == ["word:1"]
+    assert list(shortcut_candidates(units, 1, cfg)["unit"]) == ["word:70"]
+    assert sorted(shortcut_candidates(units, 2, cfg)["unit"]) == ["word:3", "word:71", "word:72"]
+    v1 = shortcut_verdict(units, 1, cfg)
+    assert v1.startswith("keypoint units: no shortcut claimed: the class-specific units are not significant "
+                         "(best word:2, p=0.030 > 0.025); dense (per-token) units: shortcut claimed: word:70"), v1
+    v2 = shortcut_verdict(units, 2, cfg)
+    assert "keypoint units: shortcut claimed: word:3" in v2 and "dense (per-token) units: shortcut claimed: word:71" \
+        in v2 and v2.endswith("(alpha 0.05 split between the two families)")
+    assert shortcut_verdict(units, 0, cfg).startswith("shortcut claimed: word:1")
+    # a motifs.csv from before families: all keypoint (regions region), one family, the whole alpha
+    old = units.drop(columns="family")
+    assert family_alpha(old, 1, cfg) == pytest.approx(0.05)
+    assert sorted(shortcut_candidates(old, 1, cfg)["unit"]) == ["word:2", "word:70"]
+
+
+def test_dense_words_leave_a_learned_keypoint_cue_claimed_with_its_p_value(cue):
+    """Adding dense words (their own family, null and token units) leaves the keypoint units of a model that
+    learned a keypoint cue as they were: same units (token units are capped and gated per family), effects and
+    p-values, the cue's unit still significant. (That the separate null matters is shown in test_dense_words.py,
+    where the dense units' effects are large.)"""
+    data, lm, res = cue
+    dense = discover_shortcuts(lm, inputs(lm, data["train"]), data["y"], CLASSES,
+                               DiscoveryConfig(n_words=16, dense_words=16)).causal.units
+    a = dense[dense["family"] == "keypoint"].set_index(["cls", "unit"]).sort_index()
+    b = res.causal.units[res.causal.units["family"] == "keypoint"].set_index(["cls", "unit"]).sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(a["causal_effect"], b["causal_effect"], atol=1e-5)
+    np.testing.assert_allclose(a["causal_p"], b["causal_p"], atol=1.5 / 201)
+    assert (b.groupby(level=0)["causal_p"].min() <= 0.01).all()  # small p's: the comparison can fail
+    assert (dense["family"] == "dense").any()

@@ -287,3 +287,25 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
     assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < 0.2
     plain = steered["plain"][~steered["plain"]["steered"]]
     assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
+
+
+def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(frame):
+    """Each family has its own label-permutation null and its own token units, so adding dense words (here 16 of
+    them, whose units carry the frame's large effects) changes nothing for the keypoint units: the same units,
+    effects and p-values as the run without dense words (a shared null's max would rise with the dense units)."""
+    _, _, dense, plain = frame
+    d, p = dense.causal.units, plain.causal.units
+    assert set(d["family"]) >= {"keypoint", "dense"} and "dense" not in set(p["family"])
+    a = d[d["family"] == "keypoint"].set_index(["cls", "unit"]).sort_index()
+    b = p[p["family"] == "keypoint"].set_index(["cls", "unit"]).sort_index()
+    assert len(a) and list(a.index) == list(b.index)
+    np.testing.assert_allclose(a["causal_effect"], b["causal_effect"], atol=1e-5)
+    np.testing.assert_allclose(a["causal_p"], b["causal_p"], atol=1.5 / 201)  # a float-noise tie at most
+    # what a shared null would have given: the dense units' best effect exceeds the keypoint units' in every class
+    for k in range(3):
+        assert d[(d["cls"] == k) & (d["family"] == "dense")]["causal_effect"].max() > \
+            a.loc[k]["causal_effect"].max()
+    # family_rank ranks within the class's family; causal_rank over all its units
+    for _, g in d.groupby(["cls", "family"]):
+        assert sorted(g["family_rank"]) == list(range(1, len(g) + 1))
+        assert list(g.sort_values("family_rank")["causal_rank"]) == sorted(g["causal_rank"])
