@@ -1,6 +1,7 @@
 """Judge one `siftlens spurious` run on a generated suite run, discovery only (no flag / prompt): per class, is the
-top causal unit at the planted cue, which unit is claimed as the shortcut, is the claimed unit at the cue, and its
-effect. A quick dev check of a discovery change (`evaluate.py run` does all of it, with steering, in ~30 min).
+top causal unit at the planted cue, which units are claimed as shortcuts (one per unit family at most), is each
+at the cue, and its effect. A quick dev check of a discovery change (`evaluate.py run` does all of it, with
+steering, in ~30 min).
 
     python benchmarks/shortcut_suite/judge_discovery.py --run runs/suite/dev_stripe_frame_2/scratch/s0 \
         --spurious runs/dev5/f2_gw0
@@ -28,23 +29,20 @@ def judge(run: Path, spurious: Path) -> dict:
     k = len(names)
     _, centres = method_centres(spurious, names)
     top = located(centres, disc, k, size, patch, method_tokens(spurious, names))
-    units = json.loads((spurious / "shortcuts.json").read_text())["units"]
-    claim_centres, claim_tokens, claims = {}, {}, {}
+    sj = json.loads((spurious / "shortcuts.json").read_text())
+    units, first_dense = sj["units"], len(sj["centroids"]) - sj.get("dense_words", 0)
+    motifs = pd.read_csv(spurious / "motifs.csv")
+    claims: dict[int, list[dict]] = {c: [] for c in range(k)}  # a class may have one claim per unit family
     for u in units:
         x0, y0, x1, y1 = u["box"]
-        claim_centres[u["cls"]] = ((x0 + x1) / 2, (y0 + y1) / 2)
-        claim_tokens[u["cls"]] = u["tokens"]
-        claims[u["cls"]] = u
-    at_cue = located(claim_centres, disc, k, size, patch, claim_tokens)
-    motifs = pd.read_csv(spurious / "motifs.csv")
-    rows = []
-    for c in range(k):
-        u = claims.get(c)
-        eff = (float(motifs[(motifs.cls == c) & (motifs.unit == u["unit"])].causal_effect.iloc[0]) if u else None)
-        rows.append({"class": names[c], "top_at_cue": top["per_class"][c], "claim": u["unit"] if u else "",
-                     "claim_at_cue": at_cue["per_class"][c] if u else None, "claim_effect": eff})
-    return {"located": top["rate"], "chance": top["chance"], "claims": len(claims),
-            "claims_at_cue": sum(bool(r["claim_at_cue"]) for r in rows), "per_class": rows}
+        at = located({u["cls"]: ((x0 + x1) / 2, (y0 + y1) / 2)}, disc, k, size, patch, {u["cls"]: u["tokens"]})
+        eff = float(motifs[(motifs.cls == u["cls"]) & (motifs.unit == u["unit"])].causal_effect.iloc[0])
+        claims[u["cls"]].append({"unit": u["unit"], "family": u.get("family", "dense" if u["word"] >= first_dense else "keypoint"),
+                                 "at_cue": at["per_class"][u["cls"]], "effect": eff})
+    rows = [{"class": names[c], "top_at_cue": top["per_class"][c], "claims": claims[c]} for c in range(k)]
+    return {"located": top["rate"], "chance": top["chance"], "claims": sum(bool(v) for v in claims.values()),
+            "claims_at_cue": sum(any(u["at_cue"] for u in v) for v in claims.values()),
+            "off_cue_units": sum(not u["at_cue"] for v in claims.values() for u in v), "per_class": rows}
 
 
 def main() -> None:
@@ -54,13 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     for sp in args.spurious:
         r = judge(Path(args.run), Path(sp))
-        print(f"{sp}: located {r['located']:.2f} (chance {r['chance']:.2f}), claims {r['claims']}, "
-              f"at the cue {r['claims_at_cue']}")
+        print(f"{sp}: located {r['located']:.2f} (chance {r['chance']:.2f}), classes claimed {r['claims']}, "
+              f"with a claim at the cue {r['claims_at_cue']}, claimed units off the cue {r['off_cue_units']}")
         for row in r["per_class"]:
-            eff = f" effect {row['claim_effect']:.4f}" if row["claim_effect"] is not None else ""
-            print(f"  {row['class']:<20} top at cue {row['top_at_cue']!s:<5} claim {row['claim'] or '-':<28} "
-                  f"at cue {row['claim_at_cue']!s:<5}{eff}")
-
+            claimed = "; ".join(f"{u['unit']} ({u['family']}) at cue {u['at_cue']} effect {u['effect']:.4f}"
+                                for u in row["claims"]) or "-"
+            print(f"  {row['class']:<20} top at cue {row['top_at_cue']!s:<5} claims: {claimed}")
 
 if __name__ == "__main__":
     main()
