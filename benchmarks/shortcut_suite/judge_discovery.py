@@ -37,7 +37,8 @@ def judge(run: Path, spurious: Path) -> dict:
         x0, y0, x1, y1 = u["box"]
         at = located({u["cls"]: ((x0 + x1) / 2, (y0 + y1) / 2)}, disc, k, size, patch, {u["cls"]: u["tokens"]})
         eff = float(motifs[(motifs.cls == u["cls"]) & (motifs.unit == u["unit"])].causal_effect.iloc[0])
-        claims[u["cls"]].append({"unit": u["unit"], "family": u.get("family", "dense" if u["word"] >= first_dense else "keypoint"),
+        family = u.get("family", "dense" if u["word"] >= first_dense else "keypoint")  # files before families
+        claims[u["cls"]].append({"unit": u["unit"], "family": family,
                                  "at_cue": at["per_class"][u["cls"]], "effect": eff})
     rows = [{"class": names[c], "top_at_cue": top["per_class"][c], "claims": claims[c]} for c in range(k)]
     return {"located": top["rate"], "chance": top["chance"], "claims": sum(bool(v) for v in claims.values()),
