@@ -355,10 +355,13 @@ LOCATION_RUNS = {"method_region_all_windows": ["--region-windows", "all"]}
 ABLATIONS = {"method_without_regions": ["--region-images", "0"]}
 # with --ablate-dense: the same method without dense words (the last --dense-words wins), i.e. what they add
 DENSE_ABLATIONS = {"method_without_dense_words": ["--dense-words", "0"]}
+# with --ablate-words: the same method with the default 64 visual words (the last --words wins)
+WORDS_ABLATIONS = {"method_with_64_words": ["--words", "64"]}
 
 
 def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
-                 ablate_regions: bool = False, spurious_args: Sequence[str] = (), ablate_dense: bool = False) -> dict:
+                 ablate_regions: bool = False, spurious_args: Sequence[str] = (), ablate_dense: bool = False,
+                 ablate_words: bool = False) -> dict:
     """Every number of one (variant, setting, seed) folder; ``spurious_args``: extra `siftlens spurious` options
     for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``)."""
     t_start = time.time()
@@ -381,7 +384,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     if not skip_cli:
         status["spurious"] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
                                       "--out", str(sp), "--seed", str(seed), *spurious_args], sp / "motifs.csv", log)
-        extra = LOCATION_RUNS | (ABLATIONS if ablate_regions else {}) | (DENSE_ABLATIONS if ablate_dense else {})
+        extra = (LOCATION_RUNS | (ABLATIONS if ablate_regions else {}) | (DENSE_ABLATIONS if ablate_dense else {})
+                 | (WORDS_ABLATIONS if ablate_words else {}))
         for name, args in extra.items():
             status[name] = run_cli(["spurious", "--model", str(model), "--images", str(run / "discovery"),
                                     "--out", str(out / name), "--seed", str(seed), *spurious_args, *args],
@@ -432,7 +436,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         cue_loc["method"] = "not available"
     cue_loc["method_occlusion_control"] = (located(occlusion_csv_centres(sp, class_names), disc, k, size, patch)
                                            if (sp / "occlusion_control.csv").exists() else "not available")
-    for name in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS):
+    for name in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS, *WORDS_ABLATIONS):
         if (out / name / "motifs.csv").exists():
             basis, centres = method_centres(out / name, class_names)
             cue_loc[name] = located(centres, disc, k, size, patch, method_tokens(out / name, class_names)) | {
@@ -679,10 +683,12 @@ def compact_tables(results: list[dict]) -> str:
                       if s in r["flags"][tgt] else "—") for s in scores]
             lines.append(f"| {tag} | {short} | " + " | ".join(cells) + " |")
     keys = ["method", "method_occlusion_control", "bench_occlusion_reference"]
-    keys += [k for k in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS) if any(k in r["cue_located"] for r in results)]
+    keys += [k for k in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS, *WORDS_ABLATIONS)
+             if any(k in r["cue_located"] for r in results)]
     heads = {"method_region_all_windows": "region units over every window (SIFT-free twin)",
              "method_without_regions": "method without region units",
-             "method_without_dense_words": "method without dense words"}
+             "method_without_dense_words": "method without dense words",
+             "method_with_64_words": "method with 64 words"}
     cols = ["run", "cue located: method (basis)", "method's occlusion control", "benchmark occlusion reference",
             *(heads[k] for k in keys[3:])]
     lines += ["", "| " + " | ".join(cols) + " |", "|---|" + "---|" * len(keys)]
@@ -751,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run `siftlens spurious --region-images 0` and judge where its top unit is")
     r.add_argument("--ablate-dense", action="store_true",
                    help="also run `siftlens spurious` with --dense-words 0 and judge where its top unit is")
+    r.add_argument("--ablate-words", action="store_true",
+                   help="also run `siftlens spurious` with --words 64 and judge where its top unit is")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--spurious-args", default="", help="extra `siftlens spurious` options, one string (a method "
                    "variant under test, e.g. '--dense-words 64'); with --eval-dir, its results stay apart")
@@ -764,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         for run in a.run:
             res = evaluate_run(Path(run), Path(run) / a.eval_dir, skip_cli=a.skip_cli,
                                ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args),
-                               ablate_dense=a.ablate_dense)
+                               ablate_dense=a.ablate_dense, ablate_words=a.ablate_words)
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]
