@@ -724,15 +724,18 @@ def family_alpha(units: pd.DataFrame, k: int, cfg: CausalConfig) -> float:
     return cfg.shortcut_alpha / max(n, 1)
 
 
-def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
+def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float | None = None
+                        ) -> pd.DataFrame:
     """Class k's units that may be applied as a shortcut: an effect above ``shortcut_min_effect``, class-specific
     (f_in >= ``shortcut_specificity`` x f_out; region units have no frequency and never qualify) and, with a
-    null, causal_p (against its family's null) <= ``family_alpha``. The label-permutation p alone is not
-    enough: on a trained model any unit that carries some of the evidence lowers p_k more in class k's images
-    (where p_k is high) than in others', so generic units get small p too (docs/CHOICES.md)."""
+    null, causal_p (against its family's null) <= ``alpha`` (default: ``family_alpha``, from all of ``units``).
+    The label-permutation p alone is not enough: on a trained model any unit that carries some of the evidence
+    lowers p_k more in class k's images (where p_k is high) than in others', so generic units get small p too
+    (docs/CHOICES.md)."""
     sub = _specific_units(units, k, cfg)
     sub = sub[sub["causal_effect"] > cfg.shortcut_min_effect] if len(sub) else sub
-    return sub[sub["causal_p"] <= family_alpha(units, k, cfg)] if cfg.n_null > 0 and len(sub) else sub
+    alpha = family_alpha(units, k, cfg) if alpha is None else alpha
+    return sub[sub["causal_p"] <= alpha] if cfg.n_null > 0 and len(sub) else sub
 
 
 def _specific_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
@@ -766,7 +769,7 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
     own = own.sort_values("causal_rank")
     specific = _specific_units(own, k, cfg).sort_values("causal_rank")  # regions have no frequency: never here
     large = specific[specific["causal_effect"] > cfg.shortcut_min_effect]
-    chosen = large[large["causal_p"] <= alpha] if cfg.n_null > 0 else large
+    chosen = shortcut_candidates(own, k, cfg, alpha).sort_values("causal_rank")  # what ShortcutSet.select takes
     if len(chosen):
         r = chosen.iloc[0]
         return (f"shortcut claimed: {r['unit']} (causal rank {int(r['causal_rank'])}, effect {r['causal_effect']:.3f}, "
