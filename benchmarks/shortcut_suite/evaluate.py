@@ -499,6 +499,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     correct: dict[str, np.ndarray] = {"none": correct0, "cue_removed": correct_twin}
     if p_oracle is not None:
         correct["oracle_tokens"] = p_oracle.argmax(1) == labels
+    steered_share: dict = {}  # per group, the share of test images gated mask_tokens changed (a unit present)
     for m in STEERING:
         f = out / f"prompt_{m}" / "predictions.parquet"
         if f.exists():
@@ -506,6 +507,10 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
             by_path = dict(zip((image_key(p) for p in pr["path"]), pr["pred_steered"]))
             steered = np.array([by_path[image_key(p)] for p in test.path])
             correct[m] = steered == labels
+            if m == "mask_tokens" and "steered" in pr:
+                touched = dict(zip((image_key(p) for p in pr["path"]), pr["steered"].astype(bool)))
+                hit = np.array([touched[image_key(p)] for p in test.path])
+                steered_share = {g: float(hit[groups == g].mean()) for g in GROUPS if (groups == g).any()}
     fl_path = out / "flag" / "flags.parquet"
     if fl_path.exists():  # flag's prediction without the decisive window (SIFT windows; SIFT-free controls)
         fl = pd.read_parquet(fl_path)
@@ -539,6 +544,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
         "accuracy": accuracy,
         "differences": diffs,
+        "mask_tokens_steered_share": steered_share,
         "oracle": "n/a: global cue (tint), token masking would mask every token" if global_cue else
         "true cue tokens (twin differs) masked as keys in every block",
         "mean_cue_tokens": float(tokens[torch.from_numpy(has_twin)].sum(1).float().mean()) if has_twin.any() else 0.0,
@@ -644,6 +650,9 @@ def run_table(results: list[dict]) -> str:
                          f"{_fmt(a['worst_group'])}{_ci(a['ci']['worst_group'])} | "
                          f"{_fmt(a['average_balanced'])}{_ci(a['ci']['average_balanced'])} | "
                          f"{_fmt(a['average_train_mix'])}{_ci(a['ci']['average_train_mix'])} |")
+        if r.get("mask_tokens_steered_share"):  # evaluations written before it was stored: absent
+            lines.append("\ngated mask_tokens touched (a shortcut unit present): " + ", ".join(
+                f"{g} {v:.0%}" for g, v in r["mask_tokens_steered_share"].items()) + " of the test images")
         missing = [k for k, v in r["status"].items() if v != "ok"]
         if missing:
             lines.append("\nnot available / failed: " + "; ".join(f"{k}: {r['status'][k]}" for k in missing))
