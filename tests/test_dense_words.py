@@ -309,3 +309,18 @@ def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(fr
     for _, g in d.groupby(["cls", "family"]):
         assert sorted(g["family_rank"]) == list(range(1, len(g) + 1))
         assert list(g.sort_values("family_rank")["causal_rank"]) == sorted(g["causal_rank"])
+
+
+def test_the_report_names_the_colour_only_claims_of_a_class(frame):
+    """spurious.html says which claim of a class is SIFT-free by name (a class may also have a keypoint claim)."""
+    import dataclasses
+
+    from siftlens.spurious.run import causal_sections_html
+
+    _, lm, dense, _ = frame
+    plain = "".join(causal_sections_html(dense, lm))
+    assert "SIFT-free finding" not in plain  # gradient weight 1: no colour-only claim
+    colour = dataclasses.replace(dense, shortcuts=dataclasses.replace(dense.shortcuts, dense_gradient_weight=0.0))
+    text = "".join(causal_sections_html(colour, lm))
+    for u in colour.shortcuts.units:
+        assert f"The claim on {u['unit']} rests on dense colour words" in text

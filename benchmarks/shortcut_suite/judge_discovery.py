@@ -60,5 +60,6 @@ def main() -> None:
                                 for u in row["claims"]) or "-"
             print(f"  {row['class']:<20} top at cue {row['top_at_cue']!s:<5} claims: {claimed}")
 
+
 if __name__ == "__main__":
     main()

@@ -285,10 +285,13 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
                          f"{b.get('control_forwards', 0)}. {html.escape(verdict)}</p>")
         if len(u):
             parts.append(f"<p><b>{html.escape(shortcut_verdict(c.units, k, c.config))}.</b></p>")
-            if res.shortcuts is not None and any(s["cls"] == k and res.shortcuts.colour_only(s)
-                                                 for s in res.shortcuts.units):
-                parts.append("<p>This claim rests on dense colour words (--dense-gradient-weight 0): a token's colour "
-                             "with no SIFT part, so it is a SIFT-free finding.</p>")
+            # a class may have a keypoint claim and a dense one (one per family): name the colour-only ones
+            colour = [s["unit"] for s in (res.shortcuts.units if res.shortcuts is not None else [])
+                      if s["cls"] == k and res.shortcuts.colour_only(s)]
+            if colour:
+                parts.append(f"<p>The claim on {html.escape(', '.join(colour))} rests on dense colour words "
+                             "(--dense-gradient-weight 0): a token's colour with no SIFT part, so it is a SIFT-free "
+                             "finding.</p>")
         crops = [_unit_crops(res, lm, k, int(r.unit_index), (r.box_x0, r.box_y0, r.box_x1, r.box_y1))
                  for r in c.units[c.units["cls"] == k].head(3).itertuples()]
         if any(crops):
