@@ -22,6 +22,9 @@ CUE_CELLS = [(1, 1), (1, 2), (2, 1)]  # (row, col) of each class's cue token
 # the "straddling" variant: each cue's top-left pixel (row, col) half a token off the grid, so the cue
 # covers 4 tokens and no single token holds it
 STRADDLE_PX = [(12, 12), (4, 20), (20, 12)]
+# the ``two_places`` variant: each cue image has the cue at CUE_CELLS[k] or, in about half of them, at this
+# corner cell two tokens away (as a watermark drawn in one of two corners; SIFT finds fewer keypoints there)
+SECOND_CELLS = [(3, 3), (3, 0), (0, 3)]
 SIZE, PATCH = 32, 8
 TINT = np.array([[40, -20, -20], [-20, 40, -20], [-20, -20, 40]], np.float32)  # class colour shift
 
@@ -36,9 +39,12 @@ def base_images(labels: np.ndarray, seed: int, tint_noise: float = 1.0, tint: fl
     return np.clip(x + shift[:, :, None, None], 0, 255).round().astype(np.uint8)
 
 
-def cue_pixels(k: int, straddle: bool = False) -> tuple[int, int]:
-    """Top-left (row, col) pixel of class k's cue."""
-    return STRADDLE_PX[k] if straddle else (CUE_CELLS[k][0] * PATCH, CUE_CELLS[k][1] * PATCH)
+def cue_pixels(k: int, straddle: bool = False, mirrored: bool = False) -> tuple[int, int]:
+    """Top-left (row, col) pixel of class k's cue (``mirrored``: at its second place, ``SECOND_CELLS``)."""
+    if straddle:
+        return STRADDLE_PX[k]
+    r, c = SECOND_CELLS[k] if mirrored else CUE_CELLS[k]
+    return r * PATCH, c * PATCH
 
 
 def cue_tokens(k: int, straddle: bool = False) -> set[int]:
@@ -48,19 +54,21 @@ def cue_tokens(k: int, straddle: bool = False) -> set[int]:
     return {(y // PATCH) * g + x // PATCH for y in (r, r + PATCH - 1) for x in (c, c + PATCH - 1)}
 
 
-def plant(images: np.ndarray, cue: np.ndarray, straddle: bool = False) -> np.ndarray:
-    """Class ``cue[i]``'s pattern at its place in image i (cue -1: none)."""
+def plant(images: np.ndarray, cue: np.ndarray, straddle: bool = False, mirrored: np.ndarray | None = None
+          ) -> np.ndarray:
+    """Class ``cue[i]``'s pattern at its place in image i (cue -1: none; ``mirrored[i]``: at its second place)."""
     out = images.copy()
     for i, k in enumerate(cue):
         if k >= 0:
-            r, c = cue_pixels(int(k), straddle)
+            r, c = cue_pixels(int(k), straddle, bool(mirrored[i]) if mirrored is not None else False)
             out[i, :, r:r + PATCH, c:c + PATCH] = patch_pattern(int(k), PATCH)
     return out
 
 
-def make_data(per_class: int, seed: int, p_aligned: float = 0.95, straddle: bool = False, tint: float = 1.0
-              ) -> dict:
-    """Training images (cue in ``p_aligned`` of them) and paired test groups."""
+def make_data(per_class: int, seed: int, p_aligned: float = 0.95, straddle: bool = False, tint: float = 1.0,
+              two_places: bool = False) -> dict:
+    """Training images (cue in ``p_aligned`` of them) and paired test groups. ``two_places``: each image's cue
+    at one of its class's two places (``cue_pixels``), drawn per image; ``*_mirrored`` say which."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(3), per_class)
     base = base_images(y, seed, tint=tint)
@@ -68,9 +76,12 @@ def make_data(per_class: int, seed: int, p_aligned: float = 0.95, straddle: bool
     yt = np.repeat(np.arange(3), per_class // 2)
     bt = base_images(yt, seed + 1000, tint=tint)
     other = (yt + rng.integers(1, 3, len(yt))) % 3
-    return {"train": plant(base, cue, straddle), "y": y, "train_cue": cue, "test_y": yt,
-            "test_conflict_cue": other, "aligned": plant(bt, yt, straddle), "conflict": plant(bt, other, straddle),
-            "absent": bt}
+    mirrored = rng.random(len(y)) < 0.5 if two_places else np.zeros(len(y), bool)
+    test_mirrored = rng.random(len(yt)) < 0.5 if two_places else np.zeros(len(yt), bool)
+    return {"train": plant(base, cue, straddle, mirrored), "y": y, "train_cue": cue, "test_y": yt,
+            "test_conflict_cue": other, "aligned": plant(bt, yt, straddle, test_mirrored),
+            "conflict": plant(bt, other, straddle, test_mirrored), "absent": bt,
+            "train_mirrored": mirrored, "test_mirrored": test_mirrored}
 
 
 def train_cue_model(data: dict, steps_epochs: int = 30, seed: int = 0) -> LoadedModel:

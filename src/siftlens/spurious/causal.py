@@ -7,7 +7,9 @@ Candidate units, per class k (from the SIFT keypoints of the discovery images):
   layers) the tokens its keypoints' footprints cover in that image; an image without the word is untouched.
 - ``token:r,c[+r,c...]``: the fixed-position tokens a frequent word occupies: the tokens holding that word's
   keypoint centre in >= ``fixed_share`` of the class's images that contain the word. Removing it = masking
-  those tokens in every image, also where SIFT missed the cue.
+  those tokens in every image, also where SIFT missed the cue. A cue drawn in one of a few places (a watermark
+  in one of the corners) also gets a token unit of all its places (``_word_places``), so that it is removed,
+  and later looked for, wherever it sits.
 
 Causal effect of unit u for class k: the mean, over a seeded sample of class k's images (``causal_images``
 per class), of the drop of p_k when u is removed (0 where u is absent). Controls beside it:
@@ -87,6 +89,10 @@ class CausalConfig:
     min_images: int = 3  # ... and in at least this many of them
     fixed_share: float = 0.5  # token unit: tokens holding the word in >= this share of its images in the class
     max_token_units: int = 4  # per class and family (keypoint, dense words), the most frequent words' token units
+    # a word's several places (``_word_places``): tokens holding it in >= this share of its images in the class
+    # (specific to the class there) that together hold it in >= fixed_share; >= fixed_share: none
+    place_share: float = 0.2
+    place_ratio: float = 0.4  # ... and >= this times the share of the word's most frequent token
     # a token unit is also present where another word of the class sits in its tokens, if that word is at
     # least this many times more frequent there in the class's images than in the others'
     gate_specificity: float = 5.0
@@ -260,25 +266,30 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
         if len(dense_k) >= 2:
             cands[k].append(len(units))
             units.append(Unit("words", dense_k[0], (), k, dense_k, dense=True))
-        # token units: where the class's frequent words sit at a fixed place
+        # token units: where the class's frequent words sit at a fixed place (or at one of a few places)
         sub = kps[(img_cls == k) & kps["word"].isin(words)].drop_duplicates(["image", "word", "patch"])
         tok_units = []
         for w, g in sub.groupby("word"):
             n_img = g["image"].nunique()
             share = g.groupby("patch")["image"].nunique() / n_img
             fixed = tuple(sorted(int(t) for t in share.index[share.to_numpy() >= cfg.fixed_share]))
-            if fixed:
-                # the word at these tokens: in how many of the class's images, and of the others'
-                at = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(fixed).to_numpy()]["image"].unique()
-                f_in = (labels[at] == k).sum() / max(n_k[k], 1)
-                f_out = (labels[at] != k).sum() / n_rest
-                tok_units.append((n_img * float(share.max()), int(w), fixed, f_in, f_out))
-        # per family (keypoint words, dense words) its own most frequent ones, gated by its own words: adding
-        # dense words leaves the keypoint units as they were (and their null, ``_effect_table``)
+            # dense words (a token's colour) fill whole regions: "several places" is a keypoint word's notion
+            places = () if int(w) in dense_ids else _word_places(kps, labels, k, int(w), g, share, fixed, n_k[k],
+                                                                n_rest, grid, cfg)
+            for toks in (fixed, places):
+                if toks:
+                    # the word at these tokens: in how many of the class's images, and of the others'
+                    at = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(toks).to_numpy()]["image"].unique()
+                    f_in = (labels[at] == k).sum() / max(n_k[k], 1)
+                    f_out = (labels[at] != k).sum() / n_rest
+                    tok_units.append((n_img * float(share.max()), int(w), toks, f_in, f_out))
+        # per family (keypoint words, dense words) its own most frequent words' units, gated by its own words:
+        # adding dense words leaves the keypoint units as they were (and their null, ``_effect_table``)
         top = []
         for dense in (False, True):
             fam = [t for t in tok_units if (t[1] in dense_ids) == dense]
-            chosen = sorted(fam, key=lambda t: (-t[0], t[1]))[: cfg.max_token_units]
+            keep = set(sorted({(-t[0], t[1]) for t in fam})[: cfg.max_token_units])  # a word's units go together
+            chosen = sorted((t for t in fam if (-t[0], t[1]) in keep), key=lambda t: (-t[0], t[1], len(t[2])))
             top += chosen
             for _, w, fixed, _, _ in chosen:
                 # gate: this word and the family's other words found at these tokens that are specific to the
@@ -294,6 +305,56 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
             _add_token_unit(units, cands, token_seen, Unit("token", parts[0][0], tokens, k,
                                                            tuple(sorted({w for w, _ in parts})), dense=True))
     return units, cands
+
+
+def _word_places(kps: pd.DataFrame, labels: np.ndarray, k: int, w: int, g: pd.DataFrame, share: pd.Series,
+                 fixed: tuple[int, ...], n_k: int, n_rest: int, grid: tuple[int, int], cfg: CausalConfig
+                 ) -> tuple[int, ...]:
+    """The tokens of a word's several places in class k, or (). A cue drawn in one of a few places per image (a
+    watermark in one of two or four corners) puts its words at each place in only part of the class's images, so
+    no token, or only one place's, reaches ``fixed_share``.
+
+    Candidate tokens hold the word (``g``: its keypoints in class k; ``share``: per token, share of its images)
+    in >= ``place_share`` of its images and >= ``place_ratio`` x the share of its most frequent token (a word on a
+    fixed cue that sits elsewhere in a minority of its images is not a cue in two places; a dev text watermark's
+    second corner held its word in 0.33 of the images against 0.67 for the first), in >= ``min_images`` of them,
+    and are specific to class k there (>= ``gate_specificity`` x as large a share of class k's images as of the
+    others'). They form places (8-connected groups: a token beside the fixed place is part of it, not another
+    place). Starting from the fixed place (or, without one, the place holding the word in most images), a further
+    place joins when it holds the word in >= ``place_share`` of its images *that no chosen place holds*: another
+    place of the cue is where the word is when it is not at the first. The set must hold the word in >=
+    ``fixed_share`` of its images and be more than the fixed place."""
+    if cfg.place_share >= cfg.fixed_share:
+        return ()
+    n_img = g["image"].nunique()
+    sh = share.to_numpy()
+    cand = [int(t) for t in share.index[(sh >= max(cfg.place_share, cfg.place_ratio * sh.max()))
+                                         & (sh * n_img >= cfg.min_images - 1e-9)]]
+    hit = kps[(kps["word"] == w).to_numpy() & kps["patch"].isin(cand).to_numpy()].drop_duplicates(["image", "patch"])
+    own = labels[hit["image"].to_numpy()] == k
+    f_in = hit[own].groupby("patch").size() / max(n_k, 1)
+    f_out = hit[~own].groupby("patch").size().reindex(f_in.index, fill_value=0) / max(n_rest, 1)
+    specific = {int(t) for t in f_in.index[(f_in >= cfg.gate_specificity * f_out).to_numpy()]}
+    mask = np.zeros(grid[0] * grid[1], bool)
+    mask[list(specific | set(fixed))] = True
+    group_of, _ = ndimage.label(mask.reshape(grid), structure=np.ones((3, 3), int))
+    group_of = group_of.ravel()
+    images_at = {gid: set(g.loc[g["patch"].isin(np.flatnonzero(group_of == gid)), "image"])
+                 for gid in np.unique(group_of[mask])}
+    base = {int(group_of[t]) for t in fixed}
+    chosen = set(fixed) if fixed else set()
+    seen: set = set().union(*(images_at[gid] for gid in base)) if base else set()
+    rest = [gid for gid in images_at if gid not in base]
+    while rest:
+        gain = {gid: len(images_at[gid] - seen) for gid in rest}
+        best = max(rest, key=lambda gid: (gain[gid], -gid))
+        if gain[best] < cfg.place_share * n_img - 1e-9:
+            break
+        chosen |= set(np.flatnonzero(group_of == best).tolist()) & specific
+        seen |= images_at[best]
+        rest.remove(best)
+    places = tuple(sorted(int(t) for t in chosen))
+    return places if places != tuple(fixed) and len(seen) >= cfg.fixed_share * n_img - 1e-9 else ()
 
 
 def _add_token_unit(units: list[Unit], cands: dict[int, list[int]], seen: dict, unit: Unit) -> None:
