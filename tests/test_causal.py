@@ -574,3 +574,36 @@ def test_a_cue_in_one_of_two_places_is_claimed_and_steered_at_both(one_torch_thr
         at = mirrored == place
         assert mask.any(1).numpy()[at].mean() > 0.7, place  # the gate finds the cue at either place
         assert (before == y)[at].mean() < 0.1 and (after == y)[at].mean() > 0.55, place
+
+
+def test_paste_tokens_copies_exactly_the_named_patches():
+    from siftlens.spurious.transplant import paste_tokens
+
+    recipient = torch.zeros(3, 16, 24)  # a 2 x 3 grid of 8 px patches: rows and columns differ
+    donor = torch.arange(3 * 16 * 24, dtype=torch.float32).reshape(3, 16, 24)
+    tokens = np.zeros(6, bool)
+    tokens[[1, 5]] = True  # (row 0, col 1) and (row 1, col 2)
+    out = paste_tokens(recipient, donor, tokens, (2, 3), 8)
+    expect = torch.zeros_like(recipient)
+    expect[:, 0:8, 8:16] = donor[:, 0:8, 8:16]
+    expect[:, 8:16, 16:24] = donor[:, 8:16, 16:24]
+    assert torch.equal(out, expect) and torch.equal(recipient, torch.zeros_like(recipient))
+
+
+def test_a_planted_cue_is_sufficient_pasted_into_other_classes_images(cue):
+    """Transplant check (sufficiency): class 0's cue pasted into the other classes' images makes them class 0
+    (this model follows the cue: conflicting images), far more than as many random tokens of the same images;
+    class 1's claim, which its own images need less (p_1 rests on the class tint too), is followed less. Only
+    claimable units are tested."""
+    from siftlens.spurious.causal import shortcut_candidates
+
+    _, _, res = cue
+    units, cfg = res.causal.units, res.causal.config
+    tested = units[units["transplant_n"].notna()]
+    claimable = pd.concat([shortcut_candidates(units, k, cfg) for k in range(3)])
+    assert sorted(tested.index) == sorted(claimable.index)
+    top = {k: tested[tested["cls"] == k].sort_values("causal_rank").iloc[0] for k in (0, 1)}
+    assert top[0]["transplant_flip"] > 0.9 and top[0]["sufficiency_lo"] > 0.5
+    assert top[0]["transplant_rise_random"] < 0.2
+    assert top[1]["sufficiency"] < top[0]["sufficiency"] - 0.3 and top[1]["transplant_flip"] < 0.5
+    assert (tested["transplant_n"] == 32).all()

@@ -105,6 +105,8 @@ class CausalConfig:
     region_window: int = 2  # region units: window side in tokens (as flag --window)
     region_windows: str = "sift"  # "sift": windows holding a SIFT keypoint centre; "all": every window (SIFT-free twin)
     control_budget: str = "matched"  # "matched": same forwards as the SIFT units of the class; "full": all images
+    # sufficiency (transplant.py): each claimable unit pasted into this many other classes' sample images (0: none)
+    transplant_images: int = 32
     # a shortcut (applied by flag / gated prompt): the class's top causal unit with causal_p <= alpha, an effect
     # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
     # the others'): "frequent within one class, rare elsewhere or fixed in position" (METHOD.md §4)
@@ -540,6 +542,20 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         budget[k] = {"sift_forwards": n_word + n_tok + region_spent[k]}
 
     units_df = _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg)
+    if cfg.transplant_images > 0 and len(units_df):
+        from .transplant import transplant_check
+
+        def unit_tokens(sp: int, j: int) -> np.ndarray | None:  # unit j's tokens in sample image sp
+            toks = list(units[j].tokens) if units[j].kind in ("token", "region") else word_masks.get((sp, j))
+            if toks is None:
+                return None
+            m = np.zeros(n, bool)
+            m[toks] = True
+            return m
+
+        tested = {k: shortcut_candidates(units_df, k, cfg)["unit_index"].tolist() for k in range(K)}
+        units_df = transplant_check(lm, source, units_df, unit_tokens, sample, y, drops, probs, grid, patch, tested,
+                                    cfg, parts, columns)
     evidence = {}
     for r in units_df.itertuples():
         own = np.flatnonzero(y == r.cls)
@@ -825,6 +841,16 @@ def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
                      for f in fams) + f" (alpha {cfg.shortcut_alpha:g} split between the two families)"
 
 
+def _sufficiency_words(r: pd.Series) -> str:
+    """The transplant check of a claimed unit (transplant.py) in words; '' where it was not run."""
+    if not np.isfinite(r.get("sufficiency", np.nan)):
+        return ""
+    ci = f"[{r['sufficiency_lo']:+.3f}, {r['sufficiency_hi']:+.3f}]"
+    return (f"; pasted into {int(r['transplant_n'])} other classes' images it raises the class probability by "
+            f"{r['transplant_rise']:.3f} ({r['sufficiency']:+.3f} {ci} over as many random tokens of the same images) "
+            f"and makes {r['transplant_flip']:.0%} of them this class")
+
+
 def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> str:
     """The verdict for class k's units ``own`` (one family, or all of the class's units), tested at ``alpha``."""
     own = own.sort_values("causal_rank")
@@ -834,7 +860,8 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
     if len(chosen):
         r = chosen.iloc[0]
         return (f"shortcut claimed: {r['unit']} (causal rank {int(r['causal_rank'])}, effect {r['causal_effect']:.3f}, "
-                f"p={r['causal_p']:.3f}, in {r['f_in']:.0%} of the class's images vs {r['f_out']:.0%} of the others')")
+                f"p={r['causal_p']:.3f}, in {r['f_in']:.0%} of the class's images vs {r['f_out']:.0%} of the others')"
+                + _sufficiency_words(r))
     words = own[own["kind"] != "region"]
     if not len(specific):
         t = words.iloc[0] if len(words) else own.iloc[0]

@@ -245,7 +245,11 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
              "box: the unit's main place (its 8-connected group of tokens with the most "
              "evidence), box_share: the share of its evidence there; positive_share: "
              "images where removal lowers the class probability by &gt; 0.01; attention_lift: CLS attention on the "
-             "unit's tokens (1 = uniform) and attention_rank, the second view. Control (right): every token "
+             "unit's tokens (1 = uniform) and attention_rank, the second view; for claimable units, sufficiency: "
+             "the unit pasted from class images where it matters into other classes' images raises the class "
+             "probability by this much more than as many random tokens of the same images, and transplant_flip: "
+             "the share of those images then predicted as the class (a planted cue is followed into other images; "
+             "an object part or scene colour rarely is). Control (right): every token "
              "masked alone, no SIFT, on as many images as the SIFT units' forwards allow (budget per class "
              "below).</p>"]
     agree = 0
@@ -259,6 +263,7 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
         cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "positive_share",
                 "present_share", "f_in", "f_out", "attention_lift", "attention_rank", "box_x0", "box_y0", "box_x1",
                 "box_y1", "box_share"]
+        cols += [col for col in ("sufficiency", "transplant_flip") if col in u and u[col].notna().any()]
         left = table_html(u[cols]) if len(u) else "none"
         ctrl_cols = ["rank", "unit", "effect", "effect_lo", "effect_hi", "n_images"]
         right = table_html(ctrl[ctrl_cols]) if len(ctrl) else "none"
