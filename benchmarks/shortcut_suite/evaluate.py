@@ -361,9 +361,10 @@ WORDS_ABLATIONS = {"method_with_64_words": ["--words", "64"]}
 
 def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
                  ablate_regions: bool = False, spurious_args: Sequence[str] = (), ablate_dense: bool = False,
-                 ablate_words: bool = False) -> dict:
+                 ablate_words: bool = False, prompt_args: Sequence[str] = ()) -> dict:
     """Every number of one (variant, setting, seed) folder; ``spurious_args``: extra `siftlens spurious` options
-    for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``)."""
+    for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``); ``prompt_args``:
+    extra `siftlens prompt` options for every steering run, controls included (e.g. ``--gate counterfactual``)."""
     t_start = time.time()
     out = out or run / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -396,7 +397,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
             d = out / f"prompt_{m}"
             status[f"prompt_{m}"] = run_cli(["prompt", "--model", str(model), "--images", str(run / "test"),
                                              "--method", m, "--motifs", str(sp), "--layers", "all",
-                                             "--seed", str(seed), "--out", str(d)], d / "predictions.parquet", log)
+                                             "--seed", str(seed), "--out", str(d), *prompt_args],
+                                            d / "predictions.parquet", log)
     t_cli = time.time() - t_start
 
     # --- references computed with the model directly
@@ -540,7 +542,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "variant": meta["variant"]["name"], "family": meta["variant"]["family"], "split": meta["variant"]["split"],
         "setting": meta["setting"], "seed": seed, "run": str(run), "model": str(model),
         "n_test": {g: int((groups == g).sum()) for g in GROUPS}, "patch": patch, "image_size": size,
-        "cli": log, "status": status, "spurious_args": list(spurious_args),
+        "cli": log, "status": status, "spurious_args": list(spurious_args), "prompt_args": list(prompt_args),
         "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
         "accuracy": accuracy,
         "differences": diffs,
@@ -771,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--spurious-args", default="", help="extra `siftlens spurious` options, one string (a method "
                    "variant under test, e.g. '--dense-words 64'); with --eval-dir, its results stay apart")
+    r.add_argument("--prompt-args", default="", help="extra `siftlens prompt` options for every steering run, "
+                   "one string (e.g. '--gate counterfactual'); with --eval-dir, its results stay apart")
     r.add_argument("--eval-dir", default="eval", help="folder of each run that the results go to")
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
@@ -781,7 +785,8 @@ def main(argv: list[str] | None = None) -> None:
         for run in a.run:
             res = evaluate_run(Path(run), Path(run) / a.eval_dir, skip_cli=a.skip_cli,
                                ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args),
-                               ablate_dense=a.ablate_dense, ablate_words=a.ablate_words)
+                               ablate_dense=a.ablate_dense, ablate_words=a.ablate_words,
+                               prompt_args=shlex.split(a.prompt_args))
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]

@@ -258,6 +258,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
+    from .spurious.causal import GATES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -274,6 +275,10 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--motifs", default=r["motifs"],
                    help="output dir of `siftlens spurious` (for mask_tokens, random_mask, edge_mask: gated, only "
                    "images where one of its shortcuts is present are steered)")
+    p.add_argument("--gate", default=r["gate"], choices=GATES,
+                   help="with --motifs: steer where a shortcut's words are found in the image (presence), or where "
+                   "removing a shortcut unit changes the prediction (counterfactual: the flag's test, one masked "
+                   "forward per unit tested)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -286,7 +291,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
     summary = run_prompt(args.model, args.images, args.out, method=args.method,
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
-                         checkpoint=args.checkpoint, random_init=args.random_init)
+                         checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

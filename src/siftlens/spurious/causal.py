@@ -65,6 +65,7 @@ from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, keypoint_mass
 from ..validation import UserValueError
 
+GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
 FORMAT = "siftlens-shortcuts"
 FORMAT_VERSION = 1
 # what flag / gated prompt read from shortcuts.json (num_layers / prefix_tokens in "model" are checked when present)
@@ -1167,8 +1168,12 @@ class ShortcutSet:
         m[u["tokens"]] = True
         return m
 
-    def masker(self, lm: LoadedModel) -> GatedMasker:
-        return GatedMasker(lm, self)
+    def masker(self, lm: LoadedModel, gate: str = "presence") -> GatedMasker | CounterfactualMasker:
+        """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
+        (removing a unit changes the prediction)."""
+        if gate not in GATES:
+            raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+        return GatedMasker(lm, self) if gate == "presence" else CounterfactualMasker(lm, self)
 
 
 class GatedMasker:
@@ -1186,4 +1191,43 @@ class GatedMasker:
         for b, found in enumerate(self.last_present):
             for _, m in found or []:
                 out[b] |= torch.from_numpy(m)
+        return out
+
+
+class CounterfactualMasker:
+    """token_mask_fn for steering gated by the flag's own test: per image, of the shortcut units that can be tested
+    there (fixed-token units everywhere, word units where present: ``present_units(token_units="always")``), the
+    one whose removal changes the predicted class, lowering its probability most; nothing where no removal changes
+    the prediction (such an image is left as it is). Label-free, one masked forward per tested unit. Where the
+    presence gate needs SIFT to find the cue's words in the image, this needs the prediction to rest on the unit's
+    tokens: the right-for-the-wrong-reason test the flag scores."""
+
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet) -> None:
+        self.lm, self.shortcuts = lm, shortcuts
+        self.last_present: list = []
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .source import TensorSource
+
+        n = self.lm.layout(tuple(x.shape[-2:])).num_patches
+        out = torch.zeros(len(x), n, dtype=torch.bool)
+        present = self.shortcuts.present_units(self.lm, x, "always")
+        jobs = [(b, m) for b, found in enumerate(present) for _, m in found or []]
+        self.last_present = [[] for _ in range(len(x))]
+        if not jobs:
+            return out
+        device = next(self.lm.module.parameters()).device
+        p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
+        pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, jobs, 64)
+        best: dict[int, tuple[float, np.ndarray]] = {}
+        units = [(b, j) for b, found in enumerate(present) for j, _ in found or []]
+        for (b, m), (_, j), q in zip(jobs, units, pm):
+            pred = int(p0[b].argmax())
+            drop = float(p0[b, pred] - q[pred])
+            if int(q.argmax()) != pred and drop > best.get(b, (-np.inf, None))[0]:
+                best[b] = (drop, m)
+                self.last_present[b] = [(j, m)]
+        for b, (_, m) in best.items():
+            out[b] = torch.from_numpy(m)
         return out
