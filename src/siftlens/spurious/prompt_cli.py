@@ -2,7 +2,8 @@
 
 Token-mask methods (``mask_tokens`` and its controls ``random_mask``, ``edge_mask``) are gated by the
 shortcuts of a `siftlens spurious` run (``--motifs``, shortcuts.json): an image is steered only where a
-discovered shortcut unit is present in it, and an image without one keeps the unsteered prediction
+discovered shortcut unit is present in it (``--gate presence``: its words are found there) or where removing
+one changes the prediction (``--gate counterfactual``), and any other image keeps the unsteered prediction
 exactly (it is not run through the steered model at all). Images are read batch by batch; finished batches
 are kept so a killed run resumes, and under torchrun each rank steers its share (``siftlens.resume.RunParts``).
 """
