@@ -1213,16 +1213,15 @@ class CounterfactualMasker:
         n = self.lm.layout(tuple(x.shape[-2:])).num_patches
         out = torch.zeros(len(x), n, dtype=torch.bool)
         present = self.shortcuts.present_units(self.lm, x, "always")
-        jobs = [(b, m) for b, found in enumerate(present) for _, m in found or []]
+        tested = [(b, j, m) for b, found in enumerate(present) for j, m in found or []]
         self.last_present = [[] for _ in range(len(x))]
-        if not jobs:
+        if not tested:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
-        pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, jobs, 64)
+        pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
         best: dict[int, tuple[float, np.ndarray]] = {}
-        units = [(b, j) for b, found in enumerate(present) for j, _ in found or []]
-        for (b, m), (_, j), q in zip(jobs, units, pm):
+        for (b, j, m), q in zip(tested, pm):
             pred = int(p0[b].argmax())
             drop = float(p0[b, pred] - q[pred])
             if int(q.argmax()) != pred and drop > best.get(b, (-np.inf, None))[0]:

@@ -44,10 +44,11 @@ def paste_tokens(recipient: torch.Tensor, donor: torch.Tensor, tokens: np.ndarra
 def transplant_probs(lm: LoadedModel, source, jobs: list[tuple[int, int, np.ndarray]], grid: tuple[int, int],
                      patch: int, batch_size: int = 64, parts: RunParts | None = None, name: str = "transplant",
                      columns: np.ndarray | None = None) -> np.ndarray:
-    """Class probabilities [J, K] of job j = (recipient, donor, bool tokens [n]): the composite's softmax over all
-    outputs (``columns``: the run's classes' outputs, in its order; None: all)."""
+    """For job j = (recipient, donor, bool tokens [n]): the composite's class probabilities [J, K] (softmax over
+    all outputs; ``columns``: the run's classes' outputs, in its order; None: all) and its predicted class [J] (the
+    argmax over all outputs as a run class, -1 where it is none of them)."""
     if not jobs:
-        return np.zeros((0, 0))
+        return np.zeros((0, 0)), np.zeros(0, int)
     device = next(lm.module.parameters()).device
     parts = parts or RunParts.memory()
 
@@ -57,10 +58,15 @@ def transplant_probs(lm: LoadedModel, source, jobs: list[tuple[int, int, np.ndar
         x = dict(zip(uniq.tolist(), source.get(uniq)))
         comp = torch.stack([paste_tokens(x[r], x[d], m, grid, patch) for r, d, m in chunk])
         p = lm.forward(comp.to(device)).float().softmax(-1).cpu().numpy()
-        return Part(arrays={"p": p if columns is None else p[:, columns]})
+        top = p.argmax(1)
+        if columns is not None:  # the model's prediction, as a run class (-1: an output that is no run class)
+            col_of = {int(c): i for i, c in enumerate(columns)}
+            top = np.array([col_of.get(int(t), -1) for t in top])
+        return Part(arrays={"p": p if columns is None else p[:, columns], "pred": top})
 
-    out = [p.arrays["p"] for p in parts.run(name, -(-len(jobs) // batch_size), batch)]
-    return np.concatenate(out).astype(np.float64)
+    done = list(parts.run(name, -(-len(jobs) // batch_size), batch))
+    return (np.concatenate([d.arrays["p"] for d in done]).astype(np.float64),
+            np.concatenate([d.arrays["pred"] for d in done]))
 
 
 def transplant_check(lm: LoadedModel, source, units: pd.DataFrame, unit_tokens, sample: np.ndarray, y: np.ndarray,
@@ -99,11 +105,11 @@ def transplant_check(lm: LoadedModel, source, units: pd.DataFrame, unit_tokens, 
                     at.append((row, int(sample[r]), kind))
     if not jobs:
         return out
-    pm = transplant_probs(lm, source, jobs, grid, patch, cfg.batch_size, parts, "transplant", columns)
+    pm, pred = transplant_probs(lm, source, jobs, grid, patch, cfg.batch_size, parts, "transplant", columns)
     a = pd.DataFrame(at, columns=["row", "recipient", "kind"])
     k_of = out.loc[a["row"], "cls"].to_numpy()
     a["rise"] = pm[np.arange(len(a)), k_of] - probs[a["recipient"].to_numpy(), k_of]
-    a["flip"] = pm.argmax(1) == k_of
+    a["flip"] = pred == k_of
     for row, g in a.groupby("row"):
         unit, rand = g[g["kind"] == "unit"], g[g["kind"] == "random"]
         diff = unit["rise"].to_numpy() - rand["rise"].to_numpy()
