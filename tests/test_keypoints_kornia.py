@@ -96,7 +96,9 @@ def test_batch_does_not_change_an_image_s_keypoints(both, bundled_inputs):
     _, _, grays = bundled_inputs
     for i in (0, 5):
         alone = detect_sift_kornia(torch.from_numpy(grays[i]).float().div(255.0)[None, None])[0]
-        np.testing.assert_allclose(alone.xy, ko[i].xy, atol=1e-4)
+        # positions in pixels: a batched convolution rounds differently from a single image's on some CPU kernels
+        # (2.6e-4 px measured on an AVX-512 machine); a thousandth of a pixel is still the same keypoint
+        np.testing.assert_allclose(alone.xy, ko[i].xy, atol=1e-3)
         np.testing.assert_allclose(alone.size, ko[i].size, rtol=1e-4)
 
 

@@ -183,7 +183,7 @@ def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
     for rank in (0, 1):
         assert {i for c, n, i in by_rank[rank] if n == "flag"} == set(range(rank, 7, 2))
         assert {n for _, n, _ in by_rank[rank]} == {"flag", "prompt", "extract", "region", "region_parts", "causal",
-                                                  "control", "counterfactual"}
+                                                  "control", "transplant", "counterfactual"}
 
     one, two = pd.read_parquet(root / "flag1" / "flags.parquet"), pd.read_parquet(root / "flag2" / "flags.parquet")
     assert len(one) == 27  # 28 files, one unreadable; 7 chunks of 4 over two ranks
