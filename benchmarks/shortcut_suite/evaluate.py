@@ -501,17 +501,16 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     correct: dict[str, np.ndarray] = {"none": correct0, "cue_removed": correct_twin}
     if p_oracle is not None:
         correct["oracle_tokens"] = p_oracle.argmax(1) == labels
-    steered_share: dict = {}  # per group, the share of test images gated mask_tokens changed (a unit present)
+    steered_share: dict = {}  # per group, the share of test images gated mask_tokens touched (its gate fired)
+    test_keys = [image_key(p) for p in test.path]
     for m in STEERING:
         f = out / f"prompt_{m}" / "predictions.parquet"
         if f.exists():
             pr = read_predictions(f)
-            by_path = dict(zip((image_key(p) for p in pr["path"]), pr["pred_steered"]))
-            steered = np.array([by_path[image_key(p)] for p in test.path])
-            correct[m] = steered == labels
+            rows = pr.set_index(pd.Index([image_key(p) for p in pr["path"]])).loc[test_keys]  # in test.csv's order
+            correct[m] = rows["pred_steered"].to_numpy() == labels
             if m == "mask_tokens" and "steered" in pr:
-                touched = dict(zip((image_key(p) for p in pr["path"]), pr["steered"].astype(bool)))
-                hit = np.array([touched[image_key(p)] for p in test.path])
+                hit = rows["steered"].to_numpy().astype(bool)
                 steered_share = {g: float(hit[groups == g].mean()) for g in GROUPS if (groups == g).any()}
     fl_path = out / "flag" / "flags.parquet"
     if fl_path.exists():  # flag's prediction without the decisive window (SIFT windows; SIFT-free controls)
