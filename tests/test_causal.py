@@ -381,17 +381,19 @@ def test_prompt_resumes_after_a_kill_with_the_same_predictions(cue, tmp_path, mo
 
     real_write, writes = prompt_mod.RunParts.write, []
 
+    # the counterfactual gate's masked forwards keep their batches in memory (root None): not counted
     def killed_after_two_batches(self, name, i, part):
-        if len(writes) == 2:
-            raise KeyboardInterrupt
-        writes.append(i)
+        if self.root is not None:
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+            writes.append(i)
         return real_write(self, name, i, part)
 
     monkeypatch.setattr(prompt_mod.RunParts, "write", killed_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
-    monkeypatch.setattr(prompt_mod.RunParts, "write", lambda self, name, i, part: (writes.append(i),
-                                                                                  real_write(self, name, i, part))[1])
+    monkeypatch.setattr(prompt_mod.RunParts, "write", lambda self, name, i, part: (
+        writes.append(i) if self.root is not None else None, real_write(self, name, i, part))[1])
     run_prompt(str(model), tmp_path / "imgs", tmp_path / "again", **kw)
     assert writes == [0, 1, 2]  # 12 images in chunks of 4: only the unfinished one was steered again
     again = pd.read_parquet(tmp_path / "again" / "predictions.parquet")
@@ -595,14 +597,16 @@ def test_a_planted_cue_is_sufficient_pasted_into_other_classes_images(cue):
     """Transplant check (sufficiency): class 0's cue pasted into the other classes' images makes them class 0
     (this model follows the cue: conflicting images), far more than as many random tokens of the same images;
     class 1's claim, which its own images need less (p_1 rests on the class tint too), is followed less. Only
-    claimable units are tested."""
+    class-specific claimable units and the top significant units above the floor are tested."""
     from siftlens.spurious.causal import shortcut_candidates
 
     _, _, res = cue
     units, cfg = res.causal.units, res.causal.config
     tested = units[units["transplant_n"].notna()]
-    claimable = pd.concat([shortcut_candidates(units, k, cfg) for k in range(3)])
-    assert sorted(tested.index) == sorted(claimable.index)
+    specific = pd.concat([shortcut_candidates(units, k, cfg, sufficiency=False) for k in range(3)])
+    assert set(specific.index) <= set(tested.index)  # every class-specific claimable unit, and besides them
+    assert (tested["causal_effect"] > cfg.shortcut_min_effect).all()  # only significant units above the floor
+    assert (tested["causal_p"] <= cfg.shortcut_alpha).all()
     top = {k: tested[tested["cls"] == k].sort_values("causal_rank").iloc[0] for k in (0, 1)}
     assert top[0]["transplant_flip"] > 0.9 and top[0]["sufficiency_lo"] > 0.5
     assert top[0]["transplant_rise_random"] < 0.2
@@ -654,3 +658,35 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "counterfactual gate" in summary["gate"]
     df = pd.read_parquet(tmp_path / "cf" / "predictions.parquet")
     assert df["steered"].any() and (df.loc[~df["steered"], "pred_base"] == df.loc[~df["steered"], "pred_steered"]).all()
+
+
+def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
+    """A frame's colours are in many images of every class, so its unit is not class-specific; it is claimed when
+    the transplant check shows the model follows it into other classes' images (sufficiency_lo >= 0.10, held-out
+    round 7's frame: +0.16 / +0.21), not when it is needed but barely followed (every unit of the bundled model on
+    clean Imagenette: <= 0.032)."""
+    import pandas as pd
+
+    from siftlens.spurious.causal import CausalConfig, shortcut_candidates, shortcut_verdict
+
+    row = dict(kind="words", family="dense", causal_rank=1, causal_effect=0.3, causal_p=0.005, f_in=0.97,
+               f_out=0.6, sufficiency=0.3, sufficiency_hi=0.4)
+    units = pd.DataFrame([dict(row, cls=0, unit="words:1+2", sufficiency_lo=0.16),   # a frame: followed
+                          dict(row, cls=1, unit="words:3+4", sufficiency_lo=0.03),   # a scene colour: needed only
+                          dict(row, cls=2, unit="words:5+6", sufficiency_lo=0.5, causal_p=0.3),  # not significant
+                          dict(row, cls=3, unit="words:7+8", sufficiency_lo=float("nan"))])  # not tested
+    for c in ("transplant_n", "transplant_rise", "transplant_flip"):
+        units[c] = [32, 32, 32, float("nan")] if c == "transplant_n" else 0.5
+    cfg = CausalConfig()
+    assert list(shortcut_candidates(units, 0, cfg)["unit"]) == ["words:1+2"]
+    assert shortcut_candidates(units, 0, cfg, sufficiency=False).empty  # by specificity alone: not claimed
+    assert shortcut_candidates(units, 0, CausalConfig(shortcut_sufficiency=0)).empty
+    assert shortcut_candidates(units, 0, CausalConfig(shortcut_sufficiency=0.2)).empty
+    for k in (1, 2, 3):
+        assert shortcut_candidates(units, k, cfg).empty, k
+    assert shortcut_verdict(units, 0, cfg).startswith("shortcut claimed: words:1+2")
+    v1 = shortcut_verdict(units, 1, cfg)
+    assert "nor enough on its own (sufficiency lower bound >= 0.1; best words:3+4: +0.300 [+0.030, +0.400])" in v1, v1
+    # a class-specific unit is claimed whatever its sufficiency (a fine-tuned model's watermark: +0.003, round 7)
+    specific = units.assign(f_out=0.1)
+    assert list(shortcut_candidates(specific, 1, cfg)["unit"]) == ["words:3+4"]

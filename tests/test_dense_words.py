@@ -281,12 +281,16 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
     flags = pd.read_parquet(tmp_path / "fl" / "flags.parquet")
     assert (flags["pred"] != flags["pred_without"]).mean() > 0.5  # conflicting frames: removing it flips them
     for name in ("new", "plain"):
-        assert main(["prompt", "--model", str(model), "--images", str(tmp_path / name), "--method", "mask_tokens",
-                     "--motifs", str(sp), "--layers", "all", "--out", str(tmp_path / f"pr_{name}")]) == 0
-    steered = {n: pd.read_parquet(tmp_path / f"pr_{n}" / "predictions.parquet") for n in ("new", "plain")}
-    assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < 0.2
-    plain = steered["plain"][~steered["plain"]["steered"]]
-    assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
+        for gate in ("presence", "counterfactual"):
+            assert main(["prompt", "--model", str(model), "--images", str(tmp_path / name), "--method", "mask_tokens",
+                         "--motifs", str(sp), "--layers", "all", "--gate", gate,
+                         "--out", str(tmp_path / f"pr_{name}_{gate}")]) == 0
+    for gate in ("presence", "counterfactual"):
+        steered = {n: pd.read_parquet(tmp_path / f"pr_{n}_{gate}" / "predictions.parquet") for n in ("new", "plain")}
+        print(gate, steered["new"]["steered"].mean(), steered["plain"]["steered"].mean())
+        assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < 0.2
+        plain = steered["plain"][~steered["plain"]["steered"]]
+        assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
 
 
 def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(frame):

@@ -109,6 +109,8 @@ class Variant:
 # ``heldout6_*`` (session 12): a sixth round, same pool, new generator seeds, for the per-family nulls and claims.
 # ``heldout7_*`` (session 13): a seventh round, same pool, the last unused generator seed offset, for token units of
 # a word's several places (a watermark in one of two corners).
+# ``heldout8_*`` (session 14): an eighth round, same pool; every offset of the ``1000 + 7 j + o`` scheme was used, so
+# its generator seeds are 1035 + j (never drawn before), for the defaults chosen in session 14.
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
@@ -119,6 +121,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout5_{f}", f, "heldout", 1000 + 7 * j + 2) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout6_{f}", f, "heldout", 1000 + 7 * j + 4) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout7_{f}", f, "heldout", 1000 + 7 * j + 0) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout8_{f}", f, "heldout", 1035 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 

@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import GATES, ShortcutSet
+from .causal import DEFAULT_GATE, GATES, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -40,7 +40,7 @@ class _RowMask:
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
-               random_init: bool = False, gate: str = "presence") -> dict | None:
+               random_init: bool = False, gate: str = DEFAULT_GATE) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -64,7 +64,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
-                   gate_kind: str = "presence") -> dict | None:
+                   gate_kind: str = DEFAULT_GATE) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)

@@ -76,7 +76,8 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
         res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts,
                                  label_map=label_map)
-        masker = res.shortcuts.masker(lm) if res.shortcuts is not None and res.shortcuts.units else res.masker(lm)
+        masker = (res.shortcuts.masker(lm, "presence") if res.shortcuts is not None and res.shortcuts.units
+                  else res.masker(lm))
         try:
             cf = counterfactual_scores(lm, source, masker, cfg.batch_size, layers=res.layers, seed=cfg.seed,
                                        parts=parts)
