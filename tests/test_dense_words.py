@@ -285,12 +285,18 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
             assert main(["prompt", "--model", str(model), "--images", str(tmp_path / name), "--method", "mask_tokens",
                          "--motifs", str(sp), "--layers", "all", "--gate", gate,
                          "--out", str(tmp_path / f"pr_{name}_{gate}")]) == 0
-    for gate in ("presence", "counterfactual"):
+    # presence: the frame's words are found in framed images and rarely elsewhere. counterfactual (the default):
+    # the unit is tested in every image and masked where removing it changes the prediction; on frame-free images
+    # of this toy (a model that learned little but the frame) that happens more often (measured: 23% vs 7%), and
+    # a touched image gets its prediction without the unit
+    for gate, most_plain in (("presence", 0.2), ("counterfactual", 0.35)):
         steered = {n: pd.read_parquet(tmp_path / f"pr_{n}_{gate}" / "predictions.parquet") for n in ("new", "plain")}
-        print(gate, steered["new"]["steered"].mean(), steered["plain"]["steered"].mean())
-        assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < 0.2
+        assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < most_plain, gate
         plain = steered["plain"][~steered["plain"]["steered"]]
         assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
+        if gate == "counterfactual":
+            touched = steered["plain"][steered["plain"]["steered"]]
+            assert (touched["pred_base"] != touched["pred_steered"]).all()  # touched only where it changes
 
 
 def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(frame):

@@ -168,7 +168,7 @@ def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
             str(root / "new"), "--batch-size", "4", "--window", "1"]
     prompt = ["prompt", "--model", str(root / "m.safetensors"), "--motifs", str(root / "ref"), "--images",
               str(root / "new"), "--method", "random_mask", "--layers", "all", "--labels", "none", "--batch-size",
-              "4", "--seed", "3"]
+              "4", "--seed", "3", "--gate", "presence"]
     assert main([*flag, "--out", str(root / "flag1")]) == 0
     assert main([*prompt, "--out", str(root / "prompt1")]) == 0
     (root / "driver.py").write_text(DRIVER)

@@ -285,8 +285,7 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
             share = g.groupby("patch")["image"].nunique() / n_img
             fixed = tuple(sorted(int(t) for t in share.index[share.to_numpy() >= cfg.fixed_share]))
             # dense words (a token's colour) fill whole regions: "several places" is a keypoint word's notion
-            places = () if int(w) in dense_ids else _word_places(kps, labels, k, int(w), g, share, fixed, n_k[k],
-                                                                n_rest, grid, cfg)
+            places = () if int(w) in dense_ids else _word_places(kps, labels, k, g, fixed, grid, cfg)
             for toks in (fixed, places):
                 if toks:
                     # the word at these tokens: in how many of the class's images, and of the others'
@@ -318,14 +317,14 @@ def candidate_units(kps: pd.DataFrame, labels: np.ndarray, K: int, grid: tuple[i
     return units, cands
 
 
-def _word_places(kps: pd.DataFrame, labels: np.ndarray, k: int, w: int, g: pd.DataFrame, share: pd.Series,
-                 fixed: tuple[int, ...], n_k: int, n_rest: int, grid: tuple[int, int], cfg: CausalConfig
-                 ) -> tuple[int, ...]:
+def _word_places(kps: pd.DataFrame, labels: np.ndarray, k: int, g: pd.DataFrame, fixed: tuple[int, ...],
+                 grid: tuple[int, int], cfg: CausalConfig) -> tuple[int, ...]:
     """The tokens of a word's several places in class k, or (). A cue drawn in one of a few places per image (a
     watermark in one of two or four corners) puts its words at each place in only part of the class's images, so
     no token, or only one place's, reaches ``fixed_share``.
 
-    Candidate tokens hold the word (``g``: its keypoints in class k; ``share``: per token, share of its images)
+    Candidate tokens hold the word (``g``: its keypoints in class k, one row per image and token; ``fixed``: its
+    fixed place)
     in >= ``place_share`` of its images and >= ``place_ratio`` x the share of its most frequent token (a word on a
     fixed cue that sits elsewhere in a minority of its images is not a cue in two places; a dev text watermark's
     second corner held its word in 0.33 of the images against 0.67 for the first), in >= ``min_images`` of them,
@@ -337,7 +336,11 @@ def _word_places(kps: pd.DataFrame, labels: np.ndarray, k: int, w: int, g: pd.Da
     ``fixed_share`` of its images and be more than the fixed place."""
     if cfg.place_share >= cfg.fixed_share:
         return ()
+    w = int(g["word"].iloc[0])
+    n_k = int((labels == k).sum())
+    n_rest = len(labels) - n_k
     n_img = g["image"].nunique()
+    share = g.groupby("patch")["image"].nunique() / n_img  # per token, the share of the word's images there
     sh = share.to_numpy()
     cand = [int(t) for t in share.index[(sh >= max(cfg.place_share, cfg.place_ratio * sh.max()))
                                          & (sh * n_img >= cfg.min_images - 1e-9)]]
@@ -829,7 +832,7 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: f
     if not len(units):
         return units
     sub = units[(units["cls"] == k) & unit_families(units).isin(CLAIMABLE_FAMILIES)
-                & (units["causal_effect"] > cfg.shortcut_min_effect)]
+                & (units["causal_effect"] > max(cfg.shortcut_min_effect, 0.0))]
     alpha = family_alpha(units, k, cfg) if alpha is None else alpha
     sub = sub[sub["causal_p"] <= alpha] if cfg.n_null > 0 and len(sub) else sub
     ok = sub["f_in"] >= cfg.shortcut_specificity * sub["f_out"]
@@ -845,7 +848,7 @@ def sufficiency_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> li
     own = units[(units["cls"] == k) & unit_families(units).isin(CLAIMABLE_FAMILIES)] if len(units) else units
     if not len(own):
         return []
-    sig = own[own["causal_effect"] > cfg.shortcut_min_effect]
+    sig = own[own["causal_effect"] > max(cfg.shortcut_min_effect, 0.0)]
     if cfg.n_null > 0:
         sig = sig[sig["causal_p"] <= family_alpha(units, k, cfg)]
     top = sig.sort_values("causal_rank").groupby(unit_families(sig), sort=False).head(cfg.transplant_units)
@@ -1272,13 +1275,23 @@ class CounterfactualMasker:
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
         pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
-        best: dict[int, tuple[float, np.ndarray]] = {}
-        for (b, j, m), q in zip(tested, pm):
-            pred = int(p0[b].argmax())
-            drop = float(p0[b, pred] - q[pred])
-            if int(q.argmax()) != pred and drop > best.get(b, (-np.inf, None))[0]:
-                best[b] = (drop, m)
-                self.last_present[b] = [(j, m)]
-        for b, (_, m) in best.items():
+        for b, (_, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
+            _, j, m = tested[t]
+            self.last_present[b] = [(j, m)]
             out[b] = torch.from_numpy(m)
         return out
+
+
+def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
+                    ) -> dict[int, tuple[float, int]]:
+    """Per image b: (drop, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``)
+    that lowers b's predicted-class probability (``p0`` [B, K]) most, the first of ties; ``must_change``: only
+    removals that change the predicted class (images with none are left out). The flag's score and the
+    counterfactual gate both take this unit."""
+    best: dict[int, tuple[float, int]] = {}
+    for t, (b, q) in enumerate(zip(images, pm)):
+        pred = int(p0[b].argmax())
+        drop = float(p0[b, pred] - q[pred])
+        if (not must_change or int(q.argmax()) != pred) and drop > best.get(b, (-np.inf, -1))[0]:
+            best[b] = (drop, t)
+    return best

@@ -31,7 +31,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .causal import ShortcutSet, keypoint_windows, masked_probs, occlusion_windows, token_box
+from .causal import ShortcutSet, keypoint_windows, largest_removal, masked_probs, occlusion_windows, token_box
 from .source import PathSource, TensorSource
 
 
@@ -131,6 +131,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
+        best = largest_removal(p0, [b for b, _ in at], pm)
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
@@ -147,9 +148,9 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             p = p0[b]
             pred = int(p.argmax())
             drop, j, q = 0.0, None, p  # no shortcut present: nothing to remove
-            for (bb, jj), qq in zip(at, pm):  # the present unit whose removal moves the prediction most
-                if bb == b and (j is None or p[pred] - qq[pred] > drop):
-                    drop, j, q = float(p[pred] - qq[pred]), jj, qq
+            if b in best:  # the present unit whose removal moves the prediction most
+                drop, t = best[b]
+                j, q = at[t][1], pm[t]
             unit = shortcuts.units[j] if j is not None else None
             kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
             occ = (_occlusion_columns(kp_win[b], wd[b], wpred[b], windows, pred, rng, occlusion == "compare")
