@@ -690,3 +690,22 @@ def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
     # a class-specific unit is claimed whatever its sufficiency (a fine-tuned model's watermark: +0.003, round 7)
     specific = units.assign(f_out=0.1)
     assert list(shortcut_candidates(specific, 1, cfg)["unit"]) == ["words:3+4"]
+
+
+def test_largest_removal_takes_the_largest_drop_of_the_predicted_class():
+    """The flag's score and the counterfactual gate take, per image, the removal that lowers the predicted class's
+    probability most; the gate only among removals that change the predicted class."""
+    from siftlens.spurious.causal import largest_removal
+
+    p0 = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])  # predictions: class 0, class 2
+    images = [0, 0, 0, 1]
+    pm = np.array([[0.5, 0.4, 0.1],    # image 0: drop 0.2, still class 0
+                   [0.3, 0.6, 0.1],    # image 0: drop 0.4, now class 1
+                   [0.1, 0.2, 0.7],    # image 0: drop 0.6, now class 2
+                   [0.1, 0.2, 0.7]])   # image 1: its class rises (drop -0.1)
+    best = largest_removal(p0, images, pm)
+    assert best[0][1] == 2 and best[0][0] == pytest.approx(0.6)
+    assert best[1][1] == 3 and best[1][0] == pytest.approx(-0.1)  # the flag keeps it (score max(drop, 0))
+    changed = largest_removal(p0, images, pm, must_change=True)
+    assert set(changed) == {0} and changed[0][1] == 2
+    assert largest_removal(p0, images[:2], pm[:2], must_change=True)[0][1] == 1
