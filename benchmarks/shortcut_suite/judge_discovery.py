@@ -43,7 +43,7 @@ def judge(run: Path, spurious: Path) -> dict:
     rows = [{"class": names[c], "top_at_cue": top["per_class"][c], "claims": claims[c]} for c in range(k)]
     return {"located": top["rate"], "chance": top["chance"], "claims": sum(bool(v) for v in claims.values()),
             "claims_at_cue": sum(any(u["at_cue"] for u in v) for v in claims.values()),
-            "off_cue_units": sum(not u["at_cue"] for v in claims.values() for u in v), "per_class": rows}
+            "off_cue_units": sum(u["at_cue"] is False for v in claims.values() for u in v), "per_class": rows}
 
 
 def main() -> None:
@@ -53,7 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     for sp in args.spurious:
         r = judge(Path(args.run), Path(sp))
-        print(f"{sp}: located {r['located']:.2f} (chance {r['chance']:.2f}), classes claimed {r['claims']}, "
+        where = ("n/a (global cue)" if r["located"] is None
+                 else f"{r['located']:.2f} (chance {r['chance']:.2f})")
+        print(f"{sp}: located {where}, classes claimed {r['claims']}, "
               f"with a claim at the cue {r['claims_at_cue']}, claimed units off the cue {r['off_cue_units']}")
         for row in r["per_class"]:
             claimed = "; ".join(f"{u['unit']} ({u['family']}) at cue {u['at_cue']} effect {u['effect']:.4f}"
