@@ -1198,6 +1198,11 @@ class ShortcutSet:
                     cover = keypoint_cover(xy[hit], size[hit], grid, p)
                     if hit.any() and cover.sum() >= need:
                         found.append((j, cover))
+                    elif token_units == "always" and u["tokens"] and not dense_unit:
+                        # not found here (SIFT misses a watermark's word in most images): its evidence tokens,
+                        # where it sat in the class's images, are tested by removal instead. Dense words are
+                        # computed at every token, never missed: a dense unit absent here is absent
+                        found.append((j, self._token_mask(u, n)))
                 else:
                     m = self._token_mask(u, n)
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
