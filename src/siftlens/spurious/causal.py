@@ -116,7 +116,8 @@ class CausalConfig:
     transplant_units: int = 3
     # a shortcut (applied by flag / gated prompt): the class's top causal unit with causal_p <= alpha, an effect
     # above min_effect and class-specific (in >= specificity x as large a share of the class's images as of
-    # the others'): "frequent within one class, rare elsewhere or fixed in position" (METHOD.md §4)
+    # the others'): "frequent within one class, rare elsewhere or fixed in position" (METHOD.md §4), or sufficient
+    # (shortcut_sufficiency, below)
     shortcut_alpha: float = 0.05
     # over the largest unit effect of nine random-weights models (RESULTS "Dev round 6")
     shortcut_min_effect: float = 0.02
@@ -829,12 +830,7 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: f
     The label-permutation p alone is not enough: on a trained model any unit that carries some of the evidence
     lowers p_k more in class k's images (where p_k is high) than in others', so generic units get small p too
     (docs/CHOICES.md)."""
-    if not len(units):
-        return units
-    sub = units[(units["cls"] == k) & unit_families(units).isin(CLAIMABLE_FAMILIES)
-                & (units["causal_effect"] > max(cfg.shortcut_min_effect, 0.0))]
-    alpha = family_alpha(units, k, cfg) if alpha is None else alpha
-    sub = sub[sub["causal_p"] <= alpha] if cfg.n_null > 0 and len(sub) else sub
+    sub = _significant(units, k, cfg, family_alpha(units, k, cfg) if alpha is None else alpha)
     ok = sub["f_in"] >= cfg.shortcut_specificity * sub["f_out"]
     if sufficiency and cfg.shortcut_sufficiency > 0 and "sufficiency_lo" in sub:
         ok |= sub["sufficiency_lo"] >= cfg.shortcut_sufficiency
@@ -845,15 +841,20 @@ def sufficiency_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> li
     """Unit indices of class k the transplant check tests: its claimable units (before any sufficiency rule) and
     the top ``transplant_units`` of each claimable family with an effect above the floor and causal_p <=
     ``family_alpha``, class-specific or not."""
-    own = units[(units["cls"] == k) & unit_families(units).isin(CLAIMABLE_FAMILIES)] if len(units) else units
-    if not len(own):
-        return []
-    sig = own[own["causal_effect"] > max(cfg.shortcut_min_effect, 0.0)]
-    if cfg.n_null > 0:
-        sig = sig[sig["causal_p"] <= family_alpha(units, k, cfg)]
+    sig = _significant(units, k, cfg, family_alpha(units, k, cfg))
     top = sig.sort_values("causal_rank").groupby(unit_families(sig), sort=False).head(cfg.transplant_units)
-    claimable = shortcut_candidates(units, k, cfg, sufficiency=False)
-    return sorted(set(top["unit_index"].tolist()) | set(claimable["unit_index"].tolist()))
+    specific = sig[sig["f_in"] >= cfg.shortcut_specificity * sig["f_out"]]
+    return sorted(set(top["unit_index"].tolist()) | set(specific["unit_index"].tolist()))
+
+
+def _significant(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> pd.DataFrame:
+    """Class k's units of a claimable family with a positive effect above ``shortcut_min_effect`` and, with a
+    null, causal_p <= ``alpha``: what a claim needs before specificity or sufficiency."""
+    if not len(units):
+        return units
+    sub = units[(units["cls"] == k) & unit_families(units).isin(CLAIMABLE_FAMILIES)
+                & (units["causal_effect"] > max(cfg.shortcut_min_effect, 0.0))]
+    return sub[sub["causal_p"] <= alpha] if cfg.n_null > 0 and len(sub) else sub
 
 
 def _specific_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
@@ -909,7 +910,7 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
         freq = (f"; the top one, {t['unit']}, is in {t['f_in']:.0%} of the class's images and {t['f_out']:.0%} of "
                 "the others'" if np.isfinite(t["f_in"]) else "")
         return (f"no shortcut claimed: no unit with an effect is class-specific (>= {cfg.shortcut_specificity:g}x as "
-                f"frequent in the class as elsewhere){freq}{_not_enough(own, cfg, alpha)}. A small causal_p alone "
+                f"frequent in the class as elsewhere){freq}{_not_enough(own, k, cfg, alpha)}. A small causal_p alone "
                 "only says a unit carries some of the class's evidence, as generic texture does in a model trained on "
                 "clean data")
     if not len(large):
@@ -922,13 +923,13 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
             f"p={best['causal_p']:.3f} > {alpha:g})")
 
 
-def _not_enough(own: pd.DataFrame, cfg: CausalConfig, alpha: float) -> str:
+def _not_enough(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> str:
     """Why no unspecific unit is claimed as sufficient: the best transplant result among the significant units
     above the effect floor, '' where none was tested."""
     if cfg.shortcut_sufficiency <= 0 or "sufficiency_lo" not in own:
         return ""
-    sig = own[(own["causal_effect"] > cfg.shortcut_min_effect) & own["sufficiency_lo"].notna()]
-    sig = sig[sig["causal_p"] <= alpha] if cfg.n_null > 0 else sig
+    sig = _significant(own, k, cfg, alpha)
+    sig = sig[sig["sufficiency_lo"].notna()]
     if not len(sig):
         return ""
     best = sig.loc[sig["sufficiency_lo"].idxmax()]
