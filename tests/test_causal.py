@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from planted.evaluate import auroc
 
-from siftlens.spurious.causal import CausalConfig, ShortcutSet, token_box
+from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CausalConfig, ShortcutSet, token_box, with_margin
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.source import TensorSource
@@ -219,12 +219,14 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     page = (fl / "flags.html").read_text()
     assert "Per-image window occlusion" in page and "occlusion_score_random" in page
     manifest = json.loads((fl / "manifest.json").read_text())
+    assert manifest["margin"] == REMOVAL_MARGIN_BELOW
     # no keypoints: scored through the fixed-token units alone (default), listed as such
     assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
     assert not flags.loc[flags["path"].str.contains("flat.png"), "keypoints"].any()
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
-                 "--out", str(tmp_path / "flg"), "--token-units", "gated"]) == 0
+                 "--out", str(tmp_path / "flg"), "--token-units", "gated", "--margin", "0"]) == 0
     manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
+    assert manifest["margin"] == 0
     assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
     assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()
 
@@ -731,3 +733,20 @@ def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):
     expect[tokens] = True
     assert all(found is not None and len(found) == 1 and np.array_equal(found[0][1], expect) for found in always)
     assert all(not found for found in missing.present_units(lm, x, "gated"))
+    # flag's removals (margin_below=REMOVAL_MARGIN_BELOW) take the neighbours of a small unit: the cue runs into them
+    grown = missing.present_units(lm, x, "always", margin_below=REMOVAL_MARGIN_BELOW)
+    assert all(np.array_equal(found[0][1], with_margin(expect, GRID, REMOVAL_MARGIN_BELOW)) for found in grown)
+    assert grown[0][0][1].sum() > expect.sum()
+
+
+def test_with_margin_grows_small_removals_by_their_neighbours():
+    grid = (4, 5)  # not square: rows and columns must not be swapped
+    corner = np.zeros(20, bool)
+    corner[4] = True  # row 0, column 4 (top right)
+    assert sorted(np.flatnonzero(with_margin(corner, grid, 4))) == [3, 4, 8, 9]
+    inner = np.zeros(20, bool)
+    inner[[6, 7]] = True  # row 1, columns 1-2
+    assert sorted(np.flatnonzero(with_margin(inner, grid, 4))) == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13]
+    assert np.array_equal(with_margin(inner, grid, 1), inner)  # above the limit: as it is
+    assert np.array_equal(with_margin(inner, grid, 0), inner)  # 0: no margin
+    assert not with_margin(np.zeros(20, bool), grid, 4).any()

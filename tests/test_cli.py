@@ -45,7 +45,7 @@ def test_parser_defaults_are_the_configs_defaults():
     for name in ("method", "layers", "beta", "motifs", "labels", "batch_size", "seed"):
         assert p[name] == cli._defaults(run_prompt)[name], name
     f = _parsed("flag", "--images", "x", "--motifs", "m")
-    for name in ("batch_size", "device", "top", "token_units"):
+    for name in ("batch_size", "device", "top", "token_units", "margin"):
         assert f[name] == cli._defaults(run_flag)[name], name
 
 

@@ -361,10 +361,11 @@ WORDS_ABLATIONS = {"method_with_64_words": ["--words", "64"]}
 
 def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, skip_cli: bool = False,
                  ablate_regions: bool = False, spurious_args: Sequence[str] = (), ablate_dense: bool = False,
-                 ablate_words: bool = False, prompt_args: Sequence[str] = ()) -> dict:
+                 ablate_words: bool = False, prompt_args: Sequence[str] = (), flag_args: Sequence[str] = ()) -> dict:
     """Every number of one (variant, setting, seed) folder; ``spurious_args``: extra `siftlens spurious` options
     for the method and its location runs (a method variant under test, e.g. ``--dense-words 64``); ``prompt_args``:
-    extra `siftlens prompt` options for every steering run, controls included (e.g. ``--gate counterfactual``)."""
+    extra `siftlens prompt` options for every steering run, controls included (e.g. ``--gate counterfactual``);
+    ``flag_args``: extra `siftlens flag` options (e.g. ``--margin 0``)."""
     t_start = time.time()
     out = out or run / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +393,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
                                     "--out", str(out / name), "--seed", str(seed), *spurious_args, *args],
                                    out / name / "motifs.csv", log)
         status["flag"] = run_cli(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(run / "test"),
-                                  "--out", str(out / "flag")], out / "flag" / "flags.parquet", log)
+                                  "--out", str(out / "flag"), *flag_args], out / "flag" / "flags.parquet", log)
         for m in STEERING:
             d = out / f"prompt_{m}"
             status[f"prompt_{m}"] = run_cli(["prompt", "--model", str(model), "--images", str(run / "test"),
@@ -542,6 +543,7 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         "setting": meta["setting"], "seed": seed, "run": str(run), "model": str(model),
         "n_test": {g: int((groups == g).sum()) for g in GROUPS}, "patch": patch, "image_size": size,
         "cli": log, "status": status, "spurious_args": list(spurious_args), "prompt_args": list(prompt_args),
+        "flag_args": list(flag_args),
         "cue_located": cue_loc, "cue_reliance": reliance, "flags": flags,
         "accuracy": accuracy,
         "differences": diffs,
@@ -774,6 +776,7 @@ def main(argv: list[str] | None = None) -> None:
                    "variant under test, e.g. '--dense-words 64'); with --eval-dir, its results stay apart")
     r.add_argument("--prompt-args", default="", help="extra `siftlens prompt` options for every steering run, "
                    "one string (e.g. '--gate counterfactual'); with --eval-dir, its results stay apart")
+    r.add_argument("--flag-args", default="", help="extra `siftlens flag` options, one string (e.g. '--margin 0')")
     r.add_argument("--eval-dir", default="eval", help="folder of each run that the results go to")
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
@@ -785,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
             res = evaluate_run(Path(run), Path(run) / a.eval_dir, skip_cli=a.skip_cli,
                                ablate_regions=a.ablate_regions, spurious_args=shlex.split(a.spurious_args),
                                ablate_dense=a.ablate_dense, ablate_words=a.ablate_words,
-                               prompt_args=shlex.split(a.prompt_args))
+                               prompt_args=shlex.split(a.prompt_args), flag_args=shlex.split(a.flag_args))
             print(f"{run}: {res['seconds']}", flush=True)
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]

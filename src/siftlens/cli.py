@@ -314,6 +314,9 @@ def _flag_parser(sub) -> None:
     p.add_argument("--token-units", choices=("always", "gated"), default=r["token_units"],
                    help="fixed-token shortcut units: tested by removal in every image (always), or only where one "
                    "of their words' keypoints sits in them (gated; images without keypoints are then skipped)")
+    p.add_argument("--margin", type=non_negative_int, default=r["margin"],
+                   help="a shortcut unit's removal of at most this many tokens takes their 8 neighbouring tokens too "
+                   "(a drawn cue runs into the tokens around its keypoint's); 0: the unit's tokens alone")
     p.add_argument("--occlusion", choices=OCCLUSION_MODES, default=r["occlusion"],
                    help="per-image window occlusion, needing no discovered shortcut: occlusion_score = the largest "
                    "drop of the predicted class's probability when one WINDOW x WINDOW square of tokens holding a "
@@ -329,7 +332,8 @@ def _run_flag(args: argparse.Namespace) -> int:
 
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
-                  token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed)
+                  token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
+                  margin=args.margin)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

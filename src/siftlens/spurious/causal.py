@@ -84,6 +84,13 @@ COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one k
 FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
+# flag's default ``margin_below``: where it removes a unit, a removal of at most this many tokens takes their 8
+# neighbours too. A token unit is where the cue's keypoint centre sits, but a drawn cue (a watermark's letters) runs
+# into the tokens around it and the model reads it there (dev round 11: on held-out round 9's text the flag's
+# removals held 35% of the cue's tokens, 88% with the margin; right-for-the-wrong-reason AUROC 0.61 -> 0.83). Not
+# for steering (prompt): the larger removals there changed more cue-free predictions and cost average accuracy on
+# three of four dev runs. Discovery's own removals have none either (its effects and floors are as measured)
+REMOVAL_MARGIN_BELOW = 4
 
 
 @dataclass
@@ -184,6 +191,13 @@ def keypoint_cover(xy: np.ndarray, size: np.ndarray, grid: tuple[int, int], patc
     kp = Keypoints(np.asarray(xy, np.float64), np.asarray(size, np.float64), np.ones(len(size)),
                    np.zeros(len(size), np.int64))
     return keypoint_mass(kp, grid, patch, "footprint", "unit") > COVER
+
+
+def with_margin(mask: np.ndarray, grid: tuple[int, int], below: int) -> np.ndarray:
+    """``mask`` [n] grown by its 8 neighbouring tokens when it holds 1..``below`` tokens (else as it is)."""
+    if not 0 < mask.sum() <= below:
+        return mask
+    return ndimage.binary_dilation(mask.reshape(grid), structure=np.ones((3, 3), bool)).ravel()
 
 
 def token_box(tokens: Sequence[int], grid: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -1146,8 +1160,11 @@ class ShortcutSet:
         return LabelMap(stored, here.by_name, num_outputs, list(self.class_names), here.display, here.note)
 
     def present_units(self, lm: LoadedModel, x: torch.Tensor, token_units: str = "gated",
-                      info: dict | None = None) -> list[list[tuple[int, np.ndarray]] | None]:
-        """Per image of a batch: [(unit index, bool mask [n])] of the shortcut units present in it;
+                      info: dict | None = None, margin_below: int = 0
+                      ) -> list[list[tuple[int, np.ndarray]] | None]:
+        """Per image of a batch: [(unit index, bool mask [n])] of the shortcut units present in it, each mask what
+        removing the unit masks (with ``margin_below``: a mask of at most that many tokens grown by its 8
+        neighbours, ``with_margin``);
         None for an image without SIFT keypoints where no unit can be tested. ``token_units="always"``:
         a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
         sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
@@ -1169,8 +1186,8 @@ class ShortcutSet:
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)
                     info.setdefault("no_keypoints", []).append(b)
             if not len(desc) and dense is None:
-                always = [(j, self._token_mask(u, n)) for j, u in enumerate(self.units)
-                          if u["kind"] == "token" and token_units == "always"]
+                always = [(j, with_margin(self._token_mask(u, n), grid, margin_below))
+                          for j, u in enumerate(self.units) if u["kind"] == "token" and token_units == "always"]
                 out.append(always or None)
                 continue
             xy, size = kp.xy, kp.size
@@ -1209,7 +1226,7 @@ class ShortcutSet:
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
                     if token_units == "always" or len(np.intersect1d(token[hit], np.flatnonzero(m))) >= need:
                         found.append((j, m))
-            out.append(found)
+            out.append([(j, with_margin(m, grid, margin_below)) for j, m in found])
         return out
 
     def colour_only(self, u: dict) -> bool:

@@ -4,7 +4,8 @@ For each image, the shortcut units of a `siftlens spurious` run (shortcuts.json)
 fixed-token unit (``token_units="always"``, the default: removing a place where no cue sits moves nothing, so
 no keypoint is needed; ``"gated"``: only where one of its words' keypoints sits in its tokens) and every word
 unit whose keypoints are in the image (``ShortcutSet.present_units``). Each is removed in turn (its tokens
-masked as keys in the discovery's layers) and the prediction re-made. ``flag_score`` = the largest drop of the
+masked as keys in the discovery's layers; a removal of at most ``margin_below`` tokens with their 8 neighbours, as a
+drawn cue runs past the token its keypoint sits in) and the prediction re-made. ``flag_score`` = the largest drop of the
 predicted class's probability over the tested units (0 when none is): high when the prediction would fall
 without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
 (predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
@@ -31,7 +32,15 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .causal import ShortcutSet, keypoint_windows, largest_removal, masked_probs, occlusion_windows, token_box
+from .causal import (
+    REMOVAL_MARGIN_BELOW,
+    ShortcutSet,
+    keypoint_windows,
+    largest_removal,
+    masked_probs,
+    occlusion_windows,
+    token_box,
+)
 from .source import PathSource, TensorSource
 
 
@@ -96,7 +105,8 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
                 occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None,
-                label_map: LabelMap | None = None) -> tuple[pd.DataFrame, list[dict]]:
+                label_map: LabelMap | None = None, margin_below: int = REMOVAL_MARGIN_BELOW
+                ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
@@ -104,7 +114,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     (``siftlens.resume.RunParts``, pass ``flag``), so a killed run started again with the same settings skips
     what is done, and torchrun ranks each score their share; the random draws restart per chunk, so the numbers
     are those of one uninterrupted process. ``label_map``: the names of the model's outputs (``pred_name``; default:
-    the run's classes at the outputs shortcuts.json stores, other outputs by index)."""
+    the run's classes at the outputs shortcuts.json stores, other outputs by index). ``margin_below``: a unit's
+    removal of at most this many tokens takes their 8 neighbours too (``REMOVAL_MARGIN_BELOW``; 0: none)."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
@@ -122,7 +133,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         rows, no_kp = [], []
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
         info: dict = {}
-        present = shortcuts.present_units(lm, x, token_units, info)
+        present = shortcuts.present_units(lm, x, token_units, info, margin_below)
         no_keypoints = set(info.get("no_keypoints", []))
         jobs, at = [], []
         for b, found in enumerate(present):
@@ -181,8 +192,8 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
 
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
-             token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0
-             ) -> pd.DataFrame | None:
+             token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
+             margin: int = REMOVAL_MARGIN_BELOW) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes)."""
     rank, world = distributed(device)
@@ -198,9 +209,9 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         m = Path(motifs)
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
-            token_units=token_units, occlusion=occlusion, window=window, seed=seed), rank, world)
+            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin), rank, world)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
-                                label_map)
+                                label_map, margin)
         parts.release()
         if rank != 0:
             return None
@@ -215,6 +226,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
+                                                  "margin": margin,
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
                                                   "shortcuts": [u["unit"] for u in shortcuts.units],
                                                   "layers": shortcuts.layers, "label_map": label_map.to_json(),
