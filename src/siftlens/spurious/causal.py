@@ -193,6 +193,13 @@ def keypoint_cover(xy: np.ndarray, size: np.ndarray, grid: tuple[int, int], patc
     return keypoint_mass(kp, grid, patch, "footprint", "unit") > COVER
 
 
+def token_mask(tokens: Sequence[int], n: int) -> np.ndarray:
+    """bool [n]: True at ``tokens``."""
+    m = np.zeros(n, bool)
+    m[list(tokens)] = True
+    return m
+
+
 def with_margin(mask: np.ndarray, grid: tuple[int, int], below: int) -> np.ndarray:
     """``mask`` [n] grown by its 8 neighbouring tokens when it holds 1..``below`` tokens (else as it is)."""
     if not 0 < mask.sum() <= below:
@@ -445,9 +452,7 @@ def region_units(lm: LoadedModel, source, layers: list[int], labels: np.ndarray,
         toks = np.flatnonzero(windows[v])
         for size in range(1, len(toks)):
             for subset in itertools.combinations(toks.tolist(), size):
-                m = np.zeros(n, bool)
-                m[list(subset)] = True
-                sub_jobs.append((i, m))
+                sub_jobs.append((i, token_mask(subset, n)))
                 sub_at.append((k, i, subset))
                 spent[k] += 1
     pm = masked_probs(lm, source, layers, sub_jobs, cfg.batch_size, parts, "region_parts", columns)
@@ -546,8 +551,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
                 add_word_job(int(i), j, gw)
     for j, u in enumerate(units):
         if u.kind in ("token", "region"):  # fixed tokens: removed in every sample image
-            m = np.zeros(n, bool)
-            m[list(u.tokens)] = True
+            m = token_mask(u.tokens, n)
             for i in sample:
                 jobs.append((int(i), m))
                 job_at.append((pos[int(i)], j))
@@ -574,11 +578,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
 
         def unit_tokens(sp: int, j: int) -> np.ndarray | None:  # unit j's tokens in sample image sp
             toks = list(units[j].tokens) if units[j].kind in ("token", "region") else word_masks.get((sp, j))
-            if toks is None:
-                return None
-            m = np.zeros(n, bool)
-            m[toks] = True
-            return m
+            return None if toks is None else token_mask(toks, n)
 
         tested = {k: sufficiency_candidates(units_df, k, cfg) for k in range(K)}
         units_df = transplant_check(lm, source, units_df, unit_tokens, sample, y, drops, probs, grid, patch, tested,
@@ -761,9 +761,7 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
         used[k] = m_k * n
         for sp in chosen:
             for t in range(n):
-                m = np.zeros(n, bool)
-                m[t] = True
-                jobs.append((int(sample[sp]), m))
+                jobs.append((int(sample[sp]), token_mask([t], n)))
                 at.append((k, int(sample[sp]), t))
     pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "control", columns)
     rows = []
@@ -1186,7 +1184,7 @@ class ShortcutSet:
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)
                     info.setdefault("no_keypoints", []).append(b)
             if not len(desc) and dense is None:
-                always = [(j, with_margin(self._token_mask(u, n), grid, margin_below))
+                always = [(j, with_margin(token_mask(u["tokens"], n), grid, margin_below))
                           for j, u in enumerate(self.units) if u["kind"] == "token" and token_units == "always"]
                 out.append(always or None)
                 continue
@@ -1220,9 +1218,9 @@ class ShortcutSet:
                         # not found here (SIFT misses a watermark's word in most images): its evidence tokens,
                         # where it sat in the class's images, are tested by removal instead. Dense words are
                         # computed at every token, never missed: a dense unit absent here is absent
-                        found.append((j, self._token_mask(u, n)))
+                        found.append((j, token_mask(u["tokens"], n)))
                 else:
-                    m = self._token_mask(u, n)
+                    m = token_mask(u["tokens"], n)
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
                     if token_units == "always" or len(np.intersect1d(token[hit], np.flatnonzero(m))) >= need:
                         found.append((j, m))
@@ -1240,11 +1238,6 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    @staticmethod
-    def _token_mask(u: dict, n: int) -> np.ndarray:
-        m = np.zeros(n, bool)
-        m[u["tokens"]] = True
-        return m
 
     def masker(self, lm: LoadedModel, gate: str = "presence") -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``

@@ -24,6 +24,7 @@ import torch
 
 from ..models import LoadedModel
 from ..resume import Part, RunParts
+from .causal import token_mask
 
 COLUMNS = ("transplant_rise", "transplant_rise_random", "sufficiency", "sufficiency_lo", "sufficiency_hi",
            "transplant_flip", "transplant_n")
@@ -98,8 +99,7 @@ def transplant_check(lm: LoadedModel, source, units: pd.DataFrame, unit_tokens, 
                     break
                 d = donors[q % len(donors)]
                 m = unit_tokens(d, j)
-                rand = np.zeros(n, bool)
-                rand[rng.choice(n, int(m.sum()), replace=False)] = True
+                rand = token_mask(rng.choice(n, int(m.sum()), replace=False), n)
                 for kind, mask in (("unit", m), ("random", rand)):
                     jobs.append((int(sample[r]), int(sample[d]), mask))
                     at.append((row, int(sample[r]), kind))
