@@ -218,6 +218,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     assert not (fl / ".parts").exists()  # finished: the resume parts are gone
     page = (fl / "flags.html").read_text()
     assert "Per-image window occlusion" in page and "occlusion_score_random" in page
+    assert f"at most {REMOVAL_MARGIN_BELOW} tokens with their 8 neighbours" in page
     manifest = json.loads((fl / "manifest.json").read_text())
     assert manifest["margin"] == REMOVAL_MARGIN_BELOW
     # no keypoints: scored through the fixed-token units alone (default), listed as such
@@ -226,7 +227,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
                  "--out", str(tmp_path / "flg"), "--token-units", "gated", "--margin", "0"]) == 0
     manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
-    assert manifest["margin"] == 0
+    assert manifest["margin"] == 0 and "its tokens alone" in (tmp_path / "flg" / "flags.html").read_text()
     assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
     assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()
 

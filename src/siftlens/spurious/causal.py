@@ -1238,7 +1238,6 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-
     def masker(self, lm: LoadedModel, gate: str = "presence") -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
         (removing a unit changes the prediction)."""

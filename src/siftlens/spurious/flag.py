@@ -232,25 +232,28 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "layers": shortcuts.layers, "label_map": label_map.to_json(),
                                                   "command": "flag",
                                                   "outputs": list(COMMAND_OUTPUTS["flag"])})
-        atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top))
+        atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top, margin))
         parts.finish()  # the batches are in flags.parquet now
     return df
 
 
-def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int) -> str:
+def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int,
+               margin: int = REMOVAL_MARGIN_BELOW) -> str:
     from ..dataset_stats import bootstrap_mean_ci
 
     fs = df["flag_score"].to_numpy()
     (m,), (lo,), (hi,) = bootstrap_mean_ci(fs)
     flips = float((df["pred"] != df["pred_without"]).mean())
     unit_names = html.escape(", ".join(u["class_name"] + " " + u["unit"] for u in shortcuts.units))
+    removal = f"a removal of at most {margin} tokens with their 8 neighbours" if margin else "its tokens alone"
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
-             f"removed: mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut unit was "
-             f"tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} of the "
-             "predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut knowledge). "
-             "Without labels no accuracy can be given here; the flag's AUROC needs a labelled benchmark.</p>"]
+             f"removed ({removal}): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut "
+             f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
+             "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
+             "knowledge). Without labels no accuracy can be given here; the flag's AUROC needs a labelled "
+             "benchmark.</p>"]
     shown = df.sort_values("flag_score", ascending=False).head(top)
     cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
             "p_pred_without", "one_minus_max_softmax", "entropy"]
