@@ -56,8 +56,8 @@ from shortcut_suite.cues import (  # noqa: E402
 )
 from siftlens.image_source import find_split_dir, image_folder, list_tar_image_folder  # noqa: E402
 
-# image size per model setting (8 x 8 tokens in the first two; scratch_p16: 6 x 6 tokens of 16 px, train.py)
-SETTINGS = {"scratch": 64, "bundled": 128, "scratch_p16": 96}
+# image size per model setting (8 x 8 tokens but scratch_p16: 6 x 6 tokens of 16 px, train.py)
+SETTINGS = {"scratch": 64, "bundled": 128, "scratch_p16": 96, "scratch_d12": 64}
 TEST_SLOT_PERMUTATION_SEED = 20261201  # fixed: the val split's cut into per-seed slots never changes
 P_ALIGNED = 0.95
 

@@ -2,13 +2,15 @@
 
     python benchmarks/shortcut_suite/train.py --run runs/suite/dev_fixed_patch_0/scratch/s0
 
-Two settings (planted.py's training code, no geometric augmentation):
+Settings (planted.py's training code, no geometric augmentation):
 * ``scratch``: timm ViT, patch 8, depth 8, dim 128, 4 heads, 64 px, random init, lr 1e-3;
 * ``bundled``: the bundled Imagenette ViT-Tiny (patch 16, depth 6) fine-tuned with a new head, 128 px,
   lr 2e-4;
 * ``scratch_p16`` (session 15): ViT-Ti/16 shape (patch 16, depth 6, dim 192, 3 heads) at 96 px from scratch: a 6 x 6
   token grid, with the cues drawn on the suite's 8 x 8 geometry (a cue unit is 3/4 of a patch), so neither the
   grid nor the cue-to-patch ratio is the one the method was designed on (the issue's text benchmark's model).
+* ``scratch_d12`` (session 16): ViT-Ti/8 shape (patch 8, depth 12, dim 192, 3 heads) at 64 px from scratch: the
+  suite's 8 x 8 geometry on the issue's fixed-patch benchmark model (12 blocks, 50% deeper than ``scratch``).
 Writes ``RUN/model/model.safetensors`` + ``RUN/model/model.json`` (timm_arch, timm_kwargs, preprocessing,
 label names: ``siftlens ... --model RUN/model/model.safetensors`` loads it; no crop, the images are at
 the input size), and ``RUN/model/erm.json`` (per-group test accuracy, train seconds). Skips a run that
@@ -43,8 +45,9 @@ MODEL_CONFIGS = {
     "scratch": PlantedModelConfig(patch_size=8, depth=8, embed_dim=128, num_heads=4, init="scratch"),
     "bundled": PlantedModelConfig(init="bundled"),
     "scratch_p16": PlantedModelConfig(patch_size=16, depth=6, embed_dim=192, num_heads=3, init="scratch"),
+    "scratch_d12": PlantedModelConfig(patch_size=8, depth=12, embed_dim=192, num_heads=3, init="scratch"),
 }
-DEFAULT_EPOCHS = {"scratch": 15, "bundled": 4, "scratch_p16": 15}
+DEFAULT_EPOCHS = {"scratch": 15, "bundled": 4, "scratch_p16": 15, "scratch_d12": 15}
 
 
 def read_split(run: Path, name: str) -> tuple[PlantedSplit, pd.DataFrame]:
