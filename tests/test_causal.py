@@ -145,15 +145,6 @@ def test_flag_ranks_conflicting_above_aligned(cue):
     assert auroc(scores, is_conflict) > 0.8
     assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
                               "p_pred_without", "one_minus_max_softmax", "entropy"}
-    # --unit-classes predicted: only units of the class the image is predicted as are removed, so a scored unit is
-    # always of the predicted class, and each image's score is at most its score over every unit
-    for g in ("aligned", "conflict"):
-        own = flag_images(lm, res.shortcuts, TensorSource(inputs(lm, data[g])), occlusion="off",
-                          unit_classes="predicted")[0]
-        named = own["shortcut_class"] != ""
-        assert named.any() and (own.loc[named, "shortcut_class"] == own.loc[named, "pred_name"]).all()
-        assert (own["flag_score"].to_numpy() <= flags[g]["flag_score"].to_numpy() + 1e-9).all()
-    assert not (flags["aligned"]["shortcut_class"] == flags["aligned"]["pred_name"]).all()  # "all" takes others too
 
 
 def test_gated_steering_leaves_cue_free_images_unchanged(cue, tmp_path):
@@ -652,19 +643,6 @@ def test_counterfactual_gate_steers_where_removal_changes_the_prediction(cue):
     assert (after == y).mean() > (before == y).mean() + 0.3
     with pytest.raises(UserValueError, match="gate"):
         res.shortcuts.masker(lm, "sometimes")
-    # units of the predicted class only: a subset of what the gate tried, so it never fires where it did not; on
-    # conflicting images (predicted as their cue's class) it fires as before
-    own = res.shortcuts.masker(lm, "counterfactual", "predicted")
-    oc, oa = own(conflict), own(absent)
-    assert not (oa.any(1) & ~ma.any(1)).any() and not (oc.any(1) & ~mc.any(1)).any()
-    assert oc.any(1).float().mean() > 0.8
-    with torch.no_grad():
-        pred_c = lm.forward(conflict).argmax(1).numpy()
-    outputs = res.shortcuts.class_outputs()
-    for b, found in enumerate(own.last_present):  # the unit it masked is of the class the image is predicted as
-        assert all(outputs[res.shortcuts.units[j]["cls"]] == pred_c[b] for j, _ in found)
-    with pytest.raises(UserValueError, match="unit classes"):
-        res.shortcuts.masker(lm, "counterfactual", "some")
 
 
 def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
@@ -734,13 +712,6 @@ def test_largest_removal_takes_the_largest_drop_of_the_predicted_class():
     changed = largest_removal(p0, images, pm, must_change=True)
     assert set(changed) == {0} and changed[0][1] == 2
     assert largest_removal(p0, images[:2], pm[:2], must_change=True)[0][1] == 1
-    # units of classes 1, 0, 2, 2: image 0 (predicted 0) may take only the removal of its class-0 unit (row 1, drop
-    # 0.4, not the larger 0.6 of a class-2 unit); image 1 (predicted 2) its class-2 unit
-    own = largest_removal(p0, images, pm, unit_outputs=[1, 0, 2, 2])
-    assert own[0] == (pytest.approx(0.4), 1) and own[1][1] == 3
-    assert largest_removal(p0, images, pm, unit_outputs=[1, 2, 0, 0]) == {0: (pytest.approx(0.6), 2)}
-    assert largest_removal(p0, images, pm, True, [1, 0, 1, 2]) == {0: (pytest.approx(0.4), 1)}
-    assert largest_removal(p0, images, pm, True, [0, 1, 1, 2]) == {}  # its own unit (row 0) keeps class 0
 
 
 def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):

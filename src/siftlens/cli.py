@@ -258,7 +258,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import GATES, UNIT_CLASSES
+    from .spurious.causal import GATES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -279,9 +279,6 @@ def _prompt_parser(sub) -> None:
                    help="with --motifs: steer where a shortcut's words are found in the image (presence), or where "
                    "removing a shortcut unit changes the prediction (counterfactual: the flag's test, one masked "
                    "forward per unit tested)")
-    p.add_argument("--unit-classes", choices=UNIT_CLASSES, default=r["unit_classes"],
-                   help="counterfactual gate: which shortcut units are tried in an image, all, or only those of the "
-                   "class the image is predicted as (predicted)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -294,8 +291,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
     summary = run_prompt(args.model, args.images, args.out, method=args.method,
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
-                         checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
-                         unit_classes=args.unit_classes)
+                         checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))
@@ -303,7 +299,6 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 
 def _flag_parser(sub) -> None:
-    from .spurious.causal import UNIT_CLASSES
     from .spurious.flag import OCCLUSION_MODES, run_flag
 
     r = _defaults(run_flag)
@@ -322,9 +317,6 @@ def _flag_parser(sub) -> None:
     p.add_argument("--margin", type=non_negative_int, default=r["margin"],
                    help="a shortcut unit's removal of at most this many tokens takes their 8 neighbouring tokens too "
                    "(a drawn cue runs into the tokens around its keypoint's); 0: the unit's tokens alone")
-    p.add_argument("--unit-classes", choices=UNIT_CLASSES, default=r["unit_classes"],
-                   help="which shortcut units are removed in an image: all that can be tested there, or only those "
-                   "of the class the image is predicted as (predicted)")
     p.add_argument("--occlusion", choices=OCCLUSION_MODES, default=r["occlusion"],
                    help="per-image window occlusion, needing no discovered shortcut: occlusion_score = the largest "
                    "drop of the predicted class's probability when one WINDOW x WINDOW square of tokens holding a "
@@ -341,7 +333,7 @@ def _run_flag(args: argparse.Namespace) -> int:
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
-                  margin=args.margin, unit_classes=args.unit_classes)
+                  margin=args.margin)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

@@ -66,11 +66,6 @@ from ..semantic_maps import Keypoints, keypoint_mass
 from ..validation import UserValueError
 
 GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
-# which shortcut units the flag and the counterfactual gate remove in an image: every one that can be tested there, or
-# only those of the class the image is predicted as (a shortcut raises its own class's evidence; removing another
-# class's unit and seeing the prediction move tests nothing about the prediction's reason)
-UNIT_CLASSES = ("all", "predicted")
-DEFAULT_UNIT_CLASSES = "all"
 # prompt's default: the counterfactual gate reached 90% / 115% of the oracle's headroom on held-out round 7b where
 # presence reached 66% / 77% (benchmarks/RESULTS.md)
 DEFAULT_GATE = "counterfactual"
@@ -1248,22 +1243,12 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    def masker(self, lm: LoadedModel, gate: str = "presence", unit_classes: str = DEFAULT_UNIT_CLASSES
-               ) -> GatedMasker | CounterfactualMasker:
+    def masker(self, lm: LoadedModel, gate: str = "presence") -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
-        (removing a unit changes the prediction; ``unit_classes``: see ``UNIT_CLASSES``)."""
+        (removing a unit changes the prediction)."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
-        return GatedMasker(lm, self) if gate == "presence" else CounterfactualMasker(lm, self, unit_classes)
-
-    def unit_outputs(self, units: Sequence[int], unit_classes: str) -> list[int] | None:
-        """The model output of each listed unit's class, for ``largest_removal`` (None: ``unit_classes`` "all")."""
-        if unit_classes not in UNIT_CLASSES:
-            raise UserValueError(f"unit classes {unit_classes!r} is not one of {', '.join(UNIT_CLASSES)}")
-        if unit_classes == "all":
-            return None
-        outputs = self.class_outputs()
-        return [outputs[int(self.units[j]["cls"])] for j in units]
+        return GatedMasker(lm, self) if gate == "presence" else CounterfactualMasker(lm, self)
 
 
 class GatedMasker:
@@ -1292,10 +1277,8 @@ class CounterfactualMasker:
     presence gate needs SIFT to find the cue's words in the image, this needs the prediction to rest on the unit's
     tokens: the right-for-the-wrong-reason test the flag scores."""
 
-    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, unit_classes: str = DEFAULT_UNIT_CLASSES) -> None:
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet) -> None:
         self.lm, self.shortcuts = lm, shortcuts
-        self.unit_classes = unit_classes
-        shortcuts.unit_outputs([], unit_classes)  # checks the name
         self.last_present: list = []
 
     @torch.no_grad()
@@ -1312,27 +1295,23 @@ class CounterfactualMasker:
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
         pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
-        outputs = self.shortcuts.unit_outputs([j for _, j, _ in tested], self.unit_classes)
-        for b, (_, t) in largest_removal(p0, [b for b, _, _ in tested], pm, True, outputs).items():
+        for b, (_, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
             _, j, m = tested[t]
             self.last_present[b] = [(j, m)]
             out[b] = torch.from_numpy(m)
         return out
 
 
-def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False,
-                    unit_outputs: Sequence[int] | None = None) -> dict[int, tuple[float, int]]:
+def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
+                    ) -> dict[int, tuple[float, int]]:
     """Per image b: (drop, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``)
     that lowers b's predicted-class probability (``p0`` [B, K]) most, the first of ties; ``must_change``: only
-    removals that change the predicted class (images with none are left out); ``unit_outputs`` [T]: the model
-    output of each removed unit's class, and only removals of a unit of the predicted class count (images with none
-    are left out). The flag's score and the counterfactual gate both take this unit."""
+    removals that change the predicted class (images with none are left out). The flag's score and the
+    counterfactual gate both take this unit."""
     best: dict[int, tuple[float, int]] = {}
     for t, (b, q) in enumerate(zip(images, pm)):
         pred = int(p0[b].argmax())
         drop = float(p0[b, pred] - q[pred])
-        if must_change and int(q.argmax()) == pred or unit_outputs is not None and int(unit_outputs[t]) != pred:
-            continue
-        if drop > best.get(b, (-np.inf, -1))[0]:
+        if (not must_change or int(q.argmax()) != pred) and drop > best.get(b, (-np.inf, -1))[0]:
             best[b] = (drop, t)
     return best

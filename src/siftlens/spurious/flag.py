@@ -33,7 +33,6 @@ from ..resume import Part, RunParts, distributed, rank_device, settings_fingerpr
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import (
-    DEFAULT_UNIT_CLASSES,
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
     keypoint_windows,
@@ -106,8 +105,8 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
                 occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None,
-                label_map: LabelMap | None = None, margin_below: int = REMOVAL_MARGIN_BELOW,
-                unit_classes: str = DEFAULT_UNIT_CLASSES) -> tuple[pd.DataFrame, list[dict]]:
+                label_map: LabelMap | None = None, margin_below: int = REMOVAL_MARGIN_BELOW
+                ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
     ("sift": windows holding a keypoint; "compare": also every window and a same-count random draw of
@@ -116,11 +115,9 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     what is done, and torchrun ranks each score their share; the random draws restart per chunk, so the numbers
     are those of one uninterrupted process. ``label_map``: the names of the model's outputs (``pred_name``; default:
     the run's classes at the outputs shortcuts.json stores, other outputs by index). ``margin_below``: a unit's
-    removal of at most this many tokens takes their 8 neighbours too (``REMOVAL_MARGIN_BELOW``; 0: none).
-    ``unit_classes``: "predicted" removes only the units of the class an image is predicted as (``UNIT_CLASSES``)."""
+    removal of at most this many tokens takes their 8 neighbours too (``REMOVAL_MARGIN_BELOW``; 0: none)."""
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
-    shortcuts.unit_outputs([], unit_classes)  # checks the name
     device = next(lm.module.parameters()).device
     names = label_map or LabelMap(shortcuts.class_outputs(), shortcuts.output_index is not None,
                                   int(shortcuts.model.get("num_classes", 0)), list(shortcuts.class_names))
@@ -145,8 +142,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
-        best = largest_removal(p0, [b for b, _ in at], pm,
-                               unit_outputs=shortcuts.unit_outputs([j for _, j in at], unit_classes))
+        best = largest_removal(p0, [b for b, _ in at], pm)
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
@@ -197,13 +193,12 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
-             margin: int = REMOVAL_MARGIN_BELOW, unit_classes: str = DEFAULT_UNIT_CLASSES) -> pd.DataFrame | None:
+             margin: int = REMOVAL_MARGIN_BELOW) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes)."""
     rank, world = distributed(device)
     device = rank_device(device)
     shortcuts = ShortcutSet.load(motifs)
-    shortcuts.unit_outputs([], unit_classes)  # a bad name fails before the model loads
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
     label_map = shortcuts.check_model(lm, check_classifier(lm), str(motifs))
@@ -214,10 +209,9 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         m = Path(motifs)
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
-            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin,
-            unit_classes=unit_classes), rank, world)
+            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin), rank, world)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
-                                label_map, margin, unit_classes)
+                                label_map, margin)
         parts.release()
         if rank != 0:
             return None
@@ -232,20 +226,19 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
-                                                  "margin": margin, "unit_classes": unit_classes,
+                                                  "margin": margin,
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
                                                   "shortcuts": [u["unit"] for u in shortcuts.units],
                                                   "layers": shortcuts.layers, "label_map": label_map.to_json(),
                                                   "command": "flag",
                                                   "outputs": list(COMMAND_OUTPUTS["flag"])})
-        atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top, margin,
-                                                                 unit_classes))
+        atomic_write_text(out / "flags.html", flags_html(df, shortcuts, lm, source, skipped, top, margin))
         parts.finish()  # the batches are in flags.parquet now
     return df
 
 
 def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source, skipped: list, top: int,
-               margin: int = REMOVAL_MARGIN_BELOW, unit_classes: str = DEFAULT_UNIT_CLASSES) -> str:
+               margin: int = REMOVAL_MARGIN_BELOW) -> str:
     from ..dataset_stats import bootstrap_mean_ci
 
     fs = df["flag_score"].to_numpy()
@@ -255,9 +248,8 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     removal = f"a removal of at most {margin} tokens with their 8 neighbours" if margin else "its tokens alone"
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
-             "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit"
-             f"{' of that class' if unit_classes == 'predicted' else ''} is removed ({removal}): "
-             f"mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut "
+             "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
+             f"removed ({removal}): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
              "knowledge). Without labels no accuracy can be given here; the flag's AUROC needs a labelled "

@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, DEFAULT_UNIT_CLASSES, GATES, UNIT_CLASSES, ShortcutSet
+from .causal import DEFAULT_GATE, GATES, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -40,8 +40,7 @@ class _RowMask:
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
-               random_init: bool = False, gate: str = DEFAULT_GATE, unit_classes: str = DEFAULT_UNIT_CLASSES
-               ) -> dict | None:
+               random_init: bool = False, gate: str = DEFAULT_GATE) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -53,8 +52,6 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     shortcuts = None
     if gate not in GATES:
         raise UserValueError(f"--gate {gate!r} is not one of {', '.join(GATES)}")
-    if unit_classes not in UNIT_CLASSES:
-        raise UserValueError(f"--unit-classes {unit_classes!r} is not one of {', '.join(UNIT_CLASSES)}")
     if gated:
         if motifs is None:
             raise UserValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
@@ -62,12 +59,12 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
-                              checkpoint, random_init, rank, world, gate, unit_classes)
+                              checkpoint, random_init, rank, world, gate)
 
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
-                   gate_kind: str = DEFAULT_GATE, unit_classes: str = DEFAULT_UNIT_CLASSES) -> dict | None:
+                   gate_kind: str = DEFAULT_GATE) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -93,14 +90,13 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = shortcuts.masker(lm, gate_kind, unit_classes) if shortcuts is not None else None
+    gate = shortcuts.masker(lm, gate_kind) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
     parts = RunParts(out, "prompt", settings_fingerprint(
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
-        layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind,
-        **({"unit_classes": unit_classes} if gate_kind == "counterfactual" else {})), rank, world)
+        layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind), rank, world)
 
     def chunk(c: int) -> Part:
         kept, x, skipped = source.read_chunk(c, batch_size)
@@ -149,8 +145,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                "steered_share": float(df.steered.mean())}
     if gated:
         where = ("is present" if gate_kind == "presence" else
-                 "changes the prediction when removed (counterfactual gate"
-                 + (", units of the predicted class only)" if unit_classes == "predicted" else ")"))
+                 "changes the prediction when removed (counterfactual gate)")
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if labels_ignored:
