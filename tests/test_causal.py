@@ -751,3 +751,51 @@ def test_with_margin_grows_small_removals_by_their_neighbours():
     assert np.array_equal(with_margin(inner, grid, 1), inner)  # above the limit: as it is
     assert np.array_equal(with_margin(inner, grid, 0), inner)  # 0: no margin
     assert not with_margin(np.zeros(20, bool), grid, 4).any()
+
+
+def test_margin_gain_is_the_class_drop_of_the_grown_removal_minus_the_units_own(cue):
+    """margin_gains: per small shortcut unit, the mean over its class's sample images of (drop of p_k with the unit
+    and its 8 neighbours removed) - (drop with the unit alone), computed here by hand from masked forwards; a unit
+    of more tokens than REMOVAL_MARGIN_BELOW gets None. ShortcutSet.removal grows only units whose gain reaches
+    MARGIN_MIN_GAIN (a unit without a measured gain, from an older file: as before)."""
+    from siftlens.spurious.causal import MARGIN_MIN_GAIN, margin_gains, masked_probs, sample_images, token_mask
+
+    data, lm, res = cue
+    x = inputs(lm, data["train"])
+    y = np.asarray(data["y"])
+    with torch.no_grad():
+        probs = lm.forward(x).float().softmax(-1).numpy()
+    units = [dict(u) for u in res.shortcuts.units]
+    big = {**units[0], "tokens": list(range(REMOVAL_MARGIN_BELOW + 1))}
+    cfg = CausalConfig(causal_images=6, seed=3)
+    gains = margin_gains(lm, TensorSource(x), units + [big], res.layers, y, probs, GRID, cfg)
+    assert gains[-1] is None and len(gains) == len(units) + 1
+    sample = sample_images(y, len(CLASSES), 6, 3)
+    n = GRID[0] * GRID[1]
+    for u, g in zip(units, gains):
+        if g is None:
+            assert len(u["tokens"]) > REMOVAL_MARGIN_BELOW
+            continue
+        k, own = int(u["cls"]), [int(i) for i in sample[y[sample] == u["cls"]]]
+        alone = token_mask(u["tokens"], n)
+        pa = masked_probs(lm, TensorSource(x), res.layers, [(i, alone) for i in own])
+        pg = masked_probs(lm, TensorSource(x), res.layers, [(i, with_margin(alone, GRID, 4)) for i in own])
+        assert g == pytest.approx(float(np.mean(pa[:, k] - pg[:, k])), abs=1e-6)
+    sc = res.shortcuts
+    one = np.zeros(n, bool)
+    one[_cue_token(0)] = True
+    grown = with_margin(one, GRID, 4)
+    saved = [u.get("margin_gain") for u in sc.units]
+    try:
+        sc.units[0]["margin_gain"] = MARGIN_MIN_GAIN
+        assert np.array_equal(sc.removal(0, one, GRID, 4), grown)
+        assert np.array_equal(sc.removal(0, one, GRID, 0), one)  # --margin 0
+        sc.units[0]["margin_gain"] = MARGIN_MIN_GAIN - 0.01
+        assert np.array_equal(sc.removal(0, one, GRID, 4), one)
+        del sc.units[0]["margin_gain"]
+        assert np.array_equal(sc.removal(0, one, GRID, 4), grown)
+    finally:
+        for u, g in zip(sc.units, saved):
+            u.pop("margin_gain", None)
+            if g is not None:
+                u["margin_gain"] = g

@@ -91,6 +91,13 @@ DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words
 # for steering (prompt): the larger removals there changed more cue-free predictions and cost average accuracy on
 # three of four dev runs. Discovery's own removals have none either (its effects and floors are as measured)
 REMOVAL_MARGIN_BELOW = 4
+# ... but only for a unit whose grown removal lowers its class's probability (mean over the class's sample images)
+# by at least this much more than its tokens alone (``margin_gains``, shortcuts.json ``margin_gain``). Why: on a
+# 6 x 6 grid a grown token is a quarter of the image; where the cue already sits in the unit's tokens (a fixed
+# patch: gains -0.08..+0.05 on dev) growing it adds no cue, only removals that move predictions resting on no cue
+# (other classes' p_pred fell 0.10-0.19 more), and the flag lost 0.02-0.07 AUROC; a watermark's token units gained
+# +0.17..+0.37 (dev round 12)
+MARGIN_MIN_GAIN = 0.1
 
 
 @dataclass
@@ -995,6 +1002,8 @@ def _malformed_fields(d: dict) -> str:
             return f"{where} word {u['word']!r} / gate_words {u.get('gate_words')!r}: not among the {n_words} centroids"
         if not all(numbers(u[k], 4) for k in ("box", "gate_box") if k in u):
             return f"{where} box {u['box']!r} / gate_box {u.get('gate_box')!r}: not [x0, y0, x1, y1]"
+        if "margin_gain" in u and not numbers([u["margin_gain"]], 1):
+            return f"{where} margin_gain {u['margin_gain']!r}: not a finite number"
     return ""
 
 
@@ -1189,7 +1198,7 @@ class ShortcutSet:
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)
                     info.setdefault("no_keypoints", []).append(b)
             if not len(desc) and dense is None:
-                always = [(j, with_margin(token_mask(u["tokens"], n), grid, margin_below))
+                always = [(j, self.removal(j, token_mask(u["tokens"], n), grid, margin_below))
                           for j, u in enumerate(self.units) if u["kind"] == "token" and token_units == "always"]
                 out.append(always or None)
                 continue
@@ -1229,8 +1238,15 @@ class ShortcutSet:
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
                     if token_units == "always" or len(np.intersect1d(token[hit], np.flatnonzero(m))) >= need:
                         found.append((j, m))
-            out.append([(j, with_margin(m, grid, margin_below)) for j, m in found])
+            out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
+
+    def removal(self, j: int, mask: np.ndarray, grid: tuple[int, int], margin_below: int) -> np.ndarray:
+        """What removing unit j masks where it sits at ``mask`` [n]: ``with_margin`` where its discovery measured a
+        margin gain of at least ``MARGIN_MIN_GAIN`` (a unit without ``margin_gain`` — older files, units of more than
+        ``REMOVAL_MARGIN_BELOW`` tokens — by ``margin_below`` alone), else ``mask``."""
+        grow = self.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
+        return with_margin(mask, grid, margin_below) if grow else mask
 
     def colour_only(self, u: dict) -> bool:
         """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
@@ -1300,6 +1316,33 @@ class CounterfactualMasker:
             self.last_present[b] = [(j, m)]
             out[b] = torch.from_numpy(m)
         return out
+
+
+def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,
+                 probs: np.ndarray, grid: tuple[int, int], cfg: CausalConfig, parts: RunParts | None = None,
+                 columns: np.ndarray | None = None) -> list[float | None]:
+    """Per shortcut unit (a shortcuts.json ``units`` entry) of at most ``REMOVAL_MARGIN_BELOW`` tokens: the mean, over
+    its class's sample images (``sample_images``, as the causal ranking draws them), of how much more removing its
+    tokens with their 8 neighbours lowers the class probability than removing its tokens alone; None for a larger
+    unit (never grown). ``probs`` [N, K]: the run's classes (``columns`` of the outputs, as in causal_discovery)."""
+    n = grid[0] * grid[1]
+    sample = sample_images(labels, probs.shape[1], cfg.causal_images, cfg.seed)
+    jobs, at = [], []  # at: (unit, image, grown?)
+    for j, u in enumerate(units):
+        alone = token_mask(u["tokens"], n)
+        grown = with_margin(alone, grid, REMOVAL_MARGIN_BELOW)
+        if grown.sum() == alone.sum():
+            continue
+        for i in sample[labels[sample] == u["cls"]]:
+            jobs += [(int(i), alone), (int(i), grown)]
+            at += [(j, int(i), False), (j, int(i), True)]
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "margin", columns)
+    gain: dict[int, list[float]] = {}
+    for (j, i, grown), q in zip(at, pm):
+        k = int(units[j]["cls"])
+        drop = float(probs[i, k] - q[k])
+        gain.setdefault(j, []).append(drop if grown else -drop)  # grown drop minus alone drop, summed per image
+    return [float(np.sum(gain[j]) / (len(gain[j]) / 2)) if j in gain else None for j in range(len(units))]
 
 
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False

@@ -35,7 +35,7 @@ from ..models import LoadedModel
 from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 from ..validation import NonFiniteError, UserValueError, check_finite_output
-from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery
+from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery, margin_gains
 from .source import as_source
 
 DECISIVE = ("mean", "rollout")
@@ -532,10 +532,11 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     if cfg.causal is not None:
         # class k is output label_map.output_index[k] (output k by position); only the labelled classes are ranked
         columns = label_map.columns if label_map.by_name else None
-        res.causal = causal_discovery(lm, source, layers, cls_of_image,
-                                      probs if columns is None else probs[:, columns], attn, kps, layout.grid,
-                                      layout.patch_size, len(class_names), source.input_hw,
-                                      replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size), parts, columns)
+        causal_cfg = replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size)
+        class_probs = probs if columns is None else probs[:, columns]
+        res.causal = causal_discovery(lm, source, layers, cls_of_image, class_probs, attn, kps, layout.grid,
+                                      layout.patch_size, len(class_names), source.input_hw, causal_cfg, parts,
+                                      columns)
         if len(res.causal.units):
             res.causal.units.insert(1, "class", [class_names[k] for k in res.causal.units["cls"]])
         if len(res.causal.control):
@@ -546,6 +547,12 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
                                            output_index=label_map.output_index,
                                            dense_words=0 if dense_centroids is None else len(dense_centroids),
                                            dense_gradient_weight=cfg.dense_gradient_weight)
+        # whether flag grows each small unit's removal by its neighbours (causal.MARGIN_MIN_GAIN)
+        gains = margin_gains(lm, source, res.shortcuts.units, layers, cls_of_image, class_probs, layout.grid,
+                             causal_cfg, parts, columns)
+        for u, g in zip(res.shortcuts.units, gains):
+            if g is not None:
+                u["margin_gain"] = g
     return res
 
 

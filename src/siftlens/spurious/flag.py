@@ -5,7 +5,8 @@ fixed-token unit (``token_units="always"``, the default: removing a place where 
 no keypoint is needed; ``"gated"``: only where one of its words' keypoints sits in its tokens) and every word
 unit whose keypoints are in the image (``ShortcutSet.present_units``). Each is removed in turn (its tokens
 masked as keys in the discovery's layers; a removal of at most ``margin_below`` tokens with their 8 neighbours, as a
-drawn cue runs past the token its keypoint sits in) and the prediction re-made. ``flag_score`` = the largest drop of the
+drawn cue runs past the token its keypoint sits in, where discovery measured that this removes more of the class's
+evidence: ``ShortcutSet.removal``) and the prediction re-made. ``flag_score`` = the largest drop of the
 predicted class's probability over the tested units (0 when none is): high when the prediction would fall
 without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
 (predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
@@ -33,6 +34,7 @@ from ..resume import Part, RunParts, distributed, rank_device, settings_fingerpr
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .causal import (
+    MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
     keypoint_windows,
@@ -226,7 +228,9 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
-                                                  "margin": margin,
+                                                  "margin": margin, "margin_gains": {
+                                                      u["class_name"] + " " + u["unit"]: u["margin_gain"]
+                                                      for u in shortcuts.units if "margin_gain" in u},
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
                                                   "shortcuts": [u["unit"] for u in shortcuts.units],
                                                   "layers": shortcuts.layers, "label_map": label_map.to_json(),
@@ -245,7 +249,9 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     (m,), (lo,), (hi,) = bootstrap_mean_ci(fs)
     flips = float((df["pred"] != df["pred_without"]).mean())
     unit_names = html.escape(", ".join(u["class_name"] + " " + u["unit"] for u in shortcuts.units))
-    removal = f"a removal of at most {margin} tokens with their 8 neighbours" if margin else "its tokens alone"
+    removal = (f"a removal of at most {margin} tokens with their 8 neighbours where, in discovery, that lowered the "
+               f"unit's class probability by at least {MARGIN_MIN_GAIN} more than its tokens alone"
+               if margin else "its tokens alone")
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
