@@ -96,7 +96,7 @@ REMOVAL_MARGIN_BELOW = 4
 # 6 x 6 grid a grown token is a quarter of the image; where the cue already sits in the unit's tokens (a fixed
 # patch: gains -0.08..+0.05 on dev) growing it adds no cue, only removals that move predictions resting on no cue
 # (other classes' p_pred fell 0.10-0.19 more), and the flag lost 0.02-0.07 AUROC; a watermark's token units gained
-# +0.17..+0.37 (dev round 12)
+# +0.17..+0.39 (benchmarks/RESULTS.md dev round 13)
 MARGIN_MIN_GAIN = 0.1
 
 
@@ -1324,7 +1324,8 @@ def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], 
     """Per shortcut unit (a shortcuts.json ``units`` entry) of at most ``REMOVAL_MARGIN_BELOW`` tokens: the mean, over
     its class's sample images (``sample_images``, as the causal ranking draws them), of how much more removing its
     tokens with their 8 neighbours lowers the class probability than removing its tokens alone; None for a larger
-    unit (never grown). ``probs`` [N, K]: the run's classes (``columns`` of the outputs, as in causal_discovery)."""
+    unit (or a class without sample images): no gain measured, ``ShortcutSet.removal`` follows ``margin_below``.
+    ``probs`` [N, K]: the run's classes (``columns`` of the outputs, as in causal_discovery)."""
     n = grid[0] * grid[1]
     sample = sample_images(labels, probs.shape[1], cfg.causal_images, cfg.seed)
     jobs, at = [], []  # at: (unit, image, grown?)
@@ -1337,12 +1338,12 @@ def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], 
             jobs += [(int(i), alone), (int(i), grown)]
             at += [(j, int(i), False), (j, int(i), True)]
     pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "margin", columns)
-    gain: dict[int, list[float]] = {}
+    drops: dict[tuple[int, bool], list[float]] = {}  # (unit, grown?) -> drop of p_k per image
     for (j, i, grown), q in zip(at, pm):
         k = int(units[j]["cls"])
-        drop = float(probs[i, k] - q[k])
-        gain.setdefault(j, []).append(drop if grown else -drop)  # grown drop minus alone drop, summed per image
-    return [float(np.sum(gain[j]) / (len(gain[j]) / 2)) if j in gain else None for j in range(len(units))]
+        drops.setdefault((j, grown), []).append(float(probs[i, k] - q[k]))
+    return [float(np.mean(drops[j, True]) - np.mean(drops[j, False])) if (j, True) in drops else None
+            for j in range(len(units))]
 
 
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
