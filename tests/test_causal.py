@@ -645,6 +645,54 @@ def test_counterfactual_gate_steers_where_removal_changes_the_prediction(cue):
         res.shortcuts.masker(lm, "sometimes")
 
 
+def test_counterfactual_gate_min_drop_and_margin(cue):
+    """The gate's ``min_drop`` keeps only images whose best prediction-changing removal lowers the predicted class's
+    probability that much (checked against the drops computed here by hand); ``margin_below`` tests and masks a
+    unit with its 8 neighbours exactly where its margin_gain reaches MARGIN_MIN_GAIN."""
+    from siftlens.spurious.causal import MARGIN_MIN_GAIN, largest_removal, masked_probs, token_mask
+
+    data, lm, res = cue
+    sc = res.shortcuts
+    x = torch.cat([inputs(lm, data["conflict"]), inputs(lm, data["absent"])])
+    n = GRID[0] * GRID[1]
+    # by hand: the drop of each removal the gate tests (present_units "always": its candidates)
+    tested = [(b, m) for b, found in enumerate(sc.present_units(lm, x, "always")) for _, m in found or []]
+    with torch.no_grad():
+        p0 = lm.forward(x).float().softmax(-1).numpy()
+    pm = masked_probs(lm, TensorSource(x), sc.layers, tested)
+    best = largest_removal(p0, [b for b, _ in tested], pm, must_change=True)
+    drops = np.array(sorted(d for d, _ in best.values()))
+    assert len(drops) >= 4 and drops[0] < drops[-1]
+    tau = float(np.median(drops))
+    expect = np.zeros(len(x), bool)
+    expect[[b for b, (d, _) in best.items() if d >= tau]] = True
+    fired = sc.masker(lm, "counterfactual", min_drop=tau)(x).any(1).numpy()
+    assert np.array_equal(fired, expect) and 0 < fired.sum() < len(best)
+    assert sc.masker(lm, "counterfactual")(x).any(1).sum() == len(best)
+    # the margin: grown where the measured gain reaches the threshold, the unit's tokens alone where it does not
+    saved = [u.get("margin_gain") for u in sc.units]
+    try:
+        for gain, grow in ((MARGIN_MIN_GAIN, True), (MARGIN_MIN_GAIN - 0.01, False)):
+            for u in sc.units:
+                u["margin_gain"] = gain
+            gate = sc.masker(lm, "counterfactual", margin_below=REMOVAL_MARGIN_BELOW)
+            m, checked = gate(x), 0
+            for b, found in enumerate(gate.last_present):
+                for j, mask in found:
+                    if sc.units[j]["kind"] != "token":  # a word unit's mask is its keypoints' cover here
+                        continue
+                    alone = token_mask(sc.units[j]["tokens"], n)
+                    want = with_margin(alone, GRID, REMOVAL_MARGIN_BELOW) if grow else alone
+                    assert np.array_equal(mask, want) and np.array_equal(m[b].numpy(), want)
+                    checked += 1
+            assert checked >= 3
+    finally:
+        for u, g in zip(sc.units, saved):
+            u.pop("margin_gain", None)
+            if g is not None:
+                u["margin_gain"] = g
+
+
 def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     from siftlens.cli import main
 

@@ -279,6 +279,12 @@ def _prompt_parser(sub) -> None:
                    help="with --motifs: steer where a shortcut's words are found in the image (presence), or where "
                    "removing a shortcut unit changes the prediction (counterfactual: the flag's test, one masked "
                    "forward per unit tested)")
+    p.add_argument("--margin", type=non_negative_int, default=r["margin"],
+                   help="with --motifs: a unit of at most this many tokens is tested and masked with its 8 "
+                   "neighbours where discovery measured that this removes more of its class's evidence "
+                   "(shortcuts.json margin_gain); 0: its tokens alone")
+    p.add_argument("--gate-min-drop", type=finite_float, default=r["gate_min_drop"],
+                   help="counterfactual gate: a removal must also lower the predicted class's probability this much")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -291,7 +297,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
     summary = run_prompt(args.model, args.images, args.out, method=args.method,
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
-                         checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate)
+                         checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
+                         margin=args.margin, gate_min_drop=args.gate_min_drop)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

@@ -1259,25 +1259,29 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    def masker(self, lm: LoadedModel, gate: str = "presence") -> GatedMasker | CounterfactualMasker:
+    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = 0.0
+               ) -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
-        (removing a unit changes the prediction)."""
+        (removing a unit changes the prediction and lowers its probability by at least ``min_drop``); each unit's
+        removal as ``present_units(margin_below=...)``."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
-        return GatedMasker(lm, self) if gate == "presence" else CounterfactualMasker(lm, self)
+        if gate == "presence":
+            return GatedMasker(lm, self, margin_below)
+        return CounterfactualMasker(lm, self, margin_below, min_drop)
 
 
 class GatedMasker:
     """token_mask_fn for steering: per image the union of the present shortcut units' tokens (nothing
     where no shortcut is present, so such an image can be left exactly as it is)."""
 
-    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet) -> None:
-        self.lm, self.shortcuts = lm, shortcuts
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0) -> None:
+        self.lm, self.shortcuts, self.margin_below = lm, shortcuts, margin_below
         self.last_present: list = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = self.lm.layout(tuple(x.shape[-2:])).num_patches
-        self.last_present = self.shortcuts.present_units(self.lm, x)
+        self.last_present = self.shortcuts.present_units(self.lm, x, margin_below=self.margin_below)
         out = torch.zeros(len(x), n, dtype=torch.bool)
         for b, found in enumerate(self.last_present):
             for _, m in found or []:
@@ -1293,8 +1297,9 @@ class CounterfactualMasker:
     presence gate needs SIFT to find the cue's words in the image, this needs the prediction to rest on the unit's
     tokens: the right-for-the-wrong-reason test the flag scores."""
 
-    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet) -> None:
-        self.lm, self.shortcuts = lm, shortcuts
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0, min_drop: float = 0.0
+                 ) -> None:
+        self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.last_present: list = []
 
     @torch.no_grad()
@@ -1303,7 +1308,7 @@ class CounterfactualMasker:
 
         n = self.lm.layout(tuple(x.shape[-2:])).num_patches
         out = torch.zeros(len(x), n, dtype=torch.bool)
-        present = self.shortcuts.present_units(self.lm, x, "always")
+        present = self.shortcuts.present_units(self.lm, x, "always", margin_below=self.margin_below)
         tested = [(b, j, m) for b, found in enumerate(present) for j, m in found or []]
         self.last_present = [[] for _ in range(len(x))]
         if not tested:
@@ -1311,7 +1316,9 @@ class CounterfactualMasker:
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
         pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
-        for b, (_, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
+        for b, (drop, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
+            if drop < self.min_drop:
+                continue
             _, j, m = tested[t]
             self.last_present[b] = [(j, m)]
             out[b] = torch.from_numpy(m)

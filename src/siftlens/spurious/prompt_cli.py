@@ -40,13 +40,21 @@ class _RowMask:
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
-               random_init: bool = False, gate: str = DEFAULT_GATE) -> dict | None:
+               random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0, gate_min_drop: float = 0.0
+               ) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
-    files, rank 0 merges and writes). Finished chunks are kept in ``out/.parts/prompt`` (resume.RunParts)."""
+    files, rank 0 merges and writes). Finished chunks are kept in ``out/.parts/prompt`` (resume.RunParts).
+    ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
+    discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
+    ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
+    if margin < 0:
+        raise UserValueError(f"--margin must be >= 0 (got {margin})")
+    if not 0 <= gate_min_drop <= 1:
+        raise UserValueError(f"--gate-min-drop must be in [0, 1] (got {gate_min_drop})")
     rank, world = distributed("cpu")
     gated = method in TOKEN_MASK_METHODS
     shortcuts = None
@@ -59,12 +67,12 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
-                              checkpoint, random_init, rank, world, gate)
+                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop)
 
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
-                   gate_kind: str = DEFAULT_GATE) -> dict | None:
+                   gate_kind: str = DEFAULT_GATE, margin: int = 0, gate_min_drop: float = 0.0) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -90,13 +98,14 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = shortcuts.masker(lm, gate_kind) if shortcuts is not None else None
+    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
     parts = RunParts(out, "prompt", settings_fingerprint(
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
-        layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind), rank, world)
+        layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
+        gate_min_drop=gate_min_drop), rank, world)
 
     def chunk(c: int) -> Part:
         kept, x, skipped = source.read_chunk(c, batch_size)
@@ -145,7 +154,11 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                "steered_share": float(df.steered.mean())}
     if gated:
         where = ("is present" if gate_kind == "presence" else
-                 "changes the prediction when removed (counterfactual gate)")
+                 "changes the prediction when removed (counterfactual gate"
+                 + (f", lowering its probability by >= {gate_min_drop:g}" if gate_min_drop else "") + ")")
+        if margin:
+            where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
+                      "margin gain")
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if labels_ignored:
