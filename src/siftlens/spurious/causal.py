@@ -1292,10 +1292,13 @@ class GatedMasker:
 class CounterfactualMasker:
     """token_mask_fn for steering gated by the flag's own test: per image, of the shortcut units that can be tested
     there (fixed-token units everywhere, word units where present: ``present_units(token_units="always")``), the
-    one whose removal changes the predicted class, lowering its probability most; nothing where no removal changes
-    the prediction (such an image is left as it is). Label-free, one masked forward per tested unit. Where the
-    presence gate needs SIFT to find the cue's words in the image, this needs the prediction to rest on the unit's
-    tokens: the right-for-the-wrong-reason test the flag scores."""
+    one whose removal changes the predicted class, lowering its probability most (and by at least ``min_drop``);
+    nothing where no removal does (such an image is left as it is). Label-free, one masked forward per tested unit.
+    Where the presence gate needs SIFT to find the cue's words in the image, this needs the prediction to rest on the
+    unit's tokens: the right-for-the-wrong-reason test the flag scores. ``margin_below``: the smallest removal that
+    does it — a unit's tokens alone first, then, only in images where no removal alone did, the units grown by
+    ``ShortcutSet.removal`` (a grown removal also takes object evidence around the unit, so it is used only where
+    the unit alone is not enough)."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0, min_drop: float = 0.0
                  ) -> None:
@@ -1304,25 +1307,34 @@ class CounterfactualMasker:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .source import TensorSource
-
-        n = self.lm.layout(tuple(x.shape[-2:])).num_patches
-        out = torch.zeros(len(x), n, dtype=torch.bool)
-        present = self.shortcuts.present_units(self.lm, x, "always", margin_below=self.margin_below)
-        tested = [(b, j, m) for b, found in enumerate(present) for j, m in found or []]
+        layout = self.lm.layout(tuple(x.shape[-2:]))
+        out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
         self.last_present = [[] for _ in range(len(x))]
-        if not tested:
+        alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always"))
+                 for j, m in found or []]
+        if not alone:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
+        self._fire(x, p0, alone, out)
+        if self.margin_below:
+            grown = [(b, j, g) for b, j, m in alone if not out[b].any()
+                     for g in [self.shortcuts.removal(j, m, layout.grid, self.margin_below)] if g.sum() > m.sum()]
+            self._fire(x, p0, grown, out)
+        return out
+
+    def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor) -> None:
+        """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop."""
+        from .source import TensorSource
+
+        if not tested:
+            return
         pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
         for b, (drop, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
-            if drop < self.min_drop:
-                continue
-            _, j, m = tested[t]
-            self.last_present[b] = [(j, m)]
-            out[b] = torch.from_numpy(m)
-        return out
+            if drop >= self.min_drop:
+                _, j, m = tested[t]
+                self.last_present[b] = [(j, m)]
+                out[b] = torch.from_numpy(m)
 
 
 def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,
