@@ -267,3 +267,23 @@ def test_pretrain_resume_from_a_checkpoint_of_another_shape_is_one_line(tmp_path
             ("shapes", {**good, "model": {k: v[..., :1] for k, v in good["model"].items()}}, ["size mismatch"])):
         torch.save(obj, ck)  # KeyError / TypeError / RuntimeError tracebacks before
         _fails(capsys, _pretrain(tmp_path / "d.npz", out), "checkpoint.pt", *words)
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--gate-min-drop", "1.5", ["--gate-min-drop", "[0, 1]", "1.5"]),
+    ("--gate-min-drop", "-0.1", ["--gate-min-drop", "[0, 1]"]),
+    ("--margin", "-1", ["--margin", "out of range"]),
+])
+def test_prompt_gate_options_out_of_range_are_refused(setup, tmp_path, capsys, option, value, words):
+    tmp, model, _ = setup
+    argv = ["prompt", "--model", model, "--motifs", str(tmp / "ok"), "--method", "mask_tokens", "--images",
+            str(tmp / "new"), "--labels", "none", "--out", str(tmp_path / "pr"), option, value]
+    if option == "--margin":  # refused by argparse's type (non_negative_int): usage error, exit 2
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(w in err for w in words), err
+    else:
+        _fails(capsys, argv, *words)
+    assert not (tmp_path / "pr" / "predictions.parquet").exists()
