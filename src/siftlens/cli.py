@@ -284,7 +284,9 @@ def _prompt_parser(sub) -> None:
                    "neighbours where discovery measured that this removes more of its class's evidence "
                    "(shortcuts.json margin_gain); 0: its tokens alone")
     p.add_argument("--gate-min-drop", type=finite_float, default=r["gate_min_drop"],
-                   help="counterfactual gate: a removal must also lower the predicted class's probability this much")
+                   help="counterfactual gate: a removal must also lower the predicted class's probability this much "
+                   "(0: any removal that changes the prediction; held-out round 13b: 0.5 left 0-2%% of cue-free "
+                   "images touched instead of 4-24%%)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])

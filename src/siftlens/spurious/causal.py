@@ -69,6 +69,11 @@ GATES = ("presence", "counterfactual")  # how gated steering decides where a sho
 # prompt's default: the counterfactual gate reached 90% / 115% of the oracle's headroom on held-out round 7b where
 # presence reached 66% / 77% (benchmarks/RESULTS.md)
 DEFAULT_GATE = "counterfactual"
+# the counterfactual gate's default minimum drop: a removal steers an image only where it changes the prediction and
+# takes at least this much of the predicted class's probability. A cue-free image's prediction (max softmax ~0.4-0.6
+# on models that learned little but the cue) changes under most removals; with 0.5 the gate touched 0-2% of cue-free
+# images instead of 4-24% on held-out round 13b (worst group -4..+3 points of headroom; benchmarks/RESULTS.md)
+GATE_MIN_DROP = 0.5
 FORMAT = "siftlens-shortcuts"
 FORMAT_VERSION = 1
 # what flag / gated prompt read from shortcuts.json (num_layers / prefix_tokens in "model" are checked when present)
@@ -1259,7 +1264,7 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = 0.0
+    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = GATE_MIN_DROP
                ) -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
         (removing a unit changes the prediction and lowers its probability by at least ``min_drop``); each unit's
@@ -1300,8 +1305,8 @@ class CounterfactualMasker:
     ``ShortcutSet.removal`` (a grown removal also takes object evidence around the unit, so it is used only where
     the unit alone is not enough)."""
 
-    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0, min_drop: float = 0.0
-                 ) -> None:
+    def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
+                 min_drop: float = GATE_MIN_DROP) -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.last_present: list = []
 

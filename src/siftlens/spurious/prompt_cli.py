@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, GATES, ShortcutSet
+from .causal import DEFAULT_GATE, GATE_MIN_DROP, GATES, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -40,15 +40,16 @@ class _RowMask:
 def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "sift_bias",
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
-               random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0, gate_min_drop: float = 0.0
-               ) -> dict | None:
+               random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
+               gate_min_drop: float = GATE_MIN_DROP) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
     files, rank 0 merges and writes). Finished chunks are kept in ``out/.parts/prompt`` (resume.RunParts).
     ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
-    ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much."""
+    ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
+    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction)."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
@@ -72,7 +73,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
-                   gate_kind: str = DEFAULT_GATE, margin: int = 0, gate_min_drop: float = 0.0) -> dict | None:
+                   gate_kind: str = DEFAULT_GATE, margin: int = 0,
+                   gate_min_drop: float = GATE_MIN_DROP) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
