@@ -621,8 +621,9 @@ def test_counterfactual_gate_steers_where_removal_changes_the_prediction(cue):
     """The counterfactual gate (prompt --gate counterfactual) masks a shortcut unit only where removing it changes
     the prediction: conflicting images are restored as with the presence gate, while cue-free images, where natural
     keypoints fall into a cue word (the presence gate's false alarms, 17% here), are left alone. Measured on this
-    toy (counterfactual without the minimum drop, GATE_MIN_DROP, which the asserts below use): presence touched aligned
-    66% / conflicting 68% / cue-free 17%, counterfactual 17% / 61% / 3%; conflicting accuracy 0 -> 0.49 and 0 -> 0.51."""
+    toy (counterfactual without the minimum drop, GATE_MIN_DROP, which the asserts below use): presence touched
+    aligned 66% / conflicting 68% / cue-free 17%, counterfactual 17% / 61% / 3%; conflicting accuracy 0 -> 0.49 and
+    0 -> 0.51."""
     from siftlens.prompting import SteeredViT
     from siftlens.spurious.causal import CounterfactualMasker
 
