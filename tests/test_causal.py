@@ -648,8 +648,9 @@ def test_counterfactual_gate_steers_where_removal_changes_the_prediction(cue):
 
 def test_counterfactual_gate_min_drop_and_margin(cue):
     """The gate's ``min_drop`` keeps only images whose best prediction-changing removal lowers the predicted class's
-    probability that much (checked against the drops computed here by hand); ``margin_below`` tests and masks a
-    unit with its 8 neighbours exactly where its margin_gain reaches MARGIN_MIN_GAIN."""
+    probability that much (checked against the drops computed here by hand); with ``margin_below`` an image the
+    units' tokens alone already steer keeps that removal, and only the others are tested with a unit grown by its 8
+    neighbours, where its margin_gain reaches MARGIN_MIN_GAIN (none where it does not)."""
     from siftlens.spurious.causal import MARGIN_MIN_GAIN, largest_removal, masked_probs, token_mask
 
     data, lm, res = cue
@@ -690,7 +691,7 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
                 if sc.units[j]["kind"] == "token":
                     alone = token_mask(sc.units[j]["tokens"], n)
                     assert np.array_equal(mask, with_margin(alone, GRID, REMOVAL_MARGIN_BELOW))
-                assert mask.sum() > REMOVAL_MARGIN_BELOW - 1 and np.array_equal(m[b].numpy(), mask)
+                assert np.array_equal(m[b].numpy(), mask)
     finally:
         for u, g in zip(sc.units, saved):
             u.pop("margin_gain", None)
