@@ -1322,9 +1322,12 @@ class CounterfactualMasker:
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
         self._fire(x, p0, alone, out)
-        if self.margin_below:
-            grown = [(b, j, g) for b, j, m in alone if not out[b].any()
-                     for g in [self.shortcuts.removal(j, m, layout.grid, self.margin_below)] if g.sum() > m.sum()]
+        if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
+            grown = []
+            for b, j, m in alone:
+                g = self.shortcuts.removal(j, m, layout.grid, self.margin_below)
+                if not out[b].any() and g.sum() > m.sum():
+                    grown.append((b, j, g))
             self._fire(x, p0, grown, out)
         return out
 
