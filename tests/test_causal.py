@@ -1,6 +1,7 @@
 """Causal shortcut discovery, its SIFT-free control, `siftlens flag` and gated steering on a tiny model that
 learns a planted cue in seconds (tests/cue_model.py)."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -106,6 +107,19 @@ def test_label_null_is_not_significant_when_labels_carry_no_cue(cue):
                              DiscoveryConfig(n_words=16))
     top = res.causal.units[res.causal.units["causal_rank"] == 1]
     assert (top["causal_p"] > 0.05).sum() >= 2, top  # a shuffled label has no unit tied to it
+
+
+@contextlib.contextmanager
+def _margin_gains_restored(sc: ShortcutSet):
+    """Let a test edit the units' margin_gain in the module's shared shortcut set, and put them back after."""
+    saved = [u.get("margin_gain") for u in sc.units]
+    try:
+        yield
+    finally:
+        for u, g in zip(sc.units, saved):
+            u.pop("margin_gain", None)
+            if g is not None:
+                u["margin_gain"] = g
 
 
 def _claimed(res) -> set[int]:
@@ -675,8 +689,7 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
     # where no removal alone changed the prediction
     plain = sc.masker(lm, "counterfactual", min_drop=0)
     m0 = plain(x)
-    saved = [u.get("margin_gain") for u in sc.units]
-    try:
+    with _margin_gains_restored(sc):
         for gain, grow in ((MARGIN_MIN_GAIN, True), (MARGIN_MIN_GAIN - 0.01, False)):
             for u in sc.units:
                 u["margin_gain"] = gain
@@ -692,11 +705,6 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
                     alone = token_mask(sc.units[j]["tokens"], n)
                     assert np.array_equal(mask, with_margin(alone, GRID, REMOVAL_MARGIN_BELOW))
                 assert np.array_equal(m[b].numpy(), mask)
-    finally:
-        for u, g in zip(sc.units, saved):
-            u.pop("margin_gain", None)
-            if g is not None:
-                u["margin_gain"] = g
 
 
 def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
@@ -839,8 +847,7 @@ def test_margin_gain_is_the_class_drop_of_the_grown_removal_minus_the_units_own(
     one = np.zeros(n, bool)
     one[_cue_token(0)] = True
     grown = with_margin(one, GRID, 4)
-    saved = [u.get("margin_gain") for u in sc.units]
-    try:
+    with _margin_gains_restored(sc):
         sc.units[0]["margin_gain"] = MARGIN_MIN_GAIN
         assert np.array_equal(sc.removal(0, one, GRID, 4), grown)
         assert np.array_equal(sc.removal(0, one, GRID, 0), one)  # --margin 0
@@ -848,8 +855,3 @@ def test_margin_gain_is_the_class_drop_of_the_grown_removal_minus_the_units_own(
         assert np.array_equal(sc.removal(0, one, GRID, 4), one)
         del sc.units[0]["margin_gain"]
         assert np.array_equal(sc.removal(0, one, GRID, 4), grown)
-    finally:
-        for u, g in zip(sc.units, saved):
-            u.pop("margin_gain", None)
-            if g is not None:
-                u["margin_gain"] = g
