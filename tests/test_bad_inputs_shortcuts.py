@@ -273,12 +273,13 @@ def test_pretrain_resume_from_a_checkpoint_of_another_shape_is_one_line(tmp_path
     ("--gate-min-drop", "1.5", ["--gate-min-drop", "[0, 1]", "1.5"]),
     ("--gate-min-drop", "-0.1", ["--gate-min-drop", "[0, 1]"]),
     ("--margin", "-1", ["--margin", "out of range"]),
+    ("--grow", "-2", ["--grow", "out of range"]),
 ])
 def test_prompt_gate_options_out_of_range_are_refused(setup, tmp_path, capsys, option, value, words):
     tmp, model, _ = setup
     argv = ["prompt", "--model", model, "--motifs", str(tmp / "ok"), "--method", "mask_tokens", "--images",
             str(tmp / "new"), "--labels", "none", "--out", str(tmp_path / "pr"), option, value]
-    if option == "--margin":  # refused by argparse's type (non_negative_int): usage error, exit 2
+    if option in ("--margin", "--grow"):  # refused by argparse's type (non_negative_int): usage error, exit 2
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from planted.evaluate import auroc
+from scipy import ndimage
 
 from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CausalConfig, ShortcutSet, token_box, with_margin
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
@@ -705,6 +706,71 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
                     alone = token_mask(sc.units[j]["tokens"], n)
                     assert np.array_equal(mask, with_margin(alone, GRID, REMOVAL_MARGIN_BELOW))
                 assert np.array_equal(m[b].numpy(), mask)
+
+
+def _grown_by_hand(lm, sc, x, b, tested, p0, pm, k, min_drop):
+    """prompt --grow, written out for one image b: the growable unit (margin gain, <= REMOVAL_MARGIN_BELOW tokens)
+    whose removal alone lowers the predicted class most, grown token by token with the neighbour that lowers it most;
+    the first step with a prediction-changing removal (its largest drop >= min_drop) fires."""
+    from siftlens.spurious.causal import MARGIN_MIN_GAIN, masked_probs
+
+    pred = int(p0[b].argmax())
+    seeds = [(p0[b, pred] - q[pred], m) for (bb, j, m), q in zip(tested, pm)
+             if bb == b and m.sum() <= REMOVAL_MARGIN_BELOW and sc.units[j]["margin_gain"] >= MARGIN_MIN_GAIN]
+    if not seeds:
+        return None
+    mask = max(seeds, key=lambda t: t[0])[1]
+    grid = np.zeros(GRID, bool)
+    for _ in range(k):
+        grid[:] = mask.reshape(GRID)
+        around = np.zeros(GRID, bool)
+        for r, c in zip(*np.nonzero(grid)):
+            around[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = True
+        cands = [mask | (np.arange(mask.size) == t) for t in np.flatnonzero(around.ravel() & ~mask)]
+        q = masked_probs(lm, TensorSource(x), sc.layers, [(b, m) for m in cands])
+        drops = p0[b, pred] - q[:, pred]
+        change = q.argmax(1) != pred
+        if change.any() and drops[change].max() >= min_drop:
+            return cands[int(np.flatnonzero(change)[np.argmax(drops[change])])]
+        mask = cands[int(np.argmax(drops))]
+    return None
+
+
+def test_counterfactual_gate_grows_the_best_unit_one_token_at_a_time(cue):
+    """``grow``: images a unit's removal alone steers keep it; in the others, the best growable unit is grown
+    greedily (compared with the loop written out by hand, `_grown_by_hand`), each removal it masks is its seed plus at
+    most ``grow`` tokens, connected to it; a unit without a margin gain is never grown."""
+    from siftlens.spurious.causal import MARGIN_MIN_GAIN, masked_probs
+
+    data, lm, res = cue
+    sc = res.shortcuts
+    x = torch.cat([inputs(lm, data["conflict"]), inputs(lm, data["absent"])])
+    k, min_drop = 2, 0.3
+    m0 = sc.masker(lm, "counterfactual", min_drop=min_drop)(x)
+    with _margin_gains_restored(sc):
+        for u in sc.units:
+            u["margin_gain"] = MARGIN_MIN_GAIN - 0.01
+        assert torch.equal(sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k)(x), m0)
+        for u in sc.units:
+            u["margin_gain"] = MARGIN_MIN_GAIN
+        m = sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k)(x)
+        first = m0.any(1)
+        assert torch.equal(m[first], m0[first])
+        tested = [(b, j, mm) for b, found in enumerate(sc.present_units(lm, x, "always")) for j, mm in found or []]
+        with torch.no_grad():
+            p0 = lm.forward(x).float().softmax(-1).numpy()
+        pm = masked_probs(lm, TensorSource(x), sc.layers, [(b, mm) for b, _, mm in tested])
+        grown = 0
+        for b in np.flatnonzero(~first.numpy()):
+            expect = _grown_by_hand(lm, sc, x, int(b), tested, p0, pm, k, min_drop)
+            if expect is None:
+                assert not m[b].any(), b
+                continue
+            grown += 1
+            assert np.array_equal(m[b].numpy(), expect), b
+            assert 2 <= expect.sum() <= REMOVAL_MARGIN_BELOW + k
+            assert ndimage.label(expect.reshape(GRID), np.ones((3, 3)))[1] == 1  # one connected removal
+        assert grown >= 1  # the toy has images that only a grown removal steers
 
 
 def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):

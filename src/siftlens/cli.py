@@ -287,6 +287,10 @@ def _prompt_parser(sub) -> None:
                    help="counterfactual gate: a removal must also lower the predicted class's probability this much "
                    "(0: any removal that changes the prediction; held-out round 13b: 0.5 left 0-2%% of cue-free "
                    "images touched instead of 4-24%%)")
+    p.add_argument("--grow", type=non_negative_int, default=r["grow"],
+                   help="counterfactual gate: where no unit's removal changes the prediction, the unit that lowered "
+                   "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
+                   "time, each the one that lowers the predicted class most, up to this many; 0: never")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -300,7 +304,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
-                         margin=args.margin, gate_min_drop=args.gate_min_drop)
+                         margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

@@ -1264,8 +1264,8 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = GATE_MIN_DROP
-               ) -> GatedMasker | CounterfactualMasker:
+    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
+               grow: int = 0) -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
         (removing a unit changes the prediction and lowers its probability by at least ``min_drop``); each unit's
         removal as ``present_units(margin_below=...)``."""
@@ -1273,7 +1273,7 @@ class ShortcutSet:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
         if gate == "presence":
             return GatedMasker(lm, self, margin_below)
-        return CounterfactualMasker(lm, self, margin_below, min_drop)
+        return CounterfactualMasker(lm, self, margin_below, min_drop, grow)
 
 
 class GatedMasker:
@@ -1303,11 +1303,16 @@ class CounterfactualMasker:
     unit's tokens: the right-for-the-wrong-reason test the flag scores. ``margin_below``: the smallest removal that
     does it — a unit's tokens alone first, then, only in images where no removal alone did, the units grown by
     ``ShortcutSet.removal`` (a grown removal also takes object evidence around the unit, so it is used only where
-    the unit alone is not enough)."""
+    the unit alone is not enough). ``grow``: in images where no removal alone (nor a grown one) did, the unit whose
+    removal alone lowered the predicted class most, if discovery measured a margin gain for it (the cue runs past its
+    tokens), is grown one neighbouring token at a time — the neighbour whose removal with it lowers the predicted
+    class most — up to ``grow`` tokens, firing as soon as a removal changes the prediction: a removal that follows
+    the cue's own shape instead of taking every neighbour."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
-                 min_drop: float = GATE_MIN_DROP) -> None:
+                 min_drop: float = GATE_MIN_DROP, grow: int = 0) -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
+        self.grow = grow
         self.last_present: list = []
 
     @torch.no_grad()
@@ -1321,7 +1326,7 @@ class CounterfactualMasker:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
-        self._fire(x, p0, alone, out)
+        pm = self._fire(x, p0, alone, out)
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []
             for b, j, m in alone:
@@ -1329,20 +1334,46 @@ class CounterfactualMasker:
                 if not out[b].any() and g.sum() > m.sum():
                     grown.append((b, j, g))
             self._fire(x, p0, grown, out)
+        if self.grow:
+            self._grow(x, p0, alone, pm, layout.grid, out)
         return out
 
-    def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor) -> None:
-        """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop."""
+    def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor) -> np.ndarray:
+        """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop;
+        return the tested removals' probabilities [len(tested), K]."""
         from .source import TensorSource
 
         if not tested:
-            return
+            return np.zeros((0, p0.shape[1]))
         pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
         for b, (drop, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
             if drop >= self.min_drop:
                 _, j, m = tested[t]
                 self.last_present[b] = [(j, m)]
                 out[b] = torch.from_numpy(m)
+        return pm
+
+    def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],
+              out: torch.Tensor) -> None:
+        """Per image not steered yet: its best-dropping growable unit (``alone``'s rows of ``pm``), grown greedily
+        (see the class docstring)."""
+        seeds: dict[int, tuple[float, int, np.ndarray]] = {}  # image -> (drop alone, unit, mask)
+        for (b, j, m), q in zip(alone, pm):
+            pred = int(p0[b].argmax())
+            drop = float(p0[b, pred] - q[pred])
+            if (not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW
+                    and self.shortcuts.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
+                    and drop > seeds.get(b, (-np.inf,))[0]):
+                seeds[b] = (drop, j, m)
+        grow = {b: (j, m) for b, (_, j, m) in seeds.items()}
+        for _ in range(self.grow):
+            tested = [(b, j, m | token_mask([t], m.size)) for b, (j, m) in grow.items()
+                      for t in np.flatnonzero(with_margin(m, grid, m.size) & ~m)]
+            if not tested:
+                return
+            pm = self._fire(x, p0, tested, out)
+            best = largest_removal(p0, [b for b, _, _ in tested], pm)  # the neighbour to keep, fired or not
+            grow = {b: tested[t][1:] for b, (_, t) in best.items() if not out[b].any()}
 
 
 def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,

@@ -41,7 +41,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
-               gate_min_drop: float = GATE_MIN_DROP) -> dict | None:
+               gate_min_drop: float = GATE_MIN_DROP, grow: int = 0) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -49,11 +49,15 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
-    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction)."""
+    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction). ``grow`` (counterfactual gate): where no
+    unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
+    (``CounterfactualMasker``); 0: never."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
         raise UserValueError(f"--margin must be >= 0 (got {margin})")
+    if grow < 0:
+        raise UserValueError(f"--grow must be >= 0 (got {grow})")
     if not 0 <= gate_min_drop <= 1:
         raise UserValueError(f"--gate-min-drop must be in [0, 1] (got {gate_min_drop})")
     rank, world = distributed("cpu")
@@ -68,13 +72,13 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
-                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop)
+                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow)
 
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
-                   gate_min_drop: float = GATE_MIN_DROP) -> dict | None:
+                   gate_min_drop: float = GATE_MIN_DROP, grow: int = 0) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -100,14 +104,14 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop) if shortcuts is not None else None
+    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
     parts = RunParts(out, "prompt", settings_fingerprint(
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
-        gate_min_drop=gate_min_drop), rank, world)
+        gate_min_drop=gate_min_drop, grow=grow), rank, world)
 
     def chunk(c: int) -> Part:
         kept, x, skipped = source.read_chunk(c, batch_size)
@@ -161,6 +165,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
+        if grow and gate_kind == "counterfactual":
+            where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
+                      "tokens, one at a time")
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if labels_ignored:
