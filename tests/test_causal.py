@@ -711,15 +711,16 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
 def _grown_by_hand(lm, sc, x, b, tested, p0, pm, k, min_drop):
     """prompt --grow, written out for one image b: the growable unit (margin gain, <= REMOVAL_MARGIN_BELOW tokens)
     whose removal alone lowers the predicted class most, grown token by token with the neighbour that lowers it most;
-    the first step with a prediction-changing removal (its largest drop >= min_drop) fires."""
-    from siftlens.spurious.causal import MARGIN_MIN_GAIN, masked_probs
+    the first step with a prediction-changing removal (its largest drop >= min_drop) fires; growth stops where no
+    neighbour lowers the class GROW_MIN_GAIN more than the removal so far."""
+    from siftlens.spurious.causal import GROW_MIN_GAIN, MARGIN_MIN_GAIN, masked_probs
 
     pred = int(p0[b].argmax())
     seeds = [(p0[b, pred] - q[pred], m) for (bb, j, m), q in zip(tested, pm)
              if bb == b and m.sum() <= REMOVAL_MARGIN_BELOW and sc.units[j]["margin_gain"] >= MARGIN_MIN_GAIN]
     if not seeds:
         return None
-    mask = max(seeds, key=lambda t: t[0])[1]
+    drop, mask = max(seeds, key=lambda t: t[0])
     grid = np.zeros(GRID, bool)
     for _ in range(k):
         grid[:] = mask.reshape(GRID)
@@ -732,7 +733,9 @@ def _grown_by_hand(lm, sc, x, b, tested, p0, pm, k, min_drop):
         change = q.argmax(1) != pred
         if change.any() and drops[change].max() >= min_drop:
             return cands[int(np.flatnonzero(change)[np.argmax(drops[change])])]
-        mask = cands[int(np.argmax(drops))]
+        if drops.max() < drop + GROW_MIN_GAIN:  # no neighbour takes enough more of the class: the cue ends here
+            return None
+        drop, mask = drops.max(), cands[int(np.argmax(drops))]
     return None
 
 

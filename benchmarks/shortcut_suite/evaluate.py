@@ -497,6 +497,13 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
         bs = bs[np.isfinite(bs)]
         flags["right_for_wrong_reason"][name] = {"auroc": est, "ci": ci(bs) if len(bs) else None,
                                                  "n_pos": int(rwr.sum()), "n_neg": int((aligned_ok & ~rwr).sum())}
+    # Can a score tell the two targets apart? Both rest on the cue; only the object (B vs an unrecognised A) differs.
+    # Where no score can (AUROC ~0.5 here, the oracle's included), conflicting-vs-rest is held near the AUROC of a
+    # score that ranks both targets alike above every other image: `conflict_vs_rest_if_targets_tied`.
+    either = positive_c | rwr
+    flags["conflict_vs_right_for_wrong_reason"] = {name: auroc(s[either], positive_c[either])
+                                                   for name, s in scores.items()}
+    flags["conflict_vs_rest_if_targets_tied"] = auroc(either.astype(float), positive_c)
 
     # --- accuracy under steering
     correct: dict[str, np.ndarray] = {"none": correct0, "cue_removed": correct_twin}
@@ -639,11 +646,17 @@ def run_table(results: list[dict]) -> str:
         lines.append("cue located: " + "; ".join(parts) + "\n")
         lines.append(f"flag: {r['flags']['flag_status']}; right-for-the-wrong-reason images: "
                      f"{r['flags']['n_right_for_wrong_reason']} of {r['flags']['n_aligned_correct']} correct aligned\n")
-        lines.append("| flag score | AUROC conflicting vs rest [95% CI] | AUROC right-for-wrong-reason [95% CI] |")
-        lines.append("|---|---|---|")
+        apart = r["flags"].get("conflict_vs_right_for_wrong_reason", {})  # absent in evaluations before session 18
+        lines.append("| flag score | AUROC conflicting vs rest [95% CI] | AUROC right-for-wrong-reason [95% CI] | "
+                     "AUROC conflicting vs right-for-wrong-reason |")
+        lines.append("|---|---|---|---|")
         for name, v in r["flags"]["conflict_vs_rest"].items():
             w = r["flags"]["right_for_wrong_reason"][name]
-            lines.append(f"| {name} | {_fmt(v['auroc'])}{_ci(v['ci'])} | {_fmt(w['auroc'])}{_ci(w['ci'])} |")
+            lines.append(f"| {name} | {_fmt(v['auroc'])}{_ci(v['ci'])} | {_fmt(w['auroc'])}{_ci(w['ci'])} | "
+                         f"{_fmt(apart.get(name))} |")
+        if "conflict_vs_rest_if_targets_tied" in r["flags"]:
+            lines.append(f"\nconflicting vs rest of a score that ranks both targets alike above every other image: "
+                         f"{_fmt(r['flags']['conflict_vs_rest_if_targets_tied'])}")
         lines.append("")
         lines.append("| steering | aligned | conflict | none | worst group [95% CI] | avg balanced [95% CI] | "
                      "avg training mix [95% CI] |")

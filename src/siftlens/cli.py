@@ -290,7 +290,8 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--grow", type=non_negative_int, default=r["grow"],
                    help="counterfactual gate: where no unit's removal changes the prediction, the unit that lowered "
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
-                   "time, each the one that lowers the predicted class most, up to this many; 0: never")
+                   "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
+                   "this many; 0: never")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])

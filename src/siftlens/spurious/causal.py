@@ -103,6 +103,10 @@ REMOVAL_MARGIN_BELOW = 4
 # (other classes' p_pred fell 0.10-0.19 more), and the flag lost 0.02-0.07 AUROC; a watermark's token units gained
 # +0.17..+0.39 (benchmarks/RESULTS.md dev round 13)
 MARGIN_MIN_GAIN = 0.1
+# prompt --grow: a neighbouring token joins a grown removal only where it lowers the predicted class this much more
+# than the removal so far (the cue runs on there); without it, growth went on into object evidence until some
+# removal changed the prediction (dev round 15: the 6 x 6 texts' training-mix average fell 7-8 points).
+GROW_MIN_GAIN = 0.1
 
 
 @dataclass
@@ -1306,8 +1310,9 @@ class CounterfactualMasker:
     the unit alone is not enough). ``grow``: in images where no removal alone (nor a grown one) did, the unit whose
     removal alone lowered the predicted class most, if discovery measured a margin gain for it (the cue runs past its
     tokens), is grown one neighbouring token at a time — the neighbour whose removal with it lowers the predicted
-    class most — up to ``grow`` tokens, firing as soon as a removal changes the prediction: a removal that follows
-    the cue's own shape instead of taking every neighbour."""
+    class most, and only while that lowers it ``GROW_MIN_GAIN`` more than the removal so far — up to ``grow`` tokens,
+    firing as soon as a removal changes the prediction: a removal that follows the cue's own shape instead of taking
+    every neighbour."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
                  min_drop: float = GATE_MIN_DROP, grow: int = 0) -> None:
@@ -1365,15 +1370,17 @@ class CounterfactualMasker:
                     and self.shortcuts.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
                     and drop > seeds.get(b, (-np.inf,))[0]):
                 seeds[b] = (drop, j, m)
-        grow = {b: (j, m) for b, (_, j, m) in seeds.items()}
+        grow = seeds
         for _ in range(self.grow):
-            tested = [(b, j, m | token_mask([t], m.size)) for b, (j, m) in grow.items()
+            tested = [(b, j, m | token_mask([t], m.size)) for b, (_, j, m) in grow.items()
                       for t in np.flatnonzero(with_margin(m, grid, m.size) & ~m)]
             if not tested:
                 return
             pm = self._fire(x, p0, tested, out)
             best = largest_removal(p0, [b for b, _, _ in tested], pm)  # the neighbour to keep, fired or not
-            grow = {b: tested[t][1:] for b, (_, t) in best.items() if not out[b].any()}
+            # a neighbour is kept only where it takes GROW_MIN_GAIN more of the class: the cue runs on there
+            grow = {b: (d, *tested[t][1:]) for b, (d, t) in best.items()
+                    if not out[b].any() and d >= grow[b][0] + GROW_MIN_GAIN}
 
 
 def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,

@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, GATE_MIN_DROP, GATES, ShortcutSet
+from .causal import DEFAULT_GATE, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -167,7 +167,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                       "margin gain")
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
-                      "tokens, one at a time")
+                      f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
                            f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
     if labels_ignored:
