@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siftlens.spurious.causal import CausalConfig, shortcut_candidates
+from siftlens.spurious.causal import CausalConfig, is_specific, shortcut_candidates
 
 
 def claimable(units: pd.DataFrame, cfg: CausalConfig) -> pd.DataFrame:
@@ -48,7 +48,7 @@ def main() -> None:
         eff = c["causal_effect"].to_numpy() if len(c) else np.zeros(0)
         listed = ", ".join(f"{r['class']} {r['unit']}: {r['causal_effect']:.4f}" for _, r in c.iterrows()) or "none"
         counts = " | ".join(str(int((eff > f).sum())) for f in args.floors)
-        spec = units[units["f_in"] >= cfg.shortcut_specificity * units["f_out"]]
+        spec = units[is_specific(units, cfg)]
         print(f"| {run} | {units['cls'].nunique()} | {units['causal_effect'].max():.4f} / "
               f"{spec['causal_effect'].max() if len(spec) else float('nan'):.4f} | {listed} | "
               f"{eff.max() if len(eff) else float('nan'):.4f} | {counts} |")

@@ -859,7 +859,7 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: f
     lowers p_k more in class k's images (where p_k is high) than in others', so generic units get small p too
     (docs/CHOICES.md)."""
     sub = _significant(units, k, cfg, family_alpha(units, k, cfg) if alpha is None else alpha)
-    ok = _is_specific(sub, cfg)
+    ok = is_specific(sub, cfg)
     if sufficiency and cfg.shortcut_sufficiency > 0 and "sufficiency_lo" in sub:
         ok |= sub["sufficiency_lo"] >= cfg.shortcut_sufficiency
     return sub[ok]
@@ -871,7 +871,7 @@ def sufficiency_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> li
     ``family_alpha``, class-specific or not."""
     sig = _significant(units, k, cfg, family_alpha(units, k, cfg))
     top = sig.sort_values("causal_rank").groupby(unit_families(sig), sort=False).head(cfg.transplant_units)
-    specific = sig[_is_specific(sig, cfg)]
+    specific = sig[is_specific(sig, cfg)]
     return sorted(set(top["unit_index"].tolist()) | set(specific["unit_index"].tolist()))
 
 
@@ -890,10 +890,10 @@ def _specific_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFr
     ``shortcut_specificity`` x f_out), before the effect floor and any significance test."""
     if not len(units):
         return units
-    return units[(units["cls"] == k) & (units["causal_effect"] > 0) & _is_specific(units, cfg)]
+    return units[(units["cls"] == k) & (units["causal_effect"] > 0) & is_specific(units, cfg)]
 
 
-def _is_specific(units: pd.DataFrame, cfg: CausalConfig) -> pd.Series:
+def is_specific(units: pd.DataFrame, cfg: CausalConfig) -> pd.Series:
     """Per unit: class-specific, in >= ``shortcut_specificity`` x as large a share of its class's images as of the
     others' (f_in, f_out; NaN for region units: never)."""
     return units["f_in"] >= cfg.shortcut_specificity * units["f_out"]
