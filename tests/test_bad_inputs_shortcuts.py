@@ -269,6 +269,14 @@ def test_pretrain_resume_from_a_checkpoint_of_another_shape_is_one_line(tmp_path
         _fails(capsys, _pretrain(tmp_path / "d.npz", out), "checkpoint.pt", *words)
 
 
+def test_prompt_grow_without_the_counterfactual_gate_is_refused(setup, tmp_path, capsys):
+    tmp, model, _ = setup
+    argv = ["prompt", "--model", model, "--motifs", str(tmp / "ok"), "--method", "mask_tokens", "--images",
+            str(tmp / "new"), "--labels", "none", "--out", str(tmp_path / "pr"), "--grow", "2", "--gate", "presence"]
+    _fails(capsys, argv, "--grow 2", "--gate counterfactual", "--gate presence")
+    assert not (tmp_path / "pr" / "predictions.parquet").exists()
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("--gate-min-drop", "1.5", ["--gate-min-drop", "[0, 1]", "1.5"]),
     ("--gate-min-drop", "-0.1", ["--gate-min-drop", "[0, 1]"]),

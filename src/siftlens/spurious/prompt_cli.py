@@ -58,6 +58,9 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         raise UserValueError(f"--margin must be >= 0 (got {margin})")
     if grow < 0:
         raise UserValueError(f"--grow must be >= 0 (got {grow})")
+    if grow and gate != "counterfactual":
+        raise UserValueError(f"--grow {grow} needs --gate counterfactual (it grows a removal until the prediction "
+                             f"changes; --gate {gate} tests no removal)")
     if not 0 <= gate_min_drop <= 1:
         raise UserValueError(f"--gate-min-drop must be in [0, 1] (got {gate_min_drop})")
     rank, world = distributed("cpu")
