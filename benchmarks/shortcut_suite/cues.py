@@ -121,6 +121,7 @@ class Variant:
 # ``scratch_d12`` model setting (12 blocks, the fixed-patch benchmark model).
 # ``heldout13_*`` (session 17): a thirteenth round, generator seeds 1060 + j, for the flag's margin decided per unit.
 # ``heldout14_*`` (session 18): a fourteenth round, generator seeds 1065 + j, for steering's removal grown by tokens.
+# ``heldout15_*`` (session 18): a fifteenth round, generator seeds 1070 + j, the defaults on the other three families.
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
@@ -138,6 +139,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout12_{f}", f, "heldout", 1055 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout13_{f}", f, "heldout", 1060 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout14_{f}", f, "heldout", 1065 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout15_{f}", f, "heldout", 1070 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
