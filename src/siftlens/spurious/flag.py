@@ -260,6 +260,7 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
              "knowledge). Without labels no accuracy can be given here; the flag's AUROC needs a labelled "
              "benchmark.</p>"]
+    parts.append(colour_only_caution(df, shortcuts))
     shown = df.sort_values("flag_score", ascending=False).head(top)
     cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
             "p_pred_without", "one_minus_max_softmax", "entropy"]
@@ -289,6 +290,21 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
                             "Most decisive windows (red: the window removed)"))
     parts.append(skipped_html(skipped, limit=200))
     return html_page(f"siftlens flag: {lm.name}", parts)
+
+
+def colour_only_caution(df: pd.DataFrame, shortcuts: ShortcutSet) -> str:
+    """A warning paragraph for flags.html where some images' flag rests on a colour-only unit (a set of dense
+    colour words: ``ShortcutSet.colour_only``), else "". Such a flag is the weakest measured: on a held-out global
+    colour cast it ranked right-for-the-wrong-reason images below chance (benchmarks/RESULTS.md, round 15)."""
+    colour = {u["unit"] for u in shortcuts.units if shortcuts.colour_only(u)}
+    flagged = df["flag_score"].to_numpy() > 0
+    share = float((flagged & df["shortcut_unit"].isin(colour).to_numpy()).sum() / max(flagged.sum(), 1))
+    if not share:
+        return ""
+    return (f"<p><b>Caution:</b> {share:.0%} of the flagged images' scores come from colour-only units (a token's "
+            "colour, no SIFT part). On held-out planted benchmarks such flags were the weakest: on a global colour "
+            "cast they ranked images right for the wrong reason below chance (AUROC 0.32), on a stripe frame 0.79 "
+            "(benchmarks/RESULTS.md, held-out round 15). Check them against labelled images before acting on them.</p>")
 
 
 def _strip(show: pd.DataFrame, source, lm: LoadedModel, score: str, box_of, title: str) -> str:
