@@ -1254,8 +1254,12 @@ class ShortcutSet:
         """What removing unit j masks where it sits at ``mask`` [n]: ``with_margin`` where its discovery measured a
         margin gain of at least ``MARGIN_MIN_GAIN`` (a unit without ``margin_gain`` — older files, units of more than
         ``REMOVAL_MARGIN_BELOW`` tokens — by ``margin_below`` alone), else ``mask``."""
-        grow = self.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
-        return with_margin(mask, grid, margin_below) if grow else mask
+        return with_margin(mask, grid, margin_below) if self.runs_past_its_tokens(j) else mask
+
+    def runs_past_its_tokens(self, j: int) -> bool:
+        """Whether unit j may be grown: its discovery measured a margin gain of at least ``MARGIN_MIN_GAIN`` (a unit
+        without ``margin_gain`` — older files, units of more than ``REMOVAL_MARGIN_BELOW`` tokens — may)."""
+        return self.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
 
     def colour_only(self, u: dict) -> bool:
         """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
@@ -1366,8 +1370,7 @@ class CounterfactualMasker:
         for (b, j, m), q in zip(alone, pm):
             pred = int(p0[b].argmax())
             drop = float(p0[b, pred] - q[pred])
-            if (not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW
-                    and self.shortcuts.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
+            if (not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW and self.shortcuts.runs_past_its_tokens(j)
                     and drop > seeds.get(b, (-np.inf,))[0]):
                 seeds[b] = (drop, j, m)
         grow = seeds
