@@ -1366,14 +1366,10 @@ class CounterfactualMasker:
               out: torch.Tensor) -> None:
         """Per image not steered yet: its best-dropping growable unit (``alone``'s rows of ``pm``), grown greedily
         (see the class docstring)."""
-        seeds: dict[int, tuple[float, int, np.ndarray]] = {}  # image -> (drop alone, unit, mask)
-        for (b, j, m), q in zip(alone, pm):
-            pred = int(p0[b].argmax())
-            drop = float(p0[b, pred] - q[pred])
-            if (not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW and self.shortcuts.runs_past_its_tokens(j)
-                    and drop > seeds.get(b, (-np.inf,))[0]):
-                seeds[b] = (drop, j, m)
-        grow = seeds
+        rows = [i for i, (b, j, m) in enumerate(alone) if not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW
+                and self.shortcuts.runs_past_its_tokens(j)]
+        seeds = largest_removal(p0, [alone[i][0] for i in rows], pm[rows])
+        grow = {b: (d, *alone[rows[t]][1:]) for b, (d, t) in seeds.items()}  # image -> (drop so far, unit, mask)
         for _ in range(self.grow):
             tested = [(b, j, m | token_mask([t], m.size)) for b, (_, j, m) in grow.items()
                       for t in np.flatnonzero(with_margin(m, grid, m.size) & ~m)]
