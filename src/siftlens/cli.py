@@ -210,6 +210,7 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
     p.add_argument("--seed", type=SEED, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_spurious)
 
 
@@ -228,7 +229,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,
                           dense_gradient_weight=args.dense_gradient_weight)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
-                       cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device)
+                       cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device,
+                       progress=not args.quiet)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     for k, name in enumerate(res.class_names):
@@ -295,6 +297,7 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_prompt)
 
 
@@ -305,7 +308,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          layers=args.layers, beta=args.beta,
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
-                         margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow)
+                         margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
+                         progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))
@@ -338,6 +342,7 @@ def _flag_parser(sub) -> None:
                    "windows drawn at random) at the cost of a forward per window")
     p.add_argument("--window", type=positive_int, default=r["window"], help="occlusion window side in tokens")
     p.add_argument("--seed", type=SEED, default=r["seed"], help="the random-window control's draw")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_flag)
 
 
@@ -347,7 +352,7 @@ def _run_flag(args: argparse.Namespace) -> int:
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
-                  margin=args.margin)
+                  margin=args.margin, progress=not args.quiet)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from .io import atomic_write_json, atomic_write_npz, atomic_write_parquet
 from .models import LoadedModel
@@ -115,11 +116,12 @@ class RunParts:
     pass and started again with the same settings redoes only the unfinished items, and a torchrun job gives
     the parts one process would. Different settings while finished parts exist: a one-line refusal naming
     ``--out`` and the settings that differ (nothing is removed). ``out=None``: parts are kept in memory (the
-    library API; one process)."""
+    library API; one process). ``progress``: a tqdm bar per pass on stderr (batches this rank computes), so a
+    long run on a large model shows where it is."""
 
     def __init__(self, out: str | Path | None, command: str, settings: dict | None = None, rank: int = 0,
-                 world: int = 1) -> None:
-        self.rank, self.world, self.command = rank, world, command
+                 world: int = 1, progress: bool = False) -> None:
+        self.rank, self.world, self.command, self.progress = rank, world, command, progress
         self.root = None if out is None else Path(out) / ".parts" / command
         self._memory: dict[tuple[str, int], Part] = {}
         self._written: dict[str, int] = {}
@@ -206,10 +208,13 @@ class RunParts:
     def run(self, name: str, n: int, compute: Callable[[int], Part]) -> Iterator[Part]:
         """Compute this rank's unfinished items of pass ``name`` (0..n-1), wait for every rank, then yield all
         n parts in order (read one at a time)."""
-        for i in range(n):
-            if i % self.world == self.rank and not self.done(name, i):
+        todo = [i for i in range(n) if i % self.world == self.rank and not self.done(name, i)]
+        desc = f"{self.command} {name}" + (f"[{self.rank}]" if self.world > 1 else "")
+        with tqdm(total=len(todo), desc=desc, unit="batch", disable=not (self.progress and todo)) as bar:
+            for i in todo:
                 self.write(name, i, compute(i))
                 release_freed_memory()
+                bar.update(1)
         barrier(self.world)
         return (self.read(name, i) for i in range(n))
 

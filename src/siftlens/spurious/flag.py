@@ -195,7 +195,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
-             margin: int = REMOVAL_MARGIN_BELOW) -> pd.DataFrame | None:
+             margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes)."""
     rank, world = distributed(device)
@@ -211,7 +211,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         m = Path(motifs)
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
-            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin), rank, world)
+            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin), rank, world,
+            progress)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
                                 label_map, margin)
         parts.release()

@@ -41,7 +41,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
-               gate_min_drop: float = GATE_MIN_DROP, grow: int = 0) -> dict | None:
+               gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -51,7 +51,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
     (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction). ``grow`` (counterfactual gate): where no
     unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
-    (``CounterfactualMasker``); 0: never."""
+    (``CounterfactualMasker``); 0: never. ``progress``: a bar per pass on stderr."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
@@ -75,13 +75,13 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
-                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow)
+                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress)
 
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
-                   gate_min_drop: float = GATE_MIN_DROP, grow: int = 0) -> dict | None:
+                   gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -114,7 +114,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     parts = RunParts(out, "prompt", settings_fingerprint(
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
-        gate_min_drop=gate_min_drop, grow=grow), rank, world)
+        gate_min_drop=gate_min_drop, grow=grow), rank, world, progress)
 
     def chunk(c: int) -> Part:
         kept, x, skipped = source.read_chunk(c, batch_size)

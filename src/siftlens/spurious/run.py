@@ -36,7 +36,7 @@ from .source import PathSource  # noqa: E402
 
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
-                 random_init: bool = False, device: str = "cpu") -> DiscoveryResult | None:
+                 random_init: bool = False, device: str = "cpu", progress: bool = False) -> DiscoveryResult | None:
     """Discovery, counterfactual scores and the report in ``out``; the result (None on torchrun ranks > 0).
 
     The costly passes (attention and keypoints of every image, the causal and control forwards, the
@@ -72,7 +72,8 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         small = [f"{class_names[k]} ({c})" for k, c in enumerate(counts) if c < min_per_class]
         if small:
             raise UserValueError(f"classes with fewer than {min_per_class} images: {', '.join(small)}")
-        parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg, label_map), rank, world)
+        parts = RunParts(out, "spurious", spurious_settings(lm, paths, y, class_names, cfg, label_map), rank, world,
+                          progress)
         source = PathSource(lm, paths, images)  # images are read batch by batch, in every pass
         res = discover_shortcuts(lm, source, y, class_names, cfg, min_per_class=min_per_class, parts=parts,
                                  label_map=label_map)
