@@ -122,6 +122,26 @@ def test_dense_descriptors_one_per_token_upright_with_the_token_colour():
     assert np.array_equal(colour_only[:, 128:], desc[:, 128:])
 
 
+def test_dense_colour_is_the_mean_over_exactly_the_tokens_pixels():
+    """Every token's colour part is the mean opponent colour of its own patch x patch pixels: a one-pixel shift of
+    the window (the last column reading its left neighbour's pixels) fails on a random image and on an edge."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    gray = rgb.mean(2).astype(np.uint8)
+    _, _, desc = dense_descriptors(gray, rgb, GRID, PATCH, colour_weight=1.0, gradient_weight=0.0)
+    c = rgb.astype(np.float64) / 255
+    opp = np.stack([c[..., 0] - c[..., 1], (c[..., 0] + c[..., 1] - 2 * c[..., 2]) / 2,
+                    c.sum(-1) / 1.5 - 1], -1)
+    per_token = opp.reshape(GRID[0], PATCH, GRID[1], PATCH, 3).mean((1, 3)).reshape(-1, 3)
+    assert np.allclose(desc[:, 128:131], per_token, atol=1e-9)
+    # a red band on the outermost pixel column only: the last column's tokens see 1/patch of it, no other token
+    band = np.zeros((SIZE, SIZE, 3), np.uint8)
+    band[:, -1] = (255, 0, 0)
+    o1 = dense_descriptors(band.mean(2).astype(np.uint8), band, GRID, PATCH, 1.0, gradient_weight=0.0)[2][:, 128]
+    o1 = o1.reshape(GRID)
+    assert np.allclose(o1[:, -1], 1 / PATCH) and not o1[:, :-1].any()
+
+
 def test_dense_words_need_a_colour_or_gradient_part():
     from siftlens.validation import UserValueError
 

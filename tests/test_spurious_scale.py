@@ -189,14 +189,19 @@ def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
     assert "margin" in {n for _, n, _ in by_rank[0] | by_rank[1]}
 
     one, two = pd.read_parquet(root / "flag1" / "flags.parquet"), pd.read_parquet(root / "flag2" / "flags.parquet")
-    assert len(one) == 27  # 28 files, one unreadable; 7 chunks of 4 over two ranks
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     m1, m2 = (json.loads((root / d / "manifest.json").read_text()) for d in ("flag1", "flag2"))
     assert m1 == m2 and (root / "flag2" / "flags.html").is_file()
+    # 28 files in 7 chunks of 4 over two ranks: each scored or skipped with its reason (one unreadable; one without
+    # keypoints, skipped where the claims hold no fixed-token unit to test it by), none lost
+    assert len(one) + len(m1["skipped"]) == 28 and any("010_broken" in s["path"] for s in m1["skipped"])
 
     one = pd.read_parquet(root / "prompt1" / "predictions.parquet")
     two = pd.read_parquet(root / "prompt2" / "predictions.parquet")
-    assert len(one) == 27 and one["steered"].sum() >= 9  # random draws on the images with a shortcut present
+    # random draws on the images where a claimed unit's words are found (presence gate): some, so that the two runs'
+    # equality below covers steered rows (9 with a token unit claimed, 5 with class 0's word:6 since the keypoint
+    # colour windows were centred)
+    assert len(one) == 27 and one["steered"].sum() >= 3
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     s1, s2 = (json.loads((root / d / "summary.json").read_text()) for d in ("prompt1", "prompt2"))
     assert s1 == s2

@@ -129,18 +129,26 @@ def sift_with_descriptors(gray: np.ndarray, rgb: np.ndarray | None = None, colou
 
 def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
     """Mean opponent colour (O1 = (R-G)/√2, O2 = (R+G-2B)/√6, O3 = (R+G+B)/√3, scaled to [-1, 1]) over
-    each keypoint's square window of half side max(2, size/2), from an integral image: [K, 3]."""
+    each keypoint's square window of half side max(2, size/2), from an integral image: [K, 3].
+
+    The window holds the pixels whose centres lie in [centre - half, centre + half) (OpenCV's pixel-centre
+    convention: pixel i's centre is at i), so a token's window is exactly its pixels. (Truncating the corners
+    instead shifted a window by up to one pixel up-left: a token in the last column read a column of its left
+    neighbour and missed its own outermost one.)"""
     H, W = rgb.shape[:2]
     c = rgb.astype(np.float64) / 255.0
     r, g, b = c[..., 0], c[..., 1], c[..., 2]
     opp = np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)  # each in [-1, 1]
     integral = cv2.integral(opp)  # [H+1, W+1, 3]
     out = np.zeros((len(kps), 3))
+
+    def span(centre: float, half: float, size: int) -> tuple[int, int]:  # [first, last + 1) pixel, >= 1 pixel
+        lo = int(np.clip(np.ceil(centre - half), 0, size - 1))
+        return lo, int(np.clip(np.ceil(centre + half), lo + 1, size))
+
     for i, k in enumerate(kps):
         half = max(2.0, k.size / 2)
-        x0, x1 = int(np.clip(k.pt[0] - half, 0, W - 1)), int(np.clip(k.pt[0] + half, 1, W))
-        y0, y1 = int(np.clip(k.pt[1] - half, 0, H - 1)), int(np.clip(k.pt[1] + half, 1, H))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        (x0, x1), (y0, y1) = span(k.pt[0], half, W), span(k.pt[1], half, H)
         s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
         out[i] = s / ((x1 - x0) * (y1 - y0))
     return out
