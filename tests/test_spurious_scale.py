@@ -210,8 +210,9 @@ def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
     assert not any((root / d / ".parts").exists() for d in ("flag2", "prompt2", "dist"))
 
 
-def test_run_parts_progress_bar_counts_only_the_batches_left(tmp_path, capsys):
-    """A resumed pass shows (and computes) only the unfinished batches; no bar without ``progress``."""
+def test_run_parts_progress_bar_counts_only_the_batches_left(tmp_path, capsys, monkeypatch):
+    """A resumed pass shows (and computes) only the unfinished batches; no bar without ``progress``, nor where
+    stderr is not a terminal (there a CLI error stays one line)."""
     from siftlens.resume import Part
 
     def compute(i: int) -> Part:
@@ -221,7 +222,10 @@ def test_run_parts_progress_bar_counts_only_the_batches_left(tmp_path, capsys):
     assert [p.arrays["v"][0] for p in quiet.run("score", 3, compute)] == [0, 1, 2]
     assert "flag score" not in capsys.readouterr().err
     loud = RunParts(tmp_path, "flag", {"a": 1}, progress=True)
-    done = list(loud.run("score", 5, compute))  # 0..2 finished above: two batches left
-    assert [p.arrays["v"][0] for p in done] == [0, 1, 2, 3, 4]
+    assert [p.arrays["v"][0] for p in loud.run("score", 4, compute)] == [0, 1, 2, 3]
+    assert "flag score" not in capsys.readouterr().err  # captured stderr: not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    done = list(loud.run("score", 6, compute))  # 0..3 finished above: two batches left
+    assert [p.arrays["v"][0] for p in done] == [0, 1, 2, 3, 4, 5]
     err = capsys.readouterr().err
-    assert "flag score" in err and "2/2" in err and "5/5" not in err
+    assert "flag score" in err and "2/2" in err and "6/6" not in err

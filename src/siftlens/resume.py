@@ -116,8 +116,8 @@ class RunParts:
     pass and started again with the same settings redoes only the unfinished items, and a torchrun job gives
     the parts one process would. Different settings while finished parts exist: a one-line refusal naming
     ``--out`` and the settings that differ (nothing is removed). ``out=None``: parts are kept in memory (the
-    library API; one process). ``progress``: a tqdm bar per pass on stderr (batches this rank computes), so a
-    long run on a large model shows where it is."""
+    library API; one process). ``progress``: a tqdm bar per pass on stderr where it is a terminal (batches this
+    rank computes), so a long run on a large model shows where it is."""
 
     def __init__(self, out: str | Path | None, command: str, settings: dict | None = None, rank: int = 0,
                  world: int = 1, progress: bool = False) -> None:
@@ -210,7 +210,9 @@ class RunParts:
         n parts in order (read one at a time)."""
         todo = [i for i in range(n) if i % self.world == self.rank and not self.done(name, i)]
         desc = f"{self.command} {name}" + (f"[{self.rank}]" if self.world > 1 else "")
-        with tqdm(total=len(todo), desc=desc, unit="batch", disable=not (self.progress and todo)) as bar:
+        # disable=None: no bar where stderr is not a terminal (logs, captured output), so an error there stays the
+        # one line the CLI promises
+        with tqdm(total=len(todo), desc=desc, unit="batch", disable=None if self.progress and todo else True) as bar:
             for i in todo:
                 self.write(name, i, compute(i))
                 release_freed_memory()
