@@ -51,7 +51,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
     (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction). ``grow`` (counterfactual gate): where no
     unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
-    (``CounterfactualMasker``); 0: never. ``progress``: a bar per pass on stderr."""
+    (``CounterfactualMasker``); 0: never. ``progress``: a bar per pass on stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
