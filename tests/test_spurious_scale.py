@@ -110,7 +110,8 @@ def test_spurious_resumed_in_process_equals_uninterrupted_and_redoes_only_what_w
                                                                        real_write(self, name, i, part))[1])
     assert main([*args, "--out", str(out)]) == 0
     assert not before & set(written)  # nothing finished before the interruption was computed again
-    assert {n for n, _ in written} == {"control", "margin", "counterfactual"}  # margin: the shortcuts' margin gains
+    # margin: the shortcuts' margin gains; cast_colours, cast: the colour-cast units (spurious/cast.py)
+    assert {n for n, _ in written} == {"control", "margin", "cast_colours", "cast", "counterfactual"}
     same_spurious(root / "ref", out)
 
 

@@ -206,6 +206,8 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--min-effect", type=non_negative_float, default=c.shortcut_min_effect,
                    help="effect floor of a shortcut claim: its unit must lower the class probability by more than "
                    "this on average over the class's images (calibrated on random-weights models)")
+    p.add_argument("--no-casts", action="store_true",
+                   help="no colour-cast units (a class's overall colour tested as a global shortcut)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
@@ -223,7 +225,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       control_budget=args.control_budget,
                                                       region_images=args.region_images,
                                                       region_windows=args.region_windows,
-                                                      shortcut_min_effect=args.min_effect)
+                                                      shortcut_min_effect=args.min_effect,
+                                                      casts=not args.no_casts)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,
@@ -253,6 +256,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
         sift_free = " (colour only: SIFT-free)"
         named = [f"{u['class_name']} {u['unit']}{sift_free if res.shortcuts.colour_only(u) else ''}"
                  for u in res.shortcuts.units]
+        named += [f"{c['class_name']} colour cast (SIFT-free)" for c in res.shortcuts.casts]
         print(f"shortcuts for flag / gated prompt: {named}")
     print(f"-> {args.out}/spurious.html")
     return 0

@@ -40,8 +40,8 @@ RECORD_FILES = {"analyze": "manifest.json", "spurious": "manifest.json", "prompt
 COMMAND_OUTPUTS: dict[str, tuple[str, ...]] = {
     "analyze": ("per_image.parquet", "images.parquet", "lift.npz", "examples.npz", "attention_maps.npz",
                 "manifest.json", "report.html"),
-    "spurious": ("reliance.parquet", "motifs.csv", "occlusion_control.csv", "shortcut_words.npz", "shortcuts.json",
-                 "spurious.html", "manifest.json"),
+    "spurious": ("reliance.parquet", "motifs.csv", "occlusion_control.csv", "casts.csv", "shortcut_words.npz",
+                 "shortcuts.json", "spurious.html", "manifest.json"),
     "flag": ("flags.parquet", "flags.html", "manifest.json"),
     "prompt": ("predictions.parquet", "summary.json"),
     "compare": ("compare.html", "compare.csv"),

@@ -148,6 +148,9 @@ class CausalConfig:
     # ... or, where the transplant check ran, enough on its own: sufficiency_lo >= this (0: specificity alone)
     shortcut_sufficiency: float = 0.10
     top_shortcuts: int = 1
+    # colour-cast units (cast.py): each class's mean colour beyond the classes' mean, claimed as a global shortcut
+    # where removing it takes the class's evidence more than a random colour shift and adding it is enough
+    casts: bool = True
     batch_size: int = 64
     seed: int = 0
 
@@ -1013,6 +1016,13 @@ def _malformed_fields(d: dict) -> str:
             return f"{where} box {u['box']!r} / gate_box {u.get('gate_box')!r}: not [x0, y0, x1, y1]"
         if "margin_gain" in u and not numbers([u["margin_gain"]], 1):
             return f"{where} margin_gain {u['margin_gain']!r}: not a finite number"
+    casts = d.get("casts", [])  # files before colour casts: none
+    if not isinstance(casts, list) or not all(isinstance(c, dict) for c in casts):
+        return "casts that are not a list of objects"
+    for j, c in enumerate(casts):
+        if not ints([c.get("cls")], 0, n_classes) or not numbers(c.get("cast"), 3) or not numbers(c.get("origin"), 3):
+            return (f"casts[{j}] cls {c.get('cls')!r} / cast {c.get('cast')!r} / origin {c.get('origin')!r}: not a "
+                    "class index and two colours of 3 numbers")
     return ""
 
 
@@ -1031,6 +1041,9 @@ class ShortcutSet:
     output_index: list[int] | None = None
     dense_words: int = 0  # the last this many centroids are dense words (per-token descriptors; 0: none)
     dense_gradient_weight: float = 1.0  # their descriptors' SIFT part (0: colour alone; files before it: 1)
+    # claimed colour casts (cast.py): cls, class_name, cast [3] (the class's colour beyond the classes' mean colour
+    # ``origin`` [3], in the normalised input space), cast_effect, cast_sufficiency; files before them: none
+    casts: list[dict] = field(default_factory=list)
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
@@ -1068,7 +1081,7 @@ class ShortcutSet:
                 "class_names": self.class_names, "layers": self.layers,
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
                 "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words,
-                "dense_gradient_weight": self.dense_gradient_weight}
+                "dense_gradient_weight": self.dense_gradient_weight, "casts": self.casts}
 
     def class_outputs(self) -> list[int]:
         """Model output of each class (output k where the file predates the stored mapping)."""
@@ -1124,7 +1137,7 @@ class ShortcutSet:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_gradient_weight {gradient!r} is not "
                                     "a weight >= 0 (an edited file?); run `siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
-                   tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient))
+                   tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient), d.get("casts", []))
 
     def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
         """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
@@ -1250,6 +1263,23 @@ class ShortcutSet:
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
 
+    def cast_tests(self, x: torch.Tensor, pred: Sequence[int]) -> list[tuple[int, int, np.ndarray]]:
+        """(batch position b, cast index c, the shift [3] that removes it from image b, ``cast.removal_shift``) for
+        each image b of ``x`` [B, 3, H, W] whose predicted model output ``pred[b]`` is a class with a claimed colour
+        cast: the cast removal flag and the counterfactual gate test."""
+        from .cast import removal_shift
+
+        outputs = self.class_outputs()
+        by_output = {outputs[int(c["cls"])]: i for i, c in enumerate(self.casts)}
+        colours = x.float().mean((2, 3)).cpu().numpy().astype(np.float64)
+        out = []
+        for b, o in enumerate(pred):
+            if int(o) in by_output:
+                c = self.casts[by_output[int(o)]]
+                out.append((b, by_output[int(o)], removal_shift(colours[b], np.asarray(c["cast"]),
+                                                                np.asarray(c["origin"]))))
+        return out
+
     def removal(self, j: int, mask: np.ndarray, grid: tuple[int, int], margin_below: int) -> np.ndarray:
         """What removing unit j masks where it sits at ``mask`` [n]: ``with_margin`` where its discovery measured a
         margin gain of at least ``MARGIN_MIN_GAIN`` (a unit without ``margin_gain`` — older files, units of more than
@@ -1323,50 +1353,81 @@ class CounterfactualMasker:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.grow = grow
         self.last_present: list = []
+        # batch position -> colour shift [3] for images steered by removing a colour cast (cast.py): an input
+        # transform, not a token mask; the caller re-predicts them on the shifted image (``apply_shifts``)
+        self.last_shift: dict[int, np.ndarray] = {}
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
-        self.last_present = [[] for _ in range(len(x))]
+        self.last_present, self.last_shift = [[] for _ in range(len(x))], {}
         alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always"))
                  for j, m in found or []]
-        if not alone:
+        if not alone and not self.shortcuts.casts:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
-        pm = self._fire(x, p0, alone, out)
+        pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(x, p0.argmax(1)))
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []
             for b, j, m in alone:
                 g = self.shortcuts.removal(j, m, layout.grid, self.margin_below)
-                if not out[b].any() and g.sum() > m.sum():
+                if not self._steered(b, out) and g.sum() > m.sum():
                     grown.append((b, j, g))
             self._fire(x, p0, grown, out)
         if self.grow:
             self._grow(x, p0, alone, pm, layout.grid, out)
         return out
 
-    def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor) -> np.ndarray:
-        """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop;
-        return the tested removals' probabilities [len(tested), K]."""
+    def _steered(self, b: int, out: torch.Tensor) -> bool:
+        return bool(out[b].any()) or b in self.last_shift
+
+    def apply_shifts(self, x: torch.Tensor, shifts: dict[int, np.ndarray] | None = None) -> torch.Tensor:
+        """``x`` [B, 3, H, W] with colour shifts applied (default: the last call's colour-cast removals,
+        ``last_shift``; the other images as they are)."""
+        from .cast import pixel_range, shift_colour
+
+        shifts = self.last_shift if shifts is None else shifts
+        if not shifts:
+            return x
+        shift = torch.zeros(len(x), 3)
+        for b, s in shifts.items():
+            shift[b] = torch.as_tensor(s, dtype=torch.float32)
+        return shift_colour(x, shift, *pixel_range(self.lm))
+
+    def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor,
+              casts: Sequence[tuple[int, int, np.ndarray]] = ()) -> np.ndarray:
+        """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop
+        (``casts``: colour-cast removals (b, cast, shift) tested beside them, ``ShortcutSet.cast_tests``); return the
+        tested removals' probabilities [len(tested), K]."""
+        from .cast import shifted_probs
         from .source import TensorSource
 
-        if not tested:
+        if not tested and not casts:
             return np.zeros((0, p0.shape[1]))
-        pm = masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
-        for b, (drop, t) in largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True).items():
-            if drop >= self.min_drop:
+        pm = (masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
+              if tested else np.zeros((0, p0.shape[1])))
+        pc = shifted_probs(self.lm, TensorSource(x), [(b, s) for b, _, s in casts], 64) if casts else pm[:0]
+        images = [b for b, _, _ in tested] + [b for b, _, _ in casts]
+        for b, (drop, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True).items():
+            if drop < self.min_drop:
+                continue
+            if t < len(tested):
                 _, j, m = tested[t]
                 self.last_present[b] = [(j, m)]
                 out[b] = torch.from_numpy(m)
+            else:
+                _, c, shift = casts[t - len(tested)]
+                self.last_present[b] = [(("cast", c), None)]
+                self.last_shift[b] = shift
         return pm
 
     def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],
               out: torch.Tensor) -> None:
         """Per image not steered yet: its best-dropping growable unit (``alone``'s rows of ``pm``), grown greedily
         (see the class docstring)."""
-        rows = [i for i, (b, j, m) in enumerate(alone) if not out[b].any() and m.sum() <= REMOVAL_MARGIN_BELOW
+        rows = [i for i, (b, j, m) in enumerate(alone) if not self._steered(b, out) and m.sum() <= REMOVAL_MARGIN_BELOW
                 and self.shortcuts.runs_past_its_tokens(j)]
         seeds = largest_removal(p0, [alone[i][0] for i in rows], pm[rows])
         grow = {b: (d, *alone[rows[t]][1:]) for b, (d, t) in seeds.items()}  # image -> (drop so far, unit, mask)
@@ -1379,7 +1440,7 @@ class CounterfactualMasker:
             best = largest_removal(p0, [b for b, _, _ in tested], pm)  # the neighbour to keep, fired or not
             # a neighbour is kept only where it takes GROW_MIN_GAIN more of the class: the cue runs on there
             grow = {b: (d, *tested[t][1:]) for b, (d, t) in best.items()
-                    if not out[b].any() and d >= grow[b][0] + GROW_MIN_GAIN}
+                    if not self._steered(b, out) and d >= grow[b][0] + GROW_MIN_GAIN}
 
 
 def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,

@@ -35,7 +35,8 @@ from ..models import LoadedModel
 from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 from ..validation import NonFiniteError, UserValueError, check_finite_output
-from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery, margin_gains
+from .cast import cast_check, class_casts, image_colours
+from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery, margin_gains, sample_images
 from .source import as_source
 
 DECISIVE = ("mean", "rollout")
@@ -266,6 +267,7 @@ class DiscoveryResult:
     source: object = field(default=None, repr=False)  # where the images are (exemplar crops read them back)
     label_map: LabelMap | None = None  # class k is model output label_map.output_index[k] (None: output k)
     dense_centroids: np.ndarray | None = None  # [dense words, D]: word W >= len(centroids) is dense word W - that
+    casts: pd.DataFrame | None = None  # per class: its colour cast and the cast's claim columns (cast.py)
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)
@@ -561,6 +563,18 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         for u, g in zip(res.shortcuts.units, gains):
             if g is not None:
                 u["margin_gain"] = g
+        if causal_cfg.casts:  # a global colour shortcut has no place: its own unit (cast.py)
+            colours = image_colours(source, len(cls_of_image), cfg.batch_size, parts)
+            casts, origin = class_casts(colours, cls_of_image, len(class_names))
+            sample = sample_images(cls_of_image, len(class_names), causal_cfg.causal_images, causal_cfg.seed)
+            res.casts = cast_check(lm, source, casts, origin, colours, sample, cls_of_image[sample], class_probs,
+                                   causal_cfg, parts, columns)
+            res.casts.insert(1, "class", class_names)
+            res.shortcuts.casts = [{"cls": int(r.cls), "class_name": class_names[int(r.cls)],
+                                    "cast": [float(r.cast_r), float(r.cast_g), float(r.cast_b)],
+                                    "origin": [float(v) for v in origin],
+                                    "cast_effect": float(r.cast_effect), "cast_sufficiency": float(r.cast_sufficiency)}
+                                   for r in res.casts[res.casts["cast_claimed"]].itertuples()]
     return res
 
 

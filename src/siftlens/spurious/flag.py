@@ -33,6 +33,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
+from .cast import shifted_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -144,7 +145,14 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
+        # a claimed colour cast of the predicted class: its removal is one more test (cast.py), keypoints or not
+        casts = shortcuts.cast_tests(x, pred0)
+        if casts:
+            pc = shifted_probs(lm, TensorSource(x), [(b, s) for b, _, s in casts], batch_size)
+            pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
+        at += [(b, ("cast", c)) for b, c, _ in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
+        cast_at = {b for b, _, _ in casts}
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
@@ -154,7 +162,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                                      batch_size)
         for b in range(len(x)):
             path = str(source.all_paths[int(kept[b])]) if hasattr(source, "all_paths") else str(int(kept[b]))
-            if present[b] is None:
+            if present[b] is None and b not in cast_at:
                 no_kp.append({"path": path, "reason": f"{path}: no SIFT keypoints, so no shortcut can be "
                                                       "found in it (not scored)"})
                 continue
@@ -164,13 +172,15 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             if b in best:  # the present unit whose removal moves the prediction most
                 drop, t = best[b]
                 j, q = at[t][1], pm[t]
-            unit = shortcuts.units[j] if j is not None else None
+            unit = (None if j is None else shortcuts.units[j] if not isinstance(j, tuple) else
+                    {"class_name": shortcuts.casts[j[1]]["class_name"], "unit": "colour cast"})
             kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
             occ = (_occlusion_columns(kp_win[b], wd[b], wpred[b], windows, pred, rng, occlusion == "compare")
                    if occlusion != "off" else {})
             rows.append({"path": path, "flag_score": max(drop, 0.0),
                          "shortcut_class": unit["class_name"] if unit else "",
-                         "shortcut_unit": unit["unit"] if unit else "", "n_tested": len(present[b]),
+                         "shortcut_unit": unit["unit"] if unit else "",
+                         "n_tested": len(present[b] or []) + (b in cast_at),
                          "keypoints": b not in no_keypoints,
                          "pred": pred, "pred_name": names.output_name(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
@@ -249,14 +259,18 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     fs = df["flag_score"].to_numpy()
     (m,), (lo,), (hi,) = bootstrap_mean_ci(fs)
     flips = float((df["pred"] != df["pred_without"]).mean())
-    unit_names = html.escape(", ".join(u["class_name"] + " " + u["unit"] for u in shortcuts.units))
+    unit_names = html.escape(", ".join([u["class_name"] + " " + u["unit"] for u in shortcuts.units]
+                                       + [c["class_name"] + " colour cast" for c in shortcuts.casts]))
     removal = (f"a removal of at most {margin} tokens with their 8 neighbours where, in discovery, that lowered the "
                f"unit's class probability by at least {MARGIN_MIN_GAIN} more than its tokens alone"
                if margin else "its tokens alone")
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
-             f"<p>{len(df)} images scored with {len(shortcuts.units)} shortcut unit(s) ({unit_names}). "
+             f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
+             f"({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
-             f"removed ({removal}): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); at least one shortcut "
+             f"removed ({removal}; a colour cast: the image's colour excess along the class's cast taken back to "
+             f"the classes' mean colour, a SIFT-free test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
+             "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
              "knowledge). Without labels no accuracy can be given here; the flag's AUROC needs a labelled "

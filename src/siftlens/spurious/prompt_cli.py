@@ -78,6 +78,23 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                               checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress)
 
 
+def _cast_steering(gate, method: str, c: int) -> dict[int, np.ndarray]:
+    """Per steered image, the colour shift a gated method applies where the gate removed a colour cast (cast.py):
+    ``mask_tokens`` removes the cast; its control ``random_mask`` shifts the colour as far in a random direction
+    (seeded per chunk ``c``); ``edge_mask`` has no colour twin and leaves those images as they are."""
+    shifts = getattr(gate, "last_shift", {})
+    if method == "mask_tokens" or not shifts:
+        return dict(shifts) if method == "mask_tokens" else {}
+    if method != "random_mask":
+        return {}
+    rng = np.random.default_rng([c, 37])
+    out = {}
+    for b, s in sorted(shifts.items()):
+        v = rng.standard_normal(3)
+        out[b] = v / np.linalg.norm(v) * np.linalg.norm(s)
+    return out
+
+
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
@@ -131,6 +148,11 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
             if rows.any():  # only images with a shortcut present go through the steered model
                 holder.mask = m[rows]
                 p1[rows] = steered(x[rows]).float().softmax(-1)
+            shifted = _cast_steering(gate, method, c)
+            if shifted:  # a colour cast removed (or, random_mask: a random shift as long): the image re-predicted
+                idx = sorted(shifted)
+                p1[idx] = lm.forward(gate.apply_shifts(x, shifted)[idx]).float().softmax(-1)
+                rows[idx] = True
             n_masked = m.sum(1)
         else:
             p1 = steered(x).float().softmax(-1)

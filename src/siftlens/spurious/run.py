@@ -172,9 +172,13 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         atomic_write_text(out / "occlusion_control.csv", res.causal.control.to_csv(index=False))
     if res.shortcuts is not None:
         res.shortcuts.save(out / "shortcuts.json")  # what `flag` and gated `prompt --motifs` apply
+    if res.casts is not None:
+        atomic_write_text(out / "casts.csv", res.casts.to_csv(index=False))
     parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>"]
     if res.causal is not None:
         parts += causal_sections_html(res, lm)
+    if res.casts is not None:
+        parts.append(casts_section_html(res.casts, res.causal.config))
     parts.append("<h2>Attention view: keypoint motifs under the decisive attention</h2>"
                  f"<p class=note>CLS attention of layers {res.layers} (mean over them and heads). Per class, motifs "
                  "ranked by attention lift × class specificity × (0.5 + 0.5·position stability). "
@@ -202,10 +206,32 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
     atomic_write_json(out / "manifest.json", {
         "model": lm.name, "classes": res.class_names, "n_images": len(res.per_image), "skipped": skipped,
         "layers": res.layers, "shortcut_words": res.shortcut_words,
-        "shortcuts": [u["class_name"] + " " + u["unit"] for u in res.shortcuts.units] if res.shortcuts else [],
+        "shortcuts": ([u["class_name"] + " " + u["unit"] for u in res.shortcuts.units]
+                      + [c["class_name"] + " colour cast" for c in res.shortcuts.casts]) if res.shortcuts else [],
         "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {},
         "label_map": res.label_map.to_json() if res.label_map is not None else None,
         "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
+
+
+def casts_section_html(casts: pd.DataFrame, cfg) -> str:
+    """The colour-cast units (cast.py): per class its cast, the removal's effect beside random colour shifts of the
+    same length, and the cast's sufficiency; which are claimed."""
+    cols = ["class", "cast_norm", "cast_effect", "cast_effect_random", "cast_specific_lo", "cast_specific_hi",
+            "cast_rise", "cast_rise_random", "cast_sufficiency", "cast_sufficiency_lo", "cast_flip", "cast_claimed"]
+    claimed = casts.loc[casts["cast_claimed"], "class"].tolist()
+    return ("<h2>Colour casts: a class's overall colour as a global shortcut</h2>"
+            "<p class=note>A cast unit is no place in the image: class k's cast is the mean colour of its images minus "
+            "the classes' mean colour (normalised input space; cast_norm its length). cast_effect: mean drop of p_k "
+            "over the class's sample images when their colour excess along the cast is removed; cast_effect_random: "
+            "the same for random colour shifts as long; cast_specific_lo–hi: the CI of the difference (Bonferroni "
+            "over classes). cast_rise: p_k's rise when the cast is added to other classes' images, "
+            "cast_rise_random for random shifts as long, cast_sufficiency the difference (lower bound "
+            "cast_sufficiency_lo), cast_flip: the share of those images then predicted as k. Claimed where the "
+            f"effect is &ge; {cfg.shortcut_min_effect:g}, beyond the random shifts, and cast_sufficiency_lo &ge; "
+            f"{cfg.shortcut_sufficiency:g}; flag and gated prompt then test its removal in images predicted as the "
+            "class. A colour measurement: SIFT-free.</p>"
+            + table_html(casts[[c for c in cols if c in casts]])
+            + f"<p><b>Colour casts claimed: {html.escape(', '.join(claimed)) if claimed else 'none'}.</b></p>")
 
 
 def _same_place(box: tuple[float, float, float, float], token_box: tuple[float, float, float, float],

@@ -1,0 +1,147 @@
+"""Colour-cast units (spurious/cast.py): a class's overall colour as a global shortcut, found, flagged and removed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from planted.evaluate import auroc
+
+from siftlens.spurious.cast import class_casts, removal_shift, shift_colour
+from siftlens.spurious.causal import ShortcutFileError, ShortcutSet
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
+from siftlens.spurious.flag import flag_images
+from siftlens.spurious.prompt_cli import _cast_steering
+from siftlens.spurious.source import TensorSource
+from tests.cue_model import CLASSES, TINT, base_images, inputs, plant, train_cue_model
+
+STRENGTH = 1.5  # the planted tint: 1.5 x cue_model.TINT (60 grey levels on the class's channel)
+
+
+def _tinted(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
+    """Class ``cue[i]``'s tint added to image i (cue -1: none)."""
+    shift = STRENGTH * TINT[np.maximum(cue, 0)] * (cue >= 0)[:, None]
+    return np.clip(images.astype(np.float32) + shift[:, :, None, None], 0, 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tint():
+    """The object: each class's pattern at its cell, in every image; the shortcut: the class's tint in 95% of the
+    training images. Test: aligned (own tint), conflict (another class's), absent (none)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    cue = np.where(rng.random(len(y)) < 0.95, y, -1)
+    train = _tinted(plant(base_images(y, 0, tint=0), y), cue)
+    yt = np.repeat(np.arange(3), 30)
+    objects = plant(base_images(yt, 1000, tint=0), yt)
+    other = (yt + rng.integers(1, 3, len(yt))) % 3
+    lm = train_cue_model({"train": train, "y": y})
+    res = discover_shortcuts(lm, inputs(lm, train), y, CLASSES, DiscoveryConfig(n_words=16))
+    groups = {"aligned": _tinted(objects, yt), "conflict": _tinted(objects, other), "absent": objects}
+    yield lm, res, {g: inputs(lm, x) for g, x in groups.items()}, yt
+    torch.set_num_threads(n)
+
+
+def test_removal_shift_takes_the_colour_excess_along_the_cast_and_nothing_across_it():
+    origin, cast = np.array([0.1, -0.2, 0.3]), np.array([0.0, 2.0, 0.0])
+    across = np.array([0.7, 0.0, -0.4])  # orthogonal to the cast: not removed
+    np.testing.assert_allclose(removal_shift(origin + 0.25 * cast + across, cast, origin), [0, -0.5, 0])
+    np.testing.assert_allclose(removal_shift(origin - cast, cast, origin), [0, 0, 0])  # no excess: nothing
+    np.testing.assert_allclose(removal_shift(origin + cast, np.zeros(3), origin), [0, 0, 0])
+
+
+def test_class_casts_weigh_classes_equally_not_images():
+    colours = np.array([[1.0, 0, 0]] * 6 + [[0, 1.0, 0]] * 2)  # 6 images of class 0, 2 of class 1
+    casts, origin = class_casts(colours, np.array([0] * 6 + [1] * 2), 2)
+    np.testing.assert_allclose(origin, [0.5, 0.5, 0])  # not the image mean [0.75, 0.25, 0]
+    np.testing.assert_allclose(casts, [[0.5, -0.5, 0], [-0.5, 0.5, 0]])
+
+
+def test_shift_colour_moves_every_pixel_and_stays_in_the_pixel_range():
+    x = torch.tensor([[[[0.0, 1.0]], [[-2.0, 2.0]], [[0.5, 0.5]]]])  # [1, 3, 1, 2]
+    lo, hi = torch.full((3, 1, 1), -1.0), torch.full((3, 1, 1), 1.5)
+    out = shift_colour(x, torch.tensor([[0.25, -0.5, 2.0]]), lo, hi)
+    assert out.tolist() == [[[[0.25, 1.25]], [[-1.0, 1.5]], [[1.5, 1.5]]]]
+
+
+def test_a_planted_tint_is_claimed_for_every_class(tint):
+    _, res, _, _ = tint
+    c = res.casts
+    assert c["cast_claimed"].all(), c
+    # measured: sufficiency lower bounds 0.36-0.54, every recipient taken (flip 1.0)
+    assert (c["cast_sufficiency_lo"] > 0.2).all() and (c["cast_flip"] > 0.8).all()
+    assert [d["cls"] for d in res.shortcuts.casts] == [0, 1, 2]
+    # the cast points to the class's tint channel
+    assert [int(np.argmax(d["cast"])) for d in res.shortcuts.casts] == [0, 1, 2]
+
+
+def test_flag_and_gated_steering_remove_the_tint_where_the_prediction_rests_on_it(tint):
+    lm, res, x, yt = tint
+    with torch.no_grad():
+        before = {g: lm.forward(v).argmax(1).numpy() for g, v in x.items()}
+    assert (before["conflict"] == yt).mean() < 0.1  # the model follows the tint
+    flags = {g: flag_images(lm, res.shortcuts, TensorSource(v))[0] for g, v in x.items()}
+    assert (flags["conflict"]["shortcut_unit"] == "colour cast").mean() > 0.8
+    s = np.r_[flags["conflict"]["flag_score"], flags["aligned"]["flag_score"]]
+    assert auroc(s, np.r_[np.ones(len(yt)), np.zeros(len(yt))]) > 0.65  # measured 0.73
+    gate = res.shortcuts.masker(lm, "counterfactual")
+    after = {}
+    for g, v in x.items():
+        m = gate(v)
+        shifted = sorted(gate.last_shift)
+        assert not m[shifted].any()  # a removed tint is a colour shift, not a token mask
+        with torch.no_grad():
+            after[g] = lm.forward(gate.apply_shifts(v)).argmax(1).numpy()
+        untouched = np.setdiff1d(np.arange(len(v)), shifted)
+        assert (after[g][untouched] == before[g][untouched]).all()
+    assert (after["conflict"] == yt).mean() > (before["conflict"] == yt).mean() + 0.3  # measured 0.02 -> 0.59
+
+
+def test_a_random_weights_model_claims_no_cast(tint):
+    import timm
+
+    from siftlens.models import LoadedModel
+    from tests.cue_model import PATCH, SIZE
+
+    lm, res, x, _ = tint
+    torch.manual_seed(1)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                               embed_dim=32, num_heads=2, num_classes=3).eval()
+    rand = LoadedModel(module, "timm", "random", lm.preprocess, list(CLASSES))
+    images = torch.cat([x["aligned"], x["conflict"]])
+    labels = np.r_[np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 30)]
+    out = discover_shortcuts(rand, images, labels, CLASSES, DiscoveryConfig(n_words=16))
+    assert not out.casts["cast_claimed"].any(), out.casts
+    assert out.shortcuts.casts == []
+
+
+def test_shortcuts_json_keeps_the_casts_and_refuses_malformed_ones(tint, tmp_path):
+    _, res, _, _ = tint
+    res.shortcuts.save(tmp_path / "shortcuts.json")
+    back = ShortcutSet.load(tmp_path)
+    assert back.casts == res.shortcuts.casts
+    d = json.loads((tmp_path / "shortcuts.json").read_text())
+    d["casts"][0]["cast"] = [1.0, 2.0]
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    with pytest.raises(ShortcutFileError, match=r"casts\[0\]"):
+        ShortcutSet.load(tmp_path)
+    del d["casts"]  # a file from before casts: none
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).casts == []
+
+
+def test_prompt_controls_get_a_random_shift_as_long_or_none():
+    class Gate:
+        last_shift = {0: np.array([0.0, -0.6, 0.8]), 3: np.array([0.3, 0.0, 0.0])}
+
+    assert _cast_steering(Gate(), "mask_tokens", 0).keys() == {0, 3}
+    rand = _cast_steering(Gate(), "random_mask", 0)
+    assert rand.keys() == {0, 3}
+    for b, s in rand.items():
+        assert np.isclose(np.linalg.norm(s), np.linalg.norm(Gate.last_shift[b]))
+        assert not np.allclose(s, Gate.last_shift[b])
+    assert _cast_steering(Gate(), "edge_mask", 0) == {}
