@@ -9,7 +9,7 @@ import pytest
 import torch
 from planted.evaluate import auroc
 
-from siftlens.spurious.cast import class_casts, removal_shift, shift_colour
+from siftlens.spurious.cast import class_casts, edit_colour, grey_world
 from siftlens.spurious.causal import ShortcutFileError, ShortcutSet
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
@@ -46,26 +46,27 @@ def tint():
     torch.set_num_threads(n)
 
 
-def test_removal_shift_takes_the_colour_excess_along_the_cast_and_nothing_across_it():
-    origin, cast = np.array([0.1, -0.2, 0.3]), np.array([0.0, 2.0, 0.0])
-    across = np.array([0.7, 0.0, -0.4])  # orthogonal to the cast: not removed
-    np.testing.assert_allclose(removal_shift(origin + 0.25 * cast + across, cast, origin), [0, -0.5, 0])
-    np.testing.assert_allclose(removal_shift(origin - cast, cast, origin), [0, 0, 0])  # no excess: nothing
-    np.testing.assert_allclose(removal_shift(origin + cast, np.zeros(3), origin), [0, 0, 0])
+def test_grey_world_scales_each_channel_to_the_images_mean_grey():
+    from siftlens.preprocess import Preprocess
+
+    class LM:  # grey_world reads only the preprocessing's mean / std
+        preprocess = Preprocess((2, 2), (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), None, "bicubic")
+
+    rgb = torch.tensor([[[0.2, 0.4], [0.6, 0.8]], [[0.1, 0.1], [0.1, 0.1]], [[0.3, 0.0], [0.0, 0.3]]])[None]
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    out = grey_world((rgb - mean) / std, LM()) * std + mean
+    grey = (0.5 + 0.1 + 0.15) / 3  # the channel means' mean
+    np.testing.assert_allclose(out.mean((2, 3))[0].numpy(), [grey] * 3, atol=1e-6)
+    np.testing.assert_allclose(out[0, 0].numpy(), rgb[0, 0].numpy() * grey / 0.5, atol=1e-6)  # a gain, no offset
+    shifted = edit_colour((rgb - mean) / std, LM(), torch.tensor([[10.0, 0.0, -10.0]]), torch.tensor([False]))
+    np.testing.assert_allclose((shifted * std + mean)[0].amax((1, 2)).numpy(), [1.0, 0.1, 0.0], atol=1e-6)
+    np.testing.assert_allclose((shifted * std + mean)[0, 2].numpy(), 0.0, atol=1e-6)  # clipped to the pixel range
 
 
 def test_class_casts_weigh_classes_equally_not_images():
     colours = np.array([[1.0, 0, 0]] * 6 + [[0, 1.0, 0]] * 2)  # 6 images of class 0, 2 of class 1
-    casts, origin = class_casts(colours, np.array([0] * 6 + [1] * 2), 2)
-    np.testing.assert_allclose(origin, [0.5, 0.5, 0])  # not the image mean [0.75, 0.25, 0]
-    np.testing.assert_allclose(casts, [[0.5, -0.5, 0], [-0.5, 0.5, 0]])
-
-
-def test_shift_colour_moves_every_pixel_and_stays_in_the_pixel_range():
-    x = torch.tensor([[[[0.0, 1.0]], [[-2.0, 2.0]], [[0.5, 0.5]]]])  # [1, 3, 1, 2]
-    lo, hi = torch.full((3, 1, 1), -1.0), torch.full((3, 1, 1), 1.5)
-    out = shift_colour(x, torch.tensor([[0.25, -0.5, 2.0]]), lo, hi)
-    assert out.tolist() == [[[[0.25, 1.25]], [[-1.0, 1.5]], [[1.5, 1.5]]]]
+    casts = class_casts(colours, np.array([0] * 6 + [1] * 2), 2)
+    np.testing.assert_allclose(casts, [[0.5, -0.5, 0], [-0.5, 0.5, 0]])  # about [0.5, 0.5, 0], not [0.75, 0.25, 0]
 
 
 def test_a_planted_tint_is_claimed_for_every_class(tint):
@@ -92,10 +93,10 @@ def test_flag_and_gated_steering_remove_the_tint_where_the_prediction_rests_on_i
     after = {}
     for g, v in x.items():
         m = gate(v)
-        shifted = sorted(gate.last_shift)
-        assert not m[shifted].any()  # a removed tint is a colour shift, not a token mask
+        shifted = sorted(gate.last_cast)
+        assert not m[shifted].any()  # a removed tint is a colour edit, not a token mask
         with torch.no_grad():
-            after[g] = lm.forward(gate.apply_shifts(v)).argmax(1).numpy()
+            after[g] = lm.forward(gate.apply_casts(v)).argmax(1).numpy()
         untouched = np.setdiff1d(np.arange(len(v)), shifted)
         assert (after[g][untouched] == before[g][untouched]).all()
     assert (after["conflict"] == yt).mean() > (before["conflict"] == yt).mean() + 0.3  # measured 0.02 -> 0.59
@@ -134,14 +135,24 @@ def test_shortcuts_json_keeps_the_casts_and_refuses_malformed_ones(tint, tmp_pat
     assert ShortcutSet.load(tmp_path).casts == []
 
 
-def test_prompt_controls_get_a_random_shift_as_long_or_none():
-    class Gate:
-        last_shift = {0: np.array([0.0, -0.6, 0.8]), 3: np.array([0.3, 0.0, 0.0])}
+def test_prompt_controls_get_a_random_colour_shift_as_far_or_nothing(tint):
+    lm, _, x, _ = tint
+    v = x["conflict"][:6]
 
-    assert _cast_steering(Gate(), "mask_tokens", 0).keys() == {0, 3}
-    rand = _cast_steering(Gate(), "random_mask", 0)
-    assert rand.keys() == {0, 3}
-    for b, s in rand.items():
-        assert np.isclose(np.linalg.norm(s), np.linalg.norm(Gate.last_shift[b]))
-        assert not np.allclose(s, Gate.last_shift[b])
-    assert _cast_steering(Gate(), "edge_mask", 0) == {}
+    class Gate:
+        last_cast = {0, 3}
+
+        def apply_casts(self, z):
+            out = z.clone()
+            out[[0, 3]] = grey_world(z[[0, 3]], lm)
+            return out
+
+    removed = _cast_steering(Gate(), lm, v, "mask_tokens", 0)
+    rand = _cast_steering(Gate(), lm, v, "random_mask", 0)
+    assert torch.equal(removed[[1, 2, 4, 5]], v[[1, 2, 4, 5]]) and torch.equal(rand[[1, 2, 4, 5]], v[[1, 2, 4, 5]])
+    moved = lambda z: (z - v).mean((2, 3)).norm(dim=1)[[0, 3]]  # noqa: E731
+    assert (moved(removed) > 0.05).all()
+    # as far as grey world moved them (less where the random shift runs past the pixel range and is clipped)
+    assert (moved(rand) <= moved(removed) + 1e-4).all() and (moved(rand) > 0.3 * moved(removed)).all()
+    assert not torch.allclose(rand, removed)
+    assert _cast_steering(Gate(), lm, v, "edge_mask", 0) is None

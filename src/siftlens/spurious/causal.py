@@ -1020,9 +1020,8 @@ def _malformed_fields(d: dict) -> str:
     if not isinstance(casts, list) or not all(isinstance(c, dict) for c in casts):
         return "casts that are not a list of objects"
     for j, c in enumerate(casts):
-        if not ints([c.get("cls")], 0, n_classes) or not numbers(c.get("cast"), 3) or not numbers(c.get("origin"), 3):
-            return (f"casts[{j}] cls {c.get('cls')!r} / cast {c.get('cast')!r} / origin {c.get('origin')!r}: not a "
-                    "class index and two colours of 3 numbers")
+        if not ints([c.get("cls")], 0, n_classes) or not numbers(c.get("cast"), 3):
+            return f"casts[{j}] cls {c.get('cls')!r} / cast {c.get('cast')!r}: not a class index and 3 numbers"
     return ""
 
 
@@ -1041,8 +1040,8 @@ class ShortcutSet:
     output_index: list[int] | None = None
     dense_words: int = 0  # the last this many centroids are dense words (per-token descriptors; 0: none)
     dense_gradient_weight: float = 1.0  # their descriptors' SIFT part (0: colour alone; files before it: 1)
-    # claimed colour casts (cast.py): cls, class_name, cast [3] (the class's colour beyond the classes' mean colour
-    # ``origin`` [3], in the normalised input space), cast_effect, cast_sufficiency; files before them: none
+    # claimed colour casts (cast.py): cls, class_name, cast [3] (the class's colour beyond the classes' mean colour,
+    # in the normalised input space), cast_effect, cast_sufficiency; files before them: none
     casts: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -1263,22 +1262,12 @@ class ShortcutSet:
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
 
-    def cast_tests(self, x: torch.Tensor, pred: Sequence[int]) -> list[tuple[int, int, np.ndarray]]:
-        """(batch position b, cast index c, the shift [3] that removes it from image b, ``cast.removal_shift``) for
-        each image b of ``x`` [B, 3, H, W] whose predicted model output ``pred[b]`` is a class with a claimed colour
-        cast: the cast removal flag and the counterfactual gate test."""
-        from .cast import removal_shift
-
+    def cast_tests(self, pred: Sequence[int]) -> list[tuple[int, int]]:
+        """(batch position b, cast index c) for each image b whose predicted model output ``pred[b]`` is a class with
+        a claimed colour cast: where flag and the counterfactual gate test the cast's removal (``cast.grey_world``)."""
         outputs = self.class_outputs()
         by_output = {outputs[int(c["cls"])]: i for i, c in enumerate(self.casts)}
-        colours = x.float().mean((2, 3)).cpu().numpy().astype(np.float64)
-        out = []
-        for b, o in enumerate(pred):
-            if int(o) in by_output:
-                c = self.casts[by_output[int(o)]]
-                out.append((b, by_output[int(o)], removal_shift(colours[b], np.asarray(c["cast"]),
-                                                                np.asarray(c["origin"]))))
-        return out
+        return [(b, by_output[int(o)]) for b, o in enumerate(pred) if int(o) in by_output]
 
     def removal(self, j: int, mask: np.ndarray, grid: tuple[int, int], margin_below: int) -> np.ndarray:
         """What removing unit j masks where it sits at ``mask`` [n]: ``with_margin`` where its discovery measured a
@@ -1353,22 +1342,22 @@ class CounterfactualMasker:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.grow = grow
         self.last_present: list = []
-        # batch position -> colour shift [3] for images steered by removing a colour cast (cast.py): an input
-        # transform, not a token mask; the caller re-predicts them on the shifted image (``apply_shifts``)
-        self.last_shift: dict[int, np.ndarray] = {}
+        # batch positions of the images steered by removing a colour cast (cast.py): an input transform (grey
+        # world), not a token mask; the caller re-predicts them on the edited image (``apply_casts``)
+        self.last_cast: set[int] = set()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
-        self.last_present, self.last_shift = [[] for _ in range(len(x))], {}
+        self.last_present, self.last_cast = [[] for _ in range(len(x))], set()
         alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always"))
                  for j, m in found or []]
         if not alone and not self.shortcuts.casts:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
-        pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(x, p0.argmax(1)))
+        pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(p0.argmax(1)))
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []
             for b, j, m in alone:
@@ -1381,35 +1370,35 @@ class CounterfactualMasker:
         return out
 
     def _steered(self, b: int, out: torch.Tensor) -> bool:
-        return bool(out[b].any()) or b in self.last_shift
+        return bool(out[b].any()) or b in self.last_cast
 
-    def apply_shifts(self, x: torch.Tensor, shifts: dict[int, np.ndarray] | None = None) -> torch.Tensor:
-        """``x`` [B, 3, H, W] with colour shifts applied (default: the last call's colour-cast removals,
-        ``last_shift``; the other images as they are)."""
-        from .cast import pixel_range, shift_colour
+    def apply_casts(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, 3, H, W] with the last call's colour-cast removals applied (grey world on ``last_cast``; the other
+        images as they are)."""
+        from .cast import grey_world
 
-        shifts = self.last_shift if shifts is None else shifts
-        if not shifts:
+        if not self.last_cast:
             return x
-        shift = torch.zeros(len(x), 3)
-        for b, s in shifts.items():
-            shift[b] = torch.as_tensor(s, dtype=torch.float32)
-        return shift_colour(x, shift, *pixel_range(self.lm))
+        rows = sorted(self.last_cast)
+        out = x.clone()
+        out[rows] = grey_world(x[rows], self.lm)
+        return out
 
     def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor,
-              casts: Sequence[tuple[int, int, np.ndarray]] = ()) -> np.ndarray:
+              casts: Sequence[tuple[int, int]] = ()) -> np.ndarray:
         """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop
-        (``casts``: colour-cast removals (b, cast, shift) tested beside them, ``ShortcutSet.cast_tests``); return the
+        (``casts``: colour-cast removals (b, cast) tested beside them, ``ShortcutSet.cast_tests``); return the
         tested removals' probabilities [len(tested), K]."""
-        from .cast import shifted_probs
+        from .cast import colour_edit_probs
         from .source import TensorSource
 
         if not tested and not casts:
             return np.zeros((0, p0.shape[1]))
         pm = (masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
               if tested else np.zeros((0, p0.shape[1])))
-        pc = shifted_probs(self.lm, TensorSource(x), [(b, s) for b, _, s in casts], 64) if casts else pm[:0]
-        images = [b for b, _, _ in tested] + [b for b, _, _ in casts]
+        pc = (colour_edit_probs(self.lm, TensorSource(x), [(b, np.zeros(3), True) for b, _ in casts], 64)
+              if casts else pm[:0])
+        images = [b for b, _, _ in tested] + [b for b, _ in casts]
         for b, (drop, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True).items():
             if drop < self.min_drop:
                 continue
@@ -1418,9 +1407,9 @@ class CounterfactualMasker:
                 self.last_present[b] = [(j, m)]
                 out[b] = torch.from_numpy(m)
             else:
-                _, c, shift = casts[t - len(tested)]
+                _, c = casts[t - len(tested)]
                 self.last_present[b] = [(("cast", c), None)]
-                self.last_shift[b] = shift
+                self.last_cast.add(b)
         return pm
 
     def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],

@@ -564,15 +564,14 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
             if g is not None:
                 u["margin_gain"] = g
         if causal_cfg.casts:  # a global colour shortcut has no place: its own unit (cast.py)
-            colours = image_colours(source, len(cls_of_image), cfg.batch_size, parts)
-            casts, origin = class_casts(colours, cls_of_image, len(class_names))
+            colours, grey_change = image_colours(lm, source, len(cls_of_image), cfg.batch_size, parts)
+            casts = class_casts(colours, cls_of_image, len(class_names))
             sample = sample_images(cls_of_image, len(class_names), causal_cfg.causal_images, causal_cfg.seed)
-            res.casts = cast_check(lm, source, casts, origin, colours, sample, cls_of_image[sample], class_probs,
+            res.casts = cast_check(lm, source, casts, grey_change, sample, cls_of_image[sample], class_probs,
                                    causal_cfg, parts, columns)
             res.casts.insert(1, "class", class_names)
             res.shortcuts.casts = [{"cls": int(r.cls), "class_name": class_names[int(r.cls)],
                                     "cast": [float(r.cast_r), float(r.cast_g), float(r.cast_b)],
-                                    "origin": [float(v) for v in origin],
                                     "cast_effect": float(r.cast_effect), "cast_sufficiency": float(r.cast_sufficiency)}
                                    for r in res.casts[res.casts["cast_claimed"]].itertuples()]
     return res

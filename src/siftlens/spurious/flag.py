@@ -33,7 +33,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .cast import shifted_probs
+from .cast import colour_edit_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -146,13 +146,13 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
         # a claimed colour cast of the predicted class: its removal is one more test (cast.py), keypoints or not
-        casts = shortcuts.cast_tests(x, pred0)
-        if casts:
-            pc = shifted_probs(lm, TensorSource(x), [(b, s) for b, _, s in casts], batch_size)
+        casts = shortcuts.cast_tests(pred0)
+        if casts:  # the cast removed by grey world (cast.py)
+            pc = colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), True) for b, _ in casts], batch_size)
             pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
-        at += [(b, ("cast", c)) for b, c, _ in casts]
+        at += [(b, ("cast", c)) for b, c in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
-        cast_at = {b for b, _, _ in casts}
+        cast_at = {b for b, _ in casts}
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
             kp_win[b] = keypoint_windows(windows, kp.xy, layout.grid, layout.patch_size)
@@ -268,8 +268,8 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
              f"({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
-             f"removed ({removal}; a colour cast: the image's colour excess along the class's cast taken back to "
-             f"the classes' mean colour, a SIFT-free test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
+             f"removed ({removal}; a colour cast: by grey world, each channel scaled to the image's mean grey, a "
+             f"SIFT-free test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
              "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "

@@ -78,21 +78,25 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                               checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress)
 
 
-def _cast_steering(gate, method: str, c: int) -> dict[int, np.ndarray]:
-    """Per steered image, the colour shift a gated method applies where the gate removed a colour cast (cast.py):
-    ``mask_tokens`` removes the cast; its control ``random_mask`` shifts the colour as far in a random direction
-    (seeded per chunk ``c``); ``edge_mask`` has no colour twin and leaves those images as they are."""
-    shifts = getattr(gate, "last_shift", {})
-    if method == "mask_tokens" or not shifts:
-        return dict(shifts) if method == "mask_tokens" else {}
-    if method != "random_mask":
-        return {}
+def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tensor | None:
+    """``x`` with the colour edits a gated method makes where the gate removed a colour cast (cast.py; None where it
+    removed none): ``mask_tokens`` removes the cast (grey world); its control ``random_mask`` shifts those images'
+    colour as far, in a random direction (seeded per chunk ``c``); ``edge_mask`` has no colour twin and leaves them
+    as they are (None)."""
+    from .cast import edit_colour, grey_world_change, random_shift
+
+    rows = sorted(getattr(gate, "last_cast", ()))
+    if not rows or method not in ("mask_tokens", "random_mask"):
+        return None
+    if method == "mask_tokens":
+        return gate.apply_casts(x)
     rng = np.random.default_rng([c, 37])
-    out = {}
-    for b, s in sorted(shifts.items()):
-        v = rng.standard_normal(3)
-        out[b] = v / np.linalg.norm(v) * np.linalg.norm(s)
-    return out
+    length = grey_world_change(x[rows], lm)
+    shift = torch.zeros(len(x), 3)
+    shift[rows] = torch.as_tensor(np.stack([random_shift(n, rng) for n in length]), dtype=torch.float32)
+    edited = x.clone()
+    edited[rows] = edit_colour(x[rows], lm, shift[rows], torch.zeros(len(rows), dtype=torch.bool))
+    return edited
 
 
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
@@ -148,10 +152,10 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
             if rows.any():  # only images with a shortcut present go through the steered model
                 holder.mask = m[rows]
                 p1[rows] = steered(x[rows]).float().softmax(-1)
-            shifted = _cast_steering(gate, method, c)
-            if shifted:  # a colour cast removed (or, random_mask: a random shift as long): the image re-predicted
-                idx = sorted(shifted)
-                p1[idx] = lm.forward(gate.apply_shifts(x, shifted)[idx]).float().softmax(-1)
+            edited = _cast_steering(gate, lm, x, method, c)
+            if edited is not None:  # a colour cast removed (random_mask: a random shift as far): re-predicted
+                idx = sorted(gate.last_cast)
+                p1[idx] = lm.forward(edited[idx]).float().softmax(-1)
                 rows[idx] = True
             n_masked = m.sum(1)
         else:
