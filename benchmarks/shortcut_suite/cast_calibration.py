@@ -27,18 +27,17 @@ from siftlens.spurious.source import PathSource
 
 def cast_table(lm, images: Path, labels: np.ndarray, cfg: CausalConfig) -> pd.DataFrame:
     """The cast check of one model on ``images`` with ``labels`` (one per file, class index)."""
-    source = PathSource(lm, find_images(images), images)
-    x = source  # every image is read on demand; the class probabilities come from one pass
+    source = PathSource(lm, find_images(images), images)  # images read on demand
     probs = []
     with torch.no_grad():
-        for _, batch in x.batches(cfg.batch_size):
+        for _, batch in source.batches(cfg.batch_size):
             probs.append(lm.forward(batch).float().softmax(-1).numpy())
     probs = np.concatenate(probs).astype(np.float64)
     K = int(labels.max()) + 1
-    colours = image_colours(source, len(labels), cfg.batch_size)
-    casts, origin = class_casts(colours, labels, K)
+    colours, grey_change = image_colours(lm, source, len(labels), cfg.batch_size)
+    casts = class_casts(colours, labels, K)
     sample = sample_images(labels, K, cfg.causal_images, cfg.seed)
-    return cast_check(lm, source, casts, origin, colours, sample, labels[sample], probs[:, :K], cfg)
+    return cast_check(lm, source, casts, grey_change, sample, labels[sample], probs[:, :K], cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
