@@ -73,7 +73,7 @@ def test_a_planted_tint_is_claimed_for_every_class(tint):
     _, res, _, _ = tint
     c = res.casts
     assert c["cast_claimed"].all(), c
-    # measured: sufficiency lower bounds 0.36-0.54, every recipient taken (flip 1.0)
+    # measured: flips 0.94-1.0 (grey world and the class's cast take nearly every other image to the class)
     assert (c["cast_sufficiency_lo"] > 0.2).all() and (c["cast_flip"] > 0.8).all()
     assert [d["cls"] for d in res.shortcuts.casts] == [0, 1, 2]
     # the cast points to the class's tint channel
@@ -99,7 +99,7 @@ def test_flag_and_gated_steering_remove_the_tint_where_the_prediction_rests_on_i
             after[g] = lm.forward(gate.apply_casts(v)).argmax(1).numpy()
         untouched = np.setdiff1d(np.arange(len(v)), shifted)
         assert (after[g][untouched] == before[g][untouched]).all()
-    assert (after["conflict"] == yt).mean() > (before["conflict"] == yt).mean() + 0.3  # measured 0.02 -> 0.59
+    assert (after["conflict"] == yt).mean() > (before["conflict"] == yt).mean() + 0.3  # measured 0.02 -> 0.56
 
 
 def test_a_random_weights_model_claims_no_cast(tint):

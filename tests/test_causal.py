@@ -945,3 +945,13 @@ def test_margin_gain_is_the_class_drop_of_the_grown_removal_minus_the_units_own(
         assert np.array_equal(sc.removal(0, one, GRID, 4), one)
         del sc.units[0]["margin_gain"]
         assert np.array_equal(sc.removal(0, one, GRID, 4), grown)
+
+
+def test_a_class_colour_the_model_uses_beside_its_cue_is_not_claimed_as_a_cast(cue):
+    # the toy's weak class tint is its task; the patch is the shortcut. Swapped into other classes' images the
+    # tint raises p_k (measured: bee's sufficiency lower bound 0.12) but takes few of them (flips 0.06-0.41):
+    # MIN_FLIP keeps it unclaimed (cast.py)
+    _, _, res = cue
+    c = res.casts
+    assert (c["cast_flip"] < 0.5).all() and not c["cast_claimed"].any(), c
+    assert res.shortcuts.casts == []

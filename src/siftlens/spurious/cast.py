@@ -31,7 +31,7 @@ A cast is claimed where ``cast_sufficiency_lo >= shortcut_sufficiency`` and ``ca
 alone moves other classes' images to class k, beyond any colour shift as large, and outweighs their objects in most
 of them. A class's natural colour that the model uses as evidence beside its object moves p_k without taking most
 predictions (the toy of tests/test_causal.py, where the class colour is the task and a patch the shortcut: flips
-0.22-0.44; the planted tint of tests/test_cast.py: 1.0). The removal's effect is reported, not required: a model
+0.06-0.41; the planted tint of tests/test_cast.py: 0.94-1.0). The removal's effect is reported, not required: a model
 that also learned the object keeps p_k on its own images without the colour, yet follows another class's cast into
 them. It is a colour measurement, SIFT-free: the report says so.
 """
