@@ -156,3 +156,19 @@ def test_prompt_controls_get_a_random_colour_shift_as_far_or_nothing(tint):
     assert (moved(rand) <= moved(removed) + 1e-4).all() and (moved(rand) > 0.3 * moved(removed)).all()
     assert not torch.allclose(rand, removed)
     assert _cast_steering(Gate(), lm, v, "edge_mask", 0) is None
+
+
+def test_a_claimed_cast_supersedes_its_classs_colour_only_units(tint):
+    from dataclasses import replace
+
+    _, res, _, _ = tint
+    s = res.shortcuts
+    last = len(s.centroids) - 1  # made a dense word below: a colour-only unit's word
+    unit = {"cls": 0, "class_name": CLASSES[0], "unit": f"words:{last}", "kind": "words", "word": last,
+            "tokens": [5], "box": [0.25, 0.25, 0.5, 0.5]}
+    other = {**unit, "cls": 2, "class_name": CLASSES[2]}
+    keypoint = {**unit, "word": 0, "unit": "word:0"}  # not colour-only: kept
+    t = replace(s, units=[unit, other, keypoint], dense_words=1, dense_gradient_weight=0.0,
+                casts=[c for c in s.casts if c["cls"] != 2])
+    assert t.superseded_by_casts() == {0}  # class 2 has no claimed cast here; unit 2 has a SIFT word
+    assert replace(t, dense_gradient_weight=1.0).superseded_by_casts() == set()  # dense words with SIFT: kept

@@ -1233,7 +1233,10 @@ class ShortcutSet:
             col = np.clip((xy[:, 0] // p).astype(int), 0, grid[1] - 1)
             row = np.clip((xy[:, 1] // p).astype(int), 0, grid[0] - 1)
             token = row * grid[1] + col
+            superseded = self.superseded_by_casts()
             for j, u in enumerate(self.units):
+                if j in superseded:
+                    continue
                 gate = u.get("gate_words") or [u["word"]]
                 hit = np.isin(words, gate)
                 # a dense word sits at every token, so one token holding it by chance is no sign of the cue:
@@ -1261,6 +1264,14 @@ class ShortcutSet:
                         found.append((j, m))
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
+
+    def superseded_by_casts(self) -> set[int]:
+        """Indices of the colour-only units (``colour_only``) of classes with a claimed colour cast: not applied, the
+        cast is. Such a unit is the cast seen token by token, and removing its tokens takes the object's colours too:
+        on two dev tints (session 20) flag and gate with both steered aligned images to 0.02-0.11 (the cue-removed
+        twin: 0.28-0.37), with the cast alone to 0.21-0.34 (RESULTS.md, dev round 17)."""
+        cast_classes = {int(c["cls"]) for c in self.casts}
+        return {j for j, u in enumerate(self.units) if int(u["cls"]) in cast_classes and self.colour_only(u)}
 
     def cast_tests(self, pred: Sequence[int]) -> list[tuple[int, int]]:
         """(batch position b, cast index c) for each image b whose predicted model output ``pred[b]`` is a class with
