@@ -10,7 +10,8 @@ object's own colours with it (held-out round 15's tint: the token flag ranked ri
 - removing a cast from an image = grey world (``grey_world``: each channel scaled so that its mean is the image's
   mean grey, in pixel space): the image's colour cast, whatever it is, taken out and its content kept. Label-free
   and the same for every class; the class's cast decides only *whether* the removal is tested (flag, gate: for
-  images predicted as a class with a claimed cast). Dev (session 20, two dev tints, a diagnostic of the cast alone):
+  images predicted as a class with a claimed cast). Dev (session 20, two dev tints, a post hoc diagnostic of the cast
+  alone, runs/diag/cast_removals.py, not kept):
   grey world steered conflicting images to 86-87% of the cue-removed twin's accuracy and flagged
   right-for-the-wrong-reason images at AUROC 0.62-0.70, where moving the image's colour back to the classes' mean
   along the cast reached 69% / 52% and 0.58-0.63 (the mean of the classes' colours is itself a blend of tints, not an
