@@ -52,23 +52,24 @@ from ..resume import Part, RunParts
 
 RANDOM_SHIFTS = 4  # random directions per sample image in the removal's control
 MIN_FLIP = 0.5  # a claimed cast takes the prediction of at least half of the other classes' images it is swapped into
-COLUMNS = ("cast_effect", "cast_effect_random", "cast_specific_lo", "cast_specific_hi", "cast_rise",
-           "cast_rise_random", "cast_sufficiency", "cast_sufficiency_lo", "cast_sufficiency_hi", "cast_flip",
-           "cast_n", "cast_recipients")
+
+
+def _mean_std(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's normalisation, each [3, 1, 1]."""
+    return (torch.tensor(lm.preprocess.mean, dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(lm.preprocess.std, dtype=torch.float32).view(3, 1, 1))
 
 
 def pixel_range(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised input's lowest and highest value per channel [3, 1, 1] (pixels 0 and 1)."""
-    mean = torch.tensor(lm.preprocess.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(lm.preprocess.std, dtype=torch.float32).view(3, 1, 1)
+    mean, std = _mean_std(lm)
     return (0 - mean) / std, (1 - mean) / std
 
 
 def grey_world(x: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
     """``x`` [B, 3, H, W] (normalised) with each image's colour cast removed: in pixel space each channel scaled so
     that its mean is the image's mean grey (clipped to [0, 1]), normalised again."""
-    mean = torch.tensor(lm.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1).to(x)
-    std = torch.tensor(lm.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1).to(x)
+    mean, std = (t.to(x) for t in _mean_std(lm))
     rgb = x * std + mean
     channel = rgb.mean((2, 3), keepdim=True)
     gain = channel.mean(1, keepdim=True) / channel.clamp_min(1e-3)

@@ -149,7 +149,7 @@ class CausalConfig:
     shortcut_sufficiency: float = 0.10
     top_shortcuts: int = 1
     # colour-cast units (cast.py): each class's mean colour beyond the classes' mean, claimed as a global shortcut
-    # where removing it takes the class's evidence more than a random colour shift and adding it is enough
+    # where, swapped into other classes' images, it takes most of them to the class beyond a random colour shift
     casts: bool = True
     batch_size: int = 64
     seed: int = 0
@@ -1211,6 +1211,7 @@ class ShortcutSet:
         grid, p, n = layout.grid, layout.patch_size, layout.num_patches
         out: list = []
         detected_words = len(self.centroids) - self.dense_words
+        superseded = self.superseded_by_casts()
         for b in range(len(x)):
             _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0,
                                                    dense_gradient_weight=self.dense_gradient_weight)
@@ -1233,7 +1234,6 @@ class ShortcutSet:
             col = np.clip((xy[:, 0] // p).astype(int), 0, grid[1] - 1)
             row = np.clip((xy[:, 1] // p).astype(int), 0, grid[0] - 1)
             token = row * grid[1] + col
-            superseded = self.superseded_by_casts()
             for j, u in enumerate(self.units):
                 if j in superseded:
                     continue

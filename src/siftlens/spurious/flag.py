@@ -145,9 +145,10 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
-        # a claimed colour cast of the predicted class: its removal is one more test (cast.py), keypoints or not
+        # a claimed colour cast of the predicted class: its removal (grey world, cast.py) is one more test,
+        # keypoints or not
         casts = shortcuts.cast_tests(pred0)
-        if casts:  # the cast removed by grey world (cast.py)
+        if casts:
             pc = colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), True) for b, _ in casts], batch_size)
             pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
         at += [(b, ("cast", c)) for b, c in casts]

@@ -197,8 +197,12 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
                       f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
+        # a claimed colour cast is removed by grey world where the counterfactual gate fires on it (cast.py)
+        named = [u["class_name"] + " " + u["unit"] for u in shortcuts.units]
+        if gate_kind == "counterfactual":
+            named += [c["class_name"] + " colour cast (grey world)" for c in shortcuts.casts]
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
-                           f"({', '.join(u['class_name'] + ' ' + u['unit'] for u in shortcuts.units) or 'none'})")
+                           f"({', '.join(named) or 'none'})")
     if labels_ignored:
         summary["note"] = labels_ignored
     if y is not None:
