@@ -137,6 +137,14 @@ def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndar
                           ).astype(np.float64)
 
 
+def cast_removal_probs(lm: LoadedModel, x: torch.Tensor, images: Sequence[int], batch_size: int = 64) -> np.ndarray:
+    """Class probabilities [len(images), K] of the batch ``x``'s ``images`` with their colour cast removed (grey
+    world): the test flag and the counterfactual gate make for a claimed cast."""
+    from .source import TensorSource
+
+    return colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), True) for b in images], batch_size)
+
+
 def random_shift(length: float, rng: np.random.Generator) -> np.ndarray:
     """A colour shift [3] in a direction drawn uniformly on the sphere, ``length`` long."""
     v = rng.standard_normal(3)

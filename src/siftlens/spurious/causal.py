@@ -1400,15 +1400,14 @@ class CounterfactualMasker:
         """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop
         (``casts``: colour-cast removals (b, cast) tested beside them, ``ShortcutSet.cast_tests``); return the
         tested removals' probabilities [len(tested), K]."""
-        from .cast import colour_edit_probs
+        from .cast import cast_removal_probs
         from .source import TensorSource
 
         if not tested and not casts:
             return np.zeros((0, p0.shape[1]))
         pm = (masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
               if tested else np.zeros((0, p0.shape[1])))
-        pc = (colour_edit_probs(self.lm, TensorSource(x), [(b, np.zeros(3), True) for b, _ in casts], 64)
-              if casts else pm[:0])
+        pc = cast_removal_probs(self.lm, x, [b for b, _ in casts]) if casts else pm[:0]
         images = [b for b, _, _ in tested] + [b for b, _ in casts]
         for b, (drop, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True).items():
             if drop < self.min_drop:

@@ -33,7 +33,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .cast import colour_edit_probs
+from .cast import cast_removal_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -149,7 +149,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         # keypoints or not
         casts = shortcuts.cast_tests(pred0)
         if casts:
-            pc = colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), True) for b, _ in casts], batch_size)
+            pc = cast_removal_probs(lm, x, [b for b, _ in casts], batch_size)
             pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
         at += [(b, ("cast", c)) for b, c in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
