@@ -164,6 +164,7 @@ def _defaults(fn) -> dict:
 
 
 def _spurious_parser(sub) -> None:
+    from .spurious.cast import CAST_REMOVALS
     from .spurious.causal import CausalConfig
     from .spurious.discover import DECISIVE, DiscoveryConfig
     from .spurious.run import run_spurious
@@ -208,6 +209,9 @@ def _spurious_parser(sub) -> None:
                    "this on average over the class's images (calibrated on random-weights models)")
     p.add_argument("--no-casts", action="store_true",
                    help="no colour-cast units (a class's overall colour tested as a global shortcut)")
+    p.add_argument("--cast-removal", choices=tuple(CAST_REMOVALS), default=c.cast_removal,
+                   help="how a colour cast is taken out of an image: levels (each channel's range stretched to the "
+                   "pixel range: undoes a tint's offset and lost contrast) or grey world (channel gains only)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
@@ -226,7 +230,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       region_images=args.region_images,
                                                       region_windows=args.region_windows,
                                                       shortcut_min_effect=args.min_effect,
-                                                      casts=not args.no_casts)
+                                                      casts=not args.no_casts,
+                                                      cast_removal=args.cast_removal)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,

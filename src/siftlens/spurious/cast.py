@@ -7,25 +7,30 @@ object's own colours with it (held-out round 15's tint: the token flag ranked ri
 - class k's cast ``cast_k`` [3] = the mean colour of class k's discovery images minus the mean of the classes' mean
   colours (per channel, in the model's normalised input space): what class k's images share in colour beyond what
   every class's images share. A tint blended into class k's images moves it towards that tint.
-- removing a cast from an image = grey world (``grey_world``: each channel scaled so that its mean is the image's
-  mean grey, in pixel space): the image's colour cast, whatever it is, taken out and its content kept. Label-free
-  and the same for every class; the class's cast decides only *whether* the removal is tested (flag, gate: for
-  images predicted as a class with a claimed cast). Dev (session 20, two dev tints, a post hoc diagnostic of the cast
-  alone, runs/diag/cast_removals.py, not kept):
-  grey world steered conflicting images to 86-87% of the cue-removed twin's accuracy and flagged
-  right-for-the-wrong-reason images at AUROC 0.62-0.70, where moving the image's colour back to the classes' mean
-  along the cast reached 69% / 52% and 0.58-0.63 (the mean of the classes' colours is itself a blend of tints, not an
-  untinted image's colour). A claimed cast supersedes its class's colour-only units
-  (``ShortcutSet.superseded_by_casts``).
-- pasting class k's cast into another class's image = grey world, then ``cast_k`` added: the colour a conflicting
-  image carries.
+- removing a cast from an image (``cast_removal``, ``CAST_REMOVALS``), label-free and the same for every class; the
+  class's cast decides only *whether* the removal is tested (flag, gate: for images predicted as a class with a
+  claimed cast):
+  ``levels`` (the default): in pixel space each channel's darkest value taken to 0 and its brightest to 1. It undoes
+  any per-channel affine colour change, gains and a blend with a colour (a tint, ``(1 - a) x + a c``, which lifts the
+  darks and lowers the contrast too), where the untinted image spanned its channels' range. It leaves an image
+  whose channels already span the range as it is (a tint added and clipped, pure black and white in the image).
+  ``grey_world``: each channel scaled so that its mean is the image's mean grey: gains only, the lost contrast and the
+  offset stay. Dev (session 21, two dev tints, runs/diag/either.py, not kept; RESULTS.md dev round 18): levels
+  flagged right-for-the-wrong-reason images at AUROC 0.92-0.93 where grey world reached 0.62-0.70, and touched
+  1-3% of cue-free images where grey world touched 14-18%; testing both and taking the larger drop was worse than
+  levels alone (0.75-0.79). Session 20 chose grey world over moving the colour back along the cast (the mean of the
+  classes' colours is itself a blend of tints, not an untinted image's colour). A claimed cast supersedes its
+  class's colour-only units (``ShortcutSet.superseded_by_casts``).
+- pasting class k's cast into another class's image = grey world (whatever ``cast_removal``: it neutralises every
+  recipient, levels not those already spanning the range), then ``cast_k`` added: the colour a conflicting image
+  carries.
 
 Claim, per class k (on the causal sample, ``causal.sample_images``), beside its SIFT-free-by-construction controls:
 
-- ``cast_effect``: mean over class k's sample images of p_k(x) - p_k(grey_world(x));
+- ``cast_effect``: mean over class k's sample images of p_k(x) - p_k(x with its cast removed);
 - ``cast_effect_random``: the same for ``RANDOM_SHIFTS`` random colour shifts per image, each as long as that image's
-  grey-world change of mean colour (a model that loses p_k under any colour change loses it under these too);
-  ``cast_specific_lo/hi``: bootstrap CI of the per-image difference (grey world - random) at level 1 - alpha / K;
+  removal's change of mean colour (a model that loses p_k under any colour change loses it under these too);
+  ``cast_specific_lo/hi``: bootstrap CI of the per-image difference (removal - random) at level 1 - alpha / K;
 - ``cast_sufficiency``: mean over up to ``transplant_images`` other classes' sample images of the rise of p_k when
   the image is grey-worlded and ``cast_k`` added, minus the rise when it is grey-worlded and a random shift as long
   as ``cast_k`` added; CI as above. ``cast_flip``: the share of those recipients then predicted as k.
@@ -67,8 +72,9 @@ def pixel_range(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grey_world(x: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
-    """``x`` [B, 3, H, W] (normalised) with each image's colour cast removed: in pixel space each channel scaled so
-    that its mean is the image's mean grey (clipped to [0, 1]), normalised again."""
+    """``x`` [B, 3, H, W] (normalised) with each image's colour cast removed by channel gains: in pixel space each
+    channel scaled so that its mean is the image's mean grey (clipped to [0, 1]), normalised again. Undoes a cast
+    made by gains (a light's colour), not the contrast a blend takes away."""
     mean, std = (t.to(x) for t in _mean_std(lm))
     rgb = x * std + mean
     channel = rgb.mean((2, 3), keepdim=True)
@@ -76,36 +82,67 @@ def grey_world(x: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
     return ((rgb * gain).clamp(0, 1) - mean) / std
 
 
-def edit_colour(x: torch.Tensor, lm: LoadedModel, shift: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, 3, H, W] (normalised): grey world where ``grey`` [B] (bool), then ``shift`` [B, 3] added to every
-    pixel, clipped to the pixel range: every colour edit a cast unit makes."""
+def levels(x: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
+    """``x`` [B, 3, H, W] (normalised) with each image's colour cast removed by per-channel levels: in pixel space
+    each channel's darkest value taken to 0 and its brightest to 1, normalised again. Undoes any per-channel affine
+    colour change: gains, and a blend with a colour (``(1 - a) x + a c``: offset and lost contrast) where the image
+    spanned its channels' range before. A channel that is flat (range under one grey level) is left as it is."""
+    mean, std = (t.to(x) for t in _mean_std(lm))
+    rgb = x * std + mean
+    lo, hi = rgb.amin((2, 3), keepdim=True), rgb.amax((2, 3), keepdim=True)
+    flat = (hi - lo) < 1 / 255
+    out = torch.where(flat, rgb, (rgb - lo) / (hi - lo).clamp_min(1 / 255))
+    return (out.clamp(0, 1) - mean) / std
+
+
+# how a cast is removed from an image, by name (shortcuts.json's ``cast_removal``; files without one: grey world)
+CAST_REMOVALS = {"levels": levels, "grey_world": grey_world}
+DEFAULT_CAST_REMOVAL = "levels"
+REMOVAL_WORDS = {"levels": "levels (each channel's darkest value to black, its brightest to white)",
+                 "grey_world": "grey world (each channel scaled to the image's mean grey)"}
+
+
+def remove_cast(x: torch.Tensor, lm: LoadedModel, removal: str = DEFAULT_CAST_REMOVAL) -> torch.Tensor:
+    """``x`` [B, 3, H, W] (normalised) with each image's colour cast removed by ``removal`` (``CAST_REMOVALS``)."""
+    return CAST_REMOVALS[removal](x, lm)
+
+
+def edit_colour(x: torch.Tensor, lm: LoadedModel, shift: torch.Tensor, removal: Sequence[str | None]
+                ) -> torch.Tensor:
+    """``x`` [B, 3, H, W] (normalised): image b's cast removed by ``removal[b]`` (``CAST_REMOVALS``; None: not
+    removed), then ``shift`` [B, 3] added to every pixel, clipped to the pixel range: every colour edit a cast unit
+    makes."""
     lo, hi = pixel_range(lm)
-    g = grey.to(x.device)[:, None, None, None]
-    out = torch.where(g, grey_world(x, lm), x) + shift.to(x)[:, :, None, None]
+    out = x.clone()
+    for name in {r for r in removal if r is not None}:
+        rows = [b for b, r in enumerate(removal) if r == name]
+        out[rows] = remove_cast(x[rows], lm, name)
+    out = out + shift.to(x)[:, :, None, None]
     return torch.maximum(torch.minimum(out, hi.to(x)), lo.to(x))
 
 
-def grey_world_change(x: torch.Tensor, lm: LoadedModel) -> np.ndarray:
-    """How far grey world moves each image's mean colour [B] (normalised space): the length of a random colour shift
-    that stands in for it in the controls."""
-    return (grey_world(x, lm) - x).mean((2, 3)).norm(dim=1).cpu().numpy().astype(np.float64)
+def removal_change(x: torch.Tensor, lm: LoadedModel, removal: str = DEFAULT_CAST_REMOVAL) -> np.ndarray:
+    """How far removing the cast moves each image's mean colour [B] (normalised space): the length of a random colour
+    shift that stands in for it in the controls."""
+    return (remove_cast(x, lm, removal) - x).mean((2, 3)).norm(dim=1).cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
-def image_colours(lm: LoadedModel, source, n: int, batch_size: int, parts: RunParts | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Each readable image's mean colour [n, 3] in the normalised input space and how far grey world moves it [n]
-    (``grey_world_change``), from one read of every image."""
+def image_colours(lm: LoadedModel, source, n: int, batch_size: int, parts: RunParts | None = None,
+                  removal: str = DEFAULT_CAST_REMOVAL) -> tuple[np.ndarray, np.ndarray]:
+    """Each readable image's mean colour [n, 3] in the normalised input space and how far removing its cast moves it
+    [n] (``removal_change``), from one read of every image."""
     parts = parts or RunParts.memory()
 
     def chunk(c: int) -> Part:
         x = source.get(np.arange(c * batch_size, min((c + 1) * batch_size, n))).float()
-        return Part(arrays={"mean": x.mean((2, 3)).numpy().astype(np.float64), "grey": grey_world_change(x, lm)})
+        return Part(arrays={"mean": x.mean((2, 3)).numpy().astype(np.float64),
+                            "change": removal_change(x, lm, removal)})
 
     done = list(parts.run("cast_colours", -(-n // batch_size), chunk))
     if not done:
         return np.zeros((0, 3)), np.zeros(0)
-    return np.concatenate([p.arrays["mean"] for p in done]), np.concatenate([p.arrays["grey"] for p in done])
+    return np.concatenate([p.arrays["mean"] for p in done]), np.concatenate([p.arrays["change"] for p in done])
 
 
 def class_casts(colours: np.ndarray, labels: np.ndarray, K: int) -> np.ndarray:
@@ -115,11 +152,11 @@ def class_casts(colours: np.ndarray, labels: np.ndarray, K: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndarray, bool]], batch_size: int = 64,
-                      parts: RunParts | None = None, name: str = "cast", columns: np.ndarray | None = None
-                      ) -> np.ndarray:
-    """For job j = (image index, shift [3], grey world?): the class probabilities [J, K] of the image so edited
-    (``edit_colour``; softmax over all outputs, ``columns``: the run's classes' outputs, in its order)."""
+def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndarray, str | None]],
+                      batch_size: int = 64, parts: RunParts | None = None, name: str = "cast",
+                      columns: np.ndarray | None = None) -> np.ndarray:
+    """For job j = (image index, shift [3], cast removal or None): the class probabilities [J, K] of the image so
+    edited (``edit_colour``; softmax over all outputs, ``columns``: the run's classes' outputs, in its order)."""
     if not jobs:
         return np.zeros((0, 0))
     device = next(lm.module.parameters()).device
@@ -129,20 +166,20 @@ def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndar
         chunk = jobs[c * batch_size:(c + 1) * batch_size]
         x = source.get([i for i, _, _ in chunk])
         shift = torch.as_tensor(np.stack([s for _, s, _ in chunk]), dtype=torch.float32)
-        grey = torch.tensor([g for _, _, g in chunk], dtype=torch.bool)
-        p = lm.forward(edit_colour(x, lm, shift, grey).to(device)).float().softmax(-1).cpu().numpy()
+        p = lm.forward(edit_colour(x, lm, shift, [r for _, _, r in chunk]).to(device)).float().softmax(-1).cpu().numpy()
         return Part(arrays={"p": p if columns is None else p[:, columns]})
 
     return np.concatenate([p.arrays["p"] for p in parts.run(name, -(-len(jobs) // batch_size), batch)]
                           ).astype(np.float64)
 
 
-def cast_removal_probs(lm: LoadedModel, x: torch.Tensor, images: Sequence[int], batch_size: int = 64) -> np.ndarray:
-    """Class probabilities [len(images), K] of the batch ``x``'s ``images`` with their colour cast removed (grey
-    world): the test flag and the counterfactual gate make for a claimed cast."""
+def cast_removal_probs(lm: LoadedModel, x: torch.Tensor, images: Sequence[int], batch_size: int = 64,
+                       removal: str = DEFAULT_CAST_REMOVAL) -> np.ndarray:
+    """Class probabilities [len(images), K] of the batch ``x``'s ``images`` with their colour cast removed
+    (``removal``): the test flag and the counterfactual gate make for a claimed cast."""
     from .source import TensorSource
 
-    return colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), True) for b in images], batch_size)
+    return colour_edit_probs(lm, TensorSource(x), [(b, np.zeros(3), removal) for b in images], batch_size)
 
 
 def random_shift(length: float, rng: np.random.Generator) -> np.ndarray:
@@ -160,13 +197,13 @@ def _ci(diff: np.ndarray, level: float, n_boot: int, rng: np.random.Generator) -
     return float(lo), float(hi)
 
 
-def cast_check(lm: LoadedModel, source, casts: np.ndarray, grey_change: np.ndarray, sample: np.ndarray,
+def cast_check(lm: LoadedModel, source, casts: np.ndarray, change: np.ndarray, sample: np.ndarray,
                y: np.ndarray, probs: np.ndarray, cfg, parts: RunParts | None = None,
                columns: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per class: its cast [3] and the columns of the module docstring. ``grey_change`` [N]: how far grey
-    world moves each image's mean colour (``image_colours``); ``sample``: the causal sample's image indices, ``y``
+    """One row per class: its cast [3] and the columns of the module docstring. ``change`` [N]: how far removing
+    its cast moves each image's mean colour (``image_colours``); ``sample``: the causal sample's image indices, ``y``
     their labels; ``probs`` [N, K]: every image's class probabilities (the run's classes); ``cfg``: a
-    ``CausalConfig`` (seed, n_boot, shortcut_alpha, transplant_images, batch_size)."""
+    ``CausalConfig`` (seed, n_boot, shortcut_alpha, transplant_images, batch_size, cast_removal)."""
     K = len(casts)
     rng = np.random.default_rng([cfg.seed, 31])
     none = np.zeros(3)
@@ -175,18 +212,21 @@ def cast_check(lm: LoadedModel, source, casts: np.ndarray, grey_change: np.ndarr
         if not np.any(casts[k]):
             continue
         for i in sample[y == k]:
-            jobs.append((int(i), none, True))
+            jobs.append((int(i), none, cfg.cast_removal))
             at.append((k, int(i), "remove"))
             for _ in range(RANDOM_SHIFTS):
-                jobs.append((int(i), random_shift(grey_change[i], rng), False))
+                jobs.append((int(i), random_shift(change[i], rng), None))
                 at.append((k, int(i), "remove_random"))
         others = sample[y != k]
         if cfg.transplant_images > 0 and len(others) > cfg.transplant_images:
             others = np.sort(rng.choice(others, cfg.transplant_images, replace=False))
         for i in others if cfg.transplant_images > 0 else []:
             # the recipient's own cast taken out and class k's put in (the colour a conflicting image carries),
-            # against its cast taken out and a random shift as long as class k's cast put in
-            jobs += [(int(i), casts[k], True), (int(i), random_shift(np.linalg.norm(casts[k]), rng), True)]
+            # against its cast taken out and a random shift as long as class k's cast put in. Taken out by grey
+            # world whatever ``cast_removal``: the claim neutralises the recipient, and grey world does so in every
+            # image (levels leaves an image whose channels already span the pixel range as it is)
+            jobs += [(int(i), casts[k], "grey_world"), (int(i), random_shift(np.linalg.norm(casts[k]), rng),
+                                                        "grey_world")]
             at += [(k, int(i), "add"), (k, int(i), "add_random")]
     pm = colour_edit_probs(lm, source, jobs, cfg.batch_size, parts, "cast", columns)
     a = pd.DataFrame(at, columns=["cls", "image", "kind"])

@@ -151,12 +151,19 @@ class CausalConfig:
     # colour-cast units (cast.py): each class's mean colour beyond the classes' mean, claimed as a global shortcut
     # where, swapped into other classes' images, it takes most of them to the class beyond a random colour shift
     casts: bool = True
+    # how a cast is removed from an image (cast.CAST_REMOVALS): "levels" (each channel's range stretched to the
+    # pixel range: undoes a blend's offset and lost contrast) or "grey_world" (channel gains only)
+    cast_removal: str = "levels"
     batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.control_budget not in ("matched", "full"):
             raise UserValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
+        from .cast import CAST_REMOVALS
+
+        if self.cast_removal not in CAST_REMOVALS:
+            raise UserValueError(f"cast_removal {self.cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
         if self.region_windows not in ("sift", "all"):
             raise UserValueError(f"region_windows {self.region_windows!r} is not 'sift' or 'all'")
 
@@ -1022,6 +1029,10 @@ def _malformed_fields(d: dict) -> str:
     for j, c in enumerate(casts):
         if not ints([c.get("cls")], 0, n_classes) or not numbers(c.get("cast"), 3):
             return f"casts[{j}] cls {c.get('cls')!r} / cast {c.get('cast')!r}: not a class index and 3 numbers"
+    from .cast import CAST_REMOVALS
+
+    if d.get("cast_removal", "grey_world") not in CAST_REMOVALS:
+        return f"cast_removal {d.get('cast_removal')!r}, not one of {', '.join(CAST_REMOVALS)}"
     return ""
 
 
@@ -1043,6 +1054,7 @@ class ShortcutSet:
     # claimed colour casts (cast.py): cls, class_name, cast [3] (the class's colour beyond the classes' mean colour,
     # in the normalised input space), cast_effect, cast_sufficiency; files before them: none
     casts: list[dict] = field(default_factory=list)
+    cast_removal: str = "grey_world"  # how the casts are removed (cast.CAST_REMOVALS; files before levels: grey world)
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
@@ -1080,7 +1092,8 @@ class ShortcutSet:
                 "class_names": self.class_names, "layers": self.layers,
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
                 "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words,
-                "dense_gradient_weight": self.dense_gradient_weight, "casts": self.casts}
+                "dense_gradient_weight": self.dense_gradient_weight, "casts": self.casts,
+                "cast_removal": self.cast_removal}
 
     def class_outputs(self) -> list[int]:
         """Model output of each class (output k where the file predates the stored mapping)."""
@@ -1136,7 +1149,8 @@ class ShortcutSet:
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_gradient_weight {gradient!r} is not "
                                     "a weight >= 0 (an edited file?); run `siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
-                   tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient), d.get("casts", []))
+                   tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient), d.get("casts", []),
+                   d.get("cast_removal", "grey_world"))
 
     def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
         """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
@@ -1275,7 +1289,7 @@ class ShortcutSet:
 
     def cast_tests(self, pred: Sequence[int]) -> list[tuple[int, int]]:
         """(batch position b, cast index c) for each image b whose predicted model output ``pred[b]`` is a class with
-        a claimed colour cast: where flag and the counterfactual gate test the cast's removal (``cast.grey_world``)."""
+        a claimed colour cast: where flag and the counterfactual gate test the cast's removal (``cast_removal``)."""
         outputs = self.class_outputs()
         by_output = {outputs[int(c["cls"])]: i for i, c in enumerate(self.casts)}
         return [(b, by_output[int(o)]) for b, o in enumerate(pred) if int(o) in by_output]
@@ -1353,8 +1367,8 @@ class CounterfactualMasker:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.grow = grow
         self.last_present: list = []
-        # batch positions of the images steered by removing a colour cast (cast.py): an input transform (grey
-        # world), not a token mask; the caller re-predicts them on the edited image (``apply_casts``)
+        # batch positions of the images steered by removing a colour cast (cast.py): an input transform (levels or
+        # grey world), not a token mask; the caller re-predicts them on the edited image (``apply_casts``)
         self.last_cast: set[int] = set()
 
     @torch.no_grad()
@@ -1384,15 +1398,15 @@ class CounterfactualMasker:
         return bool(out[b].any()) or b in self.last_cast
 
     def apply_casts(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, 3, H, W] with the last call's colour-cast removals applied (grey world on ``last_cast``; the other
-        images as they are)."""
-        from .cast import grey_world
+        """``x`` [B, 3, H, W] with the last call's colour-cast removals applied (the shortcuts' ``cast_removal`` on
+        ``last_cast``; the other images as they are)."""
+        from .cast import remove_cast
 
         if not self.last_cast:
             return x
         rows = sorted(self.last_cast)
         out = x.clone()
-        out[rows] = grey_world(x[rows], self.lm)
+        out[rows] = remove_cast(x[rows], self.lm, self.shortcuts.cast_removal)
         return out
 
     def _fire(self, x: torch.Tensor, p0: np.ndarray, tested: list, out: torch.Tensor,
@@ -1407,7 +1421,8 @@ class CounterfactualMasker:
             return np.zeros((0, p0.shape[1]))
         pm = (masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
               if tested else np.zeros((0, p0.shape[1])))
-        pc = cast_removal_probs(self.lm, x, [b for b, _ in casts]) if casts else pm[:0]
+        pc = (cast_removal_probs(self.lm, x, [b for b, _ in casts], removal=self.shortcuts.cast_removal) if casts
+              else pm[:0])
         images = [b for b, _, _ in tested] + [b for b, _ in casts]
         for b, (drop, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True).items():
             if drop < self.min_drop:

@@ -564,16 +564,18 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
             if g is not None:
                 u["margin_gain"] = g
         if causal_cfg.casts:  # a global colour shortcut has no place: its own unit (cast.py)
-            colours, grey_change = image_colours(lm, source, len(cls_of_image), cfg.batch_size, parts)
+            colours, change = image_colours(lm, source, len(cls_of_image), cfg.batch_size, parts,
+                                            causal_cfg.cast_removal)
             casts = class_casts(colours, cls_of_image, len(class_names))
             sample = sample_images(cls_of_image, len(class_names), causal_cfg.causal_images, causal_cfg.seed)
-            res.casts = cast_check(lm, source, casts, grey_change, sample, cls_of_image[sample], class_probs,
+            res.casts = cast_check(lm, source, casts, change, sample, cls_of_image[sample], class_probs,
                                    causal_cfg, parts, columns)
             res.casts.insert(1, "class", class_names)
             res.shortcuts.casts = [{"cls": int(r.cls), "class_name": class_names[int(r.cls)],
                                     "cast": [float(r.cast_r), float(r.cast_g), float(r.cast_b)],
                                     "cast_effect": float(r.cast_effect), "cast_sufficiency": float(r.cast_sufficiency)}
                                    for r in res.casts[res.casts["cast_claimed"]].itertuples()]
+            res.shortcuts.cast_removal = causal_cfg.cast_removal
     return res
 
 

@@ -33,7 +33,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .cast import cast_removal_probs
+from .cast import REMOVAL_WORDS, cast_removal_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -145,11 +145,11 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 at.append((b, j))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
-        # a claimed colour cast of the predicted class: its removal (grey world, cast.py) is one more test,
+        # a claimed colour cast of the predicted class: its removal (cast.py) is one more test,
         # keypoints or not
         casts = shortcuts.cast_tests(pred0)
         if casts:
-            pc = cast_removal_probs(lm, x, [b for b, _ in casts], batch_size)
+            pc = cast_removal_probs(lm, x, [b for b, _ in casts], batch_size, shortcuts.cast_removal)
             pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
         at += [(b, ("cast", c)) for b, c in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
@@ -269,8 +269,8 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
              f"({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
-             f"removed ({removal}; a colour cast: by grey world, each channel scaled to the image's mean grey, a "
-             f"SIFT-free test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
+             f"removed ({removal}; a colour cast: by {REMOVAL_WORDS[shortcuts.cast_removal]}, a SIFT-free "
+             "test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
              "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "

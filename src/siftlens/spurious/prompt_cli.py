@@ -80,10 +80,10 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
 
 def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tensor | None:
     """``x`` with the colour edits a gated method makes where the gate removed a colour cast (cast.py; None where it
-    removed none): ``mask_tokens`` removes the cast (grey world); its control ``random_mask`` shifts those images'
-    colour as far, in a random direction (seeded per chunk ``c``); ``edge_mask`` has no colour twin and leaves them
-    as they are (None)."""
-    from .cast import edit_colour, grey_world_change, random_shift
+    removed none): ``mask_tokens`` removes the cast (the shortcuts' ``cast_removal``); its control ``random_mask``
+    shifts those images' colour as far, in a random direction (seeded per chunk ``c``); ``edge_mask`` has no colour
+    twin and leaves them as they are (None)."""
+    from .cast import edit_colour, random_shift, removal_change
 
     rows = sorted(getattr(gate, "last_cast", ()))
     if not rows or method not in ("mask_tokens", "random_mask"):
@@ -91,11 +91,11 @@ def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tens
     if method == "mask_tokens":
         return gate.apply_casts(x)
     rng = np.random.default_rng([c, 37])
-    length = grey_world_change(x[rows], lm)
+    length = removal_change(x[rows], lm, gate.shortcuts.cast_removal)
     shift = torch.zeros(len(x), 3)
     shift[rows] = torch.as_tensor(np.stack([random_shift(n, rng) for n in length]), dtype=torch.float32)
     edited = x.clone()
-    edited[rows] = edit_colour(x[rows], lm, shift[rows], torch.zeros(len(rows), dtype=torch.bool))
+    edited[rows] = edit_colour(x[rows], lm, shift[rows], [None] * len(rows))
     return edited
 
 
@@ -197,10 +197,11 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
                       f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
-        # a claimed colour cast is removed by grey world where the counterfactual gate fires on it (cast.py)
+        # a claimed colour cast is removed (levels or grey world) where the counterfactual gate fires on it (cast.py)
         named = [u["class_name"] + " " + u["unit"] for u in shortcuts.units]
         if gate_kind == "counterfactual":
-            named += [c["class_name"] + " colour cast (grey world)" for c in shortcuts.casts]
+            named += [f"{c['class_name']} colour cast ({shortcuts.cast_removal.replace('_', ' ')})"
+                      for c in shortcuts.casts]
         summary["gate"] = (f"token masks applied only to images where a shortcut of --motifs {where} "
                            f"({', '.join(named) or 'none'})")
     if labels_ignored:

@@ -23,7 +23,7 @@ from ..models import LoadedModel, load_model  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
-from .cast import MIN_FLIP  # noqa: E402
+from .cast import MIN_FLIP, REMOVAL_WORDS  # noqa: E402
 from .causal import shortcut_verdict  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
@@ -222,15 +222,15 @@ def casts_section_html(casts: pd.DataFrame, cfg) -> str:
     claimed = casts.loc[casts["cast_claimed"], "class"].tolist()
     return ("<h2>Colour casts: a class's overall colour as a global shortcut</h2>"
             "<p class=note>A cast unit is no place in the image: class k's cast is the mean colour of its images minus "
-            "the classes' mean colour (normalised input space; cast_norm its length); removing a cast = grey world "
-            "(each channel scaled to the image's mean grey). cast_effect: mean drop of p_k over the class's sample "
-            "images under grey world; cast_effect_random: the same for random colour shifts as far; "
+            "the classes' mean colour (normalised input space; cast_norm its length); removing a cast = "
+            f"{html.escape(REMOVAL_WORDS[cfg.cast_removal])}. cast_effect: mean drop of p_k over the class's sample "
+            "images with their cast removed; cast_effect_random: the same for random colour shifts as far; "
             "cast_specific_lo–hi: the CI of the difference (Bonferroni over classes). cast_rise: p_k's rise when "
-            "other classes' images are grey-worlded and given class k's cast, cast_rise_random with a random shift "
+            "other classes' images have their cast removed and class k's added, cast_rise_random with a random shift "
             "as long instead, cast_sufficiency the difference (lower bound cast_sufficiency_lo), cast_flip: the share "
             f"of those images then predicted as k. Claimed where cast_sufficiency_lo &ge; {cfg.shortcut_sufficiency:g} "
             f"and cast_flip &ge; {MIN_FLIP:g} (the colour alone takes most other images to the class); flag and "
-            "gated prompt then test grey world in images predicted as the class. A colour measurement: "
+            "gated prompt then test the removal in images predicted as the class. A colour measurement: "
             "SIFT-free.</p>"
             + table_html(casts[[c for c in cols if c in casts]])
             + f"<p><b>Colour casts claimed: {html.escape(', '.join(claimed)) if claimed else 'none'}.</b></p>")
