@@ -13,7 +13,8 @@ object's own colours with it (held-out round 15's tint: the token flag ranked ri
   ``levels`` (the default): in pixel space each channel's darkest value taken to 0 and its brightest to 1. It undoes
   any per-channel affine colour change, gains and a blend with a colour (a tint, ``(1 - a) x + a c``, which lifts the
   darks and lowers the contrast too), where the untinted image spanned its channels' range. It leaves an image
-  whose channels already span the range as it is (a tint added and clipped, pure black and white in the image).
+  whose channels already span the range as it is, and undoes a tint added and clipped at the pixel range only in
+  part (a channel the tint lowers keeps its black where the image had black, so it is stretched, not lifted back).
   ``grey_world``: each channel scaled so that its mean is the image's mean grey: gains only, the lost contrast and the
   offset stay. Dev (session 21, two dev tints, runs/diag/either.py, not kept; RESULTS.md dev round 18): levels
   flagged right-for-the-wrong-reason images at AUROC 0.92-0.93 where grey world reached 0.62-0.70, and touched
