@@ -125,6 +125,7 @@ class Variant:
 # ``heldout16_*`` (session 19): a sixteenth round, generator seeds 1075 + j, the centred colour windows.
 # ``heldout17_*`` (session 20): a seventeenth round, generator seeds 1080 + j, colour-cast units.
 # ``heldout18_*`` (session 21): an eighteenth round, generator seeds 1085 + j, casts removed by levels.
+# ``heldout19_*`` (session 21): round 18b, generator seeds 1090 + j, levels against grey world confirmed.
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
@@ -146,6 +147,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout16_{f}", f, "heldout", 1075 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout17_{f}", f, "heldout", 1080 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout18_{f}", f, "heldout", 1085 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout19_{f}", f, "heldout", 1090 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
