@@ -155,22 +155,22 @@ def _flag_and_steer(lm, shortcuts, x, yt, min_auroc: float, min_gain: float) -> 
 
 
 def test_an_added_tint_clipped_at_the_pixel_range_is_removed_by_grey_world(tint):
-    from dataclasses import replace
-
     lm, res, x, yt = tint
-    assert res.shortcuts.cast_removal == "levels"  # the default; this toy's tint is the case grey world is kept for:
+    assert res.shortcuts.cast_removal == "grey_world"  # the default; this toy's tint is a case it does better on:
     # added and clipped, the channels it lowers keep the object's black, so levels stretches them instead of lifting
     # them back (measured: mean error to the untinted images 0.37 with levels, 0.28 with grey world; flag AUROC
     # 0.69, conflicting 0.02 -> 0.26 with levels)
-    _flag_and_steer(lm, replace(res.shortcuts, cast_removal="grey_world"), x, yt, 0.65, 0.3)  # 0.73; 0.02 -> 0.56
+    _flag_and_steer(lm, res.shortcuts, x, yt, 0.65, 0.3)  # 0.73; 0.02 -> 0.56
 
 
 def test_a_blended_tint_is_claimed_and_removed_by_levels(blend):
+    from dataclasses import replace
+
     lm, res, x, yt = blend
     assert res.casts["cast_claimed"].all(), res.casts  # measured flips 0.97-1.0
-    # measured: flag AUROC 0.57, conflicting 0.01 -> 0.49 (grey world: 0.65, 0.01 -> 0.47; on the dev tints of natural
-    # images levels was the better of the two, RESULTS.md dev round 18)
-    _flag_and_steer(lm, res.shortcuts, x, yt, 0.5, 0.3)
+    # measured: flag AUROC 0.57, conflicting 0.01 -> 0.49 (grey world: 0.65, 0.01 -> 0.47; on held-out tints of
+    # natural images levels flagged far better, RESULTS.md rounds 18 / 18b). The claim does not depend on the removal
+    _flag_and_steer(lm, replace(res.shortcuts, cast_removal="levels"), x, yt, 0.5, 0.3)
 
 
 def test_a_random_weights_model_claims_no_cast(tint):
@@ -195,8 +195,11 @@ def test_shortcuts_json_keeps_the_casts_and_refuses_malformed_ones(tint, tmp_pat
     _, res, _, _ = tint
     res.shortcuts.save(tmp_path / "shortcuts.json")
     back = ShortcutSet.load(tmp_path)
-    assert back.casts == res.shortcuts.casts and back.cast_removal == "levels"
+    assert back.casts == res.shortcuts.casts and back.cast_removal == "grey_world"
     d = json.loads((tmp_path / "shortcuts.json").read_text())
+    d["cast_removal"] = "levels"
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).cast_removal == "levels"
     d["cast_removal"] = "auto"
     (tmp_path / "shortcuts.json").write_text(json.dumps(d))
     with pytest.raises(ShortcutFileError, match="cast_removal 'auto'"):
