@@ -212,8 +212,10 @@ def _spurious_parser(sub) -> None:
                    "more read of every image and, per class, 5 forwards per --causal-images image and 2 per image "
                    "the cast is swapped into)")
     p.add_argument("--cast-removal", choices=tuple(CAST_REMOVALS), default=c.cast_removal,
-                   help="how a colour cast is taken out of an image: levels (each channel's range stretched to the "
-                   "pixel range: undoes a tint's offset and lost contrast) or grey world (channel gains only)")
+                   help="how a colour cast is taken out of an image: grey world (channel gains only) or levels (each "
+                   "channel's range stretched to the pixel range: undoes a blended tint's offset and lost contrast; "
+                   "far better right-for-the-wrong-reason flags on held-out tints, but it steers aligned images as "
+                   "the cue-free twin would, lowering the training-mix average)")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])

@@ -17,11 +17,13 @@ object's own colours with it (held-out round 15's tint: the token flag ranked ri
   darks and lowers the contrast too), where the untinted image spanned its channels' range; it leaves an image whose
   channels already span the range as it is, and undoes a tint added and clipped at the pixel range only in part (a
   channel the tint lowers keeps its black where the image had black, so it is stretched, not lifted back).
-  Measured (RESULTS.md dev round 18, held-out rounds 18 and 18b): on held-out blended tints levels flags
-  right-for-the-wrong-reason images far better (AUROC 0.86-0.94 against grey world's 0.62-0.66, paired CIs above 0)
-  and touches fewer cue-free images, but it removes the cue from more aligned images too, and on one held-out model
-  its training-mix average fell 6.4 points below grey world's (the twin's own average is between them), which the
-  pre-set line did not allow; so grey world stays the default and levels is the choice where flags matter most.
+  Measured (RESULTS.md dev round 18, held-out rounds 18 and 18b): on six held-out blended tints levels flagged
+  right-for-the-wrong-reason images far better (AUROC 0.86-0.94 against grey world's 0.60-0.66, paired CIs above 0),
+  touched fewer cue-free images and steered conflicting images to the cue-removed twin's accuracy, but it removes
+  the cue from aligned images as the twin does, and round 18b's pre-set line asked the training-mix average to stay
+  within 2 points of grey world's, which keeps it high by removing the cue from few images: levels fell 6-20 points
+  below (to about the twin's). The line failed, so grey world stays the default; levels is the choice where flags
+  and the worst group matter most.
   Session 20 chose grey world over moving the colour back along the cast (the mean of the classes' colours is itself
   a blend of tints, not an untinted image's colour). A claimed cast supersedes its class's colour-only units
   (``ShortcutSet.superseded_by_casts``).
