@@ -64,6 +64,7 @@ from ..models import LoadedModel
 from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, keypoint_mass
 from ..validation import UserValueError
+from .cast import CAST_REMOVALS, DEFAULT_CAST_REMOVAL, cast_removal_probs, remove_cast
 
 GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
 # prompt's default: the counterfactual gate reached 90% / 115% of the oracle's headroom on held-out round 7b where
@@ -154,15 +155,13 @@ class CausalConfig:
     # how a cast is removed from an image (cast.CAST_REMOVALS): "grey_world" (channel gains only) or "levels" (each
     # channel's range stretched to the pixel range: undoes a blend's offset and lost contrast; better flags, but it
     # failed the training-mix clause of held-out round 18b's pre-set line, so it is not the default)
-    cast_removal: str = "grey_world"
+    cast_removal: str = DEFAULT_CAST_REMOVAL
     batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.control_budget not in ("matched", "full"):
             raise UserValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
-        from .cast import CAST_REMOVALS
-
         if self.cast_removal not in CAST_REMOVALS:
             raise UserValueError(f"cast_removal {self.cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
         if self.region_windows not in ("sift", "all"):
@@ -1030,8 +1029,6 @@ def _malformed_fields(d: dict) -> str:
     for j, c in enumerate(casts):
         if not ints([c.get("cls")], 0, n_classes) or not numbers(c.get("cast"), 3):
             return f"casts[{j}] cls {c.get('cls')!r} / cast {c.get('cast')!r}: not a class index and 3 numbers"
-    from .cast import CAST_REMOVALS
-
     if d.get("cast_removal", "grey_world") not in CAST_REMOVALS:
         return f"cast_removal {d.get('cast_removal')!r}, not one of {', '.join(CAST_REMOVALS)}"
     return ""
@@ -1401,8 +1398,6 @@ class CounterfactualMasker:
     def apply_casts(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [B, 3, H, W] with the last call's colour-cast removals applied (the shortcuts' ``cast_removal`` on
         ``last_cast``; the other images as they are)."""
-        from .cast import remove_cast
-
         if not self.last_cast:
             return x
         rows = sorted(self.last_cast)
@@ -1415,7 +1410,6 @@ class CounterfactualMasker:
         """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop
         (``casts``: colour-cast removals (b, cast) tested beside them, ``ShortcutSet.cast_tests``); return the
         tested removals' probabilities [len(tested), K]."""
-        from .cast import cast_removal_probs
         from .source import TensorSource
 
         if not tested and not casts:
