@@ -234,6 +234,8 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     page = (fl / "flags.html").read_text()
     assert "Per-image window occlusion" in page and "occlusion_score_random" in page
     assert f"at most {REMOVAL_MARGIN_BELOW} tokens with their 8 neighbours" in page
+    assert "bootstrap CI" in page and "{" not in page.split("<code>flag_score</code>")[1].split("bootstrap CI")[0]
+    assert f"{flags['flag_score'].mean():.3f}" in page  # the mean is filled in, not its template
     manifest = json.loads((fl / "manifest.json").read_text())
     assert manifest["margin"] == REMOVAL_MARGIN_BELOW
     # no keypoints: scored through the fixed-token units alone (default), listed as such

@@ -270,7 +270,7 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              f"({unit_names}). "
              "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
              f"removed ({removal}; a colour cast: by {REMOVAL_WORDS[shortcuts.cast_removal]}, a SIFT-free "
-             "test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
+             f"test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
              "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
