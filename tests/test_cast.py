@@ -209,6 +209,15 @@ def test_shortcuts_json_keeps_the_casts_and_refuses_malformed_ones(tint, tmp_pat
     assert ShortcutSet.load(tmp_path).casts == []
 
 
+def test_flag_refuses_an_unknown_cast_removal_before_reading_anything(tmp_path):
+    from siftlens.spurious.flag import run_flag
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--cast-removal 'auto'"):
+        run_flag("no-such-model", tmp_path / "no-motifs", tmp_path, tmp_path / "out", cast_removal="auto")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_controls_get_a_random_colour_shift_as_far_or_nothing(tint):
     lm, _, x, _ = tint
     v = x["conflict"][:6]

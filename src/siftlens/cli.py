@@ -330,6 +330,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 
 def _flag_parser(sub) -> None:
+    from .spurious.cast import CAST_REMOVALS
     from .spurious.flag import OCCLUSION_MODES, run_flag
 
     r = _defaults(run_flag)
@@ -355,6 +356,10 @@ def _flag_parser(sub) -> None:
                    "windows drawn at random) at the cost of a forward per window")
     p.add_argument("--window", type=positive_int, default=r["window"], help="occlusion window side in tokens")
     p.add_argument("--seed", type=SEED, default=r["seed"], help="the random-window control's draw")
+    p.add_argument("--cast-removal", choices=tuple(CAST_REMOVALS), default=None,
+                   help="how claimed colour casts are removed when scoring (default: as --motifs was run). levels "
+                   "flagged right-for-the-wrong-reason images on held-out tints far better than grey world "
+                   "(0.86-0.94 vs 0.60-0.66); the claims do not depend on it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_flag)
 
@@ -365,7 +370,7 @@ def _run_flag(args: argparse.Namespace) -> int:
     df = run_flag(args.model, args.motifs, args.images, args.out, batch_size=args.batch_size,
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
-                  margin=args.margin, progress=not args.quiet)
+                  margin=args.margin, progress=not args.quiet, cast_removal=args.cast_removal)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

@@ -19,6 +19,7 @@ reason.
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .cast import REMOVAL_WORDS, cast_removal_probs
+from .cast import CAST_REMOVALS, REMOVAL_WORDS, cast_removal_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -206,12 +207,20 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
 def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path, batch_size: int = 32,
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
-             margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False) -> pd.DataFrame | None:
+             margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
+             cast_removal: str | None = None) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
-    which score their share of the images; rank 0 merges and writes)."""
+    which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
+    removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so a flag may
+    use levels where steering keeps grey world (held-out rounds 18 / 18b: levels flagged right-for-the-wrong-reason
+    images at 0.86-0.94 where grey world reached 0.60-0.66)."""
+    if cast_removal is not None and cast_removal not in CAST_REMOVALS:
+        raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
     rank, world = distributed(device)
     device = rank_device(device)
     shortcuts = ShortcutSet.load(motifs)
+    if cast_removal is not None:
+        shortcuts = replace(shortcuts, cast_removal=cast_removal)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
     label_map = shortcuts.check_model(lm, check_classifier(lm), str(motifs))
@@ -222,7 +231,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         m = Path(motifs)
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
-            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin), rank, world,
+            token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin,
+            cast_removal=shortcuts.cast_removal), rank, world,
             progress)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
                                 label_map, margin)
@@ -240,7 +250,8 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         atomic_write_json(out / "manifest.json", {"model": lm.name, "motifs": str(motifs), "n_scored": len(df),
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
-                                                  "margin": margin, "margin_gains": {
+                                                  "margin": margin, "cast_removal": shortcuts.cast_removal,
+                                                  "margin_gains": {
                                                       u["class_name"] + " " + u["unit"]: u["margin_gain"]
                                                       for u in shortcuts.units if "margin_gain" in u},
                                                   "no_keypoints": df.loc[~df["keypoints"], "path"].tolist(),
