@@ -89,8 +89,12 @@ def test_cue_inside_box_and_twin_differs_only_there(runs, family):
         inside = _region_mask(row)
         assert not diff[~inside].any(), f"{family}: the twin differs outside the cue region"
         changed = (diff[inside] > 0).mean()
-        # a patch/text/frame replaces most of its box; the tint shifts every pixel
-        assert changed > (0.3 if family == "text" else 0.6), f"{family}: cue box mostly unchanged ({changed:.2f})"
+        # a patch/text/frame replaces most of its box; the tint shifts every pixel, the background tint those
+        # outside a circle of radius <= 0.38 (>= 55% of the image)
+        floor = {"text": 0.3, "bg_tint": 0.5}.get(family, 0.6)
+        assert changed > floor, f"{family}: cue box mostly unchanged ({changed:.2f})"
+        if family == "bg_tint":  # the object's place, the centre, keeps its colours
+            assert not diff[24:40, 24:40].any(), "bg_tint: the tint reached the centre"
         if row.region == "box":  # the box is tight: every border row/column of it holds a changed pixel
             ys, xs = np.nonzero(diff)
             box = (xs.min() / 64, ys.min() / 64, (xs.max() + 1) / 64, (ys.max() + 1) / 64)
@@ -115,8 +119,11 @@ def test_conflicting_images_carry_another_class_cue(runs, source, family):
         src = np.asarray(Image.open(row.source).convert("RGB")).astype(np.int64)
         own, other = (colour_pair(params[k]["hue"])[0].astype(np.int64) for k in (row.label, row.cue_class))
         inside = _region_mask(row)
-        if family == "tint":  # img = (1 - a) src + a colour: recover the colour
+        if family in ("tint", "bg_tint"):  # img = (1 - a) src + a colour: recover the colour
             a = params[row.cue_class]["alpha"]
+            if family == "bg_tint":  # the full tint only far from the centre: the corners
+                inside = np.zeros_like(inside)
+                inside[:6, :6] = inside[:6, -6:] = inside[-6:, :6] = inside[-6:, -6:] = True
             est = ((img - (1 - a) * src)[inside] / a).mean(0)
             assert np.abs(est - other).max() < 6 and np.abs(est - own).max() > 20
         else:  # the bright colour of the cue's class is drawn, the image's own class's is not
@@ -147,7 +154,7 @@ def test_dev_and_heldout_pools_are_disjoint():
             assert p["hue"] in pool.hues
             for key, allowed in (("shape", pool.shapes), ("band", pool.bands), ("angle", pool.angles),
                                  ("period", pool.periods), ("width", pool.frame_widths),
-                                 ("alpha", pool.tint_alphas), ("font", pool.fonts)):
+                                 ("alpha", pool.tint_alphas), ("font", pool.fonts), ("radius", pool.bg_radii)):
                 if key in p:
                     assert p[key] in allowed
             if "cell" in p:

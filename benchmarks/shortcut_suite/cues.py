@@ -15,10 +15,11 @@ random band    top, left                                    bottom, right
 stripe angle   0, 45, 90, 135 deg; period 1/2 token         22.5, 67.5, 112.5, 157.5 deg; 3/8, 5/8 token
 frame width    1 token                                      3/4 token
 tint alpha     0.30                                         0.25, 0.35
+bg tint radius 0.34 of the side (untinted centre)           0.30, 0.38
 text chars     A-M                                          N-Z, 2-9
 text corner    top-left, bottom-right                       top-right, bottom-left
 text font      HERSHEY_SIMPLEX                              HERSHEY_DUPLEX, HERSHEY_TRIPLEX
-gen. seeds     0-99                                         1000-1099
+gen. seeds     0-99                                         1000-1199
 model seeds    0, 1, 2                                      100, 101, 102
 =============  ==========================================  ==========================================
 
@@ -33,6 +34,12 @@ the border) and the central 4 x 4 tokens (where the object usually is).
 
 Every renderer returns the image with the cue and the boolean pixel mask of the cue (what changed,
 or for the tint the whole image); the cue box in the metadata is the mask's bounding box.
+
+``bg_tint`` (session 22): the tint blended into the *background* only. Imagenette has no object masks, so the
+background is approximated as everything outside a centred circle (where the object usually is; its centre jittered
+by up to half a token per image, its edge feathered over ~1/20 of the side): the object keeps its colours, only its
+surroundings carry the class's tint. Its per-class parameters are the tint's (hue, alpha) and the circle's radius.
+(GrabCut from a centred rectangle was tried first: at 96 px it kept 0-12% of the image as foreground, not an object.)
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import cv2
 import numpy as np
 from planted.build import CUE_COLOURS, PATCH_SHAPES, patch_pattern, texture_pattern
 
-FAMILIES = ("fixed_patch", "random_patch", "stripe_frame", "tint", "text")
+# the families of rounds 1-19 (their variant lists enumerate these, so their generator seeds never move) and all
+FIRST_FAMILIES = ("fixed_patch", "random_patch", "stripe_frame", "tint", "text")
+FAMILIES = (*FIRST_FAMILIES, "bg_tint")
 GRID = 8  # tokens per side in both model settings
 
 
@@ -61,6 +70,7 @@ class Pool:
     periods: tuple[float, ...]  # stripe period in tokens
     frame_widths: tuple[float, ...]  # in tokens
     tint_alphas: tuple[float, ...]
+    bg_radii: tuple[float, ...]  # the untinted circle's radius of bg_tint, a fraction of the image side
     chars: str
     corners: tuple[str, ...]
     fonts: tuple[int, ...]
@@ -77,13 +87,14 @@ def _cells(parity: int) -> tuple[tuple[int, int], ...]:
 
 DEV = Pool("dev", hues=tuple(float(h) for h in range(0, 360, 40)), shapes=("quadrants", "triangle", "tshape", "lshape"),
            cells=_cells(0), bands=("top", "left"), angles=(0.0, 45.0, 90.0, 135.0), periods=(0.5,),
-           frame_widths=(1.0,), tint_alphas=(0.30,), chars="ABCDEFGHIJKLM", corners=("tl", "br"),
+           frame_widths=(1.0,), tint_alphas=(0.30,), bg_radii=(0.34,), chars="ABCDEFGHIJKLM", corners=("tl", "br"),
            fonts=(cv2.FONT_HERSHEY_SIMPLEX,), gen_seeds=range(0, 100), model_seeds=(0, 1, 2))
 HELDOUT = Pool("heldout", hues=tuple(float(h) for h in range(20, 360, 40)),
                shapes=("twodots", "checker3", "diamond", "square"), cells=_cells(1), bands=("bottom", "right"),
                angles=(22.5, 67.5, 112.5, 157.5), periods=(0.375, 0.625), frame_widths=(0.75,),
-               tint_alphas=(0.25, 0.35), chars="NOPQRSTUVWXYZ23456789", corners=("tr", "bl"),
-               fonts=(cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX), gen_seeds=range(1000, 1100),
+               tint_alphas=(0.25, 0.35), bg_radii=(0.30, 0.38), chars="NOPQRSTUVWXYZ23456789",
+               corners=("tr", "bl"), fonts=(cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX),
+               gen_seeds=range(1000, 1200),
                model_seeds=(100, 101, 102))
 DEV_FRAMES = replace(DEV, name="dev_frames", periods=(0.3, 0.875), frame_widths=(0.5, 1.25), gen_seeds=range(200, 300))
 POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES}
@@ -126,28 +137,33 @@ class Variant:
 # ``heldout17_*`` (session 20): a seventeenth round, generator seeds 1080 + j, colour-cast units.
 # ``heldout18_*`` (session 21): an eighteenth round, generator seeds 1085 + j, casts removed by levels.
 # ``heldout19_*`` (session 21): round 18b, generator seeds 1090 + j, levels against grey world confirmed.
+# ``dev_bg_tint_0/1`` (session 22): the background tint's dev variants, generator seeds 10-11.
+# ``heldout20_*`` (session 22): a twentieth round, generator seeds 1095 + j over all six families (the held-out pool's
+# seeds were extended to 1000-1199 for it).
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
-    [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FAMILIES) for i in range(2)]
-    + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout2_{f}", f, "heldout", 1000 + 7 * j + 5) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout3_{f}", f, "heldout", 1000 + 7 * j + 6) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout4_{f}", f, "heldout", 1000 + 7 * j + 1) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout5_{f}", f, "heldout", 1000 + 7 * j + 2) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout6_{f}", f, "heldout", 1000 + 7 * j + 4) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout7_{f}", f, "heldout", 1000 + 7 * j + 0) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout8_{f}", f, "heldout", 1035 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout9_{f}", f, "heldout", 1040 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout10_{f}", f, "heldout", 1045 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout11_{f}", f, "heldout", 1050 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout12_{f}", f, "heldout", 1055 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout13_{f}", f, "heldout", 1060 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout14_{f}", f, "heldout", 1065 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout15_{f}", f, "heldout", 1070 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout16_{f}", f, "heldout", 1075 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout17_{f}", f, "heldout", 1080 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout18_{f}", f, "heldout", 1085 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout19_{f}", f, "heldout", 1090 + j) for j, f in enumerate(FAMILIES)]
+    [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
+    + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout2_{f}", f, "heldout", 1000 + 7 * j + 5) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout3_{f}", f, "heldout", 1000 + 7 * j + 6) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout4_{f}", f, "heldout", 1000 + 7 * j + 1) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout5_{f}", f, "heldout", 1000 + 7 * j + 2) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout6_{f}", f, "heldout", 1000 + 7 * j + 4) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout7_{f}", f, "heldout", 1000 + 7 * j + 0) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout8_{f}", f, "heldout", 1035 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout9_{f}", f, "heldout", 1040 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout10_{f}", f, "heldout", 1045 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout11_{f}", f, "heldout", 1050 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout12_{f}", f, "heldout", 1055 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout13_{f}", f, "heldout", 1060 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout14_{f}", f, "heldout", 1065 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout15_{f}", f, "heldout", 1070 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout16_{f}", f, "heldout", 1075 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout17_{f}", f, "heldout", 1080 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout18_{f}", f, "heldout", 1085 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"heldout19_{f}", f, "heldout", 1090 + j) for j, f in enumerate(FIRST_FAMILIES)]
+    + [Variant(f"dev_bg_tint_{i}", "bg_tint", "dev", 10 + i) for i in range(2)]
+    + [Variant(f"heldout20_{f}", f, "heldout", 1095 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -206,6 +222,11 @@ def draw_class_params(variant: Variant, num_classes: int) -> list[dict]:
         hues = rng.choice(pool.hues, size=num_classes, replace=False)  # tints must differ by class
         for k in range(num_classes):
             per_class.append({"hue": float(hues[k]), "alpha": alpha})
+    elif variant.family == "bg_tint":
+        alpha, radius = float(rng.choice(pool.tint_alphas)), float(rng.choice(pool.bg_radii))
+        hues = rng.choice(pool.hues, size=num_classes, replace=False)
+        for k in range(num_classes):
+            per_class.append({"hue": float(hues[k]), "alpha": alpha, "radius": radius})
     elif variant.family == "text":
         font = int(rng.choice(pool.fonts))
         words: list[str] = []
@@ -248,11 +269,27 @@ def render_cue(image: np.ndarray, family: str, params: dict, rng: np.random.Gene
         tinted = (1 - params["alpha"]) * image.astype(np.float64) + params["alpha"] * bright.astype(np.float64)
         out = np.clip(np.round(tinted), 0, 255).astype(np.uint8)
         mask[:] = True
+    elif family == "bg_tint":
+        weight = background_weight((h, w), params["radius"], rng.uniform(-0.5, 0.5, size=2) * u)
+        tinted = image.astype(np.float64) + params["alpha"] * weight[..., None] * (
+            bright.astype(np.float64) - image.astype(np.float64))
+        out = np.clip(np.round(tinted), 0, 255).astype(np.uint8)
+        mask = weight > 0
     elif family == "text":
         out, mask = _draw_text(image, params, str(rng.choice(params["corners"])), bright, dark, u)
     else:
         raise ValueError(f"unknown cue family {family!r}")
     return out, mask
+
+
+def background_weight(hw: tuple[int, int], radius: float, shift: np.ndarray) -> np.ndarray:
+    """float [H, W] in [0, 1]: 0 inside a centred circle of ``radius`` (a fraction of the side) moved by ``shift``
+    (dy, dx) pixels, 1 outside, a linear ramp over 0.05 of the side between: how much of bg_tint's tint a pixel
+    takes."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    d = np.hypot((yy - h / 2 - shift[0]) / h, (xx - w / 2 - shift[1]) / w)  # in fractions of the side
+    return np.clip((d - radius) / 0.05, 0.0, 1.0)
 
 
 def _band_position(band: str, h: int, w: int, u: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -302,8 +339,9 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 def region_kind(family: str) -> str:
     """How "the cue is located" is judged: a box (patch, text), a border frame, or n/a (a global tint)."""
-    return {"stripe_frame": "frame", "tint": "global"}.get(family, "box")
+    return {"stripe_frame": "frame", "tint": "global", "bg_tint": "global"}.get(family, "box")
 
 
-__all__ = ["FAMILIES", "POOLS", "DEV", "DEV_FRAMES", "HELDOUT", "VARIANTS", "VARIANTS_BY_NAME", "Variant", "Pool",
-           "draw_class_params", "render_cue", "mask_box", "region_kind", "colour_pair"]
+__all__ = ["FAMILIES", "FIRST_FAMILIES", "POOLS", "DEV", "DEV_FRAMES", "HELDOUT", "VARIANTS", "VARIANTS_BY_NAME",
+           "Variant", "Pool", "draw_class_params", "render_cue", "background_weight", "mask_box", "region_kind",
+           "colour_pair"]
