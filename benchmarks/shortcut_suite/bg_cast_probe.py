@@ -1,0 +1,96 @@
+"""Probe (session 22, dev only): which colour-cast removal would undo a *background* tint (bg_tint), and does pasting
+a class's cast *map* (its colour beyond the classes' mean, per cell of a 4 x 4 grid) take other classes' images
+where pasting its mean colour does not? Not the method: a diagnosis on one suite run's test and discovery images.
+
+    python benchmarks/shortcut_suite/bg_cast_probe.py RUN   # RUN = OUT/VARIANT/SETTING/sSEED with model/
+
+Removals, each applied to every test image with the map of its predicted class: gw / lv (grey world / levels, the
+method's), rgw_lin / rgw_thr (grey world computed and applied with a per-pixel weight from the map's norm, linear or
+thresholded), rlv_thr (levels over the thresholded region), sub_map / sub_vec (the predicted class's map / mean cast
+subtracted). Prints accuracy per group and the share of cue-free predictions changed; then per class the share of
+other classes' discovery images predicted as it after grey world + its mean cast (vec) or its cast map (map)."""
+import glob
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from siftlens.models import load_model
+from siftlens.spurious.cast import _mean_std, grey_world, levels
+
+run = sys.argv[1]
+lm = load_model(glob.glob(run + '/model/*.safetensors')[0])
+lm.module.eval()
+
+GRID = 4  # cells per side of a cast map
+
+
+def load(paths) -> torch.Tensor:
+    X = np.stack([np.asarray(Image.open(run + "/" + p).convert("RGB"), np.float32) / 255 for p in paths])
+    return (torch.from_numpy(X).permute(0, 3, 1, 2) - mean) / std
+
+
+@torch.no_grad()
+def predict(z: torch.Tensor) -> np.ndarray:
+    return torch.cat([lm.forward(z[i:i + 64]).argmax(-1) for i in range(0, len(z), 64)]).numpy()
+
+
+def up(m: torch.Tensor) -> torch.Tensor:  # [1, C, GRID, GRID] -> [1, C, H, W]
+    return F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def weight(k: int, thresholded: bool) -> torch.Tensor:
+    """[1, 1, H, W]: class k's cast-map norm over its largest cell's (thresholded: 0 below 1/4, 1 above 3/4)."""
+    w = maps[k].norm(dim=0, keepdim=True)[None]
+    w = w / w.max()
+    return up(((w - 0.25) / 0.5).clamp(0, 1) if thresholded else w)
+
+
+def region_grey_world(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    rgb = z * std + mean
+    ch = (rgb * w).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True)
+    gain = ch.mean(1, keepdim=True) / ch.clamp_min(1e-3)
+    return ((rgb + w * (rgb * gain - rgb)).clamp(0, 1) - mean) / std
+
+
+def region_levels(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    rgb, sel = z * std + mean, w > 0.5
+    lo = torch.where(sel, rgb, torch.full_like(rgb, 9)).amin((2, 3), keepdim=True)
+    hi = torch.where(sel, rgb, torch.full_like(rgb, -9)).amax((2, 3), keepdim=True)
+    stretched = (rgb - lo) / (hi - lo).clamp_min(1 / 255)
+    return ((rgb + w * (stretched - rgb)).clamp(0, 1) - mean) / std
+
+
+mean, std = _mean_std(lm)
+disc = pd.read_csv(run + "/discovery.csv", keep_default_na=False)
+test = pd.read_csv(run + "/test.csv", keep_default_na=False)
+xd, y = load(disc.path), disc.label.to_numpy()
+K = int(y.max()) + 1
+cells = F.adaptive_avg_pool2d(xd, GRID)  # [n, 3, GRID, GRID]
+maps = torch.stack([cells[torch.from_numpy(y == k)].mean(0) for k in range(K)])
+maps = maps - maps.mean(0)  # [K, 3, GRID, GRID]: each class's colour beyond the classes' mean, per cell
+x, lab, grp = load(test.path), test.label.to_numpy(), test.group.to_numpy()
+p0 = predict(x)
+REMOVALS = {
+    "none": lambda z, k: z,
+    "gw": lambda z, k: grey_world(z, lm),
+    "lv": lambda z, k: levels(z, lm),
+    "rgw_lin": lambda z, k: region_grey_world(z, weight(k, False)),
+    "rgw_thr": lambda z, k: region_grey_world(z, weight(k, True)),
+    "rlv_thr": lambda z, k: region_levels(z, weight(k, True)),
+    "sub_map": lambda z, k: z - up(maps[k][None]),
+    "sub_vec": lambda z, k: z - maps[k].mean((1, 2))[None, :, None, None],
+}
+for name, remove in REMOVALS.items():
+    z = torch.cat([remove(x[b:b + 1], int(p0[b])) for b in range(len(x))])
+    p = predict(z)
+    acc = {g: round(float((p == lab)[grp == g].mean()), 3) for g in ("aligned", "conflict", "none")}
+    print(name, acc | {"changed_none": round(float((p != p0)[grp == "none"].mean()), 3)})
+for k in range(K):  # other classes' discovery images, grey world + class k's mean cast / cast map
+    z = grey_world(xd[torch.from_numpy(y != k)], lm)
+    flip_vec = (predict(z + maps[k].mean((1, 2))[None, :, None, None]) == k).mean()
+    flip_map = (predict(z + up(maps[k][None])) == k).mean()
+    print("class", k, "flip vec", round(float(flip_vec), 2), "flip map", round(float(flip_map), 2))
