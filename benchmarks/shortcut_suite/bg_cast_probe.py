@@ -7,7 +7,9 @@ where pasting its mean colour does not? Not the method: a diagnosis on one suite
 Removals, each applied to every test image with the map of its predicted class: gw / lv (grey world / levels, the
 method's), rgw_lin / rgw_thr (grey world computed and applied with a per-pixel weight from the map's norm, linear or
 thresholded), rlv_thr (levels over the thresholded region), sub_map / sub_vec (the predicted class's map / mean cast
-subtracted). Prints accuracy per group and the share of cue-free predictions changed; then per class the share of
+subtracted), cell_gw / cell_lv (grey world / levels on each cell of the 4 x 4 grid alone), and mask_place (the
+tokens where the predicted class's thresholded map weight is above 1/2 removed as keys in every block). Prints accuracy
+per group and the share of cue-free predictions changed; then per class the share of
 other classes' discovery images predicted as it after grey world + its mean cast (vec) or its cast map (map)."""
 import glob
 import sys
@@ -64,6 +66,16 @@ def region_levels(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return ((rgb + w * (stretched - rgb)).clamp(0, 1) - mean) / std
 
 
+def per_cell(remove, z: torch.Tensor) -> torch.Tensor:
+    """``remove`` (grey world or levels) applied to each cell of a GRID x GRID tiling on its own."""
+    out, h, w = z.clone(), z.shape[-2], z.shape[-1]
+    for r in range(GRID):
+        for c in range(GRID):
+            ys, xs = slice(r * h // GRID, (r + 1) * h // GRID), slice(c * w // GRID, (c + 1) * w // GRID)
+            out[..., ys, xs] = remove(z[..., ys, xs], lm)
+    return out
+
+
 mean, std = _mean_std(lm)
 disc = pd.read_csv(run + "/discovery.csv", keep_default_na=False)
 test = pd.read_csv(run + "/test.csv", keep_default_na=False)
@@ -81,6 +93,8 @@ REMOVALS = {
     "rgw_lin": lambda z, k: region_grey_world(z, weight(k, False)),
     "rgw_thr": lambda z, k: region_grey_world(z, weight(k, True)),
     "rlv_thr": lambda z, k: region_levels(z, weight(k, True)),
+    "cell_gw": lambda z, k: per_cell(grey_world, z),
+    "cell_lv": lambda z, k: per_cell(levels, z),
     "sub_map": lambda z, k: z - up(maps[k][None]),
     "sub_vec": lambda z, k: z - maps[k].mean((1, 2))[None, :, None, None],
 }
@@ -89,6 +103,21 @@ for name, remove in REMOVALS.items():
     p = predict(z)
     acc = {g: round(float((p == lab)[grp == g].mean()), 3) for g in ("aligned", "conflict", "none")}
     print(name, acc | {"changed_none": round(float((p != p0)[grp == "none"].mean()), 3)})
+# the cast's place masked as tokens instead of its colour removed: tokens whose centre falls where the predicted
+# class's thresholded map weight is above 1/2, removed as keys in every block (as token units and the oracle are)
+from siftlens.spurious.causal import masked_probs  # noqa: E402
+from siftlens.spurious.source import TensorSource  # noqa: E402
+
+layout = lm.layout(tuple(x.shape[-2:]))
+gh, gw_ = layout.grid
+centres = [(int((i + 0.5) * x.shape[-2] / gh), int((j + 0.5) * x.shape[-1] / gw_))
+           for i in range(gh) for j in range(gw_)]
+place = {k: np.array([bool(weight(k, True)[0, 0, r, c] > 0.5) for r, c in centres]) for k in range(K)}
+blocks = list(range(len(lm.module.blocks)))
+p = masked_probs(lm, TensorSource(x), blocks, [(b, place[int(p0[b])]) for b in range(len(x))]).argmax(1)
+acc = {g: round(float((p == lab)[grp == g].mean()), 3) for g in ("aligned", "conflict", "none")}
+print("mask_place", acc | {"changed_none": round(float((p != p0)[grp == "none"].mean()), 3)},
+      "tokens", {k: int(v.sum()) for k, v in place.items()}, "of", gh * gw_)
 for k in range(K):  # other classes' discovery images, grey world + class k's mean cast / cast map
     z = grey_world(xd[torch.from_numpy(y != k)], lm)
     flip_vec = (predict(z + maps[k].mean((1, 2))[None, :, None, None]) == k).mean()
