@@ -166,7 +166,7 @@ def test_gated_steering_leaves_cue_free_images_unchanged(cue, tmp_path):
     from siftlens.prompting import SteeredViT
 
     data, lm, res = cue
-    gate = res.shortcuts.masker(lm)
+    gate = res.shortcuts.masker(lm, "presence")
     absent = inputs(lm, data["absent"])
     m = gate(absent)
     # the gate's false alarms on cue-free images (natural keypoints that fall in a cue word at its place);
@@ -657,9 +657,10 @@ def test_counterfactual_gate_steers_where_removal_changes_the_prediction(cue):
     conflict, absent = inputs(lm, data["conflict"][keep]), inputs(lm, data["absent"])
     gate = res.shortcuts.masker(lm, "counterfactual")
     assert isinstance(gate, CounterfactualMasker)
+    assert isinstance(res.shortcuts.masker(lm), CounterfactualMasker)  # the library's default is prompt's
     mc, ma = gate(conflict), gate(absent)
     false_alarms = ma.any(1).float().mean()
-    assert false_alarms < 0.1 and false_alarms <= res.shortcuts.masker(lm)(absent).any(1).float().mean()
+    assert false_alarms < 0.1 and false_alarms <= res.shortcuts.masker(lm, "presence")(absent).any(1).float().mean()
     assert mc.any(1).float().mean() > 0.8
     y = data["test_y"][keep]
     with torch.no_grad(), SteeredViT(lm, "mask_tokens", layers=res.layers, token_mask_fn=lambda _: mc) as st:

@@ -219,7 +219,7 @@ def test_flag_and_gated_steering_apply_the_frame_unit_to_new_images(frame, tmp_p
     with torch.no_grad():
         a = lm.forward(x[none_found])
         before = (lm.forward(xc).argmax(1).numpy() == data["test_y"]).mean()
-        with SteeredViT(lm, "mask_tokens", layers=dense.layers, token_mask_fn=shortcuts.masker(lm)) as st:
+        with SteeredViT(lm, "mask_tokens", layers=dense.layers, token_mask_fn=shortcuts.masker(lm, "presence")) as st:
             b = st(x[none_found])
             after = (st(xc).argmax(1).numpy() == data["test_y"]).mean()
     assert torch.equal(a, b)

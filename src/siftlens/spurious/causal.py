@@ -1314,11 +1314,13 @@ class ShortcutSet:
         detected = len(self.centroids) - self.dense_words
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
-    def masker(self, lm: LoadedModel, gate: str = "presence", margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
+    def masker(self, lm: LoadedModel, gate: str = DEFAULT_GATE, margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
                grow: int = 0) -> GatedMasker | CounterfactualMasker:
-        """token_mask_fn for gated steering: ``presence`` (a unit's words found in the image) or ``counterfactual``
-        (removing a unit changes the prediction and lowers its probability by at least ``min_drop``); each unit's
-        removal as ``present_units(margin_below=...)``."""
+        """token_mask_fn for gated steering: ``counterfactual`` (the default, as ``siftlens prompt``'s: removing a unit
+        changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
+        found in the image); each unit's removal as ``present_units(margin_below=...)``. A counterfactual masker also
+        decides colour-cast removals, which are input edits, not token masks: apply them with its ``apply_casts``
+        before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
         if gate == "presence":
