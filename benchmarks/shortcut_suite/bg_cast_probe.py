@@ -123,3 +123,49 @@ for k in range(K):  # other classes' discovery images, grey world + class k's me
     flip_vec = (predict(z + maps[k].mean((1, 2))[None, :, None, None]) == k).mean()
     flip_map = (predict(z + up(maps[k][None])) == k).mean()
     print("class", k, "flip vec", round(float(flip_vec), 2), "flip map", round(float(flip_map), 2))
+
+# --- session 23 (dev only, after held-out round 20's plan): a cast *with a place*, i.e. the class's cast map itself
+# as the unit. Claim: other classes' images with their own class's map swapped for class k's (x - map_j + map_k).
+# Removal: the predicted class's map subtracted, or the map's place masked as tokens, each ungated and gated as
+# `prompt` gates (applied only where it changes the prediction and lowers its probability by >= 1/2). Flag: how far
+# the removal lowers the predicted class's probability, scored as evaluate.py scores flag_score.
+from planted.evaluate import auroc  # noqa: E402
+
+
+def auc_of(positive: np.ndarray, score: np.ndarray) -> float:
+    return float(auroc(score, positive))
+
+
+@torch.no_grad()
+def softmax(z: torch.Tensor) -> np.ndarray:
+    return torch.cat([lm.forward(z[i:i + 64]).softmax(-1) for i in range(0, len(z), 64)]).numpy()
+
+
+for k in range(K):
+    others = torch.from_numpy(y != k)
+    z = xd[others] - up(maps[torch.from_numpy(y[y != k])].reshape(-1, 3, GRID, GRID)) + up(maps[k][None])
+    print("class", k, "flip swap", round(float((predict(z) == k).mean()), 2))
+twins = test.twin_path.to_numpy()
+has_twin = twins != ""
+pt = predict(load(twins[has_twin]))
+twin_ok = np.ones(len(test), bool)
+twin_ok[has_twin] = pt == lab[has_twin]
+P0 = softmax(x)
+aligned_ok = (grp == "aligned") & (p0 == lab)
+rwr = aligned_ok & ~twin_ok
+conflict = grp == "conflict"
+print("right for the wrong reason", int(rwr.sum()), "of", int(aligned_ok.sum()), "aligned correct")
+print("1 - max softmax: rwr", round(auc_of(rwr[aligned_ok], 1 - P0.max(1)[aligned_ok]), 3),
+      "conflict vs rest", round(auc_of(conflict, 1 - P0.max(1)), 3))
+sub = torch.cat([x[b:b + 1] - up(maps[int(p0[b])][None]) for b in range(len(x))])
+P_sub = softmax(sub)
+P_mask = masked_probs(lm, TensorSource(x), blocks, [(b, place[int(p0[b])]) for b in range(len(x))])
+idx = np.arange(len(x))
+for name, P in (("sub_map", P_sub), ("mask_place", P_mask)):
+    drop = P0[idx, p0] - P[idx, p0]
+    gate = (P.argmax(1) != p0) & (drop >= 0.5)
+    pg = np.where(gate, P.argmax(1), p0)
+    acc = {g: round(float((pg == lab)[grp == g].mean()), 3) for g in ("aligned", "conflict", "none")}
+    print(name, "gated", acc | {"changed_none": round(float(gate[grp == "none"].mean()), 3)},
+          "flag rwr", round(auc_of(rwr[aligned_ok], drop[aligned_ok]), 3),
+          "conflict vs rest", round(auc_of(conflict, drop), 3))

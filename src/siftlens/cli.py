@@ -216,6 +216,11 @@ def _spurious_parser(sub) -> None:
                    "channel's range stretched to the pixel range: undoes a blended tint's offset and lost contrast; "
                    "far better right-for-the-wrong-reason flags on held-out tints, but it steers aligned images as "
                    "the cue-free twin would, lowering the training-mix average)")
+    p.add_argument("--placed-casts", action="store_true",
+                   help="also test, for classes without a claimed colour cast, a colour cast with a place (the class's "
+                   "colour per cell of a 4 x 4 grid, e.g. a background tint), claimed by the same swap test and "
+                   "removed by masking its place in images predicted as its class; measured on dev background tints "
+                   "only, so off by default")
     p.add_argument("--no-causal", action="store_true", help="attention ranking only (no counterfactual forwards)")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
@@ -235,7 +240,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       region_windows=args.region_windows,
                                                       shortcut_min_effect=args.min_effect,
                                                       casts=not args.no_casts,
-                                                      cast_removal=args.cast_removal)
+                                                      cast_removal=args.cast_removal,
+                                                      placed_casts=args.placed_casts)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,

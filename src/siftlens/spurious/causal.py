@@ -65,6 +65,7 @@ from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, keypoint_mass
 from ..validation import UserValueError
 from .cast import CAST_REMOVALS, DEFAULT_CAST_REMOVAL, cast_removal_probs, remove_cast
+from .placed_cast import FAMILY as PLACED_FAMILY
 
 GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
 # prompt's default: the counterfactual gate reached 90% / 115% of the oracle's headroom on held-out round 7b where
@@ -156,6 +157,10 @@ class CausalConfig:
     # channel's range stretched to the pixel range: undoes a blend's offset and lost contrast; better flags, but it
     # failed the training-mix clause of held-out round 18b's pre-set line, so it is not the default)
     cast_removal: str = DEFAULT_CAST_REMOVAL
+    # colour casts with a place (placed_cast.py): for classes without a claimed cast, the class's colour per cell of a
+    # coarse grid, claimed by the same swap test, removed by masking its place (a background tint). Off until a
+    # held-out round has measured it
+    placed_casts: bool = False
     batch_size: int = 64
     seed: int = 0
 
@@ -1205,7 +1210,7 @@ class ShortcutSet:
         return LabelMap(stored, here.by_name, num_outputs, list(self.class_names), here.display, here.note)
 
     def present_units(self, lm: LoadedModel, x: torch.Tensor, token_units: str = "gated",
-                      info: dict | None = None, margin_below: int = 0
+                      info: dict | None = None, margin_below: int = 0, pred: Sequence[int] | None = None
                       ) -> list[list[tuple[int, np.ndarray]] | None]:
         """Per image of a batch: [(unit index, bool mask [n])] of the shortcut units present in it, each mask what
         removing the unit masks (with ``margin_below``: a mask of at most that many tokens grown by its 8
@@ -1214,7 +1219,9 @@ class ShortcutSet:
         a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
         sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
         ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints; ``info["keypoints"]``:
-        each batch position's keypoints (reused by the flag's window occlusion)."""
+        each batch position's keypoints (reused by the flag's window occlusion). ``pred``: each image's predicted
+        model output; a placed colour cast (placed_cast.py) is listed only for images predicted as its class (and
+        never without ``pred``): a background's place is every class's."""
         from .discover import image_descriptors
 
         if token_units not in ("gated", "always"):
@@ -1224,7 +1231,11 @@ class ShortcutSet:
         out: list = []
         detected_words = len(self.centroids) - self.dense_words
         superseded = self.superseded_by_casts()
+        outputs = self.class_outputs()
         for b in range(len(x)):
+            # placed casts of classes other than the predicted one: not tested here
+            skip = superseded | {j for j, u in enumerate(self.units) if u.get("family") == PLACED_FAMILY
+                                 and (pred is None or outputs[int(u["cls"])] != int(pred[b]))}
             _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0,
                                                    dense_gradient_weight=self.dense_gradient_weight)
             if info is not None:
@@ -1233,7 +1244,9 @@ class ShortcutSet:
                     info.setdefault("no_keypoints", []).append(b)
             if not len(desc) and dense is None:
                 always = [(j, self.removal(j, token_mask(u["tokens"], n), grid, margin_below))
-                          for j, u in enumerate(self.units) if u["kind"] == "token" and token_units == "always"]
+                          for j, u in enumerate(self.units)
+                          if (u["kind"] == "token" or u.get("family") == PLACED_FAMILY) and j not in skip
+                          and token_units == "always"]
                 out.append(always or None)
                 continue
             xy, size = kp.xy, kp.size
@@ -1247,7 +1260,7 @@ class ShortcutSet:
             row = np.clip((xy[:, 1] // p).astype(int), 0, grid[0] - 1)
             token = row * grid[1] + col
             for j, u in enumerate(self.units):
-                if j in superseded:
+                if j in skip:
                     continue
                 gate = u.get("gate_words") or [u["word"]]
                 hit = np.isin(words, gate)
@@ -1305,9 +1318,9 @@ class ShortcutSet:
 
     def colour_only(self, u: dict) -> bool:
         """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
-        token's colour, so a claim on it is a SIFT-free finding and the report says so."""
-        return (self.dense_words > 0 and self.dense_gradient_weight == 0
-                and int(u["word"]) >= len(self.centroids) - self.dense_words)
+        token's colour, so a claim on it is a SIFT-free finding and the report says so), or a placed colour cast."""
+        return u.get("family") == PLACED_FAMILY or (self.dense_words > 0 and self.dense_gradient_weight == 0
+                                                    and int(u["word"]) >= len(self.centroids) - self.dense_words)
 
     def dense_word_ids(self, descriptors: np.ndarray) -> np.ndarray:
         """Each token's dense word ([n] from its dense descriptors [n, D]), numbered after the detected words."""
@@ -1376,12 +1389,13 @@ class CounterfactualMasker:
         layout = self.lm.layout(tuple(x.shape[-2:]))
         out = torch.zeros(len(x), layout.num_patches, dtype=torch.bool)
         self.last_present, self.last_cast = [[] for _ in range(len(x))], set()
-        alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always"))
-                 for j, m in found or []]
-        if not alone and not self.shortcuts.casts:
+        if not self.shortcuts.units and not self.shortcuts.casts:
             return out
         device = next(self.lm.module.parameters()).device
         p0 = self.lm.forward(x.to(device)).float().softmax(-1).cpu().numpy()
+        alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always",
+                                                                                  pred=p0.argmax(1)))
+                 for j, m in found or []]
         pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(p0.argmax(1)))
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []

@@ -37,6 +37,7 @@ from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 from ..validation import NonFiniteError, UserValueError, check_finite_output
 from .cast import cast_check, class_casts, image_colours
 from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery, margin_gains, sample_images
+from .placed_cast import class_cast_maps, image_cells, placed_cast_check, placed_cast_unit
 from .source import as_source
 
 DECISIVE = ("mean", "rollout")
@@ -576,6 +577,15 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
                                     "cast_effect": float(r.cast_effect), "cast_sufficiency": float(r.cast_sufficiency)}
                                    for r in res.casts[res.casts["cast_claimed"]].itertuples()]
             res.shortcuts.cast_removal = causal_cfg.cast_removal
+            if causal_cfg.placed_casts:  # a colour with a place (a background tint): masked where it sits
+                maps = class_cast_maps(image_cells(source, len(cls_of_image), cfg.batch_size, parts), cls_of_image,
+                                       len(class_names))
+                placed = placed_cast_check(lm, source, maps, sample, cls_of_image[sample], class_probs, causal_cfg,
+                                           layout.grid, set(res.casts.loc[res.casts["cast_claimed"], "cls"].tolist()),
+                                           parts, columns)
+                res.casts = res.casts.merge(placed, on="cls")
+                res.shortcuts.units += [placed_cast_unit(r, class_names[int(r.cls)], layout.grid)
+                                        for r in placed[placed["place_claimed"]].itertuples()]
     return res
 
 

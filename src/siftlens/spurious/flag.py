@@ -137,7 +137,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         rows, no_kp = [], []
         p0 = lm.forward(x.to(device)).float().softmax(-1).cpu().numpy().astype(np.float64)
         info: dict = {}
-        present = shortcuts.present_units(lm, x, token_units, info, margin_below)
+        present = shortcuts.present_units(lm, x, token_units, info, margin_below, pred=p0.argmax(1))
         no_keypoints = set(info.get("no_keypoints", []))
         jobs, at = [], []
         for b, found in enumerate(present):

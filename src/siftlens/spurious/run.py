@@ -234,7 +234,26 @@ def casts_section_html(casts: pd.DataFrame, cfg) -> str:
             "gated prompt then test the removal in images predicted as the class. A colour measurement: "
             "SIFT-free.</p>"
             + table_html(casts[[c for c in cols if c in casts]])
-            + f"<p><b>Colour casts claimed: {html.escape(', '.join(claimed)) if claimed else 'none'}.</b></p>")
+            + f"<p><b>Colour casts claimed: {html.escape(', '.join(claimed)) if claimed else 'none'}.</b></p>"
+            + (placed_section_html(casts, cfg) if "place_claimed" in casts else ""))
+
+
+def placed_section_html(casts: pd.DataFrame, cfg) -> str:
+    """The colour casts with a place (placed_cast.py), where the run tested them (--placed-casts)."""
+    cols = ["class", "map_norm", "place_n", "place_tested", "place_rise", "place_rise_random", "place_sufficiency",
+            "place_sufficiency_lo", "place_flip", "place_claimed"]
+    claimed = casts.loc[casts["place_claimed"], "class"].tolist()
+    return ("<h3>Colour casts with a place (--placed-casts)</h3>"
+            "<p class=note>For classes without a claimed cast: class k's cast map is its images' mean colour per "
+            "cell of a 4 x 4 grid minus the classes' mean there (map_norm: its mean length per cell); place_n: the "
+            "tokens where it is strong (its place). place_rise: p_k's rise when other classes' images have their own "
+            "class's map swapped for class k's, place_rise_random with each cell of class k's map turned to a random "
+            "direction as long; place_sufficiency the difference (lower bound place_sufficiency_lo), place_flip the "
+            f"share then predicted as k. Claimed where place_sufficiency_lo &ge; {cfg.shortcut_sufficiency:g} and "
+            f"place_flip &ge; {MIN_FLIP:g}; flag and gated prompt then mask its place in images predicted as the "
+            "class. A colour measurement: SIFT-free.</p>"
+            + table_html(casts[[c for c in cols if c in casts]])
+            + f"<p><b>Placed casts claimed: {html.escape(', '.join(claimed)) if claimed else 'none'}.</b></p>")
 
 
 def _same_place(box: tuple[float, float, float, float], token_box: tuple[float, float, float, float],
