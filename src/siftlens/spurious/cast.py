@@ -104,6 +104,10 @@ def levels(x: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
 # how a cast is removed from an image, by name (shortcuts.json's ``cast_removal``; files without one: grey world)
 CAST_REMOVALS = {"levels": levels, "grey_world": grey_world}
 DEFAULT_CAST_REMOVAL = "grey_world"
+# what `siftlens flag` scores claimed casts by, whatever the spurious run steers with (the claims do not depend on it):
+# held-out round 20's pre-set line held (levels within 0.02 of grey world on two background tints, 0.948 against
+# 0.521 on a new tint, paired CI above 0; rounds 18 / 18b: 0.86-0.94 against 0.60-0.66)
+FLAG_CAST_REMOVAL = "levels"
 REMOVAL_WORDS = {"levels": "levels (each channel's darkest value to black, its brightest to white)",
                  "grey_world": "grey world (each channel scaled to the image's mean grey)"}
 

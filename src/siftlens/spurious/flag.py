@@ -34,7 +34,7 @@ from ..models import LoadedModel, load_model
 from ..resume import Part, RunParts, distributed, rank_device, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
-from .cast import CAST_REMOVALS, REMOVAL_WORDS, cast_removal_probs
+from .cast import CAST_REMOVALS, FLAG_CAST_REMOVAL, REMOVAL_WORDS, cast_removal_probs
 from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
@@ -208,12 +208,13 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
-             cast_removal: str | None = None) -> pd.DataFrame | None:
+             cast_removal: str | None = FLAG_CAST_REMOVAL) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
-    removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so a flag may
-    use levels where steering keeps grey world (held-out rounds 18 / 18b: levels flagged right-for-the-wrong-reason
-    images at 0.86-0.94 where grey world reached 0.60-0.66)."""
+    removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses
+    levels by default where steering keeps grey world (``FLAG_CAST_REMOVAL``: held-out rounds 18 / 18b / 20, levels
+    flagged right-for-the-wrong-reason images on new tints at 0.86-0.95 where grey world reached 0.52-0.66, and
+    within 0.02 of it on background tints)."""
     if cast_removal is not None and cast_removal not in CAST_REMOVALS:
         raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
     rank, world = distributed(device)
