@@ -15,6 +15,7 @@ from planted.build import patch_pattern
 
 from siftlens.models import LoadedModel
 from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.train import TrainConfig, normalize, train_classifier
 
 CLASSES = ["ant", "bee", "cat"]
@@ -101,3 +102,25 @@ def train_cue_model(data: dict, steps_epochs: int = 30, seed: int = 0) -> Loaded
 
 def inputs(lm: LoadedModel, images: np.ndarray) -> torch.Tensor:
     return normalize(torch.from_numpy(images), lm.preprocess.mean, lm.preprocess.std)
+
+
+def colour_cue_toy(colour_in, seed: int, config: DiscoveryConfig | None = None, with_train: bool = False):
+    """The object: each class's pattern at its cell, in every image; the shortcut: the class's colour put in by
+    ``colour_in(images, cue)`` in 95% of the training images. Test: aligned (own colour), conflict (another class's),
+    absent (none). Yields the model, its discovery (``config``; default 16 words), the test groups' inputs and their
+    labels (``with_train``: and the training inputs and labels)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 60)
+    cue = np.where(rng.random(len(y)) < 0.95, y, -1)
+    train = colour_in(plant(base_images(y, 0, tint=0), y), cue)
+    yt = np.repeat(np.arange(3), 30)
+    objects = plant(base_images(yt, 1000, tint=0), yt)
+    other = (yt + rng.integers(1, 3, len(yt))) % 3
+    lm = train_cue_model({"train": train, "y": y})
+    res = discover_shortcuts(lm, inputs(lm, train), y, CLASSES, config or DiscoveryConfig(n_words=16))
+    groups = {"aligned": colour_in(objects, yt), "conflict": colour_in(objects, other), "absent": objects}
+    x = {g: inputs(lm, v) for g, v in groups.items()}
+    yield (lm, res, x, yt, inputs(lm, train), y) if with_train else (lm, res, x, yt)
+    torch.set_num_threads(n)

@@ -15,7 +15,7 @@ from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.prompt_cli import _cast_steering
 from siftlens.spurious.source import TensorSource
-from tests.cue_model import CLASSES, TINT, base_images, inputs, plant, train_cue_model
+from tests.cue_model import CLASSES, TINT, colour_cue_toy
 
 STRENGTH = 1.5  # the planted tint: 1.5 x cue_model.TINT (60 grey levels on the class's channel)
 
@@ -24,26 +24,6 @@ def _tinted(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
     """Class ``cue[i]``'s tint added to image i (cue -1: none)."""
     shift = STRENGTH * TINT[np.maximum(cue, 0)] * (cue >= 0)[:, None]
     return np.clip(images.astype(np.float32) + shift[:, :, None, None], 0, 255).round().astype(np.uint8)
-
-
-def _tint_toy(colour_in, seed: int):
-    """The object: each class's pattern at its cell, in every image; the shortcut: the class's colour put in by
-    ``colour_in(images, cue)`` in 95% of the training images. Test: aligned (own colour), conflict (another class's),
-    absent (none). Yields the model, its discovery, the test groups' inputs and their labels."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(3), 60)
-    cue = np.where(rng.random(len(y)) < 0.95, y, -1)
-    train = colour_in(plant(base_images(y, 0, tint=0), y), cue)
-    yt = np.repeat(np.arange(3), 30)
-    objects = plant(base_images(yt, 1000, tint=0), yt)
-    other = (yt + rng.integers(1, 3, len(yt))) % 3
-    lm = train_cue_model({"train": train, "y": y})
-    res = discover_shortcuts(lm, inputs(lm, train), y, CLASSES, DiscoveryConfig(n_words=16))
-    groups = {"aligned": colour_in(objects, yt), "conflict": colour_in(objects, other), "absent": objects}
-    yield lm, res, {g: inputs(lm, x) for g, x in groups.items()}, yt
-    torch.set_num_threads(n)
 
 
 def _blended(images: np.ndarray, cue: np.ndarray, alpha: float = 0.3) -> np.ndarray:
@@ -57,13 +37,13 @@ def _blended(images: np.ndarray, cue: np.ndarray, alpha: float = 0.3) -> np.ndar
 @pytest.fixture(scope="module")
 def tint():
     """The class's tint added (and clipped)."""
-    yield from _tint_toy(_tinted, 0)
+    yield from colour_cue_toy(_tinted, 0)
 
 
 @pytest.fixture(scope="module")
 def blend():
     """The class's colour blended in instead of added."""
-    yield from _tint_toy(_blended, 1)
+    yield from colour_cue_toy(_blended, 1)
 
 
 def test_grey_world_scales_each_channel_to_the_images_mean_grey():

@@ -23,7 +23,7 @@ from siftlens.spurious.placed_cast import (
 )
 from siftlens.spurious.placed_cast import cast_place as place_of
 from siftlens.spurious.source import TensorSource
-from tests.cue_model import CLASSES, SIZE, TINT, base_images, inputs, plant, train_cue_model
+from tests.cue_model import CLASSES, SIZE, TINT, colour_cue_toy
 
 RING = np.ones((4, 4), bool)
 RING[1:3, 1:3] = False  # the 12 border tokens of the 4 x 4 grid; the objects sit in the centre 2 x 2
@@ -41,21 +41,9 @@ def _bg_blended(images: np.ndarray, cue: np.ndarray, alpha: float = 0.5) -> np.n
 
 @pytest.fixture(scope="module")
 def bg():
-    """A model that rests on a background tint (95% of training images), its discovery, test groups and labels."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(2)
-    y = np.repeat(np.arange(3), 60)
-    cue = np.where(rng.random(len(y)) < 0.95, y, -1)
-    train = _bg_blended(plant(base_images(y, 0, tint=0), y), cue)
-    yt = np.repeat(np.arange(3), 30)
-    objects = plant(base_images(yt, 1000, tint=0), yt)
-    other = (yt + rng.integers(1, 3, len(yt))) % 3
-    lm = train_cue_model({"train": train, "y": y})
-    res = discover_shortcuts(lm, inputs(lm, train), y, CLASSES, CONFIG)
-    groups = {"aligned": _bg_blended(objects, yt), "conflict": _bg_blended(objects, other), "absent": objects}
-    yield lm, res, {g: inputs(lm, v) for g, v in groups.items()}, yt, inputs(lm, train), y
-    torch.set_num_threads(n)
+    """A model that rests on a background tint (95% of training images), its discovery, test groups and labels, and
+    its training inputs and labels."""
+    yield from colour_cue_toy(_bg_blended, 2, CONFIG, with_train=True)
 
 
 def test_cast_maps_weigh_classes_equally_per_cell():

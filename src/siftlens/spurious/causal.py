@@ -1232,10 +1232,10 @@ class ShortcutSet:
         detected_words = len(self.centroids) - self.dense_words
         superseded = self.superseded_by_casts()
         outputs = self.class_outputs()
+        placed = {j: outputs[int(u["cls"])] for j, u in enumerate(self.units) if u.get("family") == PLACED_FAMILY}
         for b in range(len(x)):
             # placed casts of classes other than the predicted one: not tested here
-            skip = superseded | {j for j, u in enumerate(self.units) if u.get("family") == PLACED_FAMILY
-                                 and (pred is None or outputs[int(u["cls"])] != int(pred[b]))}
+            skip = superseded | {j for j, o in placed.items() if pred is None or o != int(pred[b])}
             _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0,
                                                    dense_gradient_weight=self.dense_gradient_weight)
             if info is not None:

@@ -17,8 +17,10 @@ predictions (bg_cast_probe.py). A placed cast keeps where the colour sits:
 - a claimed placed cast becomes a token unit of family ``cast_place`` (kind ``region``, no word): flag and the
   counterfactual gate remove it by masking its place, in images predicted as its class only (a background ring is
   the same place for every class). Masking the place, not editing colour: on two dev background tints the
-  predicted class's place masked and gated steered conflicting images to 0.25 / 0.25 (cue-removed twin 0.31 / 0.44,
-  token oracle 0.27 / 0.37) and flagged right-for-the-wrong-reason images at 0.86 (1 - max softmax 0.48)
+  predicted class's place masked and gated (every class's map, probe) steered conflicting images to 0.25 / 0.18
+  (cue-removed twin 0.31 / 0.44, token oracle 0.30 / 0.32) and flagged right-for-the-wrong-reason images at 0.86 /
+  0.66 (1 - max softmax 0.48 / 0.66); colour edits moved most cue-free predictions or did nothing. In the method,
+  beside its other units, it added +0.04 conflicting accuracy on one dev model and +0.07 to the flag on the other
   (RESULTS.md, "Dev round 21").
 
 Tested only for classes whose global cast is not claimed (a whole-image tint is a cast; its place would be every
