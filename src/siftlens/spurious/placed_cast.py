@@ -24,8 +24,10 @@ predictions (bg_cast_probe.py). A placed cast keeps where the colour sits:
   (RESULTS.md, "Dev round 21").
 
 Tested only for classes whose global cast is not claimed (a whole-image tint is a cast; its place would be every
-token). A colour measurement, SIFT-free: the report says so. Off by default (``CausalConfig.placed_casts``) until a
-held-out round has measured it.
+token). A colour measurement, SIFT-free: the report says so. Off by default (``CausalConfig.placed_casts``):
+held-out round 21 (two new background tints) found a placed cast for every class without a cast and raised the
+right-for-the-wrong-reason flag by 0.08 / 0.10, but its steering gain (+0.03 / +0.06) was not separable from zero
+and it cost 17-18 aligned points, so its pre-set line failed.
 """
 
 from __future__ import annotations
