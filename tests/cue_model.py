@@ -100,6 +100,16 @@ def train_cue_model(data: dict, steps_epochs: int = 30, seed: int = 0) -> Loaded
     return LoadedModel(model, "timm", "tiny-cue", pre, list(CLASSES))
 
 
+def random_cue_model(preprocess: Preprocess, seed: int = 1) -> LoadedModel:
+    """The cue model's architecture with random weights (a model that can have learned no shortcut)."""
+    import timm
+
+    torch.manual_seed(seed)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                               embed_dim=32, num_heads=2, num_classes=3).eval()
+    return LoadedModel(module, "timm", "random", preprocess, list(CLASSES))
+
+
 def inputs(lm: LoadedModel, images: np.ndarray) -> torch.Tensor:
     return normalize(torch.from_numpy(images), lm.preprocess.mean, lm.preprocess.std)
 

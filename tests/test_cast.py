@@ -15,7 +15,7 @@ from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.prompt_cli import _cast_steering
 from siftlens.spurious.source import TensorSource
-from tests.cue_model import CLASSES, TINT, colour_cue_toy
+from tests.cue_model import CLASSES, TINT, colour_cue_toy, random_cue_model
 
 STRENGTH = 1.5  # the planted tint: 1.5 x cue_model.TINT (60 grey levels on the class's channel)
 
@@ -147,16 +147,8 @@ def test_a_blended_tint_is_claimed_and_removed_by_levels(blend):
 
 
 def test_a_random_weights_model_claims_no_cast(tint):
-    import timm
-
-    from siftlens.models import LoadedModel
-    from tests.cue_model import PATCH, SIZE
-
     lm, res, x, _ = tint
-    torch.manual_seed(1)
-    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
-                               embed_dim=32, num_heads=2, num_classes=3).eval()
-    rand = LoadedModel(module, "timm", "random", lm.preprocess, list(CLASSES))
+    rand = random_cue_model(lm.preprocess)
     images = torch.cat([x["aligned"], x["conflict"]])
     labels = np.r_[np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 30)]
     out = discover_shortcuts(rand, images, labels, CLASSES, DiscoveryConfig(n_words=16))

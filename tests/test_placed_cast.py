@@ -11,19 +11,20 @@ import pytest
 import torch
 from planted.evaluate import auroc
 
-from siftlens.spurious.causal import CausalConfig, ShortcutSet
+from siftlens.spurious.causal import CausalConfig, ShortcutSet, sample_images
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.placed_cast import (
     FAMILY,
     class_cast_maps,
+    image_cells,
     map_edit_probs,
     placed_cast_check,
     placed_cast_unit,
 )
 from siftlens.spurious.placed_cast import cast_place as place_of
 from siftlens.spurious.source import TensorSource
-from tests.cue_model import CLASSES, SIZE, TINT, colour_cue_toy
+from tests.cue_model import CLASSES, SIZE, TINT, colour_cue_toy, random_cue_model
 
 RING = np.ones((4, 4), bool)
 RING[1:3, 1:3] = False  # the 12 border tokens of the 4 x 4 grid; the objects sit in the centre 2 x 2
@@ -77,22 +78,21 @@ def test_map_edits_add_the_map_where_it_sits(bg):
     assert not np.allclose(p[0], p0[0], atol=1e-4)
 
 
-def test_a_background_tint_is_claimed_at_its_ring(bg):
-    lm, res, _, _, train_x, y = bg
-    c = res.casts
-    assert "place_claimed" in c
-    # whether or not the whole-image cast takes the claim, the placed check (run here for every class) claims the
-    # ring: swapping class k's map into another class's image takes it to k
-    from siftlens.spurious.causal import sample_images
-
+def _placed_check(bg):
+    """The placed cast check of the toy's discovery for every class (the run itself skips the classes whose
+    whole-image cast it claims: on this toy all three), as ``spurious --placed-casts`` runs it."""
+    lm, _, _, _, train_x, y = bg
     cfg = replace(CONFIG.causal, seed=0)
     sample = sample_images(y, 3, cfg.causal_images, 0)
     with torch.no_grad():
         probs = lm.forward(train_x).softmax(-1).numpy().astype(np.float64)
-    from siftlens.spurious.placed_cast import image_cells
-
     maps = class_cast_maps(image_cells(TensorSource(train_x), len(y), 64), y, 3)
-    placed = placed_cast_check(lm, TensorSource(train_x), maps, sample, y[sample], probs, cfg, (4, 4))
+    return placed_cast_check(lm, TensorSource(train_x), maps, sample, y[sample], probs, cfg, (4, 4))
+
+
+def test_a_background_tint_is_claimed_at_its_ring(bg):
+    assert "place_claimed" in bg[1].casts  # the run tested placed casts
+    placed = _placed_check(bg)
     assert placed["place_claimed"].all(), placed
     assert (placed["place_flip"] > 0.8).all() and (placed["place_sufficiency_lo"] > 0.2).all()
     for r in placed.itertuples():
@@ -100,27 +100,15 @@ def test_a_background_tint_is_claimed_at_its_ring(bg):
         assert tokens <= set(np.flatnonzero(RING)) and len(tokens) >= 8, (r.cls, tokens)  # the ring, not the centre
 
 
-def _placed_only(res, grid=(4, 4)) -> ShortcutSet:
-    """The run's shortcuts with its placed casts forced in place of every other unit and cast."""
-    placed = res.casts.copy()
+def _placed_only(placed, shortcuts: ShortcutSet, grid=(4, 4)) -> ShortcutSet:
+    """``shortcuts`` with the placed casts of ``placed`` (``_placed_check``) in place of every other unit and cast."""
     units = [placed_cast_unit(r, CLASSES[int(r.cls)], grid) for r in placed.itertuples() if r.place_n > 0]
-    return replace(res.shortcuts, units=units, casts=[])
+    return replace(shortcuts, units=units, casts=[])
 
 
 def test_flag_and_gate_mask_the_place_in_images_predicted_as_its_class(bg):
-    lm, res, x, yt, train_x, y = bg
-    if not res.casts["place_tested"].any():  # every class's whole-image cast claimed: test the placed units alone
-        from siftlens.spurious.causal import sample_images
-        from siftlens.spurious.placed_cast import image_cells
-
-        cfg = replace(CONFIG.causal, seed=0)
-        sample = sample_images(y, 3, cfg.causal_images, 0)
-        with torch.no_grad():
-            probs = lm.forward(train_x).softmax(-1).numpy().astype(np.float64)
-        maps = class_cast_maps(image_cells(TensorSource(train_x), len(y), 64), y, 3)
-        res = replace(res, casts=placed_cast_check(lm, TensorSource(train_x), maps, sample, y[sample], probs, cfg,
-                                                   (4, 4)))
-    shortcuts = _placed_only(res)
+    lm, res, x, yt, _, _ = bg
+    shortcuts = _placed_only(_placed_check(bg), res.shortcuts)
     assert shortcuts.units and all(u["family"] == FAMILY for u in shortcuts.units)
     with torch.no_grad():
         before = {g: lm.forward(v).argmax(1).numpy() for g, v in x.items()}
@@ -150,7 +138,7 @@ def test_flag_and_gate_mask_the_place_in_images_predicted_as_its_class(bg):
 
 def test_shortcuts_json_keeps_a_placed_cast(bg, tmp_path):
     _, res, _, _, _, _ = bg
-    shortcuts = _placed_only(res)
+    shortcuts = _placed_only(_placed_check(bg), res.shortcuts)
     shortcuts.save(tmp_path / "shortcuts.json")
     d = json.loads((tmp_path / "shortcuts.json").read_text())  # standard JSON: no NaN
     assert all(u["causal_p"] is None and u["word"] == -1 for u in d["units"])
@@ -160,16 +148,8 @@ def test_shortcuts_json_keeps_a_placed_cast(bg, tmp_path):
 
 
 def test_a_random_weights_model_claims_no_placed_cast(bg):
-    import timm
-
-    from siftlens.models import LoadedModel
-    from tests.cue_model import PATCH
-
     lm, _, x, _, _, _ = bg
-    torch.manual_seed(1)
-    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
-                               embed_dim=32, num_heads=2, num_classes=3).eval()
-    rand = LoadedModel(module, "timm", "random", lm.preprocess, list(CLASSES))
+    rand = random_cue_model(lm.preprocess)
     images = torch.cat([x["aligned"], x["conflict"]])
     labels = np.r_[np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 30)]
     out = discover_shortcuts(rand, images, labels, CLASSES, CONFIG)
