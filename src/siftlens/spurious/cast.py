@@ -162,11 +162,11 @@ def class_casts(colours: np.ndarray, labels: np.ndarray, K: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndarray, str | None]],
-                      batch_size: int = 64, parts: RunParts | None = None, name: str = "cast",
-                      columns: np.ndarray | None = None) -> np.ndarray:
-    """For job j = (image index, shift [3], cast removal or None): the class probabilities [J, K] of the image so
-    edited (``edit_colour``; softmax over all outputs, ``columns``: the run's classes' outputs, in its order)."""
+def edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple], edit, batch_size: int = 64,
+               parts: RunParts | None = None, name: str = "cast", columns: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities [J, K] of the edited images: job j's first entry is an image index of ``source``;
+    ``edit(x, chunk)`` returns a batch's images [B, 3, H, W] edited as its jobs say. Batched and resumable
+    (``parts``, under ``name``); softmax over all outputs, ``columns``: the run's classes' outputs, in its order."""
     if not jobs:
         return np.zeros((0, 0))
     device = next(lm.module.parameters()).device
@@ -174,13 +174,24 @@ def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndar
 
     def batch(c: int) -> Part:
         chunk = jobs[c * batch_size:(c + 1) * batch_size]
-        x = source.get([i for i, _, _ in chunk])
-        shift = torch.as_tensor(np.stack([s for _, s, _ in chunk]), dtype=torch.float32)
-        p = lm.forward(edit_colour(x, lm, shift, [r for _, _, r in chunk]).to(device)).float().softmax(-1).cpu().numpy()
+        x = source.get([job[0] for job in chunk])
+        p = lm.forward(edit(x, chunk).to(device)).float().softmax(-1).cpu().numpy()
         return Part(arrays={"p": p if columns is None else p[:, columns]})
 
     return np.concatenate([p.arrays["p"] for p in parts.run(name, -(-len(jobs) // batch_size), batch)]
                           ).astype(np.float64)
+
+
+def colour_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndarray, str | None]],
+                      batch_size: int = 64, parts: RunParts | None = None, name: str = "cast",
+                      columns: np.ndarray | None = None) -> np.ndarray:
+    """For job j = (image index, shift [3], cast removal or None): the class probabilities [J, K] of the image so
+    edited (``edit_colour``; softmax over all outputs, ``columns``: the run's classes' outputs, in its order)."""
+    def edit(x: torch.Tensor, chunk) -> torch.Tensor:
+        shift = torch.as_tensor(np.stack([s for _, s, _ in chunk]), dtype=torch.float32)
+        return edit_colour(x, lm, shift, [r for _, _, r in chunk])
+
+    return edit_probs(lm, source, jobs, edit, batch_size, parts, name, columns)
 
 
 def cast_removal_probs(lm: LoadedModel, x: torch.Tensor, images: Sequence[int], batch_size: int = 64,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..models import LoadedModel
 from ..resume import Part, RunParts
-from .cast import MIN_FLIP, _ci, pixel_range
+from .cast import MIN_FLIP, _ci, edit_probs, pixel_range
 
 MAP_GRID = 4  # cells per side of a cast map: coarse enough for 40 images a class to estimate, fine enough for a ring
 FAMILY = "cast_place"
@@ -99,22 +99,14 @@ def map_edit_probs(lm: LoadedModel, source, jobs: Sequence[tuple[int, np.ndarray
                    parts: RunParts | None = None, columns: np.ndarray | None = None) -> np.ndarray:
     """For job j = (image index, colour change map [3, G, G]): the class probabilities [J, K] of the image with the
     map, upsampled, added (clipped to the pixel range; ``columns``: the run's classes' outputs, in its order)."""
-    if not jobs:
-        return np.zeros((0, 0))
-    device = next(lm.module.parameters()).device
     lo, hi = pixel_range(lm)
-    parts = parts or RunParts.memory()
 
-    def batch(c: int) -> Part:
-        chunk = jobs[c * batch_size:(c + 1) * batch_size]
-        x = source.get([i for i, _ in chunk]).float()
+    def edit(x: torch.Tensor, chunk) -> torch.Tensor:
+        x = x.float()
         delta = torch.as_tensor(np.stack([d for _, d in chunk]), dtype=torch.float32)
-        z = torch.maximum(torch.minimum(x + _up(delta, tuple(x.shape[-2:])), hi), lo)
-        p = lm.forward(z.to(device)).float().softmax(-1).cpu().numpy()
-        return Part(arrays={"p": p if columns is None else p[:, columns]})
+        return torch.maximum(torch.minimum(x + _up(delta, tuple(x.shape[-2:])), hi), lo)
 
-    return np.concatenate([p.arrays["p"] for p in parts.run("cast_place", -(-len(jobs) // batch_size), batch)]
-                          ).astype(np.float64)
+    return edit_probs(lm, source, jobs, edit, batch_size, parts, "cast_place", columns)
 
 
 def placed_cast_check(lm: LoadedModel, source, maps: np.ndarray, sample: np.ndarray, y: np.ndarray,
