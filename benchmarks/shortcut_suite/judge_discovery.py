@@ -24,7 +24,8 @@ def judge(run: Path, spurious: Path) -> dict:
     disc = pd.read_csv(run / "discovery.csv")
     meta = json.loads((run / "model" / "model.json").read_text())
     size = int(meta["input_size"][-1])
-    patch = size // 8
+    # the model's own patch (a ViT/16 at 96 px has a 6 x 6 grid; size // 8 assumed an 8 x 8 one)
+    patch = int(meta.get("architecture", {}).get("patch_size", size // 8))
     names = sorted(disc["class_name"].unique(), key=lambda n: int(disc[disc.class_name == n].label.iloc[0]))
     k = len(names)
     _, centres = method_centres(spurious, names)
