@@ -554,6 +554,47 @@ def test_with_two_families_each_is_tested_at_half_alpha_and_both_can_be_claimed(
     assert sorted(shortcut_candidates(old, 1, cfg)["unit"]) == ["word:2", "word:70"]
 
 
+def test_a_dense_claim_no_larger_than_the_keypoint_claim_is_set_aside():
+    """A class's dense claim is applied beside its keypoint claim only where it removes at least
+    ``dense_over_keypoint`` x as much of the class's evidence (a frame's colours); a watermark's dense unit that
+    removes about as much as its keypoint unit is set aside, so flag and prompt use the smaller removal. The rule
+    reads each family's top claim, not the class's first row, and a class without a keypoint claim keeps its dense
+    one."""
+    import pandas as pd
+
+    from siftlens.spurious.causal import CausalConfig, claimed_units, dense_set_aside, shortcut_verdict
+
+    row = dict(kind="word", f_in=0.9, f_out=0.1, causal_p=0.001)
+    units = pd.DataFrame([
+        # class 0: a watermark: dense 0.39 < 1.5 x keypoint 0.40 -> set aside, though it ranks first
+        dict(row, cls=0, unit="word:70", family="dense", causal_rank=1, causal_effect=0.39),
+        dict(row, cls=0, unit="word:1", family="keypoint", causal_rank=2, causal_effect=0.40),
+        # class 1: a frame: dense 0.37 >= 1.5 x keypoint 0.04 -> both applied
+        dict(row, cls=1, unit="word:71", family="dense", causal_rank=1, causal_effect=0.37),
+        dict(row, cls=1, unit="word:2", family="keypoint", causal_rank=2, causal_effect=0.04),
+        # class 2: dense only -> applied
+        dict(row, cls=2, unit="word:72", family="dense", causal_rank=1, causal_effect=0.05),
+        # class 3: keypoint 0.2 with a dense 0.29 (< 0.30) set aside, and with 0.31 (>= 0.30) kept
+        dict(row, cls=3, unit="word:3", family="keypoint", causal_rank=1, causal_effect=0.2),
+        dict(row, cls=3, unit="word:73", family="dense", causal_rank=2, causal_effect=0.29),
+        dict(row, cls=4, unit="word:4", family="keypoint", causal_rank=1, causal_effect=0.2),
+        dict(row, cls=4, unit="word:74", family="dense", causal_rank=2, causal_effect=0.31),
+    ])
+    cfg = CausalConfig()
+    assert cfg.dense_over_keypoint == 1.5
+    claims = {k: sorted(claimed_units(units, k, cfg)["unit"]) for k in range(5)}
+    assert claims == {0: ["word:1"], 1: ["word:2", "word:71"], 2: ["word:72"], 3: ["word:3"],
+                      4: ["word:4", "word:74"]}
+    v0 = shortcut_verdict(units, 0, cfg)
+    assert v0.endswith("; the dense claim word:70 is not applied: it removes 0.390 of the class probability, less "
+                       "than 1.5x the keypoint claim word:1's 0.400, so flag and prompt use the smaller keypoint "
+                       "removal alone"), v0
+    assert "not applied" not in shortcut_verdict(units, 1, cfg)
+    off = CausalConfig(dense_over_keypoint=0)  # the rule off: each family's top claim, as before it
+    assert sorted(claimed_units(units, 0, off)["unit"]) == ["word:1", "word:70"]
+    assert not dense_set_aside(units[units["cls"] == 0], off).any()
+
+
 def test_dense_words_leave_a_learned_keypoint_cue_claimed_with_its_p_value(cue):
     """Adding dense words (their own family, null and token units) leaves the keypoint units of a model that
     learned a keypoint cue as they were: same units (token units are capped and gated per family), effects and

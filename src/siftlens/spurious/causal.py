@@ -150,6 +150,12 @@ class CausalConfig:
     # ... or, where the transplant check ran, enough on its own: sufficiency_lo >= this (0: specificity alone)
     shortcut_sufficiency: float = 0.10
     top_shortcuts: int = 1
+    # a class's dense claim is applied beside its keypoint claim only where it removes clearly more of the class's
+    # evidence: causal_effect >= this x the keypoint claim's (0: both always). Why: a watermark's dense unit
+    # (effect within 3% of the keypoint unit's on held-out round 11) adds no cue, only a larger removal (scene
+    # colour, 8 tokens) that moves predictions resting on no cue (held-out round 22: aligned images steered to
+    # 0.100, cue-free twin 0.226); a frame's dense unit removes 9-17x its keypoint unit's (round 11)
+    dense_over_keypoint: float = 1.5
     # colour-cast units (cast.py): each class's mean colour beyond the classes' mean, claimed as a global shortcut
     # where, swapped into other classes' images, it takes most of them to the class beyond a random colour shift
     casts: bool = True
@@ -890,6 +896,30 @@ def sufficiency_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> li
     return sorted(set(top["unit_index"].tolist()) | set(specific["unit_index"].tolist()))
 
 
+def claimed_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
+    """Class k's shortcut claims as ``ShortcutSet.select`` applies them, by causal rank: the top ``top_shortcuts``
+    candidates of each family (a scene colour and a watermark both), less the dense ones that ``dense_set_aside``
+    drops."""
+    top = _top_candidates(units, k, cfg)
+    return top[~dense_set_aside(top, cfg)]
+
+
+def _top_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
+    sub = shortcut_candidates(units, k, cfg).sort_values("causal_rank")
+    return sub.groupby(unit_families(sub), sort=False).head(cfg.top_shortcuts)
+
+
+def dense_set_aside(claims: pd.DataFrame, cfg: CausalConfig) -> pd.Series:
+    """Per claim of one class: a dense claim that removes less than ``dense_over_keypoint`` x the class's best
+    keypoint claim's effect (the smaller, keypoint removal is applied alone); False where the class has no
+    keypoint claim or the rule is off."""
+    fam = unit_families(claims)
+    keypoint = claims.loc[fam == "keypoint", "causal_effect"]
+    if not len(keypoint) or cfg.dense_over_keypoint <= 0:
+        return pd.Series(False, index=claims.index)
+    return (fam == "dense") & (claims["causal_effect"] < cfg.dense_over_keypoint * keypoint.max())
+
+
 def _significant(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> pd.DataFrame:
     """Class k's units of a claimable family with a positive effect above ``shortcut_min_effect`` and, with a
     null, causal_p <= ``alpha``: what a claim needs before specificity or sufficiency."""
@@ -928,7 +958,21 @@ def shortcut_verdict(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
     if len(fams) <= 1:
         return _family_verdict(own, k, cfg, alpha)
     return "; ".join(f"{FAMILY_LABELS[f]}: {_family_verdict(own[unit_families(own) == f], k, cfg, alpha)}"
-                     for f in fams) + f" (alpha {cfg.shortcut_alpha:g} split between the two families)"
+                     for f in fams) + f" (alpha {cfg.shortcut_alpha:g} split between the two families)" + \
+        _set_aside_words(units, k, cfg)
+
+
+def _set_aside_words(units: pd.DataFrame, k: int, cfg: CausalConfig) -> str:
+    """Class k's dense claim that is not applied (``dense_set_aside``) in words; '' where none is."""
+    top = _top_candidates(units, k, cfg)
+    aside = top[dense_set_aside(top, cfg)]
+    if not len(aside):
+        return ""
+    kp = top[unit_families(top) == "keypoint"].sort_values("causal_effect").iloc[-1]
+    d = aside.iloc[0]
+    return (f"; the dense claim {d['unit']} is not applied: it removes {d['causal_effect']:.3f} of the class "
+            f"probability, less than {cfg.dense_over_keypoint:g}x the keypoint claim {kp['unit']}'s "
+            f"{kp['causal_effect']:.3f}, so flag and prompt use the smaller keypoint removal alone")
 
 
 def _sufficiency_words(r: pd.Series) -> str:
@@ -1068,9 +1112,7 @@ class ShortcutSet:
         chosen = []
         df = causal.units
         for k in range(len(class_names)):
-            sub = shortcut_candidates(df, k, cfg).sort_values("causal_rank")
-            # the top ``top_shortcuts`` of each family: a scene colour (dense) and a watermark (keypoints) both
-            for r in sub.groupby(unit_families(sub), sort=False).head(cfg.top_shortcuts).itertuples():
+            for r in claimed_units(df, k, cfg).itertuples():
                 chosen.append({"cls": int(k), "class_name": class_names[k], "unit": r.unit, "kind": r.kind,
                                "family": str(getattr(r, "family", "keypoint")),
                                "word": int(r.word), "tokens": [int(t) for t in str(r.tokens).split()],
