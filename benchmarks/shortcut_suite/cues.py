@@ -143,6 +143,8 @@ class Variant:
 # ``heldout21_*`` (session 23): a twenty-first round, generator seeds 1101 + j over all six families, for placed casts.
 # ``heldout22_*`` (session 24): a twenty-second round, generator seeds 1107 + j over all six families, the frozen
 # defaults on the issue's own benchmark shape (ten classes, a 12-block ViT/8 and a 6-block ViT/16).
+# ``heldout23_*`` (session 25): a twenty-third round, generator seeds 1113 + j over all six families, for the dense
+# claim set aside where it removes no more than the keypoint claim (``CausalConfig.dense_over_keypoint``).
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
@@ -169,6 +171,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout20_{f}", f, "heldout", 1095 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout21_{f}", f, "heldout", 1101 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout22_{f}", f, "heldout", 1107 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout23_{f}", f, "heldout", 1113 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 

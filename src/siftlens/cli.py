@@ -207,6 +207,11 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--min-effect", type=non_negative_float, default=c.shortcut_min_effect,
                    help="effect floor of a shortcut claim: its unit must lower the class probability by more than "
                    "this on average over the class's images (calibrated on random-weights models)")
+    p.add_argument("--dense-over-keypoint", type=non_negative_float, default=c.dense_over_keypoint,
+                   help="with --dense-words: a class's dense claim is applied beside its keypoint claim only where it "
+                   "removes at least this many times the keypoint claim's share of the class probability (a frame's "
+                   "colours); one that removes less (a watermark's colour around its letters) is reported but not "
+                   "applied, so flag and prompt use the smaller keypoint removal; 0: both always")
     p.add_argument("--no-casts", action="store_true",
                    help="no colour-cast units (a class's overall colour tested as a global shortcut; they cost one "
                    "more read of every image and, per class, 5 forwards per --causal-images image and 2 per image "
@@ -240,6 +245,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       region_images=args.region_images,
                                                       region_windows=args.region_windows,
                                                       shortcut_min_effect=args.min_effect,
+                                                      dense_over_keypoint=args.dense_over_keypoint,
                                                       casts=not args.no_casts,
                                                       cast_removal=args.cast_removal,
                                                       placed_casts=args.placed_casts)
