@@ -566,28 +566,28 @@ def test_a_dense_claim_no_larger_than_the_keypoint_claim_is_set_aside():
 
     row = dict(kind="word", f_in=0.9, f_out=0.1, causal_p=0.001)
     units = pd.DataFrame([
-        # class 0: a watermark: dense 0.39 < 1.5 x keypoint 0.40 -> set aside, though it ranks first
+        # class 0: a watermark: dense 0.39 < 2 x keypoint 0.40 -> set aside, though it ranks first
         dict(row, cls=0, unit="word:70", family="dense", causal_rank=1, causal_effect=0.39),
         dict(row, cls=0, unit="word:1", family="keypoint", causal_rank=2, causal_effect=0.40),
-        # class 1: a frame: dense 0.37 >= 1.5 x keypoint 0.04 -> both applied
+        # class 1: a frame: dense 0.37 >= 2 x keypoint 0.04 -> both applied
         dict(row, cls=1, unit="word:71", family="dense", causal_rank=1, causal_effect=0.37),
         dict(row, cls=1, unit="word:2", family="keypoint", causal_rank=2, causal_effect=0.04),
         # class 2: dense only -> applied
         dict(row, cls=2, unit="word:72", family="dense", causal_rank=1, causal_effect=0.05),
-        # class 3: keypoint 0.2 with a dense 0.29 (< 0.30) set aside, and with 0.31 (>= 0.30) kept
+        # class 3: keypoint 0.2 with a dense 0.39 (< 0.40) set aside, and with 0.41 (>= 0.40) kept
         dict(row, cls=3, unit="word:3", family="keypoint", causal_rank=1, causal_effect=0.2),
-        dict(row, cls=3, unit="word:73", family="dense", causal_rank=2, causal_effect=0.29),
+        dict(row, cls=3, unit="word:73", family="dense", causal_rank=2, causal_effect=0.39),
         dict(row, cls=4, unit="word:4", family="keypoint", causal_rank=1, causal_effect=0.2),
-        dict(row, cls=4, unit="word:74", family="dense", causal_rank=2, causal_effect=0.31),
+        dict(row, cls=4, unit="word:74", family="dense", causal_rank=2, causal_effect=0.41),
     ])
     cfg = CausalConfig()
-    assert cfg.dense_over_keypoint == 1.5
+    assert cfg.dense_over_keypoint == 2.0
     claims = {k: sorted(claimed_units(units, k, cfg)["unit"]) for k in range(5)}
     assert claims == {0: ["word:1"], 1: ["word:2", "word:71"], 2: ["word:72"], 3: ["word:3"],
                       4: ["word:4", "word:74"]}
     v0 = shortcut_verdict(units, 0, cfg)
     assert v0.endswith("; the dense claim word:70 is not applied: it removes 0.390 of the class probability, less "
-                       "than 1.5x the keypoint claim word:1's 0.400, so flag and prompt use the smaller keypoint "
+                       "than 2x the keypoint claim word:1's 0.400, so flag and prompt use the smaller keypoint "
                        "removal alone"), v0
     assert "not applied" not in shortcut_verdict(units, 1, cfg)
     off = CausalConfig(dense_over_keypoint=0)  # the rule off: each family's top claim, as before it

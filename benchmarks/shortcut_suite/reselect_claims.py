@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--out {args.out}: exists")
     top = args.eval.resolve()
 
-    def results(folder: str, names: list[str]) -> list[str]:  # the top level's flag, prompt and result files
+    def results(folder: str, names: list[str]) -> list[str]:
+        # the top level's flag, prompt and result files, and every run lock (the copy is no run in progress)
+        locks = [n for n in names if n == ".siftlens.lock"]
         if Path(folder).resolve() != top:
-            return []
-        return [n for n in names if n == "flag" or n.startswith("prompt_") or n.endswith((".json", ".md"))]
+            return locks
+        return locks + [n for n in names if n == "flag" or n.startswith("prompt_") or n.endswith((".json", ".md"))]
 
     shutil.copytree(args.eval, args.out, ignore=results)
     path = args.out / "spurious" / "shortcuts.json"
