@@ -354,3 +354,26 @@ def test_the_report_names_the_colour_only_claims_of_a_class(frame):
     text = "".join(causal_sections_html(colour, lm))
     for u in colour.shortcuts.units:
         assert f"The claim on {u['unit']} rests on dense colour words" in text
+
+
+def test_dense_removal_with_discovery_tokens_adds_the_units_discovery_tokens(frame):
+    """``dense_removal="with_discovery_tokens"`` (prompt --dense-removal): a present dense words unit is removed where
+    its words are in the image and at the tokens that held its evidence in discovery; the default removes the found
+    tokens alone. The unit here is looked for in the left half only and its discovery tokens are the right column,
+    so the two removals differ by exactly that column."""
+    from dataclasses import replace
+
+    data, lm, dense, _ = frame
+    s = dense.shortcuts
+    detected = len(s.centroids) - s.dense_words
+    right = [r * GRID[1] + GRID[1] - 1 for r in range(GRID[0])]
+    unit = {"cls": 0, "class_name": CLASSES[0], "unit": "words:dense", "kind": "words", "word": detected,
+            "tokens": right, "gate_words": list(range(detected, len(s.centroids))), "box": [0.0, 0.0, 0.5, 1.0],
+            "gate_box": [0.0, 0.0, 0.5, 1.0]}
+    found = replace(s, units=[unit], casts=[])
+    x = _inputs(lm, data["aligned"][:4])
+    plain = [f[0][1] for f in found.present_units(lm, x)]
+    wide = [f[0][1] for f in replace(found, dense_removal="with_discovery_tokens").present_units(lm, x)]
+    for m, w in zip(plain, wide):
+        assert m.any() and not m[right].any()  # found: within the left half's box (grown by one token)
+        np.testing.assert_array_equal(w, m | np.isin(np.arange(len(m)), right))

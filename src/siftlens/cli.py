@@ -320,6 +320,10 @@ def _prompt_parser(sub) -> None:
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
+    p.add_argument("--dense-removal", choices=("found", "with_discovery_tokens"), default=r["dense_removal"],
+                   help="with --motifs: removing a present dense words unit masks the tokens where its words are in "
+                   "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "
+                   "tokens whose colour falls outside the words here; dev only, not yet held-out tested)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -335,7 +339,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
-                         progress=not args.quiet)
+                         dense_removal=args.dense_removal, progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

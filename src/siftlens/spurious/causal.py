@@ -90,6 +90,7 @@ COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one k
 # units of dense words (``--dense-words``), SIFT-free region units (null: the best of all the class's candidates)
 FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
+DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
 # flag's default ``margin_below``: where it removes a unit, a removal of at most this many tokens takes their 8
 # neighbours too. A token unit is where the cue's keypoint centre sits, but a drawn cue (a watermark's letters) runs
@@ -1105,6 +1106,10 @@ class ShortcutSet:
     # in the normalised input space), cast_effect, cast_sufficiency; files before them: none
     casts: list[dict] = field(default_factory=list)
     cast_removal: str = "grey_world"  # how the casts are removed (cast.CAST_REMOVALS; files before levels: grey world)
+    # what removing a present dense words unit masks (DENSE_REMOVALS; a run option, not stored): "found", the tokens
+    # where its words are in this image; "with_discovery_tokens", those and the tokens that held its evidence in the
+    # class's discovery images (a frame's border tokens whose mean colour falls outside the words here)
+    dense_removal: str = "found"
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
@@ -1321,6 +1326,8 @@ class ShortcutSet:
                         (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
                     cover = keypoint_cover(xy[hit], size[hit], grid, p)
                     if hit.any() and cover.sum() >= need:
+                        if dense_unit and self.dense_removal == "with_discovery_tokens":
+                            cover = cover | token_mask(u["tokens"], n)
                         found.append((j, cover))
                     elif token_units == "always" and u["tokens"] and not dense_unit:
                         # not found here (SIFT misses a watermark's word in most images): its evidence tokens,

@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
+from .causal import DEFAULT_GATE, DENSE_REMOVALS, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -41,7 +41,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                layers: str | list[int] = "late", beta: float = 1.0, motifs: str | None = None,
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
-               gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False) -> dict | None:
+               gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
+               progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -51,7 +52,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
     (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction). ``grow`` (counterfactual gate): where no
     unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
-    (``CounterfactualMasker``); 0: never. ``progress``: a bar per pass on stderr where it is a terminal."""
+    (``CounterfactualMasker``); 0: never. ``dense_removal``: what removing a present dense words unit masks
+    (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
@@ -72,6 +74,9 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         if motifs is None:
             raise UserValueError(f"--method {method} needs --motifs DIR (the output of `siftlens spurious`)")
         shortcuts = ShortcutSet.load(motifs)
+        if dense_removal not in DENSE_REMOVALS:
+            raise UserValueError(f"--dense-removal {dense_removal!r} is not one of {', '.join(DENSE_REMOVALS)}")
+        shortcuts.dense_removal = dense_removal
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
@@ -135,7 +140,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     parts = RunParts(out, "prompt", settings_fingerprint(
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
-        gate_min_drop=gate_min_drop, grow=grow), rank, world, progress)
+        gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
+                                                  if gated and shortcuts.dense_removal != "found" else {})),
+        rank, world, progress)
 
     def chunk(c: int) -> Part:
         kept, x, skipped = source.read_chunk(c, batch_size)
@@ -194,6 +201,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
+        if shortcuts.dense_removal == "with_discovery_tokens":
+            where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
+                      "evidence in discovery")
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
                       f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
