@@ -145,6 +145,7 @@ class Variant:
 # defaults on the issue's own benchmark shape (ten classes, a 12-block ViT/8 and a 6-block ViT/16).
 # ``heldout23_*`` (session 25): a twenty-third round, generator seeds 1113 + j over all six families, for the dense
 # claim set aside where it removes no more than the keypoint claim (``CausalConfig.dense_over_keypoint``).
+# ``heldout24_*`` (session 26): generator seeds 1119 + j, for ``prompt --dense-removal with_discovery_tokens``.
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
@@ -172,6 +173,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout21_{f}", f, "heldout", 1101 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout22_{f}", f, "heldout", 1107 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout23_{f}", f, "heldout", 1113 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout24_{f}", f, "heldout", 1119 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
