@@ -190,6 +190,15 @@ def test_flag_refuses_an_unknown_cast_removal_before_reading_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_flag_refuses_an_unknown_dense_removal_before_reading_anything(tmp_path):
+    from siftlens.spurious.flag import run_flag
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--dense-removal 'everywhere'"):
+        run_flag("no-such-model", tmp_path / "no-motifs", tmp_path, tmp_path / "out", dense_removal="everywhere")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_controls_get_a_random_colour_shift_as_far_or_nothing(tint):
     lm, _, x, _ = tint
     v = x["conflict"][:6]

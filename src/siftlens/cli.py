@@ -378,6 +378,9 @@ def _flag_parser(sub) -> None:
                    "by default). levels flagged right-for-the-wrong-reason images on held-out tints far better than "
                    "grey world (0.86-0.95 vs 0.52-0.66) and within 0.02 of it on background tints; the claims do not "
                    "depend on it")
+    p.add_argument("--dense-removal", choices=("found", "with_discovery_tokens"), default=r["dense_removal"],
+                   help="as prompt --dense-removal: removing a present dense words unit masks the tokens where its "
+                   "words are in the image (found), or those and the tokens that held its evidence in discovery")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_flag)
 
@@ -389,7 +392,8 @@ def _run_flag(args: argparse.Namespace) -> int:
                   checkpoint=args.checkpoint, random_init=args.random_init, device=args.device, top=args.top,
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
                   margin=args.margin, progress=not args.quiet,
-                  cast_removal=None if args.cast_removal == "as-run" else args.cast_removal)
+                  cast_removal=None if args.cast_removal == "as-run" else args.cast_removal,
+                  dense_removal=args.dense_removal)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

@@ -36,6 +36,7 @@ from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .cast import CAST_REMOVALS, FLAG_CAST_REMOVAL, REMOVAL_WORDS, cast_removal_probs
 from .causal import (
+    DENSE_REMOVALS,
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
@@ -208,20 +209,24 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
-             cast_removal: str | None = FLAG_CAST_REMOVAL) -> pd.DataFrame | None:
+             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found") -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
     removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses
     levels by default where steering keeps grey world (``FLAG_CAST_REMOVAL``: held-out rounds 18 / 18b / 20, levels
     flagged right-for-the-wrong-reason images on new tints at 0.86-0.95 where grey world reached 0.52-0.66, and
-    within 0.02 of it on background tints)."""
+    within 0.02 of it on background tints). ``dense_removal``: what removing a present dense words unit masks
+    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``)."""
     if cast_removal is not None and cast_removal not in CAST_REMOVALS:
         raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
+    if dense_removal not in DENSE_REMOVALS:
+        raise UserValueError(f"--dense-removal {dense_removal!r} is not one of {', '.join(DENSE_REMOVALS)}")
     rank, world = distributed(device)
     device = rank_device(device)
     shortcuts = ShortcutSet.load(motifs)
     if cast_removal is not None:
         shortcuts = replace(shortcuts, cast_removal=cast_removal)
+    shortcuts = replace(shortcuts, dense_removal=dense_removal)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
     label_map = shortcuts.check_model(lm, check_classifier(lm), str(motifs))
@@ -233,7 +238,9 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
         parts = RunParts(out, "flag", settings_fingerprint(
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
             token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin,
-            cast_removal=shortcuts.cast_removal), rank, world,
+            cast_removal=shortcuts.cast_removal,
+            # older runs' parts stay valid under the default
+            **({"dense_removal": dense_removal} if dense_removal != "found" else {})), rank, world,
             progress)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
                                 label_map, margin)
@@ -252,6 +259,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
                                                   "margin": margin, "cast_removal": shortcuts.cast_removal,
+                                                  "dense_removal": dense_removal,
                                                   "margin_gains": {
                                                       u["class_name"] + " " + u["unit"]: u["margin_gain"]
                                                       for u in shortcuts.units if "margin_gain" in u},
