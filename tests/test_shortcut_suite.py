@@ -20,6 +20,7 @@ from shortcut_suite.cues import (  # noqa: E402
     DEV_FRAMES,
     FAMILIES,
     HELDOUT,
+    HELDOUT_THIN_FRAMES,
     POOLS,
     VARIANTS,
     Variant,
@@ -141,13 +142,17 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 def test_dev_and_heldout_pools_are_disjoint():
     for dev in (DEV, DEV_FRAMES):
-        for f in dataclasses.fields(dev):
-            if f.name == "name":
-                continue
-            a, b = getattr(dev, f.name), getattr(HELDOUT, f.name)
-            assert not set(a) & set(b), f"pool field {f.name} shared by {dev.name} and held-out: {set(a) & set(b)}"
+        for held in (HELDOUT, HELDOUT_THIN_FRAMES):
+            for f in dataclasses.fields(dev):
+                if f.name == "name":
+                    continue
+                a, b = getattr(dev, f.name), getattr(held, f.name)
+                shared = set(a) & set(b)
+                assert not shared, f"pool field {f.name} shared by {dev.name} and {held.name}: {shared}"
     for f in ("periods", "frame_widths", "gen_seeds"):  # the second dev pool's frames are new designs
         assert not set(getattr(DEV, f)) & set(getattr(DEV_FRAMES, f))
+    for f in ("frame_widths", "gen_seeds"):  # the thin held-out frames are new to the held-out half too
+        assert not set(getattr(HELDOUT, f)) & set(getattr(HELDOUT_THIN_FRAMES, f))
     for v in VARIANTS:  # every drawn value comes from the variant's own pool
         pool = POOLS[v.pool or v.split]
         for p in draw_class_params(v, 5):

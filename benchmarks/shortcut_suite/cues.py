@@ -97,7 +97,11 @@ HELDOUT = Pool("heldout", hues=tuple(float(h) for h in range(20, 360, 40)),
                gen_seeds=range(1000, 1200),
                model_seeds=(100, 101, 102))
 DEV_FRAMES = replace(DEV, name="dev_frames", periods=(0.3, 0.875), frame_widths=(0.5, 1.25), gen_seeds=range(200, 300))
-POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES}
+# a held-out pool for frames thinner than any held out before (session 27): widths 3/8 and 5/8 of a cue token, new to
+# both halves; every other quantity as the held-out pool's; generator seeds 1200-1299
+HELDOUT_THIN_FRAMES = replace(HELDOUT, name="heldout_thin_frames", frame_widths=(0.375, 0.625),
+                              gen_seeds=range(1200, 1300))
+POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES}
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class Variant:
 # claim set aside where it removes no more than the keypoint claim (``CausalConfig.dense_over_keypoint``).
 # ``heldout24_*`` (session 26): generator seeds 1119 + j, for ``prompt --dense-removal with_discovery_tokens``.
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
+# ``heldout25_thin_frame_0/1`` (session 27): frames from the ``heldout_thin_frames`` pool, generator seeds 1200-1201,
+# for the dense removal at discovery tokens on frames thinner than held-out round 24's.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -174,7 +180,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout22_{f}", f, "heldout", 1107 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout23_{f}", f, "heldout", 1113 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout24_{f}", f, "heldout", 1119 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)])
+    + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)]
+    + [Variant(f"heldout25_thin_frame_{i}", "stripe_frame", "heldout", 1200 + i, pool="heldout_thin_frames")
+       for i in (0, 1)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
