@@ -239,7 +239,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     manifest = json.loads((fl / "manifest.json").read_text())
     assert manifest["margin"] == REMOVAL_MARGIN_BELOW
     assert manifest["cast_removal"] == "levels" and "darkest value to black" in page  # flag's default
-    assert manifest["dense_removal"] == "found"
+    assert manifest["dense_removal"] == "found" and "--dense-removal" not in page
     # no keypoints: scored through the fixed-token units alone (default), listed as such
     assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
     assert not flags.loc[flags["path"].str.contains("flat.png"), "keypoints"].any()
@@ -249,7 +249,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
     page = (tmp_path / "flg" / "flags.html").read_text()
     assert manifest["margin"] == 0 and "its tokens alone" in page
-    assert manifest["dense_removal"] == "with_discovery_tokens"
+    assert manifest["dense_removal"] == "with_discovery_tokens" and "--dense-removal with_discovery_tokens" in page
     assert manifest["cast_removal"] == "grey_world" and "mean grey" in page  # as the spurious run (its default)
     assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
     assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()

@@ -285,6 +285,9 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     removal = (f"a removal of at most {margin} tokens with their 8 neighbours where, in discovery, that lowered the "
                f"unit's class probability by at least {MARGIN_MIN_GAIN} more than its tokens alone"
                if margin else "its tokens alone")
+    if shortcuts.dense_removal == "with_discovery_tokens":
+        removal += ("; a dense words unit also at the tokens that held its evidence in discovery "
+                    "(--dense-removal with_discovery_tokens)")
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
              f"({unit_names}). "
