@@ -122,6 +122,34 @@ def test_dense_descriptors_one_per_token_upright_with_the_token_colour():
     assert np.array_equal(colour_only[:, 128:], desc[:, 128:])
 
 
+def test_border_strip_colour_reads_a_thin_frame_in_each_border_tokens_outer_quarter():
+    """``dense_colour="border_strip"``: a border token's colour is that of its outer quarter along the image border
+    (a corner token: both strips, each pixel once); interior tokens keep their mean. A 2 px red line along the top
+    and a 2 px green one along the left (PATCH 8: the strip is 2 px) on grey: top tokens read pure red, left tokens
+    pure green, the top-left corner their pixel-weighted mix, bottom and right tokens and interior ones grey; the
+    mean colour moves a quarter of the way only."""
+    rgb = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    rgb[:2, :] = (255, 0, 0)
+    rgb[:, :2] = (0, 255, 0)  # over the red at the top-left corner
+    gray = rgb.mean(2).astype(np.uint8)
+    mean = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.0, gradient_weight=0.0)[2][:, 128:131]
+    strip = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.0, gradient_weight=0.0,
+                              colour="border_strip")[2][:, 128:131]
+    rows, cols = GRID
+    o1 = strip[:, 0].reshape(GRID)  # O1 = R - G: +1 red, -1 green, 0 grey
+    assert np.allclose(o1[0, 1:-1], 1.0)  # top row between the corners: the red line fills the outer quarter
+    assert np.allclose(o1[1:-1, 0], -1.0)  # left column
+    # the other corners: 16 of their 28 strip pixels on the line, 12 grey
+    assert o1[0, -1] == pytest.approx(16 / 28) and o1[-1, 0] == pytest.approx(-16 / 28)
+    # corner: the 2 x 8 top strip and the 8 x 2 left strip share a 2 x 2 block, counted once: 16 + 16 - 4 = 28
+    # pixels, of which the left strip's 16 are green and the top strip's other 12 red
+    assert o1[0, 0] == pytest.approx((12 - 16) / 28)
+    assert np.allclose(o1[1:, 1:], 0.0)  # bottom, right and interior tokens: grey, their strips and their means
+    assert mean[1, 0] == pytest.approx(2 / PATCH)  # the mean moves a quarter of the way only
+    interior = [r * cols + c for r in range(1, rows - 1) for c in range(1, cols - 1)]
+    assert np.array_equal(strip[interior], mean[interior])
+
+
 def test_dense_colour_is_the_mean_over_exactly_the_tokens_pixels():
     """Every token's colour part is the mean opponent colour of its own patch x patch pixels: a one-pixel shift of
     the window (the last column reading its left neighbour's pixels) fails on a random image and on an edge."""
@@ -377,3 +405,30 @@ def test_dense_removal_with_discovery_tokens_adds_the_units_discovery_tokens(fra
     for m, w in zip(plain, wide):
         assert m.any() and not m[right].any()  # found: within the left half's box (grown by one token)
         np.testing.assert_array_equal(w, m | np.isin(np.arange(len(m)), right))
+
+
+def test_shortcuts_file_keeps_the_dense_colour_and_refuses_an_unknown_one(frame, tmp_path):
+    """The dense colour travels in shortcuts.json (flag and prompt must describe new images' tokens as discovery
+    did); files before it read as "mean"; an unknown value is refused with the file named."""
+    from dataclasses import replace
+
+    from siftlens.spurious.causal import ShortcutFileError
+
+    s = frame[2].shortcuts
+    d = replace(s, dense_colour="border_strip").to_json()
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).dense_colour == "border_strip"
+    del d["dense_colour"]
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    assert ShortcutSet.load(tmp_path).dense_colour == "mean"
+    d["dense_colour"] = "median"
+    (tmp_path / "shortcuts.json").write_text(json.dumps(d))
+    with pytest.raises(ShortcutFileError, match="dense_colour 'median'"):
+        ShortcutSet.load(tmp_path)
+
+
+def test_discovery_refuses_an_unknown_dense_colour():
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--dense-colour 'median'"):
+        DiscoveryConfig(dense_words=4, dense_colour="median")

@@ -189,6 +189,9 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--dense-gradient-weight", type=non_negative_float, default=d.dense_gradient_weight,
                    help="weight of the SIFT (gradient) part of the dense descriptors; 0: dense words are the token's "
                    "colour alone")
+    p.add_argument("--dense-colour", choices=("mean", "border_strip"), default=d.dense_colour,
+                   help="the dense descriptors' colour: the token's mean, or for a token on the image border the mean "
+                   "of its outer quarter (a frame thinner than a token fills it; dev only, not held-out tested)")
     p.add_argument("--colour-weight", type=non_negative_float, default=d.colour_weight,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=non_negative_float, default=d.orientation_weight,
@@ -252,7 +255,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,
-                          dense_gradient_weight=args.dense_gradient_weight)
+                          dense_gradient_weight=args.dense_gradient_weight, dense_colour=args.dense_colour)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device,
                        progress=not args.quiet)

@@ -91,6 +91,8 @@ COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one k
 FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
 DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
+# where a dense descriptor's colour is read (DiscoveryConfig.dense_colour, stored in ShortcutSet.dense_colour)
+DENSE_COLOURS = ("mean", "border_strip")
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
 # flag's default ``margin_below``: where it removes a unit, a removal of at most this many tokens takes their 8
 # neighbours too. A token unit is where the cue's keypoint centre sits, but a drawn cue (a watermark's letters) runs
@@ -1110,12 +1112,14 @@ class ShortcutSet:
     # where its words are in this image; "with_discovery_tokens", those and the tokens that held its evidence in the
     # class's discovery images (a frame's border tokens whose mean colour falls outside the words here)
     dense_removal: str = "found"
+    # where the dense descriptors' colour is read (discover.DENSE_COLOURS; files before it: the token's mean)
+    dense_colour: str = "mean"
 
     @classmethod
     def select(cls, lm: LoadedModel, causal: CausalResult, centroids: np.ndarray, descriptor_weights,
                class_names: list[str], layers: list[int], input_hw: tuple[int, int], cfg: CausalConfig,
                num_outputs: int | None = None, output_index: list[int] | None = None,
-               dense_words: int = 0, dense_gradient_weight: float = 1.0) -> ShortcutSet:
+               dense_words: int = 0, dense_gradient_weight: float = 1.0, dense_colour: str = "mean") -> ShortcutSet:
         layout = lm.layout(input_hw)
         chosen = []
         df = causal.units
@@ -1138,7 +1142,7 @@ class ShortcutSet:
         return cls(model, list(class_names), list(layers), np.asarray(centroids, np.float64),
                    tuple(map(float, descriptor_weights)), chosen,
                    [int(j) for j in (output_index if output_index is not None else range(len(class_names)))],
-                   int(dense_words), float(dense_gradient_weight))
+                   int(dense_words), float(dense_gradient_weight), dense_colour=dense_colour)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model,
@@ -1146,7 +1150,7 @@ class ShortcutSet:
                 "descriptor_weights": list(self.descriptor_weights), "centroids": self.centroids.tolist(),
                 "units": self.units, "output_index": self.class_outputs(), "dense_words": self.dense_words,
                 "dense_gradient_weight": self.dense_gradient_weight, "casts": self.casts,
-                "cast_removal": self.cast_removal}
+                "cast_removal": self.cast_removal, "dense_colour": self.dense_colour}
 
     def class_outputs(self) -> list[int]:
         """Model output of each class (output k where the file predates the stored mapping)."""
@@ -1201,9 +1205,14 @@ class ShortcutSet:
         if isinstance(gradient, bool) or not (isinstance(gradient, (int, float)) and 0 <= gradient < math.inf):
             raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_gradient_weight {gradient!r} is not "
                                     "a weight >= 0 (an edited file?); run `siftlens spurious` again")
+        colour = d.get("dense_colour", "mean")  # files before it: the token's mean colour
+        if colour not in DENSE_COLOURS:
+            raise ShortcutFileError(f"--motifs {motifs}: shortcuts.json's dense_colour {colour!r} is not one of "
+                                    f"{', '.join(DENSE_COLOURS)} (an edited file, or one from a newer siftlens?); run "
+                                    "`siftlens spurious` again")
         return cls(d["model"], d["class_names"], d["layers"], np.asarray(d["centroids"], np.float64),
                    tuple(d["descriptor_weights"]), d["units"], index, dense, float(gradient), d.get("casts", []),
-                   d.get("cast_removal", "grey_world"))
+                   d.get("cast_removal", "grey_world"), dense_colour=colour)
 
     def check_model(self, lm: LoadedModel, num_classes: int | None, source_name: str = ""):
         """One-line error when the shortcuts were discovered on another model (or whose outputs the run's classes
@@ -1287,7 +1296,8 @@ class ShortcutSet:
             # placed casts of classes other than the predicted one: not tested here
             skip = superseded | {j for j, o in placed.items() if pred is None or o != int(pred[b])}
             _, kp, desc, dense = image_descriptors(lm, x[b], *self.descriptor_weights, dense=self.dense_words > 0,
-                                                   dense_gradient_weight=self.dense_gradient_weight)
+                                                   dense_gradient_weight=self.dense_gradient_weight,
+                                                   dense_colour=self.dense_colour)
             if info is not None:
                 info.setdefault("keypoints", {})[b] = kp
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)

@@ -36,7 +36,15 @@ from ..resume import Part, RunParts
 from ..semantic_maps import Keypoints, concentration_groups, keypoint_mass
 from ..validation import NonFiniteError, UserValueError, check_finite_output
 from .cast import cast_check, class_casts, image_colours
-from .causal import CausalConfig, CausalResult, ShortcutSet, causal_discovery, margin_gains, sample_images
+from .causal import (
+    DENSE_COLOURS,
+    CausalConfig,
+    CausalResult,
+    ShortcutSet,
+    causal_discovery,
+    margin_gains,
+    sample_images,
+)
 from .placed_cast import class_cast_maps, image_cells, placed_cast_check, placed_cast_unit
 from .source import as_source
 
@@ -76,6 +84,10 @@ class DiscoveryConfig:
     # colour-alone words were class-specific there; but colour alone loses the toy frame of tests/test_dense_words
     # (its colours recur in other images' backgrounds). Undecided: kept at 1, the design the held-out round judged
     dense_gradient_weight: float = 1.0
+    # where a dense descriptor's colour is read (DENSE_COLOURS): "mean", the token's mean colour; "border_strip",
+    # for a token on the image border the mean colour of its outer quarter (the pixels nearest the border), where a
+    # frame thinner than a token fills the strip but moves the token's mean little (dev diagnosis, RESULTS.md)
+    dense_colour: str = "mean"
     causal: CausalConfig | None = field(default_factory=CausalConfig)  # None: attention ranking only
 
     def __post_init__(self) -> None:
@@ -83,6 +95,8 @@ class DiscoveryConfig:
             raise ValueError(f"word_keypoints {self.word_keypoints!r} is not 'all' or 'attended'")
         if self.decisive not in DECISIVE:
             raise UserValueError(f"--decisive {self.decisive!r} is not one of {DECISIVE}")
+        if self.dense_colour not in DENSE_COLOURS:
+            raise UserValueError(f"--dense-colour {self.dense_colour!r} is not one of {', '.join(DENSE_COLOURS)}")
         if self.dense_words and not (self.colour_weight > 0 or self.dense_gradient_weight > 0):
             raise UserValueError(f"--dense-words {self.dense_words}: dense descriptors need --colour-weight > 0 or "
                                  "--dense-gradient-weight > 0 (both are 0: every token would look the same)")
@@ -157,8 +171,8 @@ def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
 
 
 def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int, int], patch: int,
-                      colour_weight: float = 0.0, orientation_weight: float = 0.0, gradient_weight: float = 1.0
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      colour_weight: float = 0.0, orientation_weight: float = 0.0, gradient_weight: float = 1.0,
+                      colour: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One motif descriptor per token, at its centre: (xy [n, 2] in pixels, pixel-centre convention as
     ``Keypoints``; size [n]; descriptors [n, D], the same layout as ``sift_with_descriptors``), row-major.
 
@@ -166,7 +180,8 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     patch / 6, so that its 4 x 4 cells of 1.5 x size pixels span one token; the colour part is the token's mean
     opponent colour; the orientation part is constant (angle 0). Tokens at the border get a descriptor too,
     where SIFT detects nothing. ``gradient_weight`` scales the SIFT part (0: the token's colour alone, with the
-    same descriptor layout)."""
+    same descriptor layout). ``colour="border_strip"``: a border token's colour is that of its outer quarter
+    (``border_strip_colour``); other tokens keep their mean."""
     rows, cols = grid
     centre = lambda i: i * patch + (patch - 1) / 2  # noqa: E731  (OpenCV: pixel i's centre is at i)
     pts = [(centre(c), centre(r)) for r in range(rows) for c in range(cols)]
@@ -180,15 +195,41 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
         if rgb is None:
             raise ValueError("colour_weight > 0 needs the RGB image")
         token_windows = [cv2.KeyPoint(float(x), float(y), float(patch), 0.0) for x, y in pts]
-        parts.append(colour_weight * _window_opponent_colour(rgb, token_windows))
+        col = _window_opponent_colour(rgb, token_windows)
+        if colour == "border_strip":
+            col = border_strip_colour(rgb, grid, patch, col)
+        parts.append(colour_weight * col)
     if orientation_weight > 0:
         parts.append(np.tile([orientation_weight, 0.0], (len(kps), 1)))  # cos 0, sin 0
     xy = np.asarray(pts, np.float64) + 0.5
     return xy, np.full(len(kps), patch / 6, np.float64), np.concatenate(parts, 1).astype(np.float32)
 
 
+def border_strip_colour(rgb: np.ndarray, grid: tuple[int, int], patch: int, mean: np.ndarray) -> np.ndarray:
+    """``mean`` [n, 3] (the tokens' mean opponent colours, row-major) with each border token's replaced by the mean
+    opponent colour of its outer strip: the max(1, patch // 4) pixel rows / columns of the token that lie along the
+    image border (a corner token: both strips, pixels counted once)."""
+    rows, cols = grid
+    w = max(1, patch // 4)
+    c = rgb.astype(np.float64) / 255.0
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    opp = np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)  # as _window_opponent_colour
+    out = mean.copy()
+    for i in range(rows):
+        for j in range(cols):
+            if i not in (0, rows - 1) and j not in (0, cols - 1):
+                continue
+            outer = np.zeros((patch, patch), bool)  # [patch, patch] within the token
+            outer[:w] |= i == 0
+            outer[-w:] |= i == rows - 1
+            outer[:, :w] |= j == 0
+            outer[:, -w:] |= j == cols - 1
+            out[i * cols + j] = opp[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch][outer].mean(0)
+    return out
+
+
 def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, orientation_weight: float,
-                      dense: bool = False, dense_gradient_weight: float = 1.0
+                      dense: bool = False, dense_gradient_weight: float = 1.0, dense_colour: str = "mean"
                       ) -> tuple[np.ndarray, Keypoints, np.ndarray, tuple | None]:
     """The grey image SIFT sees, its keypoints and motif descriptors, for one model input [3, H, W]; with
     ``dense``, also the per-token descriptors (``dense_descriptors``: xy, size, descriptors), else None."""
@@ -199,7 +240,7 @@ def image_descriptors(lm: LoadedModel, x: torch.Tensor, colour_weight: float, or
     if dense:
         layout = lm.layout(tuple(x.shape[-2:]))
         extra = dense_descriptors(gray, rgb, layout.grid, layout.patch_size, colour_weight, orientation_weight,
-                                  dense_gradient_weight)
+                                  dense_gradient_weight, dense_colour)
     return gray, kp, desc, extra
 
 
@@ -342,8 +383,8 @@ class ShortcutMasker:
 
 def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, groups: int = 4,
             colour_weight: float = 0.0, orientation_weight: float = 0.0, decisive: str = "mean",
-            parts: RunParts | None = None, dense: bool = False, dense_gradient_weight: float = 1.0
-            ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
+            parts: RunParts | None = None, dense: bool = False, dense_gradient_weight: float = 1.0,
+            dense_colour: str = "mean") -> tuple[np.ndarray, np.ndarray, pd.DataFrame, DescriptorParts, np.ndarray]:
     """Per image: decisive attention [N, n], class probabilities [N, K], SIFT concentration groups [N, n];
     per keypoint: a table (image, patch, position, size, lift, dense) and its motif descriptors [K, D], left in
     the parts (``DescriptorParts``: read back chunk by chunk). ``dense``: each image's per-token descriptors
@@ -377,7 +418,7 @@ def extract(lm: LoadedModel, images, layers: list[int], batch_size: int = 64, gr
         kp_rows, descs, group_rows = [], [], []
         for b in range(len(x)):
             gray, kp, desc, extra = image_descriptors(lm, x[b], colour_weight, orientation_weight, dense,
-                                                      dense_gradient_weight)
+                                                      dense_gradient_weight, dense_colour)
             mass = keypoint_mass(kp, layout.grid, layout.patch_size, "footprint", "response")
             group_rows.append(concentration_groups(mass, groups))
             H, W = gray.shape
@@ -490,7 +531,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     attn, probs, kps, descriptors, groups = extract(lm, source, layers, cfg.batch_size, cfg.groups,
                                                  cfg.colour_weight, cfg.orientation_weight, cfg.decisive, parts,
                                                  dense=cfg.dense_words > 0,
-                                                 dense_gradient_weight=cfg.dense_gradient_weight)
+                                                 dense_gradient_weight=cfg.dense_gradient_weight,
+                                                 dense_colour=cfg.dense_colour)
     if labels is not None and hasattr(source, "kept"):
         labels = np.asarray(labels)[source.kept]  # the readable images
     preds = probs.argmax(1)
@@ -557,7 +599,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
                                            source.input_hw, cfg.causal, num_outputs=probs.shape[1],
                                            output_index=label_map.output_index,
                                            dense_words=0 if dense_centroids is None else len(dense_centroids),
-                                           dense_gradient_weight=cfg.dense_gradient_weight)
+                                           dense_gradient_weight=cfg.dense_gradient_weight,
+                                           dense_colour=cfg.dense_colour)
         # whether flag grows each small unit's removal by its neighbours (causal.MARGIN_MIN_GAIN)
         gains = margin_gains(lm, source, res.shortcuts.units, layers, cls_of_image, class_probs, layout.grid,
                              causal_cfg, parts, columns)

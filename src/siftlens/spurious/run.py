@@ -100,6 +100,8 @@ def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_n
                       cfg: DiscoveryConfig, label_map: LabelMap | None = None) -> dict:
     """What decides the numbers of a `spurious` run, by name (a resumed run must match; not the device)."""
     options = {k: v for k, v in asdict(cfg).items() if k != "causal"}
+    if options["dense_colour"] == "mean":  # parts written before the option stay valid under its default
+        del options["dense_colour"]
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
     labels = hashlib.sha256(np.asarray(y, np.int64).tobytes() + json.dumps(class_names).encode()).hexdigest()[:16]
