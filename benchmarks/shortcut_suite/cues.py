@@ -153,6 +153,7 @@ class Variant:
 # ``dev_stripe_frame_2/3`` (session 11): dev frames drawn from the ``dev_frames`` pool.
 # ``heldout25_thin_frame_0/1`` (session 27): frames from the ``heldout_thin_frames`` pool, generator seeds 1200-1201,
 # for the dense removal at discovery tokens on frames thinner than held-out round 24's.
+# ``heldout26_thin_frame_0`` (session 27): generator seed 1202, for ``spurious --dense-colour border_strip``.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -182,7 +183,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout24_{f}", f, "heldout", 1119 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)]
     + [Variant(f"heldout25_thin_frame_{i}", "stripe_frame", "heldout", 1200 + i, pool="heldout_thin_frames")
-       for i in (0, 1)])
+       for i in (0, 1)]
+    + [Variant("heldout26_thin_frame_0", "stripe_frame", "heldout", 1202, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
