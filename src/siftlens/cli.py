@@ -191,7 +191,8 @@ def _spurious_parser(sub) -> None:
                    "colour alone")
     p.add_argument("--dense-colour", choices=("mean", "border_strip"), default=d.dense_colour,
                    help="the dense descriptors' colour: the token's mean, or for a token on the image border the mean "
-                   "of its outer quarter (a frame thinner than a token fills it; dev only, not held-out tested)")
+                   "of its outer quarter (a frame thinner than a token fills it: held-out round 26, a 4 px frame, "
+                   "3%% -> 85%% of the oracle's worst-group headroom; not yet checked on other cue families)")
     p.add_argument("--colour-weight", type=non_negative_float, default=d.colour_weight,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=non_negative_float, default=d.orientation_weight,
