@@ -7,8 +7,8 @@ Per class k (a generated run's discovery images): the centroid of the border tok
 class's aligned images; each image scored by its border tokens' mean distance to it (closer: higher); printed, the
 AUROC of the class's aligned images against every other class's images, for the token's mean colour and for the
 mean colour of its outer ``--strip`` pixels along the image border. The centroid is fitted on the positives it then
-scores, so both numbers are optimistic alike; only their difference is read. Colours as the dense words' (discover.py:
-O1 = R - G, O2 = (R + G - 2B) / 2, O3 = (R + G + B) / 1.5 - 1).
+scores, so both numbers are optimistic alike; only their difference is read. Colours as the dense words'
+(``siftlens.spurious.discover.opponent_colour``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ import pandas as pd
 from PIL import Image
 from planted.evaluate import auroc
 
-
-def opponent(rgb: np.ndarray) -> np.ndarray:
-    c = rgb.astype(np.float64) / 255
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    return np.stack([r - g, (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)
+from siftlens.spurious.discover import opponent_colour
 
 
 def border_colours(rgb: np.ndarray, patch: int, strip: int) -> tuple[np.ndarray, np.ndarray]:
     """Per border token: (mean colour [t, 3], mean colour of its pixels within ``strip`` of the image border [t, 3])."""
-    o = opponent(rgb)
+    o = opponent_colour(rgb)
     rows, cols = o.shape[0] // patch, o.shape[1] // patch
     mean, outer = [], []
     for r in range(rows):

@@ -143,6 +143,14 @@ def sift_with_descriptors(gray: np.ndarray, rgb: np.ndarray | None = None, colou
     return Keypoints.from_cv(kps), np.concatenate(parts, 1).astype(np.float32)
 
 
+def opponent_colour(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> float64 [H, W, 3] opponent colour (O1 = R - G, O2 = (R + G - 2B) / 2,
+    O3 = (R + G + B) / 1.5 - 1, each in [-1, 1])."""
+    c = rgb.astype(np.float64) / 255.0
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    return np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)
+
+
 def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
     """Mean opponent colour (O1 = (R-G)/√2, O2 = (R+G-2B)/√6, O3 = (R+G+B)/√3, scaled to [-1, 1]) over
     each keypoint's square window of half side max(2, size/2), from an integral image: [K, 3].
@@ -152,10 +160,7 @@ def _window_opponent_colour(rgb: np.ndarray, kps) -> np.ndarray:
     instead shifted a window by up to one pixel up-left: a token in the last column read a column of its left
     neighbour and missed its own outermost one.)"""
     H, W = rgb.shape[:2]
-    c = rgb.astype(np.float64) / 255.0
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    opp = np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)  # each in [-1, 1]
-    integral = cv2.integral(opp)  # [H+1, W+1, 3]
+    integral = cv2.integral(opponent_colour(rgb))  # [H+1, W+1, 3]
     out = np.zeros((len(kps), 3))
 
     def span(centre: float, half: float, size: int) -> tuple[int, int]:  # [first, last + 1) pixel, >= 1 pixel
@@ -211,9 +216,7 @@ def border_strip_colour(rgb: np.ndarray, grid: tuple[int, int], patch: int, mean
     image border (a corner token: both strips, pixels counted once)."""
     rows, cols = grid
     w = max(1, patch // 4)
-    c = rgb.astype(np.float64) / 255.0
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    opp = np.stack([(r - g), (r + g - 2 * b) / 2, (r + g + b) / 1.5 - 1], -1)  # as _window_opponent_colour
+    opp = opponent_colour(rgb)
     out = mean.copy()
     for i in range(rows):
         for j in range(cols):
