@@ -165,7 +165,7 @@ def _defaults(fn) -> dict:
 
 def _spurious_parser(sub) -> None:
     from .spurious.cast import CAST_REMOVALS
-    from .spurious.causal import CausalConfig
+    from .spurious.causal import DENSE_COLOURS, CausalConfig
     from .spurious.discover import DECISIVE, DiscoveryConfig
     from .spurious.run import run_spurious
 
@@ -189,7 +189,7 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--dense-gradient-weight", type=non_negative_float, default=d.dense_gradient_weight,
                    help="weight of the SIFT (gradient) part of the dense descriptors; 0: dense words are the token's "
                    "colour alone")
-    p.add_argument("--dense-colour", choices=("mean", "border_strip"), default=d.dense_colour,
+    p.add_argument("--dense-colour", choices=DENSE_COLOURS, default=d.dense_colour,
                    help="the dense descriptors' colour: the token's mean, or for a token on the image border the mean "
                    "of its outer quarter (a frame thinner than a token fills it: held-out round 26, a 4 px frame, "
                    "3%% -> 85%% of the oracle's worst-group headroom; not yet checked on other cue families)")
@@ -290,7 +290,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import GATES
+    from .spurious.causal import DENSE_REMOVALS, GATES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -324,7 +324,7 @@ def _prompt_parser(sub) -> None:
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
-    p.add_argument("--dense-removal", choices=("found", "with_discovery_tokens"), default=r["dense_removal"],
+    p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="with --motifs: removing a present dense words unit masks the tokens where its words are in "
                    "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "
                    "tokens whose colour falls outside the words here; helped a thin frame on dev data, not a wider "
@@ -353,6 +353,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 def _flag_parser(sub) -> None:
     from .spurious.cast import CAST_REMOVALS
+    from .spurious.causal import DENSE_REMOVALS
     from .spurious.flag import OCCLUSION_MODES, run_flag
 
     r = _defaults(run_flag)
@@ -383,7 +384,7 @@ def _flag_parser(sub) -> None:
                    "by default). levels flagged right-for-the-wrong-reason images on held-out tints far better than "
                    "grey world (0.86-0.95 vs 0.52-0.66) and within 0.02 of it on background tints; the claims do not "
                    "depend on it")
-    p.add_argument("--dense-removal", choices=("found", "with_discovery_tokens"), default=r["dense_removal"],
+    p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="as prompt --dense-removal: removing a present dense words unit masks the tokens where its "
                    "words are in the image (found), or those and the tokens that held its evidence in discovery")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
