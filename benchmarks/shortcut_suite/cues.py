@@ -154,6 +154,8 @@ class Variant:
 # ``heldout25_thin_frame_0/1`` (session 27): frames from the ``heldout_thin_frames`` pool, generator seeds 1200-1201,
 # for the dense removal at discovery tokens on frames thinner than held-out round 24's.
 # ``heldout26_thin_frame_0`` (session 27): generator seed 1202, for ``spurious --dense-colour border_strip``.
+# ``heldout27_*`` (session 28): generator seeds 1125 + j over all six families, border_strip against mean on the
+# families other than thin frames (to decide the default).
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -184,7 +186,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"dev_stripe_frame_{i}", "stripe_frame", "dev", 200 + i, pool="dev_frames") for i in (2, 3)]
     + [Variant(f"heldout25_thin_frame_{i}", "stripe_frame", "heldout", 1200 + i, pool="heldout_thin_frames")
        for i in (0, 1)]
-    + [Variant("heldout26_thin_frame_0", "stripe_frame", "heldout", 1202, pool="heldout_thin_frames")])
+    + [Variant("heldout26_thin_frame_0", "stripe_frame", "heldout", 1202, pool="heldout_thin_frames")]
+    + [Variant(f"heldout27_{f}", f, "heldout", 1125 + j) for j, f in enumerate(FAMILIES)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
