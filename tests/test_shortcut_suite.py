@@ -264,6 +264,16 @@ def test_located_counts_a_whole_frame_unit_whose_box_centre_is_the_image_centre(
     assert located({0: (0.5, 0.5)}, box, 1, 32, 4, {0: [0, 1, 8, 9]})["per_class"] == [False]
 
 
+def test_method_tokens_reads_float_ranks(tmp_path):
+    """motifs.csv rows without a causal rank leave the column float ("1.0"): the top unit's tokens must still be
+    read (they were not, so the frame rule of ``located`` never fired on such runs)."""
+    from shortcut_suite.evaluate import method_tokens
+
+    pd.DataFrame({"class": ["a", "a", "b", "b"], "causal_rank": [2.0, 1.0, np.nan, 1.0],
+                  "tokens": ["9", "0 1 2", "5", ""]}).to_csv(tmp_path / "motifs.csv", index=False)
+    assert "1.0" in (tmp_path / "motifs.csv").read_text()
+    assert method_tokens(tmp_path, ["a", "b"]) == {0: [0, 1, 2]}  # b's top unit has no tokens
+
 def test_cue_reliance_per_class_on_aligned_images_only():
     from shortcut_suite.evaluate import RELIANT_DROP, cue_reliance, rate_among_reliant
 

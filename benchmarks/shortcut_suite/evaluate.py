@@ -238,7 +238,8 @@ def method_tokens(spurious_dir: Path, class_names: list[str]) -> dict[int, list[
     out = {}
     if {"causal_rank", "tokens", "class"} <= set(df.columns):
         for c, name in enumerate(class_names):
-            top = df[(df["class"].astype(str) == name) & (df.causal_rank.astype(str) == "1")]
+            # numeric: a motifs.csv whose rows without a causal rank are empty has the ranks as floats ("1.0")
+            top = df[(df["class"].astype(str) == name) & (pd.to_numeric(df.causal_rank, errors="coerce") == 1)]
             if len(top) and str(top.tokens.iloc[0]).strip():
                 out[c] = [int(t) for t in str(top.tokens.iloc[0]).split()]
     return out
@@ -274,6 +275,19 @@ def occlusion_csv_centres(spurious_dir: Path, class_names: list[str]) -> dict[in
         out[c] = None if top.empty else (float(top.box_x0.iloc[0] + top.box_x1.iloc[0]) / 2,
                                          float(top.box_y0.iloc[0] + top.box_y1.iloc[0]) / 2)
     return out
+
+
+def method_located(run: Path, eval_dir: str) -> dict:
+    """"Cue located" of the method's `spurious` run in RUN/EVAL_DIR/spurious, from its files alone (no forwards):
+    to re-judge a finished evaluation after a change to the judge."""
+    meta = json.loads((run / "variant.json").read_text())
+    class_names = list(meta["class_names"])
+    disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
+    size = int(meta["image_size"])
+    patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
+    sp = run / eval_dir / "spurious"
+    basis, centres = method_centres(sp, class_names)
+    return located(centres, disc, len(class_names), size, patch, method_tokens(sp, class_names)) | {"basis": basis}
 
 
 def cue_reliance(p0: np.ndarray, p_oracle: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> dict:
@@ -791,6 +805,9 @@ def main(argv: list[str] | None = None) -> None:
                    "one string (e.g. '--gate counterfactual'); with --eval-dir, its results stay apart")
     r.add_argument("--flag-args", default="", help="extra `siftlens flag` options, one string (e.g. '--margin 0')")
     r.add_argument("--eval-dir", default="eval", help="folder of each run that the results go to")
+    j = sub.add_parser("located", help="re-judge 'cue located' of finished runs from their files (no forwards)")
+    j.add_argument("--run", nargs="+", required=True)
+    j.add_argument("--eval-dir", default="eval")
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
     t.add_argument("--out", required=True)
@@ -803,6 +820,12 @@ def main(argv: list[str] | None = None) -> None:
                                ablate_dense=a.ablate_dense, ablate_words=a.ablate_words,
                                prompt_args=shlex.split(a.prompt_args), flag_args=shlex.split(a.flag_args))
             print(f"{run}: {res['seconds']}", flush=True)
+    elif a.cmd == "located":
+        for run in a.run:
+            res = method_located(Path(run), a.eval_dir)
+            marks = "".join("-" if v is None else "+" if v else "." for v in res["per_class"])
+            print(f"{run} {a.eval_dir}: located {sum(v is True for v in res['per_class'])}/{res['n_judged']} "
+                  f"[{marks}] (chance {res['chance']:.2f})")
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]
         text = ("## Summary\n\n" + compact_tables(results) +
