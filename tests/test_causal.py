@@ -2,6 +2,7 @@
 learns a planted cue in seconds (tests/cue_model.py)."""
 
 import contextlib
+import io
 import json
 
 import numpy as np
@@ -1005,3 +1006,21 @@ def test_a_class_colour_the_model_uses_beside_its_cue_is_not_claimed_as_a_cast(c
     c = res.casts
     assert (c["cast_flip"] < 0.5).all() and not c["cast_claimed"].any(), c
     assert res.shortcuts.casts == []
+
+
+def test_motifs_table_keeps_integer_ranks_beside_attention_only_words():
+    """A word that only the attention view kept has no causal rank; the other rows' ranks must still be written
+    as integers ("1", not "1.0": readers that match the rank as text missed every top unit)."""
+    from types import SimpleNamespace
+
+    from siftlens.spurious.run import motifs_table
+
+    units = pd.DataFrame({"unit_index": [0, 1], "cls": [0, 0], "class": ["a", "a"], "unit": ["word:3", "token:5"],
+                          "kind": ["word", "token"], "word": [3.0, np.nan], "causal_effect": [0.2, 0.4],
+                          "causal_rank": [2, 1], "attention_rank": [1, 2]})
+    att = pd.DataFrame({"cls": [0, 0], "word": [3, 7], "score": [0.5, 0.9], "rank": [2, 1]})
+    res = SimpleNamespace(motifs=att, causal=SimpleNamespace(units=units), class_names=["a"])
+    csv = motifs_table(res).to_csv(index=False)
+    back = pd.read_csv(io.StringIO(csv), dtype=str, keep_default_na=False)
+    assert list(back["unit"]) == ["token:5", "word:3", "word:7"]  # causal order, the attention-only word last
+    assert list(back["causal_rank"]) == ["1", "2", ""] and list(back["attention_motif_rank"]) == ["", "2", "1"]

@@ -125,6 +125,9 @@ def motifs_table(res: DiscoveryResult) -> pd.DataFrame:
     lone = df["unit"].isna()
     df.loc[lone, "unit"] = "word:" + df.loc[lone, "word"].astype(int).astype(str)
     df.loc[lone, "class"] = [res.class_names[int(k)] for k in df.loc[lone, "cls"]]
+    # ranks stay integers where a row has none (nullable Int64), so motifs.csv reads "1", not "1.0"
+    ranks = [c for c in df.columns if c.endswith("_rank")]
+    df[ranks] = df[ranks].astype("Int64")
     return df.sort_values(["cls", "causal_rank", "attention_motif_rank"], na_position="last").reset_index(drop=True)
 
 
