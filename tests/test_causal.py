@@ -1024,3 +1024,36 @@ def test_motifs_table_keeps_integer_ranks_beside_attention_only_words():
     back = pd.read_csv(io.StringIO(csv), dtype=str, keep_default_na=False)
     assert list(back["unit"]) == ["token:5", "word:3", "word:7"]  # causal order, the attention-only word last
     assert list(back["causal_rank"]) == ["1", "2", ""] and list(back["attention_motif_rank"]) == ["", "2", "1"]
+
+
+def test_transplant_numbers_of_a_unit_do_not_depend_on_the_other_units_tested():
+    """A unit's sufficiency (its random-token control and bootstrap) must come out the same whether or not other
+    units are tested with it: held-out round 28 lost a claim because a higher effect floor left one unit untested
+    and so moved the random draws of another."""
+    import timm
+
+    from siftlens.models import from_module
+    from siftlens.spurious.transplant import transplant_check
+
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                               embed_dim=32, num_heads=2, num_classes=3).eval()
+    lm = from_module(module)
+    x = torch.randn(12, 3, 32, 32)
+    y = np.arange(12) % 3
+    with torch.no_grad():
+        probs = module(x).softmax(-1).numpy().astype(np.float64)
+    units = pd.DataFrame({"cls": [0, 0], "unit_index": [0, 1]})
+    places = {0: [0, 1], 1: [5, 6, 9]}  # unit -> its tokens, in every image
+    cfg = CausalConfig(transplant_images=6, n_boot=200)
+    drops = np.full((12, 2, 3), 0.05)
+
+    def check(tested: dict) -> pd.DataFrame:
+        return transplant_check(lm, TensorSource(x), units, lambda o, j: np.isin(np.arange(16), places[j]),
+                                np.arange(12), y, drops, probs, (4, 4), 8, tested, cfg)
+
+    both, alone = check({0: [0, 1]}), check({0: [1]})
+    cols = ["transplant_rise", "transplant_rise_random", "sufficiency", "sufficiency_lo", "sufficiency_hi"]
+    assert np.isfinite(both.loc[1, cols].astype(float)).all()
+    np.testing.assert_array_equal(both.loc[1, cols].astype(float), alone.loc[1, cols].astype(float))
+    assert alone.loc[0, cols].isna().all()  # untested: no numbers

@@ -104,6 +104,7 @@ def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_n
         del options["dense_colour"]
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
+    options["transplant_draws"] = "per_unit"  # session 28: parts of the shared-stream draws are not resumed
     labels = hashlib.sha256(np.asarray(y, np.int64).tobytes() + json.dumps(class_names).encode()).hexdigest()[:16]
     if label_map is not None and label_map.by_name:  # (by position: the fingerprint of earlier versions)
         options["output_index"] = label_map.output_index

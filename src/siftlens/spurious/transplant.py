@@ -81,16 +81,18 @@ def transplant_check(lm: LoadedModel, source, units: pd.DataFrame, unit_tokens, 
     for c in COLUMNS:
         out[c] = np.nan
     n = grid[0] * grid[1]
-    rng = np.random.default_rng([cfg.seed, 29])
+    # one random stream per class (recipients) and per (class, unit) (random tokens, bootstrap): a unit's numbers
+    # must not depend on which other units were tested (they did: a floor that dropped one unit moved another's CI)
     jobs, at = [], []  # at: (row of units, recipient position, with the unit or random)
     for k, unit_indices in tested.items():
         others = np.flatnonzero(y != k)
         if not len(others) or cfg.transplant_images <= 0:
             continue
         recipients = others if len(others) <= cfg.transplant_images else \
-            np.sort(rng.choice(others, cfg.transplant_images, replace=False))
+            np.sort(np.random.default_rng([cfg.seed, 29, k]).choice(others, cfg.transplant_images, replace=False))
         own = np.flatnonzero(y == k)
         for j in unit_indices:
+            rng = np.random.default_rng([cfg.seed, 29, k, j])
             row = out.index[(out["cls"] == k) & (out["unit_index"] == j)][0]
             held = [o for o in own if unit_tokens(o, j) is not None]
             donors = [o for o in held if drops[o, j, k] > 0.01] or held
@@ -113,7 +115,8 @@ def transplant_check(lm: LoadedModel, source, units: pd.DataFrame, unit_tokens, 
     for row, g in a.groupby("row"):
         unit, rand = g[g["kind"] == "unit"], g[g["kind"] == "random"]
         diff = unit["rise"].to_numpy() - rand["rise"].to_numpy()
-        boot = rng.integers(0, len(diff), size=(cfg.n_boot, len(diff)))
+        k, j = int(out.loc[row, "cls"]), int(out.loc[row, "unit_index"])
+        boot = np.random.default_rng([cfg.seed, 30, k, j]).integers(0, len(diff), size=(cfg.n_boot, len(diff)))
         lo, hi = np.quantile(diff[boot].mean(1), [0.025, 0.975])
         out.loc[row, list(COLUMNS)] = [unit["rise"].mean(), rand["rise"].mean(), diff.mean(), lo, hi,
                                        unit["flip"].mean(), len(diff)]
