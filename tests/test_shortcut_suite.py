@@ -274,6 +274,7 @@ def test_method_tokens_reads_float_ranks(tmp_path):
     assert "1.0" in (tmp_path / "motifs.csv").read_text()
     assert method_tokens(tmp_path, ["a", "b"]) == {0: [0, 1, 2]}  # b's top unit has no tokens
 
+
 def test_cue_reliance_per_class_on_aligned_images_only():
     from shortcut_suite.evaluate import RELIANT_DROP, cue_reliance, rate_among_reliant
 

@@ -277,17 +277,21 @@ def occlusion_csv_centres(spurious_dir: Path, class_names: list[str]) -> dict[in
     return out
 
 
+def spurious_located(sp: Path, class_names: list[str], disc: pd.DataFrame, size: int, patch: int) -> dict:
+    """"Cue located" of the top unit of one `siftlens spurious` output folder ``sp``, read from its files."""
+    basis, centres = method_centres(sp, class_names)
+    return located(centres, disc, len(class_names), size, patch, method_tokens(sp, class_names)) | {
+        "basis": basis, "classes_with_claimed_shortcut": claimed_classes(sp)}
+
+
 def method_located(run: Path, eval_dir: str) -> dict:
     """"Cue located" of the method's `spurious` run in RUN/EVAL_DIR/spurious, from its files alone (no forwards):
     to re-judge a finished evaluation after a change to the judge."""
     meta = json.loads((run / "variant.json").read_text())
-    class_names = list(meta["class_names"])
     disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
-    size = int(meta["image_size"])
     patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
-    sp = run / eval_dir / "spurious"
-    basis, centres = method_centres(sp, class_names)
-    return located(centres, disc, len(class_names), size, patch, method_tokens(sp, class_names)) | {"basis": basis}
+    return spurious_located(run / eval_dir / "spurious", list(meta["class_names"]), disc, int(meta["image_size"]),
+                            patch)
 
 
 def cue_reliance(p0: np.ndarray, p_oracle: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> dict:
@@ -446,18 +450,14 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     cue_loc["bench_occlusion_reference"] = located(occ_centres, disc, k, size, patch) | {
         "basis": "top token of single-token key masking (every block), 20 aligned discovery images per class"}
     if (sp / "motifs.csv").exists():
-        basis, centres = method_centres(sp, class_names)
-        cue_loc["method"] = located(centres, disc, k, size, patch, method_tokens(sp, class_names)) | {
-            "basis": basis, "classes_with_claimed_shortcut": claimed_classes(sp)}
+        cue_loc["method"] = spurious_located(sp, class_names, disc, size, patch)
     else:
         cue_loc["method"] = "not available"
     cue_loc["method_occlusion_control"] = (located(occlusion_csv_centres(sp, class_names), disc, k, size, patch)
                                            if (sp / "occlusion_control.csv").exists() else "not available")
     for name in (*LOCATION_RUNS, *ABLATIONS, *DENSE_ABLATIONS, *WORDS_ABLATIONS):
         if (out / name / "motifs.csv").exists():
-            basis, centres = method_centres(out / name, class_names)
-            cue_loc[name] = located(centres, disc, k, size, patch, method_tokens(out / name, class_names)) | {
-                "basis": basis, "classes_with_claimed_shortcut": claimed_classes(out / name)}
+            cue_loc[name] = spurious_located(out / name, class_names, disc, size, patch)
 
     # a class whose prediction does not rest on its cue leaves nothing to locate: a secondary rate counts only the
     # classes where masking the true cue tokens drops p_class by >= RELIANT_DROP on the class's aligned test images
