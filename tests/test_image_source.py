@@ -165,6 +165,24 @@ def test_class_labels_first_folder_under_the_root(tree, tmp_path):
     assert classes == ["10", "2"] and sorted(y.tolist()) == [0, 1]
 
 
+def test_symlinked_class_folders_are_listed_once(tree, tmp_path):
+    # a subset made of links to class folders (as torchvision's ImageFolder reads it); a link cycle ends
+    root = tree / "ds" / "train"
+    sub = tmp_path / "subset"
+    sub.mkdir()
+    for c in CLASSES[:2]:
+        (sub / c).symlink_to(root / c, target_is_directory=True)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "back").symlink_to(tmp_path / "extra", target_is_directory=True)
+    files = find_images(sub)
+    assert len(files) == 8 and len({f.resolve() for f in files}) == 8
+    assert list(image_folder(sub)) == list(CLASSES[:2])
+    y, classes = read_labels(files, None, sub)
+    assert classes == list(CLASSES[:2]) and y.tolist() == [0] * 4 + [1] * 4
+    shutil.copy(files[0], tmp_path / "extra" / files[0].name)
+    assert len(find_images(tmp_path / "extra")) == 1  # extra/back -> extra is not walked twice
+
+
 def test_pretrain_decodes_resize_then_crop(tree):
     d = load_pretrain_data(tree / "ds", 32, val_fraction=0)
     ref_x = np.stack([_resize_crop_reference(f, 32) for f in find_images(tree / "ds" / "train")])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import re
 import shutil
 import tarfile
@@ -61,7 +62,7 @@ def find_images(spec: str | Path | list) -> list[Path]:
         return [p]
     if p.is_dir():
         # broken symlinks are kept so that the run lists them as skipped instead of silently dropping them
-        files = sorted(f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
+        files = sorted(f for f in _walk_files(p) if (f.is_file() or (f.is_symlink() and not f.exists()))
                        and is_image_name(f))
         if not files:
             raise FileNotFoundError(f"--images {spec}: directory contains no image files")
@@ -70,6 +71,22 @@ def find_images(spec: str | Path | list) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"--images {spec}: no such file, directory or matching glob")
     return files
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, following symlinked folders as torchvision's ImageFolder does (a class folder
+    linked into a subset is common; Path.rglob skips it), each real folder once (a link cycle ends)."""
+    seen: set[str] = set()
+    out = []
+    for d, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += [Path(d) / n for n in names]
+    return out
 
 
 def split_aliases(split: str) -> list[str]:
