@@ -129,18 +129,33 @@ def _claimed(res) -> set[int]:
 
 
 def test_effect_floor_leaves_a_cue_unclaimed_where_removing_it_barely_moves_p_k(cue):
-    """The claim's effect floor (0.03, above every unit of the random-weights models measured) has a cost, shown here:
-    class 2's cue is learned (conflicting images follow it) but its own images keep p_2 near 1 without it
-    (effect ~0.003, inside the random-weights range), so it is not claimed; a floor of 0.001 would claim it."""
+    """The claim's effect floor (0.03 at ten outputs, above every unit of the random-weights models measured; this
+    three-output model's is 0.03 x (1/3)(2/3) / 0.09 = 0.074) has a cost, shown here: class 2's cue is learned
+    (conflicting images follow it) but its own images keep p_2 near 1 without it (effect ~0.003, inside the
+    random-weights range), so it is not claimed; a floor of 0.001 would claim it."""
     from siftlens.spurious.causal import shortcut_candidates, shortcut_verdict
 
     _, _, res = cue
     units, cfg = res.causal.units, res.causal.config
+    assert cfg.shortcut_min_effect == pytest.approx(0.03 * (2 / 9) / 0.09)  # the run's floor, scaled for 3 outputs
     assert _claimed(res) == {0, 1}
     assert shortcut_verdict(units, 2, cfg).startswith("no shortcut claimed: no class-specific unit lowers the class "
-                                                      "probability by more than the effect floor 0.03")
+                                                      "probability by more than the effect floor 0.0741")
     low = shortcut_candidates(units, 2, CausalConfig(shortcut_min_effect=0.001))
     assert len(low) and _cue_token(2) in [int(t) for t in low.sort_values("causal_rank").iloc[0]["tokens"].split()]
+
+
+def test_effect_floor_is_scaled_up_for_models_with_fewer_than_ten_outputs():
+    """A random model's p_k sits near 1/C and moves by about p(1 - p) per logit unit: the floor set on ten-output
+    models (p(1 - p) = 0.09) is scaled by p(1 - p) / 0.09 below ten outputs, and never lowered above."""
+    from siftlens.spurious.causal import effect_floor
+
+    assert effect_floor(0.03, 10) == pytest.approx(0.03)
+    assert effect_floor(0.03, 2) == pytest.approx(0.03 * 0.25 / 0.09)  # 0.083: the two-output random model's 0.051
+    assert effect_floor(0.03, 3) == pytest.approx(0.03 * (2 / 9) / 0.09)
+    assert effect_floor(0.03, 5) == pytest.approx(0.03 * 0.16 / 0.09)
+    assert effect_floor(0.03, 1000) == pytest.approx(0.03) and effect_floor(0.03, 20) == pytest.approx(0.03)
+    assert effect_floor(0.0, 2) == 0.0  # --min-effect 0 stays off
 
 
 def test_flag_ranks_conflicting_above_aligned(cue):

@@ -212,8 +212,9 @@ def _spurious_parser(sub) -> None:
                    help="region units search the windows holding a SIFT keypoint, or every window (the SIFT-free twin)")
     p.add_argument("--min-effect", type=non_negative_float, default=c.shortcut_min_effect,
                    help="effect floor of a shortcut claim: its unit must lower the class probability by more than "
-                   "this on average over the class's images (calibrated on random-weights models, on clean and on "
-                   "planted images: largest 0.024)")
+                   "this on average over the class's images (calibrated on ten-output random-weights models, on clean "
+                   "and on planted images: largest 0.024); for a model with C < 10 outputs it is scaled by "
+                   "(1/C)(1-1/C)/0.09 (two outputs: 2.8x), as a random model's probabilities move further there")
     p.add_argument("--dense-over-keypoint", type=non_negative_float, default=c.dense_over_keypoint,
                    help="with --dense-words: a class's dense claim is applied beside its keypoint claim only where it "
                    "removes at least this many times the keypoint claim's share of the class probability (a frame's "

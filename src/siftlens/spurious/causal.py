@@ -148,7 +148,8 @@ class CausalConfig:
     # (shortcut_sufficiency, below)
     shortcut_alpha: float = 0.05
     # over the largest unit effect of random-weights models, rounded up to the next 0.01 (RESULTS "Dev round 6"):
-    # 0.02 on clean images; 0.03 since random models on planted images reached 0.024 (held-out rounds 27-29)
+    # 0.02 on clean images; 0.03 since random models on planted images reached 0.024 (held-out rounds 27-29).
+    # Set on ten-output models; a model with fewer outputs gets it scaled up (``effect_floor``)
     shortcut_min_effect: float = 0.03
     shortcut_specificity: float = 2.0
     # ... or, where the transplant check ran, enough on its own: sufficiency_lo >= this (0: specificity alone)
@@ -853,6 +854,21 @@ def output_probe(lm: LoadedModel, input_hw: tuple[int, int]) -> np.ndarray:
     return out - out.mean()
 
 
+# p(1 - p) of a ten-output random model's class probability (p ~ 1/10): the scale the effect floor was set at
+FLOOR_SCALE_AT = 0.1 * 0.9
+
+
+def effect_floor(floor_at_ten: float, num_outputs: int) -> float:
+    """The effect floor for a model with ``num_outputs`` outputs: ``floor_at_ten`` (set over random-weights
+    models with ten outputs) x max(1, p(1 - p) / 0.09), p = 1 / num_outputs. Why: a random model's class
+    probability sits near 1 / C, and a probability moves by about p(1 - p) per unit of logit, so the same random
+    perturbation moves it up to 2.8x as far with two outputs (0.25 / 0.09): a random two-output model's
+    class-specific unit reached 0.051 on planted text (RESULTS "Calibration by output count"). Never lowered:
+    with more outputs a random model's effects only shrink, while a trained model's need not."""
+    p = 1.0 / max(int(num_outputs), 1)
+    return floor_at_ten * max(1.0, p * (1 - p) / FLOOR_SCALE_AT)
+
+
 def unit_families(units: pd.DataFrame) -> pd.Series:
     """Each unit's family (motifs.csv ``family``; files from before it: keypoint, region units region)."""
     if "family" in units:
@@ -1015,8 +1031,8 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
     if not len(large):
         top = specific.sort_values("causal_effect", ascending=False).iloc[0]
         return (f"no shortcut claimed: no class-specific unit lowers the class probability by more than the effect "
-                f"floor {cfg.shortcut_min_effect:g} (largest: {top['unit']}, {top['causal_effect']:.4f}); effects this "
-                "small are also found on random-weights models (docs/CHOICES.md)")
+                f"floor {cfg.shortcut_min_effect:.3g} (largest: {top['unit']}, {top['causal_effect']:.4f}); effects "
+                "this small are also found on random-weights models (docs/CHOICES.md)")
     best = large.iloc[0]
     return (f"no shortcut claimed: the class-specific units are not significant (best {best['unit']}, "
             f"p={best['causal_p']:.3f} > {alpha:g})")

@@ -42,6 +42,7 @@ from .causal import (
     CausalResult,
     ShortcutSet,
     causal_discovery,
+    effect_floor,
     margin_gains,
     sample_images,
 )
@@ -588,7 +589,9 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
     if cfg.causal is not None:
         # class k is output label_map.output_index[k] (output k by position); only the labelled classes are ranked
         columns = label_map.columns if label_map.by_name else None
-        causal_cfg = replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size)
+        # the floor the claims use: set on ten-output models, scaled up for fewer outputs (effect_floor)
+        causal_cfg = replace(cfg.causal, seed=cfg.seed, batch_size=cfg.batch_size,
+                             shortcut_min_effect=effect_floor(cfg.causal.shortcut_min_effect, probs.shape[1]))
         class_probs = probs if columns is None else probs[:, columns]
         res.causal = causal_discovery(lm, source, layers, cls_of_image, class_probs, attn, kps, layout.grid,
                                       layout.patch_size, len(class_names), source.input_hw, causal_cfg, parts,
@@ -599,7 +602,7 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
             res.causal.control.insert(1, "class", [class_names[k] for k in res.causal.control["cls"]])
         all_words = centroids if dense_centroids is None else np.concatenate([centroids, dense_centroids])
         res.shortcuts = ShortcutSet.select(lm, res.causal, all_words, res.descriptor_weights, class_names, layers,
-                                           source.input_hw, cfg.causal, num_outputs=probs.shape[1],
+                                           source.input_hw, causal_cfg, num_outputs=probs.shape[1],
                                            output_index=label_map.output_index,
                                            dense_words=0 if dense_centroids is None else len(dense_centroids),
                                            dense_gradient_weight=cfg.dense_gradient_weight,

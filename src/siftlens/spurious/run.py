@@ -24,7 +24,7 @@ from ..resume import RunParts, distributed, rank_device, settings_fingerprint  #
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
 from .cast import MIN_FLIP, REMOVAL_WORDS  # noqa: E402
-from .causal import shortcut_verdict  # noqa: E402
+from .causal import effect_floor, shortcut_verdict  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -105,6 +105,10 @@ def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_n
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
     options["transplant_draws"] = "per_unit"  # session 28: parts of the shared-stream draws are not resumed
+    if cfg.causal is not None and label_map is not None:  # fewer than ten outputs: the floor is scaled (session 29)
+        floor = effect_floor(cfg.causal.shortcut_min_effect, label_map.num_outputs)
+        if floor != cfg.causal.shortcut_min_effect:
+            options["causal.effect_floor"] = floor
     labels = hashlib.sha256(np.asarray(y, np.int64).tobytes() + json.dumps(class_names).encode()).hexdigest()[:16]
     if label_map is not None and label_map.by_name:  # (by position: the fingerprint of earlier versions)
         options["output_index"] = label_map.output_index
@@ -295,8 +299,9 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
              "model, 6/30 across three random-weights models and 1/20 with permuted labels. It ranks; it is not a "
              "claim. "
              "A shortcut is claimed only for a unit whose effect exceeds the floor "
-             f"{c.config.shortcut_min_effect:g} (fixed over the largest unit effect of random-weights models, "
-             "0.014 on clean images, 0.024 on images with planted class-coloured frames; a cue the class's own "
+             f"{c.config.shortcut_min_effect:.3g} (fixed over the largest unit effect of ten-output random-weights "
+             "models, 0.014 on clean images, 0.024 on images with planted class-coloured frames, and scaled up for a "
+             "model with fewer outputs, whose random probabilities move further; a cue the class's own "
              "images do not need, with p_k near 1 without it, is missed) and that is also class-specific (&ge; "
              f"{c.config.shortcut_specificity:g}x as frequent in the class's images as in the others') or enough "
              "on its own (sufficiency, below, with its lower bound &ge; "
