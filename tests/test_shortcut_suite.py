@@ -275,6 +275,35 @@ def test_method_tokens_reads_float_ranks(tmp_path):
     assert method_tokens(tmp_path, ["a", "b"]) == {0: [0, 1, 2]}  # b's top unit has no tokens
 
 
+def test_claims_located_judges_each_claim_at_its_own_class_cue(tmp_path):
+    """evaluate.py claims: every unit of shortcuts.json, judged against the cue of the class it was claimed for
+    (a claim at another class's cue is off the cue), with its effect."""
+    import json
+
+    from shortcut_suite.evaluate import claims_located
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "e" / "spurious").mkdir(parents=True)
+    (run / "variant.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32}))
+    (run / "model" / "model.json").write_text(json.dumps({"architecture": {"patch_size": 4}}))
+    # 32 px, patch 4: class 0's cue top-left, class 1's bottom-right
+    pd.DataFrame({"cue_class": [0, 1], "group": ["aligned", "aligned"], "region": ["box", "box"],
+                  "frame_width": [-1.0, -1.0], "box_x0": [0.0, 0.75], "box_y0": [0.0, 0.75],
+                  "box_x1": [0.125, 1.0], "box_y1": [0.125, 1.0]}).to_csv(run / "discovery.csv", index=False)
+    units = [{"cls": 0, "class_name": "a", "unit": "token:0,0", "causal_effect": 0.4, "box": [0, 0, 0.125, 0.125],
+              "tokens": [0]},
+             {"cls": 1, "class_name": "b", "unit": "token:0,0", "causal_effect": 0.2, "box": [0, 0, 0.125, 0.125],
+              "tokens": [0]},
+             {"cls": 1, "class_name": "b", "unit": "word:7", "causal_effect": 0.1, "box": [0.75, 0.75, 1, 1],
+              "tokens": [63]}]
+    (run / "e" / "spurious" / "shortcuts.json").write_text(json.dumps({"units": units}))
+    got = claims_located(run, "e")
+    assert [(c["class_name"], c["unit"], c["located"]) for c in got] == [
+        ("a", "token:0,0", True), ("b", "token:0,0", False), ("b", "word:7", True)]
+    assert [c["effect"] for c in got] == [0.4, 0.2, 0.1]
+
+
 def test_cue_reliance_per_class_on_aligned_images_only():
     from shortcut_suite.evaluate import RELIANT_DROP, cue_reliance, rate_among_reliant
 

@@ -284,6 +284,22 @@ def spurious_located(sp: Path, class_names: list[str], disc: pd.DataFrame, size:
         "basis": basis, "classes_with_claimed_shortcut": claimed_classes(sp)}
 
 
+def claims_located(run: Path, eval_dir: str) -> list[dict]:
+    """Each shortcut claim of RUN/EVAL_DIR/spurious (shortcuts.json: what flag and prompt apply) with its effect
+    and whether it sits at its class's cue (``located`` on the claim's box centre and tokens), from files alone."""
+    meta = json.loads((run / "variant.json").read_text())
+    disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
+    patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
+    k, size = len(meta["class_names"]), int(meta["image_size"])
+    out = []
+    for u in json.loads((run / eval_dir / "spurious" / "shortcuts.json").read_text())["units"]:
+        x0, y0, x1, y1 = u["box"]
+        at = located({u["cls"]: ((x0 + x1) / 2, (y0 + y1) / 2)}, disc, k, size, patch, {u["cls"]: u["tokens"]})
+        out.append({"cls": u["cls"], "class_name": u["class_name"], "unit": u["unit"],
+                    "effect": float(u["causal_effect"]), "located": at["per_class"][u["cls"]]})
+    return out
+
+
 def method_located(run: Path, eval_dir: str) -> dict:
     """"Cue located" of the method's `spurious` run in RUN/EVAL_DIR/spurious, from its files alone (no forwards):
     to re-judge a finished evaluation after a change to the judge."""
@@ -808,6 +824,10 @@ def main(argv: list[str] | None = None) -> None:
     j = sub.add_parser("located", help="re-judge 'cue located' of finished runs from their files (no forwards)")
     j.add_argument("--run", nargs="+", required=True)
     j.add_argument("--eval-dir", default="eval")
+    c = sub.add_parser("claims", help="each shortcut claim of finished runs, its effect and whether it sits at "
+                       "the cue, from their files (no forwards)")
+    c.add_argument("--run", nargs="+", required=True)
+    c.add_argument("--eval-dir", nargs="+", default=["eval"])
     t = sub.add_parser("table")
     t.add_argument("--evals", nargs="+", required=True)
     t.add_argument("--out", required=True)
@@ -826,6 +846,13 @@ def main(argv: list[str] | None = None) -> None:
             marks = "".join("-" if v is None else "+" if v else "." for v in res["per_class"])
             print(f"{run} {a.eval_dir}: located {sum(v is True for v in res['per_class'])}/{res['n_judged']} "
                   f"[{marks}] (chance {res['chance']:.2f})")
+    elif a.cmd == "claims":
+        for run in a.run:
+            for e in a.eval_dir:
+                claims = claims_located(Path(run), e)
+                words = ", ".join(f"{c['class_name']} {c['unit']} {c['effect']:.3f} "
+                                  f"{'at the cue' if c['located'] else 'off the cue'}" for c in claims)
+                print(f"{run} {e}: {len(claims)} claims: {words or 'none'}")
     else:
         results = [json.loads(Path(f).read_text()) for f in a.evals]
         text = ("## Summary\n\n" + compact_tables(results) +
