@@ -311,6 +311,35 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     assert not (tmp_path / "x" / "flags.parquet").exists()
 
 
+def test_random_twin_check_is_the_twins_own_discovery_and_warns_when_it_claims(cue, tmp_path):
+    """spurious --twin random-init: the twin's numbers are what the same discovery gives the architecture with
+    fresh weights (seed + TWIN_SEED_OFFSET) on the same images; a twin that gets a claim is a warning in the report."""
+    from siftlens.models import load_model, random_init_twin
+    from siftlens.spurious.run import TWIN_SEED_OFFSET, random_twin_check, run_spurious, twin_section_html
+
+    data, lm, _ = cue
+    model = tmp_path / "m.safetensors"
+    _save_model(lm, model)
+    _save_folder(tmp_path / "train", data["train"], data["y"])
+    cfg = DiscoveryConfig(n_words=16, seed=3)
+    res = run_spurious(str(model), tmp_path / "train", tmp_path / "sp", cfg=cfg, twin="random-init")
+    t = json.loads((tmp_path / "sp" / "manifest.json").read_text())["random_twin"]
+    assert t == res.twin and t["seed"] == 3 + TWIN_SEED_OFFSET
+    assert t["floor"] == pytest.approx(0.03 * (2 / 9) / 0.09)  # three outputs: the scaled floor, as the model's
+    assert not (tmp_path / "sp" / ".parts").exists()  # both runs' resume parts are gone when it is written
+    twin = random_init_twin(load_model(str(model)), seed=3 + TWIN_SEED_OFFSET)
+    alone = run_spurious(twin, tmp_path / "train", tmp_path / "twin", cfg=cfg)
+    assert random_twin_check(alone, t["seed"]) == t
+    assert t["largest_claimable"] is None or t["largest_claimable"]["effect"] < 0.1 < max(
+        u["causal_effect"] for u in res.shortcuts.units)  # the trained cue's removal is far above it
+    page = (tmp_path / "sp" / "spurious.html").read_text()
+    assert "Random-weights twin" in page and ("It gets no claim" in page) == (not t["claims"])
+    warned = twin_section_html(dict(t, claims=["ant word:3"]))
+    assert "Warning: the twin gets claims" in warned and "ant word:3" in warned
+    with pytest.raises(UserValueError, match="--twin"):
+        run_spurious(str(model), tmp_path / "train", tmp_path / "x", cfg=cfg, twin="random")
+
+
 def test_shortcuts_json_round_trip(cue, tmp_path):
     _, lm, res = cue
     res.shortcuts.save(tmp_path / "shortcuts.json")

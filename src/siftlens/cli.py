@@ -239,6 +239,10 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--device", default=r["device"])
     p.add_argument("--seed", type=SEED, default=d.seed)
+    p.add_argument("--twin", choices=("none", "random-init"), default="none",
+                   help="random-init: run the same discovery on the architecture with fresh weights (seed --seed + "
+                   "1000003) on the same images and report its largest claimable effect and its claims beside the "
+                   "floor, the claims' null on your own model shape and images (twice the time)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_spurious)
 
@@ -263,7 +267,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
                           dense_gradient_weight=args.dense_gradient_weight, dense_colour=args.dense_colour)
     res = run_spurious(args.model, args.images, args.out, labels=args.labels, min_per_class=args.min_per_class,
                        cfg=cfg, checkpoint=args.checkpoint, random_init=args.random_init, device=args.device,
-                       progress=not args.quiet)
+                       progress=not args.quiet, twin=args.twin)
     if res is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     for k, name in enumerate(res.class_names):
@@ -288,6 +292,13 @@ def _run_spurious(args: argparse.Namespace) -> int:
                  for u in res.shortcuts.units]
         named += [f"{c['class_name']} colour cast (SIFT-free)" for c in res.shortcuts.casts]
         print(f"shortcuts for flag / gated prompt: {named}")
+    if res.twin is not None:
+        t, best = res.twin, res.twin["largest_claimable"]
+        print(f"random-weights twin (seed {t['seed']}): largest claimable effect "
+              f"{best['effect']:.4f} ({best['class']} {best['unit']})" if best else
+              f"random-weights twin (seed {t['seed']}): no claimable unit", end="")
+        print(f", effect floor {t['floor']:.3g}, claims {t['claims'] or 'none'}"
+              + (" -- WARNING: the floor does not hold here; raise --min-effect" if t["claims"] else ""))
     print(f"-> {args.out}/spurious.html")
     return 0
 

@@ -314,6 +314,7 @@ class DiscoveryResult:
     label_map: LabelMap | None = None  # class k is model output label_map.output_index[k] (None: output k)
     dense_centroids: np.ndarray | None = None  # [dense words, D]: word W >= len(centroids) is dense word W - that
     casts: pd.DataFrame | None = None  # per class: its colour cast and the cast's claim columns (cast.py)
+    twin: dict | None = None  # run.random_twin_check of a random-weights twin (spurious --twin random-init)
 
     def masker(self, lm: LoadedModel, classes: list[int] | None = None) -> ShortcutMasker:
         """token_mask_fn for steering: patches under the top motifs of ``classes`` (default: every class)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib
@@ -19,12 +19,12 @@ from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noq
 from ..image_source import find_images, read_labels  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..label_map import LabelMap, map_labels  # noqa: E402
-from ..models import LoadedModel, load_model  # noqa: E402
+from ..models import LoadedModel, load_model, random_init_twin  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
 from .cast import MIN_FLIP, REMOVAL_WORDS  # noqa: E402
-from .causal import effect_floor, shortcut_verdict  # noqa: E402
+from .causal import claimed_units, effect_floor, shortcut_candidates, shortcut_verdict  # noqa: E402
 from .discover import (  # noqa: E402
     DiscoveryConfig,
     DiscoveryResult,
@@ -37,15 +37,21 @@ from .source import PathSource  # noqa: E402
 
 def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, labels: str | None = None,
                  min_per_class: int = 5, cfg: DiscoveryConfig | None = None, checkpoint: str | None = None,
-                 random_init: bool = False, device: str = "cpu", progress: bool = False) -> DiscoveryResult | None:
+                 random_init: bool = False, device: str = "cpu", progress: bool = False,
+                 twin: str = "none") -> DiscoveryResult | None:
     """Discovery, counterfactual scores and the report in ``out``; the result (None on torchrun ranks > 0).
 
     The costly passes (attention and keypoints of every image, the causal and control forwards, the
     counterfactual scores) keep each finished batch in ``out/.parts/spurious`` (``siftlens.resume.RunParts``):
     a killed run started again with the same arguments continues from there and gives the same numbers; other
     arguments are refused while finished batches are kept. Under torchrun every rank takes its share of each
-    pass's batches and rank 0 writes the outputs."""
+    pass's batches and rank 0 writes the outputs.
+
+    ``twin="random-init"``: the same discovery also runs on the model's architecture with fresh weights, on the
+    same images (``random_twin_check``); what it could claim is every claim's null, in the report and manifest."""
     cfg = cfg or DiscoveryConfig()
+    if twin not in ("none", "random-init"):
+        raise UserValueError(f"--twin {twin!r} is not one of random-init, none")
     rank, world = distributed(device)
     device = rank_device(device)
     out = ensure_writable_dir(out)
@@ -88,12 +94,63 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
             if rank == 0:
                 print(f"warning: no counterfactual scores for {lm.name}: {e}")
         parts.release()
+        twin_parts = None
+        if twin == "random-init" and res.causal is not None:
+            twin_lm = random_init_twin(lm, seed=cfg.seed + TWIN_SEED_OFFSET)
+            twin_lm.name = f"{lm.name} (random-init twin)"
+            twin_parts = RunParts(out, "spurious_twin", spurious_settings(twin_lm, paths, y, class_names, cfg,
+                                                                          label_map), rank, world, progress)
+            twin_res = discover_shortcuts(twin_lm, source, y, class_names, cfg, min_per_class=min_per_class,
+                                          parts=twin_parts, label_map=label_map)
+            twin_parts.release()
+            res.twin = random_twin_check(twin_res, cfg.seed + TWIN_SEED_OFFSET)
         if rank != 0:
             return None
         res.per_image.insert(0, "path", [str(p) for p in source.paths])
         _write_outputs(out, res, lm, source.skipped)
         parts.finish()  # everything is in the outputs now
+        if twin_parts is not None:
+            twin_parts.finish()
     return res
+
+
+# the twin's weights are drawn with --seed + this: not the seed a --random-init model itself was drawn with
+TWIN_SEED_OFFSET = 1_000_003
+
+
+def random_twin_check(twin: DiscoveryResult, seed: int) -> dict:
+    """What a random-weights twin (same architecture and images, fresh weights) could claim: per run, its largest
+    effect among units that pass every part of a claim but the effect floor, and the claims it gets at the floor.
+    Every one of those claims is false (the weights learned nothing), so the largest effect is the null that the
+    trained model's claims are read against (RESULTS.md "Calibration by output count")."""
+    units, cfg = twin.causal.units, twin.causal.config
+    no_floor = replace(cfg, shortcut_min_effect=0.0)
+    best, claims = None, []
+    for k, name in enumerate(twin.class_names):
+        if not len(units):
+            break
+        cand = shortcut_candidates(units, k, no_floor)
+        if len(cand):
+            top = cand.sort_values("causal_effect").iloc[-1]
+            if best is None or top["causal_effect"] > best["effect"]:
+                best = {"class": name, "unit": str(top["unit"]), "effect": float(top["causal_effect"])}
+        claims += [f"{name} {u}" for u in claimed_units(units, k, cfg)["unit"]]
+    return {"seed": seed, "floor": float(cfg.shortcut_min_effect), "largest_claimable": best, "claims": claims}
+
+
+def twin_section_html(t: dict) -> str:
+    """The random-weights twin's check in words: its largest claimable effect beside the floor, and its claims."""
+    best = t["largest_claimable"]
+    size = (f"its largest effect among units that pass every part of a claim but the floor is {best['effect']:.4f} "
+            f"({html.escape(best['class'])}, {html.escape(best['unit'])})" if best else
+            "no unit of it passes the other parts of a claim")
+    verdict = ("<p><b>Warning: the twin gets claims</b> (" + html.escape(", ".join(t["claims"])) + "): on this "
+               "architecture and these images the floor does not separate a trained model's effects from random "
+               "weights'; read this run's claims with effects near the twin's as unproven (raise --min-effect)."
+               if t["claims"] else "<p>It gets no claim.")
+    return ("<h2>Random-weights twin (the claims' null)</h2><p class=note>The same architecture with fresh weights "
+            f"(seed {t['seed']}) through the same discovery on the same images: every claim it gets is false. "
+            f"Effect floor {t['floor']:.3g}; {size}.</p>" + verdict + "</p>")
 
 
 def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_names: list[str],
@@ -190,6 +247,8 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         parts += causal_sections_html(res, lm)
     if res.casts is not None:
         parts.append(casts_section_html(res.casts, res.causal.config))
+    if res.twin is not None:
+        parts.append(twin_section_html(res.twin))
     parts.append("<h2>Attention view: keypoint motifs under the decisive attention</h2>"
                  f"<p class=note>CLS attention of layers {res.layers} (mean over them and heads). Per class, motifs "
                  "ranked by attention lift × class specificity × (0.5 + 0.5·position stability). "
@@ -221,6 +280,7 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
                       + [c["class_name"] + " colour cast" for c in res.shortcuts.casts]) if res.shortcuts else [],
         "budget": {res.class_names[k]: v for k, v in res.causal.budget.items()} if res.causal else {},
         "label_map": res.label_map.to_json() if res.label_map is not None else None,
+        **({"random_twin": res.twin} if res.twin is not None else {}),
         "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
 
 
