@@ -76,3 +76,25 @@ def test_claimable_takes_the_causal_top_of_the_specific_significant_units():
     assert list(c["unit"]) == ["word:2"] and c["causal_effect"].iloc[0] == 0.004
     # the floor is applied by the caller: with the default one the same unit is not a claim
     assert claimable(units, CausalConfig()).empty
+
+
+def test_random_models_keep_the_shape_and_take_the_first_label_names(tmp_path):
+    """random_models.py: a model file like a given one, with C outputs (the first C label names) and, on request,
+    another patch / depth / width / heads and input size, that `siftlens` loads and --random-init redraws."""
+    import json
+
+    from shortcut_suite.random_models import write_model
+
+    from siftlens.models import load_model
+
+    like = {"timm_arch": "vit_tiny_patch16_224", "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "crop_pct": None, "interpolation": "bicubic", "label_names": ["a", "b", "c", "d"],
+            "timm_kwargs": {"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                            "num_classes": 4}, "history": [{"epoch": 1}]}
+    write_model(like, 2, tmp_path / "c2")
+    write_model(like, 3, tmp_path / "c3", shape=(8, 1, 16, 1), size=16)
+    m2 = json.loads((tmp_path / "c2" / "model.json").read_text())
+    assert m2["label_names"] == ["a", "b"] and m2["timm_kwargs"]["num_classes"] == 2 and "history" not in m2
+    lm = load_model(str(tmp_path / "c3" / "model.safetensors"), random_init=True, seed=5)
+    assert lm.label_names == ["a", "b", "c"] and lm.preprocess.input_size == (16, 16)
+    assert lm.module.num_classes == 3 and len(lm.module.blocks) == 1 and lm.module.patch_embed.patch_size == (8, 8)
