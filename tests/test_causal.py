@@ -314,8 +314,8 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
 def test_random_twin_check_is_the_twins_own_discovery_and_warns_when_it_claims(cue, tmp_path):
     """spurious --twin random-init: the twin's numbers are what the same discovery gives the architecture with
     fresh weights (seed + TWIN_SEED_OFFSET) on the same images; a twin that gets a claim is a warning in the report."""
-    from siftlens.models import load_model, random_init_twin
-    from siftlens.spurious.run import TWIN_SEED_OFFSET, random_twin_check, run_spurious, twin_section_html
+    from siftlens.models import TWIN_SEED_OFFSET, load_model, random_init_twin
+    from siftlens.spurious.run import random_twin_check, run_spurious, twin_section_html
 
     data, lm, _ = cue
     model = tmp_path / "m.safetensors"
@@ -336,6 +336,7 @@ def test_random_twin_check_is_the_twins_own_discovery_and_warns_when_it_claims(c
     assert "Random-weights twin" in page and ("It gets no claim" in page) == (not t["claims"])
     warned = twin_section_html(dict(t, claims=["ant word:3"]))
     assert "Warning: the twin gets claims" in warned and "ant word:3" in warned
+    assert "Not run: kept its weights" in twin_section_html({"seed": 1, "not_run": "kept its weights"})
     with pytest.raises(UserValueError, match="--twin"):
         run_spurious(str(model), tmp_path / "train", tmp_path / "x", cfg=cfg, twin="random")
 

@@ -759,9 +759,9 @@ class TwinPlan:
 
 
 def _plan_twin(lm: LoadedModel, out: Path, cfg: AnalyzeConfig, paths: list[Path], cache: str | None) -> TwinPlan:
-    from .models import random_init_twin
+    from .models import TWIN_SEED_OFFSET, random_init_twin
 
-    twin_seed = cfg.seed + 1_000_003  # not the seed a --random-init model itself was drawn with
+    twin_seed = cfg.seed + TWIN_SEED_OFFSET
     limit = cfg.twin_images if cfg.limit is None else min(cfg.limit, cfg.twin_images)
     info = {"mode": cfg.twin, "dir": "twin", "seed": twin_seed, "images": limit}
     try:

@@ -292,7 +292,9 @@ def _run_spurious(args: argparse.Namespace) -> int:
                  for u in res.shortcuts.units]
         named += [f"{c['class_name']} colour cast (SIFT-free)" for c in res.shortcuts.casts]
         print(f"shortcuts for flag / gated prompt: {named}")
-    if res.twin is not None:
+    if res.twin is not None and "not_run" in res.twin:
+        print(f"random-weights twin not run: {res.twin['not_run']}")
+    elif res.twin is not None:
         t, best = res.twin, res.twin["largest_claimable"]
         print(f"random-weights twin (seed {t['seed']}): largest claimable effect "
               f"{best['effect']:.4f} ({best['class']} {best['unit']})" if best else

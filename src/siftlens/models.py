@@ -477,6 +477,10 @@ def _with_random_weights(lm: LoadedModel, seed: int = 0) -> LoadedModel:
     return twin
 
 
+# a run's random-weights twin is drawn with its --seed + this: not the seed a --random-init model itself was drawn with
+TWIN_SEED_OFFSET = 1_000_003
+
+
 def random_init_twin(lm: LoadedModel, seed: int = 0) -> LoadedModel:
     """The same architecture, preprocessing and token layout with fresh random weights: the randomised-model
     sanity check (Adebayo et al., 2018). A finding that the twin shows too comes from the architecture and

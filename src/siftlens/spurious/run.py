@@ -19,7 +19,7 @@ from ..html_page import html_page, png_data_uri, skipped_html, table_html  # noq
 from ..image_source import find_images, read_labels  # noqa: E402
 from ..io import atomic_write_json, atomic_write_parquet, atomic_write_text, ensure_writable_dir  # noqa: E402
 from ..label_map import LabelMap, map_labels  # noqa: E402
-from ..models import LoadedModel, load_model, random_init_twin  # noqa: E402
+from ..models import TWIN_SEED_OFFSET, LoadedModel, load_model, random_init_twin  # noqa: E402
 from ..resume import RunParts, distributed, rank_device, settings_fingerprint  # noqa: E402
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs  # noqa: E402
 from ..validation import UserValueError, check_finite_parameters  # noqa: E402
@@ -96,14 +96,19 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         parts.release()
         twin_parts = None
         if twin == "random-init" and res.causal is not None:
-            twin_lm = random_init_twin(lm, seed=cfg.seed + TWIN_SEED_OFFSET)
-            twin_lm.name = f"{lm.name} (random-init twin)"
-            twin_parts = RunParts(out, "spurious_twin", spurious_settings(twin_lm, paths, y, class_names, cfg,
-                                                                          label_map), rank, world, progress)
-            twin_res = discover_shortcuts(twin_lm, source, y, class_names, cfg, min_per_class=min_per_class,
-                                          parts=twin_parts, label_map=label_map)
-            twin_parts.release()
-            res.twin = random_twin_check(twin_res, cfg.seed + TWIN_SEED_OFFSET)
+            seed = cfg.seed + TWIN_SEED_OFFSET
+            try:
+                twin_lm = random_init_twin(lm, seed=seed)
+            except ValueError as e:  # a model whose weights cannot all be redrawn: the run stands, without its twin
+                res.twin = {"seed": seed, "not_run": str(e)}
+            else:
+                twin_lm.name = f"{lm.name} (random-init twin)"
+                twin_parts = RunParts(out, "spurious_twin", spurious_settings(twin_lm, paths, y, class_names, cfg,
+                                                                              label_map), rank, world, progress)
+                twin_res = discover_shortcuts(twin_lm, source, y, class_names, cfg, min_per_class=min_per_class,
+                                              parts=twin_parts, label_map=label_map)
+                twin_parts.release()
+                res.twin = random_twin_check(twin_res, seed)
         if rank != 0:
             return None
         res.per_image.insert(0, "path", [str(p) for p in source.paths])
@@ -112,10 +117,6 @@ def run_spurious(model: str | LoadedModel, images: str | Path, out: str | Path, 
         if twin_parts is not None:
             twin_parts.finish()
     return res
-
-
-# the twin's weights are drawn with --seed + this: not the seed a --random-init model itself was drawn with
-TWIN_SEED_OFFSET = 1_000_003
 
 
 def random_twin_check(twin: DiscoveryResult, seed: int) -> dict:
@@ -140,6 +141,8 @@ def random_twin_check(twin: DiscoveryResult, seed: int) -> dict:
 
 def twin_section_html(t: dict) -> str:
     """The random-weights twin's check in words: its largest claimable effect beside the floor, and its claims."""
+    if "not_run" in t:
+        return f"<h2>Random-weights twin (the claims' null)</h2><p>Not run: {html.escape(t['not_run'])}</p>"
     best = t["largest_claimable"]
     size = (f"its largest effect among units that pass every part of a claim but the floor is {best['effect']:.4f} "
             f"({html.escape(best['class'])}, {html.escape(best['unit'])})" if best else
