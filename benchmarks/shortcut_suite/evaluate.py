@@ -284,13 +284,20 @@ def spurious_located(sp: Path, class_names: list[str], disc: pd.DataFrame, size:
         "basis": basis, "classes_with_claimed_shortcut": claimed_classes(sp)}
 
 
-def claims_located(run: Path, eval_dir: str) -> list[dict]:
-    """Each shortcut claim of RUN/EVAL_DIR/spurious (shortcuts.json: what flag and prompt apply) with its effect
-    and whether it sits at its class's cue (``located`` on the claim's box centre and tokens), from files alone."""
+def run_geometry(run: Path) -> tuple[list[str], pd.DataFrame, int, int]:
+    """What judging a finished run from its files needs: class names, discovery.csv (the true cues), image size,
+    patch size."""
     meta = json.loads((run / "variant.json").read_text())
     disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
     patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
-    k, size = len(meta["class_names"]), int(meta["image_size"])
+    return list(meta["class_names"]), disc, int(meta["image_size"]), patch
+
+
+def claims_located(run: Path, eval_dir: str) -> list[dict]:
+    """Each shortcut claim of RUN/EVAL_DIR/spurious (shortcuts.json: what flag and prompt apply) with its effect
+    and whether it sits at its class's cue (``located`` on the claim's box centre and tokens), from files alone."""
+    class_names, disc, size, patch = run_geometry(run)
+    k = len(class_names)
     out = []
     for u in json.loads((run / eval_dir / "spurious" / "shortcuts.json").read_text())["units"]:
         x0, y0, x1, y1 = u["box"]
@@ -303,11 +310,8 @@ def claims_located(run: Path, eval_dir: str) -> list[dict]:
 def method_located(run: Path, eval_dir: str) -> dict:
     """"Cue located" of the method's `spurious` run in RUN/EVAL_DIR/spurious, from its files alone (no forwards):
     to re-judge a finished evaluation after a change to the judge."""
-    meta = json.loads((run / "variant.json").read_text())
-    disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
-    patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
-    return spurious_located(run / eval_dir / "spurious", list(meta["class_names"]), disc, int(meta["image_size"]),
-                            patch)
+    class_names, disc, size, patch = run_geometry(run)
+    return spurious_located(run / eval_dir / "spurious", class_names, disc, size, patch)
 
 
 def cue_reliance(p0: np.ndarray, p_oracle: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> dict:
