@@ -159,6 +159,8 @@ class Variant:
 # ``heldout28_*`` (session 28): generator seeds 1131 + j over all six families, for the effect floor 0.03.
 # ``heldout29_*`` (session 29): generator seeds 1137 + j over all six families, two-class sets for the effect floor
 # scaled by output count.
+# ``heldout30_*`` (session 30): generator seeds 1143 + j over all six families, today's defaults on the fine-tuned
+# setting at ten classes.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -192,7 +194,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant("heldout26_thin_frame_0", "stripe_frame", "heldout", 1202, pool="heldout_thin_frames")]
     + [Variant(f"heldout27_{f}", f, "heldout", 1125 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout28_{f}", f, "heldout", 1131 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout29_{f}", f, "heldout", 1137 + j) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout29_{f}", f, "heldout", 1137 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout30_{f}", f, "heldout", 1143 + j) for j, f in enumerate(FAMILIES)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
