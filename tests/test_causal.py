@@ -988,6 +988,33 @@ def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):
     assert grown[0][0][1].sum() > expect.sum()
 
 
+def test_boxes_are_shares_of_the_input_also_where_the_grid_does_not_cover_it():
+    """A 36 px input with patch 8: the 4 x 4 grid covers 32 px, so the last column's cell is x in [24, 32] px, i.e.
+    [0.667, 0.889] of the input, not [0.75, 1.0] (the grid share boxes used before); a padded grid is cut at 1."""
+    import timm
+
+    from siftlens.models import from_module
+    from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    assert token_box([19], (4, 5), (8 / 36, 8 / 44)) == pytest.approx((32 / 44, 24 / 36, 40 / 44, 32 / 36))
+    assert token_box([0, 6], (4, 5)) == pytest.approx((0.0, 0.0, 2 / 5, 2 / 4))  # default: grid shares
+    assert token_box([15], (4, 4), (16 / 60, 16 / 60)) == (0.8, 0.8, 1.0, 1.0)  # padded: 64 px of grid for 60
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=36, patch_size=8, depth=2,
+                               embed_dim=32, num_heads=2, num_classes=3).eval()
+    lm = from_module(module, Preprocess((36, 36), IMAGENET_MEAN, IMAGENET_STD, None, "bicubic"))
+    assert lm.layout((36, 36)).grid == (4, 4) and lm.layout((36, 36)).cell((36, 36)) == (8 / 36, 8 / 36)
+    data = make_data(8, seed=3)
+    x = torch.nn.functional.interpolate(inputs(lm, data["train"]), size=(36, 36), mode="bilinear")
+    res = discover_shortcuts(lm, x, data["y"], CLASSES, DiscoveryConfig(n_words=8, layers="all"))
+    ctrl = res.causal.control  # every token ranked for every class: the last column and row are there
+    assert ctrl["box_x1"].max() == pytest.approx(32 / 36) and ctrl["box_y1"].max() == pytest.approx(32 / 36)
+    last = ctrl[ctrl["token"] == 15].iloc[0]
+    assert (last.box_x0, last.box_y0) == pytest.approx((24 / 36, 24 / 36))
+    units = res.causal.units
+    assert units["box_x1"].max() <= 32 / 36 + 1e-9 and units["box_y1"].max() <= 32 / 36 + 1e-9
+
+
 def test_with_margin_grows_small_removals_by_their_neighbours():
     grid = (4, 5)  # not square: rows and columns must not be swapped
     corner = np.zeros(20, bool)

@@ -31,6 +31,11 @@ class TokenLayout:
     grid: tuple[int, int]  # (h, w), row-major patch order
     patch_size: int
 
+    def cell(self, input_hw: tuple[int, int]) -> tuple[float, float]:
+        """The share of the input's height and width one token covers: 1 / grid where the input is a multiple of
+        the patch; less where the grid leaves the input's last rows or columns out, more where it pads them."""
+        return self.patch_size / input_hw[0], self.patch_size / input_hw[1]
+
     @property
     def num_prefix(self) -> int:
         return len(self.prefix_names)

@@ -252,11 +252,17 @@ def with_margin(mask: np.ndarray, grid: tuple[int, int], below: int) -> np.ndarr
     return ndimage.binary_dilation(mask.reshape(grid), structure=np.ones((3, 3), bool)).ravel()
 
 
-def token_box(tokens: Sequence[int], grid: tuple[int, int]) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in [0, 1] of the cells of ``tokens`` (row-major indices)."""
+def token_box(tokens: Sequence[int], grid: tuple[int, int], cell: tuple[float, float] | None = None
+              ) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in [0, 1] of the model input covered by the cells of ``tokens`` (row-major indices).
+    ``cell``: the share of the input's height and width one token covers (``TokenLayout.cell``); default 1 / grid,
+    which it is when the input is a multiple of the patch (otherwise the grid covers less, or with padding more,
+    than the input, and a box in grid shares would sit off the image's pixels)."""
     h, w = grid
+    per_h, per_w = (h, w) if cell is None else (1 / cell[0], 1 / cell[1])  # tokens per input side
     r, c = np.divmod(np.asarray(tokens, int), w)
-    return (c.min() / w, r.min() / h, (c.max() + 1) / w, (r.max() + 1) / h)
+    return tuple(float(min(1.0, v)) for v in (c.min() / per_w, r.min() / per_h, (c.max() + 1) / per_w,
+                                              (r.max() + 1) / per_h))
 
 
 def token_name(tokens: Sequence[int], grid: tuple[int, int]) -> str:
@@ -617,7 +623,8 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         n_word = sum(1 for (sp, j) in word_masks if sp in own and j in cands[k])
         budget[k] = {"sift_forwards": n_word + n_tok + region_spent[k]}
 
-    units_df = _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg)
+    cell = (patch / input_hw[0], patch / input_hw[1])
+    units_df = _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels, attn, n, cfg)
     if cfg.transplant_images > 0 and len(units_df):
         from .transplant import transplant_check
 
@@ -634,13 +641,13 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         d = drops[own, r.unit_index, r.cls]
         evidence[(r.cls, r.unit_index)] = [(int(sample[o]), float(v)) for o, v in zip(own, d)]
     control, ctrl_budget = occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts,
-                                             columns)
+                                             columns, cell)
     for k in range(K):
         budget[k]["control_forwards"] = ctrl_budget[k]
     return CausalResult(units_df, control, budget, units, evidence, cfg)
 
 
-def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn, n, cfg) -> pd.DataFrame:
+def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels, attn, n, cfg) -> pd.DataFrame:
     rng = np.random.default_rng([cfg.seed, 17])
     onehot = np.eye(K)[y]  # [S, K]
     n_k = np.maximum(onehot.sum(0), 1)
@@ -702,7 +709,7 @@ def _effect_table(drops, y, units, cands, K, grid, word_masks, kps, labels, attn
                 sub = kps[(img_cls == k) & kps["word"].isin(_words_of(u))]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
             region, region_share = main_region(toks, weight, grid)
-            x0, y0, x1, y1 = token_box(region, grid)
+            x0, y0, x1, y1 = token_box(region, grid, cell)
             rows.append({"cls": k, "unit": u.name(grid), "kind": u.kind, "word": u.word,
                          "tokens": " ".join(map(str, sorted(toks))), "unit_index": int(j),
                          "causal_effect": float(E[k, j]), "causal_lo": float(lo[c]), "causal_hi": float(hi[c]),
@@ -789,7 +796,8 @@ def main_region(tokens: Sequence[int], weight: np.ndarray, grid: tuple[int, int]
 
 
 def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg, parts: RunParts | None = None,
-                      columns: np.ndarray | None = None) -> tuple[pd.DataFrame, dict]:
+                      columns: np.ndarray | None = None, cell: tuple[float, float] | None = None
+                      ) -> tuple[pd.DataFrame, dict]:
     """SIFT-free control: per class, every token masked alone on m_k of the class's sample images, m_k =
     the SIFT units' forwards on the class / n (same budget; ``control_budget='full'``: all sample images)."""
     n = grid[0] * grid[1]
@@ -820,7 +828,7 @@ def occlusion_control(lm, source, layers, sample, y, probs, K, grid, budget, cfg
             lo, hi = np.quantile(piv[boot].mean(1), [0.025, 0.975], axis=0)
             order = np.argsort(-eff, kind="stable")
             for rank, t in enumerate(order, 1):
-                x0, y0, x1, y1 = token_box([t], grid)
+                x0, y0, x1, y1 = token_box([t], grid, cell)
                 rows.append({"cls": int(k), "rank": rank, "unit": token_name([t], grid), "token": int(t),
                              "effect": float(eff[t]), "effect_lo": float(lo[t]), "effect_hi": float(hi[t]),
                              "n_images": len(piv), "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1})
@@ -1138,6 +1146,7 @@ class ShortcutSet:
                num_outputs: int | None = None, output_index: list[int] | None = None,
                dense_words: int = 0, dense_gradient_weight: float = 1.0, dense_colour: str = "mean") -> ShortcutSet:
         layout = lm.layout(input_hw)
+        cell = layout.cell(input_hw)
         chosen = []
         df = causal.units
         for k in range(len(class_names)):
@@ -1151,7 +1160,7 @@ class ShortcutSet:
                                # where a word is looked for in a new image: all its evidence tokens, not only
                                # the main place the box reports; a word set anywhere, as it was removed
                                "gate_box": [0.0, 0.0, 1.0, 1.0] if r.kind == "words" else
-                               list(token_box([int(t) for t in str(r.tokens).split()], layout.grid))})
+                               list(token_box([int(t) for t in str(r.tokens).split()], layout.grid, cell))})
         model = {"name": lm.name, "input_size": list(input_hw), "patch_size": int(layout.patch_size),
                  "grid": list(layout.grid), "num_classes": int(num_outputs or len(class_names)),
                  "num_layers": int(lm.num_layers), "prefix_tokens": list(layout.prefix_names),
@@ -1304,6 +1313,7 @@ class ShortcutSet:
             raise UserValueError(f"token_units {token_units!r} is not 'gated' or 'always'")
         layout = lm.layout(tuple(x.shape[-2:]))
         grid, p, n = layout.grid, layout.patch_size, layout.num_patches
+        ch, cw = layout.cell(tuple(x.shape[-2:]))
         out: list = []
         detected_words = len(self.centroids) - self.dense_words
         superseded = self.superseded_by_casts()
@@ -1349,8 +1359,7 @@ class ShortcutSet:
                     # where the word's evidence was found (its box grown by one token): a fixed cue's word
                     # is looked for near its place, a moving cue's box is wide
                     x0, y0, x1, y1 = u.get("gate_box", u["box"])  # files before gate_box: box was all of it
-                    hit &= (col >= x0 * grid[1] - 1) & (col < x1 * grid[1] + 1) & \
-                        (row >= y0 * grid[0] - 1) & (row < y1 * grid[0] + 1)
+                    hit &= (col >= x0 / cw - 1) & (col < x1 / cw + 1) & (row >= y0 / ch - 1) & (row < y1 / ch + 1)
                     cover = keypoint_cover(xy[hit], size[hit], grid, p)
                     if hit.any() and cover.sum() >= need:
                         if dense_unit and self.dense_removal == "with_discovery_tokens":

@@ -634,7 +634,8 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
                                            layout.grid, set(res.casts.loc[res.casts["cast_claimed"], "cls"].tolist()),
                                            parts, columns)
                 res.casts = res.casts.merge(placed, on="cls")
-                res.shortcuts.units += [placed_cast_unit(r, class_names[int(r.cls)], layout.grid)
+                res.shortcuts.units += [placed_cast_unit(r, class_names[int(r.cls)], layout.grid,
+                                                             layout.cell(source.input_hw))
                                         for r in placed[placed["place_claimed"]].itertuples()]
     return res
 

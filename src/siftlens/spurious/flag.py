@@ -309,7 +309,8 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
                         lambda r: units[r.shortcut_unit]["box"] if r.shortcut_unit in units else None,
                         "Most flagged (red: the shortcut removed)"))
     if "occlusion_score" in df:
-        grid = lm.layout(tuple(source.input_hw)).grid
+        layout = lm.layout(tuple(source.input_hw))
+        grid, cell = layout.grid, layout.cell(tuple(source.input_hw))
         lines = []
         for col, what in (("occlusion_score", "windows holding a SIFT keypoint"),
                           ("occlusion_score_random", "as many windows drawn at random (SIFT-free control)"),
@@ -324,7 +325,7 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
                      "<ul>" + "".join(lines) + "</ul>")
         shown = df.sort_values("occlusion_score", ascending=False).head(12)
         parts.append(_strip(shown, source, lm, "occlusion_score",
-                            lambda r: token_box([int(t) for t in r.occlusion_tokens.split()], grid)
+                            lambda r: token_box([int(t) for t in r.occlusion_tokens.split()], grid, cell)
                             if r.occlusion_tokens else None,
                             "Most decisive windows (red: the window removed)"))
     parts.append(skipped_html(skipped, limit=200))

@@ -161,12 +161,13 @@ def placed_cast_check(lm: LoadedModel, source, maps: np.ndarray, sample: np.ndar
     return out
 
 
-def placed_cast_unit(row, class_name: str, grid: tuple[int, int]) -> dict:
-    """The shortcut unit (shortcuts.json) of a claimed placed cast: its place as a fixed token set."""
+def placed_cast_unit(row, class_name: str, grid: tuple[int, int], cell: tuple[float, float] | None = None) -> dict:
+    """The shortcut unit (shortcuts.json) of a claimed placed cast: its place as a fixed token set (``cell``: see
+    ``causal.token_box``)."""
     from .causal import token_box
 
     tokens = [int(t) for t in str(row.place_tokens).split()]
-    box = [float(v) for v in token_box(tokens, grid)]
+    box = [float(v) for v in token_box(tokens, grid, cell)]
     return {"cls": int(row.cls), "class_name": class_name, "unit": f"colour cast at {len(tokens)} tokens",
             "kind": "region", "family": FAMILY, "word": -1, "tokens": tokens, "gate_words": [],
             "causal_effect": float(row.place_sufficiency), "causal_p": None,  # claimed by sufficiency, not permutation

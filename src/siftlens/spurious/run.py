@@ -330,19 +330,20 @@ def placed_section_html(casts: pd.DataFrame, cfg) -> str:
 
 
 def _same_place(box: tuple[float, float, float, float], token_box: tuple[float, float, float, float],
-                grid: tuple[int, int]) -> bool:
-    """The control's token cell lies within ``box`` grown by one token on every side."""
-    h, w = grid
+                cell: tuple[float, float]) -> bool:
+    """The control's token cell lies within ``box`` grown by one token (``cell``: its height and width, in shares
+    of the input) on every side."""
+    ch, cw = cell
     x0, y0, x1, y1 = box
     cx, cy = (token_box[0] + token_box[2]) / 2, (token_box[1] + token_box[3]) / 2
-    return x0 - 1 / w <= cx <= x1 + 1 / w and y0 - 1 / h <= cy <= y1 + 1 / h
+    return x0 - cw <= cx <= x1 + cw and y0 - ch <= cy <= y1 + ch
 
 
 def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
     """Per class: the causal ranking, the SIFT-free occlusion control side by side, a plain verdict on what
     SIFT added, and exemplar crops of the top units' regions."""
     c = res.causal
-    grid = lm.layout(res.source.input_hw).grid
+    cell = lm.layout(res.source.input_hw).cell(res.source.input_hw)
     parts = ["<h2>Causal view: what removing a unit does to the class evidence</h2>"
              "<p class=note>Candidate units: SIFT visual words, the fixed tokens they occupy, and per class one "
              "region (where masking a window of tokens that holds a SIFT keypoint lowered the class probability "
@@ -405,7 +406,7 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
             t = u.iloc[0]
             ct = ctrl.iloc[0]
             same = _same_place((t.box_x0, t.box_y0, t.box_x1, t.box_y1),
-                               (ct.box_x0, ct.box_y0, ct.box_x1, ct.box_y1), grid)
+                               (ct.box_x0, ct.box_y0, ct.box_x1, ct.box_y1), cell)
             agree += same
             name = (f"a name ({t['unit']}, in {t['f_in']:.0%} of the class's images, {t['f_out']:.0%} of the "
                     "others) that can be looked for in new images" if t["kind"] != "region" else
