@@ -175,7 +175,11 @@ def test_flag_ranks_conflicting_above_aligned(cue):
     is_conflict = np.r_[np.ones(len(gated["conflict"])), np.zeros(len(gated["aligned"]))]
     assert auroc(scores, is_conflict) > 0.8
     assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
-                              "p_pred_without", "one_minus_max_softmax", "entropy"}
+                              "p_pred_without", "one_minus_max_softmax", "entropy", "unsupported_shortcut"}
+    # on a model that learned little but the cue, both scores rank conflicting images above aligned ones
+    scores = np.r_[flags["conflict"]["unsupported_shortcut"], flags["aligned"]["unsupported_shortcut"]]
+    is_conflict = np.r_[np.ones(len(flags["conflict"])), np.zeros(len(flags["aligned"]))]
+    assert auroc(scores, is_conflict) > 0.8
 
 
 def test_gated_steering_leaves_cue_free_images_unchanged(cue, tmp_path):
@@ -960,6 +964,27 @@ def test_largest_removal_takes_the_largest_drop_of_the_predicted_class():
     changed = largest_removal(p0, images, pm, must_change=True)
     assert set(changed) == {0} and changed[0][1] == 2
     assert largest_removal(p0, images[:2], pm[:2], must_change=True)[0][1] == 1
+
+
+def test_unsupported_shortcut_scores_a_cue_the_rest_of_the_image_does_not_support():
+    """(p0[b, o] - q[o]) * (1 - q[o]) at the unit's own class o, the largest over an image's removals. A model that
+    also learned the task: image 0 carries class 1's cue but is still predicted class 0 (the predicted class's drop
+    is negative there); image 1 is right for the right reason (class 1 keeps 0.8 without its cue); image 2 is right
+    for the wrong reason."""
+    from siftlens.spurious.causal import largest_removal, unsupported_shortcut
+
+    p0 = np.array([[0.55, 0.40, 0.05], [0.05, 0.90, 0.05], [0.05, 0.90, 0.05]])
+    images, outputs = [0, 0, 1, 2], [1, 2, 1, 1]
+    pm = np.array([[0.90, 0.05, 0.05],    # image 0, class 1's cue out: (0.40 - 0.05) * 0.95 = 0.3325
+                   [0.60, 0.30, 0.10],    # image 0, class 2's unit: its class rises (-0.05 * 0.9)
+                   [0.15, 0.80, 0.05],    # image 1: (0.90 - 0.80) * 0.20 = 0.02
+                   [0.70, 0.20, 0.10]])   # image 2: (0.90 - 0.20) * 0.80 = 0.56
+    best = unsupported_shortcut(p0, images, outputs, pm)
+    assert best[0] == (pytest.approx(0.3325), 0) and best[1] == (pytest.approx(0.02), 2)
+    assert best[2] == (pytest.approx(0.56), 3)
+    # the predicted class's drop ranks image 0 (the cue of another class, ignored by the prediction) last
+    drop = largest_removal(p0, images, pm)
+    assert drop[0][0] < 0 < drop[1][0] < drop[2][0]
 
 
 def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):

@@ -371,7 +371,8 @@ def auroc_with_ci(score: np.ndarray, positive: np.ndarray, boot: np.ndarray) -> 
 # one run
 
 
-FLAG_COLUMNS = ("flag_score", "occlusion_score", "occlusion_score_random", "occlusion_score_all")
+FLAG_COLUMNS = ("flag_score", "unsupported_shortcut", "occlusion_score", "occlusion_score_random",
+                "occlusion_score_all")
 
 
 def image_key(path: str | Path) -> str:

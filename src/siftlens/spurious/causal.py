@@ -1584,6 +1584,24 @@ def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], 
             for j in range(len(units))]
 
 
+def unsupported_shortcut(p0: np.ndarray, images: Sequence[int], outputs: Sequence[int], pm: np.ndarray
+                         ) -> dict[int, tuple[float, int]]:
+    """Per image b: (score, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``
+    that takes out a shortcut of the class at model output ``outputs[t]`` = o) with the largest
+    (p0[b, o] - pm[t, o]) * (1 - pm[t, o]): what the shortcut adds to its class, times how little the image
+    without it supports that class. Why beside the predicted class's drop: on a model that also learned the task,
+    an image carrying another class's cue is often still predicted right (the cue moves its own class, not the
+    prediction, so the predicted class's drop is 0 there), and an aligned image right for the right reason keeps
+    its class without the cue (second factor near 0); an image right for the wrong reason scores as under the
+    drop. Images without a removal are left out (score 0)."""
+    best: dict[int, tuple[float, int]] = {}
+    for t, (b, o, q) in enumerate(zip(images, outputs, pm)):
+        score = float((p0[b, o] - q[o]) * (1.0 - q[o]))
+        if score > best.get(b, (-np.inf, -1))[0]:
+            best[b] = (score, t)
+    return best
+
+
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
                     ) -> dict[int, tuple[float, int]]:
     """Per image b: (drop, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``)

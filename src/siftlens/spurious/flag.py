@@ -10,7 +10,10 @@ evidence: ``ShortcutSet.removal``) and the prediction re-made. ``flag_score`` = 
 predicted class's probability over the tested units (0 when none is): high when the prediction would fall
 without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
 (predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
-predicted otherwise). Baselines beside it: 1 − max softmax and the entropy of the prediction.
+predicted otherwise). ``unsupported_shortcut`` (``causal.unsupported_shortcut``), from the same removals: the
+largest (p_c − p_c without the unit) × (1 − p_c without it) over the tested units, c the unit's class: also high
+where another class's cue sits in an image the model still predicts right. Baselines beside them: 1 − max softmax
+and the entropy of the prediction.
 Images without SIFT keypoints are scored through the fixed-token units alone (listed under ``no_keypoints``
 in manifest.json); where there are none to test (word units only, or ``"gated"``) they are skipped with the
 reason.
@@ -45,6 +48,7 @@ from .causal import (
     masked_probs,
     occlusion_windows,
     token_box,
+    unsupported_shortcut,
 )
 from .source import PathSource, TensorSource
 
@@ -155,6 +159,10 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             pm = np.concatenate([pm.reshape(-1, pc.shape[1]), pc])
         at += [(b, ("cast", c)) for b, c in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
+        outputs = shortcuts.class_outputs()
+        unit_output = [outputs[int(shortcuts.casts[j[1]]["cls"] if isinstance(j, tuple) else shortcuts.units[j]["cls"])]
+                       for _, j in at]
+        unsupported = unsupported_shortcut(p0, [b for b, _ in at], unit_output, pm)
         cast_at = {b for b, _ in casts}
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
@@ -188,6 +196,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "pred": pred, "pred_name": names.output_name(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
                          "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
+                         "unsupported_shortcut": max(unsupported.get(b, (0.0, -1))[0], 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
