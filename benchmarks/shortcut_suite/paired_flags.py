@@ -1,6 +1,9 @@
 """Paired bootstrap of the flag's AUROCs between two eval dirs of the same run (same model, same test images).
 
     python benchmarks/shortcut_suite/paired_flags.py --new eval --old eval_grey RUN [RUN ...]
+    python benchmarks/shortcut_suite/paired_flags.py --new eval --old eval --new-column unsupported_shortcut RUN
+
+(``--new-column`` / ``--old-column``: which flags.parquet column each side reads, flag_score by default.)
 
 Both targets as evaluate.py scores them: right for the wrong reason (aligned images the model gets right whose
 cue-removed twin it gets wrong, among the aligned images it gets right) and conflicting vs rest. Printed per target:
@@ -23,9 +26,9 @@ from siftlens.models import load_model
 from siftlens.train import normalize
 
 
-def flag_scores(run: Path, eval_dir: str, test: pd.DataFrame) -> np.ndarray:
+def flag_scores(run: Path, eval_dir: str, test: pd.DataFrame, column: str = "flag_score") -> np.ndarray:
     fl = pd.read_parquet(run / eval_dir / "flag" / "flags.parquet")
-    by_path = {image_key(p): s for p, s in zip(fl["path"], fl["flag_score"])}
+    by_path = {image_key(p): s for p, s in zip(fl["path"], fl[column])}
     return np.array([by_path[image_key(p)] for p in test.path], dtype=float)
 
 
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--new", default="eval")
     ap.add_argument("--old", default="eval_grey")
+    ap.add_argument("--new-column", default="flag_score")
+    ap.add_argument("--old-column", default="flag_score")
     a = ap.parse_args(argv)
     for run in map(Path, a.runs):
         test = pd.read_csv(run / "test.csv", keep_default_na=False)
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         twin_correct = probs(lm, normalize(twins, mean, std)).argmax(1) == labels
         aligned_ok = (groups == "aligned") & correct
         rwr = aligned_ok & ~twin_correct
-        new, old = flag_scores(run, a.new, test), flag_scores(run, a.old, test)
+        new, old = flag_scores(run, a.new, test, a.new_column), flag_scores(run, a.old, test, a.old_column)
         rng = np.random.default_rng(0)
         meta = json.loads((run / "variant.json").read_text())
         print(f"{meta['variant']['name']}/{meta['setting']}: right for the wrong reason (n={int(rwr.sum())} of "
