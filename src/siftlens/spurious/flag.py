@@ -305,13 +305,16 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              f"test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
              "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
-             "of the predictions. Baselines beside it in the table: 1 − max softmax and entropy (no shortcut "
-             "knowledge). Without labels no accuracy can be given here; the flag's AUROC needs a labelled "
+             "of the predictions. <code>unsupported_shortcut</code> (flags.parquet), from the same removals: the "
+             "largest (p_c − p_c without the unit) × (1 − p_c without it), c the unit's own class; also high where "
+             "another class's cue sits in an image still predicted right. Baselines beside them in the table: "
+             "1 − max softmax and entropy (no shortcut knowledge). Without labels no accuracy can be given here; "
+             "the flag's AUROC needs a labelled "
              "benchmark.</p>"]
     parts.append(colour_only_caution(df, shortcuts))
     shown = df.sort_values("flag_score", ascending=False).head(top)
-    cols = ["path", "flag_score", "shortcut_class", "shortcut_unit", "pred_name", "pred_without", "p_pred",
-            "p_pred_without", "one_minus_max_softmax", "entropy"]
+    cols = ["path", "flag_score", "unsupported_shortcut", "shortcut_class", "shortcut_unit", "pred_name",
+            "pred_without", "p_pred", "p_pred_without", "one_minus_max_softmax", "entropy"]
     parts.append(table_html(shown[cols]))
     units = {u["unit"]: u for u in shortcuts.units}
     parts.append(_strip(shown.head(12), source, lm, "flag_score",
