@@ -175,7 +175,8 @@ def test_flag_ranks_conflicting_above_aligned(cue):
     is_conflict = np.r_[np.ones(len(gated["conflict"])), np.zeros(len(gated["aligned"]))]
     assert auroc(scores, is_conflict) > 0.8
     assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
-                              "p_pred_without", "one_minus_max_softmax", "entropy", "unsupported_shortcut"}
+                              "p_pred_without", "one_minus_max_softmax", "entropy", "unsupported_shortcut",
+                              "largest_kl"}
     # on a model that learned little but the cue, both scores rank conflicting images above aligned ones
     scores = np.r_[flags["conflict"]["unsupported_shortcut"], flags["aligned"]["unsupported_shortcut"]]
     is_conflict = np.r_[np.ones(len(flags["conflict"])), np.zeros(len(flags["aligned"]))]
@@ -985,6 +986,22 @@ def test_unsupported_shortcut_scores_a_cue_the_rest_of_the_image_does_not_suppor
     # the predicted class's drop ranks image 0 (the cue of another class, ignored by the prediction) last
     drop = largest_removal(p0, images, pm)
     assert drop[0][0] < 0 < drop[1][0] < drop[2][0]
+
+
+def test_largest_kl_takes_the_removal_that_moves_the_whole_prediction_most():
+    from siftlens.spurious.causal import largest_kl
+
+    p0 = np.array([[0.55, 0.40, 0.05], [0.05, 0.90, 0.05]])
+    pm = np.array([[0.90, 0.05, 0.05],    # image 0: its predicted class rises, but the prediction moves a lot
+                   [0.50, 0.40, 0.10],    # image 0: a small move
+                   [0.15, 0.80, 0.05]])   # image 1
+    best = largest_kl(p0, [0, 0, 1], pm)
+
+    def kl(p, q):
+        return float(np.sum(p * np.log(p / q)))
+
+    assert best[0] == (pytest.approx(kl(p0[0], pm[0])), 0) and kl(p0[0], pm[0]) > kl(p0[0], pm[1])
+    assert best[1] == (pytest.approx(kl(p0[1], pm[2])), 2)
 
 
 def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):

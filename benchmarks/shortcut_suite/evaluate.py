@@ -371,7 +371,7 @@ def auroc_with_ci(score: np.ndarray, positive: np.ndarray, boot: np.ndarray) -> 
 # one run
 
 
-FLAG_COLUMNS = ("flag_score", "unsupported_shortcut", "occlusion_score", "occlusion_score_random",
+FLAG_COLUMNS = ("flag_score", "unsupported_shortcut", "largest_kl", "occlusion_score", "occlusion_score_random",
                 "occlusion_score_all")
 
 

@@ -1602,6 +1602,19 @@ def unsupported_shortcut(p0: np.ndarray, images: Sequence[int], outputs: Sequenc
     return best
 
 
+def largest_kl(p0: np.ndarray, images: Sequence[int], pm: np.ndarray) -> dict[int, tuple[float, int]]:
+    """Per image b: (KL(p0[b] || pm[t]), t) for the removal t that moves the whole prediction most (rows of ``pm`` as
+    in ``largest_removal``). Unlike the predicted class's drop it also counts a removal that moves a class other
+    than the predicted one, such as another class's cue in an image still predicted right."""
+    best: dict[int, tuple[float, int]] = {}
+    for t, (b, q) in enumerate(zip(images, pm)):
+        p = p0[b]
+        kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
+        if kl > best.get(b, (-np.inf, -1))[0]:
+            best[b] = (kl, t)
+    return best
+
+
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
                     ) -> dict[int, tuple[float, int]]:
     """Per image b: (drop, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``)

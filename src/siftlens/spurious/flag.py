@@ -12,7 +12,8 @@ without a shortcut, which covers both targets of METHOD.md §4 — an image carr
 (predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
 predicted otherwise). ``unsupported_shortcut`` (``causal.unsupported_shortcut``), from the same removals: the
 largest (p_c − p_c without the unit) × (1 − p_c without it) over the tested units, c the unit's class: also high
-where another class's cue sits in an image the model still predicts right. Baselines beside them: 1 − max softmax
+where another class's cue sits in an image the model still predicts right; ``largest_kl``: the largest KL divergence
+of the prediction with / without a unit (``causal.largest_kl``). Baselines beside them: 1 − max softmax
 and the entropy of the prediction.
 Images without SIFT keypoints are scored through the fixed-token units alone (listed under ``no_keypoints``
 in manifest.json); where there are none to test (word units only, or ``"gated"``) they are skipped with the
@@ -44,6 +45,7 @@ from .causal import (
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
     keypoint_windows,
+    largest_kl,
     largest_removal,
     masked_probs,
     occlusion_windows,
@@ -163,6 +165,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         unit_output = [outputs[int(shortcuts.casts[j[1]]["cls"] if isinstance(j, tuple) else shortcuts.units[j]["cls"])]
                        for _, j in at]
         unsupported = unsupported_shortcut(p0, [b for b, _ in at], unit_output, pm)
+        most_kl = largest_kl(p0, [b for b, _ in at], pm)
         cast_at = {b for b, _ in casts}
         kp_win = np.zeros((len(x), len(windows)), bool)
         for b, kp in info.get("keypoints", {}).items():
@@ -197,6 +200,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
                          "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
                          "unsupported_shortcut": max(unsupported.get(b, (0.0, -1))[0], 0.0),
+                         "largest_kl": max(most_kl.get(b, (0.0, -1))[0], 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
@@ -307,7 +311,8 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. <code>unsupported_shortcut</code> (flags.parquet), from the same removals: the "
              "largest (p_c − p_c without the unit) × (1 − p_c without it), c the unit's own class; also high where "
-             "another class's cue sits in an image still predicted right. Baselines beside them in the table: "
+             "another class's cue sits in an image still predicted right; <code>largest_kl</code>: the largest KL "
+             "divergence of the prediction with / without a unit. Baselines beside them in the table: "
              "1 − max softmax and entropy (no shortcut knowledge). Without labels no accuracy can be given here; "
              "the flag's AUROC needs a labelled "
              "benchmark.</p>"]
