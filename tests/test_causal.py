@@ -176,7 +176,7 @@ def test_flag_ranks_conflicting_above_aligned(cue):
     assert auroc(scores, is_conflict) > 0.8
     assert set(f.columns) >= {"flag_score", "shortcut_class", "shortcut_unit", "pred", "pred_without", "p_pred",
                               "p_pred_without", "one_minus_max_softmax", "entropy", "unsupported_shortcut",
-                              "largest_kl"}
+                              "predicted_class_drop"}
     # on a model that learned little but the cue, both scores rank conflicting images above aligned ones
     scores = np.r_[flags["conflict"]["unsupported_shortcut"], flags["aligned"]["unsupported_shortcut"]]
     is_conflict = np.r_[np.ones(len(flags["conflict"])), np.zeros(len(flags["aligned"]))]

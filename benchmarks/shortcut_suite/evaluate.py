@@ -371,8 +371,8 @@ def auroc_with_ci(score: np.ndarray, positive: np.ndarray, boot: np.ndarray) -> 
 # one run
 
 
-FLAG_COLUMNS = ("flag_score", "unsupported_shortcut", "largest_kl", "occlusion_score", "occlusion_score_random",
-                "occlusion_score_all")
+FLAG_COLUMNS = ("flag_score", "predicted_class_drop", "unsupported_shortcut", "largest_kl", "occlusion_score",
+                "occlusion_score_random", "occlusion_score_all")
 
 
 def image_key(path: str | Path) -> str:

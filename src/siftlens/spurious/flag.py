@@ -6,15 +6,17 @@ no keypoint is needed; ``"gated"``: only where one of its words' keypoints sits 
 unit whose keypoints are in the image (``ShortcutSet.present_units``). Each is removed in turn (its tokens
 masked as keys in the discovery's layers; a removal of at most ``margin_below`` tokens with their 8 neighbours, as a
 drawn cue runs past the token its keypoint sits in, where discovery measured that this removes more of the class's
-evidence: ``ShortcutSet.removal``) and the prediction re-made. ``flag_score`` = the largest drop of the
-predicted class's probability over the tested units (0 when none is): high when the prediction would fall
-without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another class's cue
-(predicted as that class because of it) and an image right for the wrong reason (its cue-removed twin is
-predicted otherwise). ``unsupported_shortcut`` (``causal.unsupported_shortcut``), from the same removals: the
-largest (p_c − p_c without the unit) × (1 − p_c without it) over the tested units, c the unit's class: also high
-where another class's cue sits in an image the model still predicts right; ``largest_kl``: the largest KL divergence
-of the prediction with / without a unit (``causal.largest_kl``). Baselines beside them: 1 − max softmax
-and the entropy of the prediction.
+evidence: ``ShortcutSet.removal``) and the prediction re-made. ``flag_score`` = the largest KL divergence of the
+prediction with from without a unit, over the tested units (``causal.largest_kl``; 0 when none is): high when the
+prediction would move without a shortcut, which covers both targets of METHOD.md §4 — an image carrying another
+class's cue (predicted as that class because of it, or still predicted right by a model that also learned the task,
+the cue moving its own class) and an image right for the wrong reason (its cue-removed twin is predicted otherwise).
+Until held-out round 31 (benchmarks/RESULTS.md) it was the predicted class's drop, kept as ``predicted_class_drop``:
+0 on an image whose prediction the cue of another class does not carry. ``unsupported_shortcut``
+(``causal.unsupported_shortcut``), from the same removals: the largest (p_c − p_c without the unit) × (1 − p_c
+without it), c the unit's class (measured in round 30b: better on fine-tuned models, worse on cue-only ones).
+The unit the score takes is ``shortcut_class`` / ``shortcut_unit``, the prediction without it ``pred_without``.
+Baselines beside them: 1 − max softmax and the entropy of the prediction.
 Images without SIFT keypoints are scored through the fixed-token units alone (listed under ``no_keypoints``
 in manifest.json); where there are none to test (word units only, or ``"gated"``) they are skipped with the
 reason.
@@ -182,25 +184,24 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 continue
             p = p0[b]
             pred = int(p.argmax())
-            drop, j, q = 0.0, None, p  # no shortcut present: nothing to remove
-            if b in best:  # the present unit whose removal moves the prediction most
-                drop, t = best[b]
+            score, j, q = 0.0, None, p  # no shortcut present: nothing to remove
+            if b in most_kl:  # the present unit whose removal moves the whole prediction most
+                score, t = most_kl[b]
                 j, q = at[t][1], pm[t]
             unit = (None if j is None else shortcuts.units[j] if not isinstance(j, tuple) else
                     {"class_name": shortcuts.casts[j[1]]["class_name"], "unit": "colour cast"})
-            kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
             occ = (_occlusion_columns(kp_win[b], wd[b], wpred[b], windows, pred, rng, occlusion == "compare")
                    if occlusion != "off" else {})
-            rows.append({"path": path, "flag_score": max(drop, 0.0),
+            rows.append({"path": path, "flag_score": max(score, 0.0),
+                         "predicted_class_drop": max(best[b][0], 0.0) if b in best else 0.0,
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "",
                          "n_tested": len(present[b] or []) + (b in cast_at),
                          "keypoints": b not in no_keypoints,
                          "pred": pred, "pred_name": names.output_name(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
-                         "p_pred_without": float(q[pred]), "kl": max(kl, 0.0),
+                         "p_pred_without": float(q[pred]),
                          "unsupported_shortcut": max(unsupported.get(b, (0.0, -1))[0], 0.0),
-                         "largest_kl": max(most_kl.get(b, (0.0, -1))[0], 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
                          "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
             rows[-1].update(occ)
@@ -304,21 +305,23 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
              f"({unit_names}). "
-             "<code>flag_score</code> = the largest drop of the predicted class's probability when a shortcut unit is "
-             f"removed ({removal}; a colour cast: by {REMOVAL_WORDS[shortcuts.cast_removal]}, a SIFT-free "
-             f"test): mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
+             "<code>flag_score</code> = the largest KL divergence of the prediction with from without a shortcut "
+             f"unit, over the units tested (removal: {removal}; a colour cast: by "
+             f"{REMOVAL_WORDS[shortcuts.cast_removal]}, a SIFT-free test): "
+             f"mean {m:.3f} [{lo:.3f}, {hi:.3f}] (95% bootstrap CI); "
              "at least one shortcut "
              f"unit was tested in {(df['n_tested'] > 0).mean():.1%} of the images; removing it changes {flips:.1%} "
              "of the predictions. <code>unsupported_shortcut</code> (flags.parquet), from the same removals: the "
              "largest (p_c − p_c without the unit) × (1 − p_c without it), c the unit's own class; also high where "
-             "another class's cue sits in an image still predicted right; <code>largest_kl</code>: the largest KL "
-             "divergence of the prediction with / without a unit. Baselines beside them in the table: "
+             "another class's cue sits in an image still predicted right; <code>predicted_class_drop</code>: the "
+             "largest drop of the predicted class's probability (the flag score before held-out round 31). "
+             "Baselines beside them in the table: "
              "1 − max softmax and entropy (no shortcut knowledge). Without labels no accuracy can be given here; "
              "the flag's AUROC needs a labelled "
              "benchmark.</p>"]
     parts.append(colour_only_caution(df, shortcuts))
     shown = df.sort_values("flag_score", ascending=False).head(top)
-    cols = ["path", "flag_score", "unsupported_shortcut", "shortcut_class", "shortcut_unit", "pred_name",
+    cols = ["path", "flag_score", "predicted_class_drop", "shortcut_class", "shortcut_unit", "pred_name",
             "pred_without", "p_pred", "p_pred_without", "one_minus_max_softmax", "entropy"]
     parts.append(table_html(shown[cols]))
     units = {u["unit"]: u for u in shortcuts.units}
