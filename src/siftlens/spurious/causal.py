@@ -623,7 +623,7 @@ def causal_discovery(lm: LoadedModel, source, layers: list[int], labels: np.ndar
         n_word = sum(1 for (sp, j) in word_masks if sp in own and j in cands[k])
         budget[k] = {"sift_forwards": n_word + n_tok + region_spent[k]}
 
-    cell = (patch / input_hw[0], patch / input_hw[1])
+    cell = lm.layout(input_hw).cell(input_hw)  # boxes in shares of the input (token_box)
     units_df = _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels, attn, n, cfg)
     if cfg.transplant_images > 0 and len(units_df):
         from .transplant import transplant_check
@@ -1594,25 +1594,19 @@ def unsupported_shortcut(p0: np.ndarray, images: Sequence[int], outputs: Sequenc
     prediction, so the predicted class's drop is 0 there), and an aligned image right for the right reason keeps
     its class without the cue (second factor near 0); an image right for the wrong reason scores as under the
     drop. Images without a removal are left out (score 0)."""
-    best: dict[int, tuple[float, int]] = {}
-    for t, (b, o, q) in enumerate(zip(images, outputs, pm)):
-        score = float((p0[b, o] - q[o]) * (1.0 - q[o]))
-        if score > best.get(b, (-np.inf, -1))[0]:
-            best[b] = (score, t)
-    return best
+    t, o = np.arange(len(pm)), np.asarray(outputs, int)
+    q = pm[t, o] if len(pm) else np.zeros(0)
+    return best_per_image(images, (p0[np.asarray(images, int), o] - q) * (1.0 - q))
 
 
 def largest_kl(p0: np.ndarray, images: Sequence[int], pm: np.ndarray) -> dict[int, tuple[float, int]]:
     """Per image b: (KL(p0[b] || pm[t]), t) for the removal t that moves the whole prediction most (rows of ``pm`` as
     in ``largest_removal``). Unlike the predicted class's drop it also counts a removal that moves a class other
     than the predicted one, such as another class's cue in an image still predicted right."""
-    best: dict[int, tuple[float, int]] = {}
-    for t, (b, q) in enumerate(zip(images, pm)):
-        p = p0[b]
-        kl = float(np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))))
-        if kl > best.get(b, (-np.inf, -1))[0]:
-            best[b] = (kl, t)
-    return best
+    if not len(pm):
+        return {}
+    p = p0[np.asarray(images, int)]
+    return best_per_image(images, np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(pm, 1e-12, None))), 1))
 
 
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
@@ -1621,10 +1615,18 @@ def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_
     that lowers b's predicted-class probability (``p0`` [B, K]) most, the first of ties; ``must_change``: only
     removals that change the predicted class (images with none are left out). The flag's score and the
     counterfactual gate both take this unit."""
+    if not len(pm):
+        return {}
+    t, pred = np.arange(len(pm)), p0[np.asarray(images, int)].argmax(1)
+    drop = p0[np.asarray(images, int), pred] - pm[t, pred]
+    return best_per_image(images, np.where(pm.argmax(1) != pred, drop, -np.inf) if must_change else drop)
+
+
+def best_per_image(images: Sequence[int], scores: np.ndarray) -> dict[int, tuple[float, int]]:
+    """Per image b: (score, t) of the row t with the largest ``scores[t]`` among the rows of b (``images[t]`` = b),
+    the first of ties; images whose rows all score -inf are left out."""
     best: dict[int, tuple[float, int]] = {}
-    for t, (b, q) in enumerate(zip(images, pm)):
-        pred = int(p0[b].argmax())
-        drop = float(p0[b, pred] - q[pred])
-        if (not must_change or int(q.argmax()) != pred) and drop > best.get(b, (-np.inf, -1))[0]:
-            best[b] = (drop, t)
+    for t, (b, s) in enumerate(zip(images, scores)):
+        if s > best.get(int(b), (-np.inf, -1))[0]:
+            best[int(b)] = (float(s), t)
     return best
