@@ -164,6 +164,7 @@ def _defaults(fn) -> dict:
 
 
 def _spurious_parser(sub) -> None:
+    from .models import TWIN_SEED_OFFSET
     from .spurious.cast import CAST_REMOVALS
     from .spurious.causal import DENSE_COLOURS, CausalConfig
     from .spurious.discover import DECISIVE, DiscoveryConfig
@@ -241,8 +242,8 @@ def _spurious_parser(sub) -> None:
     p.add_argument("--seed", type=SEED, default=d.seed)
     p.add_argument("--twin", choices=("none", "random-init"), default="none",
                    help="random-init: run the same discovery on the architecture with fresh weights (seed --seed + "
-                   "1000003) on the same images and report its largest claimable effect and its claims beside the "
-                   "floor, the claims' null on your own model shape and images (twice the time)")
+                   f"{TWIN_SEED_OFFSET}) on the same images and report its largest claimable effect and its claims "
+                   "beside the floor, the claims' null on your own model shape and images (twice the time)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_spurious)
 
