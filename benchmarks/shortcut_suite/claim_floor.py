@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siftlens.spurious.causal import CausalConfig, is_specific, shortcut_candidates
+from siftlens.spurious.causal import CausalConfig, by_effect, is_specific, shortcut_candidates
 
 
 def claimable(units: pd.DataFrame, cfg: CausalConfig) -> pd.DataFrame:
@@ -26,7 +26,7 @@ def claimable(units: pd.DataFrame, cfg: CausalConfig) -> pd.DataFrame:
     significant units), with its effect; classes without one are left out."""
     rows = []
     for k in sorted(units["cls"].unique()):
-        cand = shortcut_candidates(units, int(k), cfg).sort_values("causal_rank")
+        cand = by_effect(shortcut_candidates(units, int(k), cfg))
         if len(cand):
             rows.append(cand.iloc[0])
     return pd.DataFrame(rows)

@@ -708,6 +708,10 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
             else:
                 sub = kps[(img_cls == k) & kps["word"].isin(_words_of(u))]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
+            # tokens a removal masks, averaged over the class's sample images (a word: 0 where absent), so that
+            # effect / removed_tokens is the evidence removed per token (``concentration_rank``)
+            removed = (float(len(u.tokens)) if u.kind in ("token", "region") else
+                       float(np.mean([len(word_masks.get((int(o), int(j)), ())) for o in own])))
             region, region_share = main_region(toks, weight, grid)
             x0, y0, x1, y1 = token_box(region, grid, cell)
             rows.append({"cls": k, "unit": u.name(grid), "kind": u.kind, "word": u.word,
@@ -718,18 +722,42 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
                                             / (1 + cfg.n_null))
                                       if null_best is not None else float("nan")),
                          "positive_share": float((d[:, c] > 0.01).mean()), "present_share": present,
-                         "n_images": len(own), "f_in": f_in, "f_out": f_out, "attention_lift": lift,
+                         "n_images": len(own), "removed_tokens": removed,
+                         "evidence_per_token": float(E[k, j]) / removed if removed > 0 else float("nan"),
+                         "f_in": f_in, "f_out": f_out, "attention_lift": lift,
                          "gate_words": " ".join(map(str, u.gate_words or ((u.word,) if u.kind != "region" else ()))),
                          "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "box_share": region_share})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df["causal_rank"] = df.groupby("cls")["causal_effect"].rank(ascending=False, method="first").astype(int)
+    df["causal_rank"] = concentration_rank(df, cfg)
     df["family_rank"] = df.groupby(["cls", "family"])["causal_effect"].rank(ascending=False,
                                                                            method="first").astype(int)
     df["attention_rank"] = df.groupby("cls")["attention_lift"].rank(ascending=False, method="first",
                                                                     na_option="bottom").astype(int)
     return df.sort_values(["cls", "causal_rank"]).reset_index(drop=True)
+
+
+def concentration_rank(units: pd.DataFrame, cfg: CausalConfig) -> pd.Series:
+    """Each unit's ``causal_rank`` within its class: first the units a claim could rest on (``_significant``: a
+    claimable family, an effect above the floor, causal_p <= ``family_alpha``) by the evidence their removal
+    takes per token (``evidence_per_token``), then the others by effect. Why per token: a unit that spans a
+    third of the image (the object, the sky's colour words) removes more evidence than a small cue by being
+    large; ranked by effect alone it came first for 3 of the 4 misplaced top units of session 31's dev models
+    (benchmarks/RESULTS.md "Dev round 31"). Claims still take each family's largest effect (``claimed_units``):
+    what steering and flags remove is the unit that takes the most evidence."""
+    sig = pd.Series(False, index=units.index)
+    for k in units["cls"].unique():
+        sig[_significant(units, int(k), cfg, family_alpha(units, int(k), cfg)).index] = True
+    key = pd.DataFrame({"cls": units["cls"], "tier": (~sig).astype(int),
+                        "score": np.where(sig, units["evidence_per_token"].fillna(0.0), units["causal_effect"])})
+    order = key.sort_values(["cls", "tier", "score"], ascending=[True, True, False], kind="stable")
+    return order.groupby("cls").cumcount().add(1).reindex(units.index)
+
+
+def by_effect(units: pd.DataFrame) -> pd.DataFrame:
+    """Units by causal effect, largest first (ties in table order): the order claims take."""
+    return units.sort_values("causal_effect", ascending=False, kind="stable")
 
 
 def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int) -> tuple[float, float]:
@@ -922,21 +950,21 @@ def sufficiency_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> li
     the top ``transplant_units`` of each claimable family with an effect above the floor and causal_p <=
     ``family_alpha``, class-specific or not."""
     sig = _significant(units, k, cfg, family_alpha(units, k, cfg))
-    top = sig.sort_values("causal_rank").groupby(unit_families(sig), sort=False).head(cfg.transplant_units)
+    top = by_effect(sig).groupby(unit_families(sig), sort=False).head(cfg.transplant_units)
     specific = sig[is_specific(sig, cfg)]
     return sorted(set(top["unit_index"].tolist()) | set(specific["unit_index"].tolist()))
 
 
 def claimed_units(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
-    """Class k's shortcut claims as ``ShortcutSet.select`` applies them, by causal rank: the top ``top_shortcuts``
-    candidates of each family (a scene colour and a watermark both), less the dense ones that ``dense_set_aside``
+    """Class k's shortcut claims as ``ShortcutSet.select`` applies them: the ``top_shortcuts`` candidates of
+    largest effect of each family (a scene colour and a watermark both), less the dense ones that ``dense_set_aside``
     drops."""
     top = _top_candidates(units, k, cfg)
     return top[~dense_set_aside(top, cfg)]
 
 
 def _top_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig) -> pd.DataFrame:
-    sub = shortcut_candidates(units, k, cfg).sort_values("causal_rank")
+    sub = by_effect(shortcut_candidates(units, k, cfg))
     return sub.groupby(unit_families(sub), sort=False).head(cfg.top_shortcuts)
 
 
@@ -1019,7 +1047,7 @@ def _sufficiency_words(r: pd.Series) -> str:
 def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> str:
     """The verdict for class k's units ``own`` (one family, or all of the class's units), tested at ``alpha``."""
     own = own.sort_values("causal_rank")
-    chosen = shortcut_candidates(own, k, cfg, alpha).sort_values("causal_rank")  # what ShortcutSet.select takes
+    chosen = by_effect(shortcut_candidates(own, k, cfg, alpha))  # what ShortcutSet.select takes
     if len(chosen):
         r = chosen.iloc[0]
         return (f"shortcut claimed: {r['unit']} (causal rank {int(r['causal_rank'])}, effect {r['causal_effect']:.3f}, "

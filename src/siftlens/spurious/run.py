@@ -361,7 +361,10 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
              "that carries some of the class's evidence wherever the class probability differs between classes' "
              "images: measured on clean Imagenette, the top unit had p &le; 0.05 in 9/10 classes for the bundled "
              "model, 6/30 across three random-weights models and 1/20 with permuted labels. It ranks; it is not a "
-             "claim. "
+             "claim. causal_rank: first the units a claim could rest on (causal_p within alpha, effect above the "
+             "floor) by evidence_per_token (causal_effect / removed_tokens, the tokens its removal masks on average: "
+             "a small cue before an object or a scene colour that removes more by being large), then the others by "
+             "effect; a claim takes its family's largest effect. "
              "A shortcut is claimed only for a unit whose effect exceeds the floor "
              f"{c.config.shortcut_min_effect:.3g} (fixed over the largest unit effect of ten-output random-weights "
              "models, 0.014 on clean images, 0.024 on images with planted class-coloured frames, and scaled up for a "
@@ -390,7 +393,8 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
         if u.empty and ctrl.empty:
             continue
         parts.append(f"<h3>{html.escape(name)}</h3>")
-        cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "positive_share",
+        cols = ["causal_rank", "unit", "causal_effect", "causal_lo", "causal_hi", "causal_p", "removed_tokens",
+                "evidence_per_token", "positive_share",
                 "present_share", "f_in", "f_out", "attention_lift", "attention_rank", "box_x0", "box_y0", "box_x1",
                 "box_y1", "box_share"]
         cols += [col for col in ("sufficiency", "transplant_flip") if col in u and u[col].notna().any()]
