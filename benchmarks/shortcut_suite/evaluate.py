@@ -498,7 +498,8 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     }
     if p_oracle is not None:
         scores["oracle_kl_tokens"] = kl(p0, p_oracle)
-    flag_status = status.get("flag", "not run")
+    # under --skip-cli the flags are read from an earlier run's flags.parquet where there is one
+    flag_status = status.get("flag", "ok (existing output)" if (out / "flag" / "flags.parquet").exists() else "not run")
     if (out / "flag" / "flags.parquet").exists():
         fl = pd.read_parquet(out / "flag" / "flags.parquet")
         for col in FLAG_COLUMNS:  # flag_score and the per-image window occlusion with its SIFT-free controls
