@@ -98,3 +98,15 @@ def test_random_models_keep_the_shape_and_take_the_first_label_names(tmp_path):
     lm = load_model(str(tmp_path / "c3" / "model.safetensors"), random_init=True, seed=5)
     assert lm.label_names == ["a", "b", "c"] and lm.preprocess.input_size == (16, 16)
     assert lm.module.num_classes == 3 and len(lm.module.blocks) == 1 and lm.module.patch_embed.patch_size == (8, 8)
+
+
+def test_rank_orders_reads_the_top_unit_of_each_order():
+    """rank_orders.py judges a motifs.csv's causal_rank 1 against its largest effect: the two differ where the
+    rank is not the effect order (a small unit ranked first), and rows without a causal rank are left out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "shortcut_suite"))
+    from rank_orders import top_units
+
+    motifs = pd.DataFrame({"cls": [0, 0, 0, 1, 1], "unit": ["words:1+2", "token:3", "word:7", "word:4", "word:5"],
+                           "causal_rank": [2, 1, np.nan, 2, 1], "causal_effect": [0.6, 0.3, 0.9, 0.1, 0.2]})
+    assert list(top_units(motifs, "causal_rank")["unit"]) == ["token:3", "word:5"]
+    assert list(top_units(motifs, "largest_effect")["unit"]) == ["words:1+2", "word:5"]
