@@ -825,17 +825,18 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
 
 def test_flags_page_cautions_where_flags_rest_on_colour_only_units():
     """flags.html warns, with the share, where flagged images' scores come from colour-only units, and says nothing
-    where none do (unflagged images, score 0, do not count)."""
+    where none do (images whose prediction does not change without their unit, or score 0, do not count)."""
     from types import SimpleNamespace
 
     from siftlens.spurious.flag import colour_only_caution
 
     units = [{"unit": "words:300+301"}, {"unit": "token:1,2"}]
     sc = SimpleNamespace(units=units, colour_only=lambda u: u["unit"].startswith("words:"))
-    df = pd.DataFrame({"flag_score": [0.9, 0.5, 0.4, 0.0],
-                       "shortcut_unit": ["words:300+301", "token:1,2", "token:1,2", "words:300+301"]})
+    df = pd.DataFrame({"flag_score": [0.9, 0.5, 0.4, 0.0, 0.2],
+                       "shortcut_unit": ["words:300+301", "token:1,2", "token:1,2", "words:300+301", "words:300+301"],
+                       "pred": [1, 2, 3, 4, 5], "pred_without": [0, 0, 0, 4, 5]})
     page = colour_only_caution(df, sc)
-    assert "Caution" in page and "33% of the flagged images" in page
+    assert "Caution" in page and "changes without their shortcut unit, 33% rest on colour-only" in page
     assert colour_only_caution(df.assign(shortcut_unit="token:1,2"), sc) == ""
 
 
