@@ -1182,34 +1182,3 @@ def test_transplant_numbers_of_a_unit_do_not_depend_on_the_other_units_tested():
     np.testing.assert_array_equal(both.loc[1, cols].astype(float), alone.loc[1, cols].astype(float))
     assert alone.loc[0, cols].isna().all()  # untested: no numbers
 
-
-def test_causal_rank_puts_concentrated_evidence_first_and_claims_take_the_largest_effect():
-    """``concentration_rank``: among the units a claim could rest on, a small unit that takes more evidence per
-    masked token ranks above a large one with a larger effect (a 20-token scene-colour unit above a 1-token cue
-    was 3 of 4 misplaced top units, dev round 31); units a claim could not rest on (not significant, under the
-    floor, a region) follow by effect, whatever their density. Claims still take each family's largest effect."""
-    import pandas as pd
-
-    from siftlens.spurious.causal import CausalConfig, claimed_units, concentration_rank
-
-    cfg = CausalConfig()
-    row = dict(kind="word", f_in=0.9, f_out=0.1)
-    units = pd.DataFrame([
-        dict(row, cls=0, unit="words:1+2", family="dense", causal_effect=0.60, causal_p=0.005, removed_tokens=20.0),
-        dict(row, cls=0, unit="token:2,1", family="keypoint", causal_effect=0.30, causal_p=0.005, removed_tokens=1.0),
-        dict(row, cls=0, unit="word:9", family="keypoint", causal_effect=0.20, causal_p=0.005, removed_tokens=4.0),
-        # dense per token but not significant, and a region (never claimable): after every significant unit
-        dict(row, cls=0, unit="word:5", family="keypoint", causal_effect=0.25, causal_p=0.5, removed_tokens=0.5),
-        dict(cls=0, unit="region:3", kind="region", family="region", causal_effect=0.70, causal_p=0.005,
-             removed_tokens=2.0, f_in=float("nan"), f_out=float("nan")),
-        # another class: its ranks restart at 1; below the floor, so ranked by effect
-        dict(row, cls=1, unit="word:4", family="keypoint", causal_effect=0.02, causal_p=0.005, removed_tokens=1.0),
-        dict(row, cls=1, unit="word:6", family="keypoint", causal_effect=0.025, causal_p=0.005, removed_tokens=9.0),
-    ])
-    units["evidence_per_token"] = units["causal_effect"] / units["removed_tokens"]
-    units["causal_rank"] = concentration_rank(units, cfg)
-    ranked = units.sort_values(["cls", "causal_rank"])
-    assert list(ranked["unit"]) == ["token:2,1", "word:9", "words:1+2", "region:3", "word:5", "word:6", "word:4"]
-    assert list(ranked["causal_rank"]) == [1, 2, 3, 4, 5, 1, 2]
-    # claims: the largest effect of each family, not the top rank
-    assert sorted(claimed_units(units, 0, CausalConfig(dense_over_keypoint=0))["unit"]) == ["token:2,1", "words:1+2"]

@@ -363,10 +363,11 @@ def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(fr
     for k in range(3):
         assert d[(d["cls"] == k) & (d["family"] == "dense")]["causal_effect"].max() > \
             a.loc[k]["causal_effect"].max()
-    # family_rank ranks by effect within the class's family; causal_rank over all the class's units
+    # family_rank ranks by effect within the class's family; causal_rank by effect over all the class's units
     for _, g in d.groupby(["cls", "family"]):
         assert sorted(g["family_rank"]) == list(range(1, len(g) + 1))
         assert g.sort_values("family_rank")["causal_effect"].is_monotonic_decreasing
+        assert list(g.sort_values("family_rank")["causal_rank"]) == sorted(g["causal_rank"])
     for _, g in d.groupby("cls"):
         assert sorted(g["causal_rank"]) == list(range(1, len(g) + 1))
 

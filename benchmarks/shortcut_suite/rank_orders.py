@@ -1,6 +1,7 @@
-""""Cue located" of a `siftlens spurious` run's top unit under two orders of the same motifs.csv: ``causal_rank``
-1 (since session 31: evidence per masked token among the units a claim could rest on) and the largest
-``causal_effect`` (the order before), with how many of the run's claims sit at their cue. Files only, no forwards.
+""""Cue located" of a `siftlens spurious` run's top unit under two orders of the same motifs.csv: its ``causal_rank``
+1 (as the run's siftlens wrote it: held-out round 32's frozen cb8515d ranked by evidence per masked token among the
+units a claim could rest on; before and after it, by effect) and the largest ``causal_effect``, with how many of the
+run's claims sit at their cue. Files only, no forwards.
 
     python benchmarks/shortcut_suite/rank_orders.py --eval-dir eval RUN [RUN ...]
 """

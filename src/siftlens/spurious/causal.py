@@ -708,8 +708,8 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
             else:
                 sub = kps[(img_cls == k) & kps["word"].isin(_words_of(u))]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
-            # tokens a removal masks, averaged over the class's sample images (a word: 0 where absent), so that
-            # effect / removed_tokens is the evidence removed per token (``concentration_rank``)
+            # tokens a removal masks, averaged over the class's sample images (a word: 0 where absent), and the
+            # evidence removed per token: a large unit (an object's or the sky's colour words) next to a small cue
             removed = (float(len(u.tokens)) if u.kind in ("token", "region") else
                        float(np.mean([len(word_masks.get((int(o), int(j)), ())) for o in own])))
             region, region_share = main_region(toks, weight, grid)
@@ -730,29 +730,12 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df["causal_rank"] = concentration_rank(df, cfg)
+    df["causal_rank"] = df.groupby("cls")["causal_effect"].rank(ascending=False, method="first").astype(int)
     df["family_rank"] = df.groupby(["cls", "family"])["causal_effect"].rank(ascending=False,
                                                                            method="first").astype(int)
     df["attention_rank"] = df.groupby("cls")["attention_lift"].rank(ascending=False, method="first",
                                                                     na_option="bottom").astype(int)
     return df.sort_values(["cls", "causal_rank"]).reset_index(drop=True)
-
-
-def concentration_rank(units: pd.DataFrame, cfg: CausalConfig) -> pd.Series:
-    """Each unit's ``causal_rank`` within its class: first the units a claim could rest on (``_significant``: a
-    claimable family, an effect above the floor, causal_p <= ``family_alpha``) by the evidence their removal
-    takes per token (``evidence_per_token``), then the others by effect. Why per token: a unit that spans a
-    third of the image (the object, the sky's colour words) removes more evidence than a small cue by being
-    large; ranked by effect alone it came first for 3 of the 4 misplaced top units of session 31's dev models
-    (benchmarks/RESULTS.md "Dev round 31"). Claims still take each family's largest effect (``claimed_units``):
-    what steering and flags remove is the unit that takes the most evidence."""
-    sig = pd.Series(False, index=units.index)
-    for k in units["cls"].unique():
-        sig[_significant(units, int(k), cfg, family_alpha(units, int(k), cfg)).index] = True
-    key = pd.DataFrame({"cls": units["cls"], "tier": (~sig).astype(int),
-                        "score": np.where(sig, units["evidence_per_token"].fillna(0.0), units["causal_effect"])})
-    order = key.sort_values(["cls", "tier", "score"], ascending=[True, True, False], kind="stable")
-    return order.groupby("cls").cumcount().add(1).reindex(units.index)
 
 
 def by_effect(units: pd.DataFrame) -> pd.DataFrame:
