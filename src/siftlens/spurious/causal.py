@@ -708,8 +708,8 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
             else:
                 sub = kps[(img_cls == k) & kps["word"].isin(_words_of(u))]
                 lift = float(sub["lift"].mean()) if len(sub) else float("nan")
-            # tokens a removal masks, averaged over the class's sample images (a word: 0 where absent), and the
-            # evidence removed per token: a large unit (an object's or the sky's colour words) next to a small cue
+            # tokens a removal masks, averaged over the class's sample images (a word: 0 where absent): the evidence
+            # per token tells a large unit (an object's or the sky's colour words) from a small cue removing as much
             removed = (float(len(u.tokens)) if u.kind in ("token", "region") else
                        float(np.mean([len(word_masks.get((int(o), int(j)), ())) for o in own])))
             region, region_share = main_region(toks, weight, grid)
