@@ -801,6 +801,19 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
     fired = sc.masker(lm, "counterfactual", min_drop=tau)(x).any(1).numpy()
     assert np.array_equal(fired, expect) and 0 < fired.sum() < len(best)
     assert sc.masker(lm, "counterfactual", min_drop=0)(x).any(1).sum() == len(best)
+    # relative: the drop as a share of the predicted class's probability (by hand again); at a level where it keeps
+    # other images than the absolute drop does, so that taking one for the other fails
+    share = {b: d / p0[b].max() for b, (d, _) in best.items()}
+    tau_rel = float(np.median(list(share.values())))
+    expect_rel = np.zeros(len(x), bool)
+    expect_rel[[b for b, r in share.items() if r >= tau_rel]] = True
+    absolute = np.zeros(len(x), bool)
+    absolute[[b for b, (d, _) in best.items() if d >= tau_rel]] = True
+    assert not np.array_equal(expect_rel, absolute)
+    fired_rel = sc.masker(lm, "counterfactual", min_drop=tau_rel, drop="relative")(x).any(1).numpy()
+    assert np.array_equal(fired_rel, expect_rel) and 0 < fired_rel.sum() < len(best)
+    with pytest.raises(UserValueError, match="gate drop"):
+        sc.masker(lm, "counterfactual", drop="share")
     # the margin: a unit's tokens alone first; grown (where its measured gain reaches the threshold) only in images
     # where no removal alone changed the prediction
     plain = sc.masker(lm, "counterfactual", min_drop=0)
@@ -924,6 +937,11 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "counterfactual gate" in summary["gate"]
     df = pd.read_parquet(tmp_path / "cf" / "predictions.parquet")
     assert df["steered"].any() and (df.loc[~df["steered"], "pred_base"] == df.loc[~df["steered"], "pred_steered"]).all()
+    # --gate-drop relative reaches the gate (said in the summary) and steers at least the images the absolute drop does
+    assert main(common + ["--gate-drop", "relative", "--out", str(tmp_path / "rel")]) == 0
+    assert "of it)" in json.loads((tmp_path / "rel" / "summary.json").read_text())["gate"]
+    rel = pd.read_parquet(tmp_path / "rel" / "predictions.parquet")
+    assert (rel["steered"] | ~df["steered"]).all()
 
 
 def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():

@@ -308,7 +308,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import DENSE_REMOVALS, GATES
+    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -337,6 +337,10 @@ def _prompt_parser(sub) -> None:
                    help="counterfactual gate: a removal must also lower the predicted class's probability this much "
                    "(0: any removal that changes the prediction; held-out round 13b: 0.5 left 0-2%% of cue-free "
                    "images touched instead of 4-24%%)")
+    p.add_argument("--gate-drop", choices=GATE_DROPS, default=r["gate_drop"],
+                   help="counterfactual gate: --gate-min-drop in probability (absolute), or as a share of the "
+                   "predicted class's probability (relative: 0.5 = half of it; on fine-tuned dev models it steered "
+                   "more conflicting images and touched more cue-free ones, RESULTS.md dev round 31d)")
     p.add_argument("--grow", type=non_negative_int, default=r["grow"],
                    help="counterfactual gate: where no unit's removal changes the prediction, the unit that lowered "
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
@@ -362,7 +366,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
-                         dense_removal=args.dense_removal, progress=not args.quiet)
+                         dense_removal=args.dense_removal, gate_drop=args.gate_drop, progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

@@ -68,6 +68,8 @@ from .cast import CAST_REMOVALS, DEFAULT_CAST_REMOVAL, cast_removal_probs, remov
 from .placed_cast import FAMILY as PLACED_FAMILY
 
 GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
+# the counterfactual gate's minimum drop: in probability (absolute) or as a share of the predicted class's (relative)
+GATE_DROPS = ("absolute", "relative")
 # prompt's default: the counterfactual gate reached 90% / 115% of the oracle's headroom on held-out round 7b where
 # presence reached 66% / 77% (benchmarks/RESULTS.md)
 DEFAULT_GATE = "counterfactual"
@@ -1427,17 +1429,20 @@ class ShortcutSet:
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
     def masker(self, lm: LoadedModel, gate: str = DEFAULT_GATE, margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
-               grow: int = 0) -> GatedMasker | CounterfactualMasker:
+               grow: int = 0, drop: str = "absolute") -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``counterfactual`` (the default, as ``siftlens prompt``'s: removing a unit
         changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
-        found in the image); each unit's removal as ``present_units(margin_below=...)``. A counterfactual masker also
+        found in the image); each unit's removal as ``present_units(margin_below=...)``; ``drop``: ``min_drop`` in
+        probability or as a share of the predicted class's probability (``GATE_DROPS``). A counterfactual masker also
         decides colour-cast removals, which are input edits, not token masks: apply them with its ``apply_casts``
         before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+        if drop not in GATE_DROPS:
+            raise UserValueError(f"gate drop {drop!r} is not one of {', '.join(GATE_DROPS)}")
         if gate == "presence":
             return GatedMasker(lm, self, margin_below)
-        return CounterfactualMasker(lm, self, margin_below, min_drop, grow)
+        return CounterfactualMasker(lm, self, margin_below, min_drop, grow, drop)
 
 
 class GatedMasker:
@@ -1472,12 +1477,14 @@ class CounterfactualMasker:
     tokens), is grown one neighbouring token at a time — the neighbour whose removal with it lowers the predicted
     class most, and only while that lowers it ``GROW_MIN_GAIN`` more than the removal so far — up to ``grow`` tokens,
     firing as soon as a removal changes the prediction: a removal that follows the cue's own shape instead of taking
-    every neighbour."""
+    every neighbour. ``drop="relative"``: ``min_drop`` is a share of the predicted class's probability (0.5: half of
+    it), not a probability: a model that also learned the task is less sure of its predictions, and an absolute 0.5
+    is then out of reach of most removals that turn a cue's image to its object (RESULTS.md dev round 31d)."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
-                 min_drop: float = GATE_MIN_DROP, grow: int = 0) -> None:
+                 min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = "absolute") -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
-        self.grow = grow
+        self.grow, self.relative = grow, drop == "relative"
         self.last_present: list = []
         # batch positions of the images steered by removing a colour cast (cast.py): an input transform (levels or
         # grey world), not a token mask; the caller re-predicts them on the edited image (``apply_casts``)
@@ -1535,7 +1542,7 @@ class CounterfactualMasker:
               else pm[:0])
         images = [b for b, _, _ in tested] + [b for b, _ in casts]
         for b, (drop, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True).items():
-            if drop < self.min_drop:
+            if drop < self.min_drop * (p0[b].max() if self.relative else 1.0):
                 continue
             if t < len(tested):
                 _, j, m = tested[t]

@@ -24,7 +24,7 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, DENSE_REMOVALS, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
+from .causal import DEFAULT_GATE, DENSE_REMOVALS, GATE_DROPS, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
 from .flag import check_classifier
 from .source import PathSource
 
@@ -42,7 +42,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               progress: bool = False) -> dict | None:
+               gate_drop: str = "absolute", progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -50,7 +50,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
-    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction). ``grow`` (counterfactual gate): where no
+    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction); ``gate_drop="relative"``: that share of
+    the predicted class's probability instead (``causal.GATE_DROPS``). ``grow`` (counterfactual gate): where no
     unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
     (``CounterfactualMasker``); 0: never. ``dense_removal``: what removing a present dense words unit masks
     (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on stderr where it is a terminal."""
@@ -65,6 +66,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                              f"changes; --gate {gate} tests no removal)")
     if not 0 <= gate_min_drop <= 1:
         raise UserValueError(f"--gate-min-drop must be in [0, 1] (got {gate_min_drop})")
+    if gate_drop not in GATE_DROPS:
+        raise UserValueError(f"--gate-drop {gate_drop!r} is not one of {', '.join(GATE_DROPS)}")
     rank, world = distributed("cpu")
     gated = method in TOKEN_MASK_METHODS
     shortcuts = None
@@ -80,7 +83,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
-                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress)
+                              checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress,
+                              gate_drop)
 
 
 def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tensor | None:
@@ -107,7 +111,8 @@ def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tens
 def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, motifs, shortcuts, labels,
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
-                   gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False) -> dict | None:
+                   gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
+                   gate_drop: str = "absolute") -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -133,7 +138,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow) if shortcuts is not None else None
+    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop) if shortcuts is not None else None
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
@@ -141,7 +146,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         lm, paths, files=(mp / "shortcuts.json" if mp.is_dir() else mp,) if gated else (), method=method,
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
         gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
-                                                  if gated and shortcuts.dense_removal != "found" else {})),
+                                                  if gated and shortcuts.dense_removal != "found" else {}),
+        **({"gate_drop": gate_drop} if gate_drop != "absolute" else {})),  # parts of earlier runs stay valid
         rank, world, progress)
 
     def chunk(c: int) -> Part:
@@ -197,7 +203,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     if gated:
         where = ("is present" if gate_kind == "presence" else
                  "changes the prediction when removed (counterfactual gate"
-                 + (f", lowering its probability by >= {gate_min_drop:g}" if gate_min_drop else "") + ")")
+                 + (f", lowering its probability by >= {gate_min_drop:g}"
+                    + (" of it" if gate_drop == "relative" else "") if gate_min_drop else "") + ")")
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
