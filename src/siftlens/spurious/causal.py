@@ -1479,7 +1479,7 @@ class CounterfactualMasker:
     firing as soon as a removal changes the prediction: a removal that follows the cue's own shape instead of taking
     every neighbour. ``drop="relative"``: ``min_drop`` is a share of the predicted class's probability (0.5: half of
     it), not a probability: a model that also learned the task is less sure of its predictions, and an absolute 0.5
-    is then out of reach of most removals that turn a cue's image to its object (RESULTS.md dev round 31d)."""
+    is then out of reach of many removals that turn a cue's image to its object (RESULTS.md dev round 31d)."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
                  min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = "absolute") -> None:
