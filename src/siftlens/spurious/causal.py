@@ -1617,14 +1617,18 @@ def unsupported_shortcut(p0: np.ndarray, images: Sequence[int], outputs: Sequenc
     return best_per_image(images, (p0[np.asarray(images, int), o] - q) * (1.0 - q))
 
 
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) along the last axis, the logs of probabilities clipped at 1e-12 (a class with p = 0 adds 0)."""
+    return np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None))), -1)
+
+
 def largest_kl(p0: np.ndarray, images: Sequence[int], pm: np.ndarray) -> dict[int, tuple[float, int]]:
     """Per image b: (KL(p0[b] || pm[t]), t) for the removal t that moves the whole prediction most (rows of ``pm`` as
     in ``largest_removal``). Unlike the predicted class's drop it also counts a removal that moves a class other
     than the predicted one, such as another class's cue in an image still predicted right."""
     if not len(pm):
         return {}
-    p = p0[np.asarray(images, int)]
-    return best_per_image(images, np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(pm, 1e-12, None))), 1))
+    return best_per_image(images, kl_divergence(p0[np.asarray(images, int)], pm))
 
 
 def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False

@@ -43,6 +43,7 @@ from .causal import (
     ShortcutSet,
     causal_discovery,
     effect_floor,
+    kl_divergence,
     margin_gains,
     sample_images,
 )
@@ -728,7 +729,7 @@ def _counterfactual_rows(part: Part) -> pd.DataFrame:
     rows = np.arange(len(pred))
 
     def kl(q: np.ndarray) -> np.ndarray:
-        return np.maximum((P0 * (np.log(np.clip(P0, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(1), 0.0)
+        return np.maximum(kl_divergence(P0, q), 0.0)
 
     return pd.DataFrame({"p_pred": P0[rows, pred], "p_pred_masked": P1[rows, pred], "pred_masked": P1.argmax(1),
                          "masked_disagreement": 1 - P1[rows, pred], "shortcut_kl": kl(P1), "random_kl": kl(P2),
