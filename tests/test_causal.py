@@ -814,6 +814,21 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
     assert np.array_equal(fired_rel, expect_rel) and 0 < fired_rel.sum() < len(best)
     with pytest.raises(UserValueError, match="gate drop"):
         sc.masker(lm, "counterfactual", drop="share")
+    # relative_where_found: the share for a unit found by its words in the image, the absolute drop for the others;
+    # by hand, each image's largest prediction-changing removal among those that reach their own threshold
+    info: dict = {}
+    units = [(b, j) for b, found in enumerate(sc.present_units(lm, x, "always", info=info)) for j, _ in found or []]
+    pred = p0.argmax(1)
+    rows = np.array([b for b, _ in units])
+    d = p0[rows, pred[rows]] - pm[np.arange(len(pm)), pred[rows]]
+    found = np.array([j in info["found"][b] for b, j in units])
+    assert found.any() and not found.all()
+    ok = (pm.argmax(1) != pred[rows]) & (d >= np.where(found, tau_rel * p0[rows].max(1), tau_rel))
+    expect_where = np.zeros(len(x), bool)
+    expect_where[rows[ok]] = True
+    assert not np.array_equal(expect_where, expect_rel) and not np.array_equal(expect_where, absolute)
+    fired_where = sc.masker(lm, "counterfactual", min_drop=tau_rel, drop="relative_where_found")(x).any(1).numpy()
+    assert np.array_equal(fired_where, expect_where)
     # the margin: a unit's tokens alone first; grown (where its measured gain reaches the threshold) only in images
     # where no removal alone changed the prediction
     plain = sc.masker(lm, "counterfactual", min_drop=0)

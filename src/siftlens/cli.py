@@ -340,7 +340,9 @@ def _prompt_parser(sub) -> None:
     p.add_argument("--gate-drop", choices=GATE_DROPS, default=r["gate_drop"],
                    help="counterfactual gate: --gate-min-drop in probability (absolute), or as a share of the "
                    "predicted class's probability (relative: 0.5 = half of it; on fine-tuned dev models it steered "
-                   "more conflicting images and touched more cue-free ones, RESULTS.md dev round 31d)")
+                   "more conflicting images and touched more cue-free ones, RESULTS.md dev round 31d); "
+                   "relative_where_found: relative for a unit SIFT finds by its words in the image, absolute for "
+                   "the others (RESULTS.md dev round 32)")
     p.add_argument("--grow", type=non_negative_int, default=r["grow"],
                    help="counterfactual gate: where no unit's removal changes the prediction, the unit that lowered "
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "

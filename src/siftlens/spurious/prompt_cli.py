@@ -51,10 +51,12 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
     (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction); ``gate_drop="relative"``: that share of
-    the predicted class's probability instead (``causal.GATE_DROPS``). ``grow`` (counterfactual gate): where no
-    unit's removal changed the prediction, the best unit is grown one neighbouring token at a time, up to this many
-    (``CounterfactualMasker``); 0: never. ``dense_removal``: what removing a present dense words unit masks
-    (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on stderr where it is a terminal."""
+    the predicted class's probability instead; ``"relative_where_found"``: that share for a unit SIFT finds by its
+    words in the image, the absolute drop for the others (``causal.GATE_DROPS``, ``CounterfactualMasker``).
+    ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
+    neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``dense_removal``: what
+    removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
+    stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
     if margin < 0:
@@ -204,7 +206,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         where = ("is present" if gate_kind == "presence" else
                  "changes the prediction when removed (counterfactual gate"
                  + (f", lowering its probability by >= {gate_min_drop:g}"
-                    + (" of it" if gate_drop == "relative" else "") if gate_min_drop else "") + ")")
+                    + {"relative": " of it", "relative_where_found": " of it where SIFT finds the unit's words, "
+                       f"by >= {gate_min_drop:g} in probability elsewhere"}.get(gate_drop, "")
+                    if gate_min_drop else "") + ")")
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
