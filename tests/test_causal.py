@@ -957,6 +957,11 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "of it)" in json.loads((tmp_path / "rel" / "summary.json").read_text())["gate"]
     rel = pd.read_parquet(tmp_path / "rel" / "predictions.parquet")
     assert (rel["steered"] | ~df["steered"]).all()
+    # relative_where_found: between the two (its threshold is the relative one or the absolute one, unit by unit)
+    assert main(common + ["--gate-drop", "relative_where_found", "--out", str(tmp_path / "rwf")]) == 0
+    assert "where SIFT finds" in json.loads((tmp_path / "rwf" / "summary.json").read_text())["gate"]
+    rwf = pd.read_parquet(tmp_path / "rwf" / "predictions.parquet")
+    assert (rwf["steered"] | ~df["steered"]).all() and (rel["steered"] | ~rwf["steered"]).all()
 
 
 def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
