@@ -1220,3 +1220,18 @@ def test_transplant_numbers_of_a_unit_do_not_depend_on_the_other_units_tested():
     np.testing.assert_array_equal(both.loc[1, cols].astype(float), alone.loc[1, cols].astype(float))
     assert alone.loc[0, cols].isna().all()  # untested: no numbers
 
+
+
+def test_kl_divergence_and_entropy_by_hand():
+    """The flag's score and its entropy baseline, against closed forms on asymmetric rows (KL is not symmetric; a
+    class with p = 0 adds nothing; a sure prediction has entropy 0)."""
+    from siftlens.spurious.causal import entropy, kl_divergence
+
+    p = np.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+    q = np.array([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
+    assert np.allclose(entropy(p), [1.5 * np.log(2), 0.0])
+    # row 1: ln 2 (q's zero where p is zero adds nothing)
+    row0 = 0.5 * np.log(0.5 / 0.2) + 0.25 * np.log(0.25 / 0.3) + 0.25 * np.log(0.25 / 0.5)
+    assert np.allclose(kl_divergence(p, q), [row0, np.log(2)])
+    reverse = 0.2 * np.log(0.2 / 0.5) + 0.3 * np.log(0.3 / 0.25) + 0.5 * np.log(0.5 / 0.25)
+    assert np.allclose(kl_divergence(q[:1], p[:1]), [reverse]) and not np.isclose(reverse, row0)

@@ -60,6 +60,7 @@ from planted.evaluate import auroc  # noqa: E402
 from siftlens.io import atomic_write_json, atomic_write_text  # noqa: E402
 from siftlens.models import load_model  # noqa: E402
 from siftlens.prompting import SteeredViT  # noqa: E402
+from siftlens.spurious.causal import entropy, kl_divergence  # noqa: E402
 from siftlens.train import normalize  # noqa: E402
 
 GROUPS = ("aligned", "conflict", "none")
@@ -148,11 +149,6 @@ def probs(lm, x: torch.Tensor, masks: torch.Tensor | None = None, bs: int = 128)
     finally:
         steered.remove()
     return torch.cat(out).numpy()
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    p, q = np.clip(p, 1e-12, 1), np.clip(q, 1e-12, 1)
-    return (p * (np.log(p) - np.log(q))).sum(1)
 
 
 @torch.no_grad()
@@ -493,11 +489,11 @@ def evaluate_run(run: Path, out: Path | None = None, seed: int | None = None, sk
     boot = group_boot_indices(groups, N_BOOT, seed)
     scores: dict[str, np.ndarray] = {
         "one_minus_max_softmax": 1 - p0.max(1),
-        "entropy": -(np.clip(p0, 1e-12, 1) * np.log(np.clip(p0, 1e-12, 1))).sum(1),
-        "oracle_kl_removed": kl(p0, p_removed),
+        "entropy": entropy(p0),
+        "oracle_kl_removed": kl_divergence(p0, p_removed),
     }
     if p_oracle is not None:
-        scores["oracle_kl_tokens"] = kl(p0, p_oracle)
+        scores["oracle_kl_tokens"] = kl_divergence(p0, p_oracle)
     # under --skip-cli the flags are read from an earlier run's flags.parquet where there is one
     flag_status = status.get("flag", "ok (existing output)" if (out / "flag" / "flags.parquet").exists() else "not run")
     if (out / "flag" / "flags.parquet").exists():

@@ -1647,6 +1647,12 @@ def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None))), -1)
 
 
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) along the last axis, the logs clipped at 1e-12 (a class with p = 0 adds 0): the flag's
+    label-free baseline beside 1 - max softmax."""
+    return -np.sum(p * np.log(np.clip(p, 1e-12, None)), -1)
+
+
 def largest_kl(p0: np.ndarray, images: Sequence[int], pm: np.ndarray) -> dict[int, tuple[float, int]]:
     """Per image b: (KL(p0[b] || pm[t]), t) for the removal t that moves the whole prediction most (rows of ``pm`` as
     in ``largest_removal``). Unlike the predicted class's drop it also counts a removal that moves a class other

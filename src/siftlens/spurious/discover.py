@@ -43,6 +43,7 @@ from .causal import (
     ShortcutSet,
     causal_discovery,
     effect_floor,
+    entropy,
     kl_divergence,
     margin_gains,
     sample_images,
@@ -748,7 +749,7 @@ def _per_image(attn, probs, groups, kps, shortcut_words, G, labels, label_map: L
     if label_map is not None:
         df["pred_name"] = [label_map.output_name(int(j)) for j in preds]
     df["confidence"] = probs.max(1)
-    df["entropy"] = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+    df["entropy"] = entropy(probs)
     if labels is not None:
         df["label"] = np.asarray(labels) if label_map is None else label_map.columns[np.asarray(labels)]
     return df

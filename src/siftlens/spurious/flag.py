@@ -46,6 +46,7 @@ from .causal import (
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
+    entropy,
     keypoint_windows,
     largest_kl,
     largest_removal,
@@ -203,7 +204,7 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                          "p_pred_without": float(q[pred]),
                          "unsupported_shortcut": max(unsupported.get(b, (0.0, -1))[0], 0.0),
                          "one_minus_max_softmax": float(1 - p.max()),
-                         "entropy": float(-(p * np.log(np.clip(p, 1e-12, None))).sum())})
+                         "entropy": float(entropy(p))})
             rows[-1].update(occ)
         return Part({"kept": kept.tolist(), "skipped": skipped, "no_kp": no_kp},
                     pd.DataFrame(rows) if rows else None)
