@@ -110,3 +110,28 @@ def test_rank_orders_reads_the_top_unit_of_each_order():
                            "causal_rank": [2, 1, np.nan, 2, 1], "causal_effect": [0.6, 0.3, 0.9, 0.1, 0.2]})
     assert list(top_units(motifs, "causal_rank")["unit"]) == ["token:3", "word:5"]
     assert list(top_units(motifs, "largest_effect")["unit"]) == ["words:1+2", "word:5"]
+
+
+def test_steering_lines_counts_the_judged_lines_of_an_eval():
+    """steering_lines.py reads evaluate.py's steering lines from an eval.json: a line judged 'n/a' (headroom under
+    0.15 for the +15 line) is not counted; the share is the worst-group gain over the oracle's headroom."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "shortcut_suite"))
+    from steering_lines import steering_lines
+
+    def acc(worst, balanced, train, none):
+        return {"worst_group": worst, "average_balanced": balanced, "average_train_mix": train, "none": none}
+
+    result = {"cue_located": {"method": {"rate": 1.0}},
+              "flags": {"conflict_vs_rest": {}, "right_for_wrong_reason": {}},
+              "accuracy": {"none": acc(0.1, 0.5, 0.9, 0.4), "oracle_tokens": acc(0.3, 0.45, 0.5, 0.4),
+                           "mask_tokens": acc(0.26, 0.44, 0.47, 0.38)},
+              "differences": {"mask_tokens - random_mask": {"worst_group": [0.12, 0.05, 0.2]},
+                              "mask_tokens - edge_mask": {"worst_group": [0.03, -0.01, 0.08]}},
+              "mask_tokens_steered_share": {"aligned": 0.5, "conflict": 0.6, "none": 0.02}}
+    r = steering_lines(result)
+    # 80% of headroom, +0.16, balanced -0.01, training mix -0.03 (not met), beats random, not edge
+    assert (r["met"], r["judged"]) == (4, 6) and np.isclose(r["share"], 0.8)
+    assert r["none_acc"] == 0.38 and r["touched_none"] == 0.02
+    result["accuracy"]["oracle_tokens"]["worst_group"] = 0.2  # headroom 0.1: the +15 line is not judged
+    r = steering_lines(result)
+    assert (r["met"], r["judged"]) == (3, 5) and np.isclose(r["share"], 1.6)
