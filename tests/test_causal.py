@@ -798,7 +798,7 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
     tau = float(np.median(drops))
     expect = np.zeros(len(x), bool)
     expect[[b for b, (d, _) in best.items() if d >= tau]] = True
-    fired = sc.masker(lm, "counterfactual", min_drop=tau)(x).any(1).numpy()
+    fired = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x).any(1).numpy()
     assert np.array_equal(fired, expect) and 0 < fired.sum() < len(best)
     assert sc.masker(lm, "counterfactual", min_drop=0)(x).any(1).sum() == len(best)
     # relative: the drop as a share of the predicted class's probability (by hand again); at a level where it keeps
@@ -909,14 +909,14 @@ def test_counterfactual_gate_grows_the_best_unit_one_token_at_a_time(cue):
     sc = res.shortcuts
     x = torch.cat([inputs(lm, data["conflict"]), inputs(lm, data["absent"])])
     k, min_drop = 2, 0.3
-    m0 = sc.masker(lm, "counterfactual", min_drop=min_drop)(x)
+    m0 = sc.masker(lm, "counterfactual", min_drop=min_drop, drop="absolute")(x)
     with _margin_gains_restored(sc):
         for u in sc.units:
             u["margin_gain"] = MARGIN_MIN_GAIN - 0.01
-        assert torch.equal(sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k)(x), m0)
+        assert torch.equal(sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k, drop="absolute")(x), m0)
         for u in sc.units:
             u["margin_gain"] = MARGIN_MIN_GAIN
-        m = sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k)(x)
+        m = sc.masker(lm, "counterfactual", min_drop=min_drop, grow=k, drop="absolute")(x)
         first = m0.any(1)
         assert torch.equal(m[first], m0[first])
         tested = [(b, j, mm) for b, found in enumerate(sc.present_units(lm, x, "always")) for j, mm in found or []]
@@ -947,7 +947,7 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     _save_model(lm, model)
     common = ["prompt", "--model", str(model), "--images", str(tmp_path / "imgs"), "--method", "mask_tokens",
               "--motifs", str(tmp_path / "sp"), "--layers", "all"]
-    assert main(common + ["--gate", "counterfactual", "--out", str(tmp_path / "cf")]) == 0
+    assert main(common + ["--gate", "counterfactual", "--gate-drop", "absolute", "--out", str(tmp_path / "cf")]) == 0
     summary = json.loads((tmp_path / "cf" / "summary.json").read_text())
     assert "counterfactual gate" in summary["gate"]
     df = pd.read_parquet(tmp_path / "cf" / "predictions.parquet")
@@ -957,8 +957,8 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "of it)" in json.loads((tmp_path / "rel" / "summary.json").read_text())["gate"]
     rel = pd.read_parquet(tmp_path / "rel" / "predictions.parquet")
     assert (rel["steered"] | ~df["steered"]).all()
-    # relative_where_found: between the two (its threshold is the relative one or the absolute one, unit by unit)
-    assert main(common + ["--gate-drop", "relative_where_found", "--out", str(tmp_path / "rwf")]) == 0
+    # relative_where_found (the default): between the two (the relative threshold or the absolute one, by unit)
+    assert main(common + ["--out", str(tmp_path / "rwf")]) == 0  # the default
     assert "where SIFT finds" in json.loads((tmp_path / "rwf" / "summary.json").read_text())["gate"]
     rwf = pd.read_parquet(tmp_path / "rwf" / "predictions.parquet")
     assert (rwf["steered"] | ~df["steered"]).all() and (rel["steered"] | ~rwf["steered"]).all()

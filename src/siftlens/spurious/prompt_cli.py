@@ -24,7 +24,16 @@ from ..prompting import TOKEN_MASK_METHODS, SteeredViT
 from ..resume import Part, RunParts, distributed, settings_fingerprint
 from ..runguard import COMMAND_OUTPUTS, OutputLock, retire_outputs
 from ..validation import UserValueError, check_finite_output, check_finite_parameters
-from .causal import DEFAULT_GATE, DENSE_REMOVALS, GATE_DROPS, GATE_MIN_DROP, GATES, GROW_MIN_GAIN, ShortcutSet
+from .causal import (
+    DEFAULT_GATE,
+    DEFAULT_GATE_DROP,
+    DENSE_REMOVALS,
+    GATE_DROPS,
+    GATE_MIN_DROP,
+    GATES,
+    GROW_MIN_GAIN,
+    ShortcutSet,
+)
 from .flag import check_classifier
 from .source import PathSource
 
@@ -42,7 +51,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = "absolute", progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -50,9 +59,10 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
-    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction); ``gate_drop="relative"``: that share of
-    the predicted class's probability instead; ``"relative_where_found"``: that share for a unit SIFT finds by its
-    words in the image, the absolute drop for the others (``causal.GATE_DROPS``, ``CounterfactualMasker``).
+    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction): ``gate_drop="relative_where_found"``
+    (the default): that share of the predicted class's probability for a unit SIFT finds by its words in the
+    image, in probability for the others; ``"absolute"``: in probability; ``"relative"``: as a share for every
+    unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
     ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
     neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
@@ -114,7 +124,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
                    gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
-                   gate_drop: str = "absolute") -> dict | None:
+                   gate_drop: str = DEFAULT_GATE_DROP) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
