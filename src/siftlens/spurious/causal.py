@@ -1560,12 +1560,9 @@ class CounterfactualMasker:
               if tested else np.zeros((0, p0.shape[1])))
         pc = (cast_removal_probs(self.lm, x, [b for b, _ in casts], removal=self.shortcuts.cast_removal) if casts
               else pm[:0])
-        images = np.array([b for b, _, _ in tested] + [b for b, _ in casts], int)
-        probs = np.concatenate([pm, pc])
-        pred = p0[images].argmax(1)
-        drop = p0[images, pred] - probs[np.arange(len(probs)), pred]
-        eligible = (probs.argmax(1) != pred) & (drop >= self._min_drops(p0, tested, casts))
-        for b, (_, t) in best_per_image(images, np.where(eligible, drop, -np.inf)).items():
+        images = [b for b, _, _ in tested] + [b for b, _ in casts]
+        for b, (_, t) in largest_removal(p0, images, np.concatenate([pm, pc]), must_change=True,
+                                         min_drop=self._min_drops(p0, tested, casts)).items():
             if t < len(tested):
                 _, j, m = tested[t]
                 self.last_present[b] = [(j, m)]
@@ -1666,17 +1663,20 @@ def largest_kl(p0: np.ndarray, images: Sequence[int], pm: np.ndarray) -> dict[in
     return best_per_image(images, kl_divergence(p0[np.asarray(images, int)], pm))
 
 
-def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False
-                    ) -> dict[int, tuple[float, int]]:
+def largest_removal(p0: np.ndarray, images: Sequence[int], pm: np.ndarray, must_change: bool = False,
+                    min_drop: np.ndarray | None = None) -> dict[int, tuple[float, int]]:
     """Per image b: (drop, t) for the removal t (row t of ``pm`` [T, K], a masked forward of image ``images[t]``)
     that lowers b's predicted-class probability (``p0`` [B, K]) most, the first of ties; ``must_change``: only
-    removals that change the predicted class (images with none are left out). The flag's score and the
-    counterfactual gate both take this unit."""
+    removals that change the predicted class; ``min_drop`` [T]: only removals whose drop reaches their own minimum
+    (images with no such removal are left out). The flag's score and the counterfactual gate both take this unit."""
     if not len(pm):
         return {}
     t, pred = np.arange(len(pm)), p0[np.asarray(images, int)].argmax(1)
     drop = p0[np.asarray(images, int), pred] - pm[t, pred]
-    return best_per_image(images, np.where(pm.argmax(1) != pred, drop, -np.inf) if must_change else drop)
+    ok = pm.argmax(1) != pred if must_change else np.ones(len(pm), bool)
+    if min_drop is not None:
+        ok &= drop >= min_drop
+    return best_per_image(images, np.where(ok, drop, -np.inf))
 
 
 def best_per_image(images: Sequence[int], scores: np.ndarray) -> dict[int, tuple[float, int]]:
