@@ -164,6 +164,7 @@ class Variant:
 # ``heldout31_*`` (session 30): generator seeds 1149 + j over all six families, for the flag's scores (round 31).
 # ``heldout32_*`` (session 31): generator seeds 1155 + j over all six families, for the ranking by evidence per token.
 # ``heldout33_*`` (session 32): generator seeds 1161 + j over all six families, for the gate's relative_where_found.
+# ``heldout34_*`` (session 32): generator seeds 1167 + j over all six families, a second read of that default.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -201,7 +202,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout30_{f}", f, "heldout", 1143 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout31_{f}", f, "heldout", 1149 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout32_{f}", f, "heldout", 1155 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout33_{f}", f, "heldout", 1161 + j) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout33_{f}", f, "heldout", 1161 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout34_{f}", f, "heldout", 1167 + j) for j, f in enumerate(FAMILIES)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
