@@ -79,9 +79,10 @@ DEFAULT_GATE_DROP = "relative_where_found"
 # presence reached 66% / 77% (benchmarks/RESULTS.md)
 DEFAULT_GATE = "counterfactual"
 # the counterfactual gate's default minimum drop: a removal steers an image only where it changes the prediction and
-# takes at least this much of the predicted class's probability. A cue-free image's prediction (max softmax ~0.4-0.6
-# on models that learned little but the cue) changes under most removals; with 0.5 the gate touched 0-2% of cue-free
-# images instead of 4-24% on held-out round 13b (worst group -4..+3 points of headroom; benchmarks/RESULTS.md)
+# lowers the predicted class's probability at least this much (in probability, or as a share of it: GATE_DROPS).
+# A cue-free image's prediction (max softmax ~0.4-0.6 on models that learned little but the cue) changes under most
+# removals; with 0.5 the gate touched 0-2% of cue-free images instead of 4-24% on held-out round 13b (worst group
+# -4..+3 points of headroom; benchmarks/RESULTS.md)
 GATE_MIN_DROP = 0.5
 FORMAT = "siftlens-shortcuts"
 FORMAT_VERSION = 1
@@ -1445,7 +1446,8 @@ class ShortcutSet:
         """token_mask_fn for gated steering: ``counterfactual`` (the default, as ``siftlens prompt``'s: removing a unit
         changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
         found in the image); each unit's removal as ``present_units(margin_below=...)``; ``drop``: ``min_drop`` in
-        probability or as a share of the predicted class's probability (``GATE_DROPS``). A counterfactual masker also
+        probability, as a share of the predicted class's probability, or that share only for units SIFT finds by
+        their words (``GATE_DROPS``; ``CounterfactualMasker``). A counterfactual masker also
         decides colour-cast removals, which are input edits, not token masks: apply them with its ``apply_casts``
         before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
