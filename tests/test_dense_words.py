@@ -435,3 +435,67 @@ def test_discovery_refuses_an_unknown_dense_colour():
 
     with pytest.raises(UserValueError, match="--dense-colour 'median'"):
         DiscoveryConfig(dense_words=4, dense_colour="median")
+
+
+def test_a_dense_unit_is_in_its_place_where_its_words_fill_its_own_tokens(frame):
+    """``present_units``' ``info["in_place"]``: a found dense words unit is in its place where its words fill
+    ``DENSE_IN_PLACE`` of its own tokens, not merely as many tokens anywhere (a frame's colours on one natural border);
+    the ``relative_in_place`` gate drop relaxes the minimum drop for exactly those units. Here the frame is drawn on
+    the top row and left column only, and each class's frame unit is tested twice: with its tokens on the drawn half
+    (found and in place) and on the undrawn half (found, the same cover, but not in place)."""
+    from dataclasses import replace
+
+    from siftlens.spurious.causal import DENSE_IN_PLACE
+
+    data, lm, dense, _ = frame
+    s = dense.shortcuts
+    detected = len(s.centroids) - s.dense_words
+    # the bottom row and right column restored cue-free: the frame stays on the top row and left column but for
+    # the two corners those share with them
+    drawn = sorted(t for t in RING if t < GRID[1] - 1 or (t % GRID[1] == 0 and t < (GRID[0] - 1) * GRID[1]))
+    undrawn = sorted(RING - set(drawn))
+    assert (len(drawn), len(undrawn)) == (9, 11)
+    half = data["aligned"].copy()
+    half[:, :, -PATCH:, :] = data["absent"][:, :, -PATCH:, :]
+    half[:, :, :, -PATCH:] = data["absent"][:, :, :, -PATCH:]
+    units = []
+    for k in range(3):
+        frame_unit = next(u for u in s.units if u["cls"] == k and min(u.get("gate_words") or [u["word"]]) >= detected)
+        for tokens in (drawn, undrawn):
+            units.append(dict(frame_unit, kind="words", tokens=tokens, box=[0.0, 0.0, 1.0, 1.0],
+                              gate_box=[0.0, 0.0, 1.0, 1.0]))
+    test = replace(s, units=units, casts=[])
+    x = _inputs(lm, half)
+    info: dict = {}
+    present = test.present_units(lm, x, "always", info=info)
+    n_in = n_out = 0
+    for b, found in enumerate(present):
+        for j, m in found or []:
+            assert j in info["found"][b]  # dense units are listed only where found
+            own = np.isin(np.arange(len(m)), units[j]["tokens"])
+            filled = (m & own).sum() >= DENSE_IN_PLACE * own.sum()
+            assert (j in info["in_place"][b]) == filled, (b, j, (m & own).sum())
+            n_in += filled
+            n_out += not filled and j % 2 == 1 and m.sum() >= len(drawn)  # as large a cover, off its tokens
+    assert n_in >= 10 and n_out >= 10, (n_in, n_out)
+    # the gate's minimum drop: relative (x p(pred)) for the units in their place, absolute for the others
+    gate = test.masker(lm, "counterfactual", min_drop=0.5, drop="relative_in_place")
+    gate(x)
+    with torch.no_grad():
+        p0 = lm.forward(x).softmax(-1).numpy()
+    tested = [(b, j, m) for b, found in enumerate(present) for j, m in found or []]
+    expect = [0.5 * (p0[b].max() if j in info["in_place"][b] else 1.0) for b, j, _ in tested]
+    np.testing.assert_allclose(gate._min_drops(p0, tested, ()), expect, rtol=1e-6)
+    where_found = test.masker(lm, "counterfactual", min_drop=0.5, drop="relative_where_found")
+    where_found(x)
+    assert not np.allclose(where_found._min_drops(p0, tested, ()), expect)
+    # a dense token unit (the tokens dense words occupy) likewise: found where its words sit in half of its tokens,
+    # in its place only where they fill DENSE_IN_PLACE of them (the drawn half: all 9; with 5 undrawn tokens: 9 of 14)
+    wider = drawn + undrawn[:5]
+    tok = [dict(u, kind="token", tokens=t) for u in units[::2] for t in (drawn, wider)]
+    info = {}
+    replace(s, units=tok, casts=[]).present_units(lm, x, "gated", info=info)
+    own = data["test_y"]  # the unit of each image's own class (its frame's words)
+    found = np.array([[2 * own[b] + i in info["found"][b] for i in (0, 1)] for b in range(len(x))])
+    placed = np.array([[2 * own[b] + i in info["in_place"][b] for i in (0, 1)] for b in range(len(x))])
+    assert found.mean(0).min() > 0.8 and placed[:, 0].mean() > 0.7 and placed[:, 1].mean() < 0.1

@@ -165,6 +165,8 @@ class Variant:
 # ``heldout32_*`` (session 31): generator seeds 1155 + j over all six families, for the ranking by evidence per token.
 # ``heldout33_*`` (session 32): generator seeds 1161 + j over all six families, for the gate's relative_where_found.
 # ``heldout34_*`` (session 32): generator seeds 1167 + j over all six families, a second read of that default.
+# ``heldout35_*`` (session 33): generator seeds 1173 + j over all six families, and ``heldout35_thin_frame_0``
+# (generator seed 1203, the thin-frame pool), for the gate's relative_in_place.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -203,7 +205,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout31_{f}", f, "heldout", 1149 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout32_{f}", f, "heldout", 1155 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout33_{f}", f, "heldout", 1161 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant(f"heldout34_{f}", f, "heldout", 1167 + j) for j, f in enumerate(FAMILIES)])
+    + [Variant(f"heldout34_{f}", f, "heldout", 1167 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout35_{f}", f, "heldout", 1173 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant("heldout35_thin_frame_0", "stripe_frame", "heldout", 1203, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 

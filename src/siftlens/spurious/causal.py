@@ -70,8 +70,9 @@ from .placed_cast import FAMILY as PLACED_FAMILY
 GATES = ("presence", "counterfactual")  # how gated steering decides where a shortcut is (ShortcutSet.masker)
 # the counterfactual gate's minimum drop: in probability (absolute), as a share of the predicted class's (relative),
 # or that share for a unit SIFT finds by its words in the image and in probability for the others
-# (relative_where_found; CounterfactualMasker)
-GATE_DROPS = ("absolute", "relative", "relative_where_found")
+# (relative_where_found), or that share only where the unit is found in its place (relative_in_place: a dense unit's
+# words fill its own tokens; CounterfactualMasker)
+GATE_DROPS = ("absolute", "relative", "relative_where_found", "relative_in_place")
 # prompt's default since held-out round 33: 20 of 26 steering lines met against the absolute drop's 17, cue-free
 # accuracy at most 1.1 points lower (benchmarks/RESULTS.md)
 DEFAULT_GATE_DROP = "relative_where_found"
@@ -102,6 +103,11 @@ DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
 # where a dense descriptor's colour is read (DiscoveryConfig.dense_colour, stored in ShortcutSet.dense_colour)
 DENSE_COLOURS = ("mean", "border_strip")
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
+# ... and in its place where its words fill at least this share of its own (discovery) tokens: a drawn cue fills the
+# tokens it was found in, a colour that happens to match it elsewhere (a frame's colours on a natural border) does
+# not (dev round 33, three fine-tuned dev frames: every cue-present firing filled 100% of its unit's tokens or none
+# of them; cue-free firings 0-83%)
+DENSE_IN_PLACE = 0.9
 # flag's default ``margin_below``: where it removes a unit, a removal of at most this many tokens takes their 8
 # neighbours too. A token unit is where the cue's keypoint centre sits, but a drawn cue (a watermark's letters) runs
 # into the tokens around it and the model reads it there (dev round 11: on held-out round 9's text the flag's
@@ -1324,7 +1330,9 @@ class ShortcutSet:
         sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
         ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints; ``info["keypoints"]``:
         each batch position's keypoints (reused by the flag's window occlusion); ``info["found"]``: per batch
-        position, the units found by their words there (what ``"gated"`` lists; ``"always"`` lists more).
+        position, the units found by their words there (what ``"gated"`` lists; ``"always"`` lists more);
+        ``info["in_place"]``: those of them found in their place (a dense unit: its words fill
+        ``DENSE_IN_PLACE`` of its own tokens; any other found unit is looked for near its place already).
         ``pred``: each image's predicted model output; a placed colour cast (placed_cast.py) is listed only for
         images predicted as its class (and never without ``pred``): a background's place is every class's."""
         from .discover import image_descriptors
@@ -1348,6 +1356,7 @@ class ShortcutSet:
             if info is not None:
                 info.setdefault("keypoints", {})[b] = kp
                 info.setdefault("found", {})[b] = set()
+                info.setdefault("in_place", {})[b] = set()
                 if not len(desc):  # no SIFT keypoint (dense words, if any, are still looked for)
                     info.setdefault("no_keypoints", []).append(b)
             if not len(desc) and dense is None:
@@ -1383,11 +1392,14 @@ class ShortcutSet:
                     hit &= (col >= x0 / cw - 1) & (col < x1 / cw + 1) & (row >= y0 / ch - 1) & (row < y1 / ch + 1)
                     cover = keypoint_cover(xy[hit], size[hit], grid, p)
                     if hit.any() and cover.sum() >= need:
-                        if dense_unit and self.dense_removal == "with_discovery_tokens":
-                            cover = cover | token_mask(u["tokens"], n)
-                        found.append((j, cover))
+                        own = token_mask(u["tokens"], n)
                         if info is not None:
                             info["found"][b].add(j)
+                            if not dense_unit or own.any() and (cover & own).sum() >= DENSE_IN_PLACE * own.sum():
+                                info["in_place"][b].add(j)
+                        if dense_unit and self.dense_removal == "with_discovery_tokens":
+                            cover = cover | own
+                        found.append((j, cover))
                     elif token_units == "always" and u["tokens"] and not dense_unit:
                         # not found here (SIFT misses a watermark's word in most images): its evidence tokens,
                         # where it sat in the class's images, are tested by removal instead. Dense words are
@@ -1396,11 +1408,14 @@ class ShortcutSet:
                 else:
                     m = token_mask(u["tokens"], n)
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
-                    seen = len(np.intersect1d(token[hit], np.flatnonzero(m))) >= need
+                    held = len(np.intersect1d(token[hit], np.flatnonzero(m)))
+                    seen = held >= need
                     if token_units == "always" or seen:
                         found.append((j, m))
                     if seen and info is not None:
                         info["found"][b].add(j)
+                        if not dense_unit or held >= DENSE_IN_PLACE * m.sum():
+                            info["in_place"][b].add(j)
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
 
@@ -1498,13 +1513,17 @@ class CounterfactualMasker:
     words in the image (``present_units``'s ``"gated"`` test), ``min_drop`` in probability for the others
     (fixed-token units tested without their words seen, colour casts): where SIFT sees the cue a smaller drop is
     enough; elsewhere the removal alone must show it (dev round 32: cue-free images touched 0-6% instead of
-    relative's 2-24%, most of its worst-group gain; held-out round 33: 20 of 26 steering lines, absolute 17)."""
+    relative's 2-24%, most of its worst-group gain; held-out round 33: 20 of 26 steering lines, absolute 17).
+    ``drop="relative_in_place"``: that share only for a unit found in its place (``present_units``'s
+    ``info["in_place"]``: a dense unit whose words fill its own tokens; a colour that matches a frame's on one
+    natural border is found by its words but not in its place)."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
                  min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = DEFAULT_GATE_DROP) -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.grow, self.drop = grow, drop
         self.found: dict[int, set[int]] = {}  # per image of the batch: the units SIFT found by their words
+        self.in_place: dict[int, set[int]] = {}  # ... and of those, the ones found in their place
         self.last_present: list = []
         # batch positions of the images steered by removing a colour cast (cast.py): an input transform (levels or
         # grey world), not a token mask; the caller re-predicts them on the edited image (``apply_casts``)
@@ -1523,7 +1542,7 @@ class CounterfactualMasker:
         alone = [(b, j, m) for b, found in enumerate(self.shortcuts.present_units(self.lm, x, "always", info=info,
                                                                                   pred=p0.argmax(1)))
                  for j, m in found or []]
-        self.found = info.get("found", {})
+        self.found, self.in_place = info.get("found", {}), info.get("in_place", {})
         pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(p0.argmax(1)))
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []
@@ -1578,8 +1597,8 @@ class CounterfactualMasker:
     def _min_drops(self, p0: np.ndarray, tested: list, casts: Sequence[tuple[int, int]]) -> np.ndarray:
         """The minimum drop of each tested removal, then of each cast (``drop``; see the class docstring)."""
         rows = [(b, j) for b, j, _ in tested] + [(b, None) for b, _ in casts]
-        relative = [self.drop == "relative" or (self.drop == "relative_where_found" and j in self.found.get(b, ()))
-                    for b, j in rows]
+        relaxed = {"relative_where_found": self.found, "relative_in_place": self.in_place}.get(self.drop, {})
+        relative = [self.drop == "relative" or j in relaxed.get(b, ()) for b, j in rows]
         return np.array([self.min_drop * (p0[b].max() if r else 1.0) for (b, _), r in zip(rows, relative)])
 
     def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],

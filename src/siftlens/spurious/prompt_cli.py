@@ -61,8 +61,9 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
     (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction): ``gate_drop="relative_where_found"``
     (the default): that share of the predicted class's probability for a unit SIFT finds by its words in the
-    image, in probability for the others; ``"absolute"``: in probability; ``"relative"``: as a share for every
-    unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
+    image, in probability for the others; ``"relative_in_place"``: that share only where the unit is found in its
+    place (a dense unit: its words fill its own tokens); ``"absolute"``: in probability; ``"relative"``: as a
+    share for every unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
     ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
     neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
@@ -217,6 +218,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                  "changes the prediction when removed (counterfactual gate"
                  + (f", lowering its probability by >= {gate_min_drop:g}"
                     + {"relative": " of it", "relative_where_found": " of it where SIFT finds the unit's words, "
+                       f"by >= {gate_min_drop:g} in probability elsewhere",
+                       "relative_in_place": " of it where SIFT finds the unit's words in its place, "
                        f"by >= {gate_min_drop:g} in probability elsewhere"}.get(gate_drop, "")
                     if gate_min_drop else "") + ")")
         if margin:
