@@ -957,11 +957,17 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "of it)" in json.loads((tmp_path / "rel" / "summary.json").read_text())["gate"]
     rel = pd.read_parquet(tmp_path / "rel" / "predictions.parquet")
     assert (rel["steered"] | ~df["steered"]).all()
-    # relative_where_found (the default): between the two (the relative threshold or the absolute one, by unit)
-    assert main(common + ["--out", str(tmp_path / "rwf")]) == 0  # the default
-    assert "where SIFT finds" in json.loads((tmp_path / "rwf" / "summary.json").read_text())["gate"]
+    # relative_where_found: between the two (the relative threshold or the absolute one, by unit)
+    assert main(common + ["--gate-drop", "relative_where_found", "--out", str(tmp_path / "rwf")]) == 0
+    assert "where SIFT finds the unit's words," in json.loads((tmp_path / "rwf" / "summary.json").read_text())["gate"]
     rwf = pd.read_parquet(tmp_path / "rwf" / "predictions.parquet")
     assert (rwf["steered"] | ~df["steered"]).all() and (rel["steered"] | ~rwf["steered"]).all()
+    # relative_in_place (the default): the toy's units are keypoint units, in their place wherever found, so it
+    # steers as relative_where_found does (the dense case: test_dense_words.py)
+    assert main(common + ["--out", str(tmp_path / "rip")]) == 0  # the default
+    assert "in its place" in json.loads((tmp_path / "rip" / "summary.json").read_text())["gate"]
+    rip = pd.read_parquet(tmp_path / "rip" / "predictions.parquet")
+    assert rip["steered"].equals(rwf["steered"]) and rip["pred_steered"].equals(rwf["pred_steered"])
 
 
 def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():

@@ -339,10 +339,11 @@ def _prompt_parser(sub) -> None:
                    "images touched instead of 4-24%%)")
     p.add_argument("--gate-drop", choices=GATE_DROPS, default=r["gate_drop"],
                    help="counterfactual gate: --gate-min-drop as a share of the predicted class's probability for "
-                   "a unit SIFT finds by its words in the image and in probability for the others "
-                   "(relative_where_found; held-out round 33: 20 of 26 steering lines met, absolute 17), the same "
-                   "but a dense unit only where its words fill its own tokens (relative_in_place), in "
-                   "probability for every unit (absolute, the default before), or as a share for every unit "
+                   "a unit SIFT finds by its words in its place in the image (a dense unit: its words fill its own "
+                   "tokens) and in probability for the others (relative_in_place; held-out round 35: as many "
+                   "steering lines as relative_where_found, half as many cue-free images touched), the same "
+                   "wherever the unit's words are found (relative_where_found, the default of rounds 33-34; 20 of 26 "
+                   "lines, absolute 17), in probability for every unit (absolute), or as a share for every unit "
                    "(relative: touched 19-36%% of cue-free images on dev models)")
     p.add_argument("--grow", type=non_negative_int, default=r["grow"],
                    help="counterfactual gate: where no unit's removal changes the prediction, the unit that lowered "

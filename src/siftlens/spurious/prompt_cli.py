@@ -59,11 +59,11 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``margin``: the gate tests (and steering masks) a unit of at most that many tokens with its 8 neighbours where
     discovery measured that this removes more of its class's evidence (``ShortcutSet.removal``); 0: tokens alone.
     ``gate_min_drop`` (counterfactual gate): a removal must also lower the predicted class's probability this much
-    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction): ``gate_drop="relative_where_found"``
-    (the default): that share of the predicted class's probability for a unit SIFT finds by its words in the
-    image, in probability for the others; ``"relative_in_place"``: that share only where the unit is found in its
-    place (a dense unit: its words fill its own tokens); ``"absolute"``: in probability; ``"relative"``: as a
-    share for every unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
+    (``causal.GATE_MIN_DROP``; 0: any removal that changes the prediction): ``gate_drop="relative_in_place"``
+    (the default): that share of the predicted class's probability for a unit SIFT finds by its words in its
+    place in the image (a dense unit: its words fill its own tokens), in probability for the others;
+    ``"relative_where_found"``: that share wherever the unit's words are found; ``"absolute"``: in probability;
+    ``"relative"``: as a share for every unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
     ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
     neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
