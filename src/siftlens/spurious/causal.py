@@ -1463,9 +1463,9 @@ class ShortcutSet:
         changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
         found in the image); each unit's removal as ``present_units(margin_below=...)``; ``drop``: ``min_drop`` in
         probability, as a share of the predicted class's probability, or that share only for units SIFT finds by
-        their words (``GATE_DROPS``; ``CounterfactualMasker``). A counterfactual masker also
-        decides colour-cast removals, which are input edits, not token masks: apply them with its ``apply_casts``
-        before steering (as ``siftlens prompt`` does)."""
+        their words (anywhere, or in their place: ``GATE_DROPS``; ``CounterfactualMasker``). A counterfactual
+        masker also decides colour-cast removals, which are input edits, not token masks: apply them with its
+        ``apply_casts`` before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
         if drop not in GATE_DROPS:
@@ -1510,8 +1510,8 @@ class CounterfactualMasker:
     every neighbour. ``drop="relative"``: ``min_drop`` is a share of the predicted class's probability (0.5: half of
     it), not a probability: a model that also learned the task is less sure of its predictions, and an absolute 0.5
     is then out of reach of many removals that turn a cue's image to its object (RESULTS.md dev round 31d).
-    ``drop="relative_where_found"``: that share for a unit SIFT finds by its
-    words in the image (``present_units``'s ``"gated"`` test), ``min_drop`` in probability for the others
+    ``drop="relative_where_found"``: that share for a unit SIFT finds by its words in the image
+    (``present_units``'s ``"gated"`` test), ``min_drop`` in probability for the others
     (fixed-token units tested without their words seen, colour casts): where SIFT sees the cue a smaller drop is
     enough; elsewhere the removal alone must show it (dev round 32: cue-free images touched 0-6% instead of
     relative's 2-24%, most of its worst-group gain; held-out round 33: 20 of 26 steering lines, absolute 17).
