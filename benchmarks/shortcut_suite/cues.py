@@ -167,6 +167,8 @@ class Variant:
 # ``heldout34_*`` (session 32): generator seeds 1167 + j over all six families, a second read of that default.
 # ``heldout35_*`` (session 33): generator seeds 1173 + j over all six families, and ``heldout35_thin_frame_0``
 # (generator seed 1203, the thin-frame pool), for the gate's relative_in_place.
+# ``heldout36_*`` (session 33): generator seeds 1179 + j over all six families, and ``heldout36_thin_frame_0``
+# (generator seed 1204), a second read of relative_in_place.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -207,7 +209,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout33_{f}", f, "heldout", 1161 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout34_{f}", f, "heldout", 1167 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout35_{f}", f, "heldout", 1173 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant("heldout35_thin_frame_0", "stripe_frame", "heldout", 1203, pool="heldout_thin_frames")])
+    + [Variant("heldout35_thin_frame_0", "stripe_frame", "heldout", 1203, pool="heldout_thin_frames")]
+    + [Variant(f"heldout36_{f}", f, "heldout", 1179 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant("heldout36_thin_frame_0", "stripe_frame", "heldout", 1204, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
