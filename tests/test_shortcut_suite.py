@@ -18,6 +18,7 @@ from shortcut_suite import generate  # noqa: E402
 from shortcut_suite.cues import (  # noqa: E402
     DEV,
     DEV_FRAMES,
+    DEV_THIN_FRAMES,
     FAMILIES,
     HELDOUT,
     HELDOUT_THIN_FRAMES,
@@ -141,7 +142,7 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 
 def test_dev_and_heldout_pools_are_disjoint():
-    for dev in (DEV, DEV_FRAMES):
+    for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES):
         for held in (HELDOUT, HELDOUT_THIN_FRAMES):
             for f in dataclasses.fields(dev):
                 if f.name == "name":
@@ -153,6 +154,9 @@ def test_dev_and_heldout_pools_are_disjoint():
         assert not set(getattr(DEV, f)) & set(getattr(DEV_FRAMES, f))
     for f in ("frame_widths", "gen_seeds"):  # the thin held-out frames are new to the held-out half too
         assert not set(getattr(HELDOUT, f)) & set(getattr(HELDOUT_THIN_FRAMES, f))
+    for other in (DEV, DEV_FRAMES):  # and the thin dev frames to the dev half
+        for f in ("frame_widths", "gen_seeds"):
+            assert not set(getattr(other, f)) & set(getattr(DEV_THIN_FRAMES, f))
     for v in VARIANTS:  # every drawn value comes from the variant's own pool
         pool = POOLS[v.pool or v.split]
         for p in draw_class_params(v, 5):

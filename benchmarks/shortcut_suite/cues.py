@@ -26,6 +26,8 @@ model seeds    0, 1, 2                                      100, 101, 102
 ``dev_frames`` (session 11): a second dev pool for the stripe frame only, the dev pool with other stripe periods
 (0.3, 0.875 token) and frame widths (0.5, 1.25 token), disjoint from both pools above, so that a frame method is
 tuned on more than one stripe design before a held-out round (generator seeds 200-299, dev model seeds).
+``dev_thin_frames`` (session 33): the dev pool with frame widths 0.3 and 0.45 token (generator seeds 300-399), thin
+frames to design on that no held-out pool draws.
 
 Geometry is in token units ``u = image_size // 8`` (an 8 x 8 token grid: patch 8 at 64 px from scratch,
 patch 16 at 128 px for the fine-tuned bundled model), so a variant is the same cue in both settings.
@@ -101,7 +103,12 @@ DEV_FRAMES = replace(DEV, name="dev_frames", periods=(0.3, 0.875), frame_widths=
 # both halves; every other quantity as the held-out pool's; generator seeds 1200-1299
 HELDOUT_THIN_FRAMES = replace(HELDOUT, name="heldout_thin_frames", frame_widths=(0.375, 0.625),
                               gen_seeds=range(1200, 1300))
-POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES}
+# a dev pool of thin frames (session 33): widths 0.3 and 0.45 of a cue token, between none of the held-out pools'
+# (3/8, 5/8, 3/4), so that thin frames can be designed on (held-out rounds 35-36: the 3/8 frame's gate fired little);
+# every other quantity as the dev pool's; generator seeds 300-399
+DEV_THIN_FRAMES = replace(DEV, name="dev_thin_frames", frame_widths=(0.3, 0.45), gen_seeds=range(300, 400))
+POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES,
+         "dev_thin_frames": DEV_THIN_FRAMES}
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,7 @@ class Variant:
 # (generator seed 1203, the thin-frame pool), for the gate's relative_in_place.
 # ``heldout36_*`` (session 33): generator seeds 1179 + j over all six families, and ``heldout36_thin_frame_0``
 # (generator seed 1204), a second read of relative_in_place.
+# ``dev_thin_frame_0/1`` (session 33): dev frames drawn from the ``dev_thin_frames`` pool, generator seeds 300-301.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -211,7 +219,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout35_{f}", f, "heldout", 1173 + j) for j, f in enumerate(FAMILIES)]
     + [Variant("heldout35_thin_frame_0", "stripe_frame", "heldout", 1203, pool="heldout_thin_frames")]
     + [Variant(f"heldout36_{f}", f, "heldout", 1179 + j) for j, f in enumerate(FAMILIES)]
-    + [Variant("heldout36_thin_frame_0", "stripe_frame", "heldout", 1204, pool="heldout_thin_frames")])
+    + [Variant("heldout36_thin_frame_0", "stripe_frame", "heldout", 1204, pool="heldout_thin_frames")]
+    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in range(2)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
