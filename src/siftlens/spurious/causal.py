@@ -260,6 +260,12 @@ def token_mask(tokens: Sequence[int], n: int) -> np.ndarray:
     return m
 
 
+def fills_its_tokens(held: int, size: int) -> bool:
+    """Whether a dense unit's words, found in ``held`` of its ``size`` own tokens, put it in its place
+    (``DENSE_IN_PLACE``); a unit without tokens has no place."""
+    return size > 0 and held >= DENSE_IN_PLACE * size
+
+
 def with_margin(mask: np.ndarray, grid: tuple[int, int], below: int) -> np.ndarray:
     """``mask`` [n] grown by its 8 neighbouring tokens when it holds 1..``below`` tokens (else as it is)."""
     if not 0 < mask.sum() <= below:
@@ -1396,7 +1402,7 @@ class ShortcutSet:
                         own = token_mask(u["tokens"], n)
                         if info is not None:
                             info["found"][b].add(j)
-                            if not dense_unit or own.any() and (cover & own).sum() >= DENSE_IN_PLACE * own.sum():
+                            if not dense_unit or fills_its_tokens((cover & own).sum(), own.sum()):
                                 info["in_place"][b].add(j)
                         if dense_unit and self.dense_removal == "with_discovery_tokens":
                             cover = cover | own
@@ -1415,7 +1421,7 @@ class ShortcutSet:
                         found.append((j, m))
                     if seen and info is not None:
                         info["found"][b].add(j)
-                        if not dense_unit or held >= DENSE_IN_PLACE * m.sum():
+                        if not dense_unit or fills_its_tokens(held, m.sum()):
                             info["in_place"][b].add(j)
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
