@@ -350,6 +350,10 @@ def _prompt_parser(sub) -> None:
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
+    p.add_argument("--gate-together", action=argparse.BooleanOptionalAction, default=r["together"],
+                   help="counterfactual gate: where no unit's removal changes the prediction and the predicted "
+                   "class's cue spreads over the other classes' shortcut places (a frame: shortcuts.json "
+                   "together_gain >= 0.1), every unit tested in the image is removed at once, by the same test")
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="with --motifs: removing a present dense words unit masks the tokens where its words are in "
                    "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "
@@ -370,7 +374,8 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          motifs=args.motifs, labels=args.labels, batch_size=args.batch_size, seed=args.seed,
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
-                         dense_removal=args.dense_removal, gate_drop=args.gate_drop, progress=not args.quiet)
+                         dense_removal=args.dense_removal, gate_drop=args.gate_drop, together=args.gate_together,
+                         progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(json.dumps(summary, indent=1))

@@ -127,6 +127,16 @@ MARGIN_MIN_GAIN = 0.1
 # than the removal so far (the cue runs on there); without it, growth went on into object evidence until some
 # removal changed the prediction (dev round 15: the 6 x 6 texts' training-mix average fell 7-8 points).
 GROW_MIN_GAIN = 0.1
+# the counterfactual gate's removal of every shortcut at once (``CounterfactualMasker``): tested, in an image no
+# removal alone changed, only where discovery measured for the predicted class that removing every unit's tokens
+# together lowers the class's probability by at least this much more than removing its own units' tokens with as
+# many other tokens drawn at random (``together_gains``, shortcuts.json ``together_gain``: the class's cue sits where
+# the other classes' shortcuts sit too). Why: a thin frame's cue runs along every border token, each class's claim
+# holds 6-16 of them and no claim alone changed most conflicting predictions (the gate fired on 4-27% of them); every
+# claim together is the frame. Dev round 34: thin-frame classes gained +0.14..+0.46, most thick-frame classes
+# +0.18..+0.60, fixed and random patches and texts <= 0.09 but one text class (0.21)
+TOGETHER_MIN_GAIN = 0.1
+TOGETHER_DRAWS = 4  # random token sets per class the union is measured against
 
 
 @dataclass
@@ -1133,8 +1143,9 @@ def _malformed_fields(d: dict) -> str:
             return f"{where} word {u['word']!r} / gate_words {u.get('gate_words')!r}: not among the {n_words} centroids"
         if not all(numbers(u[k], 4) for k in ("box", "gate_box") if k in u):
             return f"{where} box {u['box']!r} / gate_box {u.get('gate_box')!r}: not [x0, y0, x1, y1]"
-        if "margin_gain" in u and not numbers([u["margin_gain"]], 1):
-            return f"{where} margin_gain {u['margin_gain']!r}: not a finite number"
+        for key in ("margin_gain", "together_gain"):
+            if key in u and not numbers([u[key]], 1):
+                return f"{where} {key} {u[key]!r}: not a finite number"
     casts = d.get("casts", [])  # files before colour casts: none
     if not isinstance(casts, list) or not all(isinstance(c, dict) for c in casts):
         return "casts that are not a list of objects"
@@ -1452,6 +1463,13 @@ class ShortcutSet:
         without ``margin_gain`` — older files, units of more than ``REMOVAL_MARGIN_BELOW`` tokens — may)."""
         return self.units[j].get("margin_gain", np.inf) >= MARGIN_MIN_GAIN
 
+    def spreads(self, output: int) -> bool:
+        """Whether the cue of the class predicted as model ``output`` spreads over the other classes' shortcut places:
+        its discovery measured a ``together_gain`` of at least ``TOGETHER_MIN_GAIN`` (files without one: never)."""
+        outputs = self.class_outputs()
+        return any(u.get("together_gain", -np.inf) >= TOGETHER_MIN_GAIN for u in self.units
+                   if outputs[int(u["cls"])] == int(output))
+
     def colour_only(self, u: dict) -> bool:
         """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
         token's colour, so a claim on it is a SIFT-free finding and the report says so), or a placed colour cast."""
@@ -1464,12 +1482,15 @@ class ShortcutSet:
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
     def masker(self, lm: LoadedModel, gate: str = DEFAULT_GATE, margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
-               grow: int = 0, drop: str = DEFAULT_GATE_DROP) -> GatedMasker | CounterfactualMasker:
+               grow: int = 0, drop: str = DEFAULT_GATE_DROP, together: bool = True
+               ) -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``counterfactual`` (the default, as ``siftlens prompt``'s: removing a unit
         changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
         found in the image); each unit's removal as ``present_units(margin_below=...)``; ``drop``: ``min_drop`` in
         probability, as a share of the predicted class's probability, or that share only for units SIFT finds by
-        their words (anywhere, or in their place: ``GATE_DROPS``; ``CounterfactualMasker``). A counterfactual
+        their words (anywhere, or in their place: ``GATE_DROPS``; ``CounterfactualMasker``); ``together``: where no
+        removal alone changes the prediction, every shortcut at once for a class whose cue spreads (``spreads``). A
+        counterfactual
         masker also decides colour-cast removals, which are input edits, not token masks: apply them with its
         ``apply_casts`` before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
@@ -1478,7 +1499,7 @@ class ShortcutSet:
             raise UserValueError(f"gate drop {drop!r} is not one of {', '.join(GATE_DROPS)}")
         if gate == "presence":
             return GatedMasker(lm, self, margin_below)
-        return CounterfactualMasker(lm, self, margin_below, min_drop, grow, drop)
+        return CounterfactualMasker(lm, self, margin_below, min_drop, grow, drop, together)
 
 
 class GatedMasker:
@@ -1524,12 +1545,16 @@ class CounterfactualMasker:
     ``drop="relative_in_place"`` (the default, ``DEFAULT_GATE_DROP``): that share only for a unit found in its place
     (``present_units``'s ``info["in_place"]``: a dense unit whose words fill its own tokens; a colour that matches a
     frame's on one natural border is found by its words but not in its place; held-out round 35: the same steering
-    lines as relative_where_found, cue-free images touched 13.8% in total over four runs against 28.5%)."""
+    lines as relative_where_found, cue-free images touched 13.8% in total over four runs against 28.5%).
+    ``together``: in images no removal alone (nor a grown one) changed, predicted as a class whose cue spreads over the
+    other classes' shortcut places (``ShortcutSet.spreads``: a frame), every unit tested there removed at once, by
+    the same test; its drop is relaxed as ``drop`` relaxes it for a unit of the predicted class among them."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
-                 min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = DEFAULT_GATE_DROP) -> None:
+                 min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = DEFAULT_GATE_DROP,
+                 together: bool = True) -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
-        self.grow, self.drop = grow, drop
+        self.grow, self.drop, self.together = grow, drop, together
         self.found: dict[int, set[int]] = {}  # per image of the batch: the units SIFT found by their words
         self.in_place: dict[int, set[int]] = {}  # ... and of those, the ones found in their place
         self.last_present: list = []
@@ -1559,6 +1584,8 @@ class CounterfactualMasker:
                 if not self._steered(b, out) and g.sum() > m.sum():
                     grown.append((b, j, g))
             self._fire(x, p0, grown, out)
+        if self.together:
+            self._fire_together(x, p0, alone, out)
         if self.grow:
             self._grow(x, p0, alone, pm, layout.grid, out)
         return out
@@ -1602,11 +1629,30 @@ class CounterfactualMasker:
                 self.last_cast.add(b)
         return pm
 
+    def _fire_together(self, x: torch.Tensor, p0: np.ndarray, alone: list, out: torch.Tensor) -> None:
+        """Per image not steered yet and predicted as a class whose cue spreads: the union of every removal tested
+        there (``alone``), as one removal whose unit is the tuple of their units (see the class docstring)."""
+        pred = p0.argmax(1)
+        units: dict[int, list] = {}
+        for b, j, m in alone:
+            if not self._steered(b, out) and self.shortcuts.spreads(pred[b]):
+                units.setdefault(b, []).append((j, m))
+        self._fire(x, p0, [(b, tuple(j for j, _ in jm), np.logical_or.reduce([m for _, m in jm]))
+                           for b, jm in units.items() if len(jm) > 1], out)
+
     def _min_drops(self, p0: np.ndarray, tested: list, casts: Sequence[tuple[int, int]]) -> np.ndarray:
-        """The minimum drop of each tested removal, then of each cast (``drop``; see the class docstring)."""
+        """The minimum drop of each tested removal, then of each cast (``drop``; see the class docstring). A removal
+        of several units at once (a tuple) is relaxed where one of them of the predicted class is."""
         rows = [(b, j) for b, j, _ in tested] + [(b, None) for b, _ in casts]
         relaxed = {"relative_where_found": self.found, "relative_in_place": self.in_place}.get(self.drop, {})
-        relative = [self.drop == "relative" or j in relaxed.get(b, ()) for b, j in rows]
+        outputs = self.shortcuts.class_outputs()
+
+        def relaxes(b: int, j) -> bool:
+            if not isinstance(j, tuple):
+                return j in relaxed.get(b, ())
+            return any(u in relaxed.get(b, ()) and outputs[int(self.shortcuts.units[u]["cls"])] == p0[b].argmax()
+                       for u in j)
+        relative = [self.drop == "relative" or relaxes(b, j) for b, j in rows]
         return np.array([self.min_drop * (p0[b].max() if r else 1.0) for (b, _), r in zip(rows, relative)])
 
     def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],
@@ -1655,6 +1701,37 @@ def margin_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], 
         drops.setdefault((j, grown), []).append(float(probs[i, k] - q[k]))
     return [float(np.mean(drops[j, True]) - np.mean(drops[j, False])) if (j, True) in drops else None
             for j in range(len(units))]
+
+
+def together_gains(lm: LoadedModel, source, units: list[dict], layers: list[int], labels: np.ndarray,
+                   probs: np.ndarray, n: int, cfg: CausalConfig, parts: RunParts | None = None,
+                   columns: np.ndarray | None = None) -> dict[int, float]:
+    """Per class with shortcut units (shortcuts.json ``units``), over its sample images (``sample_images``): the mean
+    drop of its probability when every unit's tokens (every class's) are removed together, less the mean drop when
+    its own units' tokens are removed with as many other tokens drawn at random (``TOGETHER_DRAWS`` draws, each one
+    set for all the class's images): what the other classes' shortcut places hold of the class's cue beyond any
+    places (``TOGETHER_MIN_GAIN``). A class whose units are every unit's tokens: none. ``probs`` [N, K]: the run's
+    classes (``columns`` of the outputs, as in causal_discovery)."""
+    union = sorted(set().union(*(u["tokens"] for u in units)))
+    sample = sample_images(labels, probs.shape[1], cfg.causal_images, cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 29])
+    jobs, at = [], []  # at: (class, random?)
+    for k in sorted({int(u["cls"]) for u in units}):
+        own = sorted(set().union(*(u["tokens"] for u in units if int(u["cls"]) == k)))
+        extra = len(union) - len(own)
+        if not extra:
+            continue
+        rest = np.setdiff1d(np.arange(n), own)
+        masks = [(False, token_mask(union, n))] + [
+            (True, token_mask(own + rng.choice(rest, extra, replace=False).tolist(), n)) for _ in range(TOGETHER_DRAWS)]
+        for i in sample[labels[sample] == k]:
+            jobs += [(int(i), m) for _, m in masks]
+            at += [(k, r) for r, _ in masks]
+    pm = masked_probs(lm, source, layers, jobs, cfg.batch_size, parts, "together", columns)
+    drops: dict[tuple[int, bool], list[float]] = {}
+    for (k, r), (i, _), q in zip(at, jobs, pm):
+        drops.setdefault((k, r), []).append(float(probs[i, k] - q[k]))
+    return {k: float(np.mean(drops[k, False]) - np.mean(drops[k, True])) for k, r in drops if not r}
 
 
 def unsupported_shortcut(p0: np.ndarray, images: Sequence[int], outputs: Sequence[int], pm: np.ndarray

@@ -47,6 +47,7 @@ from .causal import (
     kl_divergence,
     margin_gains,
     sample_images,
+    together_gains,
 )
 from .placed_cast import class_cast_maps, image_cells, placed_cast_check, placed_cast_unit
 from .source import as_source
@@ -616,6 +617,12 @@ def discover_shortcuts(lm: LoadedModel, images, labels: np.ndarray | None = None
         for u, g in zip(res.shortcuts.units, gains):
             if g is not None:
                 u["margin_gain"] = g
+        # whether the counterfactual gate also removes every shortcut at once for a class (causal.TOGETHER_MIN_GAIN)
+        spread = together_gains(lm, source, res.shortcuts.units, layers, cls_of_image, class_probs,
+                                layout.num_patches, causal_cfg, parts, columns)
+        for u in res.shortcuts.units:
+            if int(u["cls"]) in spread:
+                u["together_gain"] = spread[int(u["cls"])]
         if causal_cfg.casts:  # a global colour shortcut has no place: its own unit (cast.py)
             colours, change = image_colours(lm, source, len(cls_of_image), cfg.batch_size, parts,
                                             causal_cfg.cast_removal)

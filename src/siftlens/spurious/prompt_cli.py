@@ -32,6 +32,7 @@ from .causal import (
     GATE_MIN_DROP,
     GATES,
     GROW_MIN_GAIN,
+    TOGETHER_MIN_GAIN,
     ShortcutSet,
 )
 from .flag import check_classifier
@@ -51,7 +52,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, together: bool = True, progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -65,7 +66,10 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``"relative_where_found"``: that share wherever the unit's words are found; ``"absolute"``: in probability;
     ``"relative"``: as a share for every unit (``causal.GATE_DROPS``, ``CounterfactualMasker``).
     ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
-    neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``dense_removal``: what
+    neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``together``
+    (counterfactual gate): where no unit's removal changed the prediction and the predicted class's cue spreads over
+    the other classes' shortcut places (shortcuts.json ``together_gain``), every unit tested there removed at once.
+    ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
     stderr where it is a terminal."""
     if batch_size < 1:
@@ -97,7 +101,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
                               checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress,
-                              gate_drop)
+                              gate_drop, together)
 
 
 def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tensor | None:
@@ -125,7 +129,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
                    gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
-                   gate_drop: str = DEFAULT_GATE_DROP) -> dict | None:
+                   gate_drop: str = DEFAULT_GATE_DROP, together: bool = True) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -151,7 +155,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop) if shortcuts is not None else None
+    gate = (shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop, together) if shortcuts is not None
+            else None)
     holder = _RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
@@ -160,7 +165,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
         gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
                                                   if gated and shortcuts.dense_removal != "found" else {}),
-        **({"gate_drop": gate_drop} if gate_drop != "absolute" else {})),  # parts of earlier runs stay valid
+        **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
+        # the union test changes steering only where the file measured together gains (files before it: none)
+        **({"together": True} if together and gated and any("together_gain" in u for u in shortcuts.units) else {})),
         rank, world, progress)
 
     def chunk(c: int) -> Part:
@@ -228,6 +235,11 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if shortcuts.dense_removal == "with_discovery_tokens":
             where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
                       "evidence in discovery")
+        if together and gate_kind == "counterfactual" and any("together_gain" in u for u in shortcuts.units):
+            spread = sorted({u["class_name"] for u in shortcuts.units
+                             if u.get("together_gain", -np.inf) >= TOGETHER_MIN_GAIN})
+            where += ("; where no removal alone did, every shortcut at once in images predicted as a class whose cue "
+                      f"spreads over the other shortcuts' places ({', '.join(spread) or 'none'})")
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
                       f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
