@@ -1241,3 +1241,139 @@ def test_kl_divergence_and_entropy_by_hand():
     assert np.allclose(kl_divergence(p, q), [row0, np.log(2)])
     reverse = 0.2 * np.log(0.2 / 0.5) + 0.3 * np.log(0.3 / 0.25) + 0.5 * np.log(0.5 / 0.25)
     assert np.allclose(kl_divergence(q[:1], p[:1]), [reverse]) and not np.isclose(reverse, row0)
+
+
+def test_together_gain_is_the_union_drop_minus_the_drop_of_the_own_tokens_with_random_others(cue):
+    """together_gains, by hand: per class with units, over its sample images, the mean drop of p_k with every unit's
+    tokens removed less the mean over TOGETHER_DRAWS random fills of its own tokens to as many tokens. Units built so
+    that class 1's unit sits on class 0's cue: class 0's cue is then in the other classes' shortcut places (gain
+    above TOGETHER_MIN_GAIN), class 1's is not (its cue token is in no unit), and class 2, without units, has none."""
+    from siftlens.spurious.causal import (
+        TOGETHER_DRAWS,
+        TOGETHER_MIN_GAIN,
+        masked_probs,
+        sample_images,
+        together_gains,
+        token_mask,
+    )
+
+    data, lm, res = cue
+    x = inputs(lm, data["train"])
+    y = np.asarray(data["y"])
+    with torch.no_grad():
+        probs = lm.forward(x).float().softmax(-1).numpy()
+    n = GRID[0] * GRID[1]
+    corner = n - 1
+    assert corner not in {_cue_token(k) for k in range(len(CLASSES))}
+    units = [{"cls": 0, "tokens": [corner]}, {"cls": 1, "tokens": [_cue_token(0)]}]
+    cfg = CausalConfig(causal_images=8, seed=5)
+    gains = together_gains(lm, TensorSource(x), units, res.layers, y, probs, n, cfg)
+    assert set(gains) == {0, 1}
+    sample = sample_images(y, len(CLASSES), 8, 5)
+    rng = np.random.default_rng([5, 29])
+    union = token_mask([_cue_token(0), corner], n)
+    for k, own in ((0, [corner]), (1, [_cue_token(0)])):
+        rest = np.setdiff1d(np.arange(n), own)
+        fills = [token_mask(own + rng.choice(rest, 1, replace=False).tolist(), n) for _ in range(TOGETHER_DRAWS)]
+        imgs = [int(i) for i in sample[y[sample] == k]]
+        pu = masked_probs(lm, TensorSource(x), res.layers, [(i, union) for i in imgs])
+        pr = masked_probs(lm, TensorSource(x), res.layers, [(i, f) for f in fills for i in imgs])
+        expect = np.mean(probs[imgs, k] - pu[:, k]) - np.mean(probs[imgs * TOGETHER_DRAWS, k] - pr[:, k])
+        assert gains[k] == pytest.approx(float(expect), abs=1e-6)
+    assert gains[0] >= TOGETHER_MIN_GAIN > gains[1]
+    # a class whose units are every unit's tokens has nothing to gain: no entry
+    assert together_gains(lm, TensorSource(x), units[:1], res.layers, y, probs, n, cfg) == {}
+
+
+def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_removal_alone_did(cue):
+    """``together``: an image a single removal steers keeps that removal; an image none steered, predicted as a class
+    whose cue spreads (together_gain >= TOGETHER_MIN_GAIN), is tested once more with the union of every removal
+    tested there, by the same rule (absolute drop here; relative_in_place: the share where a unit of the predicted
+    class among them is in its place), all checked by hand; without spreading classes (or --no-gate-together) the
+    gate is as before. A spread cue: each cue straddles 4 tokens, class k's unit holds the top two and class k+1's
+    the bottom two, so one unit removes half a cue and only the units together remove it whole."""
+    import copy
+
+    from siftlens.spurious.causal import TOGETHER_MIN_GAIN, largest_removal, masked_probs
+    from tests.cue_model import cue_tokens
+
+    _, _, res = cue
+    data = make_data(60, seed=0, straddle=True, tint=0.25)
+    lm = train_cue_model(data)
+    sc = copy.deepcopy(res.shortcuts)  # same input size, grid and layers; its units replaced by token units
+    template = next(u for u in sc.units if u["kind"] == "token") if any(
+        u["kind"] == "token" for u in sc.units) else sc.units[0]
+    units = []
+    for k in range(len(CLASSES)):
+        toks = sorted(cue_tokens(k, straddle=True))
+        for owner, half in ((k, toks[:2]), ((k + 1) % len(CLASSES), toks[2:])):
+            units.append({**template, "cls": owner, "class_name": CLASSES[owner], "kind": "token",
+                          "unit": "token:" + "+".join(map(str, half)), "tokens": half})
+    sc.units = units
+    x = torch.cat([inputs(lm, data["conflict"]), inputs(lm, data["absent"]), inputs(lm, data["aligned"])])
+    with torch.no_grad():
+        p0 = lm.forward(x).float().softmax(-1).numpy()
+    pred = p0.argmax(1)
+    info: dict = {}
+    tested = [(b, j, m) for b, found in enumerate(sc.present_units(lm, x, "always", info=info, pred=pred))
+              for j, m in found or []]
+    by_image: dict[int, list] = {}
+    for b, j, m in tested:
+        by_image.setdefault(b, []).append((j, m))
+    unions = {b: np.logical_or.reduce([m for _, m in jm]) for b, jm in by_image.items() if len(jm) > 1}
+    pu = masked_probs(lm, TensorSource(x), sc.layers, list(unions.items()))
+    ub = np.array(list(unions))
+    du = p0[ub, pred[ub]] - pu[np.arange(len(ub)), pred[ub]]
+    flips = pu.argmax(1) != pred[ub]
+    assert flips.any()
+    # a level the union reaches in some images where no unit alone does
+    pm = masked_probs(lm, TensorSource(x), sc.layers, [(b, m) for b, _, m in tested])
+    single = largest_removal(p0, [b for b, _, _ in tested], pm, must_change=True)
+    tau = float(np.median(du[flips]))
+    alone_only = {b for b, (d, _) in single.items() if d >= tau}
+    expect_union = {int(b) for b, d, f in zip(ub, du, flips) if f and d >= tau and b not in alone_only}
+    assert expect_union, "the toy must have an image only the union steers at this level"
+
+    m_alone = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=False)(x)
+    assert set(np.flatnonzero(m_alone.any(1).numpy())) == alone_only
+    for u in sc.units:
+        u["together_gain"] = TOGETHER_MIN_GAIN - 0.01
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x), m_alone)
+    for u in sc.units:
+        u["together_gain"] = TOGETHER_MIN_GAIN
+    gate = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")
+    m = gate(x)
+    assert set(np.flatnonzero(m.any(1).numpy())) == alone_only | expect_union
+    for b in alone_only:
+        assert torch.equal(m[b], m_alone[b])
+    for b in expect_union:
+        assert np.array_equal(m[b].numpy(), unions[b])
+        (js, _), = gate.last_present[b]
+        assert sorted(js) == sorted(j for j, _ in by_image[b])
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=False)(x), m_alone)
+    # only classes whose cue spreads: units of one class only -> only images predicted as that class get the union
+    k = int(pred[min(expect_union)])
+    for u in sc.units:
+        u["together_gain"] = TOGETHER_MIN_GAIN if int(u["cls"]) == k else 0.0
+    m_k = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x)
+    outputs = sc.class_outputs()
+    assert set(np.flatnonzero(m_k.any(1).numpy())) == alone_only | {b for b in expect_union if pred[b] == outputs[k]}
+    # relative_in_place: the union's threshold is a share of p_pred where a unit of the predicted class in it is in
+    # its place in the image, tau in probability elsewhere (by hand)
+    for u in sc.units:
+        u["together_gain"] = TOGETHER_MIN_GAIN
+    rel = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place")
+    m_rel = rel(x)
+    relaxed_single = {b for b, j, _ in tested if j in info["in_place"][b]}
+    steered_alone = set(np.flatnonzero(sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place",
+                                                 together=False)(x).any(1).numpy()))
+    expect_rel = set()
+    for b, d, f in zip(ub, du, flips):
+        b = int(b)
+        if b in steered_alone or not f:
+            continue
+        share = any(j in info["in_place"][b] and outputs[int(sc.units[j]["cls"])] == pred[b] for j, _ in by_image[b])
+        if d >= tau * (p0[b].max() if share else 1.0):
+            expect_rel.add(b)
+    assert relaxed_single  # the toy's keypoint units are found in place somewhere
+    assert set(np.flatnonzero(m_rel.any(1).numpy())) == steered_alone | expect_rel
