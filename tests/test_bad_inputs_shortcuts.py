@@ -76,12 +76,13 @@ def _edit(units=None, **top):
     (_edit(units={"cls": 7}), ["cls 7", "below 3"]),  # silently flagged no class before
     (_edit(units={"box": [0.1], "gate_box": [0.1], "kind": "word"}), ["box [0.1]"]),
     (_edit(units={"margin_gain": "big"}), ["margin_gain 'big'", "finite number"]),  # TypeError in flag before
+    (_edit(units={"together_gain": [0.5]}), ["together_gain [0.5]", "finite number"]),
     (_edit(centroids=[[0.0, 1.0]] * 4), ["centroids of shape [4, 2]", "133"]),  # scipy ValueError before
     (_edit(descriptor_weights=[1.0]), ["descriptor_weights [1.0]"]),
     (lambda d: d.update(units="abc"), ["units that are not a list"]),
     (_edit(layers=[-9]), ["layers [-9]", "2 attention layers"]),
 ], ids=["token_off_grid", "token_negative", "token_float", "word_off_centroids", "cls", "box", "margin_gain",
-        "centroid_width", "descriptor_weights", "units_str", "layer"])
+        "together_gain", "centroid_width", "descriptor_weights", "units_str", "layer"])
 def test_an_edited_shortcuts_file_is_refused_naming_the_field(setup, tmp_path, capsys, edit, words):
     tmp, model, shortcuts = setup
     d = json.loads(json.dumps(shortcuts))
