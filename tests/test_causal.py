@@ -968,6 +968,20 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "in its place" in json.loads((tmp_path / "rip" / "summary.json").read_text())["gate"]
     rip = pd.read_parquet(tmp_path / "rip" / "predictions.parquet")
     assert rip["steered"].equals(rwf["steered"]) and rip["pred_steered"].equals(rwf["pred_steered"])
+    # every shortcut at once (on by default) where the file says a class's cue spreads; --no-gate-together: never
+    d = json.loads((tmp_path / "sp" / "shortcuts.json").read_text())
+    for u in d["units"]:
+        u["together_gain"] = 1.0
+    (tmp_path / "spread").mkdir()
+    (tmp_path / "spread" / "shortcuts.json").write_text(json.dumps(d))
+    spread = [a if a != str(tmp_path / "sp") else str(tmp_path / "spread") for a in common]
+    assert main(spread + ["--out", str(tmp_path / "tog")]) == 0
+    gate_text = json.loads((tmp_path / "tog" / "summary.json").read_text())["gate"]
+    assert "every shortcut at once" in gate_text and all(c in gate_text for c in {u["class_name"] for u in d["units"]})
+    assert main(spread + ["--no-gate-together", "--out", str(tmp_path / "alone")]) == 0
+    assert "at once" not in json.loads((tmp_path / "alone" / "summary.json").read_text())["gate"]
+    tog, alone = (pd.read_parquet(tmp_path / f / "predictions.parquet") for f in ("tog", "alone"))
+    assert alone["steered"].equals(rip["steered"]) and (tog["steered"] | ~alone["steered"]).all()
 
 
 def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
