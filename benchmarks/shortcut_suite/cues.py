@@ -177,6 +177,8 @@ class Variant:
 # ``heldout36_*`` (session 33): generator seeds 1179 + j over all six families, and ``heldout36_thin_frame_0``
 # (generator seed 1204), a second read of relative_in_place.
 # ``dev_thin_frame_0/1`` (session 33): dev frames drawn from the ``dev_thin_frames`` pool, generator seeds 300-301.
+# ``heldout37_*`` (session 34): generator seeds 1185 + j over all six families, and ``heldout37_thin_frame_0/1``
+# (generator seeds 1205-1206, the thin-frame pool), for the gate's removal of every shortcut at once.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -220,7 +222,10 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant("heldout35_thin_frame_0", "stripe_frame", "heldout", 1203, pool="heldout_thin_frames")]
     + [Variant(f"heldout36_{f}", f, "heldout", 1179 + j) for j, f in enumerate(FAMILIES)]
     + [Variant("heldout36_thin_frame_0", "stripe_frame", "heldout", 1204, pool="heldout_thin_frames")]
-    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in range(2)])
+    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in range(2)]
+    + [Variant(f"heldout37_{f}", f, "heldout", 1185 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout37_thin_frame_{i}", "stripe_frame", "heldout", 1205 + i, pool="heldout_thin_frames")
+       for i in range(2)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
