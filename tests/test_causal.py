@@ -1305,7 +1305,8 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     tested there, by the same rule (absolute drop here; relative_in_place: the share where a unit of the predicted
     class among them is in its place), all checked by hand; without spreading classes (or --no-gate-together) the
     gate is as before. A spread cue: each cue straddles 4 tokens, class k's unit holds the top two and class k+1's
-    the bottom two, so one unit removes half a cue and only the units together remove it whole."""
+    the bottom two, so one unit removes half a cue and only the units together remove it whole. The flag's
+    ``together`` tests the same union: its score is the larger KL of it and the single removals."""
     import copy
 
     from siftlens.spurious.causal import TOGETHER_MIN_GAIN, largest_removal, masked_probs
@@ -1391,3 +1392,15 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
             expect_rel.add(b)
     assert relaxed_single  # the toy's keypoint units are found in place somewhere
     assert set(np.flatnonzero(m_rel.any(1).numpy())) == steered_alone | expect_rel
+    # the flag tests the same union beside the single removals (--together): its score is the larger KL of the two,
+    # by hand, and the row names the union where it moved the prediction most
+    from siftlens.spurious.causal import kl_divergence
+
+    alone_flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off")
+    flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off", together=True)
+    kl_union = dict(zip(ub.tolist(), kl_divergence(p0[ub], pu)))
+    expect = np.array([max(s, kl_union.get(b, 0.0)) for b, s in enumerate(alone_flags["flag_score"])])
+    assert np.allclose(flags["flag_score"], expect, atol=1e-9)
+    wins = np.array([kl_union.get(b, -1.0) > s for b, s in enumerate(alone_flags["flag_score"])])
+    assert wins.any() and (flags["shortcut_unit"][wins] == "every shortcut at once").all()
+    assert (flags["n_tested"] == alone_flags["n_tested"] + np.isin(np.arange(len(x)), ub)).all()

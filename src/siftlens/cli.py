@@ -418,6 +418,9 @@ def _flag_parser(sub) -> None:
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="as prompt --dense-removal: removing a present dense words unit masks the tokens where its "
                    "words are in the image (found), or those and the tokens that held its evidence in discovery")
+    p.add_argument("--together", action=argparse.BooleanOptionalAction, default=r["together"],
+                   help="in an image predicted as a class whose cue spreads over the other classes' shortcut places "
+                   "(a frame: shortcuts.json together_gain >= 0.1), every removal tested there is also tested at once")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_flag)
 
@@ -430,7 +433,7 @@ def _run_flag(args: argparse.Namespace) -> int:
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
                   margin=args.margin, progress=not args.quiet,
                   cast_removal=None if args.cast_removal == "as-run" else args.cast_removal,
-                  dense_removal=args.dense_removal)
+                  dense_removal=args.dense_removal, together=args.together)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

@@ -119,7 +119,7 @@ def _max_or_zero(d: np.ndarray) -> tuple[float, int]:
 @torch.no_grad()
 def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int = 32, token_units: str = "always",
                 occlusion: str = "compare", window: int = 2, seed: int = 0, parts: RunParts | None = None,
-                label_map: LabelMap | None = None, margin_below: int = REMOVAL_MARGIN_BELOW
+                label_map: LabelMap | None = None, margin_below: int = REMOVAL_MARGIN_BELOW, together: bool = False
                 ) -> tuple[pd.DataFrame, list[dict]]:
     """One row per scored image (see the module docstring) and the skipped images without keypoints.
     ``token_units``: see ``ShortcutSet.present_units``. ``occlusion``: the per-image window scores
@@ -129,7 +129,10 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
     what is done, and torchrun ranks each score their share; the random draws restart per chunk, so the numbers
     are those of one uninterrupted process. ``label_map``: the names of the model's outputs (``pred_name``; default:
     the run's classes at the outputs shortcuts.json stores, other outputs by index). ``margin_below``: a unit's
-    removal of at most this many tokens takes their 8 neighbours too (``REMOVAL_MARGIN_BELOW``; 0: none)."""
+    removal of at most this many tokens takes their 8 neighbours too (``REMOVAL_MARGIN_BELOW``; 0: none).
+    ``together``: in an image predicted as a class whose cue spreads over the other classes' shortcut places
+    (``ShortcutSet.spreads``), every removal tested there is also tested at once (as the counterfactual gate does).
+    """
     if occlusion not in OCCLUSION_MODES:
         raise UserValueError(f"occlusion {occlusion!r} is not one of {', '.join(OCCLUSION_MODES)}")
     device = next(lm.module.parameters()).device
@@ -154,6 +157,9 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
             for j, m in found or []:
                 jobs.append((b, m))
                 at.append((b, j))
+            if together and len(found or []) > 1 and shortcuts.spreads(p0[b].argmax()):
+                jobs.append((b, np.logical_or.reduce([m for _, m in found])))
+                at.append((b, ("together", tuple(j for j, _ in found))))
         pm = masked_probs(lm, TensorSource(x), shortcuts.layers, jobs, batch_size) if jobs else np.zeros((0, 0))
         pred0 = p0.argmax(1)
         # a claimed colour cast of the predicted class: its removal (cast.py) is one more test,
@@ -165,8 +171,9 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
         at += [(b, ("cast", c)) for b, c in casts]
         best = largest_removal(p0, [b for b, _ in at], pm)
         outputs = shortcuts.class_outputs()
-        unit_output = [outputs[int(shortcuts.casts[j[1]]["cls"] if isinstance(j, tuple) else shortcuts.units[j]["cls"])]
-                       for _, j in at]
+        unit_output = [int(pred0[b]) if isinstance(j, tuple) and j[0] == "together" else
+                       outputs[int(shortcuts.casts[j[1]]["cls"] if isinstance(j, tuple) else shortcuts.units[j]["cls"])]
+                       for b, j in at]
         unsupported = unsupported_shortcut(p0, [b for b, _ in at], unit_output, pm)
         most_kl = largest_kl(p0, [b for b, _ in at], pm)
         cast_at = {b for b, _ in casts}
@@ -190,14 +197,15 @@ def flag_images(lm: LoadedModel, shortcuts: ShortcutSet, source, batch_size: int
                 score, t = most_kl[b]
                 j, q = at[t][1], pm[t]
             unit = (None if j is None else shortcuts.units[j] if not isinstance(j, tuple) else
-                    {"class_name": shortcuts.casts[j[1]]["class_name"], "unit": "colour cast"})
+                    {"class_name": shortcuts.casts[j[1]]["class_name"], "unit": "colour cast"} if j[0] == "cast" else
+                    {"class_name": shortcuts.class_names[outputs.index(pred)], "unit": "every shortcut at once"})
             occ = (_occlusion_columns(kp_win[b], wd[b], wpred[b], windows, pred, rng, occlusion == "compare")
                    if occlusion != "off" else {})
             rows.append({"path": path, "flag_score": max(score, 0.0),
                          "predicted_class_drop": max(best[b][0], 0.0) if b in best else 0.0,
                          "shortcut_class": unit["class_name"] if unit else "",
                          "shortcut_unit": unit["unit"] if unit else "",
-                         "n_tested": len(present[b] or []) + (b in cast_at),
+                         "n_tested": sum(t == b for t, _ in at),
                          "keypoints": b not in no_keypoints,
                          "pred": pred, "pred_name": names.output_name(pred),
                          "pred_without": int(q.argmax()), "p_pred": float(p[pred]),
@@ -224,14 +232,15 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
-             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found") -> pd.DataFrame | None:
+             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found", together: bool = False
+             ) -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
     removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses
     levels by default where steering keeps grey world (``FLAG_CAST_REMOVAL``: held-out rounds 18 / 18b / 20, levels
     flagged right-for-the-wrong-reason images on new tints at 0.86-0.95 where grey world reached 0.52-0.66, and
     within 0.02 of it on background tints). ``dense_removal``: what removing a present dense words unit masks
-    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``)."""
+    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``). ``together``: see ``flag_images``."""
     if cast_removal is not None and cast_removal not in CAST_REMOVALS:
         raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
     if dense_removal not in DENSE_REMOVALS:
@@ -255,10 +264,12 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
             token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin,
             cast_removal=shortcuts.cast_removal,
             # older runs' parts stay valid under the default
-            **({"dense_removal": dense_removal} if dense_removal != "found" else {})), rank, world,
+            **({"dense_removal": dense_removal} if dense_removal != "found" else {}),
+            **({"together": True} if together and any("together_gain" in u for u in shortcuts.units) else {})),
+            rank, world,
             progress)
         df, no_kp = flag_images(lm, shortcuts, source, batch_size, token_units, occlusion, window, seed, parts,
-                                label_map, margin)
+                                label_map, margin, together)
         parts.release()
         if rank != 0:
             return None
@@ -274,7 +285,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "skipped": skipped, "token_units": token_units,
                                                   "occlusion": occlusion, "window": window, "seed": seed,
                                                   "margin": margin, "cast_removal": shortcuts.cast_removal,
-                                                  "dense_removal": dense_removal,
+                                                  "dense_removal": dense_removal, "together": together,
                                                   "margin_gains": {
                                                       u["class_name"] + " " + u["unit"]: u["margin_gain"]
                                                       for u in shortcuts.units if "margin_gain" in u},
