@@ -1404,3 +1404,22 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     wins = np.array([kl_union.get(b, -1.0) > s for b, s in enumerate(alone_flags["flag_score"])])
     assert wins.any() and (flags["shortcut_unit"][wins] == "every shortcut at once").all()
     assert (flags["n_tested"] == alone_flags["n_tested"] + np.isin(np.arange(len(x)), ub)).all()
+
+
+def test_the_report_says_which_classes_cues_spread(cue):
+    """spread_note: a class whose together_gain reaches TOGETHER_MIN_GAIN is described as a cue that spreads, with
+    its gain; below it, or without one (older files), nothing is said."""
+    import copy
+
+    from siftlens.spurious.causal import TOGETHER_MIN_GAIN
+
+    sc = copy.deepcopy(cue[2].shortcuts)
+    k = int(sc.units[0]["cls"])
+    for u in sc.units:
+        u.pop("together_gain", None)
+    assert sc.spread_note(k) == "" and not sc.spreads(sc.class_outputs()[k])
+    sc.units[0]["together_gain"] = TOGETHER_MIN_GAIN - 0.001
+    assert sc.spread_note(k) == ""
+    sc.units[0]["together_gain"] = 0.3456
+    assert "0.346 more" in sc.spread_note(k) and sc.spreads(sc.class_outputs()[k])
+    assert all(sc.spread_note(c) == "" for c in {int(u["cls"]) for u in sc.units} - {k})

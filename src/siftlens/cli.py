@@ -286,7 +286,9 @@ def _run_spurious(args: argparse.Namespace) -> int:
                 print(f"{name}: top causal unit {c['unit']} effect {c['causal_effect']:.3f} "
                       f"[{c['causal_lo']:.3f}, {c['causal_hi']:.3f}], label-permutation p={c['causal_p']:.3f}, box "
                       f"({c['box_x0']:.2f}, {c['box_y0']:.2f})-({c['box_x1']:.2f}, {c['box_y1']:.2f})")
-            print(f"{name}: {shortcut_verdict(res.causal.units, k, res.causal.config)}")
+            spread = res.shortcuts.spread_note(k) if res.shortcuts is not None else ""
+            print(f"{name}: {shortcut_verdict(res.causal.units, k, res.causal.config)}"
+                  + (f"; {spread}" if spread else ""))
     if res.shortcuts is not None:
         sift_free = " (colour only: SIFT-free)"
         named = [f"{u['class_name']} {u['unit']}{sift_free if res.shortcuts.colour_only(u) else ''}"

@@ -1470,6 +1470,16 @@ class ShortcutSet:
         return any(u.get("together_gain", -np.inf) >= TOGETHER_MIN_GAIN for u in self.units
                    if outputs[int(u["cls"])] == int(output))
 
+    def spread_note(self, k: int) -> str:
+        """Class k's ``together_gain`` in words for a report ('' where it is below ``TOGETHER_MIN_GAIN`` or absent)."""
+        gains = [u["together_gain"] for u in self.units if int(u["cls"]) == k and "together_gain" in u]
+        if not gains or max(gains) < TOGETHER_MIN_GAIN:
+            return ""
+        return ("its cue also sits where the other classes' shortcuts sit (removing every shortcut's tokens lowers "
+                f"its probability {max(gains):.3f} more than its own tokens with as many random others: a cue that "
+                "spreads, e.g. a frame, of which the claim is one part); the counterfactual gate removes every "
+                "shortcut at once in its images where no single removal changes the prediction")
+
     def colour_only(self, u: dict) -> bool:
         """Whether unit ``u`` is defined by a dense word without its SIFT part (``dense_gradient_weight`` 0): a
         token's colour, so a claim on it is a SIFT-free finding and the report says so), or a placed colour cast."""

@@ -423,6 +423,9 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
                          f"{b.get('control_forwards', 0)}. {html.escape(verdict)}</p>")
         if len(u):
             parts.append(f"<p><b>{html.escape(shortcut_verdict(c.units, k, c.config))}.</b></p>")
+            spread = res.shortcuts.spread_note(k) if res.shortcuts is not None else ""
+            if spread:
+                parts.append(f"<p>{html.escape(spread[0].upper() + spread[1:])}.</p>")
             # a class may have a keypoint claim and a dense one (one per family): name the colour-only ones
             colour = [s["unit"] for s in (res.shortcuts.units if res.shortcuts is not None else [])
                       if s["cls"] == k and res.shortcuts.colour_only(s)]
