@@ -968,17 +968,17 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "in its place" in json.loads((tmp_path / "rip" / "summary.json").read_text())["gate"]
     rip = pd.read_parquet(tmp_path / "rip" / "predictions.parquet")
     assert rip["steered"].equals(rwf["steered"]) and rip["pred_steered"].equals(rwf["pred_steered"])
-    # every shortcut at once (on by default) where the file says a class's cue spreads; --no-gate-together: never
+    # every shortcut at once (--gate-together; off by default) where the file says a class's cue spreads
     d = json.loads((tmp_path / "sp" / "shortcuts.json").read_text())
     for u in d["units"]:
         u["together_gain"] = 1.0
     (tmp_path / "spread").mkdir()
     (tmp_path / "spread" / "shortcuts.json").write_text(json.dumps(d))
     spread = [a if a != str(tmp_path / "sp") else str(tmp_path / "spread") for a in common]
-    assert main(spread + ["--out", str(tmp_path / "tog")]) == 0
+    assert main(spread + ["--gate-together", "--out", str(tmp_path / "tog")]) == 0
     gate_text = json.loads((tmp_path / "tog" / "summary.json").read_text())["gate"]
     assert "every shortcut at once" in gate_text and all(c in gate_text for c in {u["class_name"] for u in d["units"]})
-    assert main(spread + ["--no-gate-together", "--out", str(tmp_path / "alone")]) == 0
+    assert main(spread + ["--out", str(tmp_path / "alone")]) == 0  # the default
     assert "at once" not in json.loads((tmp_path / "alone" / "summary.json").read_text())["gate"]
     tog, alone = (pd.read_parquet(tmp_path / f / "predictions.parquet") for f in ("tog", "alone"))
     assert alone["steered"].equals(rip["steered"]) and (tog["steered"] | ~alone["steered"]).all()
@@ -1353,10 +1353,11 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     assert set(np.flatnonzero(m_alone.any(1).numpy())) == alone_only
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN - 0.01
-    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x), m_alone)
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)(x), m_alone)
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN
-    gate = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x), m_alone)  # off by default
+    gate = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)
     m = gate(x)
     assert set(np.flatnonzero(m.any(1).numpy())) == alone_only | expect_union
     for b in alone_only:
@@ -1370,14 +1371,14 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     k = int(pred[min(expect_union)])
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN if int(u["cls"]) == k else 0.0
-    m_k = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x)
+    m_k = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)(x)
     outputs = sc.class_outputs()
     assert set(np.flatnonzero(m_k.any(1).numpy())) == alone_only | {b for b in expect_union if pred[b] == outputs[k]}
     # relative_in_place: the union's threshold is a share of p_pred where a unit of the predicted class in it is in
     # its place in the image, tau in probability elsewhere (by hand)
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN
-    rel = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place")
+    rel = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place", together=True)
     m_rel = rel(x)
     relaxed_single = {b for b, j, _ in tested if j in info["in_place"][b]}
     steered_alone = set(np.flatnonzero(sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place",

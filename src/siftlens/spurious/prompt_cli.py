@@ -52,7 +52,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, together: bool = True, progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, together: bool = False, progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -68,7 +68,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     ``grow`` (counterfactual gate): where no unit's removal changed the prediction, the best unit is grown one
     neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``together``
     (counterfactual gate): where no unit's removal changed the prediction and the predicted class's cue spreads over
-    the other classes' shortcut places (shortcuts.json ``together_gain``), every unit tested there removed at once.
+    the other classes' shortcut places (shortcuts.json ``together_gain``), every unit tested there removed at once
+    (off by default: held-out round 37).
     ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
     stderr where it is a terminal."""
@@ -129,7 +130,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
                    gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
-                   gate_drop: str = DEFAULT_GATE_DROP, together: bool = True) -> dict | None:
+                   gate_drop: str = DEFAULT_GATE_DROP, together: bool = False) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
