@@ -177,6 +177,7 @@ class Variant:
 # ``heldout36_*`` (session 33): generator seeds 1179 + j over all six families, and ``heldout36_thin_frame_0``
 # (generator seed 1204), a second read of relative_in_place.
 # ``dev_thin_frame_0/1`` (session 33): dev frames drawn from the ``dev_thin_frames`` pool, generator seeds 300-301.
+# ``dev_thin_frame_2/3`` (session 34): two more dev thin frames (generator seeds 302-303), to design on after round 37.
 # ``heldout37_*`` (session 34): generator seeds 1185 + j over all six families, and ``heldout37_thin_frame_0/1``
 # (generator seeds 1205-1206, the thin-frame pool), for the gate's removal of every shortcut at once.
 VARIANTS: tuple[Variant, ...] = tuple(
@@ -225,7 +226,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in range(2)]
     + [Variant(f"heldout37_{f}", f, "heldout", 1185 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout37_thin_frame_{i}", "stripe_frame", "heldout", 1205 + i, pool="heldout_thin_frames")
-       for i in range(2)])
+       for i in range(2)]
+    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in (2, 3)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
