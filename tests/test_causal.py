@@ -982,6 +982,10 @@ def test_prompt_cli_counterfactual_gate(cue, tmp_path, capsys):
     assert "at once" not in json.loads((tmp_path / "alone" / "summary.json").read_text())["gate"]
     tog, alone = (pd.read_parquet(tmp_path / f / "predictions.parquet") for f in ("tog", "alone"))
     assert alone["steered"].equals(rip["steered"]) and (tog["steered"] | ~alone["steered"]).all()
+    assert main(spread + ["--gate-together", "where_found", "--out", str(tmp_path / "found")]) == 0
+    assert "where SIFT finds a unit" in json.loads((tmp_path / "found" / "summary.json").read_text())["gate"]
+    found = pd.read_parquet(tmp_path / "found" / "predictions.parquet")
+    assert (tog["steered"] | ~found["steered"]).all() and (found["steered"] | ~alone["steered"]).all()
 
 
 def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
@@ -1349,15 +1353,15 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     expect_union = {int(b) for b, d, f in zip(ub, du, flips) if f and d >= tau and b not in alone_only}
     assert expect_union, "the toy must have an image only the union steers at this level"
 
-    m_alone = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=False)(x)
+    m_alone = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together="off")(x)
     assert set(np.flatnonzero(m_alone.any(1).numpy())) == alone_only
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN - 0.01
-    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)(x), m_alone)
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together="spreads")(x), m_alone)
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN
     assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute")(x), m_alone)  # off by default
-    gate = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)
+    gate = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together="spreads")
     m = gate(x)
     assert set(np.flatnonzero(m.any(1).numpy())) == alone_only | expect_union
     for b in alone_only:
@@ -1366,24 +1370,24 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
         assert np.array_equal(m[b].numpy(), unions[b])
         (js, _), = gate.last_present[b]
         assert sorted(js) == sorted(j for j, _ in by_image[b])
-    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=False)(x), m_alone)
+    assert torch.equal(sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together="off")(x), m_alone)
     # only classes whose cue spreads: units of one class only -> only images predicted as that class get the union
     k = int(pred[min(expect_union)])
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN if int(u["cls"]) == k else 0.0
-    m_k = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together=True)(x)
+    m_k = sc.masker(lm, "counterfactual", min_drop=tau, drop="absolute", together="spreads")(x)
     outputs = sc.class_outputs()
     assert set(np.flatnonzero(m_k.any(1).numpy())) == alone_only | {b for b in expect_union if pred[b] == outputs[k]}
     # relative_in_place: the union's threshold is a share of p_pred where a unit of the predicted class in it is in
     # its place in the image, tau in probability elsewhere (by hand)
     for u in sc.units:
         u["together_gain"] = TOGETHER_MIN_GAIN
-    rel = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place", together=True)
+    rel = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place", together="spreads")
     m_rel = rel(x)
     relaxed_single = {b for b, j, _ in tested if j in info["in_place"][b]}
     steered_alone = set(np.flatnonzero(sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place",
-                                                 together=False)(x).any(1).numpy()))
-    expect_rel = set()
+                                                 together="off")(x).any(1).numpy()))
+    expect_rel, expect_found = set(), set()
     for b, d, f in zip(ub, du, flips):
         b = int(b)
         if b in steered_alone or not f:
@@ -1391,14 +1395,22 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
         share = any(j in info["in_place"][b] and outputs[int(sc.units[j]["cls"])] == pred[b] for j, _ in by_image[b])
         if d >= tau * (p0[b].max() if share else 1.0):
             expect_rel.add(b)
+            if share:
+                expect_found.add(b)
     assert relaxed_single  # the toy's keypoint units are found in place somewhere
     assert set(np.flatnonzero(m_rel.any(1).numpy())) == steered_alone | expect_rel
+    # where_found: the union only where its drop is relaxed (a unit of the predicted class in its place there)
+    m_found = sc.masker(lm, "counterfactual", min_drop=tau, drop="relative_in_place", together="where_found")(x)
+    assert set(np.flatnonzero(m_found.any(1).numpy())) == steered_alone | expect_found
+    assert expect_found and expect_found != expect_rel  # both kinds of image occur in the toy
+    with pytest.raises(UserValueError, match="together"):
+        sc.masker(lm, "counterfactual", together="always")
     # the flag tests the same union beside the single removals (--together): its score is the larger KL of the two,
     # by hand, and the row names the union where it moved the prediction most
     from siftlens.spurious.causal import kl_divergence
 
     alone_flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off")
-    flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off", together=True)
+    flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off", together="spreads")
     kl_union = dict(zip(ub.tolist(), kl_divergence(p0[ub], pu)))
     expect = np.array([max(s, kl_union.get(b, 0.0)) for b, s in enumerate(alone_flags["flag_score"])])
     assert np.allclose(flags["flag_score"], expect, atol=1e-9)

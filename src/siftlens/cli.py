@@ -310,7 +310,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES
+    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES, TOGETHER_MODES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -352,12 +352,16 @@ def _prompt_parser(sub) -> None:
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
-    p.add_argument("--gate-together", action=argparse.BooleanOptionalAction, default=r["together"],
+    p.add_argument("--gate-together", nargs="?", const="spreads", choices=TOGETHER_MODES, default=r["together"],
                    help="counterfactual gate: where no unit's removal changes the prediction and the predicted "
                    "class's cue spreads over the other classes' shortcut places (a frame: shortcuts.json "
-                   "together_gain >= 0.1), every unit tested in the image is removed at once, by the same test. Off "
-                   "by default: held-out round 37 raised thin frames' worst group (+3.7 / +0.5 points) but cost one "
-                   "thin frame's cue-free accuracy 1.6 points, past its pre-set line")
+                   "together_gain >= 0.1), every unit tested in the image is removed at once, by the same test "
+                   "(spreads, the value without one), or only where SIFT also finds a unit of the predicted class "
+                   "(where_found: fewer cue-free images touched on dev). Off by default: held-out round 37 raised thin "
+                   "frames' worst group (+3.7 / +0.5 points) but cost one thin frame's cue-free accuracy 1.6 points "
+                   "(spreads), past its pre-set line")
+    p.add_argument("--no-gate-together", dest="gate_together", action="store_const", const="off",
+                   default=argparse.SUPPRESS, help="--gate-together off")
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="with --motifs: removing a present dense words unit masks the tokens where its words are in "
                    "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "

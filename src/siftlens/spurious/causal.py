@@ -139,6 +139,11 @@ GROW_MIN_GAIN = 0.1
 # cost one thin frame's cue-free accuracy 1.6 points, past its pre-set line (RESULTS.md)
 TOGETHER_MIN_GAIN = 0.1
 TOGETHER_DRAWS = 4  # random token sets per class the union is measured against
+# when the gate tests every shortcut at once (``CounterfactualMasker``): never; in images predicted as a class whose
+# cue spreads; or only there where SIFT also finds a unit of the predicted class (in its place, under the default
+# drop), the images whose drop the gate relaxes (dev round 34, read after round 37: cue-free touches <= +2.6 points
+# instead of <= +5.3, the thin frames' worst-group gain kept; not held out yet)
+TOGETHER_MODES = ("off", "spreads", "where_found")
 
 
 @dataclass
@@ -1494,21 +1499,23 @@ class ShortcutSet:
         return detected + vq(descriptors.astype(np.float64), self.centroids[detected:])[0]
 
     def masker(self, lm: LoadedModel, gate: str = DEFAULT_GATE, margin_below: int = 0, min_drop: float = GATE_MIN_DROP,
-               grow: int = 0, drop: str = DEFAULT_GATE_DROP, together: bool = False
+               grow: int = 0, drop: str = DEFAULT_GATE_DROP, together: str = "off"
                ) -> GatedMasker | CounterfactualMasker:
         """token_mask_fn for gated steering: ``counterfactual`` (the default, as ``siftlens prompt``'s: removing a unit
         changes the prediction and lowers its probability by at least ``min_drop``) or ``presence`` (a unit's words
         found in the image); each unit's removal as ``present_units(margin_below=...)``; ``drop``: ``min_drop`` in
         probability, as a share of the predicted class's probability, or that share only for units SIFT finds by
         their words (anywhere, or in their place: ``GATE_DROPS``; ``CounterfactualMasker``); ``together``: where no
-        removal alone changes the prediction, every shortcut at once for a class whose cue spreads (``spreads``). A
-        counterfactual
+        removal alone changes the prediction, every shortcut at once for a class whose cue spreads (``spreads``;
+        ``TOGETHER_MODES``). A counterfactual
         masker also decides colour-cast removals, which are input edits, not token masks: apply them with its
         ``apply_casts`` before steering (as ``siftlens prompt`` does)."""
         if gate not in GATES:
             raise UserValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
         if drop not in GATE_DROPS:
             raise UserValueError(f"gate drop {drop!r} is not one of {', '.join(GATE_DROPS)}")
+        if together not in TOGETHER_MODES:
+            raise UserValueError(f"together {together!r} is not one of {', '.join(TOGETHER_MODES)}")
         if gate == "presence":
             return GatedMasker(lm, self, margin_below)
         return CounterfactualMasker(lm, self, margin_below, min_drop, grow, drop, together)
@@ -1558,14 +1565,15 @@ class CounterfactualMasker:
     (``present_units``'s ``info["in_place"]``: a dense unit whose words fill its own tokens; a colour that matches a
     frame's on one natural border is found by its words but not in its place; held-out round 35: the same steering
     lines as relative_where_found, cue-free images touched 13.8% in total over four runs against 28.5%).
-    ``together``: in images no removal alone (nor a grown one) changed, predicted as a class whose cue spreads over the
-    other classes' shortcut places (``ShortcutSet.spreads``: a frame), every unit tested there removed at once, by
-    the same test; its drop is relaxed as ``drop`` relaxes it for a unit of the predicted class among them. Off by
-    default (``TOGETHER_MIN_GAIN``'s note: held-out round 37)."""
+    ``together="spreads"``: in images no removal alone (nor a grown one) changed, predicted as a class whose cue
+    spreads over the other classes' shortcut places (``ShortcutSet.spreads``: a frame), every unit tested there
+    removed at once, by the same test; its drop is relaxed as ``drop`` relaxes it for a unit of the predicted class
+    among them. ``"where_found"``: only in those of the images where it is relaxed (SIFT finds a unit of the
+    predicted class there). ``"off"`` by default (``TOGETHER_MIN_GAIN``'s note: held-out round 37)."""
 
     def __init__(self, lm: LoadedModel, shortcuts: ShortcutSet, margin_below: int = 0,
                  min_drop: float = GATE_MIN_DROP, grow: int = 0, drop: str = DEFAULT_GATE_DROP,
-                 together: bool = False) -> None:
+                 together: str = "off") -> None:
         self.lm, self.shortcuts, self.margin_below, self.min_drop = lm, shortcuts, margin_below, min_drop
         self.grow, self.drop, self.together = grow, drop, together
         self.found: dict[int, set[int]] = {}  # per image of the batch: the units SIFT found by their words
@@ -1597,7 +1605,7 @@ class CounterfactualMasker:
                 if not self._steered(b, out) and g.sum() > m.sum():
                     grown.append((b, j, g))
             self._fire(x, p0, grown, out)
-        if self.together:
+        if self.together != "off":
             self._fire_together(x, p0, alone, out)
         if self.grow:
             self._grow(x, p0, alone, pm, layout.grid, out)
@@ -1650,23 +1658,29 @@ class CounterfactualMasker:
         for b, j, m in alone:
             if not self._steered(b, out) and self.shortcuts.spreads(pred[b]):
                 units.setdefault(b, []).append((j, m))
-        self._fire(x, p0, [(b, tuple(j for j, _ in jm), np.logical_or.reduce([m for _, m in jm]))
-                           for b, jm in units.items() if len(jm) > 1], out)
+        tested = [(b, tuple(j for j, _ in jm), np.logical_or.reduce([m for _, m in jm]))
+                  for b, jm in units.items() if len(jm) > 1]
+        if self.together == "where_found":
+            tested = [(b, j, m) for b, j, m in tested if self._relaxes(p0, b, j)]
+        self._fire(x, p0, tested, out)
 
     def _min_drops(self, p0: np.ndarray, tested: list, casts: Sequence[tuple[int, int]]) -> np.ndarray:
         """The minimum drop of each tested removal, then of each cast (``drop``; see the class docstring). A removal
         of several units at once (a tuple) is relaxed where one of them of the predicted class is."""
         rows = [(b, j) for b, j, _ in tested] + [(b, None) for b, _ in casts]
-        relaxed = {"relative_where_found": self.found, "relative_in_place": self.in_place}.get(self.drop, {})
-        outputs = self.shortcuts.class_outputs()
-
-        def relaxes(b: int, j) -> bool:
-            if not isinstance(j, tuple):
-                return j in relaxed.get(b, ())
-            return any(u in relaxed.get(b, ()) and outputs[int(self.shortcuts.units[u]["cls"])] == p0[b].argmax()
-                       for u in j)
-        relative = [self.drop == "relative" or relaxes(b, j) for b, j in rows]
+        relative = [self._relaxes(p0, b, j) for b, j in rows]
         return np.array([self.min_drop * (p0[b].max() if r else 1.0) for (b, _), r in zip(rows, relative)])
+
+    def _relaxes(self, p0: np.ndarray, b: int, j) -> bool:
+        """Whether image b's removal of unit j (a tuple: several units at once; None: a cast) gets the relative drop."""
+        if self.drop == "relative":
+            return True
+        relaxed = {"relative_where_found": self.found, "relative_in_place": self.in_place}.get(self.drop, {})
+        if not isinstance(j, tuple):
+            return j in relaxed.get(b, ())
+        outputs = self.shortcuts.class_outputs()
+        return any(u in relaxed.get(b, ()) and outputs[int(self.shortcuts.units[u]["cls"])] == p0[b].argmax()
+                   for u in j)
 
     def _grow(self, x: torch.Tensor, p0: np.ndarray, alone: list, pm: np.ndarray, grid: tuple[int, int],
               out: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ from .causal import (
     GATES,
     GROW_MIN_GAIN,
     TOGETHER_MIN_GAIN,
+    TOGETHER_MODES,
     ShortcutSet,
 )
 from .flag import check_classifier
@@ -52,7 +53,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, together: bool = False, progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -69,7 +70,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     neighbouring token at a time, up to this many (``CounterfactualMasker``); 0: never. ``together``
     (counterfactual gate): where no unit's removal changed the prediction and the predicted class's cue spreads over
     the other classes' shortcut places (shortcuts.json ``together_gain``), every unit tested there removed at once
-    (off by default: held-out round 37).
+    (``"spreads"``; ``"where_found"``: only where SIFT also finds a unit of the predicted class, as the gate's drop
+    relaxes it; ``"off"`` by default: held-out round 37; ``causal.TOGETHER_MODES``).
     ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
     stderr where it is a terminal."""
@@ -86,6 +88,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         raise UserValueError(f"--gate-min-drop must be in [0, 1] (got {gate_min_drop})")
     if gate_drop not in GATE_DROPS:
         raise UserValueError(f"--gate-drop {gate_drop!r} is not one of {', '.join(GATE_DROPS)}")
+    if together not in TOGETHER_MODES:
+        raise UserValueError(f"--gate-together {together!r} is not one of {', '.join(TOGETHER_MODES)}")
     rank, world = distributed("cpu")
     gated = method in TOKEN_MASK_METHODS
     shortcuts = None
@@ -130,7 +134,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
                    gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
-                   gate_drop: str = DEFAULT_GATE_DROP, together: bool = False) -> dict | None:
+                   gate_drop: str = DEFAULT_GATE_DROP, together: str = "off") -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -168,7 +172,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                                                   if gated and shortcuts.dense_removal != "found" else {}),
         **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
         # the union test changes steering only where the file measured together gains (files before it: none)
-        **({"together": True} if together and gated and any("together_gain" in u for u in shortcuts.units) else {})),
+        **({"together": True if together == "spreads" else together}  # "spreads" was the option's True
+           if together != "off" and gated and any("together_gain" in u for u in shortcuts.units) else {})),
         rank, world, progress)
 
     def chunk(c: int) -> Part:
@@ -236,11 +241,12 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if shortcuts.dense_removal == "with_discovery_tokens":
             where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
                       "evidence in discovery")
-        if together and gate_kind == "counterfactual" and any("together_gain" in u for u in shortcuts.units):
+        if together != "off" and gate_kind == "counterfactual" and any("together_gain" in u for u in shortcuts.units):
             spread = sorted({u["class_name"] for u in shortcuts.units
                              if u.get("together_gain", -np.inf) >= TOGETHER_MIN_GAIN})
             where += ("; where no removal alone did, every shortcut at once in images predicted as a class whose cue "
-                      f"spreads over the other shortcuts' places ({', '.join(spread) or 'none'})")
+                      f"spreads over the other shortcuts' places ({', '.join(spread) or 'none'})"
+                      + (", where SIFT finds a unit of that class" if together == "where_found" else ""))
         if grow and gate_kind == "counterfactual":
             where += (f"; where no removal did, the best unit with a margin gain grown by up to {grow} neighbouring "
                       f"tokens, one at a time while each lowers the prediction >= {GROW_MIN_GAIN:g} more")
