@@ -178,6 +178,8 @@ class Variant:
 # (generator seed 1204), a second read of relative_in_place.
 # ``dev_thin_frame_0/1`` (session 33): dev frames drawn from the ``dev_thin_frames`` pool, generator seeds 300-301.
 # ``dev_thin_frame_2/3`` (session 34): two more dev thin frames (generator seeds 302-303), to design on after round 37.
+# ``heldout38_*`` (session 34): generator seeds 1191 + j over all six families, and ``heldout38_thin_frame_0``
+# (generator seed 1207), for ``prompt --gate-together where_found``.
 # ``heldout37_*`` (session 34): generator seeds 1185 + j over all six families, and ``heldout37_thin_frame_0/1``
 # (generator seeds 1205-1206, the thin-frame pool), for the gate's removal of every shortcut at once.
 VARIANTS: tuple[Variant, ...] = tuple(
@@ -227,7 +229,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout37_{f}", f, "heldout", 1185 + j) for j, f in enumerate(FAMILIES)]
     + [Variant(f"heldout37_thin_frame_{i}", "stripe_frame", "heldout", 1205 + i, pool="heldout_thin_frames")
        for i in range(2)]
-    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in (2, 3)])
+    + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in (2, 3)]
+    + [Variant(f"heldout38_{f}", f, "heldout", 1191 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant("heldout38_thin_frame_0", "stripe_frame", "heldout", 1207, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
