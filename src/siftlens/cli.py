@@ -357,9 +357,9 @@ def _prompt_parser(sub) -> None:
                    "class's cue spreads over the other classes' shortcut places (a frame: shortcuts.json "
                    "together_gain >= 0.1), every unit tested in the image is removed at once, by the same test "
                    "(spreads, the value without one), or only where SIFT also finds a unit of the predicted class "
-                   "(where_found: fewer cue-free images touched on dev). Off by default: held-out round 37 raised thin "
-                   "frames' worst group (+3.7 / +0.5 points) but cost one thin frame's cue-free accuracy 1.6 points "
-                   "(spreads), past its pre-set line")
+                   "(where_found: fewer cue-free images touched on dev). Off by default: held-out rounds 37 / 38 "
+                   "raised thin frames' worst group (+3.7 / +0.5, +3.7 points) but cost a thin frame's cue-free "
+                   "accuracy 1.6 points each time, past their pre-set lines")
     p.add_argument("--no-gate-together", dest="gate_together", action="store_const", const="off",
                    default=argparse.SUPPRESS, help="--gate-together off")
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
