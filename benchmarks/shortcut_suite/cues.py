@@ -182,8 +182,8 @@ class Variant:
 # (generator seed 1207), for ``prompt --gate-together where_found``.
 # ``heldout37_*`` (session 34): generator seeds 1185 + j over all six families, and ``heldout37_thin_frame_0/1``
 # (generator seeds 1205-1206, the thin-frame pool), for the gate's removal of every shortcut at once.
-# ``heldout39_*`` (session 35): generator seeds 1197 + j over all six families, and ``heldout39_thin_frame_0/1``
-# (generator seeds 1208-1209), for claims by sufficiency at a lower bound of 0.05.
+# ``heldout39_*`` (session 35): generator seeds 1197 + j over the first three families (the last seeds of the
+# held-out pool: a next round needs a new pool), and ``heldout39_thin_frame_0/1`` (generator seeds 1208-1209).
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -234,7 +234,7 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"dev_thin_frame_{i}", "stripe_frame", "dev", 300 + i, pool="dev_thin_frames") for i in (2, 3)]
     + [Variant(f"heldout38_{f}", f, "heldout", 1191 + j) for j, f in enumerate(FAMILIES)]
     + [Variant("heldout38_thin_frame_0", "stripe_frame", "heldout", 1207, pool="heldout_thin_frames")]
-    + [Variant(f"heldout39_{f}", f, "heldout", 1197 + j) for j, f in enumerate(FAMILIES)]
+    + [Variant(f"heldout39_{f}", f, "heldout", 1197 + j) for j, f in enumerate(FAMILIES[:3])]
     + [Variant(f"heldout39_thin_frame_{i}", "stripe_frame", "heldout", 1208 + i, pool="heldout_thin_frames")
        for i in range(2)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
