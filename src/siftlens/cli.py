@@ -216,6 +216,11 @@ def _spurious_parser(sub) -> None:
                    "this on average over the class's images (calibrated on ten-output random-weights models, on clean "
                    "and on planted images: largest 0.024); for a model with C < 10 outputs it is scaled by "
                    "(1/C)(1-1/C)/0.09 (two outputs: 2.8x), as a random model's probabilities move further there")
+    p.add_argument("--claim-sufficiency", type=non_negative_float, default=c.claim_sufficiency,
+                   help="a significant unit above the effect floor that is not class-specific (a frame's colours are "
+                   "in many classes' images) is claimed when, pasted into other classes' images, it raises the class "
+                   "probability by at least this much more than as many random tokens (lower CI bound); the clean "
+                   "bundled model's units reached 0.032 (0: specificity alone)")
     p.add_argument("--dense-over-keypoint", type=non_negative_float, default=c.dense_over_keypoint,
                    help="with --dense-words: a class's dense claim is applied beside its keypoint claim only where it "
                    "removes at least this many times the keypoint claim's share of the class probability (a frame's "
@@ -259,6 +264,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       region_windows=args.region_windows,
                                                       shortcut_min_effect=args.min_effect,
                                                       dense_over_keypoint=args.dense_over_keypoint,
+                                                      unit_sufficiency=args.claim_sufficiency,
                                                       casts=not args.no_casts,
                                                       cast_removal=args.cast_removal,
                                                       placed_casts=args.placed_casts)

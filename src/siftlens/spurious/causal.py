@@ -187,6 +187,9 @@ class CausalConfig:
     shortcut_specificity: float = 2.0
     # ... or, where the transplant check ran, enough on its own: sufficiency_lo >= this (0: specificity alone)
     shortcut_sufficiency: float = 0.10
+    # the same bar for a unit that is not class-specific (a frame's colours); None: ``shortcut_sufficiency`` (the bar
+    # of colour casts, which stays). CLI spurious --claim-sufficiency
+    unit_sufficiency: float | None = None
     top_shortcuts: int = 1
     # a class's dense claim is applied beside its keypoint claim only where it removes clearly more of the class's
     # evidence: causal_effect >= this x the keypoint claim's (0: both always). Why: a watermark's dense unit
@@ -210,6 +213,11 @@ class CausalConfig:
     placed_casts: bool = False
     batch_size: int = 64
     seed: int = 0
+
+    @property
+    def claim_sufficiency(self) -> float:
+        """The sufficiency bar of a unit claim (``unit_sufficiency``, else ``shortcut_sufficiency``)."""
+        return self.shortcut_sufficiency if self.unit_sufficiency is None else self.unit_sufficiency
 
     def __post_init__(self) -> None:
         if self.control_budget not in ("matched", "full"):
@@ -962,8 +970,8 @@ def shortcut_candidates(units: pd.DataFrame, k: int, cfg: CausalConfig, alpha: f
     (docs/CHOICES.md)."""
     sub = _significant(units, k, cfg, family_alpha(units, k, cfg) if alpha is None else alpha)
     ok = is_specific(sub, cfg)
-    if sufficiency and cfg.shortcut_sufficiency > 0 and "sufficiency_lo" in sub:
-        ok |= sub["sufficiency_lo"] >= cfg.shortcut_sufficiency
+    if sufficiency and cfg.claim_sufficiency > 0 and "sufficiency_lo" in sub:
+        ok |= sub["sufficiency_lo"] >= cfg.claim_sufficiency
     return sub[ok]
 
 
@@ -1099,14 +1107,14 @@ def _family_verdict(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) 
 def _not_enough(own: pd.DataFrame, k: int, cfg: CausalConfig, alpha: float) -> str:
     """Why no unspecific unit is claimed as sufficient: the best transplant result among the significant units
     above the effect floor, '' where none was tested."""
-    if cfg.shortcut_sufficiency <= 0 or "sufficiency_lo" not in own:
+    if cfg.claim_sufficiency <= 0 or "sufficiency_lo" not in own:
         return ""
     sig = _significant(own, k, cfg, alpha)
     sig = sig[sig["sufficiency_lo"].notna()]
     if not len(sig):
         return ""
     best = sig.loc[sig["sufficiency_lo"].idxmax()]
-    return (f"; nor enough on its own (sufficiency lower bound >= {cfg.shortcut_sufficiency:g}; best {best['unit']}: "
+    return (f"; nor enough on its own (sufficiency lower bound >= {cfg.claim_sufficiency:g}; best {best['unit']}: "
             f"{best['sufficiency']:+.3f} [{best['sufficiency_lo']:+.3f}, {best['sufficiency_hi']:+.3f}])")
 
 

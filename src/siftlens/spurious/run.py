@@ -163,6 +163,8 @@ def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_n
     if options["dense_colour"] == "mean":  # parts written before the option stay valid under its default
         del options["dense_colour"]
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
+    if cfg.causal is not None and causal["unit_sufficiency"] in (None, causal["shortcut_sufficiency"]):
+        del causal["unit_sufficiency"]  # the default bar: parts written before the option stay valid
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
     options["transplant_draws"] = "per_unit"  # session 28: parts of the shared-stream draws are not resumed
     if cfg.causal is not None and label_map is not None:  # fewer than ten outputs: the floor is scaled (session 29)
@@ -371,7 +373,7 @@ def causal_sections_html(res: DiscoveryResult, lm: LoadedModel) -> list[str]:
              "images do not need, with p_k near 1 without it, is missed) and that is also class-specific (&ge; "
              f"{c.config.shortcut_specificity:g}x as frequent in the class's images as in the others') or enough "
              "on its own (sufficiency, below, with its lower bound &ge; "
-             f"{c.config.shortcut_sufficiency:g}: a frame's colours are in every class's images, yet the model "
+             f"{c.config.claim_sufficiency:g}: a frame's colours are in every class's images, yet the model "
              "follows them into any image) — the line under each class; "
              "box: the unit's main place (its 8-connected group of tokens with the most "
              "evidence), box_share: the share of its evidence there; positive_share: "
