@@ -1020,6 +1020,66 @@ def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
     assert list(shortcut_candidates(specific, 1, cfg)["unit"]) == ["words:3+4"]
 
 
+def test_the_unit_sufficiency_bar_is_its_own_and_leaves_the_casts_bar():
+    """``spurious --claim-sufficiency`` (``unit_sufficiency``) moves the bar of an unspecific unit's claim only: a
+    unit at sufficiency_lo 0.07 is claimed at 0.05 and not at the default 0.10; a colour cast keeps
+    ``shortcut_sufficiency``; the run's fingerprint changes only when the bar does."""
+    import pandas as pd
+
+    from siftlens.spurious import cast
+    from siftlens.spurious.causal import CausalConfig, shortcut_candidates, shortcut_verdict
+
+    row = dict(kind="words", family="dense", causal_rank=1, causal_effect=0.3, causal_p=0.005, f_in=0.97,
+               f_out=0.6, sufficiency=0.15, sufficiency_hi=0.25, transplant_n=32)
+    units = pd.DataFrame([dict(row, cls=0, unit="words:1+2", sufficiency_lo=0.07),
+                          dict(row, cls=1, unit="words:3+4", sufficiency_lo=0.04)])
+    default, low = CausalConfig(), CausalConfig(unit_sufficiency=0.05)
+    assert default.claim_sufficiency == 0.10 and low.claim_sufficiency == 0.05
+    assert shortcut_candidates(units, 0, default).empty
+    assert list(shortcut_candidates(units, 0, low)["unit"]) == ["words:1+2"]
+    assert shortcut_candidates(units, 1, low).empty  # below the lower bar too
+    assert "sufficiency lower bound >= 0.05; best words:3+4" in shortcut_verdict(units, 1, low)
+    casts = pd.DataFrame({"cast_sufficiency_lo": [0.07], "cast_flip": [1.0]})
+    assert not cast.claimed(casts, low).iloc[0] and cast.claimed(casts, CausalConfig(shortcut_sufficiency=0.05)).iloc[0]
+
+
+def test_spurious_claim_sufficiency_reaches_the_config_and_the_fingerprint(tmp_path, monkeypatch):
+    """The CLI option sets the unit bar; the default bar leaves the settings of earlier runs as they were."""
+    import functools
+    from dataclasses import replace
+
+    from siftlens.spurious import run as spurious_run
+    from siftlens.spurious.causal import CausalConfig
+    from siftlens.spurious.discover import DiscoveryConfig
+
+    seen = {}
+
+    @functools.wraps(spurious_run.run_spurious)  # the CLI reads its defaults from the signature
+    def fake_run(*args, **kwargs):
+        seen["cfg"] = kwargs["cfg"]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(spurious_run, "run_spurious", fake_run)
+    from siftlens.cli import main
+    images = tmp_path / "imgs"
+    with pytest.raises(SystemExit):
+        main(["spurious", "--images", str(images), "--out", str(tmp_path / "o"), "--claim-sufficiency", "0.05"])
+    cfg = seen["cfg"]
+    assert cfg.causal.unit_sufficiency == 0.05 and cfg.causal.shortcut_sufficiency == 0.10
+
+    from siftlens.models import load_model
+
+    lm = load_model("vit_tiny_imagenette")
+
+    def settings(causal: CausalConfig) -> dict:
+        return spurious_run.spurious_settings(lm, [], np.zeros(1, int), ["a"], DiscoveryConfig(causal=causal))
+
+    base = settings(CausalConfig())
+    assert base == settings(CausalConfig(unit_sufficiency=0.10)) != settings(replace(CausalConfig(),
+                                                                                      unit_sufficiency=0.05))
+    assert "causal.unit_sufficiency" not in base  # parts written before the option stay valid
+
+
 def test_largest_removal_takes_the_largest_drop_of_the_predicted_class():
     """The flag's score and the counterfactual gate take, per image, the removal that lowers the predicted class's
     probability most; the gate only among removals that change the predicted class."""
