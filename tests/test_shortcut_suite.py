@@ -21,6 +21,7 @@ from shortcut_suite.cues import (  # noqa: E402
     DEV_THIN_FRAMES,
     FAMILIES,
     HELDOUT,
+    HELDOUT_MORE,
     HELDOUT_THIN_FRAMES,
     POOLS,
     VARIANTS,
@@ -143,7 +144,7 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 def test_dev_and_heldout_pools_are_disjoint():
     for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES):
-        for held in (HELDOUT, HELDOUT_THIN_FRAMES):
+        for held in (HELDOUT, HELDOUT_THIN_FRAMES, HELDOUT_MORE):
             for f in dataclasses.fields(dev):
                 if f.name == "name":
                     continue
@@ -154,6 +155,8 @@ def test_dev_and_heldout_pools_are_disjoint():
         assert not set(getattr(DEV, f)) & set(getattr(DEV_FRAMES, f))
     for f in ("frame_widths", "gen_seeds"):  # the thin held-out frames are new to the held-out half too
         assert not set(getattr(HELDOUT, f)) & set(getattr(HELDOUT_THIN_FRAMES, f))
+    for a, b in ((HELDOUT, HELDOUT_MORE), (HELDOUT_THIN_FRAMES, HELDOUT_MORE)):  # new seeds, never drawn before
+        assert not set(a.gen_seeds) & set(b.gen_seeds)
     for other in (DEV, DEV_FRAMES):  # and the thin dev frames to the dev half
         for f in ("frame_widths", "gen_seeds"):
             assert not set(getattr(other, f)) & set(getattr(DEV_THIN_FRAMES, f))

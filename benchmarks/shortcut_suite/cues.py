@@ -28,6 +28,8 @@ model seeds    0, 1, 2                                      100, 101, 102
 tuned on more than one stripe design before a held-out round (generator seeds 200-299, dev model seeds).
 ``dev_thin_frames`` (session 33): the dev pool with frame widths 0.3 and 0.45 token (generator seeds 300-399), thin
 frames to design on that no held-out pool draws.
+``heldout_more`` (session 35): the held-out pool's parameters with generator seeds 1300-1399, for held-out rounds
+after round 39 used the held-out pool's last seeds (a variant names it: ``Variant(..., pool="heldout_more")``).
 
 Geometry is in token units ``u = image_size // 8`` (an 8 x 8 token grid: patch 8 at 64 px from scratch,
 patch 16 at 128 px for the fine-tuned bundled model), so a variant is the same cue in both settings.
@@ -107,8 +109,10 @@ HELDOUT_THIN_FRAMES = replace(HELDOUT, name="heldout_thin_frames", frame_widths=
 # (3/8, 5/8, 3/4), so that thin frames can be designed on (held-out rounds 35-36: the 3/8 frame's gate fired little);
 # every other quantity as the dev pool's; generator seeds 300-399
 DEV_THIN_FRAMES = replace(DEV, name="dev_thin_frames", frame_widths=(0.3, 0.45), gen_seeds=range(300, 400))
+# the held-out pool's parameters with new generator seeds (session 35: round 39 took its last seeds, 1197-1199)
+HELDOUT_MORE = replace(HELDOUT, name="heldout_more", gen_seeds=range(1300, 1400))
 POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES,
-         "dev_thin_frames": DEV_THIN_FRAMES}
+         "dev_thin_frames": DEV_THIN_FRAMES, "heldout_more": HELDOUT_MORE}
 
 
 @dataclass(frozen=True)
