@@ -1023,7 +1023,7 @@ def test_an_unspecific_unit_is_claimed_when_it_is_enough_on_its_own():
 def test_the_unit_sufficiency_bar_is_its_own_and_leaves_the_casts_bar():
     """``spurious --claim-sufficiency`` (``unit_sufficiency``) moves the bar of an unspecific unit's claim only: a
     unit at sufficiency_lo 0.07 is claimed at 0.05 and not at the default 0.10; a colour cast keeps
-    ``shortcut_sufficiency``; the run's fingerprint changes only when the bar does."""
+    ``shortcut_sufficiency``."""
     import pandas as pd
 
     from siftlens.spurious import cast
@@ -1044,9 +1044,9 @@ def test_the_unit_sufficiency_bar_is_its_own_and_leaves_the_casts_bar():
 
 
 def test_spurious_claim_sufficiency_reaches_the_config_and_the_fingerprint(tmp_path, monkeypatch):
-    """The CLI option sets the unit bar; the default bar leaves the settings of earlier runs as they were."""
+    """The CLI option sets the unit bar; the run's fingerprint changes only when the bar does, so the default bar
+    leaves the settings of earlier runs as they were."""
     import functools
-    from dataclasses import replace
 
     from siftlens.spurious import run as spurious_run
     from siftlens.spurious.causal import CausalConfig
@@ -1075,8 +1075,7 @@ def test_spurious_claim_sufficiency_reaches_the_config_and_the_fingerprint(tmp_p
         return spurious_run.spurious_settings(lm, [], np.zeros(1, int), ["a"], DiscoveryConfig(causal=causal))
 
     base = settings(CausalConfig())
-    assert base == settings(CausalConfig(unit_sufficiency=0.10)) != settings(replace(CausalConfig(),
-                                                                                      unit_sufficiency=0.05))
+    assert base == settings(CausalConfig(unit_sufficiency=0.10)) != settings(CausalConfig(unit_sufficiency=0.05))
     assert "causal.unit_sufficiency" not in base  # parts written before the option stay valid
 
 
