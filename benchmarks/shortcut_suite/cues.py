@@ -188,6 +188,8 @@ class Variant:
 # (generator seeds 1205-1206, the thin-frame pool), for the gate's removal of every shortcut at once.
 # ``heldout39_*`` (session 35): generator seeds 1197 + j over the first three families (the last seeds of the
 # held-out pool: a next round needs a new pool), and ``heldout39_thin_frame_0/1`` (generator seeds 1208-1209).
+# ``heldout40_fixed_patch`` / ``heldout40_text`` (session 36): the first draws of the ``heldout_more`` pool (generator
+# seeds 1300-1301), today's defaults on the issue's own two benchmark shapes.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -240,7 +242,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant("heldout38_thin_frame_0", "stripe_frame", "heldout", 1207, pool="heldout_thin_frames")]
     + [Variant(f"heldout39_{f}", f, "heldout", 1197 + j) for j, f in enumerate(FAMILIES[:3])]
     + [Variant(f"heldout39_thin_frame_{i}", "stripe_frame", "heldout", 1208 + i, pool="heldout_thin_frames")
-       for i in range(2)])
+       for i in range(2)]
+    + [Variant(f"heldout40_{f}", f, "heldout", 1300 + j, pool="heldout_more")
+       for j, f in enumerate(("fixed_patch", "text"))])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
