@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from shortcut_suite import generate  # noqa: E402
 from shortcut_suite.cues import (  # noqa: E402
     DEV,
+    DEV_BORDER_CELLS,
     DEV_FRAMES,
     DEV_THIN_FRAMES,
     FAMILIES,
     HELDOUT,
+    HELDOUT_BORDER_CELLS,
     HELDOUT_MORE,
     HELDOUT_THIN_FRAMES,
     POOLS,
@@ -28,6 +30,7 @@ from shortcut_suite.cues import (  # noqa: E402
     Variant,
     colour_pair,
     draw_class_params,
+    render_cue,
 )
 
 CLASSES = ("ca", "cb", "cc")
@@ -143,8 +146,8 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 
 def test_dev_and_heldout_pools_are_disjoint():
-    for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES):
-        for held in (HELDOUT, HELDOUT_THIN_FRAMES, HELDOUT_MORE):
+    for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES, DEV_BORDER_CELLS):
+        for held in (HELDOUT, HELDOUT_THIN_FRAMES, HELDOUT_MORE, HELDOUT_BORDER_CELLS):
             for f in dataclasses.fields(dev):
                 if f.name == "name":
                     continue
@@ -175,6 +178,20 @@ def test_dev_and_heldout_pools_are_disjoint():
                 assert set(p["text"]) <= set(pool.chars)
     assert {v.split for v in VARIANTS} == {"dev", "heldout"}
     assert {v.family for v in VARIANTS if v.split == "heldout"} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("cell", [(7, 7), (0, 7), (7, 0), (0, 0), (3, 6)])
+def test_a_fixed_patch_stays_whole_and_inside_the_image_on_every_cell(cell):
+    """A border-ring cell's sub-token shift would push the patch off the image: it is clamped inside, one token's
+    area, with its corner on the cell's token or the shift's; a ring-1 cell keeps its shift."""
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    params = {"hue": 20.0, "shape": "square", "cell": list(cell), "offset": [0.75, 0.5]}
+    _, mask = render_cue(image, "fixed_patch", params, np.random.default_rng(0))
+    ys, xs = np.nonzero(mask)
+    assert mask.sum() == 8 * 8
+    expect_y0 = min(cell[0] * 8 + 6, 56)
+    expect_x0 = min(cell[1] * 8 + 4, 56)
+    assert (ys.min(), xs.min()) == (expect_y0, expect_x0)
 
 
 def test_test_images_disjoint_across_seeds(source, tmp_path):

@@ -89,6 +89,12 @@ def _cells(parity: int) -> tuple[tuple[int, int], ...]:
     return tuple(rc for rc in ring if (rc[0] + rc[1]) % 2 == parity)
 
 
+def _border_cells(parity: int) -> tuple[tuple[int, int], ...]:
+    """Token cells on the border ring of the 8 x 8 grid of a parity (the issue's cues sit "near the border")."""
+    ring = [(r, c) for r in range(GRID) for c in range(GRID) if r in (0, GRID - 1) or c in (0, GRID - 1)]
+    return tuple(rc for rc in ring if (rc[0] + rc[1]) % 2 == parity)
+
+
 DEV = Pool("dev", hues=tuple(float(h) for h in range(0, 360, 40)), shapes=("quadrants", "triangle", "tshape", "lshape"),
            cells=_cells(0), bands=("top", "left"), angles=(0.0, 45.0, 90.0, 135.0), periods=(0.5,),
            frame_widths=(1.0,), tint_alphas=(0.30,), bg_radii=(0.34,), chars="ABCDEFGHIJKLM", corners=("tl", "br"),
@@ -111,8 +117,14 @@ HELDOUT_THIN_FRAMES = replace(HELDOUT, name="heldout_thin_frames", frame_widths=
 DEV_THIN_FRAMES = replace(DEV, name="dev_thin_frames", frame_widths=(0.3, 0.45), gen_seeds=range(300, 400))
 # the held-out pool's parameters with new generator seeds (session 35: round 39 took its last seeds, 1197-1199)
 HELDOUT_MORE = replace(HELDOUT, name="heldout_more", gen_seeds=range(1300, 1400))
+# fixed patches on the border ring (session 36): every fixed patch before sat one ring in, where SIFT finds
+# keypoints; on the border ring SIFT's margin leaves few. Dev and held-out cells by parity, as the ring-1 pools.
+DEV_BORDER_CELLS = replace(DEV, name="dev_border_cells", cells=_border_cells(0), gen_seeds=range(400, 500))
+HELDOUT_BORDER_CELLS = replace(HELDOUT, name="heldout_border_cells", cells=_border_cells(1),
+                               gen_seeds=range(1400, 1500))
 POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES,
-         "dev_thin_frames": DEV_THIN_FRAMES, "heldout_more": HELDOUT_MORE}
+         "dev_thin_frames": DEV_THIN_FRAMES, "heldout_more": HELDOUT_MORE, "dev_border_cells": DEV_BORDER_CELLS,
+         "heldout_border_cells": HELDOUT_BORDER_CELLS}
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class Variant:
 # held-out pool: a next round needs a new pool), and ``heldout39_thin_frame_0/1`` (generator seeds 1208-1209).
 # ``heldout40_fixed_patch`` / ``heldout40_text`` (session 36): the first draws of the ``heldout_more`` pool (generator
 # seeds 1300-1301), today's defaults on the issue's own two benchmark shapes.
+# ``dev_border_patch_0/1`` (session 36): fixed patches on the border ring (``dev_border_cells``, seeds 400-401).
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -244,7 +257,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout39_thin_frame_{i}", "stripe_frame", "heldout", 1208 + i, pool="heldout_thin_frames")
        for i in range(2)]
     + [Variant(f"heldout40_{f}", f, "heldout", 1300 + j, pool="heldout_more")
-       for j, f in enumerate(("fixed_patch", "text"))])
+       for j, f in enumerate(("fixed_patch", "text"))]
+    + [Variant(f"dev_border_patch_{i}", "fixed_patch", "dev", 400 + i, pool="dev_border_cells") for i in range(2)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
@@ -335,6 +349,7 @@ def render_cue(image: np.ndarray, family: str, params: dict, rng: np.random.Gene
         if family == "fixed_patch":
             r, c = params["cell"]
             y0, x0 = int(round((r + params["offset"][0]) * u)), int(round((c + params["offset"][1]) * u))
+            y0, x0 = min(y0, h - u), min(x0, w - u)  # a border-ring cell's shift stays inside (ring 1: no change)
         else:
             y0, x0 = _band_position(params["band"], h, w, u, rng)
         on = shape_mask(params["shape"], u)
