@@ -13,7 +13,14 @@ from PIL import Image
 from planted.evaluate import auroc
 from scipy import ndimage
 
-from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CausalConfig, ShortcutSet, token_box, with_margin
+from siftlens.spurious.causal import (
+    REMOVAL_MARGIN_BELOW,
+    CausalConfig,
+    ShortcutSet,
+    parsimonious_rank,
+    token_box,
+    with_margin,
+)
 from siftlens.spurious.discover import DiscoveryConfig, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.source import TensorSource
@@ -1495,3 +1502,33 @@ def test_the_report_says_which_classes_cues_spread(cue):
     sc.units[0]["together_gain"] = 0.3456
     assert "0.346 more" in sc.spread_note(k) and sc.spreads(sc.class_outputs()[k])
     assert all(sc.spread_note(c) == "" for c in {int(u["cls"]) for u in sc.units} - {k})
+
+
+def test_a_unit_gives_its_rank_to_a_smaller_unit_inside_it_that_removes_as_much():
+    """Ranked by effect, a 5-token unit (0.80, CI from 0.70) would come first; a 1-token unit inside it removes 0.75,
+    inside that CI, so it takes rank 1 and the large one follows; a unit inside it below the CI (0.60), one inside
+    the CI but not significant (p 0.4) and a unit elsewhere keep their effect order; a chain descends (class 1:
+    4 tokens -> 2 -> 1); equal token sets are no subset (class 2); a wide CI does not let a unit of under half the
+    effect in (class 3: 0.041, CI from 0.006; 0.015 inside stays second)."""
+    units = pd.DataFrame([
+        # cls, unit, tokens, effect, lo, p
+        (0, "big", "1 2 3 4 5", 0.80, 0.70, 0.005),
+        (0, "elsewhere", "9", 0.78, 0.72, 0.005),
+        (0, "not_significant", "2", 0.77, 0.50, 0.4),
+        (0, "cue", "3", 0.75, 0.70, 0.005),
+        (0, "weak_inside", "4", 0.60, 0.50, 0.005),
+        (0, "no_tokens", "", 0.79, 0.70, 0.005),
+        (1, "four", "10 11 12 13", 0.50, 0.40, 0.005),
+        (1, "two", "11 12", 0.45, 0.42, 0.005),
+        (1, "one", "12", 0.43, 0.30, 0.005),
+        (2, "words", "7", 0.30, 0.25, 0.005),
+        (2, "token", "7", 0.28, 0.20, 0.005),
+        (3, "pair", "20 21", 0.041, 0.006, 0.005),
+        (3, "small", "21", 0.015, 0.001, 0.005),
+    ], columns=["cls", "unit", "tokens", "causal_effect", "causal_lo", "causal_p"])
+    units["rank"] = parsimonious_rank(units)
+    order = {k: list(g.sort_values("rank").unit) for k, g in units.groupby("cls")}
+    assert order[0] == ["cue", "big", "no_tokens", "elsewhere", "not_significant", "weak_inside"]
+    assert order[1] == ["one", "two", "four"]
+    assert order[2] == ["words", "token"]
+    assert order[3] == ["pair", "small"]
