@@ -203,6 +203,8 @@ class Variant:
 # ``heldout40_fixed_patch`` / ``heldout40_text`` (session 36): the first draws of the ``heldout_more`` pool (generator
 # seeds 1300-1301), today's defaults on the issue's own two benchmark shapes.
 # ``dev_border_patch_0/1`` (session 36): fixed patches on the border ring (``dev_border_cells``, seeds 400-401).
+# ``heldout41_border_patch`` (seed 1400, ``heldout_border_cells``), ``heldout41_fixed_patch`` / ``heldout41_text``
+# (seeds 1302-1303, ``heldout_more``) (session 36): the parsimonious causal_rank.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -258,7 +260,10 @@ VARIANTS: tuple[Variant, ...] = tuple(
        for i in range(2)]
     + [Variant(f"heldout40_{f}", f, "heldout", 1300 + j, pool="heldout_more")
        for j, f in enumerate(("fixed_patch", "text"))]
-    + [Variant(f"dev_border_patch_{i}", "fixed_patch", "dev", 400 + i, pool="dev_border_cells") for i in range(2)])
+    + [Variant(f"dev_border_patch_{i}", "fixed_patch", "dev", 400 + i, pool="dev_border_cells") for i in range(2)]
+    + [Variant("heldout41_border_patch", "fixed_patch", "heldout", 1400, pool="heldout_border_cells")]
+    + [Variant(f"heldout41_{f}", f, "heldout", 1302 + j, pool="heldout_more")
+       for j, f in enumerate(("fixed_patch", "text"))])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
