@@ -1,7 +1,8 @@
 """"Cue located" of a `siftlens spurious` run's top unit under two orders of the same motifs.csv: its ``causal_rank``
 1 (as the run's siftlens wrote it: held-out round 32's frozen cb8515d ranked by evidence per masked token among the
-units a claim could rest on; before and after it, by effect) and the largest ``causal_effect``, with how many of the
-run's claims sit at their cue. Files only, no forwards.
+units a claim could rest on; before and after it, by effect; since session 36 by effect with a smaller unit inside a
+larger one that removes as much in its place, ``causal.parsimonious_rank``) and the largest ``causal_effect``, with
+how many of the run's claims sit at their cue. Files only, no forwards.
 
     python benchmarks/shortcut_suite/rank_orders.py --eval-dir eval RUN [RUN ...]
 """
