@@ -19,6 +19,7 @@ from shortcut_suite.cues import (  # noqa: E402
     DEV,
     DEV_BORDER_CELLS,
     DEV_FRAMES,
+    DEV_MID_FRAMES,
     DEV_THIN_FRAMES,
     FAMILIES,
     HELDOUT,
@@ -146,7 +147,7 @@ def test_fixed_patch_positions_are_class_tied(runs):
 
 
 def test_dev_and_heldout_pools_are_disjoint():
-    for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES, DEV_BORDER_CELLS):
+    for dev in (DEV, DEV_FRAMES, DEV_THIN_FRAMES, DEV_BORDER_CELLS, DEV_MID_FRAMES):
         for held in (HELDOUT, HELDOUT_THIN_FRAMES, HELDOUT_MORE, HELDOUT_BORDER_CELLS):
             for f in dataclasses.fields(dev):
                 if f.name == "name":
@@ -160,6 +161,9 @@ def test_dev_and_heldout_pools_are_disjoint():
         assert not set(getattr(HELDOUT, f)) & set(getattr(HELDOUT_THIN_FRAMES, f))
     for a, b in ((HELDOUT, HELDOUT_MORE), (HELDOUT_THIN_FRAMES, HELDOUT_MORE)):  # new seeds, never drawn before
         assert not set(a.gen_seeds) & set(b.gen_seeds)
+    for f in ("frame_widths", "gen_seeds"):  # the mid dev frames are new to the dev half
+        for other in (DEV, DEV_FRAMES, DEV_THIN_FRAMES):
+            assert not set(getattr(other, f)) & set(getattr(DEV_MID_FRAMES, f))
     for other in (DEV, DEV_FRAMES):  # and the thin dev frames to the dev half
         for f in ("frame_widths", "gen_seeds"):
             assert not set(getattr(other, f)) & set(getattr(DEV_THIN_FRAMES, f))

@@ -122,9 +122,13 @@ HELDOUT_MORE = replace(HELDOUT, name="heldout_more", gen_seeds=range(1300, 1400)
 DEV_BORDER_CELLS = replace(DEV, name="dev_border_cells", cells=_border_cells(0), gen_seeds=range(400, 500))
 HELDOUT_BORDER_CELLS = replace(HELDOUT, name="heldout_border_cells", cells=_border_cells(1),
                                gen_seeds=range(1400, 1500))
+# dev frames between the thin dev frames and the dev pool's (session 36): widths 0.55 and 0.7 of a cue token, near
+# the held-out 5/8 frames whose gate touched 10-12% of cue-free images (rounds 37-39) where no dev frame touched more
+# than 2%; every other quantity as the dev pool's; generator seeds 500-599
+DEV_MID_FRAMES = replace(DEV, name="dev_mid_frames", frame_widths=(0.55, 0.7), gen_seeds=range(500, 600))
 POOLS = {"dev": DEV, "heldout": HELDOUT, "dev_frames": DEV_FRAMES, "heldout_thin_frames": HELDOUT_THIN_FRAMES,
          "dev_thin_frames": DEV_THIN_FRAMES, "heldout_more": HELDOUT_MORE, "dev_border_cells": DEV_BORDER_CELLS,
-         "heldout_border_cells": HELDOUT_BORDER_CELLS}
+         "heldout_border_cells": HELDOUT_BORDER_CELLS, "dev_mid_frames": DEV_MID_FRAMES}
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class Variant:
 # ``dev_border_patch_0/1`` (session 36): fixed patches on the border ring (``dev_border_cells``, seeds 400-401).
 # ``heldout41_border_patch`` (seed 1400, ``heldout_border_cells``), ``heldout41_fixed_patch`` / ``heldout41_text``
 # (seeds 1302-1303, ``heldout_more``) (session 36): the parsimonious causal_rank.
+# ``dev_mid_frame_0/1`` (session 36): dev frames 0.55 / 0.7 token wide (``dev_mid_frames``, seeds 500-501).
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -263,7 +268,8 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"dev_border_patch_{i}", "fixed_patch", "dev", 400 + i, pool="dev_border_cells") for i in range(2)]
     + [Variant("heldout41_border_patch", "fixed_patch", "heldout", 1400, pool="heldout_border_cells")]
     + [Variant(f"heldout41_{f}", f, "heldout", 1302 + j, pool="heldout_more")
-       for j, f in enumerate(("fixed_patch", "text"))])
+       for j, f in enumerate(("fixed_patch", "text"))]
+    + [Variant(f"dev_mid_frame_{i}", "stripe_frame", "dev", 500 + i, pool="dev_mid_frames") for i in range(2)])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
