@@ -786,7 +786,7 @@ def _effect_table(drops, y, units, cands, K, grid, cell, word_masks, kps, labels
 
 
 # a smaller unit inside a larger one takes its rank when it removes at least this share of the larger's effect (and
-# is inside its CI) with p <= PARSIMONY_P: the CI alone let a unit of 0.008 replace one of 0.041 on a 20-image class
+# is inside its CI) with p <= PARSIMONY_P: the CI alone let a unit of 0.008 replace one of 0.041 on the toy test model
 PARSIMONY_SHARE = 0.5
 PARSIMONY_P = 0.05
 
