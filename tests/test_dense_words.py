@@ -371,9 +371,9 @@ def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(fr
     for _, g in d.groupby("cls"):
         assert sorted(g["causal_rank"]) == list(range(1, len(g) + 1))
         top, largest = g[g["causal_rank"] == 1].iloc[0], g.loc[g["causal_effect"].idxmax()]
-        if top["unit"] != largest["unit"]:  # a smaller unit inside the largest's tokens, removing at least half
+        if top["unit"] != largest["unit"]:  # a smaller, significant unit inside the largest's tokens (down a chain)
             assert set(top["tokens"].split()) < set(largest["tokens"].split())
-            assert top["causal_effect"] >= 0.5 * largest["causal_effect"]
+            assert top["causal_p"] <= 0.05
 
 
 def test_the_report_names_the_colour_only_claims_of_a_class(frame):
