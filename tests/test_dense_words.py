@@ -503,3 +503,27 @@ def test_a_dense_unit_is_in_its_place_where_its_words_fill_its_own_tokens(frame)
     found = np.array([[2 * own[b] + i in info["found"][b] for i in (0, 1)] for b in range(len(x))])
     placed = np.array([[2 * own[b] + i in info["in_place"][b] for i in (0, 1)] for b in range(len(x))])
     assert found.mean(0).min() > 0.8 and placed[:, 0].mean() > 0.7 and placed[:, 1].mean() < 0.1
+
+
+def test_both_colours_read_every_token_by_its_mean_and_each_border_token_again_by_its_strip():
+    """``dense_colour="both"``: the n mean-colour rows as ``"mean"`` gives them, then one more row per border token
+    (row-major) with ``"border_strip"``'s colour and the same SIFT part and centre. Asymmetric: a red line along the
+    top only, so the extra rows of top tokens differ from their mean rows and those of bottom tokens do not."""
+    rgb = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    rgb[:2, :] = (255, 0, 0)
+    rgb[20:28, 20:28] = (0, 0, 255)  # an interior block: SIFT parts that differ between tokens
+    gray = rgb.mean(2).astype(np.uint8)
+    xy_m, _, mean = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.5)
+    _, _, strip = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.5, colour="border_strip")
+    xy_b, size_b, both = dense_descriptors(gray, rgb, GRID, PATCH, 1.0, 0.5, colour="both")
+    rows, cols = GRID
+    border = [i * cols + j for i in range(rows) for j in range(cols) if i in (0, rows - 1) or j in (0, cols - 1)]
+    n = rows * cols
+    assert both.shape == (n + len(border), mean.shape[1]) and len(xy_b) == len(size_b) == len(both)
+    np.testing.assert_array_equal(both[:n], mean)
+    np.testing.assert_array_equal(both[n:], strip[border])
+    np.testing.assert_array_equal(xy_b[n:], xy_m[border])
+    top = [k for k, t in enumerate(border) if t < cols]
+    bottom = [k for k, t in enumerate(border) if t >= (rows - 1) * cols and 0 < t % cols < cols - 1]
+    assert not np.allclose(both[n:][top, 128], mean[border][top, 128])  # the line fills the strip, not the mean
+    np.testing.assert_allclose(both[n:][bottom], mean[border][bottom])

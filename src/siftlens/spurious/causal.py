@@ -102,7 +102,8 @@ FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
 DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
 # where a dense descriptor's colour is read (DiscoveryConfig.dense_colour, stored in ShortcutSet.dense_colour)
-DENSE_COLOURS = ("mean", "border_strip")
+# ("both": every token by its mean and each border token a second time by its outer strip: two readings)
+DENSE_COLOURS = ("mean", "border_strip", "both")
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
 # ... and in its place where its words fill at least this share of its own (discovery) tokens: a drawn cue fills the
 # tokens it was found in, a colour that happens to match it elsewhere (a frame's colours on a natural border) does

@@ -90,7 +90,9 @@ class DiscoveryConfig:
     dense_gradient_weight: float = 1.0
     # where a dense descriptor's colour is read (DENSE_COLOURS): "mean", the token's mean colour; "border_strip",
     # for a token on the image border the mean colour of its outer quarter (the pixels nearest the border), where a
-    # frame thinner than a token fills the strip but moves the token's mean little (dev diagnosis, RESULTS.md)
+    # frame thinner than a token fills the strip but moves the token's mean little (dev diagnosis, RESULTS.md);
+    # "both", every token by its mean and each border token also by its strip (two rows: a unit is found at a
+    # token where either reading holds its word), so that a strip colour no longer replaces a watermark's mean
     dense_colour: str = "mean"
     causal: CausalConfig | None = field(default_factory=CausalConfig)  # None: attention ranking only
 
@@ -190,7 +192,9 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     opponent colour; the orientation part is constant (angle 0). Tokens at the border get a descriptor too,
     where SIFT detects nothing. ``gradient_weight`` scales the SIFT part (0: the token's colour alone, with the
     same descriptor layout). ``colour="border_strip"``: a border token's colour is that of its outer quarter
-    (``border_strip_colour``); other tokens keep their mean."""
+    (``border_strip_colour``); other tokens keep their mean. ``colour="both"``: the n rows by the mean colour,
+    then each border token once more (row-major) with its outer quarter's colour: a frame thinner than a token
+    fills the strip, a watermark or patch inside the token fills the mean, and neither reading is lost."""
     rows, cols = grid
     centre = lambda i: i * patch + (patch - 1) / 2  # noqa: E731  (OpenCV: pixel i's centre is at i)
     pts = [(centre(c), centre(r)) for r in range(rows) for c in range(cols)]
@@ -199,7 +203,11 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     if desc is None or len(kept) != len(kps):  # OpenCV keeps every given point; refuse to misalign rows if not
         raise RuntimeError(f"dense SIFT: {0 if desc is None else len(kept)} descriptors for {len(kps)} tokens")
     desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
-    parts = [gradient_weight * np.sqrt(desc)]
+    rows_of = np.arange(len(kps))  # the token each descriptor row describes
+    if colour == "both":  # the border tokens once more, read by their outer strip
+        rows_of = np.concatenate([rows_of, [i * cols + j for i in range(rows) for j in range(cols)
+                                            if i in (0, rows - 1) or j in (0, cols - 1)]])
+    parts = [gradient_weight * np.sqrt(desc[rows_of])]
     if colour_weight > 0:
         if rgb is None:
             raise ValueError("colour_weight > 0 needs the RGB image")
@@ -207,11 +215,13 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
         col = _window_opponent_colour(rgb, token_windows)
         if colour == "border_strip":
             col = border_strip_colour(rgb, grid, patch, col)
+        elif colour == "both":
+            col = np.concatenate([col, border_strip_colour(rgb, grid, patch, col)[rows_of[len(kps):]]])
         parts.append(colour_weight * col)
     if orientation_weight > 0:
-        parts.append(np.tile([orientation_weight, 0.0], (len(kps), 1)))  # cos 0, sin 0
-    xy = np.asarray(pts, np.float64) + 0.5
-    return xy, np.full(len(kps), patch / 6, np.float64), np.concatenate(parts, 1).astype(np.float32)
+        parts.append(np.tile([orientation_weight, 0.0], (len(rows_of), 1)))  # cos 0, sin 0
+    xy = np.asarray(pts, np.float64)[rows_of] + 0.5
+    return xy, np.full(len(rows_of), patch / 6, np.float64), np.concatenate(parts, 1).astype(np.float32)
 
 
 def border_strip_colour(rgb: np.ndarray, grid: tuple[int, int], patch: int, mean: np.ndarray) -> np.ndarray:
