@@ -211,6 +211,8 @@ class Variant:
 # (seeds 1302-1303, ``heldout_more``) (session 36): the parsimonious causal_rank.
 # ``dev_mid_frame_0/1`` (session 36): dev frames 0.55 / 0.7 token wide (``dev_mid_frames``, seeds 500-501).
 # ``heldout42_border_patch`` (session 36, seed 1401): a border-ring patch on the 12-block ViT-Ti/8.
+# ``heldout43_thin_frame_0`` (seed 1210, ``heldout_thin_frames``) and ``heldout43_text`` (seed 1304, ``heldout_more``)
+# (session 37): ``--dense-colour both`` against ``mean`` on a new thin frame and a text.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -271,7 +273,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout41_{f}", f, "heldout", 1302 + j, pool="heldout_more")
        for j, f in enumerate(("fixed_patch", "text"))]
     + [Variant(f"dev_mid_frame_{i}", "stripe_frame", "dev", 500 + i, pool="dev_mid_frames") for i in range(2)]
-    + [Variant("heldout42_border_patch", "fixed_patch", "heldout", 1401, pool="heldout_border_cells")])
+    + [Variant("heldout42_border_patch", "fixed_patch", "heldout", 1401, pool="heldout_border_cells")]
+    + [Variant("heldout43_thin_frame_0", "stripe_frame", "heldout", 1210, pool="heldout_thin_frames"),
+       Variant("heldout43_text", "text", "heldout", 1304, pool="heldout_more")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
