@@ -527,3 +527,64 @@ def test_both_colours_read_every_token_by_its_mean_and_each_border_token_again_b
     bottom = [k for k, t in enumerate(border) if t >= (rows - 1) * cols and 0 < t % cols < cols - 1]
     assert not np.allclose(both[n:][top, 128], mean[border][top, 128])  # the line fills the strip, not the mean
     np.testing.assert_allclose(both[n:][bottom], mean[border][bottom])
+
+
+def _thin_frame(images: np.ndarray, cue: np.ndarray, width: int = PATCH // 4) -> np.ndarray:
+    """Class ``cue[i]``'s solid colour on the outer ``width`` pixels of image i (cue -1: none): a quarter token."""
+    out = images.copy()
+    inside = np.zeros((SIZE, SIZE), bool)
+    inside[width:-width, width:-width] = True
+    colours = np.array([(250, 200, 0), (0, 200, 250), (250, 0, 200)], np.uint8)
+    for i, k in enumerate(cue):
+        if k >= 0:
+            out[i] = np.where(inside[None], out[i], colours[k][:, None, None])
+    return out
+
+
+def test_both_colours_find_a_frame_a_quarter_token_thin_that_the_mean_colour_misses():
+    """A frame 2 px wide (a quarter of a token): a token's mean colour moves a quarter of the way, so colour-only
+    dense words by the mean find no unit that removes it (largest dense effect 0.004 when written); with
+    ``dense_colour="both"`` the border tokens' strip rows hold the frame colour, the top dense unit lies on the ring
+    and removes the class evidence, a claim is made for every class, and it is found in framed test images and not
+    in frame-free ones."""
+    import timm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        y = np.repeat(np.arange(3), 60)
+        train = _thin_frame(_base(y, 0), np.where(rng.random(len(y)) < 0.95, y, -1))
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
+                                  embed_dim=32, num_heads=2, num_classes=3)
+        tc = TrainConfig(batch_size=32, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.1, augment="none", epochs=30,
+                         seed=0)
+        train_classifier(model, torch.from_numpy(train), torch.from_numpy(y), SIZE, IMAGENET_MEAN, IMAGENET_STD, tc,
+                         log=lambda row: None)
+        lm = LoadedModel(model.eval(), "timm", "tiny-thin-frame",
+                         Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None, "bicubic"), list(CLASSES))
+        yt = np.repeat(np.arange(3), 30)
+        other = (yt + rng.integers(1, 3, len(yt))) % 3
+        bt = _base(yt, 1000)
+        assert (_predict(lm, _thin_frame(bt, other)) == other).mean() > 0.8  # the model rests on the thin frame
+        x = _inputs(lm, train)
+        runs = {c: discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS, dense_words=N_DENSE,
+                                                                         dense_gradient_weight=0.0, dense_colour=c))
+                for c in ("mean", "both")}
+    finally:
+        torch.set_num_threads(threads)
+    for k in range(3):
+        dense = {c: r.causal.units[(r.causal.units["cls"] == k) & (r.causal.units["family"] == "dense")]
+                 for c, r in runs.items()}
+        assert dense["mean"]["causal_effect"].to_numpy().max(initial=0.0) < 0.05, k
+        top = dense["both"].sort_values("causal_effect", ascending=False).iloc[0]
+        toks = {int(t) for t in top["tokens"].split()}
+        assert top["causal_effect"] > 0.2 and top["causal_p"] <= 0.05, (k, top["unit"], top["causal_effect"])
+        assert len(toks & RING) >= 4 and not toks - RING, (k, top["unit"], sorted(toks))
+        assert not [u for u in runs["mean"].shortcuts.units if u["cls"] == k and u["family"] == "dense"]
+        assert [u for u in runs["both"].shortcuts.units if u["cls"] == k and u["family"] == "dense"], k
+    shortcuts = runs["both"].shortcuts
+    found = {g: [bool(p) for p in shortcuts.present_units(lm, _inputs(lm, imgs))]
+             for g, imgs in (("framed", _thin_frame(bt, other)), ("absent", bt))}
+    assert np.mean(found["framed"]) > 0.9 and np.mean(found["absent"]) < 0.2, {g: np.mean(v) for g, v in found.items()}
