@@ -56,7 +56,6 @@ def _frame(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def frame():
-    import timm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: more threads only add synchronisation
@@ -69,6 +68,18 @@ def frame():
     other = (yt + rng.integers(1, 3, len(yt))) % 3
     data = {"train": train, "y": y, "test_y": yt, "other": other, "aligned": _frame(bt, yt),
             "conflict": _frame(bt, other), "absent": bt}
+    lm = _train_tiny(train, y, "tiny-frame")
+    x = _inputs(lm, train)
+    dense = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS, dense_words=N_DENSE))
+    plain = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS))
+    yield data, lm, dense, plain
+    torch.set_num_threads(threads)
+
+
+def _train_tiny(train: np.ndarray, y: np.ndarray, name: str) -> LoadedModel:
+    """A 2-block ViT (48 px, patch 8) trained on uint8 images [N, 3, 48, 48] for 30 epochs, seed 0."""
+    import timm
+
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
                               embed_dim=32, num_heads=2, num_classes=3)
@@ -76,13 +87,8 @@ def frame():
                      seed=0)
     train_classifier(model, torch.from_numpy(train), torch.from_numpy(y), SIZE, IMAGENET_MEAN, IMAGENET_STD, tc,
                      log=lambda row: None)
-    lm = LoadedModel(model.eval(), "timm", "tiny-frame", Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None,
-                                                                    "bicubic"), list(CLASSES))
-    x = _inputs(lm, train)
-    dense = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS, dense_words=N_DENSE))
-    plain = discover_shortcuts(lm, x, y, CLASSES, DiscoveryConfig(n_words=N_WORDS))
-    yield data, lm, dense, plain
-    torch.set_num_threads(threads)
+    return LoadedModel(model.eval(), "timm", name, Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None,
+                                                              "bicubic"), list(CLASSES))
 
 
 def _inputs(lm: LoadedModel, images: np.ndarray) -> torch.Tensor:
@@ -547,7 +553,6 @@ def test_both_colours_find_a_frame_a_quarter_token_thin_that_the_mean_colour_mis
     ``dense_colour="both"`` the border tokens' strip rows hold the frame colour, the top dense unit lies on the ring
     and removes the class evidence, a claim is made for every class, and it is found in framed test images and not
     in frame-free ones."""
-    import timm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -555,15 +560,7 @@ def test_both_colours_find_a_frame_a_quarter_token_thin_that_the_mean_colour_mis
         rng = np.random.default_rng(0)
         y = np.repeat(np.arange(3), 60)
         train = _thin_frame(_base(y, 0), np.where(rng.random(len(y)) < 0.95, y, -1))
-        torch.manual_seed(0)
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, patch_size=PATCH, depth=2,
-                                  embed_dim=32, num_heads=2, num_classes=3)
-        tc = TrainConfig(batch_size=32, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.1, augment="none", epochs=30,
-                         seed=0)
-        train_classifier(model, torch.from_numpy(train), torch.from_numpy(y), SIZE, IMAGENET_MEAN, IMAGENET_STD, tc,
-                         log=lambda row: None)
-        lm = LoadedModel(model.eval(), "timm", "tiny-thin-frame",
-                         Preprocess((SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD, None, "bicubic"), list(CLASSES))
+        lm = _train_tiny(train, y, "tiny-thin-frame")
         yt = np.repeat(np.arange(3), 30)
         other = (yt + rng.integers(1, 3, len(yt))) % 3
         bt = _base(yt, 1000)
