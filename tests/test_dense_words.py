@@ -320,9 +320,11 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:03d}.png")
     sp = tmp_path / "sp"
+    # the mean colour: on this toy its claims are word sets (with the default, both, the ring's token units)
     assert main(["spurious", "--model", str(model), "--images", str(tmp_path / "train"), "--out", str(sp),
-                 "--words", str(N_WORDS), "--dense-words", str(N_DENSE)]) == 0
+                 "--words", str(N_WORDS), "--dense-words", str(N_DENSE), "--dense-colour", "mean"]) == 0
     shortcuts = json.loads((sp / "shortcuts.json").read_text())
+    assert shortcuts["dense_colour"] == "mean"
     assert shortcuts["dense_words"] == N_DENSE and len(shortcuts["centroids"]) == N_WORDS + N_DENSE
     assert shortcuts["units"] and all(min(u["gate_words"]) >= N_WORDS for u in shortcuts["units"])
     # a word set was removed wherever its words sit, so new images are searched all over for it

@@ -195,7 +195,9 @@ def _spurious_parser(sub) -> None:
                    "of its outer quarter (a frame thinner than a token fills it: held-out round 26, a 4 px frame, "
                    "3%% -> 85%% of the oracle's worst-group headroom; on a text and a 9 px frame it cost 6 and 26 "
                    "points of training-mix accuracy, round 27; a random-weights model got false claims with it at "
-                   "floor 0.02); both: every token by its mean and each border token also by its strip (experimental)")
+                   "floor 0.02); both (default since round 43): every token by its mean and each border token also "
+                   "by its strip, so a frame thinner than a token and a mark inside a border token both keep a "
+                   "reading")
     p.add_argument("--colour-weight", type=non_negative_float, default=d.colour_weight,
                    help="weight of the keypoint window's mean opponent colour in the motif descriptor (0: grey SIFT)")
     p.add_argument("--orientation-weight", type=non_negative_float, default=d.orientation_weight,
