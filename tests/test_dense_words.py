@@ -56,7 +56,6 @@ def _frame(images: np.ndarray, cue: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def frame():
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: more threads only add synchronisation
 
@@ -558,7 +557,6 @@ def test_both_colours_find_a_frame_a_quarter_token_thin_that_the_mean_colour_mis
     ``dense_colour="both"`` the border tokens' strip rows hold the frame colour, the top dense unit lies on the ring
     and removes the class evidence, a claim is made for every class, and it is found in framed test images and not
     in frame-free ones."""
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
