@@ -207,8 +207,7 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     desc = desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)
     rows_of = np.arange(len(kps))  # the token each descriptor row describes
     if colour == "both":  # the border tokens once more, read by their outer strip
-        rows_of = np.concatenate([rows_of, [i * cols + j for i in range(rows) for j in range(cols)
-                                            if i in (0, rows - 1) or j in (0, cols - 1)]])
+        rows_of = np.concatenate([rows_of, border_tokens(grid)])
     parts = [gradient_weight * np.sqrt(desc[rows_of])]
     if colour_weight > 0:
         if rgb is None:
@@ -226,6 +225,12 @@ def dense_descriptors(gray: np.ndarray, rgb: np.ndarray | None, grid: tuple[int,
     return xy, np.full(len(rows_of), patch / 6, np.float64), np.concatenate(parts, 1).astype(np.float32)
 
 
+def border_tokens(grid: tuple[int, int]) -> list[int]:
+    """The tokens on the image border, row-major (a token index is row * cols + col)."""
+    rows, cols = grid
+    return [i * cols + j for i in range(rows) for j in range(cols) if i in (0, rows - 1) or j in (0, cols - 1)]
+
+
 def border_strip_colour(rgb: np.ndarray, grid: tuple[int, int], patch: int, mean: np.ndarray) -> np.ndarray:
     """``mean`` [n, 3] (the tokens' mean opponent colours, row-major) with each border token's replaced by the mean
     opponent colour of its outer strip: the max(1, patch // 4) pixel rows / columns of the token that lie along the
@@ -234,16 +239,14 @@ def border_strip_colour(rgb: np.ndarray, grid: tuple[int, int], patch: int, mean
     w = max(1, patch // 4)
     opp = opponent_colour(rgb)
     out = mean.copy()
-    for i in range(rows):
-        for j in range(cols):
-            if i not in (0, rows - 1) and j not in (0, cols - 1):
-                continue
-            outer = np.zeros((patch, patch), bool)  # [patch, patch] within the token
-            outer[:w] |= i == 0
-            outer[-w:] |= i == rows - 1
-            outer[:, :w] |= j == 0
-            outer[:, -w:] |= j == cols - 1
-            out[i * cols + j] = opp[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch][outer].mean(0)
+    for t in border_tokens(grid):
+        i, j = divmod(t, cols)
+        outer = np.zeros((patch, patch), bool)  # [patch, patch] within the token
+        outer[:w] |= i == 0
+        outer[-w:] |= i == rows - 1
+        outer[:, :w] |= j == 0
+        outer[:, -w:] |= j == cols - 1
+        out[t] = opp[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch][outer].mean(0)
     return out
 
 
