@@ -285,8 +285,17 @@ def run_geometry(run: Path) -> tuple[list[str], pd.DataFrame, int, int]:
     patch size."""
     meta = json.loads((run / "variant.json").read_text())
     disc = pd.read_csv(run / "discovery.csv", keep_default_na=False)
-    patch = int(json.loads((run / "model" / "model.json").read_text())["architecture"]["patch_size"])
-    return list(meta["class_names"]), disc, int(meta["image_size"]), patch
+    return list(meta["class_names"]), disc, int(meta["image_size"]), model_patch(run / "model")
+
+
+def model_patch(model_dir: Path) -> int:
+    """The patch size of a suite run's saved model, from its patch embedding's kernel. Not model.json's
+    ``architecture``: for the fine-tuned (``bundled``) setting that records the scratch defaults (patch 8) while the
+    model is the bundled ViT/16 (files-only judges read bundled runs with patch 8 until session 37)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return int(f.get_slice("patch_embed.proj.weight").get_shape()[-1])
 
 
 def claims_located(run: Path, eval_dir: str) -> list[dict]:

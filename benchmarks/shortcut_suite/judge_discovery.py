@@ -17,15 +17,15 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shortcut_suite.evaluate import located, method_centres, method_tokens  # noqa: E402
+from shortcut_suite.evaluate import located, method_centres, method_tokens, model_patch  # noqa: E402
 
 
 def judge(run: Path, spurious: Path) -> dict:
     disc = pd.read_csv(run / "discovery.csv")
     meta = json.loads((run / "model" / "model.json").read_text())
     size = int(meta["input_size"][-1])
-    # the model's own patch (a ViT/16 at 96 px has a 6 x 6 grid; size // 8 assumed an 8 x 8 one)
-    patch = int(meta.get("architecture", {}).get("patch_size", size // 8))
+    # the model's own patch (a ViT/16 at 96 px has a 6 x 6 grid; size // 8 assumed an 8 x 8 one), from its weights
+    patch = model_patch(run / "model")
     names = sorted(disc["class_name"].unique(), key=lambda n: int(disc[disc.class_name == n].label.iloc[0]))
     k = len(names)
     _, centres = method_centres(spurious, names)
