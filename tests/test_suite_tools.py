@@ -135,3 +135,20 @@ def test_steering_lines_counts_the_judged_lines_of_an_eval():
     result["accuracy"]["oracle_tokens"]["worst_group"] = 0.2  # headroom 0.1: the +15 line is not judged
     r = steering_lines(result)
     assert (r["met"], r["judged"]) == (3, 5) and np.isclose(r["share"], 1.6)
+
+
+def test_model_patch_is_read_from_the_weights_not_the_recorded_architecture(tmp_path):
+    """A fine-tuned suite run's model.json records the scratch architecture (patch 8) while its weights are the
+    bundled ViT/16's: the files-only judges take the patch from the patch embedding's kernel."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from shortcut_suite.evaluate import model_patch
+
+    for kernel in (8, 16):
+        d = tmp_path / f"p{kernel}"
+        d.mkdir()
+        save_file({"patch_embed.proj.weight": torch.zeros(4, 3, kernel, kernel)}, str(d / "model.safetensors"))
+        (d / "model.json").write_text(json.dumps({"architecture": {"patch_size": 8}}))
+        assert model_patch(d) == kernel
