@@ -315,6 +315,11 @@ def test_claims_located_judges_each_claim_at_its_own_class_cue(tmp_path):
     (run / "e" / "spurious").mkdir(parents=True)
     (run / "variant.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32}))
     (run / "model" / "model.json").write_text(json.dumps({"architecture": {"patch_size": 4}}))
+    # the judge reads the patch from the weights' patch embedding (evaluate.model_patch)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"patch_embed.proj.weight": torch.zeros(2, 3, 4, 4)}, str(run / "model" / "model.safetensors"))
     # 32 px, patch 4: class 0's cue top-left, class 1's bottom-right
     pd.DataFrame({"cue_class": [0, 1], "group": ["aligned", "aligned"], "region": ["box", "box"],
                   "frame_width": [-1.0, -1.0], "box_x0": [0.0, 0.75], "box_y0": [0.0, 0.75],
