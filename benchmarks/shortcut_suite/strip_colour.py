@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 from planted.evaluate import auroc
 
-from siftlens.spurious.discover import opponent_colour
+from siftlens.spurious.discover import border_tokens, opponent_colour
 
 
 def border_colours(rgb: np.ndarray, patch: int, strip: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,15 +29,12 @@ def border_colours(rgb: np.ndarray, patch: int, strip: int) -> tuple[np.ndarray,
     o = opponent_colour(rgb)
     rows, cols = o.shape[0] // patch, o.shape[1] // patch
     mean, outer = [], []
-    for r in range(rows):
-        for c in range(cols):
-            if r not in (0, rows - 1) and c not in (0, cols - 1):
-                continue
-            t = o[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
-            edges = ([t[:strip]] if r == 0 else []) + ([t[-strip:]] if r == rows - 1 else []) + \
-                ([t[:, :strip]] if c == 0 else []) + ([t[:, -strip:]] if c == cols - 1 else [])
-            mean.append(t.reshape(-1, 3).mean(0))
-            outer.append(np.concatenate([e.reshape(-1, 3) for e in edges]).mean(0))
+    for r, c in (divmod(k, cols) for k in border_tokens((rows, cols))):
+        t = o[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+        edges = ([t[:strip]] if r == 0 else []) + ([t[-strip:]] if r == rows - 1 else []) + \
+            ([t[:, :strip]] if c == 0 else []) + ([t[:, -strip:]] if c == cols - 1 else [])
+        mean.append(t.reshape(-1, 3).mean(0))
+        outer.append(np.concatenate([e.reshape(-1, 3) for e in edges]).mean(0))
     return np.array(mean), np.array(outer)
 
 
