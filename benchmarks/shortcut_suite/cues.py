@@ -213,6 +213,8 @@ class Variant:
 # ``heldout42_border_patch`` (session 36, seed 1401): a border-ring patch on the issue's 12-block ViT-Ti/8.
 # ``heldout43_thin_frame_0`` (seed 1210, ``heldout_thin_frames``) and ``heldout43_text`` (seed 1304, ``heldout_more``)
 # (session 37): ``--dense-colour both`` against ``mean`` on a new thin frame and a text.
+# ``heldout44_text_0/1`` (seeds 1305-1306) and ``heldout44_stripe_frame`` (seed 1307, the pool's 3/4-token frame),
+# ``heldout_more`` (session 38): the default ``both`` on texts (round 27's strip cost) and a third mid-width frame.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -275,7 +277,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"dev_mid_frame_{i}", "stripe_frame", "dev", 500 + i, pool="dev_mid_frames") for i in range(2)]
     + [Variant("heldout42_border_patch", "fixed_patch", "heldout", 1401, pool="heldout_border_cells")]
     + [Variant("heldout43_thin_frame_0", "stripe_frame", "heldout", 1210, pool="heldout_thin_frames"),
-       Variant("heldout43_text", "text", "heldout", 1304, pool="heldout_more")])
+       Variant("heldout43_text", "text", "heldout", 1304, pool="heldout_more")]
+    + [Variant(f"heldout44_text_{i}", "text", "heldout", 1305 + i, pool="heldout_more") for i in range(2)]
+    + [Variant("heldout44_stripe_frame", "stripe_frame", "heldout", 1307, pool="heldout_more")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
