@@ -319,7 +319,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES, TOGETHER_MODES, TOKEN_REMOVALS
+    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES, TOGETHER_MODES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -376,11 +376,6 @@ def _prompt_parser(sub) -> None:
                    "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "
                    "tokens whose colour falls outside the words here; helped a thin frame on dev data, not a wider "
                    "one on held-out round 24)")
-    p.add_argument("--token-removal", choices=TOKEN_REMOVALS, default=r["token_removal"],
-                   help="with --motifs: removing a fixed-token unit masks all its tokens (unit); where SIFT sees its "
-                   "words, only its 8-connected groups of tokens that hold them (where_seen: a watermark learned in "
-                   "two corners, drawn in one); or, counterfactual gate, each group tested alone first and the whole "
-                   "unit only where no group changes the prediction (groups_first)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -397,7 +392,6 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
                          dense_removal=args.dense_removal, gate_drop=args.gate_drop, together=args.gate_together,
-                         token_removal=args.token_removal,
                          progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0

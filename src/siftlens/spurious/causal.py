@@ -101,7 +101,6 @@ COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one k
 FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
 DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
-TOKEN_REMOVALS = ("unit", "where_seen", "groups_first")  # ShortcutSet.token_removal
 # where a dense descriptor's colour is read (DiscoveryConfig.dense_colour, stored in ShortcutSet.dense_colour)
 # ("both": every token by its mean and each border token a second time by its outer strip: two readings)
 DENSE_COLOURS = ("mean", "border_strip", "both")
@@ -292,20 +291,6 @@ def fills_its_tokens(held: int, size: int) -> bool:
     """Whether a dense unit's words, found in ``held`` of its ``size`` own tokens, put it in its place
     (``DENSE_IN_PLACE``); a unit without tokens has no place."""
     return size > 0 and held >= DENSE_IN_PLACE * size
-
-
-def token_groups(mask: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:
-    """``mask`` [n] as its 8-connected groups of tokens, one bool [n] each (row-major order of their first token)."""
-    labels, count = ndimage.label(mask.reshape(grid), structure=np.ones((3, 3), int))
-    return [(labels == g).ravel() for g in range(1, count + 1)]
-
-
-def groups_holding(mask: np.ndarray, tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``mask`` [n] cut to its 8-connected groups of tokens that hold one of ``tokens`` (the whole mask where none
-    does): a unit over two corners, seen in one, is removed in that one."""
-    labels = ndimage.label(mask.reshape(grid), structure=np.ones((3, 3), int))[0].ravel()
-    seen = np.setdiff1d(labels[tokens], [0])
-    return np.isin(labels, seen) if len(seen) else mask
 
 
 def with_margin(mask: np.ndarray, grid: tuple[int, int], below: int) -> np.ndarray:
@@ -1249,12 +1234,6 @@ class ShortcutSet:
     # where its words are in this image; "with_discovery_tokens", those and the tokens that held its evidence in the
     # class's discovery images (a frame's border tokens whose mean colour falls outside the words here)
     dense_removal: str = "found"
-    # what removing a present fixed-token unit masks (TOKEN_REMOVALS; a run option, not stored): "unit", all its
-    # tokens; "where_seen", where SIFT sees its words in the image, only its groups of tokens that hold them (a
-    # watermark learned in two corners and drawn in one: the empty corner is object evidence, not the cue); a
-    # unit not seen (tested by removal alone) is removed whole either way; "groups_first" (the counterfactual gate
-    # only): each group of a unit's tokens is tested alone first, the whole unit only in images where no group did
-    token_removal: str = "unit"
     # where the dense descriptors' colour is read (discover.DENSE_COLOURS; files before it: the token's mean)
     dense_colour: str = "mean"
 
@@ -1499,17 +1478,15 @@ class ShortcutSet:
                         # computed at every token, never missed: a dense unit absent here is absent
                         found.append((j, token_mask(u["tokens"], n)))
                 else:
-                    own = token_mask(u["tokens"], n)
+                    m = token_mask(u["tokens"], n)
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
-                    held_at = np.intersect1d(token[hit], np.flatnonzero(own))
-                    held = len(held_at)
+                    held = len(np.intersect1d(token[hit], np.flatnonzero(m)))
                     seen = held >= need
-                    m = groups_holding(own, held_at, grid) if seen and self.token_removal == "where_seen" else own
                     if token_units == "always" or seen:
                         found.append((j, m))
                     if seen and info is not None:
                         info["found"][b].add(j)
-                        if not dense_unit or fills_its_tokens(held, own.sum()):
+                        if not dense_unit or fills_its_tokens(held, m.sum()):
                             info["in_place"][b].add(j)
             out.append([(j, self.removal(j, m, grid, margin_below)) for j, m in found])
         return out
@@ -1667,16 +1644,7 @@ class CounterfactualMasker:
                                                                                   pred=p0.argmax(1)))
                  for j, m in found or []]
         self.found, self.in_place = info.get("found", {}), info.get("in_place", {})
-        casts = self.shortcuts.cast_tests(p0.argmax(1))
-        if self.shortcuts.token_removal == "groups_first":  # the smallest removal first: a unit's groups alone
-            parts = [(b, j, g) for b, j, m in alone for g in token_groups(m, layout.grid)]
-            self._fire(x, p0, parts, out, casts)
-            whole = [(b, j, m) for b, j, m in alone
-                     if not self._steered(b, out) and len(token_groups(m, layout.grid)) > 1]
-            self._fire(x, p0, whole, out)
-            pm = self._probs(x, alone) if self.grow else None
-        else:
-            pm = self._fire(x, p0, alone, out, casts)
+        pm = self._fire(x, p0, alone, out, self.shortcuts.cast_tests(p0.argmax(1)))
         if self.margin_below:  # images no removal alone steered: their units grown, where a unit's gain allows
             grown = []
             for b, j, m in alone:
@@ -1689,12 +1657,6 @@ class CounterfactualMasker:
         if self.grow:
             self._grow(x, p0, alone, pm, layout.grid, out)
         return out
-
-    def _probs(self, x: torch.Tensor, tested: list) -> np.ndarray:
-        """Probabilities [len(tested), K] with each tested removal (b, unit, mask) masked."""
-        from .source import TensorSource
-
-        return masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
 
     def _steered(self, b: int, out: torch.Tensor) -> bool:
         return bool(out[b].any()) or b in self.last_cast
@@ -1714,9 +1676,12 @@ class CounterfactualMasker:
         """Mask each image at its tested removal (b, unit, mask) that changes the prediction with the largest drop
         (``casts``: colour-cast removals (b, cast) tested beside them, ``ShortcutSet.cast_tests``); return the
         tested removals' probabilities [len(tested), K]."""
+        from .source import TensorSource
+
         if not tested and not casts:
             return np.zeros((0, p0.shape[1]))
-        pm = self._probs(x, tested) if tested else np.zeros((0, p0.shape[1]))
+        pm = (masked_probs(self.lm, TensorSource(x), self.shortcuts.layers, [(b, m) for b, _, m in tested], 64)
+              if tested else np.zeros((0, p0.shape[1])))
         pc = (cast_removal_probs(self.lm, x, [b for b, _ in casts], removal=self.shortcuts.cast_removal) if casts
               else pm[:0])
         images = [b for b, _, _ in tested] + [b for b, _ in casts]

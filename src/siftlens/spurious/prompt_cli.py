@@ -34,7 +34,6 @@ from .causal import (
     GROW_MIN_GAIN,
     TOGETHER_MIN_GAIN,
     TOGETHER_MODES,
-    TOKEN_REMOVALS,
     ShortcutSet,
 )
 from .flag import check_classifier
@@ -54,8 +53,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", token_removal: str = "unit",
-               progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -75,8 +73,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     (``"spreads"``; ``"where_found"``: only where SIFT also finds a unit of the predicted class, as the gate's drop
     relaxes it; ``"off"`` by default: held-out round 37; ``causal.TOGETHER_MODES``).
     ``dense_removal``: what
-    removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``token_removal``: what removing a
-    fixed-token unit of several groups of tokens masks (``ShortcutSet.token_removal``). ``progress``: a bar per pass on
+    removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
     stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
@@ -105,12 +102,6 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         if dense_removal not in DENSE_REMOVALS:
             raise UserValueError(f"--dense-removal {dense_removal!r} is not one of {', '.join(DENSE_REMOVALS)}")
         shortcuts.dense_removal = dense_removal
-        if token_removal not in TOKEN_REMOVALS:
-            raise UserValueError(f"--token-removal {token_removal!r} is not one of {', '.join(TOKEN_REMOVALS)}")
-        if token_removal == "groups_first" and gate != "counterfactual":
-            raise UserValueError(f"--token-removal groups_first needs --gate counterfactual (it tests removals; "
-                                 f"--gate {gate} tests none)")
-        shortcuts.token_removal = token_removal
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
@@ -179,7 +170,6 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
         gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
                                                   if gated and shortcuts.dense_removal != "found" else {}),
-        **({"token_removal": shortcuts.token_removal} if gated and shortcuts.token_removal != "unit" else {}),
         **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
         # the union test changes steering only where the file measured together gains (files before it: none)
         **({"together": True if together == "spreads" else together}  # "spreads" was the option's True
@@ -248,11 +238,6 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
-        if shortcuts.token_removal == "where_seen":
-            where += "; a fixed-token unit seen by its words is removed in its groups of tokens that hold them"
-        elif shortcuts.token_removal == "groups_first":
-            where += ("; each group of a fixed-token unit's tokens is tested alone first, the whole unit only where no "
-                      "group changes the prediction")
         if shortcuts.dense_removal == "with_discovery_tokens":
             where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
                       "evidence in discovery")
