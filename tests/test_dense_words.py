@@ -352,6 +352,15 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
         if gate == "counterfactual":
             touched = steered["plain"][steered["plain"]["steered"]]
             assert (touched["pred_base"] != touched["pred_steered"]).all()  # touched only where it changes
+    # --dense-token-test reaches the gate and the flag, and both say so in what they write
+    assert main(["prompt", "--model", str(model), "--images", str(tmp_path / "plain"), "--method", "mask_tokens",
+                 "--motifs", str(sp), "--layers", "all", "--dense-token-test", "where_found",
+                 "--out", str(tmp_path / "pr_where")]) == 0
+    assert "tested only where its words fill its tokens" in json.loads(
+        (tmp_path / "pr_where" / "summary.json").read_text())["gate"]
+    assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
+                 "--dense-token-test", "where_found", "--out", str(tmp_path / "fl_where")]) == 0
+    assert json.loads((tmp_path / "fl_where" / "manifest.json").read_text())["dense_token_test"] == "where_found"
 
 
 def test_dense_words_leave_the_keypoint_units_and_their_p_values_as_they_were(frame):
@@ -588,3 +597,36 @@ def test_both_colours_find_a_frame_a_quarter_token_thin_that_the_mean_colour_mis
     found = {g: [bool(p) for p in shortcuts.present_units(lm, _inputs(lm, imgs))]
              for g, imgs in (("framed", _thin_frame(bt, other)), ("absent", bt))}
     assert np.mean(found["framed"]) > 0.9 and np.mean(found["absent"]) < 0.2, {g: np.mean(v) for g, v in found.items()}
+
+
+def test_dense_token_test_where_found_tests_a_colour_unit_only_where_its_colour_is(frame):
+    """``dense_token_test="where_found"`` (prompt / flag --dense-token-test): a fixed-token dense unit (here each
+    class's frame colour over the 20 border tokens) is tested by removal only in images where its words fill half
+    of its tokens, as a dense words unit is; ``"always"`` lists it in every image, as a keypoint token unit. Frame-free
+    images then keep their border, and a framed image is tested with its own frame's unit."""
+    from dataclasses import replace
+
+    data, lm, dense, _ = frame
+    s = dense.shortcuts
+    detected = len(s.centroids) - s.dense_words
+    units = [dict(next(u for u in s.units if u["cls"] == k and min(u.get("gate_words") or [u["word"]]) >= detected),
+                  kind="token", tokens=sorted(RING)) for k in range(3)]
+    test = replace(s, units=units, casts=[])
+    for images, own in ((data["absent"], None), (data["aligned"], data["test_y"])):
+        x = _inputs(lm, images)
+        always = test.present_units(lm, x, "always")
+        where = replace(test, dense_token_test="where_found").present_units(lm, x, "always")
+        assert all(sorted(j for j, _ in f) == [0, 1, 2] for f in always)
+        listed = np.array([[j in {i for i, _ in f or []} for j in range(3)] for f in where])
+        if own is None:
+            assert listed.mean() < 0.05, listed.mean(0)  # no frame: no frame colour, nothing tested
+        else:
+            assert listed[np.arange(len(x)), own].mean() > 0.8  # its own frame's unit
+            others = np.ones_like(listed)
+            others[np.arange(len(x)), own] = False
+            assert listed[others].mean() < 0.1
+    # the gate and the flag take it from the run option; a cue-free image is touched no more often
+    x = _inputs(lm, data["absent"])
+    fired = {t: replace(test, dense_token_test=t).masker(lm, min_drop=0)(x).any(1).float().mean().item()
+             for t in ("always", "where_found")}
+    assert fired["where_found"] <= fired["always"]

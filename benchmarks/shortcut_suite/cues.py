@@ -215,6 +215,8 @@ class Variant:
 # (session 37): ``--dense-colour both`` against ``mean`` on a new thin frame and a text.
 # ``heldout44_text_0/1`` (seeds 1305-1306) and ``heldout44_stripe_frame`` (seed 1307, the pool's 3/4-token frame),
 # ``heldout_more`` (session 38): the default ``both`` on texts (round 27's strip cost) and a third mid-width frame.
+# ``heldout45_text`` (seed 1308, ``heldout_more``), ``heldout45_border_patch`` (seed 1402, ``heldout_border_cells``)
+# and ``heldout45_thin_frame`` (seed 1211, ``heldout_thin_frames``) (session 38): ``--dense-token-test``.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -279,7 +281,10 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant("heldout43_thin_frame_0", "stripe_frame", "heldout", 1210, pool="heldout_thin_frames"),
        Variant("heldout43_text", "text", "heldout", 1304, pool="heldout_more")]
     + [Variant(f"heldout44_text_{i}", "text", "heldout", 1305 + i, pool="heldout_more") for i in range(2)]
-    + [Variant("heldout44_stripe_frame", "stripe_frame", "heldout", 1307, pool="heldout_more")])
+    + [Variant("heldout44_stripe_frame", "stripe_frame", "heldout", 1307, pool="heldout_more")]
+    + [Variant("heldout45_text", "text", "heldout", 1308, pool="heldout_more"),
+       Variant("heldout45_border_patch", "fixed_patch", "heldout", 1402, pool="heldout_border_cells"),
+       Variant("heldout45_thin_frame", "stripe_frame", "heldout", 1211, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 

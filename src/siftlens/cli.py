@@ -319,7 +319,7 @@ def _run_spurious(args: argparse.Namespace) -> int:
 
 def _prompt_parser(sub) -> None:
     from .prompting import METHODS
-    from .spurious.causal import DENSE_REMOVALS, GATE_DROPS, GATES, TOGETHER_MODES
+    from .spurious.causal import DENSE_REMOVALS, DENSE_TOKEN_TESTS, GATE_DROPS, GATES, TOGETHER_MODES
     from .spurious.prompt_cli import run_prompt
 
     r = _defaults(run_prompt)
@@ -376,6 +376,10 @@ def _prompt_parser(sub) -> None:
                    "the image (found), or those and the tokens that held its evidence in discovery (a frame's border "
                    "tokens whose colour falls outside the words here; helped a thin frame on dev data, not a wider "
                    "one on held-out round 24)")
+    p.add_argument("--dense-token-test", choices=DENSE_TOKEN_TESTS, default=r["dense_token_test"],
+                   help="with --motifs, counterfactual gate: a fixed-token dense unit (a colour over fixed tokens, "
+                   "e.g. a frame's or a border's) is tested by removal in every image (always), or only where its "
+                   "colour words fill its tokens (where_found: an image without its colour keeps those tokens)")
     p.add_argument("--batch-size", type=positive_int, default=r["batch_size"])
     p.add_argument("--out", default="siftlens_prompt")
     p.add_argument("--seed", type=SEED, default=r["seed"])
@@ -392,6 +396,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
                          dense_removal=args.dense_removal, gate_drop=args.gate_drop, together=args.gate_together,
+                         dense_token_test=args.dense_token_test,
                          progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -401,7 +406,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
 
 def _flag_parser(sub) -> None:
     from .spurious.cast import CAST_REMOVALS
-    from .spurious.causal import DENSE_REMOVALS
+    from .spurious.causal import DENSE_REMOVALS, DENSE_TOKEN_TESTS
     from .spurious.flag import OCCLUSION_MODES, run_flag
 
     r = _defaults(run_flag)
@@ -435,6 +440,9 @@ def _flag_parser(sub) -> None:
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="as prompt --dense-removal: removing a present dense words unit masks the tokens where its "
                    "words are in the image (found), or those and the tokens that held its evidence in discovery")
+    p.add_argument("--dense-token-test", choices=DENSE_TOKEN_TESTS, default=r["dense_token_test"],
+                   help="as prompt --dense-token-test: a fixed-token dense unit is tested in every image (always) or "
+                   "only where its colour words fill its tokens (where_found)")
     p.add_argument("--together", action=argparse.BooleanOptionalAction, default=r["together"],
                    help="in an image predicted as a class whose cue spreads over the other classes' shortcut places "
                    "(a frame: shortcuts.json together_gain >= 0.1), every removal tested there is also tested at once")
@@ -450,7 +458,7 @@ def _run_flag(args: argparse.Namespace) -> int:
                   token_units=args.token_units, occlusion=args.occlusion, window=args.window, seed=args.seed,
                   margin=args.margin, progress=not args.quiet,
                   cast_removal=None if args.cast_removal == "as-run" else args.cast_removal,
-                  dense_removal=args.dense_removal, together=args.together)
+                  dense_removal=args.dense_removal, together=args.together, dense_token_test=args.dense_token_test)
     if df is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"flagged {len(df)} images ({(df['n_tested'] > 0).sum()} with a shortcut unit tested; "

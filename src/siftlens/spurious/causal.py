@@ -101,6 +101,9 @@ COVER = 0.05  # a token is covered by a keypoint set when it holds > 5% of one k
 FAMILIES = ("keypoint", "dense", "region")
 CLAIMABLE_FAMILIES = ("keypoint", "dense")  # region units have no frequency, so they are never claimed
 DENSE_REMOVALS = ("found", "with_discovery_tokens")  # ShortcutSet.dense_removal
+# where a fixed-token dense unit (a colour over fixed tokens) is tested by removal (ShortcutSet.dense_token_test):
+# in every image, as a keypoint token unit is ("always"), or only where its words fill its tokens ("where_found")
+DENSE_TOKEN_TESTS = ("always", "where_found")
 # where a dense descriptor's colour is read (DiscoveryConfig.dense_colour, stored in ShortcutSet.dense_colour)
 # ("both": every token by its mean and each border token a second time by its outer strip: two readings)
 DENSE_COLOURS = ("mean", "border_strip", "both")
@@ -1234,6 +1237,13 @@ class ShortcutSet:
     # where its words are in this image; "with_discovery_tokens", those and the tokens that held its evidence in the
     # class's discovery images (a frame's border tokens whose mean colour falls outside the words here)
     dense_removal: str = "found"
+    # where a present fixed-token dense unit is tested (DENSE_TOKEN_TESTS; a run option, not stored): "always", in
+    # every image the removal test covers (present_units' token_units="always"); "where_found", only where its words
+    # fill DENSE_PRESENCE of its tokens, as a dense words unit. Dense words are computed at every token, so an
+    # image without them has none of the unit's colour: removing its tokens there (up to a whole border) takes
+    # object evidence, and the gate keeps whichever removal changes the prediction (dev session 38: a text's
+    # 17-token border colour unit was the removal in 67 of 158 steered aligned images)
+    dense_token_test: str = "always"
     # where the dense descriptors' colour is read (discover.DENSE_COLOURS; files before it: the token's mean)
     dense_colour: str = "mean"
 
@@ -1399,7 +1409,8 @@ class ShortcutSet:
         neighbours, ``with_margin``);
         None for an image without SIFT keypoints where no unit can be tested. ``token_units="always"``:
         a fixed-token unit is listed for every image (tested by removal, keypoints or not; where no cue
-        sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue.
+        sits there, removing it moves nothing), for scores that do not need SIFT to have seen the cue (a dense one
+        only where found when ``dense_token_test`` is "where_found").
         ``info["no_keypoints"]``: the batch positions of images without SIFT keypoints; ``info["keypoints"]``:
         each batch position's keypoints (reused by the flag's window occlusion); ``info["found"]``: per batch
         position, the units found by their words there (what ``"gated"`` lists; ``"always"`` lists more);
@@ -1482,7 +1493,9 @@ class ShortcutSet:
                     # gated: a gate word's keypoint centre in its tokens (dense: in half of them)
                     held = len(np.intersect1d(token[hit], np.flatnonzero(m)))
                     seen = held >= need
-                    if token_units == "always" or seen:
+                    tested_anyway = token_units == "always" and not (dense_unit and
+                                                                     self.dense_token_test == "where_found")
+                    if tested_anyway or seen:
                         found.append((j, m))
                     if seen and info is not None:
                         info["found"][b].add(j)

@@ -43,6 +43,7 @@ from ..validation import NonFiniteError, UserValueError, check_finite_parameters
 from .cast import CAST_REMOVALS, FLAG_CAST_REMOVAL, REMOVAL_WORDS, cast_removal_probs
 from .causal import (
     DENSE_REMOVALS,
+    DENSE_TOKEN_TESTS,
     MARGIN_MIN_GAIN,
     REMOVAL_MARGIN_BELOW,
     ShortcutSet,
@@ -232,25 +233,28 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
-             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found", together: bool = False
-             ) -> pd.DataFrame | None:
+             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found", together: bool = False,
+             dense_token_test: str = "always") -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
     removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses
     levels by default where steering keeps grey world (``FLAG_CAST_REMOVAL``: held-out rounds 18 / 18b / 20, levels
     flagged right-for-the-wrong-reason images on new tints at 0.86-0.95 where grey world reached 0.52-0.66, and
     within 0.02 of it on background tints). ``dense_removal``: what removing a present dense words unit masks
-    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``). ``together``: see ``flag_images``."""
+    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``). ``together``: see ``flag_images``.
+    ``dense_token_test``: where a fixed-token dense unit is tested (``ShortcutSet.dense_token_test``)."""
     if cast_removal is not None and cast_removal not in CAST_REMOVALS:
         raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
     if dense_removal not in DENSE_REMOVALS:
         raise UserValueError(f"--dense-removal {dense_removal!r} is not one of {', '.join(DENSE_REMOVALS)}")
+    if dense_token_test not in DENSE_TOKEN_TESTS:
+        raise UserValueError(f"--dense-token-test {dense_token_test!r} is not one of {', '.join(DENSE_TOKEN_TESTS)}")
     rank, world = distributed(device)
     device = rank_device(device)
     shortcuts = ShortcutSet.load(motifs)
     if cast_removal is not None:
         shortcuts = replace(shortcuts, cast_removal=cast_removal)
-    shortcuts = replace(shortcuts, dense_removal=dense_removal)
+    shortcuts = replace(shortcuts, dense_removal=dense_removal, dense_token_test=dense_token_test)
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init, device=device)
     check_finite_parameters(lm.module, lm.name)
     label_map = shortcuts.check_model(lm, check_classifier(lm), str(motifs))
@@ -265,6 +269,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
             cast_removal=shortcuts.cast_removal,
             # older runs' parts stay valid under the default
             **({"dense_removal": dense_removal} if dense_removal != "found" else {}),
+            **({"dense_token_test": dense_token_test} if dense_token_test != "always" else {}),
             **({"together": True} if together and any("together_gain" in u for u in shortcuts.units) else {})),
             rank, world,
             progress)
@@ -286,6 +291,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
                                                   "occlusion": occlusion, "window": window, "seed": seed,
                                                   "margin": margin, "cast_removal": shortcuts.cast_removal,
                                                   "dense_removal": dense_removal, "together": together,
+                                                  "dense_token_test": dense_token_test,
                                                   "margin_gains": {
                                                       u["class_name"] + " " + u["unit"]: u["margin_gain"]
                                                       for u in shortcuts.units if "margin_gain" in u},

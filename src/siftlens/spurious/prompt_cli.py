@@ -28,6 +28,7 @@ from .causal import (
     DEFAULT_GATE,
     DEFAULT_GATE_DROP,
     DENSE_REMOVALS,
+    DENSE_TOKEN_TESTS,
     GATE_DROPS,
     GATE_MIN_DROP,
     GATES,
@@ -53,7 +54,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", progress: bool = False) -> dict | None:
+               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", dense_token_test: str = "always",
+               progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -73,7 +75,8 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     (``"spreads"``; ``"where_found"``: only where SIFT also finds a unit of the predicted class, as the gate's drop
     relaxes it; ``"off"`` by default: held-out round 37; ``causal.TOGETHER_MODES``).
     ``dense_removal``: what
-    removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``progress``: a bar per pass on
+    removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``dense_token_test``: where a
+    fixed-token dense unit is tested (``ShortcutSet.dense_token_test``). ``progress``: a bar per pass on
     stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
@@ -102,6 +105,10 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         if dense_removal not in DENSE_REMOVALS:
             raise UserValueError(f"--dense-removal {dense_removal!r} is not one of {', '.join(DENSE_REMOVALS)}")
         shortcuts.dense_removal = dense_removal
+        if dense_token_test not in DENSE_TOKEN_TESTS:
+            raise UserValueError(f"--dense-token-test {dense_token_test!r} is not one of "
+                                 f"{', '.join(DENSE_TOKEN_TESTS)}")
+        shortcuts.dense_token_test = dense_token_test
     out = ensure_writable_dir(out)
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
@@ -170,6 +177,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         layers=layers, beta=beta, batch_size=batch_size, seed=seed, gate=gate_kind, margin=margin,
         gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
                                                   if gated and shortcuts.dense_removal != "found" else {}),
+        **({"dense_token_test": shortcuts.dense_token_test}
+           if gated and shortcuts.dense_token_test != "always" else {}),
         **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
         # the union test changes steering only where the file measured together gains (files before it: none)
         **({"together": True if together == "spreads" else together}  # "spreads" was the option's True
@@ -238,6 +247,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
+        if shortcuts.dense_token_test == "where_found":
+            where += "; a fixed-token dense unit is tested only where its words fill its tokens"
         if shortcuts.dense_removal == "with_discovery_tokens":
             where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
                       "evidence in discovery")
