@@ -611,7 +611,8 @@ def test_dense_token_test_where_found_tests_a_colour_unit_only_where_its_colour_
     detected = len(s.centroids) - s.dense_words
     units = [dict(next(u for u in s.units if u["cls"] == k and min(u.get("gate_words") or [u["word"]]) >= detected),
                   kind="token", tokens=sorted(RING)) for k in range(3)]
-    test = replace(s, units=units, casts=[])
+    test = replace(s, units=units, casts=[], dense_token_test="always")
+    assert ShortcutSet.dense_token_test == "where_found"  # the default (held-out round 45)
     for images, own in ((data["absent"], None), (data["aligned"], data["test_y"])):
         x = _inputs(lm, images)
         always = test.present_units(lm, x, "always")

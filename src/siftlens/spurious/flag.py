@@ -234,7 +234,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
              cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found", together: bool = False,
-             dense_token_test: str = "always") -> pd.DataFrame | None:
+             dense_token_test: str = "where_found") -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
     removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses

@@ -54,7 +54,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                labels: str | None = None, batch_size: int = 32, seed: int = 0, checkpoint: str | None = None,
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
-               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", dense_token_test: str = "always",
+               gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", dense_token_test: str = "where_found",
                progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
@@ -178,7 +178,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         gate_min_drop=gate_min_drop, grow=grow, **({"dense_removal": shortcuts.dense_removal}
                                                   if gated and shortcuts.dense_removal != "found" else {}),
         **({"dense_token_test": shortcuts.dense_token_test}
-           if gated and shortcuts.dense_token_test != "always" else {}),
+           if gated and shortcuts.dense_token_test != "always" else {}),  # parts of earlier runs stay valid
         **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
         # the union test changes steering only where the file measured together gains (files before it: none)
         **({"together": True if together == "spreads" else together}  # "spreads" was the option's True
@@ -247,7 +247,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
-        if shortcuts.dense_token_test == "where_found":
+        if gated and shortcuts.dense_token_test == "where_found":
             where += "; a fixed-token dense unit is tested only where its words fill its tokens"
         if shortcuts.dense_removal == "with_discovery_tokens":
             where += ("; a dense words unit is removed at the tokens where its words are and at those that held its "
