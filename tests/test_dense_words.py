@@ -341,12 +341,14 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
                          "--motifs", str(sp), "--layers", "all", "--gate", gate,
                          "--out", str(tmp_path / f"pr_{name}_{gate}")]) == 0
     # presence: the frame's words are found in framed images and rarely elsewhere. counterfactual (the default):
-    # the unit is tested in every image and masked where removing it changes the prediction; on frame-free images
-    # of this toy (a model that learned little but the frame) that happens more often (measured: 23% vs 7%), and
-    # a touched image gets its prediction without the unit
-    for gate, most_plain in (("presence", 0.2), ("counterfactual", 0.35)):
+    # the unit is masked where removing it changes the prediction, a colour unit over fixed tokens tested only where
+    # its words fill its tokens (--dense-token-test where_found); a touched image gets its prediction without the
+    # unit. Measured on this toy: counterfactual touched 90% of the framed images and none of the frame-free ones
+    # (testing it in every image, --dense-token-test always: 93% and 23%, a model that learned little but the frame)
+    for gate, least_new, most_plain in (("presence", 0.9, 0.2), ("counterfactual", 0.85, 0.1)):
         steered = {n: pd.read_parquet(tmp_path / f"pr_{n}_{gate}" / "predictions.parquet") for n in ("new", "plain")}
-        assert steered["new"]["steered"].mean() > 0.9 and steered["plain"]["steered"].mean() < most_plain, gate
+        assert steered["new"]["steered"].mean() > least_new, gate
+        assert steered["plain"]["steered"].mean() < most_plain, gate
         plain = steered["plain"][~steered["plain"]["steered"]]
         assert (plain["pred_base"] == plain["pred_steered"]).all()  # no frame, not steered: exactly as before
         if gate == "counterfactual":
