@@ -1,0 +1,81 @@
+"""Dev tool: re-steer a suite run's test images with variants of the counterfactual gate, beside its eval's oracle.
+
+Reads RUN/EVAL_DIR/spurious (a `siftlens spurious` run) and RUN/EVAL_DIR/eval.json (its `evaluate.py run`), masks
+each group's test images as gated `prompt --method mask_tokens --layers all` does and prints accuracy per group,
+the share touched and the tokens masked. With the run's own options it reproduces the eval's mask_tokens row.
+
+    python benchmarks/shortcut_suite/resteer.py RUN eval_both always where_found where_found+complete
+
+Variants: ``always`` / ``where_found`` (``--dense-token-test``); ``+complete`` (not a product option, a dev probe):
+every fired removal of at most ``REMOVAL_MARGIN_BELOW`` tokens is masked with its 8 neighbouring tokens, the gate's
+decision unchanged; ``+complete_gain``: only for units whose discovery measured a margin gain (``margin_gain``).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from evaluate import GROUPS, TRAIN_MIX
+
+from siftlens.models import load_model
+from siftlens.prompting import SteeredViT
+from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CounterfactualMasker, ShortcutSet, with_margin
+from siftlens.spurious.source import PathSource
+
+
+def completed(gate: CounterfactualMasker, masks: torch.Tensor, grid: tuple[int, int], gain_only: bool
+              ) -> torch.Tensor:
+    """``masks`` with each fired single-unit removal of <= REMOVAL_MARGIN_BELOW tokens grown by its 8 neighbours."""
+    out = masks.clone()
+    for b, present in enumerate(gate.last_present):
+        if not present or present[0][1] is None or isinstance(present[0][0], tuple):
+            continue  # not fired, a colour cast, or several units at once
+        j, mask = present[0]
+        if gain_only and not gate.shortcuts.runs_past_its_tokens(j):
+            continue
+        out[b] = torch.from_numpy(with_margin(mask, grid, REMOVAL_MARGIN_BELOW))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("eval_dir")
+    p.add_argument("variants", nargs="+")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    lm = load_model(str(a.run / "model" / "model.safetensors"))
+    sc = ShortcutSet.load(a.run / a.eval_dir / "spurious")
+    test = pd.read_csv(a.run / "test.csv")
+    acc = json.loads((a.run / a.eval_dir / "eval.json").read_text())["accuracy"]
+    print(a.run, "| oracle_tokens", " / ".join(f"{acc['oracle_tokens'][g]:.3f}" for g in GROUPS),
+          "| eval's mask_tokens", " / ".join(f"{acc['mask_tokens'][g]:.3f}" for g in GROUPS))
+    groups = {}
+    for g in GROUPS:
+        s = test[test.group == g]
+        x = PathSource(lm, [a.run / q for q in s.path], a.run / "test").read_chunk(0, len(s))[1]
+        groups[g] = (x, s.label.to_numpy())
+    for v in a.variants:
+        test_kind, _, extra = v.partition("+")
+        sc.dense_token_test = test_kind
+        gate = sc.masker(lm)
+        row = {}
+        for g, (x, y) in groups.items():
+            with torch.no_grad():
+                m = gate(x)
+                if extra:
+                    m = completed(gate, m, lm.layout(tuple(x.shape[-2:])).grid, gain_only=extra == "complete_gain")
+                with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _, m=m: m) as st:
+                    pred = st(x).argmax(1).numpy()
+            fired = m.any(1)
+            row[g] = ((pred == y).mean(), fired.float().mean().item(),
+                      m.sum(1)[fired].float().mean().item() if fired.any() else 0.0)
+        print(f"{v:28s}", " ".join(f"{g} {r[0]:.3f} ({r[1]:.0%}, {r[2]:.1f} tok)" for g, r in row.items()),
+              f"| balanced {np.mean([r[0] for r in row.values()]):.3f}",
+              f"| training mix {sum(TRAIN_MIX[g] * row[g][0] for g in GROUPS):.3f}")
+
+
+if __name__ == "__main__":
+    main()
