@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from evaluate import GROUPS, TRAIN_MIX
 
+from siftlens.image_source import find_images
 from siftlens.models import load_model
 from siftlens.prompting import SteeredViT
 from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CounterfactualMasker, ShortcutSet, with_margin
@@ -52,23 +53,36 @@ def main() -> None:
     acc = json.loads((a.run / a.eval_dir / "eval.json").read_text())["accuracy"]
     print(a.run, "| oracle_tokens", " / ".join(f"{acc['oracle_tokens'][g]:.3f}" for g in GROUPS),
           "| eval's mask_tokens", " / ".join(f"{acc['mask_tokens'][g]:.3f}" for g in GROUPS))
-    groups = {}
-    for g in GROUPS:
-        s = test[test.group == g]
-        x = PathSource(lm, [a.run / q for q in s.path], a.run / "test").read_chunk(0, len(s))[1]
-        groups[g] = (x, s.label.to_numpy())
+    # the test folder in prompt's order and batches (--batch-size 32), so that the gate's masked forwards see the
+    # same batches as the eval's prompt run did
+    paths = find_images(a.run / "test")
+    source = PathSource(lm, paths, a.run / "test")
+    chunks = [source.read_chunk(c, 32)[1] for c in range(source.n_chunks(32))]
+    info = test.set_index(test.path.map(lambda q: str((a.run / q).resolve()))).loc[[str(q.resolve()) for q in paths]]
+    group, label = info.group.to_numpy(), info.label.to_numpy()
     for v in a.variants:
         test_kind, _, extra = v.partition("+")
         sc.dense_token_test = test_kind
         gate = sc.masker(lm)
         row = {}
-        for g, (x, y) in groups.items():
+        masks, preds = [], []
+        for x in chunks:
             with torch.no_grad():
                 m = gate(x)
                 if extra:
                     m = completed(gate, m, lm.layout(tuple(x.shape[-2:])).grid, gain_only=extra == "complete_gain")
                 with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _, m=m: m) as st:
                     pred = st(x).argmax(1).numpy()
+                cast = sorted(gate.last_cast)  # a colour cast removed: re-predicted on the edited image, as prompt
+                if cast:
+                    pred[cast] = lm.forward(gate.apply_casts(x)[cast]).argmax(1).numpy()
+                    m[cast] = True  # counted as touched (its tokens: all)
+            preds.append(pred)
+            masks.append(m)
+        all_masks, all_preds = torch.cat(masks), np.concatenate(preds)
+        for g in GROUPS:
+            at = group == g
+            m, pred, y = all_masks[torch.from_numpy(at)], all_preds[at], label[at]
             fired = m.any(1)
             row[g] = ((pred == y).mean(), fired.float().mean().item(),
                       m.sum(1)[fired].float().mean().item() if fired.any() else 0.0)
