@@ -23,6 +23,7 @@ from siftlens.image_source import find_images
 from siftlens.models import load_model
 from siftlens.prompting import SteeredViT
 from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CounterfactualMasker, ShortcutSet, with_margin
+from siftlens.spurious.prompt_cli import RowMask, gated_steering
 from siftlens.spurious.source import PathSource
 
 
@@ -38,6 +39,19 @@ def completed(gate: CounterfactualMasker, masks: torch.Tensor, grid: tuple[int, 
             continue
         out[b] = torch.from_numpy(with_margin(mask, grid, REMOVAL_MARGIN_BELOW))
     return out
+
+
+class CompletedGate:
+    """``gate`` whose masks are ``completed``; its other attributes (casts, shortcuts) are the gate's own."""
+
+    def __init__(self, gate: CounterfactualMasker, grid: tuple[int, int], gain_only: bool) -> None:
+        self.gate, self.grid, self.gain_only = gate, grid, gain_only
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return completed(self.gate, self.gate(x), self.grid, self.gain_only)
+
+    def __getattr__(self, name: str):
+        return getattr(self.gate, name)
 
 
 def main() -> None:
@@ -60,32 +74,28 @@ def main() -> None:
     chunks = [source.read_chunk(c, 32)[1] for c in range(source.n_chunks(32))]
     info = test.set_index(test.path.map(lambda q: str((a.run / q).resolve()))).loc[[str(q.resolve()) for q in paths]]
     group, label = info.group.to_numpy(), info.label.to_numpy()
+    holder = RowMask()
+    grid = lm.layout(tuple(chunks[0].shape[-2:])).grid
     for v in a.variants:
         test_kind, _, extra = v.partition("+")
         sc.dense_token_test = test_kind
         gate = sc.masker(lm)
+        if extra:
+            gate = CompletedGate(gate, grid, gain_only=extra == "complete_gain")
+        preds, touched, tokens = [], [], []
+        with torch.no_grad(), SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=holder) as st:
+            for c, x in enumerate(chunks):  # prompt's own steering of a batch
+                p1, rows, n_masked = gated_steering(lm, gate, st, holder, x, lm.forward(x).float().softmax(-1),
+                                                    "mask_tokens", c)
+                preds.append(p1.argmax(1).numpy())
+                touched.append(rows.numpy())
+                tokens.append(n_masked.numpy())
+        pred, fired, n = np.concatenate(preds), np.concatenate(touched), np.concatenate(tokens)
         row = {}
-        masks, preds = [], []
-        for x in chunks:
-            with torch.no_grad():
-                m = gate(x)
-                if extra:
-                    m = completed(gate, m, lm.layout(tuple(x.shape[-2:])).grid, gain_only=extra == "complete_gain")
-                with SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=lambda _, m=m: m) as st:
-                    pred = st(x).argmax(1).numpy()
-                cast = sorted(gate.last_cast)  # a colour cast removed: re-predicted on the edited image, as prompt
-                if cast:
-                    pred[cast] = lm.forward(gate.apply_casts(x)[cast]).argmax(1).numpy()
-                    m[cast] = True  # counted as touched (its tokens: all)
-            preds.append(pred)
-            masks.append(m)
-        all_masks, all_preds = torch.cat(masks), np.concatenate(preds)
         for g in GROUPS:
             at = group == g
-            m, pred, y = all_masks[torch.from_numpy(at)], all_preds[at], label[at]
-            fired = m.any(1)
-            row[g] = ((pred == y).mean(), fired.float().mean().item(),
-                      m.sum(1)[fired].float().mean().item() if fired.any() else 0.0)
+            row[g] = ((pred[at] == label[at]).mean(), fired[at].mean(),
+                      n[at & fired].mean() if fired[at].any() else 0.0)
         print(f"{v:28s}", " ".join(f"{g} {r[0]:.3f} ({r[1]:.0%}, {r[2]:.1f} tok)" for g, r in row.items()),
               f"| balanced {np.mean([r[0] for r in row.values()]):.3f}",
               f"| training mix {sum(TRAIN_MIX[g] * row[g][0] for g in GROUPS):.3f}")

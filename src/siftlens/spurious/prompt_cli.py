@@ -41,7 +41,9 @@ from .flag import check_classifier
 from .source import PathSource
 
 
-class _RowMask:
+class RowMask:
+    """token_mask_fn for a steered model: the mask [B, n] set for the batch it is called on (``gated_steering``)."""
+
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
 
@@ -116,6 +118,26 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                               gate_drop, together)
 
 
+def gated_steering(lm, gate, steered: SteeredViT, holder: RowMask, x: torch.Tensor, p0: torch.Tensor, method: str,
+                   c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch ``x`` of gated steering: (probabilities [B, K], steered [B] bool, tokens masked [B]). Where the gate
+    fires, the image goes through ``steered`` (whose ``token_mask_fn`` is ``holder``) with the gate's mask, or, for a
+    colour cast, is re-predicted on its edited input (``_cast_steering``); elsewhere it keeps ``p0``, the unsteered
+    softmax. Chunk ``c`` seeds random_mask's colour shifts."""
+    p1 = p0.clone()
+    m = gate(x)
+    rows = m.any(1)
+    if rows.any():  # only images with a shortcut present go through the steered model
+        holder.mask = m[rows]
+        p1[rows] = steered(x[rows]).float().softmax(-1)
+    edited = _cast_steering(gate, lm, x, method, c)
+    if edited is not None:  # a colour cast removed (random_mask: a random shift as far): re-predicted
+        idx = sorted(gate.last_cast)
+        p1[idx] = lm.forward(edited[idx]).float().softmax(-1)
+        rows[idx] = True
+    return p1, rows, m.sum(1)
+
+
 def _cast_steering(gate, lm, x: torch.Tensor, method: str, c: int) -> torch.Tensor | None:
     """``x`` with the colour edits a gated method makes where the gate removed a colour cast (cast.py; None where it
     removed none): ``mask_tokens`` removes the cast (the shortcuts' ``cast_removal``); its control ``random_mask``
@@ -169,7 +191,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
     source = PathSource(lm, paths, images)
     gate = (shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop, together) if shortcuts is not None
             else None)
-    holder = _RowMask()
+    holder = RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
     parts = RunParts(out, "prompt", settings_fingerprint(
@@ -193,19 +215,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         # random_mask's draws restart per chunk, so a resumed run or another rank draws what one run draws
         steered.reset_rng(int(np.random.SeedSequence([seed, c]).generate_state(1)[0]))
         p0 = lm.forward(x).float().softmax(-1)
-        p1 = p0.clone()
         if gated:
-            m = gate(x)
-            rows = m.any(1)
-            if rows.any():  # only images with a shortcut present go through the steered model
-                holder.mask = m[rows]
-                p1[rows] = steered(x[rows]).float().softmax(-1)
-            edited = _cast_steering(gate, lm, x, method, c)
-            if edited is not None:  # a colour cast removed (random_mask: a random shift as far): re-predicted
-                idx = sorted(gate.last_cast)
-                p1[idx] = lm.forward(edited[idx]).float().softmax(-1)
-                rows[idx] = True
-            n_masked = m.sum(1)
+            p1, rows, n_masked = gated_steering(lm, gate, steered, holder, x, p0, method, c)
         else:
             p1 = steered(x).float().softmax(-1)
             rows = torch.ones(len(x), dtype=torch.bool)
