@@ -217,6 +217,8 @@ class Variant:
 # ``heldout_more`` (session 38): the default ``both`` on texts (round 27's strip cost) and a third mid-width frame.
 # ``heldout45_text`` (seed 1308, ``heldout_more``), ``heldout45_border_patch`` (seed 1402, ``heldout_border_cells``)
 # and ``heldout45_thin_frame`` (seed 1211, ``heldout_thin_frames``) (session 38): ``--dense-token-test``.
+# ``heldout46_text`` (seed 1309), ``heldout46_border_patch`` (seed 1403) and ``heldout46_thin_frame`` (seed 1212)
+# (session 39): ``prompt --fired-margin``, and ``--dense-token-test``'s dev cost.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -284,7 +286,10 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant("heldout44_stripe_frame", "stripe_frame", "heldout", 1307, pool="heldout_more")]
     + [Variant("heldout45_text", "text", "heldout", 1308, pool="heldout_more"),
        Variant("heldout45_border_patch", "fixed_patch", "heldout", 1402, pool="heldout_border_cells"),
-       Variant("heldout45_thin_frame", "stripe_frame", "heldout", 1211, pool="heldout_thin_frames")])
+       Variant("heldout45_thin_frame", "stripe_frame", "heldout", 1211, pool="heldout_thin_frames")]
+    + [Variant("heldout46_text", "text", "heldout", 1309, pool="heldout_more"),
+       Variant("heldout46_border_patch", "fixed_patch", "heldout", 1403, pool="heldout_border_cells"),
+       Variant("heldout46_thin_frame", "stripe_frame", "heldout", 1212, pool="heldout_thin_frames")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
