@@ -858,6 +858,62 @@ def test_counterfactual_gate_min_drop_and_margin(cue):
                 assert np.array_equal(m[b].numpy(), mask)
 
 
+def test_counterfactual_gate_fired_margin_grows_fired_removals_only(cue):
+    """``fired_margin`` (prompt --fired-margin): the gate decides as without it (the same images, the same units in
+    ``last_present``), and each fired removal of one unit of at most that many tokens is masked with its 8
+    neighbours (``with_margin``); larger removals and images the gate leaves alone are as without it."""
+    data, lm, res = cue
+    sc = res.shortcuts
+    x = torch.cat([inputs(lm, data["conflict"]), inputs(lm, data["absent"])])
+    plain = sc.masker(lm, "counterfactual")
+    m0 = plain(x)
+    for below in (1, REMOVAL_MARGIN_BELOW):
+        gate = sc.masker(lm, "counterfactual", fired_margin=below)
+        m = gate(x)
+        assert torch.equal(m.any(1), m0.any(1))  # the same images steered
+        assert [[j for j, _ in p] for p in gate.last_present] == [[j for j, _ in p] for p in plain.last_present]
+        grown = 0
+        for b in range(len(x)):
+            if not m0[b].any():
+                assert not m[b].any()
+                continue
+            tested = m0[b].numpy()
+            expect = with_margin(tested, GRID, below) if tested.sum() <= below else tested
+            assert np.array_equal(m[b].numpy(), expect)
+            assert (m[b] | m0[b]).equal(m[b])  # the tested removal stays inside what is masked
+            grown += int(m[b].sum() > m0[b].sum())
+        # the toy's fired removals are single cue tokens: each one grows (a no-op or a wrong grid would not)
+        assert grown == int((m0.any(1) & (m0.sum(1) <= below)).sum()) > 0
+    with pytest.raises(UserValueError, match="fired-margin"):
+        from siftlens.spurious.prompt_cli import run_prompt
+        run_prompt("unused", "unused", "unused", method="mask_tokens", gate="presence", fired_margin=4)
+
+
+def test_fired_margin_completes_only_fired_single_unit_removals():
+    """``CounterfactualMasker._complete`` grows each fired removal of at most ``fired_margin`` tokens by its 8
+    neighbours on the model's grid (3 x 5 here: rows and columns differ); images not fired, a colour cast, a removal of
+    several units at once and a larger removal are left as they are."""
+    from types import SimpleNamespace
+
+    from siftlens.spurious.causal import CounterfactualMasker
+
+    n, grid = 15, (3, 5)
+    one = np.zeros(n, bool)
+    one[5] = True  # (1, 0): its neighbours are 0, 1, 6, 10, 11
+    big = np.zeros(n, bool)
+    big[[0, 1, 2, 3, 4]] = True  # 5 tokens: more than fired_margin
+    present = [[(0, one)], [], [(("cast", 0), None)], [((0, 1), one)], [(1, big)], [(1, one)]]
+    masks = torch.zeros(len(present), n, dtype=torch.bool)
+    for b, p in enumerate(present):
+        if p and p[0][1] is not None:
+            masks[b] = torch.from_numpy(p[0][1])
+    out = masks.clone()
+    CounterfactualMasker._complete(SimpleNamespace(last_present=present, fired_margin=4), out, grid)
+    assert sorted(np.flatnonzero(out[0].numpy())) == [0, 1, 5, 6, 10, 11]
+    assert torch.equal(out[1:5], masks[1:5])  # not fired, a cast, several units, a larger removal
+    assert sorted(np.flatnonzero(out[5].numpy())) == [0, 1, 5, 6, 10, 11]
+
+
 def test_flags_page_cautions_where_flags_rest_on_colour_only_units():
     """flags.html warns, with the share, where flagged images' scores come from colour-only units, and says nothing
     where none do (images whose prediction does not change without their unit, or score 0, do not count)."""

@@ -152,34 +152,3 @@ def test_model_patch_is_read_from_the_weights_not_the_recorded_architecture(tmp_
         save_file({"patch_embed.proj.weight": torch.zeros(4, 3, kernel, kernel)}, str(d / "model.safetensors"))
         (d / "model.json").write_text(json.dumps({"architecture": {"patch_size": 8}}))
         assert model_patch(d) == kernel
-
-
-def test_resteer_completes_only_fired_single_unit_removals():
-    """resteer.py's ``+complete`` probe grows each fired removal of at most REMOVAL_MARGIN_BELOW tokens by its 8
-    neighbours on the model's grid (3 x 5 here: rows and columns differ); images not fired, a colour cast, a removal of
-    several units and a larger removal are left as they are; ``gain_only`` grows only units with a margin gain."""
-    from types import SimpleNamespace
-
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "shortcut_suite"))
-    from resteer import completed
-
-    n, grid = 15, (3, 5)
-    one = np.zeros(n, bool)
-    one[5] = True  # (1, 0): its neighbours are 0, 1, 6, 10, 11
-    big = np.zeros(n, bool)
-    big[[0, 1, 2, 3, 4]] = True  # 5 tokens: more than REMOVAL_MARGIN_BELOW
-    present = [[(0, one)], [], [(("cast", 0), None)], [((0, 1), one)], [(1, big)], [(1, one)]]
-    masks = torch.zeros(len(present), n, dtype=torch.bool)
-    for b, p in enumerate(present):
-        if p and p[0][1] is not None:
-            masks[b] = torch.from_numpy(p[0][1])
-    shortcuts = SimpleNamespace(runs_past_its_tokens=lambda j: j == 0)
-    gate = SimpleNamespace(last_present=present, shortcuts=shortcuts)
-    out = completed(gate, masks, grid, gain_only=False)
-    assert sorted(np.flatnonzero(out[0].numpy())) == [0, 1, 5, 6, 10, 11]
-    assert torch.equal(out[1:5], masks[1:5])  # not fired, a cast, several units, a larger removal
-    assert sorted(np.flatnonzero(out[5].numpy())) == [0, 1, 5, 6, 10, 11]
-    gain = completed(gate, masks, grid, gain_only=True)
-    assert torch.equal(gain[0], out[0]) and torch.equal(gain[5], masks[5])  # unit 1 has no margin gain

@@ -6,9 +6,10 @@ the share touched and the tokens masked. With the run's own options it reproduce
 
     python benchmarks/shortcut_suite/resteer.py RUN eval_both always where_found where_found+complete
 
-Variants: ``always`` / ``where_found`` (``--dense-token-test``); ``+complete`` (not a product option, a dev probe):
-every fired removal of at most ``REMOVAL_MARGIN_BELOW`` tokens is masked with its 8 neighbouring tokens, the gate's
-decision unchanged; ``+complete_gain``: only for units whose discovery measured a margin gain (``margin_gain``).
+Variants: ``always`` / ``where_found`` (``--dense-token-test``); ``+complete``: with ``--fired-margin 4``
+(``REMOVAL_MARGIN_BELOW``: every fired removal of at most 4 tokens is masked with its 8 neighbouring tokens, the
+gate's decision unchanged). (Until 7bed6c0 this was a dev probe here, with a ``+complete_gain`` variant: only units
+whose discovery measured a margin gain.)
 """
 import argparse
 import json
@@ -22,36 +23,9 @@ from evaluate import GROUPS, TRAIN_MIX
 from siftlens.image_source import find_images
 from siftlens.models import load_model
 from siftlens.prompting import SteeredViT
-from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, CounterfactualMasker, ShortcutSet, with_margin
+from siftlens.spurious.causal import REMOVAL_MARGIN_BELOW, ShortcutSet
 from siftlens.spurious.prompt_cli import RowMask, gated_steering
 from siftlens.spurious.source import PathSource
-
-
-def completed(gate: CounterfactualMasker, masks: torch.Tensor, grid: tuple[int, int], gain_only: bool
-              ) -> torch.Tensor:
-    """``masks`` with each fired single-unit removal of <= REMOVAL_MARGIN_BELOW tokens grown by its 8 neighbours."""
-    out = masks.clone()
-    for b, present in enumerate(gate.last_present):
-        if not present or present[0][1] is None or isinstance(present[0][0], tuple):
-            continue  # not fired, a colour cast, or several units at once
-        j, mask = present[0]
-        if gain_only and not gate.shortcuts.runs_past_its_tokens(j):
-            continue
-        out[b] = torch.from_numpy(with_margin(mask, grid, REMOVAL_MARGIN_BELOW))
-    return out
-
-
-class CompletedGate:
-    """``gate`` whose masks are ``completed``; its other attributes (casts, shortcuts) are the gate's own."""
-
-    def __init__(self, gate: CounterfactualMasker, grid: tuple[int, int], gain_only: bool) -> None:
-        self.gate, self.grid, self.gain_only = gate, grid, gain_only
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return completed(self.gate, self.gate(x), self.grid, self.gain_only)
-
-    def __getattr__(self, name: str):
-        return getattr(self.gate, name)
 
 
 def main() -> None:
@@ -75,13 +49,12 @@ def main() -> None:
     info = test.set_index(test.path.map(lambda q: str((a.run / q).resolve()))).loc[[str(q.resolve()) for q in paths]]
     group, label = info.group.to_numpy(), info.label.to_numpy()
     holder = RowMask()
-    grid = lm.layout(tuple(chunks[0].shape[-2:])).grid
     for v in a.variants:
         test_kind, _, extra = v.partition("+")
+        if extra not in ("", "complete"):
+            raise SystemExit(f"unknown variant {v!r}: DENSE_TOKEN_TEST or DENSE_TOKEN_TEST+complete")
         sc.dense_token_test = test_kind
-        gate = sc.masker(lm)
-        if extra:
-            gate = CompletedGate(gate, grid, gain_only=extra == "complete_gain")
+        gate = sc.masker(lm, fired_margin=REMOVAL_MARGIN_BELOW if extra else 0)
         preds, touched, tokens = [], [], []
         with torch.no_grad(), SteeredViT(lm, "mask_tokens", layers="all", token_mask_fn=holder) as st:
             for c, x in enumerate(chunks):  # prompt's own steering of a batch

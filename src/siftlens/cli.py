@@ -361,6 +361,10 @@ def _prompt_parser(sub) -> None:
                    "it most (one with a margin gain in shortcuts.json) is grown by its neighbouring tokens one at a "
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
+    p.add_argument("--fired-margin", type=non_negative_int, default=r["fired_margin"],
+                   help="counterfactual gate: a removal the gate fired on, of at most this many tokens, is masked "
+                   "with its 8 neighbouring tokens (the gate's decision unchanged: only images it steers change); "
+                   "0: the removal as tested")
     p.add_argument("--gate-together", nargs="?", const="spreads", choices=TOGETHER_MODES, default=r["together"],
                    help="counterfactual gate: where no unit's removal changes the prediction and the predicted "
                    "class's cue spreads over the other classes' shortcut places (a frame: shortcuts.json "
@@ -397,7 +401,7 @@ def _run_prompt(args: argparse.Namespace) -> int:
                          checkpoint=args.checkpoint, random_init=args.random_init, gate=args.gate,
                          margin=args.margin, gate_min_drop=args.gate_min_drop, grow=args.grow,
                          dense_removal=args.dense_removal, gate_drop=args.gate_drop, together=args.gate_together,
-                         dense_token_test=args.dense_token_test,
+                         dense_token_test=args.dense_token_test, fired_margin=args.fired_margin,
                          progress=not args.quiet)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0

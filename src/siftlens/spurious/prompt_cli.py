@@ -57,7 +57,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
                random_init: bool = False, gate: str = DEFAULT_GATE, margin: int = 0,
                gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, dense_removal: str = "found",
                gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", dense_token_test: str = "where_found",
-               progress: bool = False) -> dict | None:
+               fired_margin: int = 0, progress: bool = False) -> dict | None:
     """Write predictions.parquet (path, pred_base, pred_steered, conf_*, steered, n_masked, label; predictions
     and labels are model output indices, the labels matched to outputs by ``siftlens.label_map``) and
     summary.json; return the summary (None on torchrun ranks > 0: each rank steers its share of the chunks of
@@ -78,7 +78,9 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     relaxes it; ``"off"`` by default: held-out round 37; ``causal.TOGETHER_MODES``).
     ``dense_removal``: what
     removing a present dense words unit masks (``ShortcutSet.dense_removal``). ``dense_token_test``: where a
-    fixed-token dense unit is tested (``ShortcutSet.dense_token_test``). ``progress``: a bar per pass on
+    fixed-token dense unit is tested (``ShortcutSet.dense_token_test``). ``fired_margin`` (counterfactual gate):
+    a removal the gate fired on, of at most that many tokens, is masked with its 8 neighbouring tokens, the gate's
+    decision unchanged (``CounterfactualMasker``); 0: as tested. ``progress``: a bar per pass on
     stderr where it is a terminal."""
     if batch_size < 1:
         raise UserValueError(f"--batch-size must be >= 1 (got {batch_size})")
@@ -86,6 +88,11 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
         raise UserValueError(f"--margin must be >= 0 (got {margin})")
     if grow < 0:
         raise UserValueError(f"--grow must be >= 0 (got {grow})")
+    if fired_margin < 0:
+        raise UserValueError(f"--fired-margin must be >= 0 (got {fired_margin})")
+    if fired_margin and gate != "counterfactual":
+        raise UserValueError(f"--fired-margin {fired_margin} needs --gate counterfactual (it grows a removal the gate "
+                             f"fired on; --gate {gate} tests no removal)")
     if grow and gate != "counterfactual":
         raise UserValueError(f"--grow {grow} needs --gate counterfactual (it grows a removal until the prediction "
                              f"changes; --gate {gate} tests no removal)")
@@ -115,7 +122,7 @@ def run_prompt(model: str, images: str | Path, out: str | Path, method: str = "s
     with OutputLock(out, "prompt", enabled=rank == 0):  # one run per --out (runguard.py)
         return _prompt_locked(model, images, out, method, layers, beta, motifs, shortcuts, labels, batch_size, seed,
                               checkpoint, random_init, rank, world, gate, margin, gate_min_drop, grow, progress,
-                              gate_drop, together)
+                              gate_drop, together, fired_margin)
 
 
 def gated_steering(lm, gate, steered: SteeredViT, holder: RowMask, x: torch.Tensor, p0: torch.Tensor, method: str,
@@ -163,7 +170,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                    batch_size: int, seed: int, checkpoint, random_init: bool, rank: int, world: int,
                    gate_kind: str = DEFAULT_GATE, margin: int = 0,
                    gate_min_drop: float = GATE_MIN_DROP, grow: int = 0, progress: bool = False,
-                   gate_drop: str = DEFAULT_GATE_DROP, together: str = "off") -> dict | None:
+                   gate_drop: str = DEFAULT_GATE_DROP, together: str = "off", fired_margin: int = 0) -> dict | None:
     gated = shortcuts is not None
     lm = load_model(model, checkpoint=checkpoint, random_init=random_init)
     check_finite_parameters(lm.module, lm.name)
@@ -189,8 +196,8 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
                 y, labels_ignored = None, (f"{len(class_names)} class folders but {num_outputs} model outputs: "
                                            "folders not used as labels, no accuracy")
     source = PathSource(lm, paths, images)
-    gate = (shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop, together) if shortcuts is not None
-            else None)
+    gate = (shortcuts.masker(lm, gate_kind, margin, gate_min_drop, grow, gate_drop, together, fired_margin)
+            if shortcuts is not None else None)
     holder = RowMask()
     steered = SteeredViT(lm, method, layers=layers, beta=beta, token_mask_fn=holder if gated else None, seed=seed)
     mp = Path(motifs) if gated else None
@@ -202,6 +209,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         **({"dense_token_test": shortcuts.dense_token_test}
            if gated and shortcuts.dense_token_test != "always" else {}),  # parts of earlier runs stay valid
         **({"gate_drop": gate_drop} if gate_drop != "absolute" else {}),  # parts of earlier runs stay valid
+        **({"fired_margin": fired_margin} if gated and fired_margin else {}),
         # the union test changes steering only where the file measured together gains (files before it: none)
         **({"together": True if together == "spreads" else together}  # "spreads" was the option's True
            if together != "off" and gated and any("together_gain" in u for u in shortcuts.units) else {})),
@@ -258,6 +266,9 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
+        if fired_margin and gate_kind == "counterfactual":
+            where += (f"; a removal it fired on, of <= {fired_margin} tokens, is masked with its 8 neighbouring "
+                      "tokens")
         if gated and shortcuts.dense_token_test == "where_found":
             where += "; a fixed-token dense unit is tested only where its words fill its tokens"
         if shortcuts.dense_removal == "with_discovery_tokens":
