@@ -1535,7 +1535,8 @@ def test_counterfactual_gate_removes_every_shortcut_at_once_only_where_no_remova
     flags, _ = flag_images(lm, sc, TensorSource(x), margin_below=0, occlusion="off", together="spreads")
     kl_union = dict(zip(ub.tolist(), kl_divergence(p0[ub], pu)))
     expect = np.array([max(s, kl_union.get(b, 0.0)) for b, s in enumerate(alone_flags["flag_score"])])
-    assert np.allclose(flags["flag_score"], expect, atol=1e-9)
+    # float32 forwards in batches of another make-up: a tiny KL (1e-4) differs in its fifth digit between machines
+    assert np.allclose(flags["flag_score"], expect, rtol=1e-3, atol=1e-9)
     wins = np.array([kl_union.get(b, -1.0) > s for b, s in enumerate(alone_flags["flag_score"])])
     assert wins.any() and (flags["shortcut_unit"][wins] == "every shortcut at once").all()
     assert (flags["n_tested"] == alone_flags["n_tested"] + np.isin(np.arange(len(x)), ub)).all()
