@@ -298,6 +298,19 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     unsteered = pred[~pred["steered"]]
     assert len(unsteered) and (unsteered["pred_base"] == unsteered["pred_steered"]).all()
     assert (unsteered["conf_base"] == unsteered["conf_steered"]).all()  # exactly the unsteered model
+    # --fired-margin (4 by default): against 0, the same images steered and each fired removal of this toy's one-token
+    # cue masked with its 8 neighbours (2 x 2 at a corner of the grid .. 3 x 3); the summary says which
+    assert main(["prompt", "--model", str(model), "--images", str(tmp_path / "new"), "--method", "mask_tokens",
+                 "--motifs", str(sp), "--layers", "all", "--labels", "none", "--fired-margin", "0",
+                 "--out", str(tmp_path / "pr_tested")]) == 0
+    tested = pd.read_parquet(tmp_path / "pr_tested" / "predictions.parquet")
+    assert (tested["steered"] == pred["steered"]).all() and pred["steered"].any()
+    small = pred["steered"] & (tested["n_masked"] <= REMOVAL_MARGIN_BELOW)
+    assert small.sum() >= 0.5 * pred["steered"].sum()
+    assert (pred["n_masked"][small] > tested["n_masked"][small]).all()
+    assert (pred["n_masked"][small] <= 9 * tested["n_masked"][small]).all()
+    assert "of <= 4 tokens, is masked with its 8 neighbouring" in json.loads((pr / "summary.json").read_text())["gate"]
+    assert "neighbouring" not in json.loads((tmp_path / "pr_tested" / "summary.json").read_text())["gate"]
     capsys.readouterr()
 
     # bad inputs: one line each, naming the input and the cause

@@ -362,9 +362,10 @@ def _prompt_parser(sub) -> None:
                    "time, each the one that lowers the predicted class most (while it lowers it >= 0.1 more), up to "
                    "this many; 0: never")
     p.add_argument("--fired-margin", type=non_negative_int, default=r["fired_margin"],
-                   help="counterfactual gate: a removal the gate fired on, of at most this many tokens, is masked "
-                   "with its 8 neighbouring tokens (the gate's decision unchanged: only images it steers change); "
-                   "0: the removal as tested")
+                   help="counterfactual gate: a removal the gate fired on, of at most this many tokens (default: 4), "
+                   "is masked with its 8 neighbouring tokens, the gate's decision unchanged (held-out round 46: a "
+                   "text's aligned images +3.7 points, training mix +3.4; a border patch +1.6; a frame's larger "
+                   "removals unchanged); 0: the removal as tested (the default before session 39)")
     p.add_argument("--gate-together", nargs="?", const="spreads", choices=TOGETHER_MODES, default=r["together"],
                    help="counterfactual gate: where no unit's removal changes the prediction and the predicted "
                    "class's cue spreads over the other classes' shortcut places (a frame: shortcuts.json "
