@@ -6,10 +6,11 @@ the share touched and the tokens masked. With the run's own options it reproduce
 
     python benchmarks/shortcut_suite/resteer.py RUN eval_both always where_found where_found+complete
 
-Variants: ``always`` / ``where_found`` (``--dense-token-test``); ``+complete``: with ``--fired-margin 4``
-(``REMOVAL_MARGIN_BELOW``: every fired removal of at most 4 tokens is masked with its 8 neighbouring tokens, the
-gate's decision unchanged). (Until 7bed6c0 this was a dev probe here, with a ``+complete_gain`` variant: only units
-whose discovery measured a margin gain.)
+Variants: ``always`` / ``where_found`` (``--dense-token-test``), with ``--fired-margin 0``; ``+complete``: with
+``--fired-margin 4`` (``REMOVAL_MARGIN_BELOW``: every fired removal of at most 4 tokens is masked with its 8
+neighbouring tokens, the gate's decision unchanged; prompt's default since held-out round 46, so
+``where_found+complete`` is prompt's default gate). (Until 7bed6c0 this was a dev probe here, with a
+``+complete_gain`` variant: only units whose discovery measured a margin gain.)
 """
 import argparse
 import json
