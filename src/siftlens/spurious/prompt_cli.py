@@ -271,7 +271,7 @@ def _prompt_locked(model, images, out: Path, method: str, layers, beta: float, m
         if margin:
             where += (f"; a unit of <= {margin} tokens is removed with its 8 neighbours where discovery measured a "
                       "margin gain")
-        if fired_margin and gate_kind == "counterfactual":
+        if fired_margin:  # counterfactual only (run_prompt refuses it under presence)
             where += (f"; a removal it fired on, of <= {fired_margin} tokens, is masked with its 8 neighbouring "
                       "tokens")
         if gated and shortcuts.dense_token_test == "where_found":
