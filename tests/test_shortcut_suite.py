@@ -167,10 +167,15 @@ def test_dev_and_heldout_pools_are_disjoint():
     for other in (DEV, DEV_FRAMES):  # and the thin dev frames to the dev half
         for f in ("frame_widths", "gen_seeds"):
             assert not set(getattr(other, f)) & set(getattr(DEV_THIN_FRAMES, f))
+    for a, b in ((DEV, HELDOUT), (HELDOUT, DEV)):  # a ten-class tint's hues are new to the other half's too
+        assert not set(a.tint_hues) & (set(b.hues) | set(b.tint_hues))
     for v in VARIANTS:  # every drawn value comes from the variant's own pool
         pool = POOLS[v.pool or v.split]
         for p in draw_class_params(v, 5):
             assert p["hue"] in pool.hues
+        if v.family in ("tint", "bg_tint"):  # ten classes: a hue each, from the pool's ten tint hues
+            hues = [p["hue"] for p in draw_class_params(v, 10)]
+            assert len(set(hues)) == 10 and set(hues) <= set(pool.tint_hues)
             for key, allowed in (("shape", pool.shapes), ("band", pool.bands), ("angle", pool.angles),
                                  ("period", pool.periods), ("width", pool.frame_widths),
                                  ("alpha", pool.tint_alphas), ("font", pool.fonts), ("radius", pool.bg_radii)):

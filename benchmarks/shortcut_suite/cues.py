@@ -9,6 +9,7 @@ variants (generated and run once, after the method is frozen):
 quantity       dev pool                                    held-out pool
 =============  ==========================================  ==========================================
 hues           0, 40, 80, ..., 320 deg (even 20-deg steps)  20, 60, 100, ..., 340 deg (odd steps)
+tint hues, 10+ 9, 45, 81, ..., 333 deg (36-deg steps)         27, 63, 99, ..., 351 deg (36-deg steps)
 patch shapes   quadrants, triangle, tshape, lshape          twodots, checker3, diamond, square
 fixed cells    token cells (r, c) with (r + c) even         cells with (r + c) odd
 random band    top, left                                    bottom, right
@@ -74,6 +75,9 @@ class Pool:
     periods: tuple[float, ...]  # stripe period in tokens
     frame_widths: tuple[float, ...]  # in tokens
     tint_alphas: tuple[float, ...]
+    # a tint's hues where a variant has more classes than ``hues`` (nine): tints must differ by class, so the
+    # ten-class benchmarks (the issue's shape) could not draw a tint from nine hues (session 40)
+    tint_hues: tuple[float, ...]
     bg_radii: tuple[float, ...]  # the untinted circle's radius of bg_tint, a fraction of the image side
     chars: str
     corners: tuple[str, ...]
@@ -97,12 +101,16 @@ def _border_cells(parity: int) -> tuple[tuple[int, int], ...]:
 
 DEV = Pool("dev", hues=tuple(float(h) for h in range(0, 360, 40)), shapes=("quadrants", "triangle", "tshape", "lshape"),
            cells=_cells(0), bands=("top", "left"), angles=(0.0, 45.0, 90.0, 135.0), periods=(0.5,),
-           frame_widths=(1.0,), tint_alphas=(0.30,), bg_radii=(0.34,), chars="ABCDEFGHIJKLM", corners=("tl", "br"),
+           frame_widths=(1.0,), tint_alphas=(0.30,),
+           tint_hues=tuple(9.0 + 36 * i for i in range(10)), bg_radii=(0.34,), chars="ABCDEFGHIJKLM",
+           corners=("tl", "br"),
            fonts=(cv2.FONT_HERSHEY_SIMPLEX,), gen_seeds=range(0, 100), model_seeds=(0, 1, 2))
 HELDOUT = Pool("heldout", hues=tuple(float(h) for h in range(20, 360, 40)),
                shapes=("twodots", "checker3", "diamond", "square"), cells=_cells(1), bands=("bottom", "right"),
                angles=(22.5, 67.5, 112.5, 157.5), periods=(0.375, 0.625), frame_widths=(0.75,),
-               tint_alphas=(0.25, 0.35), bg_radii=(0.30, 0.38), chars="NOPQRSTUVWXYZ23456789",
+               tint_alphas=(0.25, 0.35),
+               tint_hues=tuple(27.0 + 36 * i for i in range(10)), bg_radii=(0.30, 0.38),
+               chars="NOPQRSTUVWXYZ23456789",
                corners=("tr", "bl"), fonts=(cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX),
                gen_seeds=range(1000, 1200),
                model_seeds=(100, 101, 102))
@@ -348,12 +356,12 @@ def draw_class_params(variant: Variant, num_classes: int) -> list[dict]:
             per_class.append({"hue": float(hues[k]), "angle": float(angles[k]), "period": period, "width": width})
     elif variant.family == "tint":
         alpha = float(rng.choice(pool.tint_alphas))
-        hues = rng.choice(pool.hues, size=num_classes, replace=False)  # tints must differ by class
+        hues = _tint_hues(pool, num_classes, rng)
         for k in range(num_classes):
             per_class.append({"hue": float(hues[k]), "alpha": alpha})
     elif variant.family == "bg_tint":
         alpha, radius = float(rng.choice(pool.tint_alphas)), float(rng.choice(pool.bg_radii))
-        hues = rng.choice(pool.hues, size=num_classes, replace=False)
+        hues = _tint_hues(pool, num_classes, rng)
         for k in range(num_classes):
             per_class.append({"hue": float(hues[k]), "alpha": alpha, "radius": radius})
     elif variant.family == "text":
@@ -369,6 +377,15 @@ def draw_class_params(variant: Variant, num_classes: int) -> list[dict]:
     else:
         raise ValueError(f"unknown cue family {variant.family!r}; one of {FAMILIES}")
     return per_class
+
+
+def _tint_hues(pool: Pool, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A different hue per class for a tint: the pool's hues where there are enough (every variant drawn before
+    session 40 keeps its colours), else its ``tint_hues``."""
+    hues = pool.hues if num_classes <= len(pool.hues) else pool.tint_hues
+    if num_classes > len(hues):
+        raise ValueError(f"a tint needs a hue per class: pool {pool.name!r} has {len(hues)}, asked for {num_classes}")
+    return rng.choice(hues, size=num_classes, replace=False)
 
 
 def render_cue(image: np.ndarray, family: str, params: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
