@@ -229,6 +229,8 @@ class Variant:
 # (session 39): ``prompt --fired-margin``, and ``--dense-token-test``'s dev cost.
 # ``heldout47_text_0/1`` (seeds 1310-1311, ``heldout_more``) (session 39): the fired margin on the 8 x 8 grid.
 # ``heldout48_text`` (seed 1312, ``heldout_more``) (session 39): the fired margin on the issue's 12-block ViT/8.
+# ``heldout49_tint`` / ``heldout49_bg_tint`` (seeds 1313-1314, ``heldout_more``) (session 40): today's defaults on
+# tints at ten classes (the pool's ten tint hues), never run at ten classes before.
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -301,7 +303,9 @@ VARIANTS: tuple[Variant, ...] = tuple(
        Variant("heldout46_border_patch", "fixed_patch", "heldout", 1403, pool="heldout_border_cells"),
        Variant("heldout46_thin_frame", "stripe_frame", "heldout", 1212, pool="heldout_thin_frames")]
     + [Variant(f"heldout47_text_{i}", "text", "heldout", 1310 + i, pool="heldout_more") for i in range(2)]
-    + [Variant("heldout48_text", "text", "heldout", 1312, pool="heldout_more")])
+    + [Variant("heldout48_text", "text", "heldout", 1312, pool="heldout_more")]
+    + [Variant("heldout49_tint", "tint", "heldout", 1313, pool="heldout_more"),
+       Variant("heldout49_bg_tint", "bg_tint", "heldout", 1314, pool="heldout_more")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
