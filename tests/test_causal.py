@@ -259,6 +259,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     assert shortcuts["format_version"] == 1 and shortcuts["model"]["grid"] == list(GRID) and shortcuts["units"]
     report = (sp / "spurious.html").read_text()
     assert "SIFT-free control" in report and "SIFT adds nothing" in report
+    assert "Not looked for" in report and "--dense-words 64" in report  # run without dense words: said so
 
     test = np.concatenate([data["aligned"][:15], data["conflict"][:15], data["absent"][:15]])
     _save_folder(tmp_path / "new", test)
@@ -276,17 +277,18 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     manifest = json.loads((fl / "manifest.json").read_text())
     assert manifest["margin"] == REMOVAL_MARGIN_BELOW
     assert manifest["cast_removal"] == "levels" and "darkest value to black" in page  # flag's default
-    assert manifest["dense_removal"] == "found" and "--dense-removal" not in page
+    assert manifest["dense_removal"] == "with_discovery_tokens"  # flag's default (prompt keeps "found")
+    assert "--dense-removal with_discovery_tokens, the default" in page
     # no keypoints: scored through the fixed-token units alone (default), listed as such
     assert any("flat.png" in p for p in manifest["no_keypoints"]) and (fl / "flags.html").is_file()
     assert not flags.loc[flags["path"].str.contains("flat.png"), "keypoints"].any()
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
                  "--out", str(tmp_path / "flg"), "--token-units", "gated", "--margin", "0",
-                 "--cast-removal", "as-run", "--dense-removal", "with_discovery_tokens"]) == 0
+                 "--cast-removal", "as-run", "--dense-removal", "found"]) == 0
     manifest = json.loads((tmp_path / "flg" / "manifest.json").read_text())  # gated: skipped, with the reason
     page = (tmp_path / "flg" / "flags.html").read_text()
     assert manifest["margin"] == 0 and "its tokens alone" in page
-    assert manifest["dense_removal"] == "with_discovery_tokens" and "--dense-removal with_discovery_tokens" in page
+    assert manifest["dense_removal"] == "found" and "--dense-removal found" in page
     assert manifest["cast_removal"] == "grey_world" and "mean grey" in page  # as the spurious run (its default)
     assert any("flat.png" in s["path"] and "no SIFT keypoints" in s["reason"] for s in manifest["skipped"])
     assert not pd.read_parquet(tmp_path / "flg" / "flags.parquet")["path"].str.contains("flat.png").any()

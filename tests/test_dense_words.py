@@ -331,6 +331,7 @@ def test_spurious_flag_prompt_cli_with_dense_words(frame, tmp_path):
     assert sets and all(u["gate_box"] == [0.0, 0.0, 1.0, 1.0] for u in sets)
     motifs = pd.read_csv(sp / "motifs.csv")
     assert motifs["kind"].isin(["words"]).any() and "dense words" in (sp / "spurious.html").read_text()
+    assert "Not looked for" not in (sp / "spurious.html").read_text()  # dense words were used
     assert main(["flag", "--model", str(model), "--motifs", str(sp), "--images", str(tmp_path / "new"),
                  "--out", str(tmp_path / "fl")]) == 0
     flags = pd.read_parquet(tmp_path / "fl" / "flags.parquet")

@@ -259,7 +259,7 @@ def _spurious_parser(sub) -> None:
 def _run_spurious(args: argparse.Namespace) -> int:
     from .spurious.causal import CausalConfig, shortcut_verdict
     from .spurious.discover import DiscoveryConfig
-    from .spurious.run import run_spurious
+    from .spurious.run import run_spurious, unsearched_note
 
     causal = None if args.no_causal else CausalConfig(causal_images=args.causal_images,
                                                       control_budget=args.control_budget,
@@ -304,6 +304,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                  for u in res.shortcuts.units]
         named += [f"{c['class_name']} colour cast (SIFT-free)" for c in res.shortcuts.casts]
         print(f"shortcuts for flag / gated prompt: {named}")
+    if unsearched_note(res):
+        print(unsearched_note(res))
     if res.twin is not None and "not_run" in res.twin:
         print(f"random-weights twin not run: {res.twin['not_run']}")
     elif res.twin is not None:
@@ -445,7 +447,9 @@ def _flag_parser(sub) -> None:
                    "depend on it")
     p.add_argument("--dense-removal", choices=DENSE_REMOVALS, default=r["dense_removal"],
                    help="as prompt --dense-removal: removing a present dense words unit masks the tokens where its "
-                   "words are in the image (found), or those and the tokens that held its evidence in discovery")
+                   "words are in the image (found), or those and the tokens that held its evidence in discovery "
+                   "(with_discovery_tokens, flag's default: a background tint's or thin frame's found tokens miss "
+                   "part of it; held-out round 50)")
     p.add_argument("--dense-token-test", choices=DENSE_TOKEN_TESTS, default=r["dense_token_test"],
                    help="as prompt --dense-token-test: a fixed-token dense unit is tested only where its colour words "
                    "fill its tokens (where_found) or in every image (always)")

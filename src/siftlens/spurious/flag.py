@@ -58,6 +58,13 @@ from .causal import (
 )
 from .source import PathSource, TensorSource
 
+# the flag removes a present dense words unit at its found tokens and at those that held it in discovery (prompt
+# keeps "found"): held-out round 50 (RESULTS.md), line fixed before it ran, over the seven of ten held-out runs where a
+# score moved: right for the wrong reason +0.004 on average (background tints +0.031 / +0.038, CIs above 0; a tint
+# -0.028 and a text -0.019, CIs reaching 0), conflicting vs rest +0.002; the found tokens miss part of a spread cue
+# (a background ring, a thin frame: held-out round 25, +0.050 / +0.138)
+FLAG_DENSE_REMOVAL = "with_discovery_tokens"
+
 
 def check_classifier(lm: LoadedModel) -> int:
     """Number of classes, or a one-line error for a model without a classifier head."""
@@ -233,15 +240,16 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
              checkpoint: str | None = None, random_init: bool = False, device: str = "cpu", top: int = 24,
              token_units: str = "always", occlusion: str = "compare", window: int = 2, seed: int = 0,
              margin: int = REMOVAL_MARGIN_BELOW, progress: bool = False,
-             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = "found", together: bool = False,
-             dense_token_test: str = "where_found") -> pd.DataFrame | None:
+             cast_removal: str | None = FLAG_CAST_REMOVAL, dense_removal: str = FLAG_DENSE_REMOVAL,
+             together: bool = False, dense_token_test: str = "where_found") -> pd.DataFrame | None:
     """Write flags.parquet, flags.html and manifest.json; return the flags table (None on torchrun ranks > 0,
     which score their share of the images; rank 0 merges and writes). ``cast_removal``: how claimed colour casts are
     removed (cast.CAST_REMOVALS; None: as the shortcuts file says). The claims do not depend on it, so the flag uses
     levels by default where steering keeps grey world (``FLAG_CAST_REMOVAL``: held-out rounds 18 / 18b / 20, levels
     flagged right-for-the-wrong-reason images on new tints at 0.86-0.95 where grey world reached 0.52-0.66, and
     within 0.02 of it on background tints). ``dense_removal``: what removing a present dense words unit masks
-    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``). ``together``: see ``flag_images``.
+    (``ShortcutSet.dense_removal``, as in ``prompt --dense-removal``; ``FLAG_DENSE_REMOVAL`` by default, where prompt
+    keeps "found"). ``together``: see ``flag_images``.
     ``dense_token_test``: where a fixed-token dense unit is tested (``ShortcutSet.dense_token_test``)."""
     if cast_removal is not None and cast_removal not in CAST_REMOVALS:
         raise UserValueError(f"--cast-removal {cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
@@ -267,7 +275,7 @@ def run_flag(model: str, motifs: str | Path, images: str | Path, out: str | Path
             lm, paths, files=(m / "shortcuts.json" if m.is_dir() else m,), batch_size=batch_size,
             token_units=token_units, occlusion=occlusion, window=window, seed=seed, margin=margin,
             cast_removal=shortcuts.cast_removal,
-            # older runs' parts stay valid under the default
+            # "found" adds no key: parts written before the option (all with "found") stay valid under it
             **({"dense_removal": dense_removal} if dense_removal != "found" else {}),
             **({"dense_token_test": dense_token_test} if dense_token_test != "always" else {}),
             **({"together": True} if together and any("together_gain" in u for u in shortcuts.units) else {})),
@@ -319,7 +327,9 @@ def flags_html(df: pd.DataFrame, shortcuts: ShortcutSet, lm: LoadedModel, source
                if margin else "its tokens alone")
     if shortcuts.dense_removal == "with_discovery_tokens":
         removal += ("; a dense words unit also at the tokens that held its evidence in discovery "
-                    "(--dense-removal with_discovery_tokens)")
+                    "(--dense-removal with_discovery_tokens, the default)")
+    else:
+        removal += "; a dense words unit only at the tokens where its words are (--dense-removal found)"
     parts = [f"<h1>siftlens flag: {html.escape(lm.name)}</h1>",
              f"<p>{len(df)} images scored with {len(shortcuts.units) + len(shortcuts.casts)} shortcut unit(s) "
              f"({unit_names}). "

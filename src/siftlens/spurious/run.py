@@ -248,6 +248,8 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
     if res.casts is not None:
         atomic_write_text(out / "casts.csv", res.casts.to_csv(index=False))
     parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>"]
+    if unsearched_note(res):
+        parts.append(f"<p class=note>{html.escape(unsearched_note(res))}.</p>")
     if res.causal is not None:
         parts += causal_sections_html(res, lm)
     if res.casts is not None:
@@ -287,6 +289,17 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
         "label_map": res.label_map.to_json() if res.label_map is not None else None,
         **({"random_twin": res.twin} if res.twin is not None else {}),
         "command": "spurious", "outputs": list(COMMAND_OUTPUTS["spurious"])})
+
+
+def unsearched_note(res: DiscoveryResult) -> str:
+    """What a run without dense words cannot find, in one sentence ('' where it used them): a user whose model rests
+    on such a cue would otherwise read "no shortcut claimed" as a clean bill."""
+    if res.dense_centroids is not None:
+        return ""
+    return ("Not looked for: a cue SIFT puts no keypoint on and whose mean colour claims no cast (a thin border "
+            "frame, a background tint) is found only with colour-only dense words, --dense-words 64 "
+            "--dense-gradient-weight 0 (off by default: on a clean model they also claim scene colours). Held-out "
+            "round 49 (RESULTS.md): a background tint got no claim in any class without them, nine classes' with them")
 
 
 def casts_section_html(casts: pd.DataFrame, cfg) -> str:
