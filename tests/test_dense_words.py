@@ -19,7 +19,7 @@ from planted.evaluate import auroc
 
 from siftlens.models import LoadedModel
 from siftlens.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from siftlens.spurious.causal import ShortcutSet
+from siftlens.spurious.causal import ShortcutSet, Unit, _frequency
 from siftlens.spurious.discover import DiscoveryConfig, dense_descriptors, discover_shortcuts
 from siftlens.spurious.flag import flag_images
 from siftlens.spurious.source import TensorSource
@@ -637,3 +637,21 @@ def test_dense_token_test_where_found_tests_a_colour_unit_only_where_its_colour_
     fired = {t: replace(test, dense_token_test=t).masker(lm, min_drop=0)(x).any(1).float().mean().item()
              for t in ("always", "where_found")}
     assert fired["where_found"] <= fired["always"]
+
+
+def test_dense_set_presence_by_tokens_counts_images_where_the_set_fills_tokens_not_one_token():
+    """A dense word set held by one token of a common colour in many other images is not class-specific by "any"
+    (f_out 4/6) but is by "tokens" (an image holds it where its words sit on >= half as many tokens as in the class's
+    median image: 5 of 10 here), and a class image where it fills only 2 tokens no longer counts."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    tokens_with_set = {0: 10, 1: 10, 2: 12, 3: 2, 4: 1, 5: 1, 6: 1, 7: 8, 8: 0, 9: 0}
+    rows = [(i, t, 300 + t % 2) for i, n in tokens_with_set.items() for t in range(n)]
+    rows += [(i, 40 + t, 7) for i in range(10) for t in range(3)]  # other words everywhere, never counted
+    kps = pd.DataFrame(rows, columns=["image", "patch", "word"])
+    unit = Unit(kind="words", word=300, cls=0, gate_words=(300, 301), dense=True)
+    assert _frequency(unit, kps, labels, 0) == (1.0, 4 / 6)
+    assert _frequency(unit, kps, labels, 0, "tokens") == (3 / 4, 1 / 6)
+    # a keypoint word set and a single dense word keep the one-token count
+    assert _frequency(Unit(kind="words", word=300, cls=0, gate_words=(300, 301)), kps, labels, 0, "tokens") == (
+        1.0, 4 / 6)
+    assert _frequency(Unit(kind="word", word=301, dense=True), kps, labels, 0, "tokens") == (1.0, 1 / 6)

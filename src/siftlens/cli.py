@@ -218,6 +218,12 @@ def _spurious_parser(sub) -> None:
                    "this on average over the class's images (calibrated on ten-output random-weights models, on clean "
                    "and on planted images: largest 0.024); for a model with C < 10 outputs it is scaled by "
                    "(1/C)(1-1/C)/0.09 (two outputs: 2.8x), as a random model's probabilities move further there")
+    p.add_argument("--dense-set-presence", choices=("any", "tokens"), default=c.dense_set_presence,
+                   help="with --dense-words: a dense colour-word set counts as held by an image, for its "
+                   "class-specificity, where one token carries one of its words (any), or where its words sit on at "
+                   "least half as many tokens as in its class's median image (tokens: a background tint's or frame's "
+                   "set is then specific where any-token presence puts it in half the other images; not held out "
+                   "yet)")
     p.add_argument("--claim-sufficiency", type=non_negative_float, default=c.claim_sufficiency,
                    help="a significant unit above the effect floor that is not class-specific (a frame's colours are "
                    "in many classes' images) is claimed when, pasted into other classes' images, it raises the class "
@@ -270,7 +276,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                                                       unit_sufficiency=args.claim_sufficiency,
                                                       casts=not args.no_casts,
                                                       cast_removal=args.cast_removal,
-                                                      placed_casts=args.placed_casts)
+                                                      placed_casts=args.placed_casts,
+                                                      dense_set_presence=args.dense_set_presence)
     cfg = DiscoveryConfig(layers=args.layers, decisive=args.decisive, n_words=args.words, seed=args.seed,
                           colour_weight=args.colour_weight, orientation_weight=args.orientation_weight,
                           batch_size=args.batch_size, causal=causal, dense_words=args.dense_words,

@@ -165,6 +165,8 @@ def spurious_settings(lm: LoadedModel, paths: list[Path], y: np.ndarray, class_n
     causal = asdict(cfg.causal) if cfg.causal is not None else {"enabled": False}
     if cfg.causal is not None and causal["unit_sufficiency"] in (None, causal["shortcut_sufficiency"]):
         del causal["unit_sufficiency"]  # the default bar: parts written before the option stay valid
+    if cfg.causal is not None and causal["dense_set_presence"] == "any":
+        del causal["dense_set_presence"]  # likewise
     options.update({f"causal.{k}": v for k, v in causal.items() if k not in ("seed", "batch_size")})  # cfg's own
     options["transplant_draws"] = "per_unit"  # session 28: parts of the shared-stream draws are not resumed
     if cfg.causal is not None and label_map is not None:  # fewer than ten outputs: the floor is scaled (session 29)
