@@ -655,3 +655,8 @@ def test_dense_set_presence_by_tokens_counts_images_where_the_set_fills_tokens_n
     assert _frequency(Unit(kind="words", word=300, cls=0, gate_words=(300, 301)), kps, labels, 0, "tokens") == (
         1.0, 4 / 6)
     assert _frequency(Unit(kind="word", word=301, dense=True), kps, labels, 0, "tokens") == (1.0, 1 / 6)
+    from siftlens.spurious.causal import CausalConfig
+    from siftlens.validation import UserValueError
+
+    with pytest.raises(UserValueError, match="--dense-set-presence 'token'"):
+        CausalConfig(dense_set_presence="token")

@@ -166,7 +166,7 @@ def _defaults(fn) -> dict:
 def _spurious_parser(sub) -> None:
     from .models import TWIN_SEED_OFFSET
     from .spurious.cast import CAST_REMOVALS
-    from .spurious.causal import DENSE_COLOURS, CausalConfig
+    from .spurious.causal import DENSE_COLOURS, DENSE_SET_PRESENCES, CausalConfig
     from .spurious.discover import DECISIVE, DiscoveryConfig
     from .spurious.run import run_spurious
 
@@ -218,7 +218,7 @@ def _spurious_parser(sub) -> None:
                    "this on average over the class's images (calibrated on ten-output random-weights models, on clean "
                    "and on planted images: largest 0.024); for a model with C < 10 outputs it is scaled by "
                    "(1/C)(1-1/C)/0.09 (two outputs: 2.8x), as a random model's probabilities move further there")
-    p.add_argument("--dense-set-presence", choices=("any", "tokens"), default=c.dense_set_presence,
+    p.add_argument("--dense-set-presence", choices=DENSE_SET_PRESENCES, default=c.dense_set_presence,
                    help="with --dense-words: a dense colour-word set counts as held by an image, for its "
                    "class-specificity, where one token carries one of its words (any), or where its words sit on at "
                    "least half as many tokens as in its class's median image (tokens: a background tint's or frame's "
@@ -311,8 +311,8 @@ def _run_spurious(args: argparse.Namespace) -> int:
                  for u in res.shortcuts.units]
         named += [f"{c['class_name']} colour cast (SIFT-free)" for c in res.shortcuts.casts]
         print(f"shortcuts for flag / gated prompt: {named}")
-    if unsearched_note(res):
-        print(unsearched_note(res))
+    if note := unsearched_note(res):
+        print(note)
     if res.twin is not None and "not_run" in res.twin:
         print(f"random-weights twin not run: {res.twin['not_run']}")
     elif res.twin is not None:

@@ -108,6 +108,7 @@ DENSE_TOKEN_TESTS = ("always", "where_found")
 # ("both": every token by its mean and each border token a second time by its outer strip: two readings)
 DENSE_COLOURS = ("mean", "border_strip", "both")
 DENSE_PRESENCE = 0.5  # a dense-word unit is present in an image where its words sit in >= half of its tokens
+DENSE_SET_PRESENCES = ("any", "tokens")  # CausalConfig.dense_set_presence
 # ... and in its place where its words fill at least this share of its own (discovery) tokens: a drawn cue fills the
 # tokens it was found in, a colour that happens to match it elsewhere (a frame's colours on a natural border) does
 # not (dev round 33, three fine-tuned dev frames: every cue-present firing filled 100% of its unit's tokens or none
@@ -235,6 +236,9 @@ class CausalConfig:
             raise UserValueError(f"control_budget {self.control_budget!r} is not 'matched' or 'full'")
         if self.cast_removal not in CAST_REMOVALS:
             raise UserValueError(f"cast_removal {self.cast_removal!r} is not one of {', '.join(CAST_REMOVALS)}")
+        if self.dense_set_presence not in DENSE_SET_PRESENCES:
+            raise UserValueError(f"--dense-set-presence {self.dense_set_presence!r} is not one of "
+                                 f"{', '.join(DENSE_SET_PRESENCES)}")
         if self.region_windows not in ("sift", "all"):
             raise UserValueError(f"region_windows {self.region_windows!r} is not 'sift' or 'all'")
 

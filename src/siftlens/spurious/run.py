@@ -250,8 +250,8 @@ def _write_outputs(out: Path, res: DiscoveryResult, lm: LoadedModel, skipped: li
     if res.casts is not None:
         atomic_write_text(out / "casts.csv", res.casts.to_csv(index=False))
     parts = [f"<h1>siftlens spurious: {html.escape(lm.name)}</h1>"]
-    if unsearched_note(res):
-        parts.append(f"<p class=note>{html.escape(unsearched_note(res))}.</p>")
+    if note := unsearched_note(res):
+        parts.append(f"<p class=note>{html.escape(note)}.</p>")
     if res.causal is not None:
         parts += causal_sections_html(res, lm)
     if res.casts is not None:
