@@ -231,6 +231,9 @@ class Variant:
 # ``heldout48_text`` (seed 1312, ``heldout_more``) (session 39): the fired margin on the 12-block ViT/8.
 # ``heldout49_tint`` / ``heldout49_bg_tint`` (seeds 1313-1314, ``heldout_more``) (session 40): today's defaults on
 # tints at ten classes (the pool's ten tint hues), never run at ten classes before.
+# ``heldout51_bg_tint`` / ``heldout51_text`` (seeds 1315-1316, ``heldout_more``), ``heldout51_thin_frame`` (seed 1213,
+# ``heldout_thin_frames``), ``heldout51_border_patch`` (seed 1404, ``heldout_border_cells``) (session 41): which
+# ``spurious`` configuration should be the default (no dense words, the suite's options, + set presence by tokens).
 VARIANTS: tuple[Variant, ...] = tuple(
     [Variant(f"dev_{f}_{i}", f, "dev", 2 * j + i) for j, f in enumerate(FIRST_FAMILIES) for i in range(2)]
     + [Variant(f"heldout_{f}", f, "heldout", 1000 + 7 * j + 3) for j, f in enumerate(FIRST_FAMILIES)]
@@ -305,7 +308,11 @@ VARIANTS: tuple[Variant, ...] = tuple(
     + [Variant(f"heldout47_text_{i}", "text", "heldout", 1310 + i, pool="heldout_more") for i in range(2)]
     + [Variant("heldout48_text", "text", "heldout", 1312, pool="heldout_more")]
     + [Variant("heldout49_tint", "tint", "heldout", 1313, pool="heldout_more"),
-       Variant("heldout49_bg_tint", "bg_tint", "heldout", 1314, pool="heldout_more")])
+       Variant("heldout49_bg_tint", "bg_tint", "heldout", 1314, pool="heldout_more")]
+    + [Variant("heldout51_bg_tint", "bg_tint", "heldout", 1315, pool="heldout_more"),
+       Variant("heldout51_text", "text", "heldout", 1316, pool="heldout_more"),
+       Variant("heldout51_thin_frame", "stripe_frame", "heldout", 1213, pool="heldout_thin_frames"),
+       Variant("heldout51_border_patch", "fixed_patch", "heldout", 1404, pool="heldout_border_cells")])
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
 
