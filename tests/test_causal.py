@@ -86,14 +86,17 @@ def test_causal_ranking_puts_the_cue_first_and_boxes_it(cue):
 
 
 def test_occlusion_control_finds_the_cue_at_a_matched_budget(cue):
-    _, _, res = cue
+    data, _, res = cue
     ctrl = res.causal.control
     for k in range(3):
         top = ctrl[(ctrl["cls"] == k) & (ctrl["rank"] == 1)].iloc[0]
         assert top["token"] == _cue_token(k), (k, top)
         b = res.causal.budget[k]
         n = GRID[0] * GRID[1]
-        assert abs(b["control_forwards"] - b["sift_forwards"]) <= n  # same budget up to one image's tokens
+        # same budget up to one image's tokens, or every sample image of the class where the SIFT units (with dense
+        # words: many more units) spent more than the control can
+        every = n * min(res.causal.config.causal_images, int((data["y"] == k).sum()))
+        assert abs(b["control_forwards"] - min(b["sift_forwards"], every)) <= n, (k, b, every)
 
 
 def test_a_cue_spanning_four_tokens_is_removed_whole_by_sift_units_not_by_single_tokens():
@@ -155,8 +158,9 @@ def test_effect_floor_leaves_a_cue_unclaimed_where_removing_it_barely_moves_p_k(
     units, cfg = res.causal.units, res.causal.config
     assert cfg.shortcut_min_effect == pytest.approx(0.03 * (2 / 9) / 0.09)  # the run's floor, scaled for 3 outputs
     assert _claimed(res) == {0, 1}
-    assert shortcut_verdict(units, 2, cfg).startswith("no shortcut claimed: no class-specific unit lowers the class "
-                                                      "probability by more than the effect floor 0.0741")
+    assert shortcut_verdict(units, 2, cfg).startswith("keypoint units: no shortcut claimed: no class-specific unit "
+                                                      "lowers the class probability by more than the effect floor "
+                                                      "0.0741")
     low = shortcut_candidates(units, 2, CausalConfig(shortcut_min_effect=0.001))
     assert len(low) and _cue_token(2) in [int(t) for t in low.sort_values("causal_rank").iloc[0]["tokens"].split()]
 
@@ -248,7 +252,7 @@ def test_spurious_flag_prompt_cli_and_bad_inputs(cue, tmp_path, capsys):
     _save_folder(tmp_path / "train", data["train"], data["y"])
     sp, fl, pr = tmp_path / "sp", tmp_path / "fl", tmp_path / "pr"
     assert main(["spurious", "--model", str(model), "--images", str(tmp_path / "train"), "--out", str(sp),
-                 "--words", "16", "--layers", "all"]) == 0
+                 "--words", "16", "--dense-words", "0", "--layers", "all"]) == 0
     motifs = pd.read_csv(sp / "motifs.csv")
     for c in ("class", "unit", "kind", "causal_rank", "causal_effect", "causal_p", "attention_rank",
               "box_x0", "box_y0", "box_x1", "box_y1"):
@@ -1221,8 +1225,8 @@ def test_a_word_unit_sift_misses_in_an_image_is_tested_at_its_tokens(cue):
 
     data, lm, res = cue
     sc = res.shortcuts
-    far = len(sc.centroids)  # a word no descriptor is ever assigned to
-    centroids = np.vstack([sc.centroids, np.full((1, sc.centroids.shape[1]), 1e6)])
+    far = len(sc.centroids) - sc.dense_words  # a detected word no descriptor is ever assigned to (before the dense)
+    centroids = np.insert(sc.centroids, far, np.full(sc.centroids.shape[1], 1e6), axis=0)
     tokens = [_cue_token(0), _cue_token(0) + 1]
     unit = {**sc.units[0], "kind": "word", "word": far, "gate_words": [far], "tokens": tokens,
             "box": list(token_box(tokens, GRID)), "gate_box": list(token_box(tokens, GRID))}

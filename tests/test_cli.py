@@ -62,7 +62,7 @@ def test_discovery_config_checks_the_cli_ranges_for_library_callers():
         DiscoveryConfig(colour_weight=-0.5)
     with pytest.raises(UserValueError, match="--decisive 'max'"):
         DiscoveryConfig(decisive="max")
-    assert DiscoveryConfig(n_words=2, colour_weight=0.0).n_words == 2
+    assert DiscoveryConfig(n_words=2, colour_weight=0.0, dense_words=0).n_words == 2
     with pytest.raises(SystemExit):  # the parser applies the same range
         _parsed("spurious", "--images", "x", "--words", "1")
 

@@ -290,7 +290,7 @@ def test_descriptors_are_read_chunk_by_chunk_and_the_kmeans_sample_is_capped(sho
     x = normalize(ds.train.images, lm.preprocess.mean, lm.preprocess.std)
     cap, batch = 150, 16
     cfg = DiscoveryConfig(n_words=8, layers="all", causal=None, n_null=0, batch_size=batch, max_fit_descriptors=cap,
-                          word_keypoints=word_keypoints)
+                          word_keypoints=word_keypoints, dense_words=0)  # the keypoint descriptors' path
     fit_rows, vq_rows = [], []
     monkeypatch.setattr(discover, "kmeans2", lambda d, *a, **k: (fit_rows.append(len(d)), kmeans2(d, *a, **k))[1])
     monkeypatch.setattr(discover, "vq", lambda d, c: (vq_rows.append(len(d)), vq(d, c))[1])

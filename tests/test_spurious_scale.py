@@ -110,8 +110,9 @@ def test_spurious_resumed_in_process_equals_uninterrupted_and_redoes_only_what_w
                                                                        real_write(self, name, i, part))[1])
     assert main([*args, "--out", str(out)]) == 0
     assert not before & set(written)  # nothing finished before the interruption was computed again
-    # margin: the shortcuts' margin gains; cast_colours, cast: the colour-cast units (spurious/cast.py)
-    assert {n for n, _ in written} == {"control", "margin", "cast_colours", "cast", "counterfactual"}
+    # margin: the shortcuts' margin gains; cast_colours, cast: the colour-cast units (spurious/cast.py); together:
+    # every class's units removed at once (with the dense units some class's own do not cover the others')
+    assert {n for n, _ in written} == {"control", "margin", "cast_colours", "cast", "counterfactual", "together"}
     same_spurious(root / "ref", out)
 
 
@@ -183,10 +184,10 @@ def test_flag_prompt_and_spurious_under_torchrun_two_processes_equal_one(setup):
     assert not by_rank[0] & by_rank[1]  # each part computed once, by one rank: rank r takes items r, r + 2, ...
     for rank in (0, 1):
         assert {i for c, n, i in by_rank[rank] if n == "flag"} == set(range(rank, 7, 2))
-        few = {"margin", "cast", "cast_colours"}
+        few = {"margin", "cast", "cast_colours", "together"}
         assert {n for _, n, _ in by_rank[rank]} - few == {"flag", "prompt", "extract", "region", "region_parts",
                                                           "causal", "control", "transplant", "counterfactual"}
-    # the margin gains' and colour casts' passes are one or two batches here: a rank may take none of one
+    # the margin gains', colour casts' and together passes are one or two batches here: a rank may take none of one
     assert few <= {n for _, n, _ in by_rank[0] | by_rank[1]}
 
     one, two = pd.read_parquet(root / "flag1" / "flags.parquet"), pd.read_parquet(root / "flag2" / "flags.parquet")

@@ -222,8 +222,8 @@ def _spurious_parser(sub) -> None:
                    help="with --dense-words: a dense colour-word set counts as held by an image, for its "
                    "class-specificity, where one token carries one of its words (any), or where its words sit on at "
                    "least half as many tokens as in its class's median image (tokens: a background tint's or frame's "
-                   "set is then specific where any-token presence puts it in half the other images; not held out "
-                   "yet)")
+                   "set is then specific where any-token presence puts it in half the other images; the default since "
+                   "held-out round 51)")
     p.add_argument("--claim-sufficiency", type=non_negative_float, default=c.claim_sufficiency,
                    help="a significant unit above the effect floor that is not class-specific (a frame's colours are "
                    "in many classes' images) is claimed when, pasted into other classes' images, it raises the class "

@@ -299,9 +299,9 @@ def unsearched_note(res: DiscoveryResult) -> str:
     if res.dense_centroids is not None:
         return ""
     return ("Not looked for: a cue SIFT puts no keypoint on and whose mean colour claims no cast (a thin border "
-            "frame, a background tint) is found only with colour-only dense words, --dense-words 64 "
-            "--dense-gradient-weight 0 (off by default: on a clean model they also claim scene colours). Held-out "
-            "round 49 (RESULTS.md): a background tint got no claim in any class without them, nine classes' with them")
+            "frame, a background tint) is found only with colour-only dense words (--dense-words 64 "
+            "--dense-gradient-weight 0, the defaults; this run turned them off). Held-out round 51 (RESULTS.md): a "
+            "background tint got no claim in any class without them, ten classes' with them")
 
 
 def casts_section_html(casts: pd.DataFrame, cfg) -> str:
