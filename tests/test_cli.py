@@ -41,6 +41,9 @@ def test_parser_defaults_are_the_configs_defaults():
             s["seed"]) == (d.layers, d.decisive, d.n_words, d.colour_weight, d.orientation_weight, d.batch_size,
                            d.seed)
     assert (s["causal_images"], s["control_budget"]) == (c.causal_images, c.control_budget)
+    # the settings held-out round 51's pre-set lines chose (benchmarks/RESULTS.md), in the parser and the configs
+    assert (s["words"], s["dense_words"], s["dense_gradient_weight"], s["dense_set_presence"]) == \
+        (d.n_words, d.dense_words, d.dense_gradient_weight, c.dense_set_presence) == (256, 64, 0.0, "tokens")
     p = _parsed("prompt", "--images", "x")
     for name in ("method", "layers", "beta", "motifs", "labels", "batch_size", "seed"):
         assert p[name] == cli._defaults(run_prompt)[name], name
