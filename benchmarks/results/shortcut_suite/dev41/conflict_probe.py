@@ -1,45 +1,49 @@
-"""Dev diag: why gated mask_tokens leaves conflicting images unsteered. Usage: conflict.py RUN [EVAL]"""
+"""Dev probe (session 41): why gated ``mask_tokens`` leaves a run's conflicting images unsteered.
+
+    python conflict_probe.py RUN [EVAL]     # EVAL: the eval dir under RUN (default eval)
+
+Per conflicting test image: whether a shortcut unit of the predicted class is found (its words there) and in its
+place (``ShortcutSet.present_units`` info), crossed with whether the gate steered it and whether it is right after.
+"""
+
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
+
 from siftlens.models import load_model
 from siftlens.spurious.causal import ShortcutSet
 from siftlens.spurious.source import PathSource
 
-run = Path(sys.argv[1]); ev = sys.argv[2] if len(sys.argv) > 2 else "eval"
-torch.set_num_threads(1)
-lm = load_model(str(run / "model" / "model.safetensors"))
-sc = ShortcutSet.load(run / ev / "spurious")
-t = pd.read_csv(run / "test.csv")
-t = t[t.group == "conflict"].reset_index(drop=True)
-p = pd.read_parquet(run / ev / "prompt_mask_tokens" / "predictions.parquet")
-p["path"] = p.path.map(lambda q: str(Path(q).resolve()))
-t["path"] = t.path.map(lambda q: str((run / q).resolve()))
-d = t.merge(p.drop(columns=["label"]), on="path")
-src = PathSource(lm, [Path(q) for q in d.path], run)
-rows = []
-det = len(sc.centroids) - sc.dense_words
-with torch.no_grad():
-    for c in range(src.n_chunks(32)):
-        kept, x, _ = src.read_chunk(c, 32)
-        info = {}
-        pred = lm.forward(x).argmax(1).tolist()
-        sc.present_units(lm, x, "gated", info=info, pred=pred)
-        for b in range(len(x)):
-            found = info["found"][b] if info.get("found") else []
-            inplace = info["in_place"][b] if info.get("in_place") else []
-            cls_of = [int(sc.units[j]["cls"]) for j in found]
-            rows.append({"pred": pred[b], "n_found": len(found),
-                         "pred_unit_found": int(any(k == pred[b] for k in cls_of)),
-                         "pred_unit_in_place": int(any(int(sc.units[j]["cls"]) == pred[b] for j in inplace))})
-r = pd.DataFrame(rows)
-d = pd.concat([d.reset_index(drop=True), r], axis=1)
-d["cue_pred"] = d.pred_base == d.cue_class if "cue_class" in d else np.nan
-d["right_after"] = d.pred_steered == d.label
-print(run.parent.parent.name, run.parent.name, ev, len(d), "conflicting")
-print("units per class:", pd.Series([int(u["cls"]) for u in sc.units]).value_counts().sort_index().to_dict())
-print(pd.crosstab([d.pred_unit_found, d.pred_unit_in_place], [d.steered, d.right_after], margins=True))
-print(d.columns.tolist())
+
+def main(run: Path, ev: str) -> None:
+    torch.set_num_threads(1)
+    lm = load_model(str(run / "model" / "model.safetensors"))
+    sc = ShortcutSet.load(run / ev / "spurious")
+    test = pd.read_csv(run / "test.csv")
+    test = test[test.group == "conflict"].reset_index(drop=True)
+    test["path"] = test.path.map(lambda q: str((run / q).resolve()))
+    steered = pd.read_parquet(run / ev / "prompt_mask_tokens" / "predictions.parquet").drop(columns=["label"])
+    steered["path"] = steered.path.map(lambda q: str(Path(q).resolve()))
+    d = test.merge(steered, on="path")
+    source = PathSource(lm, [Path(q) for q in d.path], run)
+    rows = []
+    with torch.no_grad():
+        for c in range(source.n_chunks(32)):
+            _, x, _ = source.read_chunk(c, 32)
+            info: dict = {}
+            pred = lm.forward(x).argmax(1).tolist()
+            sc.present_units(lm, x, "gated", info=info, pred=pred)
+            for b in range(len(x)):
+                cls_found = {int(sc.units[j]["cls"]) for j in info["found"][b]}
+                cls_in_place = {int(sc.units[j]["cls"]) for j in info["in_place"][b]}
+                rows.append({"pred_unit_found": pred[b] in cls_found, "pred_unit_in_place": pred[b] in cls_in_place})
+    d = pd.concat([d.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+    d["right_after"] = d.pred_steered == d.label
+    print(run.parent.parent.name, run.parent.name, ev, len(d), "conflicting images")
+    print(pd.crosstab([d.pred_unit_found, d.pred_unit_in_place], [d.steered, d.right_after], margins=True))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "eval")
