@@ -654,7 +654,7 @@ def test_dense_set_presence_by_tokens_counts_images_where_the_set_fills_tokens_n
     rows += [(i, 40 + t, 7) for i in range(10) for t in range(3)]  # other words everywhere, never counted
     kps = pd.DataFrame(rows, columns=["image", "patch", "word"])
     unit = Unit(kind="words", word=300, cls=0, gate_words=(300, 301), dense=True)
-    assert _frequency(unit, kps, labels, 0) == (1.0, 4 / 6)
+    assert _frequency(unit, kps, labels, 0, "any") == (1.0, 4 / 6)
     assert _frequency(unit, kps, labels, 0, "tokens") == (3 / 4, 1 / 6)
     # a keypoint word set and a single dense word keep the one-token count
     assert _frequency(Unit(kind="words", word=300, cls=0, gate_words=(300, 301)), kps, labels, 0, "tokens") == (

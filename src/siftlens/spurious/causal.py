@@ -844,8 +844,7 @@ def by_effect(units: pd.DataFrame) -> pd.DataFrame:
     return units.sort_values("causal_effect", ascending=False, kind="stable")
 
 
-def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int, set_presence: str = "any"
-               ) -> tuple[float, float]:
+def _frequency(u: Unit, kps: pd.DataFrame, labels: np.ndarray, k: int, set_presence: str) -> tuple[float, float]:
     """Share of class k's images, and of the other images, holding the unit (a token unit: one of its
     gate words with a keypoint centre in its tokens; a dense word set with ``set_presence="tokens"``:
     ``_set_frequency``)."""
